@@ -1,0 +1,3 @@
+"""Golconde: queue-based data distribution for PostgreSQL over STOMP message brokers."""
+
+__version__ = "1.0.0.dev0"

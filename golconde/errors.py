@@ -1,0 +1,113 @@
+"""Golconde's exceptions, and the classification of database errors.
+
+Every exception Golconde raises derives from :class:`GolcondeError`. Three of them decide the fate
+of a packet, after the model of gmr/rejected's consumer exceptions:
+
+* :class:`PacketError`  - the packet can never be applied: it goes to the dead-letter queue at once.
+* :class:`RetryPacket`  - a transient failure: the packet is retried with exponential backoff, and
+  dead-lettered after the configured number of attempts.
+* :class:`StopListener` - the listener cannot go on (e.g. its relation is gone): it stops, its
+  unacknowledged packets go back to the broker, and the other listeners keep running.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import psycopg2
+import psycopg2.errors
+
+
+class GolcondeError(Exception):
+    """Base class of every error raised by Golconde."""
+
+
+class ConfigError(GolcondeError):
+    """The configuration is invalid. ``str()`` names the key path and what was expected,
+    e.g. ``Destinations.Test1.Targets.t1.queue: missing``."""
+
+
+class PacketError(GolcondeError):
+    """A packet that can never be applied (malformed JSON, unknown action, unknown column, a value
+    of the wrong type, a constraint violation...). The packet is dead-lettered with ``str(exc)`` as
+    its reason."""
+
+
+class RetryPacket(GolcondeError):
+    """A transient failure: retry the packet later (bounded, then dead-lettered)."""
+
+
+class StopListener(GolcondeError):
+    """The listener must stop; its unacknowledged packets are released to the broker."""
+
+
+#: SQLSTATE classes/codes after which retrying the same packet may succeed.
+#: Source: PostgreSQL documentation, Appendix A "PostgreSQL Error Codes".
+TRANSIENT_SQLSTATES = frozenset({
+    "40001",  # serialization_failure
+    "40P01",  # deadlock_detected
+    "55P03",  # lock_not_available
+    "57014",  # query_canceled (statement_timeout)
+    "53000", "53100", "53200", "53300",  # insufficient resources, disk full, out of memory, too many connections
+})
+#: SQLSTATEs meaning the cached schema of a relation may be stale (the table changed under us).
+SCHEMA_SQLSTATES = frozenset({
+    "42703",  # undefined_column
+    "42P01",  # undefined_table
+    "42804",  # datatype_mismatch
+    "0A000",  # feature_not_supported ("cached plan must not change result type")
+})
+
+#: Fates returned by :func:`classify`.
+RECONNECT = "reconnect"
+RETRY = "retry"
+SCHEMA = "schema"
+DEAD = "dead"
+
+
+def classify(exc: BaseException) -> str:
+    """Decide what a database exception means for the packet being applied.
+
+    Returns one of :data:`RECONNECT` (the connection is unusable: reconnect and retry the whole batch,
+    without limit), :data:`RETRY` (transient: retry with backoff, bounded), :data:`SCHEMA` (the
+    relation changed: refresh the schema cache and retry once) or :data:`DEAD` (permanent:
+    dead-letter the packet).
+    """
+    if isinstance(exc, PacketError):
+        return DEAD
+    if isinstance(exc, RetryPacket):
+        return RETRY
+    if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+        code: Optional[str] = getattr(exc, "pgcode", None)
+        if code in TRANSIENT_SQLSTATES:
+            return RETRY
+        if code is None or code.startswith("08") or code.startswith("57P"):
+            return RECONNECT
+        return RETRY
+    if isinstance(exc, psycopg2.Error):
+        code = exc.pgcode or ""
+        if code in TRANSIENT_SQLSTATES:
+            return RETRY
+        if code in SCHEMA_SQLSTATES:
+            return SCHEMA
+        if code.startswith("08") or code.startswith("57P"):
+            return RECONNECT
+        return DEAD
+    return DEAD
+
+
+def describe(exc: BaseException) -> str:
+    """One-line description of an exception for logs and dead-letter headers (at most 1000 chars).
+
+    For psycopg2 errors it is ``SQLSTATE <code>: <first line of the message>``.
+    """
+    if isinstance(exc, psycopg2.Error) and getattr(exc, "pgcode", None):
+        first = (exc.pgerror or str(exc)).strip().splitlines()
+        text = "SQLSTATE %s: %s" % (exc.pgcode, first[0] if first else type(exc).__name__)
+        diag = getattr(exc, "diag", None)
+        detail = getattr(diag, "message_detail", None) if diag is not None else None
+        if detail:
+            text += " (%s)" % detail
+    else:
+        text = "%s: %s" % (type(exc).__name__, exc) if not isinstance(exc, GolcondeError) else str(exc)
+    text = " ".join(text.split())
+    return text[:1000]

@@ -1,0 +1,1 @@
+"""Packet handlers: :class:`~golconde.handlers.base.Handler` and loading by dotted path."""

@@ -1,0 +1,195 @@
+"""Packets: the JSON documents Golconde distributes.
+
+Format (compatible with Golconde 0.6, 2009)::
+
+    {"action": "add" | "set" | "update" | "delete",
+     "data": {"<column>": <value>, ...},          # add, set, update
+     "restriction": {"<column>": <value>, ...}}   # update, delete
+
+Top-level keys and action names are case-insensitive (the 2009 slides wrote ``"ACTION": "ADD"``).
+Column names keep their case here; the handler resolves them against the relation.
+
+Values are JSON values. Numbers with a fraction or exponent are parsed as :class:`decimal.Decimal`
+so that ``numeric`` values survive a round trip exactly; how each PostgreSQL type is written in a
+packet is documented in the README ("Values").
+
+This module knows nothing of STOMP or of databases.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from typing import Any, Dict, Mapping, Optional, Union
+
+import simplejson
+
+from .errors import PacketError
+
+#: Largest packet accepted, in bytes (RabbitMQ's default STOMP frame limit is 4 MiB).
+MAX_PACKET_BYTES = 4 * 1024 * 1024
+#: Deepest nesting of JSON arrays/objects accepted inside a packet.
+MAX_DEPTH = 64
+
+
+class Action(str, enum.Enum):
+    """The four packet actions. ``ADD`` = INSERT, ``SET`` = upsert (INSERT ... ON CONFLICT DO
+    UPDATE), ``UPDATE`` = UPDATE data WHERE restriction, ``DELETE`` = DELETE WHERE restriction."""
+
+    ADD = "add"
+    SET = "set"
+    UPDATE = "update"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True)
+class Packet:
+    """One change to distribute.
+
+    :ivar action: the :class:`Action`.
+    :ivar data: column name -> value (empty for DELETE).
+    :ivar restriction: column name -> value that selects the rows (empty for ADD and SET).
+    """
+
+    action: Action
+    data: Mapping[str, Any] = field(default_factory=dict)
+    restriction: Mapping[str, Any] = field(default_factory=dict)
+
+    def with_data(self, data: Mapping[str, Any]) -> "Packet":
+        """Return a copy of this packet with ``data`` replaced (e.g. keys back-filled by ADD)."""
+        return replace(self, data=dict(data))
+
+    def as_dict(self) -> Dict[str, Any]:
+        """The packet as a plain dict in the canonical lower-case form."""
+        out: Dict[str, Any] = {"action": self.action.value}
+        if self.data or self.action is not Action.DELETE:
+            out["data"] = dict(self.data)
+        if self.restriction:
+            out["restriction"] = dict(self.restriction)
+        return out
+
+    def to_json(self) -> str:
+        """Encode as JSON text (``Decimal`` written as exact JSON numbers)."""
+        return dumps(self.as_dict())
+
+
+def dumps(obj: Any) -> str:
+    """JSON-encode ``obj``; :class:`~decimal.Decimal` values are written as exact numbers."""
+    return simplejson.dumps(obj, use_decimal=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def _reject_constant(name: str) -> Any:
+    raise PacketError("packet contains %s, which is not valid JSON" % name)
+
+
+def _check_value(value: Any, where: str, depth: int = 0) -> None:
+    if depth > MAX_DEPTH:
+        raise PacketError("%s is nested deeper than %d levels" % (where, MAX_DEPTH))
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise PacketError("%s contains a NUL character, which PostgreSQL text cannot hold" % where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in key:
+                raise PacketError("%s has a key containing a NUL character" % where)
+            _check_value(item, where, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_value(item, where, depth + 1)
+
+
+def _columns(value: Any, name: str) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise PacketError("%s must be a JSON object of column: value, not %s" % (name, _json_type(value)))
+    for key, item in value.items():
+        if not key.strip():
+            raise PacketError("%s has an empty column name" % name)
+        if "\x00" in key:
+            raise PacketError("%s has a column name containing a NUL character" % name)
+        _check_value(item, "%s.%s" % (name, key))
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float, Decimal)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def loads(body: Union[bytes, str]) -> Any:
+    """Decode JSON text or UTF-8 bytes, numbers with a fraction as ``Decimal``.
+
+    :raises PacketError: invalid UTF-8, invalid JSON, NaN/Infinity, too deep or too large.
+    """
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        body = bytes(body)
+        if len(body) > MAX_PACKET_BYTES:
+            raise PacketError("packet is %d bytes, more than the %d allowed" % (len(body), MAX_PACKET_BYTES))
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PacketError("packet is not valid UTF-8: %s" % exc) from None
+    elif len(body) > MAX_PACKET_BYTES:
+        raise PacketError("packet is %d characters, more than the %d allowed" % (len(body), MAX_PACKET_BYTES))
+    try:
+        return simplejson.loads(body, use_decimal=True, parse_constant=_reject_constant)
+    except PacketError:
+        raise
+    except RecursionError:
+        raise PacketError("packet JSON is nested too deeply") from None
+    except (ValueError, TypeError) as exc:
+        raise PacketError("packet is not valid JSON: %s" % exc) from None
+
+
+def parse(body: Union[bytes, str, Mapping[str, Any]]) -> Packet:
+    """Parse and validate one packet.
+
+    :param body: the message body (UTF-8 bytes or text), or an already decoded JSON object.
+    :returns: a :class:`Packet`.
+    :raises PacketError: with a message naming what is wrong (malformed JSON, not an object,
+        unknown or missing action, unknown top-level key, ``data``/``restriction`` not objects,
+        empty ``data`` for add/set/update, empty ``restriction`` for update/delete, NUL characters).
+    """
+    document = body if isinstance(body, Mapping) else loads(body)
+    if not isinstance(document, dict):
+        raise PacketError("packet must be a JSON object, not %s" % _json_type(document))
+    fields: Dict[str, Any] = {}
+    for key, value in document.items():
+        lowered = key.lower() if isinstance(key, str) else key
+        if lowered not in ("action", "data", "restriction"):
+            raise PacketError("unknown packet key %r (expected action, data, restriction)" % (key,))
+        if lowered in fields:
+            raise PacketError("packet key %r given twice (keys are case-insensitive)" % (key,))
+        fields[lowered] = value
+    raw_action: Optional[Any] = fields.get("action")
+    if raw_action is None:
+        raise PacketError("packet has no action (expected one of add, set, update, delete)")
+    if not isinstance(raw_action, str):
+        raise PacketError("packet action must be a string, not %s" % _json_type(raw_action))
+    try:
+        action = Action(raw_action.strip().lower())
+    except ValueError:
+        raise PacketError("unknown action %r (expected one of add, set, update, delete)"
+                          % raw_action[:100]) from None
+    data = _columns(fields.get("data"), "data")
+    restriction = _columns(fields.get("restriction"), "restriction")
+    if action in (Action.ADD, Action.SET, Action.UPDATE) and not data:
+        raise PacketError("%s packet needs a non-empty data object" % action.value)
+    if action in (Action.UPDATE, Action.DELETE) and not restriction:
+        raise PacketError("%s packet needs a non-empty restriction (refusing to touch every row)"
+                          % action.value)
+    if action is Action.DELETE and data:
+        raise PacketError("delete packet takes a restriction, not data")
+    if action in (Action.ADD, Action.SET) and restriction:
+        raise PacketError("%s packet takes data, not a restriction" % action.value)
+    return Packet(action, dict(data), dict(restriction))
