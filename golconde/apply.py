@@ -1,0 +1,237 @@
+"""Apply a batch of packets to one relation, exactly once, in one database transaction.
+
+This module knows nothing of STOMP: it takes ``(packet id, body)`` pairs and returns one
+:class:`Outcome` per pair; the listener then fans out, dead-letters and acks.
+
+Algorithm:
+
+1. Each body is parsed (:func:`golconde.packet.parse`); a body that does not parse is dead.
+2. *Fast path*: one transaction claims every id in the ledger (:mod:`golconde.ledger`), skips the
+   ids already applied (duplicates: redeliveries after a crash), applies the rest through the
+   handler, stores the fanned-out packets (destinations) and commits.
+3. On any error the transaction is rolled back and the error classified
+   (:func:`golconde.errors.classify`): a lost connection raises :class:`ConnectionLost` (the caller
+   reconnects and calls again: the ledger makes that safe, even when the COMMIT's fate is unknown);
+   a transient error is retried with exponential backoff up to ``max_retries`` times; anything else
+   (or retries exhausted) switches to the *careful path*.
+4. *Careful path*: the same transaction shape, but each packet inside its own SAVEPOINT, so that a
+   packet that fails permanently is rolled back alone and dead-lettered while the others commit.
+   A schema error refreshes the handler's schema cache and retries that packet once; a transient
+   error retries it (bounded) with backoff.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+from . import ledger
+from .errors import (DEAD, RECONNECT, RETRY, SCHEMA, GolcondeError, PacketError, StopListener,
+                     classify, describe)
+from .handlers.base import Handler
+from .packet import Packet, parse
+
+LOGGER = logging.getLogger(__name__)
+
+APPLIED = "applied"
+DUPLICATE = "duplicate"
+DEAD_LETTER = "dead"
+
+
+class ConnectionLost(GolcondeError):
+    """The database connection broke during a batch: reconnect, then apply the batch again."""
+
+
+@dataclass
+class Outcome:
+    """What became of one packet.
+
+    :ivar status: ``"applied"``, ``"duplicate"`` (applied before; not applied again) or ``"dead"``.
+    :ivar packet: the parsed packet (``None`` when the body did not parse).
+    :ivar fanout: for destinations, the JSON text to send to the targets (with generated keys).
+    :ivar reason: why a dead packet could not be applied.
+    """
+
+    status: str
+    packet: Optional[Packet] = None
+    fanout: Optional[str] = None
+    reason: Optional[str] = None
+
+
+def backoff(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
+    """Seconds to wait before retry number ``attempt`` (1-based): exponential with full jitter
+    ("Exponential Backoff And Jitter", AWS Architecture Blog, 2015), capped at ``cap``."""
+    return random.uniform(0, min(cap, base * (2 ** attempt)))
+
+
+class Applier:
+    """Applies batches for one consumer (listener).
+
+    :param handler: the relation's :class:`~golconde.handlers.base.Handler`.
+    :param consumer: the listener name recorded in the ledger.
+    :param store_fanout: True for a destination: keep the fanned-out packet in the ledger.
+    :param max_retries: attempts for transient errors before a packet is dead-lettered.
+    :param sleep: ``time.sleep``-like (tests pass a fake).
+    """
+
+    def __init__(self, handler: Handler, consumer: str, store_fanout: bool = False,
+                 max_retries: int = 5, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.handler = handler
+        self.consumer = consumer
+        self.store_fanout = store_fanout
+        self.max_retries = max_retries
+        self.sleep = sleep
+        #: transient-error retries made so far (read by the listener for its stats)
+        self.retries = 0
+
+    def apply_batch(self, connection: Any, items: Sequence[Tuple[str, bytes]]) -> List[Outcome]:
+        """Apply ``items`` = ``[(packet_id, body), ...]`` in order; commits.
+
+        :returns: one :class:`Outcome` per item, in order.
+        :raises ConnectionLost: the connection broke; nothing is known to be committed.
+        :raises StopListener: the handler asked the listener to stop.
+        """
+        outcomes: List[Optional[Outcome]] = [None] * len(items)
+        packets: List[Optional[Packet]] = [None] * len(items)
+        for index, (_, body) in enumerate(items):
+            try:
+                packets[index] = parse(body)
+            except PacketError as exc:
+                outcomes[index] = Outcome(DEAD_LETTER, reason=str(exc))
+        todo = [i for i in range(len(items)) if outcomes[i] is None]
+        if not todo:
+            return [o for o in outcomes if o is not None]
+        attempt = 0
+        while True:
+            try:
+                done = self._fast(connection, items, packets, todo)
+                break
+            except StopListener:
+                self._rollback(connection)
+                raise
+            except Exception as exc:  # classified below; nothing escapes unclassified
+                self._rollback(connection)
+                fate = classify(exc)
+                if fate == RECONNECT:
+                    raise ConnectionLost(describe(exc)) from exc
+                if fate == RETRY and attempt < self.max_retries:
+                    attempt += 1
+                    self.retries += 1
+                    LOGGER.info("[%s] transient error, retry %d of the batch: %s",
+                                self.consumer, attempt, describe(exc))
+                    self.sleep(backoff(attempt))
+                    continue
+                if fate == SCHEMA:
+                    self.handler.on_schema_error()
+                LOGGER.debug("[%s] batch failed (%s), applying packet by packet", self.consumer,
+                             describe(exc))
+                done = self._careful(connection, items, packets, todo)
+                break
+        for index, outcome in done.items():
+            outcomes[index] = outcome
+        return [o if o is not None else Outcome(DEAD_LETTER, reason="not processed") for o in outcomes]
+
+    # ----------------------------------------------------------------------------------------------
+    def _rollback(self, connection: Any) -> None:
+        try:
+            connection.rollback()
+        except Exception as exc:
+            raise ConnectionLost("rollback failed: %s" % describe(exc)) from exc
+
+    def _fast(self, connection: Any, items: Sequence[Tuple[str, bytes]],
+              packets: Sequence[Optional[Packet]], todo: Sequence[int]) -> dict:
+        done = {}
+        fanouts = {}
+        seen = set()
+        with connection.cursor() as cur:
+            new = ledger.claim(cur, self.consumer, [items[i][0] for i in todo])
+            for index in todo:
+                pid, packet = items[index][0], packets[index]
+                assert packet is not None
+                if pid not in new or pid in seen:
+                    done[index] = Outcome(DUPLICATE, packet)
+                    continue
+                seen.add(pid)
+                result = self.handler.apply(cur, packet)
+                outcome = Outcome(APPLIED, packet)
+                if self.store_fanout:
+                    outcome.fanout = result.to_json()
+                    fanouts[pid] = outcome.fanout
+                done[index] = outcome
+            if self.store_fanout:
+                ledger.store_packets(cur, self.consumer, fanouts)
+                self._fill_duplicates(cur, items, done, fanouts)
+        connection.commit()
+        return done
+
+    def _fill_duplicates(self, cur: Any, items: Sequence[Tuple[str, bytes]], done: dict,
+                         fanouts: dict) -> None:
+        """Duplicates are fanned out again, exactly as first sent (targets de-duplicate)."""
+        missing = [items[i][0] for i, o in done.items() if o.status == DUPLICATE and items[i][0] not in fanouts]
+        stored = ledger.stored_packets(cur, self.consumer, missing)
+        for index, outcome in done.items():
+            if outcome.status == DUPLICATE:
+                pid = items[index][0]
+                text = fanouts.get(pid) or stored.get(pid)
+                outcome.fanout = text if text else items[index][1].decode("utf-8")
+
+    def _careful(self, connection: Any, items: Sequence[Tuple[str, bytes]],
+                 packets: Sequence[Optional[Packet]], todo: Sequence[int]) -> dict:
+        done = {}
+        fanouts = {}
+        with connection.cursor() as cur:
+            for index in todo:
+                done[index] = self._one(connection, cur, items[index][0], packets[index], fanouts)
+            if self.store_fanout:
+                self._fill_duplicates(cur, items, done, fanouts)
+        connection.commit()
+        return done
+
+    def _one(self, connection: Any, cur: Any, pid: str, packet: Optional[Packet], fanouts: dict) -> Outcome:
+        assert packet is not None
+        attempts = 0
+        schema_refreshed = False
+        while True:
+            try:
+                cur.execute("SAVEPOINT golconde_packet")
+            except Exception as exc:
+                raise ConnectionLost(describe(exc)) from exc
+            try:
+                if not ledger.claim(cur, self.consumer, [pid]):
+                    cur.execute("RELEASE SAVEPOINT golconde_packet")
+                    return Outcome(DUPLICATE, packet)
+                result = self.handler.apply(cur, packet)
+                outcome = Outcome(APPLIED, packet)
+                if self.store_fanout:
+                    outcome.fanout = result.to_json()
+                    ledger.store_packets(cur, self.consumer, {pid: outcome.fanout})
+                    fanouts[pid] = outcome.fanout
+                cur.execute("RELEASE SAVEPOINT golconde_packet")
+                return outcome
+            except StopListener:
+                raise
+            except Exception as exc:
+                fate = classify(exc)
+                if fate == RECONNECT:
+                    raise ConnectionLost(describe(exc)) from exc
+                try:
+                    cur.execute("ROLLBACK TO SAVEPOINT golconde_packet")
+                except Exception as exc2:
+                    raise ConnectionLost(describe(exc2)) from exc2
+                if fate == SCHEMA and not schema_refreshed:
+                    schema_refreshed = True
+                    self.handler.on_schema_error()
+                    continue
+                if fate == RETRY and attempts < self.max_retries:
+                    attempts += 1
+                    self.retries += 1
+                    self.sleep(backoff(attempts))
+                    continue
+                if fate == RETRY:
+                    reason = "gave up after %d attempts: %s" % (attempts + 1, describe(exc))
+                else:
+                    reason = describe(exc)
+                LOGGER.warning("[%s] packet %s dead-lettered: %s", self.consumer, pid, reason)
+                return Outcome(DEAD_LETTER, packet, reason=reason)

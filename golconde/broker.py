@@ -1,0 +1,295 @@
+"""STOMP connections: connect with a timeout, subscribe with prefetch, confirmed persistent sends.
+
+Built on stomp.py (STOMP 1.1). Facts this module relies on (see ``broker-facts.md``):
+
+* ``on_message`` runs on stomp.py's single receiver thread, which also delivers RECEIPT frames, so
+  messages are only *handed over* here (to a callback that queues them); waiting for a receipt
+  happens on the listener's own thread.
+* stomp.py does not reconnect or resubscribe after a lost connection: :class:`BrokerConnection`
+  reports the loss (``connected`` turns false, ``generation`` changes on the next connect) and the
+  owning listener thread reconnects.
+* A RECEIPT for a persistent SEND arrives only once the broker has confirmed the message
+  (RabbitMQ publisher confirms; ActiveMQ synchronous persistent sends), and frames on one
+  connection are handled in order: a receipt on the last SEND of a batch confirms the batch.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+
+import stomp
+import stomp.exception
+
+from .errors import GolcondeError
+
+LOGGER = logging.getLogger(__name__)
+
+#: Header carrying a packet's identity, stamped by the publisher (client, destination, trigger drain).
+ID_HEADER = "golconde-id"
+#: Header carrying when the change was made at the source (seconds since the epoch, float).
+CREATED_HEADER = "golconde-created-at"
+
+
+class BrokerError(GolcondeError):
+    """The broker connection failed, refused a frame, or did not confirm a send in time."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A MESSAGE frame received on a subscription.
+
+    :ivar body: the raw body (bytes: invalid UTF-8 must reach the dead-letter queue intact).
+    :ivar headers: the frame's headers.
+    :ivar generation: the connection generation it arrived on; acking is only possible on the
+        same generation (after a reconnect the broker redelivers it anyway).
+    """
+
+    body: bytes
+    headers: Mapping[str, str]
+    generation: int
+
+    @property
+    def redelivered(self) -> bool:
+        return str(self.headers.get("redelivered", "")).lower() == "true"
+
+
+#: One message to send: (queue, body, headers).
+Outgoing = Tuple[str, Union[str, bytes], Mapping[str, str]]
+
+
+class _Listener(stomp.ConnectionListener):
+    def __init__(self, owner: "BrokerConnection", generation: int) -> None:
+        self.owner = owner
+        self.generation = generation
+
+    def on_connected(self, frame: Any) -> None:
+        self.owner._connected_event.set()
+
+    def on_message(self, frame: Any) -> None:
+        self.owner._deliver(frame, self.generation)
+
+    def on_receipt(self, frame: Any) -> None:
+        self.owner._receipt(frame.headers.get("receipt-id"), None)
+
+    def on_error(self, frame: Any) -> None:
+        message = frame.headers.get("message", "") if frame.headers else ""
+        body = frame.body.decode("utf-8", "replace") if isinstance(frame.body, bytes) else str(frame.body)
+        text = ("%s %s" % (message, body)).strip()[:500]
+        LOGGER.warning("[%s] broker ERROR frame: %s", self.owner.name, text)
+        self.owner.last_error = "broker ERROR: %s" % text
+        self.owner._receipt(frame.headers.get("receipt-id") if frame.headers else None, text)
+
+    def on_disconnected(self) -> None:
+        self.owner._lost(self.generation, "disconnected")
+
+    def on_heartbeat_timeout(self) -> None:
+        self.owner._lost(self.generation, "heart-beat timeout")
+
+
+class BrokerConnection:
+    """One STOMP connection owned by one listener thread.
+
+    :param host, port: the broker's STOMP address.
+    :param login, passcode, vhost: credentials and STOMP ``host`` header (``None`` = none sent).
+    :param heartbeat_ms: heart-beat interval in milliseconds, both directions (0 = off).
+    :param name: for log lines (the listener name).
+    :param on_message: called with each :class:`Delivery`, on stomp.py's receiver thread: it must
+        only queue the delivery.
+    """
+
+    def __init__(self, host: str, port: int, login: Optional[str] = None,
+                 passcode: Optional[str] = None, vhost: Optional[str] = None,
+                 heartbeat_ms: int = 10000, name: str = "",
+                 on_message: Optional[Callable[[Delivery], None]] = None) -> None:
+        self.host, self.port = host, int(port)
+        self._login, self._passcode, self.vhost = login, passcode, vhost
+        self.heartbeat_ms = int(heartbeat_ms)
+        self.name = name or "%s:%d" % (host, port)
+        self.on_message = on_message
+        self.generation = 0
+        self.last_error: Optional[str] = None
+        self._conn: Optional[stomp.Connection11] = None
+        self._connected_event = threading.Event()
+        self._alive = False
+        self._lock = threading.Lock()
+        self._receipts: Dict[str, Optional[str]] = {}
+        self._receipt_cond = threading.Condition(self._lock)
+
+    @classmethod
+    def from_config(cls, broker: Any, name: str = "",
+                    on_message: Optional[Callable[[Delivery], None]] = None) -> "BrokerConnection":
+        """Build from a :class:`golconde.config.BrokerConfig`."""
+        return cls(broker.host, broker.port, broker.login, broker.passcode, broker.vhost,
+                   broker.heartbeat_ms, name=name, on_message=on_message)
+
+    @property
+    def address(self) -> str:
+        return "%s:%d" % (self.host, self.port)
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection is established and no loss has been reported."""
+        conn = self._conn
+        return bool(self._alive and conn is not None and conn.is_connected())
+
+    # -- connection life cycle -------------------------------------------------------------
+    def connect(self, timeout: float = 10.0) -> None:
+        """Open the connection and wait for CONNECTED.
+
+        :raises BrokerError: the socket could not connect, the broker refused the login, or no
+            CONNECTED frame came within ``timeout`` seconds.
+        """
+        self.close()
+        self.generation += 1
+        hb = max(0, self.heartbeat_ms)
+        conn = stomp.Connection11([(self.host, self.port)], heartbeats=(hb, hb),
+                                  reconnect_attempts_max=1, vhost=self.vhost, auto_decode=False,
+                                  timeout=timeout, try_loopback_connect=False)
+        self._connected_event = threading.Event()
+        conn.set_listener("golconde", _Listener(self, self.generation))
+        self._conn = conn
+        try:
+            conn.connect(self._login, self._passcode, wait=False)
+        except (stomp.exception.StompException, OSError) as exc:
+            self.close()
+            raise BrokerError("cannot connect to STOMP broker %s: %s" % (self.address, exc or type(exc).__name__)) from None
+        if not self._connected_event.wait(timeout) or not conn.is_connected():
+            error = self.last_error or "no CONNECTED frame within %.0fs" % timeout
+            self.close()
+            raise BrokerError("STOMP broker %s refused the connection: %s" % (self.address, error))
+        self._alive = True
+        self.last_error = None
+        LOGGER.info("[%s] connected to STOMP broker %s", self.name, self.address)
+
+    def close(self) -> None:
+        """Disconnect (best effort, never raises). Unacknowledged messages go back to the broker."""
+        conn, self._conn = self._conn, None
+        self._alive = False
+        if conn is None:
+            return
+        try:
+            if conn.is_connected():
+                conn.disconnect()
+        except Exception as exc:  # closing a broken connection: nothing more to do
+            LOGGER.debug("[%s] error while disconnecting: %s", self.name, exc)
+        try:
+            conn.transport.stop()
+        except Exception:
+            pass
+        with self._receipt_cond:
+            self._receipt_cond.notify_all()
+
+    def _lost(self, generation: int, why: str) -> None:
+        if generation == self.generation and self._alive:
+            self._alive = False
+            LOGGER.warning("[%s] lost STOMP connection to %s (%s)", self.name, self.address, why)
+        with self._receipt_cond:
+            self._receipt_cond.notify_all()
+
+    def _require(self) -> stomp.Connection11:
+        conn = self._conn
+        if conn is None or not self.connected:
+            raise BrokerError("not connected to STOMP broker %s" % self.address)
+        return conn
+
+    # -- consuming -----------------------------------------------------------------------------
+    def subscribe(self, queue: str, prefetch: int, ack: str = "client-individual") -> None:
+        """Subscribe to ``queue`` with at most ``prefetch`` unacknowledged messages in flight
+        (``prefetch-count`` for RabbitMQ, ``activemq.prefetchSize`` for ActiveMQ)."""
+        conn = self._require()
+        headers = {"prefetch-count": str(prefetch), "activemq.prefetchSize": str(prefetch)}
+        conn.subscribe(queue, id=self.name or "golconde", ack=ack, headers=headers)
+
+    def _deliver(self, frame: Any, generation: int) -> None:
+        if self.on_message is None:
+            return
+        body = frame.body if isinstance(frame.body, bytes) else str(frame.body or "").encode("utf-8")
+        self.on_message(Delivery(body, dict(frame.headers), generation))
+
+    def ack(self, delivery: Delivery) -> bool:
+        """Acknowledge one delivery. Returns False (and does nothing) when the delivery came on an
+        earlier connection: the broker will redeliver it.
+
+        :raises BrokerError: the connection is gone.
+        """
+        if delivery.generation != self.generation:
+            return False
+        conn = self._require()
+        try:
+            conn.ack(delivery.headers["message-id"], delivery.headers.get("subscription"))
+        except (stomp.exception.StompException, OSError) as exc:
+            raise BrokerError("ack failed on %s: %s" % (self.address, exc)) from None
+        return True
+
+    # -- producing -----------------------------------------------------------------------------
+    def _receipt(self, receipt_id: Optional[str], error: Optional[str]) -> None:
+        with self._receipt_cond:
+            if receipt_id is not None:
+                self._receipts[receipt_id] = error
+            elif error is not None:
+                self._receipts["*"] = error
+            self._receipt_cond.notify_all()
+
+    def _write(self, messages: Sequence[Outgoing]) -> str:
+        """Write persistent SEND frames, a receipt requested on the last; return the receipt id."""
+        conn = self._require()
+        receipt = "golconde-%s" % uuid.uuid4().hex
+        with self._receipt_cond:
+            self._receipts.pop("*", None)
+        try:
+            last = len(messages) - 1
+            for index, (queue, body, headers) in enumerate(messages):
+                frame_headers = dict(headers)
+                frame_headers["persistent"] = "true"
+                if index == last:
+                    frame_headers["receipt"] = receipt
+                conn.send(queue, body, headers=frame_headers)
+        except (stomp.exception.StompException, OSError) as exc:
+            self._alive = False
+            raise BrokerError("send to %s failed: %s" % (self.address, exc)) from None
+        return receipt
+
+    def send_confirmed(self, messages: Sequence[Outgoing], timeout: float = 30.0) -> None:
+        """Send ``messages`` as persistent messages and wait until the broker confirmed all of them
+        (one receipt, on the last message).
+
+        :raises BrokerError: the connection dropped, the broker answered ERROR, or no receipt
+            came within ``timeout`` seconds. Some messages may then have been delivered:
+            receivers de-duplicate by the ``golconde-id`` header.
+        """
+        if messages:
+            self._wait_receipt(self._write(messages), timeout)
+
+    def _wait_receipt(self, receipt: str, timeout: float) -> None:
+        with self._receipt_cond:
+            in_time = self._receipt_cond.wait_for(
+                lambda: receipt in self._receipts or "*" in self._receipts or not self._alive,
+                timeout)
+            if receipt in self._receipts:
+                error, confirmed = self._receipts.pop(receipt), True
+            else:
+                error, confirmed = self._receipts.pop("*", None), False
+        if confirmed and error is None:
+            return
+        self._alive = False
+        if error is not None:
+            raise BrokerError("broker %s refused the send: %s" % (self.address, error))
+        if not in_time:
+            raise BrokerError("no receipt from %s within %.0fs" % (self.address, timeout))
+        raise BrokerError("connection to %s lost before the send was confirmed" % self.address)
+
+
+def send_all_confirmed(groups: Iterable[Tuple[BrokerConnection, Sequence[Outgoing]]],
+                       timeout: float = 30.0) -> None:
+    """Send several batches, each on its own connection, and wait for every confirmation.
+
+    All frames are written first, then every receipt is awaited, so that N brokers cost one round
+    trip rather than N. :raises BrokerError: as :meth:`BrokerConnection.send_confirmed`.
+    """
+    pending = [(connection, connection._write(messages))
+               for connection, messages in groups if messages]
+    for connection, receipt in pending:
+        connection._wait_receipt(receipt, timeout)

@@ -1,0 +1,176 @@
+"""golconded's core: builds the listeners from the configuration, owns signals, stops in bounded time.
+
+Signals only set flags; the main loop acts (gmr/helper's controller, rq's request_stop):
+SIGTERM/SIGINT stop gracefully (each listener finishes or releases its in-flight batch), a second
+one forces the exit; SIGHUP reloads the configuration: listeners whose configuration changed are
+restarted, new ones started, removed ones stopped; a configuration that does not validate is
+refused and the running one kept.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Dict, Optional
+
+from . import config as config_module
+from .destination import ClientDestination, TriggerDestination
+from .errors import ConfigError
+from .listener import Listener
+from .stats import Registry
+from .target import TargetListener
+
+LOGGER = logging.getLogger(__name__)
+
+
+def build_listeners(config: Any, registry: Registry) -> Dict[str, Listener]:
+    """One listener per target and per destination, keyed by thread name (``Dest``,
+    ``Dest_target``). Handlers are imported here, so a bad ``function_name`` raises
+    :class:`~golconde.errors.ConfigError` before anything connects."""
+    listeners: Dict[str, Listener] = {}
+    for destination in config.destinations:
+        for target in destination.targets:
+            stats = registry.thread(target.thread_name, "target", destination.name)
+            listeners[target.thread_name] = TargetListener(target, stats)
+        stats = registry.thread(destination.thread_name, "destination", destination.name)
+        if destination.mode == "trigger":
+            listeners[destination.thread_name] = TriggerDestination(destination, stats)
+        else:
+            listeners[destination.thread_name] = ClientDestination(destination, stats)
+    return listeners
+
+
+class Daemon:
+    """Runs every listener of a configuration, plus the HTTP stats server.
+
+    :param config: a validated :class:`golconde.config.Config`.
+    :param config_path: the file to re-read on SIGHUP (``None``: reload disabled).
+    :param stop_timeout: seconds allowed for all listeners to stop.
+    """
+
+    def __init__(self, config: Any, config_path: Optional[str] = None,
+                 stop_timeout: float = 5.0) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.stop_timeout = stop_timeout
+        self.registry = Registry()
+        self.listeners: Dict[str, Listener] = build_listeners(config, self.registry)
+        self.http: Any = None
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._signals = 0
+
+    # -- control -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the HTTP server (if enabled) and every listener."""
+        self._start_http()
+        for listener in self.listeners.values():
+            listener.start()
+        LOGGER.info("golconded started: %d listener threads", len(self.listeners))
+
+    def _start_http(self) -> None:
+        http_config = self.config.http
+        if not http_config.enabled:
+            return
+        from .httpd import StatsServer
+        self.http = StatsServer(self.registry, host=http_config.listen, port=http_config.port,
+                                public_config=self.config.public_view())
+        try:
+            self.http.start()
+            LOGGER.info("stats server on http://%s:%d/", http_config.listen, self.http.port)
+        except OSError as exc:
+            LOGGER.error("stats server cannot listen on %s:%d: %s (continuing without it)",
+                         http_config.listen, http_config.port, exc)
+            self.http = None
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def stop(self) -> bool:
+        """Stop every listener, waiting at most ``stop_timeout`` seconds in all.
+        Returns True when all stopped in time."""
+        return self._stop_listeners(list(self.listeners.values())) and self._stop_http()
+
+    def _stop_http(self) -> bool:
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
+        return True
+
+    def _stop_listeners(self, listeners: list) -> bool:
+        for listener in listeners:
+            listener.stop()
+        deadline = time.monotonic() + self.stop_timeout
+        all_stopped = True
+        for listener in listeners:
+            if listener.is_alive():
+                listener.join(max(0.0, deadline - time.monotonic()))
+            if listener.is_alive():
+                all_stopped = False
+                LOGGER.error("[%s] did not stop within %.1fs", listener.name, self.stop_timeout)
+        return all_stopped
+
+    def reload(self) -> bool:
+        """Re-read ``config_path`` and apply the difference. Returns False (and keeps running the
+        old configuration) when the new one is invalid."""
+        if not self.config_path:
+            LOGGER.warning("reload requested but no configuration file is known")
+            return False
+        try:
+            new_config = config_module.load(self.config_path)
+            candidates = build_listeners(new_config, Registry())
+        except ConfigError as exc:
+            LOGGER.error("reload refused, keeping the running configuration: %s", exc)
+            return False
+        old = self.listeners
+        stopping = [listener for name, listener in old.items()
+                    if name not in candidates or candidates[name].config != listener.config]
+        self._stop_listeners(stopping)
+        kept = {name: listener for name, listener in old.items() if listener not in stopping}
+        for name in old:
+            if name not in candidates:
+                self.registry.remove(name)
+        fresh = build_listeners(new_config, self.registry)
+        started = 0
+        for name, listener in fresh.items():
+            if name not in kept:
+                kept[name] = listener
+                listener.start()
+                started += 1
+        self.listeners = kept
+        self._stop_http()               # its /config page shows the configuration: restart it
+        self.config = new_config
+        self._start_http()
+        LOGGER.info("configuration reloaded: %d listeners stopped, %d started", len(stopping), started)
+        return True
+
+    # -- main loop -----------------------------------------------------------------------------
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if signum == getattr(signal, "SIGHUP", None):
+            self._reload.set()
+            return
+        self._signals += 1
+        if self._signals > 1:
+            LOGGER.error("second signal: forcing exit")
+            os._exit(1)
+        LOGGER.info("signal %d: stopping", signum)
+        self._stop.set()
+
+    def run(self) -> int:
+        """Install signal handlers (main thread only), start, and serve until stopped.
+        Returns the process exit status (0 = clean stop)."""
+        for signum in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
+            if signum is not None:
+                signal.signal(signum, self._on_signal)
+        self.start()
+        while not self._stop.is_set():
+            self._stop.wait(0.5)
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+        return 0 if self.stop() else 1

@@ -1,0 +1,104 @@
+"""The ledger: which packets a consumer has applied, recorded in the same transaction as the change.
+
+This is how a packet redelivered after a crash is not applied twice (PgQ stores the last applied
+batch id in the target database in the data's transaction; Golconde records every packet id, since
+brokers deliver single messages, not batches). Table, created on first use in each database
+Golconde writes to::
+
+    golconde.applied (consumer text, packet_id text, applied_at timestamptz, packet text,
+                      PRIMARY KEY (consumer, packet_id))
+
+``consumer`` is the listener's name (``Dest`` or ``Dest_target``); ``packet`` holds, for a
+destination, the packet as fanned out (with generated keys), so that a redelivered packet is sent to
+the targets again exactly as the first time. Rows older than the retention are pruned.
+
+Packet ids come from the ``golconde-id`` header set by every Golconde publisher; a packet from a
+plain STOMP client without one is identified by ``sha256:<hex digest of its body>`` (so the very same
+body sent twice within the retention is applied once).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Dict, Mapping, Optional, Sequence, Set
+
+LOGGER = logging.getLogger(__name__)
+
+#: How long applied packet ids are kept, in seconds (a redelivery later than this is applied again).
+DEFAULT_RETENTION = 7 * 24 * 3600
+
+_DDL = """
+SELECT pg_advisory_xact_lock(hashtext('golconde.ledger'));
+CREATE SCHEMA IF NOT EXISTS golconde;
+CREATE TABLE IF NOT EXISTS golconde.applied (
+    consumer   text NOT NULL,
+    packet_id  text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    packet     text,
+    PRIMARY KEY (consumer, packet_id)
+);
+CREATE INDEX IF NOT EXISTS applied_applied_at ON golconde.applied (applied_at);
+"""
+
+
+def packet_id(headers: Mapping[str, str], body: bytes) -> str:
+    """The identity of a received packet: its ``golconde-id`` header, else the SHA-256 of its body."""
+    value = headers.get("golconde-id")
+    if value:
+        return str(value)[:200]
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def ensure(connection: Any) -> None:
+    """Create the ``golconde.applied`` table if needed (commits)."""
+    with connection.cursor() as cur:
+        cur.execute(_DDL)
+    connection.commit()
+
+
+def claim(cursor: Any, consumer: str, ids: Sequence[str]) -> Set[str]:
+    """Record ``ids`` as applied by ``consumer`` in the current transaction.
+
+    :returns: the ids that were NOT yet recorded (new work). An id that was recorded before, or that
+        appears twice in ``ids``, is a duplicate: the caller must not apply it (again).
+    """
+    if not ids:
+        return set()
+    cursor.execute(
+        "INSERT INTO golconde.applied (consumer, packet_id)"
+        " SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING RETURNING packet_id",
+        (consumer, list(ids)))
+    return {row[0] for row in cursor.fetchall()}
+
+
+def store_packets(cursor: Any, consumer: str, packets: Mapping[str, str]) -> None:
+    """Store the fanned-out JSON text of each claimed packet id (destinations only)."""
+    if not packets:
+        return
+    cursor.execute(
+        "UPDATE golconde.applied AS a SET packet = v.packet"
+        " FROM unnest(%s::text[], %s::text[]) AS v (packet_id, packet)"
+        " WHERE a.consumer = %s AND a.packet_id = v.packet_id",
+        (list(packets.keys()), list(packets.values()), consumer))
+
+
+def stored_packets(cursor: Any, consumer: str, ids: Sequence[str]) -> Dict[str, Optional[str]]:
+    """The fanned-out JSON text recorded for already-applied ``ids`` (``None`` if not stored)."""
+    if not ids:
+        return {}
+    cursor.execute(
+        "SELECT packet_id, packet FROM golconde.applied WHERE consumer = %s AND packet_id = ANY(%s::text[])",
+        (consumer, list(ids)))
+    return {row[0]: row[1] for row in cursor.fetchall()}
+
+
+def prune(connection: Any, consumer: str, retention_seconds: float = DEFAULT_RETENTION) -> int:
+    """Delete ledger rows of ``consumer`` older than the retention; commits. Returns rows deleted."""
+    with connection.cursor() as cur:
+        cur.execute(
+            "DELETE FROM golconde.applied WHERE consumer = %s"
+            " AND applied_at < now() - make_interval(secs => %s)",
+            (consumer, float(retention_seconds)))
+        deleted = cur.rowcount
+    connection.commit()
+    return deleted

@@ -1,0 +1,364 @@
+"""Listener threads: one per destination and per target, each with its own connections.
+
+:class:`Listener` is the supervising loop shared by every role (after stomp.py's receiver loop and
+gmr/helper's controller): it opens the database connection and the outbound broker connections
+*before* subscribing, runs cycles of work, and when anything breaks (broker, database, a bug) it
+logs, records the error in the stats, closes what broke and reconnects with exponential backoff.
+Nothing but :class:`~golconde.errors.StopListener` or :meth:`Listener.stop` ends it, and it always
+reports its end (try/finally).
+
+:class:`QueueConsumer` consumes a STOMP queue: deliveries are only queued by stomp.py's receiver
+thread; this thread takes batches, applies them (:mod:`golconde.apply`), then hands the outcomes to
+:meth:`QueueConsumer.after_commit` (fan-out, dead letters) and only then acks.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import psycopg2
+
+from . import ledger
+from .apply import APPLIED, DEAD_LETTER, DUPLICATE, Applier, ConnectionLost, Outcome, backoff
+from .broker import CREATED_HEADER, ID_HEADER, BrokerConnection, Delivery, Outgoing
+from .errors import GolcondeError, StopListener, describe
+from .handlers import load_handler
+from .stats import ThreadStats
+
+LOGGER = logging.getLogger(__name__)
+
+#: Seconds between ledger prunes.
+PRUNE_INTERVAL = 3600.0
+
+
+def broker_key(broker: Any) -> Tuple[str, int, Optional[str], Optional[str]]:
+    """Connections are shared per (host, port, login, vhost)."""
+    return (broker.host, broker.port, broker.login, broker.vhost)
+
+
+class Listener(threading.Thread):
+    """Base supervising thread. Subclasses implement :meth:`open` and :meth:`cycle`.
+
+    :param config: the destination's or target's configuration object.
+    :param stats: this thread's :class:`~golconde.stats.ThreadStats`.
+    :param role: ``"destination"`` or ``"target"``.
+    """
+
+    #: backoff bounds in seconds for reconnects
+    backoff_base, backoff_cap = 0.5, 30.0
+
+    def __init__(self, config: Any, stats: ThreadStats, role: str) -> None:
+        super().__init__(name=config.thread_name, daemon=True)
+        self.config = config
+        self.stats = stats
+        self.role = role
+        self.db: Any = None
+        self.outbound: Dict[Tuple[Any, ...], BrokerConnection] = {}
+        self._stopping = threading.Event()
+        self._failures = 0
+
+    # -- life cycle --------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the thread to finish its current batch and stop (returns at once; join to wait)."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def run(self) -> None:
+        LOGGER.info("[%s] %s listener starting", self.name, self.role)
+        try:
+            while not self.stopping:
+                try:
+                    if not self.ready():
+                        self.open()
+                        self._failures = 0
+                    self.cycle()
+                except StopListener as exc:
+                    LOGGER.error("[%s] stopping listener: %s", self.name, exc)
+                    self.stats.set_error(str(exc))
+                    break
+                except Exception as exc:  # supervising loop: log, record, reconnect
+                    self._failures += 1
+                    message = describe(exc)
+                    if isinstance(exc, GolcondeError) or isinstance(exc, psycopg2.Error):
+                        LOGGER.error("[%s] %s", self.name, message)
+                    else:
+                        LOGGER.exception("[%s] unexpected error: %s", self.name, message)
+                    self.stats.set_error(message)
+                    self.stats.count("reconnects")
+                    self.reset()
+                    self._stopping.wait(backoff(self._failures, self.backoff_base, self.backoff_cap)
+                                        + (self.backoff_base if self._failures == 1 else 0))
+        finally:
+            self.close()
+            self.stats.set_state(broker="stopped", database="stopped")
+            LOGGER.info("[%s] %s listener stopped", self.name, self.role)
+
+    def ready(self) -> bool:
+        """True when every connection this listener needs is up."""
+        return (self.db is not None and not self.db.closed
+                and all(c.connected for c in self.outbound.values()))
+
+    def open(self) -> None:
+        """Open what is missing: database first, then outbound brokers (subclasses add more)."""
+        self.open_database()
+        self.open_outbound()
+
+    def cycle(self) -> None:
+        """One unit of work; must return within about a second when idle."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Close the connections that are broken, so that :meth:`open` reopens them."""
+        if self.db is not None and (self.db.closed or not self._db_alive()):
+            self._close_db()
+        for connection in self.outbound.values():
+            if not connection.connected:
+                connection.close()
+        self._update_state()
+
+    def close(self) -> None:
+        """Close everything (at stop)."""
+        for connection in self.outbound.values():
+            connection.close()
+        self._close_db()
+
+    # -- database ----------------------------------------------------------------------------------
+    def open_database(self) -> None:
+        if self.db is not None and not self.db.closed:
+            return
+        self.stats.set_state(database="connecting")
+        self.db = psycopg2.connect(self.config.pgsql, connect_timeout=10,
+                                   application_name=("golconde " + self.name)[:63])
+        self.on_database_open(self.db)
+        self.stats.set_state(database="connected")
+        LOGGER.info("[%s] connected to PostgreSQL", self.name)
+
+    def on_database_open(self, db: Any) -> None:
+        """Hook: set up a fresh database connection (ledger, handler)."""
+
+    def _db_alive(self) -> bool:
+        try:
+            self.db.rollback()
+            with self.db.cursor() as cur:
+                cur.execute("SELECT 1")
+            self.db.rollback()
+            return True
+        except psycopg2.Error:
+            return False
+
+    def _close_db(self) -> None:
+        db, self.db = self.db, None
+        if db is not None:
+            try:
+                db.close()
+            except psycopg2.Error:
+                pass
+        self.stats.set_state(database="disconnected")
+
+    def reconnect_database(self) -> bool:
+        """Reconnect after a lost connection, with backoff, until connected or stopping.
+        Returns False when stopping."""
+        attempt = 0
+        while not self.stopping:
+            self._close_db()
+            try:
+                self.open_database()
+                return True
+            except psycopg2.Error as exc:
+                attempt += 1
+                self.stats.set_error(describe(exc))
+                LOGGER.warning("[%s] PostgreSQL unavailable (%s); retrying", self.name, describe(exc))
+                self._stopping.wait(backoff(attempt, self.backoff_base, self.backoff_cap) + 0.1)
+        return False
+
+    # -- brokers -----------------------------------------------------------------------------------
+    def outbound_for(self, broker: Any) -> BrokerConnection:
+        key = broker_key(broker)
+        if key not in self.outbound:
+            self.outbound[key] = BrokerConnection.from_config(broker, name=self.name + ":out")
+        return self.outbound[key]
+
+    def open_outbound(self) -> None:
+        for connection in self.outbound.values():
+            if not connection.connected:
+                connection.connect()
+        self._update_state()
+
+    def _update_state(self) -> None:
+        states = [c.connected for c in self.all_brokers()]
+        self.stats.set_state(broker="connected" if states and all(states) else "disconnected")
+
+    def all_brokers(self) -> List[BrokerConnection]:
+        return list(self.outbound.values())
+
+    def dead_letter_messages(self, items: Sequence[Tuple[Delivery, str]], reasons: Sequence[str],
+                             ) -> List[Outgoing]:
+        """Messages for the dead-letter queue: the original body, and headers naming the reason, the
+        original queue and this consumer."""
+        out = []
+        now = "%.3f" % time.time()
+        for (delivery, pid), reason in zip(items, reasons):
+            headers = {
+                ID_HEADER: pid,
+                "golconde-reason": reason[:1000],
+                "golconde-original-queue": self.config.queue,
+                "golconde-consumer": self.name,
+                "golconde-dead-lettered-at": now,
+                "content-type": delivery.headers.get("content-type", "application/json"),
+            }
+            if CREATED_HEADER in delivery.headers:
+                headers[CREATED_HEADER] = delivery.headers[CREATED_HEADER]
+            out.append((self.config.dead_letter_queue, delivery.body, headers))
+        return out
+
+
+class QueueConsumer(Listener):
+    """Consumes ``config.queue`` and applies each packet with the configured handler.
+
+    Subclasses may override :meth:`after_commit` to send more (the destination's fan-out); it runs
+    after the database commit and before the acks.
+    """
+
+    store_fanout = False
+
+    def __init__(self, config: Any, stats: ThreadStats, role: str) -> None:
+        super().__init__(config, stats, role)
+        handler_class = load_handler(config.function_name)
+        self.handler = handler_class(config.target, config.settings, role=role, name=config.thread_name)
+        self.applier = Applier(self.handler, config.thread_name, store_fanout=self.store_fanout,
+                               max_retries=config.max_retries)
+        self.inbound = BrokerConnection.from_config(config.stomp, name=self.name,
+                                                    on_message=self._inbox_put)
+        self.dead_letter_broker = self.outbound_for(config.stomp)
+        self._inbox: "queue.Queue[Delivery]" = queue.Queue()
+        self._last_prune = 0.0
+
+    def _inbox_put(self, delivery: Delivery) -> None:
+        self._inbox.put(delivery)
+
+    def all_brokers(self) -> List[BrokerConnection]:
+        return [self.inbound] + list(self.outbound.values())
+
+    def ready(self) -> bool:
+        return super().ready() and self.inbound.connected
+
+    def open(self) -> None:
+        super().open()                     # database and outbound connections first
+        if not self.inbound.connected:
+            self.inbound.connect()
+            self.inbound.subscribe(self.config.queue, self.config.prefetch)
+            LOGGER.info("[%s] subscribed to %s (prefetch %d)", self.name, self.config.queue,
+                        self.config.prefetch)
+        self._update_state()
+
+    def on_database_open(self, db: Any) -> None:
+        ledger.ensure(db)
+        self.handler.setup(db)
+
+    def reset(self) -> None:
+        if not self.inbound.connected:
+            self.inbound.close()
+        super().reset()
+
+    def close(self) -> None:
+        self.inbound.close()              # first: unacked deliveries go back to the broker
+        super().close()
+        try:
+            self.handler.shutdown()
+        except Exception as exc:
+            LOGGER.warning("[%s] handler shutdown failed: %s", self.name, describe(exc))
+
+    # -- the work --------------------------------------------------------------------------------
+    def collect(self) -> List[Delivery]:
+        """Up to ``batch_size`` deliveries of the current connection (waits up to 0.2 s)."""
+        batch: List[Delivery] = []
+        try:
+            first = self._inbox.get(timeout=0.2)
+        except queue.Empty:
+            return batch
+        generation = self.inbound.generation
+        if first.generation == generation:
+            batch.append(first)
+        while len(batch) < self.config.batch_size:
+            try:
+                delivery = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if delivery.generation == generation:
+                batch.append(delivery)
+        self.stats.set_backlog(self._inbox.qsize())
+        return batch
+
+    def cycle(self) -> None:
+        batch = self.collect()
+        if not batch:
+            self._maybe_prune()
+            return
+        self.stats.count("received", len(batch))
+        items = [(ledger.packet_id(d.headers, d.body), d.body) for d in batch]
+        started = time.monotonic()
+        retries_before = self.applier.retries
+        while True:
+            try:
+                outcomes = self.applier.apply_batch(self.db, items)
+                break
+            except ConnectionLost as exc:
+                LOGGER.warning("[%s] database connection lost: %s", self.name, exc)
+                self.stats.set_error(str(exc))
+                if not self.reconnect_database() or batch[0].generation != self.inbound.generation:
+                    return                 # not acked: the broker redelivers, the ledger de-duplicates
+        self.stats.count("retried", self.applier.retries - retries_before)
+        self.after_commit(batch, items, outcomes)
+        for delivery in batch:
+            self.inbound.ack(delivery)
+        self._account(batch, outcomes, time.monotonic() - started)
+
+    def after_commit(self, batch: Sequence[Delivery], items: Sequence[Tuple[str, bytes]],
+                     outcomes: Sequence[Outcome]) -> None:
+        """Send dead letters (confirmed). Raises :class:`~golconde.broker.BrokerError` on failure,
+        in which case nothing is acked."""
+        self.send_dead_letters(batch, items, outcomes)
+
+    def send_dead_letters(self, batch: Sequence[Delivery], items: Sequence[Tuple[str, bytes]],
+                          outcomes: Sequence[Outcome]) -> None:
+        dead = [(d, item[0]) for d, item, o in zip(batch, items, outcomes) if o.status == DEAD_LETTER]
+        if dead:
+            reasons = [o.reason or "unknown" for o in outcomes if o.status == DEAD_LETTER]
+            self.dead_letter_broker.send_confirmed(self.dead_letter_messages(dead, reasons))
+            self.stats.set_error("dead-lettered: %s" % reasons[-1])
+
+    def _account(self, batch: Sequence[Delivery], outcomes: Sequence[Outcome], seconds: float) -> None:
+        applied = [o for o in outcomes if o.status == APPLIED]
+        for outcome in applied:
+            self.stats.count(outcome.packet.action.value if outcome.packet else "unknown")
+        self.stats.count("applied", len(applied))
+        self.stats.count("duplicates", sum(1 for o in outcomes if o.status == DUPLICATE))
+        dead = sum(1 for o in outcomes if o.status == DEAD_LETTER)
+        self.stats.count("dead_lettered", dead)
+        self.stats.count("errors", dead)
+        if applied:
+            self.stats.observe_duration(seconds, packets=len(batch))
+        created = batch[-1].headers.get(CREATED_HEADER)
+        if created:
+            try:
+                self.stats.set_lag(max(0.0, time.time() - float(created)))
+            except ValueError:
+                pass
+
+    def _maybe_prune(self) -> None:
+        now = time.monotonic()
+        if now - self._last_prune > PRUNE_INTERVAL:
+            self._last_prune = now
+            try:
+                deleted = ledger.prune(self.db, self.name)
+                if deleted:
+                    LOGGER.info("[%s] pruned %d ledger rows", self.name, deleted)
+            except psycopg2.Error as exc:
+                self.db.rollback()
+                LOGGER.warning("[%s] ledger prune failed: %s", self.name, describe(exc))

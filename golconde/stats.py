@@ -1,0 +1,245 @@
+"""Thread-safe activity counters of the listener threads, read by the HTTP side.
+
+Each listener thread (one per destination, one per target) owns a :class:`ThreadStats` obtained from
+the daemon's :class:`Registry`; it counts what it does and reports the state of its connections.
+The HTTP server (:mod:`golconde.httpd`) only calls :meth:`Registry.snapshot`: it never touches a
+database or a broker. Counters are a :class:`collections.Counter` under a lock, after psycopg_pool's
+``get_stats()``.
+
+Shape of :meth:`Registry.snapshot` (a superset of Golconde 0.6's ``/stats``)::
+
+    {"worker_threads": 2,
+     "threads": [{"<name>": {"add": 0, "set": 0, "update": 0, "delete": 0,
+                             "command_duration": 0.0012,   # mean seconds per packet
+                             "last_duration": 0.0009,      # seconds of the last packet or batch, or null
+                             "errors": 0, "received": 0, "applied": 0, "duplicates": 0,
+                             "dead_lettered": 0, "retried": 0, "fanned_out": 0, "reconnects": 0,
+                             "role": "destination" | "target", "destination": "<destination name>",
+                             "broker": "<state>", "database": "<state>",
+                             "backlog": 12 | null, "lag": 0.5 | null,
+                             "last_error": "<text>" | null,
+                             "last_error_at": "2024-01-01T00:00:00.000+00:00" | null}},
+                 ...],
+     "uptime": 12.5,            # seconds since the registry was created
+     "version": "1.0.0"}
+
+Target threads are named ``<destination>_<target>``, as in 2009. Counters only grow, so that a
+reader can compute rates from two snapshots.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from typing import Any, Dict, List, Optional, Set
+
+from . import __version__
+
+LOGGER = logging.getLogger(__name__)
+
+#: Roles of a listener thread.
+ROLES = ("destination", "target")
+#: Connection states reported for the broker and the database.
+STATES = ("connected", "connecting", "disconnected", "stopped")
+#: Per-action counters (the 2009 keys).
+ACTION_KEYS = ("add", "set", "update", "delete")
+#: Every counter accepted by :meth:`ThreadStats.count`, in display order.
+COUNTER_KEYS = ("received", "applied") + ACTION_KEYS + (
+    "duplicates", "fanned_out", "retried", "dead_lettered", "errors", "reconnects")
+
+_COUNTER_SET = frozenset(COUNTER_KEYS)
+
+
+def _now_iso() -> str:
+    """The current UTC time as ISO 8601 with milliseconds, e.g. ``2024-01-01T00:00:00.000+00:00``."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class ThreadStats:
+    """Counters and state of one listener thread. Every method is thread-safe.
+
+    :param name: the thread's name (``<destination>`` or ``<destination>_<target>``).
+    :param role: ``"destination"`` or ``"target"``.
+    :param destination: name of the destination the thread belongs to.
+
+    Both connection states start as ``"disconnected"``; backlog, lag and last error start as ``None``.
+    """
+
+    def __init__(self, name: str, role: str, destination: str) -> None:
+        if role not in ROLES:
+            raise ValueError("role must be one of %s, not %r" % (", ".join(ROLES), role))
+        self.name = name
+        self.role = role
+        self.destination = destination
+        self._lock = threading.Lock()
+        self._counts: Counter = Counter()
+        self._unknown: Set[str] = set()
+        self._duration_last: Optional[float] = None
+        self._duration_total = 0.0
+        self._duration_packets = 0
+        self._broker = "disconnected"
+        self._database = "disconnected"
+        self._backlog: Optional[int] = None
+        self._lag: Optional[float] = None
+        self._last_error: Optional[str] = None
+        self._last_error_at: Optional[str] = None
+
+    def count(self, key: str, n: int = 1) -> None:
+        """Add ``n`` (>= 0) to the counter ``key``, one of :data:`COUNTER_KEYS`.
+
+        An unknown key is ignored, with one warning per key and thread: statistics must never stop
+        a listener.
+
+        :raises ValueError: if ``n`` is not an integer >= 0 (counters only grow).
+        """
+        if key not in _COUNTER_SET:
+            with self._lock:
+                first = key not in self._unknown
+                self._unknown.add(key)
+            if first:
+                LOGGER.warning("[%s] unknown statistics counter %r ignored (expected one of %s)",
+                               self.name, key, ", ".join(COUNTER_KEYS))
+            return
+        if not isinstance(n, int) or n < 0:
+            raise ValueError("counter %r takes an integer n >= 0, not %r" % (key, n))
+        with self._lock:
+            self._counts[key] += n
+
+    def observe_duration(self, seconds: float, packets: int = 1) -> None:
+        """Record the time taken to apply one packet, or a batch of ``packets`` packets.
+
+        ``command_duration`` in the snapshot is the mean over all packets (total seconds / packets);
+        ``last_duration`` is ``seconds`` of the last call.
+
+        :raises ValueError: if ``seconds`` is negative or not finite, or ``packets`` < 1.
+        """
+        seconds = float(seconds)
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError("duration must be a finite number of seconds >= 0, not %r" % seconds)
+        if packets < 1:
+            raise ValueError("packets must be >= 1, not %r" % packets)
+        with self._lock:
+            self._duration_last = seconds
+            self._duration_total += seconds
+            self._duration_packets += packets
+
+    def set_state(self, broker: Optional[str] = None, database: Optional[str] = None) -> None:
+        """Set the state of the broker and/or database connection (``None`` leaves it unchanged).
+
+        :raises ValueError: on a state not in :data:`STATES`.
+        """
+        for state in (broker, database):
+            if state is not None and state not in STATES:
+                raise ValueError("state must be one of %s, not %r" % (", ".join(STATES), state))
+        with self._lock:
+            if broker is not None:
+                self._broker = broker
+            if database is not None:
+                self._database = database
+
+    def set_error(self, message: Optional[str]) -> None:
+        """Remember ``message`` as the last error, stamped with the current UTC time; ``None``
+        clears both. This does not count an error: call ``count("errors")`` for that."""
+        with self._lock:
+            if message is None:
+                self._last_error = self._last_error_at = None
+            else:
+                self._last_error = str(message)
+                self._last_error_at = _now_iso()
+
+    def set_backlog(self, n: Optional[int]) -> None:
+        """Set the number of packets waiting in the thread's queue (``None``: unknown)."""
+        if n is not None:
+            n = int(n)
+            if n < 0:
+                raise ValueError("backlog cannot be negative, not %r" % n)
+        with self._lock:
+            self._backlog = n
+
+    def set_lag(self, seconds: Optional[float]) -> None:
+        """Set how old, in seconds, the last applied packet was (``None``: unknown). A negative
+        value (clock skew between hosts) is recorded as 0.
+
+        :raises ValueError: if ``seconds`` is not finite.
+        """
+        if seconds is not None:
+            seconds = float(seconds)
+            if not math.isfinite(seconds):
+                raise ValueError("lag must be a finite number of seconds, not %r" % seconds)
+            seconds = max(seconds, 0.0)
+        with self._lock:
+            self._lag = seconds
+
+    def snapshot(self) -> Dict[str, Any]:
+        """A consistent copy of this thread's statistics: the inner dict of the module docstring's
+        shape (without the name), JSON-serialisable."""
+        with self._lock:
+            counts = dict(self._counts)
+            total, packets, last = self._duration_total, self._duration_packets, self._duration_last
+            result: Dict[str, Any] = {key: counts.get(key, 0) for key in COUNTER_KEYS}
+            result.update({
+                "command_duration": total / packets if packets else 0.0,
+                "last_duration": last,
+                "role": self.role,
+                "destination": self.destination,
+                "broker": self._broker,
+                "database": self._database,
+                "backlog": self._backlog,
+                "lag": self._lag,
+                "last_error": self._last_error,
+                "last_error_at": self._last_error_at,
+            })
+        return result
+
+    def __repr__(self) -> str:
+        return "<ThreadStats %s role=%s destination=%s>" % (self.name, self.role, self.destination)
+
+
+class Registry:
+    """The daemon's set of :class:`ThreadStats`, by thread name, in creation order. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._threads: Dict[str, ThreadStats] = {}
+        self._started = time.monotonic()
+
+    def thread(self, name: str, role: str, destination: str) -> ThreadStats:
+        """Return the statistics of thread ``name``, creating them on first use. Counters survive
+        a listener's restart (e.g. after a reload) as long as the name is the same.
+
+        :raises ValueError: if ``name`` exists with another role or destination (e.g. a destination
+            named ``a_b`` and the target ``b`` of destination ``a``).
+        """
+        with self._lock:
+            stats = self._threads.get(name)
+            if stats is None:
+                stats = self._threads[name] = ThreadStats(name, role, destination)
+            elif (stats.role, stats.destination) != (role, destination):
+                raise ValueError("thread name %r is already used by the %s of destination %r"
+                                 % (name, stats.role, stats.destination))
+            return stats
+
+    def get(self, name: str) -> Optional[ThreadStats]:
+        """The statistics of thread ``name``, or ``None``."""
+        with self._lock:
+            return self._threads.get(name)
+
+    def remove(self, name: str) -> None:
+        """Forget thread ``name`` (no error if unknown)."""
+        with self._lock:
+            self._threads.pop(name, None)
+
+    def snapshot(self) -> Dict[str, Any]:
+        """Statistics of every thread, shaped as in the module docstring (JSON-serialisable)."""
+        with self._lock:
+            threads = list(self._threads.values())
+        entries: List[Dict[str, Dict[str, Any]]] = [{stats.name: stats.snapshot()} for stats in threads]
+        return {
+            "worker_threads": len(entries),
+            "threads": entries,
+            "uptime": round(time.monotonic() - self._started, 3),
+            "version": __version__,
+        }

@@ -1,0 +1,173 @@
+"""End to end, client-based flow: a real daemon, real PostgreSQL databases, real RabbitMQ."""
+from __future__ import annotations
+
+import base64
+import uuid
+from decimal import Decimal
+
+import pytest
+
+from golconde.client import Client
+from golconde.compare import compare
+from golconde.daemon import Daemon
+
+from ..conftest import STOMP_LOGIN, STOMP_PASSCODE, stomp_address
+from .flow_support import (drain_queue, execute, make_config, parse_config, query, send_raw,
+                           wait_for)
+
+FRIENDSHIPS = """
+CREATE TABLE public.friendships (
+    id          serial PRIMARY KEY,
+    friend_id   integer NOT NULL,
+    user_id     integer NOT NULL,
+    status_id   integer,
+    "timestamp" timestamptz,
+    note        text,
+    amount      numeric(40, 20),
+    tags        text[],
+    scores      integer[],
+    doc         jsonb,
+    raw         json,
+    blob        bytea,
+    UNIQUE (friend_id, user_id)
+)
+"""
+
+
+@pytest.fixture
+def flow(make_database):
+    """Canonical + two target databases with the same friendships table, and a running daemon."""
+    canonical, t1, t2 = make_database(), make_database(), make_database()
+    for dsn in (canonical, t1, t2):
+        execute(dsn, FRIENDSHIPS)
+    mapping = make_config(canonical, {"target1": t1, "target2": t2}, "public.friendships")
+    config = parse_config(mapping)
+    daemon = Daemon(config)
+    daemon.start()
+    destination = config.destinations[0]
+    host, port = stomp_address()
+    client = Client(destination.queue, host, port, STOMP_LOGIN, STOMP_PASSCODE)
+    state = {"canonical": canonical, "targets": [t1, t2], "daemon": daemon, "client": client,
+             "destination": destination, "config": config}
+    yield state
+    client.close()
+    assert daemon.stop(), "daemon did not stop in time"
+
+
+def targets_equal(state) -> bool:
+    return all(compare(state["canonical"], "public.friendships", t, "public.friendships").equal
+               for t in state["targets"])
+
+
+def test_slides_packets_all_four_actions(flow):
+    client = flow["client"]
+    # The 2009 slides' packets, upper-case keys and actions included.
+    client.send('{"ACTION": "ADD", "DATA": {"FRIEND_ID": 47, "USER_ID": 16, "STATUS_ID": 1}}')
+    client.send('{"ACTION": "ADD", "DATA": {"FRIEND_ID": 11, "USER_ID": 126, "STATUS_ID": 1}}')
+    client.send('{"ACTION": "ADD", "DATA": {"FRIEND_ID": 5, "USER_ID": 41, "STATUS_ID": 1}}')
+    client.send('{"ACTION": "DELETE", "RESTRICTION": {"FRIEND_ID": 11, "USER_ID": 126}}')
+    client.send('{"ACTION": "SET", "DATA": {"FRIEND_ID": 112, "USER_ID": 111, '
+                '"TIMESTAMP": "WED APR 1 13:56:54 2009", "STATUS_ID": 1}}')
+    client.send('{"ACTION": "UPDATE", "RESTRICTION": {"FRIEND_ID": 5, "USER_ID": 41}, '
+                '"DATA": {"TIMESTAMP": "WED APR 1 13:56:38 2009", "STATUS_ID": 3}}')
+    client.set({"friend_id": 112, "user_id": 111, "status_id": 2})   # upsert on the unique key
+    wait_for(lambda: len(query(flow["canonical"], "SELECT 1 FROM friendships")) == 3
+             and targets_equal(flow), message="targets equal to canonical")
+    rows = query(flow["canonical"], "SELECT friend_id, user_id, status_id FROM friendships ORDER BY friend_id")
+    assert rows == [(5, 41, 3), (47, 16, 1), (112, 111, 2)]
+    # serial keys generated at the canonical relation reach the targets unchanged
+    ids = query(flow["canonical"], "SELECT id, friend_id FROM friendships ORDER BY id")
+    for target in flow["targets"]:
+        assert query(target, "SELECT id, friend_id FROM friendships ORDER BY id") == ids
+
+
+def test_nulls_and_types_round_trip(flow):
+    client = flow["client"]
+    client.add({"friend_id": 1, "user_id": 1, "status_id": None, "note": None,
+                "amount": Decimal("12345678901234567890.12345678901234567890"),
+                "timestamp": "2026-11-21T05:35:03.123456+00:00",
+                "tags": ["a", "it's", "$$;--", None], "scores": [1, 2, 3],
+                "doc": {"k": [1, 2.5, None, "x"], "nested": {"q": "\"quoted\""}},
+                "raw": ["raw", 1], "blob": "\\x00ff10"})
+    client.add({"friend_id": 2, "user_id": 2, "tags": [], "doc": "just a string", "note": "x'); DROP TABLE friendships; --"})
+    wait_for(lambda: targets_equal(flow) and len(query(flow["targets"][1], "SELECT 1 FROM friendships")) == 2,
+             message="typed rows distributed")
+    for dsn in [flow["canonical"]] + flow["targets"]:
+        row = query(dsn, "SELECT status_id, note, amount, tags, scores, doc, raw::text, blob,"
+                         " \"timestamp\" = '2026-11-21T05:35:03.123456+00:00' FROM friendships WHERE friend_id = 1")[0]
+        assert row[0] is None and row[1] is None
+        assert row[2] == Decimal("12345678901234567890.12345678901234567890")
+        assert row[3] == ["a", "it's", "$$;--", None]
+        assert row[4] == [1, 2, 3]
+        assert row[5] == {"k": [1, 2.5, None, "x"], "nested": {"q": "\"quoted\""}}
+        assert row[6].replace(" ", "") == '["raw",1]'
+        assert bytes(row[7]) == b"\x00\xff\x10"
+        assert row[8] is True
+        row2 = query(dsn, "SELECT tags, doc, note FROM friendships WHERE friend_id = 2")[0]
+        assert row2 == ([], "just a string", "x'); DROP TABLE friendships; --")
+
+
+def test_bad_packets_dead_lettered_while_good_ones_flow(flow):
+    destination = flow["destination"]
+    good = ['{"action": "add", "data": {"friend_id": %d, "user_id": 1}}' % i for i in range(1, 6)]
+    bad = [
+        b'{"action": "add", "data": ',                                      # malformed JSON
+        b'\xff\xfe{"action": "add"}',                                        # invalid UTF-8
+        b'{"action": "explode", "data": {"friend_id": 1}}',                 # unknown action
+        b'{"action": "add", "data": {"friend_id": 99, "user_id": 1, "nope": 1}}',  # unknown column
+        b'{"action": "add", "data": {"friend_id": "abc", "user_id": 1}}',   # wrong type
+        b'{"action": "add", "data": {"friend_id": 1, "user_id": 1}}',       # duplicate key (23505)
+        b'{"action": "delete", "restriction": {}}',                         # empty restriction
+        b'[1, 2, 3]',                                                        # not an object
+    ]
+    bodies = []
+    for index in range(max(len(good), len(bad))):
+        if index < len(good):
+            bodies.append(good[index])
+        if index < len(bad):
+            bodies.append(bad[index])
+    send_raw(destination.queue, bodies, [{"golconde-id": str(uuid.uuid4())} for _ in bodies])
+    wait_for(lambda: len(query(flow["canonical"], "SELECT 1 FROM friendships")) == 5 and targets_equal(flow),
+             message="good packets applied everywhere")
+    dead = []
+    wait_for(lambda: dead.extend(drain_queue(destination.dead_letter_queue, wait=0.5)) or len(dead) >= len(bad),
+             timeout=30, message="dead letters")
+    assert len(dead) == len(bad)
+    assert sorted(d.body for d in dead) == sorted(bad)
+    reasons = " | ".join(d.headers["golconde-reason"] for d in dead)
+    for expected in ("not valid JSON", "not valid UTF-8", "unknown action", "nope", "23505",
+                     "restriction", "must be a JSON object", "22P02"):
+        assert expected in reasons, (expected, reasons)
+    for d in dead:
+        assert d.headers["golconde-original-queue"] == destination.queue
+    stats = flow["daemon"].registry.snapshot()
+    thread = [t[destination.name] for t in stats["threads"] if destination.name in t][0]
+    assert thread["dead_lettered"] == len(bad) and thread["applied"] == 5
+
+
+def test_redelivered_packet_is_not_applied_twice(make_database):
+    """Same packet id delivered twice (as after a crash between commit and ack) -> applied once,
+    on a keyless table where a second apply would show as a second row."""
+    canonical, t1 = make_database(), make_database()
+    for dsn in (canonical, t1):
+        execute(dsn, "CREATE TABLE events (kind text, n integer)")
+    config = parse_config(make_config(canonical, {"t1": t1}, "events"))
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        queue = config.destinations[0].queue
+        pid = str(uuid.uuid4())
+        body = '{"action": "add", "data": {"kind": "once", "n": 1}}'
+        send_raw(queue, [body, body, '{"action": "add", "data": {"kind": "after", "n": 2}}'],
+                 [{"golconde-id": pid}, {"golconde-id": pid}, {"golconde-id": str(uuid.uuid4())}])
+        # a plain STOMP client without golconde-id: identified by its body's hash
+        send_raw(queue, ['{"action": "add", "data": {"kind": "plain", "n": 3}}'] * 2)
+        wait_for(lambda: len(query(t1, "SELECT 1 FROM events")) == 3, message="3 rows at target")
+        # give a wrongly re-applied duplicate the chance to show up
+        send_raw(queue, ['{"action": "add", "data": {"kind": "sentinel", "n": 4}}'], [{"golconde-id": str(uuid.uuid4())}])
+        wait_for(lambda: len(query(t1, "SELECT 1 FROM events")) == 4, message="sentinel")
+        for dsn in (canonical, t1):
+            assert sorted(query(dsn, "SELECT kind, n FROM events")) == [
+                ("after", 2), ("once", 1), ("plain", 3), ("sentinel", 4)]
+    finally:
+        daemon.stop()

@@ -1,0 +1,170 @@
+"""Tests of golconde.stats: counters, durations, states and the registry's snapshot."""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import pytest
+
+import golconde
+from golconde.stats import COUNTER_KEYS, Registry, ThreadStats
+
+LEGACY_KEYS = {"add", "set", "update", "delete", "command_duration", "errors"}
+
+
+def test_new_thread_stats_are_zero_and_disconnected():
+    snap = ThreadStats("Test1", "destination", "Test1").snapshot()
+    assert {key: snap[key] for key in COUNTER_KEYS} == dict.fromkeys(COUNTER_KEYS, 0)
+    assert snap["command_duration"] == 0.0
+    assert snap["last_duration"] is None
+    assert snap["role"] == "destination" and snap["destination"] == "Test1"
+    assert snap["broker"] == snap["database"] == "disconnected"
+    assert snap["backlog"] is None and snap["lag"] is None
+    assert snap["last_error"] is None and snap["last_error_at"] is None
+    assert LEGACY_KEYS <= set(snap)
+
+
+def test_count():
+    stats = ThreadStats("Test1_t1", "target", "Test1")
+    stats.count("received")
+    stats.count("add", 3)
+    stats.count("add")
+    stats.count("errors", 0)
+    snap = stats.snapshot()
+    assert snap["received"] == 1 and snap["add"] == 4 and snap["errors"] == 0
+
+
+@pytest.mark.parametrize("n", [-1, 1.5, "1", None])
+def test_count_rejects_bad_amounts(n):
+    stats = ThreadStats("Test1", "destination", "Test1")
+    with pytest.raises(ValueError):
+        stats.count("add", n)
+
+
+def test_unknown_counter_is_ignored_with_one_warning(caplog):
+    stats = ThreadStats("Test1", "destination", "Test1")
+    with caplog.at_level(logging.WARNING, logger="golconde.stats"):
+        stats.count("unknown")
+        stats.count("unknown", 2)
+    assert len(caplog.records) == 1 and "'unknown'" in caplog.text
+    assert "unknown" not in stats.snapshot()
+
+
+def test_role_is_checked():
+    with pytest.raises(ValueError):
+        ThreadStats("Test1", "consumer", "Test1")
+
+
+def test_command_duration_is_the_mean_per_packet():
+    stats = ThreadStats("Test1", "destination", "Test1")
+    stats.observe_duration(0.2)
+    stats.observe_duration(0.4)
+    assert stats.snapshot()["command_duration"] == pytest.approx(0.3)
+    stats.observe_duration(0.6, packets=4)  # a batch of 4 packets in 0.6 s
+    snap = stats.snapshot()
+    assert snap["command_duration"] == pytest.approx(1.2 / 6)
+    assert snap["last_duration"] == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("seconds, packets", [(-0.1, 1), (float("nan"), 1), (float("inf"), 1), (0.1, 0)])
+def test_observe_duration_rejects_bad_values(seconds, packets):
+    with pytest.raises(ValueError):
+        ThreadStats("Test1", "destination", "Test1").observe_duration(seconds, packets)
+
+
+def test_set_state():
+    stats = ThreadStats("Test1", "destination", "Test1")
+    stats.set_state(broker="connecting")
+    stats.set_state(database="connected")
+    snap = stats.snapshot()
+    assert (snap["broker"], snap["database"]) == ("connecting", "connected")
+    stats.set_state(broker="connected", database="stopped")
+    snap = stats.snapshot()
+    assert (snap["broker"], snap["database"]) == ("connected", "stopped")
+    with pytest.raises(ValueError):
+        stats.set_state(broker="up")
+    assert stats.snapshot()["broker"] == "connected"
+
+
+def test_set_error_and_clear():
+    stats = ThreadStats("Test1", "destination", "Test1")
+    stats.set_error("SQLSTATE 23505: duplicate key")
+    snap = stats.snapshot()
+    assert snap["last_error"] == "SQLSTATE 23505: duplicate key"
+    assert snap["last_error_at"].endswith("+00:00") and "T" in snap["last_error_at"]
+    assert snap["errors"] == 0  # counting is separate
+    stats.set_error(None)
+    snap = stats.snapshot()
+    assert snap["last_error"] is None and snap["last_error_at"] is None
+
+
+def test_backlog_and_lag():
+    stats = ThreadStats("Test1", "destination", "Test1")
+    stats.set_backlog(12)
+    stats.set_lag(0.25)
+    snap = stats.snapshot()
+    assert snap["backlog"] == 12 and snap["lag"] == 0.25
+    stats.set_lag(-3.0)  # clock skew between hosts
+    assert stats.snapshot()["lag"] == 0.0
+    stats.set_backlog(None)
+    stats.set_lag(None)
+    snap = stats.snapshot()
+    assert snap["backlog"] is None and snap["lag"] is None
+    with pytest.raises(ValueError):
+        stats.set_backlog(-1)
+    with pytest.raises(ValueError):
+        stats.set_lag(float("nan"))
+
+
+def test_registry_get_or_create_and_remove():
+    registry = Registry()
+    first = registry.thread("Test1", "destination", "Test1")
+    assert registry.thread("Test1", "destination", "Test1") is first
+    assert registry.get("Test1") is first
+    with pytest.raises(ValueError):
+        registry.thread("Test1", "target", "Test1")
+    registry.remove("Test1")
+    registry.remove("Test1")  # unknown: no error
+    assert registry.get("Test1") is None
+    assert registry.snapshot()["worker_threads"] == 0
+
+
+def test_registry_snapshot_shape():
+    registry = Registry()
+    registry.thread("Test1", "destination", "Test1").count("add", 2)
+    registry.thread("Test1_t1", "target", "Test1").count("delete")
+    snap = registry.snapshot()
+    assert snap["worker_threads"] == 2
+    assert [list(entry) for entry in snap["threads"]] == [["Test1"], ["Test1_t1"]]
+    assert snap["threads"][0]["Test1"]["add"] == 2
+    assert snap["threads"][1]["Test1_t1"]["delete"] == 1
+    assert snap["threads"][1]["Test1_t1"]["role"] == "target"
+    assert snap["uptime"] >= 0
+    assert snap["version"] == golconde.__version__
+    for entry in snap["threads"]:
+        for inner in entry.values():
+            assert LEGACY_KEYS <= set(inner)
+    assert json.loads(json.dumps(snap, allow_nan=False)) == snap
+
+
+def test_counting_is_thread_safe():
+    registry = Registry()
+    stats = registry.thread("Test1", "destination", "Test1")
+    rounds, workers = 2000, 8
+
+    def work():
+        for _ in range(rounds):
+            stats.count("received")
+            stats.count("applied")
+            stats.observe_duration(0.001)
+            registry.snapshot()
+
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    snap = stats.snapshot()
+    assert snap["received"] == snap["applied"] == rounds * workers
+    assert snap["command_duration"] == pytest.approx(0.001)
