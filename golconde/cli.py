@@ -211,12 +211,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare_config
     config = _load_config(args.config or default_config_path(), "golconde")
     differences = 0
-    for destination, target, result in compare_config(config, args.destination):
-        state = "equal" if result.equal else "DIFFERENT"
+    relations = {d.name: (d.target, {t.name: t.target for t in d.targets}) for d in config.destinations}
+    for destination, target, result in compare_config(config):
+        if args.destination and destination != args.destination:
+            continue
         differences += 0 if result.equal else 1
-        print("%-12s %s -> %s: %s (rows %d / %d, hash %s / %s)" % (
-            destination.name, destination.target, "%s:%s" % (target.name, target.target), state,
-            result.canonical_count, result.target_count, result.canonical_hash, result.target_hash))
+        canonical_relation, targets = relations[destination]
+        print("%s %s -> %s %s: %s" % (destination, canonical_relation, target,
+                                      targets.get(target, "?"), result.summary()))
     print("%s" % ("all targets equal" if not differences else "%d target(s) differ" % differences))
     return 0 if not differences else 1
 

@@ -129,7 +129,8 @@ class Daemon:
             return False
         old = self.listeners
         stopping = [listener for name, listener in old.items()
-                    if name not in candidates or candidates[name].config != listener.config]
+                    if name not in candidates or candidates[name].config != listener.config
+                    or not listener.is_alive()]     # a listener that stopped is restarted
         self._stop_listeners(stopping)
         kept = {name: listener for name, listener in old.items() if listener not in stopping}
         for name in old:

@@ -37,7 +37,15 @@ class RetryPacket(GolcondeError):
 
 
 class StopListener(GolcondeError):
-    """The listener must stop; its unacknowledged packets are released to the broker."""
+    """The listener must stop; its unacknowledged packets are released to the broker.
+
+    :param retry_after: ``None`` to stop for good (until a reload, SIGHUP, restarts it); a number of
+        seconds to pause instead and then try again (e.g. the relation does not exist yet).
+    """
+
+    def __init__(self, message: str, retry_after: Optional[float] = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 #: SQLSTATE classes/codes after which retrying the same packet may succeed.

@@ -79,9 +79,13 @@ class Listener(threading.Thread):
                         self._failures = 0
                     self.cycle()
                 except StopListener as exc:
-                    LOGGER.error("[%s] stopping listener: %s", self.name, exc)
                     self.stats.set_error(str(exc))
-                    break
+                    if exc.retry_after is None:
+                        LOGGER.error("[%s] stopping listener: %s", self.name, exc)
+                        break
+                    LOGGER.error("[%s] pausing %.0fs: %s", self.name, exc.retry_after, exc)
+                    self.close()            # releases in-flight packets to the broker
+                    self._stopping.wait(exc.retry_after)
                 except Exception as exc:  # supervising loop: log, record, reconnect
                     self._failures += 1
                     message = describe(exc)
@@ -96,6 +100,7 @@ class Listener(threading.Thread):
                                         + (self.backoff_base if self._failures == 1 else 0))
         finally:
             self.close()
+            self.finish()
             self.stats.set_state(broker="stopped", database="stopped")
             LOGGER.info("[%s] %s listener stopped", self.name, self.role)
 
@@ -122,8 +127,11 @@ class Listener(threading.Thread):
                 connection.close()
         self._update_state()
 
+    def finish(self) -> None:
+        """Hook called once when the thread ends, after :meth:`close`."""
+
     def close(self) -> None:
-        """Close everything (at stop)."""
+        """Close every connection (at stop, or when pausing)."""
         for connection in self.outbound.values():
             connection.close()
         self._close_db()
@@ -268,7 +276,17 @@ class QueueConsumer(Listener):
 
     def close(self) -> None:
         self.inbound.close()              # first: unacked deliveries go back to the broker
+        self._drop_inbox()
         super().close()
+
+    def _drop_inbox(self) -> None:
+        while True:
+            try:
+                self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def finish(self) -> None:
         try:
             self.handler.shutdown()
         except Exception as exc:

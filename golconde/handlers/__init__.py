@@ -1,1 +1,72 @@
 """Packet handlers: :class:`~golconde.handlers.base.Handler` and loading by dotted path."""
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from typing import Type
+
+from ..errors import ConfigError
+from .base import Handler
+
+LOGGER = logging.getLogger(__name__)
+
+__all__ = ["Handler", "load_handler"]
+
+
+def load_handler(function_name: str) -> Type[Handler]:
+    """The handler class named by a configuration's ``function_name``.
+
+    ``AutoSQL`` (any case) is :class:`golconde.handlers.autosql.AutoSQL`; anything else is a path
+    ``package.module.Class`` or ``package.module:Class`` to a subclass of
+    :class:`~golconde.handlers.base.Handler` (after gmr/rejected's ``import_consumer``).
+
+    :raises ConfigError: naming the path and the reason: malformed path, module not found or failing
+        to import, attribute missing, or an object that is not a Handler subclass (a plain function,
+        as Golconde 0.6 allowed, is refused).
+    """
+    if not isinstance(function_name, str) or not function_name.strip():
+        raise ConfigError("function_name: expected AutoSQL or a dotted path package.module.Class, not %r"
+                          % (function_name,))
+    path = function_name.strip()
+    if path.lower() == "autosql":
+        from .autosql import AutoSQL
+        return AutoSQL
+    if ":" in path:
+        module_name, _, attribute = path.partition(":")
+    else:
+        module_name, _, attribute = path.rpartition(".")
+    if not module_name or not attribute or any(not part for part in module_name.split(".") + attribute.split(".")):
+        raise ConfigError("function_name %r: expected AutoSQL or a dotted path package.module.Class" % path)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            reason = "module %s not found" % module_name
+        else:
+            reason = "importing module %s failed: %s" % (module_name, exc)
+        raise ConfigError("function_name %r: %s" % (path, reason)) from exc
+    except Exception as exc:  # the module's own code failed: report it, whatever it raised
+        reason = "importing module %s failed: %s: %s" % (module_name, type(exc).__name__, exc)
+        LOGGER.error("cannot load handler %s: %s", path, reason, exc_info=True)
+        raise ConfigError("function_name %r: %s" % (path, reason)) from exc
+    obj = module
+    for part in attribute.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError("function_name %r: module %s has no attribute %s"
+                              % (path, module_name, attribute)) from None
+    if inspect.isclass(obj) and issubclass(obj, Handler) and obj is not Handler:
+        return obj
+    if inspect.isclass(obj):
+        reason = "class %s is not a subclass of golconde.handlers.base.Handler" % attribute
+        if obj is Handler:
+            reason = "Handler is the abstract base class; name a subclass of it"
+    elif callable(obj):
+        reason = ("%s is a %s, not a class; handlers are subclasses of golconde.handlers.base.Handler"
+                  " implementing apply(cursor, packet) (plain functions, as in Golconde 0.6, are not"
+                  " supported)" % (attribute, type(obj).__name__))
+    else:
+        reason = "%s is a %s, not a subclass of golconde.handlers.base.Handler" % (attribute, type(obj).__name__)
+    raise ConfigError("function_name %r: %s" % (path, reason))

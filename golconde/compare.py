@@ -1,0 +1,207 @@
+"""Compare a canonical relation with a target relation: row count plus an order-independent hash.
+
+Algorithm (after Skytools ``londiste compare``, which compares ``count(*)`` and a sum of row
+hashes on both sides):
+
+1. The compared columns are those present in both relations (matched by name), in the canonical
+   relation's column order; columns only on one side are ignored (a target may hold a subset).
+2. On each side, in one statement (one snapshot)::
+
+       SELECT count(*),
+              coalesce(sum(('x' || substr(md5(ROW(c1, c2, ...)::text), 1, 15))::bit(60)::bigint
+                           ::numeric), 0)
+       FROM relation
+
+   i.e. each row's text form (columns in the canonical order) is hashed with md5, its first
+   60 bits are read as a non-negative integer, and these are summed as ``numeric`` (no overflow).
+   A sum is independent of row order and of physical layout. The row text form quotes its fields,
+   so NULL (``()``) differs from an empty string (``("")``).
+3. The relations are equal when both counts and both sums are equal.
+
+Both sessions first set ``TimeZone = UTC``, ``DateStyle = ISO, YMD``, ``IntervalStyle = postgres``,
+``extra_float_digits = 1`` and ``bytea_output = hex``, so that a row's text does not depend on
+either server's defaults. Values are compared by their text form: the same value in columns of
+different types (``numeric(10,2)`` 1.50 against ``numeric`` 1.5, ``timestamp`` against
+``timestamptz``) counts as a difference. Rows changing while the comparison runs (packets in
+flight) also show as differences: compare when the queues are drained, or compare again.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, List, Optional, Tuple
+
+import psycopg2
+from psycopg2 import sql
+
+from .errors import ConfigError, GolcondeError, describe
+from .schema import Relation, parse_relation
+
+LOGGER = logging.getLogger(__name__)
+
+#: Session settings that make a row's text form independent of server defaults.
+SESSION_SETTINGS = (
+    ("TimeZone", "UTC"),
+    ("DateStyle", "ISO, YMD"),
+    ("IntervalStyle", "postgres"),
+    ("extra_float_digits", "1"),
+    ("bytea_output", "hex"),
+)
+
+
+class CompareError(GolcondeError):
+    """A comparison cannot be made (unknown relation, no column in common)."""
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """Outcome of :func:`compare`.
+
+    :ivar equal: counts and hashes both equal (False when ``error`` is set).
+    :ivar canonical_count: rows in the canonical relation (``None`` after an error).
+    :ivar target_count: rows in the target relation (``None`` after an error).
+    :ivar canonical_hash: sum of the 60-bit row hashes, canonical side (``None`` after an error).
+    :ivar target_hash: the same on the target side.
+    :ivar columns: the compared columns, in canonical order.
+    :ivar ignored: columns present in only one of the relations (not compared).
+    :ivar error: why the comparison could not be made (only from :func:`compare_config`).
+    """
+
+    equal: bool
+    canonical_count: Optional[int]
+    target_count: Optional[int]
+    canonical_hash: Optional[int]
+    target_hash: Optional[int]
+    columns: Tuple[str, ...]
+    ignored: Tuple[str, ...] = ()
+    error: Optional[str] = None
+
+    def summary(self) -> str:
+        """One line for an operator, e.g. ``equal: 120 rows`` or ``DIFFERENT: 120 vs 119 rows``."""
+        if self.error:
+            return "ERROR: %s" % self.error
+        if self.equal:
+            return "equal: %d rows" % self.canonical_count
+        if self.canonical_count != self.target_count:
+            return "DIFFERENT: %d vs %d rows" % (self.canonical_count, self.target_count)
+        return "DIFFERENT: %d rows each, hashes %d vs %d" % (
+            self.canonical_count, self.canonical_hash, self.target_hash)
+
+
+def compare(canonical_dsn: str, canonical_relation: str, target_dsn: str,
+            target_relation: str) -> CompareResult:
+    """Compare ``canonical_relation`` in database ``canonical_dsn`` with ``target_relation`` in
+    ``target_dsn`` (see the module documentation for the algorithm). Opens and closes its own
+    read-only connections.
+
+    :param canonical_relation: ``[schema.]table`` (a missing schema means ``public``).
+    :returns: a :class:`CompareResult`.
+    :raises CompareError: a relation does not exist or cannot be parsed, or no column in common.
+    :raises psycopg2.Error: connection or query failure.
+    """
+    canonical = _parse(canonical_relation)
+    target = _parse(target_relation)
+    with _connect(canonical_dsn) as canonical_conn, _connect(target_dsn) as target_conn:
+        canonical_columns = _columns(canonical_conn, canonical)
+        target_columns = _columns(target_conn, target)
+        common = tuple(name for name in canonical_columns if name in target_columns)
+        ignored = tuple([name for name in canonical_columns if name not in target_columns]
+                        + [name for name in target_columns if name not in canonical_columns])
+        if not common:
+            raise CompareError("%s and %s have no column in common" % (canonical, target))
+        canonical_count, canonical_hash = _digest(canonical_conn, canonical, common)
+        target_count, target_hash = _digest(target_conn, target, common)
+    equal = canonical_count == target_count and canonical_hash == target_hash
+    result = CompareResult(equal, canonical_count, target_count, canonical_hash, target_hash,
+                           common, ignored)
+    LOGGER.info("compare %s with %s: %s", canonical, target, result.summary())
+    return result
+
+
+def compare_config(config: Any) -> List[Tuple[str, str, CompareResult]]:
+    """Compare every destination's canonical relation with each of its targets.
+
+    :param config: an object with ``.destinations`` (a sequence, or a mapping of name to
+        destination); each destination has ``.name``, ``.pgsql`` (DSN), ``.target`` (relation) and
+        ``.targets`` (sequence or mapping; may be empty), each target ``.name``, ``.pgsql``,
+        ``.target``.
+    :returns: ``[(destination name, target name, CompareResult), ...]`` in configuration order.
+        A pair that cannot be compared (database unreachable, relation missing...) is reported
+        with ``equal=False`` and ``error`` set, and the other pairs are still compared.
+    """
+    results = []
+    for destination in _values(config.destinations):
+        for target in _values(getattr(destination, "targets", None)):
+            try:
+                result = compare(destination.pgsql, destination.target, target.pgsql, target.target)
+            except (GolcondeError, psycopg2.Error) as exc:
+                LOGGER.error("destination %s, target %s: cannot compare: %s", destination.name,
+                             target.name, describe(exc))
+                result = CompareResult(False, None, None, None, None, (), (), describe(exc))
+            results.append((destination.name, target.name, result))
+    return results
+
+
+def _values(items: Any) -> Iterable[Any]:
+    if items is None:
+        return ()
+    return list(items.values()) if hasattr(items, "values") else list(items)
+
+
+def _parse(relation: str) -> Relation:
+    try:
+        return parse_relation(relation)
+    except ConfigError as exc:
+        raise CompareError(str(exc)) from None
+
+
+class _connect:
+    """Context manager: a read-only autocommit connection with deterministic text output."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.conn: Any = None
+
+    def __enter__(self) -> Any:
+        self.conn = psycopg2.connect(self.dsn)
+        try:
+            self.conn.set_session(readonly=True, autocommit=True)
+            with self.conn.cursor() as cur:
+                for name, value in SESSION_SETTINGS:
+                    cur.execute("SELECT set_config(%s, %s, false)", (name, value))
+        except BaseException:
+            self.conn.close()
+            raise
+        return self.conn
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.conn.close()
+
+
+def _columns(conn: Any, relation: Relation) -> Tuple[str, ...]:
+    """Column names of ``relation`` in order (dropped and system columns excluded)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE n.nspname = %s AND c.relname = %s"
+                    " AND c.relkind IN ('r', 'p', 'v', 'm', 'f')",
+                    (relation.schema, relation.name))
+        row = cur.fetchone()
+        if row is None:
+            raise CompareError("relation %s does not exist (database %s)"
+                               % (relation, conn.info.dbname))
+        cur.execute("SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0"
+                    " AND NOT attisdropped ORDER BY attnum", (row[0],))
+        return tuple(name for (name,) in cur.fetchall())
+
+
+def _digest(conn: Any, relation: Relation, columns: Tuple[str, ...]) -> Tuple[int, int]:
+    """``(count, sum of 60-bit row hashes)`` of ``columns`` of ``relation``."""
+    row_text = sql.SQL("ROW({})::text").format(
+        sql.SQL(", ").join(sql.Identifier(name) for name in columns))
+    query = sql.SQL("SELECT count(*), coalesce(sum(('x' || substr(md5({}), 1, 15))::bit(60)"
+                    "::bigint::numeric), 0) FROM {}").format(
+                        row_text, sql.Identifier(relation.schema, relation.name))
+    with conn.cursor() as cur:
+        cur.execute(query)
+        count, total = cur.fetchone()
+    return int(count), int(total)

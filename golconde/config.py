@@ -1,0 +1,698 @@
+"""Configuration: YAML -> validated, frozen objects that the rest of Golconde receives.
+
+Shape (the 2009 keys, plus those marked NEW)::
+
+    Locations:  {...}                                # optional, free-form (kept for compatibility)
+    Logging:    {filename, format, level}            # optional, for logging; level debug..critical
+    HTTPServer: {enabled: true, listen: 127.0.0.1, port: 8080}            # optional
+    Broker:     {login, passcode, heartbeat: 10000 (ms, 0 = off), vhost}  # NEW, optional
+    Defaults:   {prefetch: 500, batch_size: 500, max_retries: 5}          # NEW, optional
+    Destinations:                                    # required, at least one
+      <name>:                                        # [A-Za-z0-9_.-]+
+        stomp: host:port            pgsql: <libpq DSN>     target: [schema.]relation
+        queue: /queue/...           # required in client mode; trigger mode: /queue/golconde.<name>
+        mode: client | trigger      function_name: AutoSQL | dotted.path (alias: handler)
+        dead_letter_queue           # default <queue>.dlq
+        settings: {...}             # free-form, given to the handler
+        login, passcode, prefetch, batch_size, max_retries, poll_interval (s, trigger mode)
+        Targets: {<name>: {stomp, queue, pgsql, target, function_name | handler, dead_letter_queue,
+                           settings, login, passcode, prefetch, batch_size, max_retries}}
+
+login, passcode, prefetch, batch_size and max_retries are inherited target -> destination ->
+``Broker``/``Defaults`` -> built-in default. Queues must be durable queues (``/queue/...`` or
+``/amq/queue/...``) and each destination and target needs its own.
+
+:func:`load` and :func:`parse` raise :class:`~golconde.errors.ConfigError` listing every problem,
+one per line, as ``<key path>: <what was wrong>``; the exception also carries ``problems`` (a tuple
+of those lines) and ``source``.
+"""
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Annotated, Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
+
+import psycopg2
+import psycopg2.extensions
+import yaml
+from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError
+from pydantic_core import PydanticCustomError
+
+from .errors import ConfigError
+
+DEFAULT_HANDLER = "AutoSQL"
+DEFAULT_HTTP_LISTEN = "127.0.0.1"
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_HEARTBEAT_MS = 10000
+DEFAULT_PREFETCH = 500
+DEFAULT_BATCH_SIZE = 500
+DEFAULT_MAX_RETRIES = 5
+DEFAULT_POLL_INTERVAL = 1.0
+MODES = ("client", "trigger")
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+QUEUE_RE = re.compile(r"/(?:amq/)?queue/\S+")
+_IDENT = r'(?:[^\W\d][\w$]*|"(?:[^"]|"")+")'
+RELATION_RE = re.compile(r"%s(?:\.%s)?" % (_IDENT, _IDENT))
+HANDLER_RE = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+_SECRET_KEY_RE = re.compile(r"pass(?:word|code|wd|phrase)|^pass$|secret|token|credential|"
+                            r"api[_-]?key|private[_-]?key", re.IGNORECASE)
+_DSN_SECRET_RE = re.compile(r"password\s*=|://[^/@\s]*:[^/@\s]*@", re.IGNORECASE)
+_DSN_SECRET_KEYS = ("password", "sslpassword")
+
+
+class FrozenDict(dict):
+    """A read-only, hashable ``dict`` (free-form mappings: ``settings``, ``Logging``...)."""
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("configuration mappings are read-only")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _read_only
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return (type(self), (dict(self),))
+
+
+def freeze(value: Any) -> Any:
+    """Deep copy of a YAML value with mappings as :class:`FrozenDict`, lists as tuples."""
+    if isinstance(value, Mapping):
+        return FrozenDict((key, freeze(item)) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(item) for item in value)
+    if isinstance(value, (set, frozenset)):
+        return frozenset(freeze(item) for item in value)
+    return value
+
+
+def redact_dsn(dsn: str) -> str:
+    """``dsn`` (libpq ``key=value`` string or ``postgresql://`` URI) as a ``key=value`` string with
+    any password replaced by ``***``; ``<unparsable DSN>`` if libpq cannot parse it."""
+    try:
+        params = psycopg2.extensions.parse_dsn(dsn)
+    except (psycopg2.Error, TypeError):
+        return "<unparsable DSN>"
+    for key in _DSN_SECRET_KEYS:
+        if key in params:
+            params[key] = "***"
+    return psycopg2.extensions.make_dsn(**params)
+
+
+def _public(value: Any) -> Any:
+    """JSON-able copy of a free-form value, secret-looking keys masked and DSNs redacted."""
+    if isinstance(value, Mapping):
+        return {str(key): "***" if _SECRET_KEY_RE.search(str(key)) else _public(item)
+                for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_public(item) for item in value]
+    if isinstance(value, str):
+        return redact_dsn(value) if _DSN_SECRET_RE.search(value) else value
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return str(value)
+
+
+class _SafeRepr:
+    """``repr()`` of the dataclass fields with DSNs redacted and free-form mappings scrubbed."""
+
+    def __repr__(self) -> str:
+        parts = []
+        for item in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, item.name)
+            if item.name == "pgsql":
+                value = redact_dsn(value)
+            elif isinstance(value, Mapping):
+                value = _public(value)
+            parts.append("%s=%r" % (item.name, value))
+        return "%s(%s)" % (type(self).__name__, ", ".join(parts))
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Where and how a listener connects to the STOMP broker (``passcode`` is kept out of repr)."""
+
+    host: str
+    port: int
+    login: Optional[str] = None
+    passcode: Optional[str] = field(default=None, repr=False)
+    vhost: Optional[str] = None
+    heartbeat_ms: int = DEFAULT_HEARTBEAT_MS
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (``[host]:port`` for an IPv6 address)."""
+        return ("[%s]:%d" if ":" in self.host else "%s:%d") % (self.host, self.port)
+
+
+@dataclass(frozen=True, repr=False)
+class TargetConfig(_SafeRepr):
+    """A target: consumes ``queue`` and applies packets to ``target`` in ``pgsql``.
+    ``dead_letter_queue=None`` means ``<queue>.dlq``; ``settings`` is frozen on construction."""
+
+    name: str
+    destination: str
+    stomp: BrokerConfig
+    queue: str
+    dead_letter_queue: Optional[str]
+    pgsql: str
+    target: str
+    function_name: str = DEFAULT_HANDLER
+    settings: Mapping[str, Any] = field(default_factory=FrozenDict)
+    prefetch: int = DEFAULT_PREFETCH
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_retries: int = DEFAULT_MAX_RETRIES
+
+    def __post_init__(self) -> None:
+        if self.dead_letter_queue is None:
+            object.__setattr__(self, "dead_letter_queue", self.queue + ".dlq")
+        object.__setattr__(self, "settings", freeze(self.settings or {}))
+
+    @property
+    def thread_name(self) -> str:
+        """``<destination>_<target>``, the 2009 thread (and stats) name."""
+        return "%s_%s" % (self.destination, self.name)
+
+
+@dataclass(frozen=True, repr=False)
+class DestinationConfig(_SafeRepr):
+    """A destination: applies packets to its canonical relation, then fans them out to ``targets``.
+    In ``trigger`` mode the canonical relation's trigger produces the packets."""
+
+    name: str
+    mode: str
+    stomp: BrokerConfig
+    queue: str
+    dead_letter_queue: Optional[str]
+    pgsql: str
+    target: str
+    function_name: str = DEFAULT_HANDLER
+    settings: Mapping[str, Any] = field(default_factory=FrozenDict)
+    prefetch: int = DEFAULT_PREFETCH
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_retries: int = DEFAULT_MAX_RETRIES
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    targets: Tuple[TargetConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        TargetConfig.__post_init__(self)  # type: ignore[arg-type]
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def thread_name(self) -> str:
+        """The destination's name."""
+        return self.name
+
+
+@dataclass(frozen=True)
+class HTTPConfig:
+    """The statistics HTTP server."""
+
+    enabled: bool = True
+    listen: str = DEFAULT_HTTP_LISTEN
+    port: int = DEFAULT_HTTP_PORT
+
+
+@dataclass(frozen=True, repr=False)
+class Config(_SafeRepr):
+    """The whole configuration. ``logging`` is the ``Logging`` section (``level`` upper-cased,
+    e.g. ``"DEBUG"``), ``locations`` the free-form ``Locations``, ``source`` the file it came
+    from; free-form mappings are :class:`FrozenDict`."""
+
+    logging: Mapping[str, Any]
+    http: HTTPConfig
+    locations: Mapping[str, Any]
+    destinations: Tuple[DestinationConfig, ...]
+    source: str = "<string>"
+
+    def public_view(self) -> Dict[str, Any]:
+        """The configuration as a JSON-able dict in the YAML's shape, with defaults applied,
+        passcodes removed, DSN passwords and secret-looking free-form values replaced by ``***``."""
+        return {"Locations": _public(self.locations), "Logging": _public(self.logging),
+                "HTTPServer": {"enabled": self.http.enabled, "listen": self.http.listen,
+                               "port": self.http.port},
+                "Destinations": {d.name: _listener_view(d) for d in self.destinations}}
+
+
+def _listener_view(item: Any) -> Dict[str, Any]:
+    """JSON-able view of a destination or target: no passcode, DSN redacted."""
+    view = dict(stomp=item.stomp.address, login=item.stomp.login, vhost=item.stomp.vhost,
+                heartbeat=item.stomp.heartbeat_ms, queue=item.queue,
+                dead_letter_queue=item.dead_letter_queue, pgsql=redact_dsn(item.pgsql),
+                target=item.target, function_name=item.function_name,
+                settings=_public(item.settings), prefetch=item.prefetch,
+                batch_size=item.batch_size, max_retries=item.max_retries)
+    if isinstance(item, DestinationConfig):
+        view.update(mode=item.mode, poll_interval=item.poll_interval,
+                    Targets={target.name: _listener_view(target) for target in item.targets})
+    return view
+
+
+# --- validation of the raw YAML values (pydantic) ------------------------------------------------
+
+def _show(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple, set)):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _fail(message: str) -> None:
+    raise PydanticCustomError("golconde", "{msg}", {"msg": message})
+
+
+def _text(secret: bool) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not (secret or value.strip()):
+            _fail("expected a string" if secret else  # never show a secret
+                  "expected a non-empty string, got %s" % _show(value))
+        return value if secret else value.strip()
+    return check
+
+
+def _integer(low: int, high: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            _fail("expected an integer %d-%d, got %s" % (low, high, _show(value)))
+        return value
+    return check
+
+
+def _seconds(value: Any) -> float:
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0 < number <= 3600:
+        _fail("expected a number of seconds > 0 and <= 3600, got %s" % _show(value))
+    return number
+
+
+def _boolean(value: Any) -> bool:
+    words = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    if not isinstance(value, bool):
+        _fail("expected true or false, got %s" % _show(value))
+    return value
+
+
+def _choice(options: Tuple[str, ...]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or value.strip().lower() not in options:
+            _fail("expected one of %s, got %s" % (", ".join(options), _show(value)))
+        return value.strip().lower()
+    return check
+
+
+def _pattern(regex: "re.Pattern[str]", expected: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or not regex.fullmatch(value.strip()):
+            _fail("expected %s, got %s" % (expected, _show(value)))
+        return value.strip()
+    return check
+
+
+def _host_port(value: Any) -> Tuple[str, int]:
+    host, sep, port = value.strip().rpartition(":") if isinstance(value, str) else ("", "", "")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or re.search(r"[\s/]", host) or not re.fullmatch(r"\d{1,5}", port):
+        _fail("expected host:port, got %s" % _show(value))
+    if not 1 <= int(port) <= 65535:
+        _fail("expected host:port with a port 1-65535, got %s" % _show(value))
+    return host, int(port)
+
+
+def _dsn(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        _fail("expected a libpq DSN string ('host=... dbname=...' or a postgresql:// URI)")
+    try:
+        psycopg2.extensions.parse_dsn(value)
+    except psycopg2.Error as exc:
+        # libpq quotes part of the string in its message: keep it only for key=value strings,
+        # a URI would be echoed whole, password included.
+        reason = "" if "://" in value else ": " + str(exc).strip().splitlines()[0]
+        _fail("expected a libpq DSN ('host=... dbname=...' or a postgresql:// URI), "
+              "could not parse it" + reason)
+    return value.strip()
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        _fail("expected a mapping, got %s" % _show(value))
+    return value
+
+
+def _field(check: Callable[[Any], Any], required: bool = False) -> Any:
+    """Annotation running ``check`` on a YAML value; ``None`` (``key:`` with no value) means
+    "not given" for an optional key and is an error for a required one."""
+    def run(value: Any) -> Any:
+        if value is None:
+            if required:
+                _fail("missing (the key has no value)")
+            return None
+        return check(value)
+    return Annotated[Any, PlainValidator(run)]
+
+
+_QUEUE_TEXT = ("a queue name starting with /queue/ or /amq/queue/ (a durable queue: "
+               "a topic would lose packets)")
+_queue = _pattern(QUEUE_RE, _QUEUE_TEXT)
+Queue, RequiredQueue = _field(_queue), _field(_queue, required=True)
+Handler = _field(_pattern(HANDLER_RE, "AutoSQL or a dotted path such as package.module.Handler"))
+Relation = _field(_pattern(RELATION_RE, "[schema.]relation"), required=True)
+HostPort, DSN = _field(_host_port, required=True), _field(_dsn, required=True)
+OptString, OptSecret = _field(_text(secret=False)), _field(_text(secret=True))
+OptMapping, RequiredMapping = _field(_mapping), _field(_mapping, required=True)
+Bool, Mode, Seconds = _field(_boolean), _field(_choice(MODES)), _field(_seconds)
+Port, Heartbeat = _field(_integer(1, 65535)), _field(_integer(0, 3600000))
+Prefetch, BatchSize = _field(_integer(1, 65535)), _field(_integer(1, 1000000))
+MaxRetries = _field(_integer(0, 1000000))
+
+
+class _Raw(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _RawTop(_Raw):
+    Locations: OptMapping = None
+    Logging: OptMapping = None
+    HTTPServer: OptMapping = None
+    Broker: OptMapping = None
+    Defaults: OptMapping = None
+    Destinations: RequiredMapping
+
+
+class _RawHTTP(_Raw):
+    enabled: Bool = None
+    listen: OptString = None
+    port: Port = None
+
+
+class _RawBroker(_Raw):
+    login: OptString = None
+    passcode: OptSecret = None
+    heartbeat: Heartbeat = None
+    vhost: OptString = None
+
+
+class _RawDefaults(_Raw):
+    prefetch: Prefetch = None
+    batch_size: BatchSize = None
+    max_retries: MaxRetries = None
+
+
+class _RawTarget(_Raw):
+    stomp: HostPort
+    queue: RequiredQueue
+    pgsql: DSN
+    target: Relation
+    function_name: Handler = None
+    handler: Handler = None
+    dead_letter_queue: Queue = None
+    settings: OptMapping = None
+    login: OptString = None
+    passcode: OptSecret = None
+    prefetch: Prefetch = None
+    batch_size: BatchSize = None
+    max_retries: MaxRetries = None
+
+
+class _RawDestination(_RawTarget):
+    queue: Queue = None  # required in client mode only: checked by _destination()
+    mode: Mode = None
+    poll_interval: Seconds = None
+    Targets: OptMapping = None
+
+
+def _validate(model: Type[_Raw], data: Any, path: str, problems: List[str]) -> Optional[Any]:
+    """``model`` validated from ``data`` (``None`` = empty); ``None`` with ``problems`` appended
+    (``<path>.<key>: <message>``, unknown keys listing the accepted ones) if it is invalid."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        problems.append("%s: expected a mapping, got %s" % (path, _show(data)))
+        return None
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        accepted = list(model.model_fields)
+        for error in exc.errors(include_url=False):
+            where = ".".join([path] * bool(path) + [str(part) for part in error["loc"]])
+            if error["type"] == "extra_forbidden":
+                lower = {key.lower(): key for key in accepted}
+                key = str(error["loc"][-1]).lower()
+                close = difflib.get_close_matches(key, list(lower), n=1, cutoff=0.6)
+                message = "unknown key%s; accepted keys: %s" % (
+                    " (did you mean %r?)" % lower[close[0]] if close else "", ", ".join(accepted))
+            elif error["type"] == "missing":
+                message = "missing"
+            else:
+                message = error["msg"]
+            problems.append("%s: %s" % (where, message))
+        return None
+
+
+def _pick(*values: Any) -> Any:
+    """The first value that is not ``None`` (``None`` if there is none)."""
+    return next((value for value in values if value is not None), None)
+
+
+def _handler(raw: Any, path: str, problems: List[str]) -> str:
+    if raw.function_name and raw.handler and raw.function_name != raw.handler:
+        problems.append("%s.handler: %r conflicts with function_name %r; give only one of them"
+                        % (path, raw.handler, raw.function_name))
+    return _pick(raw.function_name, raw.handler, DEFAULT_HANDLER)
+
+
+def _credentials(raw: Any, inherited: Tuple[Any, Any]) -> Tuple[Any, Any]:
+    """(login, passcode) of the first level that sets either: they are inherited as a pair."""
+    return inherited if raw.login is None and raw.passcode is None else (raw.login, raw.passcode)
+
+
+def _valid_name(name: Any, path: str, problems: List[str]) -> bool:
+    if isinstance(name, str) and NAME_RE.fullmatch(name):
+        return True
+    problems.append("%s: invalid name %s; expected letters, digits, '_', '.' or '-'"
+                    % (path, _show(name)))
+    return False
+
+
+def _destination(name: Any, data: Any, broker: Any, defaults: Any,
+                 problems: List[str]) -> Optional[DestinationConfig]:
+    """One validated destination with its targets, or ``None`` if it has problems."""
+    path = "Destinations.%s" % name
+    before = len(problems)
+    _valid_name(name, path, problems)
+    raw = _validate(_RawDestination, data, path, problems)
+    if (isinstance(data, Mapping) and data.get("queue") is None
+            and str(data.get("mode") or "client").strip().lower() == "client"):
+        problems.append("%s.queue: missing (required in client mode)" % path)
+    targets_data = data.get("Targets") if isinstance(data, Mapping) else None
+    raw_targets = []
+    if not isinstance(targets_data, Mapping):
+        targets_data = {}  # the problem, if any, is reported by _validate()
+    for target_name, target_data in targets_data.items():
+        target_path = "%s.Targets.%s" % (path, target_name)
+        if _valid_name(target_name, target_path, problems):
+            raw_target = _validate(_RawTarget, target_data, target_path, problems)
+            if raw_target is not None:
+                raw_targets.append((target_name, target_path, raw_target))
+    if raw is None:
+        return None
+    mode = raw.mode or "client"
+    queue = _pick(raw.queue, "/queue/golconde.%s" % str(name).lower())
+    function_name = _handler(raw, path, problems)
+    credentials = _credentials(raw, _credentials(broker, (None, None)))
+    prefetch = _pick(raw.prefetch, defaults.prefetch, DEFAULT_PREFETCH)
+    batch_size = _pick(raw.batch_size, defaults.batch_size, DEFAULT_BATCH_SIZE)
+    max_retries = _pick(raw.max_retries, defaults.max_retries, DEFAULT_MAX_RETRIES)
+
+    def connection(host_port: Tuple[str, int], login_passcode: Tuple[Any, Any]) -> BrokerConfig:
+        return BrokerConfig(host_port[0], host_port[1], *login_passcode, vhost=broker.vhost,
+                            heartbeat_ms=_pick(broker.heartbeat, DEFAULT_HEARTBEAT_MS))
+
+    targets = tuple(TargetConfig(
+        name=target_name, destination=name, queue=target.queue,
+        stomp=connection(target.stomp, _credentials(target, credentials)),
+        dead_letter_queue=target.dead_letter_queue, pgsql=target.pgsql, target=target.target,
+        function_name=_handler(target, target_path, problems), settings=target.settings or {},
+        prefetch=_pick(target.prefetch, prefetch), batch_size=_pick(target.batch_size, batch_size),
+        max_retries=_pick(target.max_retries, max_retries))
+        for target_name, target_path, target in raw_targets)
+    if len(problems) > before:
+        return None
+    return DestinationConfig(
+        name=name, mode=mode, stomp=connection(raw.stomp, credentials), queue=queue,
+        dead_letter_queue=raw.dead_letter_queue, pgsql=raw.pgsql, target=raw.target,
+        function_name=function_name, settings=raw.settings or {}, prefetch=prefetch,
+        batch_size=batch_size, max_retries=max_retries,
+        poll_interval=_pick(raw.poll_interval, DEFAULT_POLL_INTERVAL), targets=targets)
+
+
+def _relation_key(dsn: str, relation: str) -> Tuple[Any, ...]:
+    """Identity of a relation in a database: libpq parameters and the normalised relation name."""
+    parts = re.findall(r'"((?:[^"]|"")+)"|([^."]+)', relation)
+    names = tuple(quoted.replace('""', '"') if quoted else plain.lower() for quoted, plain in parts)
+    return (frozenset(psycopg2.extensions.parse_dsn(dsn).items()),
+            names if len(names) == 2 else ("public",) + names)
+
+
+def _cross_check(destinations: Tuple[DestinationConfig, ...], problems: List[str]) -> None:
+    """Problems between listeners: shared queues, names, dead-letter queues, relations."""
+    listeners: List[Tuple[Any, str]] = []
+    for dest in destinations:
+        listeners.append((dest, "Destinations.%s" % dest.name))
+        listeners.extend((target, "Destinations.%s.Targets.%s" % (dest.name, target.name))
+                         for target in dest.targets)
+    queues: Dict[str, str] = {}
+    threads: Dict[str, str] = {}
+    for item, path in listeners:
+        if item.queue in queues:
+            problems.append("%s.queue: %r is also the queue of %s; every destination and target "
+                            "needs its own queue" % (path, item.queue, queues[item.queue]))
+        queues.setdefault(item.queue, path)
+        if item.thread_name in threads:
+            problems.append("%s: its listener name %r is also that of %s"
+                            % (path, item.thread_name, threads[item.thread_name]))
+        threads.setdefault(item.thread_name, path)
+    for item, path in listeners:
+        owner = queues.get(item.dead_letter_queue)
+        if owner is not None:
+            problems.append("%s.dead_letter_queue: %r is the queue of %s; a dead-letter queue "
+                            "must not be consumed" % (path, item.dead_letter_queue, owner))
+    for dest in destinations:
+        seen = {_relation_key(dest.pgsql, dest.target): "Destinations.%s" % dest.name}
+        for target in dest.targets:
+            path = "Destinations.%s.Targets.%s" % (dest.name, target.name)
+            key = _relation_key(target.pgsql, target.target)
+            if key in seen:
+                problems.append("%s: pgsql and target name the same relation as %s: its packets "
+                                "would be applied twice" % (path, seen[key]))
+            seen.setdefault(key, path)
+
+
+def _config_error(problems: List[str], source: str) -> ConfigError:
+    error = ConfigError("\n".join(problems))
+    error.problems = tuple(problems)  # type: ignore[attr-defined]
+    error.source = source  # type: ignore[attr-defined]
+    return error
+
+
+def parse(mapping: Any, source: str = "<string>") -> Config:
+    """Validate a configuration already read from YAML (a mapping of sections).
+
+    :param source: where it came from (a file name), kept in :attr:`Config.source`.
+    :raises ConfigError: listing every problem, one per line, ``<key path>: <what was wrong>``.
+    """
+    if not isinstance(mapping, Mapping):
+        raise _config_error(["(top level): expected a mapping of sections (%s), got %s" % (
+            ", ".join(_RawTop.model_fields),
+            "an empty document" if mapping is None else _show(mapping))], source)
+    problems: List[str] = []
+    _validate(_RawTop, mapping, "", problems)
+
+    def section(key: str) -> Optional[Mapping[str, Any]]:
+        value = mapping.get(key)
+        return value if isinstance(value, Mapping) else None
+
+    http = _validate(_RawHTTP, section("HTTPServer"), "HTTPServer", problems) or _RawHTTP()
+    broker = _validate(_RawBroker, section("Broker"), "Broker", problems) or _RawBroker()
+    defaults = _validate(_RawDefaults, section("Defaults"), "Defaults", problems) or _RawDefaults()
+    logging_section = dict(section("Logging") or {})
+    if logging_section.get("level") is not None:
+        level = logging_section["level"]
+        if isinstance(level, str) and level.strip().lower() in LEVELS:
+            logging_section["level"] = level.strip().upper()
+        else:
+            problems.append("Logging.level: expected one of %s, got %s"
+                            % (", ".join(LEVELS), _show(level)))
+    raw_destinations = section("Destinations")
+    if raw_destinations is not None and not raw_destinations:
+        problems.append("Destinations: expected at least one destination")
+    destinations = []
+    for name, data in (raw_destinations or {}).items():
+        destination = _destination(name, data, broker, defaults, problems)
+        if destination is not None:
+            destinations.append(destination)
+    _cross_check(tuple(destinations), problems)
+    if problems:
+        raise _config_error(problems, source)
+    return Config(
+        logging=freeze(logging_section), locations=freeze(section("Locations") or {}),
+        http=HTTPConfig(enabled=_pick(http.enabled, True),
+                        listen=_pick(http.listen, DEFAULT_HTTP_LISTEN),
+                        port=_pick(http.port, DEFAULT_HTTP_PORT)),
+        destinations=tuple(destinations), source=source)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that records duplicate keys (PyYAML silently keeps the last one)."""
+
+    def __init__(self, stream: str, source: str) -> None:
+        super().__init__(stream)
+        self.source = source
+        self.duplicates: List[str] = []
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: Dict[Tuple[str, str], Any] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                first = seen.setdefault((key_node.tag, key_node.value), key_node.start_mark)
+                if first is not key_node.start_mark:
+                    mark = key_node.start_mark
+                    self.duplicates.append("%s:%d:%d: duplicate key %r (first given on line %d)" % (
+                        self.source, mark.line + 1, mark.column + 1, key_node.value,
+                        first.line + 1))
+        return super().construct_mapping(node, deep=deep)
+
+
+def loads(text: str, source: str = "<string>") -> Config:
+    """Parse and validate YAML text (``source`` names it in messages and :attr:`Config.source`).
+
+    :raises ConfigError: YAML errors and duplicate keys as ``<source>:<line>:<column>: ...``, then
+        everything :func:`parse` raises.
+    """
+    loader = _Loader(text, source)
+    try:
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = "%s:%d:%d" % (source, mark.line + 1, mark.column + 1) if mark else source
+        what = "; ".join(str(part) for part in (exc.context, exc.problem) if part)
+        raise _config_error(["%s: YAML syntax error: %s" % (where, what)], source) from None
+    except yaml.YAMLError as exc:
+        raise _config_error(["%s: YAML error: %s" % (source, exc)], source) from None
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise _config_error(loader.duplicates, source)
+    return parse(data, source)
+
+
+def load(path: "os.PathLike[str] | str") -> Config:
+    """Read, parse and validate the YAML file at ``path``.
+
+    :raises ConfigError: the file cannot be read (``<path>: cannot read ...``), is not valid YAML,
+        or the configuration is invalid (see :func:`loads`, :func:`parse`).
+    """
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise _config_error(["%s: cannot read the configuration file: %s"
+                             % (source, exc.strerror or exc)], source) from None
+    except UnicodeDecodeError as exc:
+        raise _config_error(["%s: not UTF-8 text (%s)" % (source, exc.reason)], source) from None
+    return loads(text, source)

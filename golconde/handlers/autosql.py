@@ -1,0 +1,392 @@
+"""AutoSQL: the default handler, which turns a packet into one SQL statement on its relation.
+
+SQL produced (``rel`` the relation, ``cN`` columns, each value bound as ``%s::<column type>``)::
+
+    add     INSERT INTO rel (c1, c2) [OVERRIDING SYSTEM VALUE] VALUES (%s::t1, %s::t2)
+                RETURNING <primary key columns>                       -- no RETURNING without a pk
+    set     INSERT INTO rel (k, c2) [OVERRIDING SYSTEM VALUE] VALUES (%s::tk, %s::t2)
+                ON CONFLICT (k) DO UPDATE SET c2 = EXCLUDED.c2        -- DO NOTHING if only keys
+    update  UPDATE rel SET c1 = %s::t1 WHERE k = %s::tk AND c3 IS NULL
+    delete  DELETE FROM rel WHERE k = %s::tk
+
+Every identifier goes through :class:`psycopg2.sql.Identifier` and every value is a bound parameter;
+nothing from a packet is ever formatted into SQL text. The column types come from the catalog
+(:mod:`golconde.schema`).
+
+Values: ``null`` is NULL (``IS NULL`` in a restriction); json/jsonb columns take any JSON value
+itself; array columns take a JSON array (nested for several dimensions) or PostgreSQL's array text;
+other columns take a string, number or boolean in a form PostgreSQL accepts for the type (ISO 8601
+timestamps, ``"\\x0102"`` for bytea...). Database errors on bad values propagate unchanged.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import uuid
+from decimal import Decimal
+from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from psycopg2 import sql
+from psycopg2.extras import Json
+
+from ..errors import ConfigError, PacketError, StopListener
+from ..packet import Action, Packet, dumps
+from ..schema import Column, Relation, SchemaCache, SchemaError, TableSchema, parse_relation
+from .base import Handler
+
+LOGGER = logging.getLogger(__name__)
+
+#: Seconds a listener waits before retrying when its relation does not exist.
+RELATION_RETRY = 30.0
+
+#: Values of the ``unknown_columns`` setting.
+UNKNOWN_COLUMNS = ("error", "ignore")
+
+#: (packet key, column, value)
+Item = Tuple[str, Column, Any]
+
+
+class _Identifier(sql.Identifier):
+    """An identifier whose text survives the ``%`` formatting psycopg2 applies to queries with
+    parameters (a ``%`` in a name would otherwise be read as a placeholder)."""
+
+    def as_string(self, context: Any) -> str:
+        return super().as_string(context).replace("%", "%%")
+
+
+def ident(*names: str) -> sql.Identifier:
+    """A quoted (possibly qualified) identifier, safe in a query with parameters."""
+    return _Identifier(*names)
+
+
+def _type(column: Column) -> sql.SQL:
+    return sql.SQL(column.type_name.replace("%", "%%"))
+
+
+def _relation(table: TableSchema) -> sql.Identifier:
+    return ident(table.relation.schema, table.relation.name)
+
+
+def _cast(column: Column) -> sql.Composed:
+    return sql.SQL("{}::{}").format(sql.Placeholder(), _type(column))
+
+
+def resolve(table: TableSchema, values: Mapping[str, Any], part: str) -> Tuple[List[Item], List[str]]:
+    """Match the keys of ``values`` (a packet's ``data`` or ``restriction``) to ``table``'s columns:
+    the exact name, else a case-insensitive match if there is only one.
+
+    :returns: (matched ``(key, column, value)`` in packet order, unknown keys).
+    :raises PacketError: a key matching several columns case-insensitively, or two keys naming the
+        same column.
+    """
+    matched: List[Item] = []
+    unknown: List[str] = []
+    seen: Dict[str, str] = {}
+    for key, value in values.items():
+        found = table.find(key)
+        if not found:
+            unknown.append(key)
+            continue
+        if len(found) > 1:
+            raise PacketError("%s key %r is ambiguous in %s: it matches columns %s"
+                              % (part, key, table.relation, ", ".join(c.name for c in found)))
+        column = found[0]
+        if column.name in seen:
+            raise PacketError("%s keys %r and %r both name column %s of %s"
+                              % (part, seen[column.name], key, column.name, table.relation))
+        seen[column.name] = key
+        matched.append((key, column, value))
+    return matched, unknown
+
+
+def conflict_key(table: TableSchema, names: Collection[str]) -> Optional[Tuple[str, ...]]:
+    """The ``ON CONFLICT`` arbiter for a SET whose data holds the columns ``names``: the primary key
+    if all its columns are there, else the first unique key whose columns all are; ``None`` if none."""
+    present = set(names)
+    for key in table.unique_keys:
+        if key and present.issuperset(key):
+            return key
+    return None
+
+
+def _json_kind(value: Any) -> str:
+    return "an object" if isinstance(value, dict) else "an array"
+
+
+def bind(table: TableSchema, column: Column, value: Any) -> Any:
+    """The parameter to bind for ``value`` in ``column`` (cast by the SQL to the column's type).
+
+    :raises PacketError: a JSON object or array for a column that takes none, or a value that is no
+        JSON array for an array column.
+    """
+    if value is None:
+        return None
+    if column.is_json and not column.is_array:
+        return Json(value, dumps=dumps)
+    if column.is_array:
+        if isinstance(value, str):
+            return value  # PostgreSQL's array text form, e.g. "{1,2}"
+        if not isinstance(value, list):
+            raise PacketError("column %s of %s is %s: expected a JSON array, not %r"
+                              % (column.name, table.relation, column.type_name, value))
+        if column.is_json:
+            return [None if item is None else Json(item, dumps=dumps) for item in value]
+        _check_elements(table, column, value)
+        return value
+    if isinstance(value, (dict, list)):
+        raise PacketError("column %s of %s is %s: %s is accepted only for json, jsonb and array columns"
+                          % (column.name, table.relation, column.type_name, _json_kind(value)))
+    return value
+
+
+def _check_elements(table: TableSchema, column: Column, value: List[Any]) -> None:
+    for item in value:
+        if isinstance(item, dict):
+            raise PacketError("column %s of %s is %s: its array cannot hold a JSON object"
+                              % (column.name, table.relation, column.type_name))
+        if isinstance(item, list):
+            _check_elements(table, column, item)
+
+
+def _values(table: TableSchema, items: Sequence[Tuple[Column, Any]]) -> Tuple[sql.Composed, List[Any]]:
+    """``(c1, c2) [OVERRIDING SYSTEM VALUE] VALUES (%s::t1, %s::t2)`` and its parameters."""
+    columns = sql.SQL(", ").join(ident(column.name) for column, _ in items)
+    casts = sql.SQL(", ").join(_cast(column) for column, _ in items)
+    overriding = sql.SQL(" OVERRIDING SYSTEM VALUE" if any(c.identity_always for c, _ in items) else "")
+    query = sql.SQL("({}){} VALUES ({})").format(columns, overriding, casts)
+    return query, [bind(table, column, value) for column, value in items]
+
+
+def where_clause(table: TableSchema, restriction: Sequence[Tuple[Column, Any]]) -> Tuple[sql.Composed, List[Any]]:
+    """``c1 = %s::t1 AND c2 IS NULL`` and its parameters (json is compared as jsonb).
+
+    :raises PacketError: an empty restriction.
+    """
+    if not restriction:
+        raise PacketError("empty restriction on %s (refusing to touch every row)" % table.relation)
+    parts: List[sql.Composable] = []
+    params: List[Any] = []
+    for column, value in restriction:
+        if value is None:
+            parts.append(sql.SQL("{} IS NULL").format(ident(column.name)))
+            continue
+        if column.is_json and column.type_name in ("json", "json[]"):
+            # json has no equality operator: compare as jsonb
+            kind = sql.SQL(column.type_name.replace("json", "jsonb"))
+            parts.append(sql.SQL("{}::{} = {}::{}").format(ident(column.name), kind, sql.Placeholder(), kind))
+        else:
+            parts.append(sql.SQL("{} = {}").format(ident(column.name), _cast(column)))
+        params.append(bind(table, column, value))
+    return sql.SQL(" AND ").join(parts), params
+
+
+def insert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
+                     returning: Sequence[str] = ()) -> Tuple[sql.Composed, List[Any]]:
+    """``INSERT INTO rel (...) VALUES (...) [RETURNING returning]`` and its parameters."""
+    values, params = _values(table, data)
+    query = sql.SQL("INSERT INTO {} {}").format(_relation(table), values)
+    if returning:
+        query = sql.SQL("{} RETURNING {}").format(query, sql.SQL(", ").join(ident(name) for name in returning))
+    return query, params
+
+
+def upsert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
+                     returning: Sequence[str] = ()) -> Tuple[sql.Composed, List[Any]]:
+    """``INSERT ... ON CONFLICT (key) DO UPDATE SET c = EXCLUDED.c, ... [RETURNING returning]``, the
+    key chosen by :func:`conflict_key`. When data holds only the key's columns: ``DO NOTHING``, or,
+    if ``returning`` names columns absent from data (a serial primary key to back-fill while the
+    conflict is on another unique key), a no-op ``DO UPDATE SET k = EXCLUDED.k`` so that the
+    existing row's key is returned too.
+
+    :raises PacketError: no primary or unique key has all its columns in data.
+    """
+    key = conflict_key(table, [column.name for column, _ in data])
+    if key is None:
+        keys = "; ".join("(%s)" % ", ".join(k) for k in table.unique_keys) or "it has none"
+        raise PacketError("set on %s needs a primary key or unique key whose columns are all in data;"
+                          " keys: %s; data has: %s"
+                          % (table.relation, keys, ", ".join(column.name for column, _ in data)))
+    values, params = _values(table, data)
+    others = [column for column, _ in data if column.name not in key]
+    present = {column.name for column, _ in data}
+    if not others and any(name not in present for name in returning):
+        others = [column for column, _ in data if column.name == key[0]]
+    if others:
+        action = sql.SQL("DO UPDATE SET {}").format(sql.SQL(", ").join(
+            sql.SQL("{} = EXCLUDED.{}").format(ident(column.name), ident(column.name)) for column in others))
+    else:
+        action = sql.SQL("DO NOTHING")
+    query = sql.SQL("INSERT INTO {} {} ON CONFLICT ({}) {}").format(
+        _relation(table), values, sql.SQL(", ").join(ident(name) for name in key), action)
+    if returning:
+        query = sql.SQL("{} RETURNING {}").format(query, sql.SQL(", ").join(ident(name) for name in returning))
+    return query, params
+
+
+def update_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
+                     restriction: Sequence[Tuple[Column, Any]]) -> Tuple[sql.Composed, List[Any]]:
+    """``UPDATE rel SET c = %s::t, ... WHERE ...`` and its parameters.
+
+    :raises PacketError: empty data or restriction.
+    """
+    if not data:
+        raise PacketError("update on %s has no column to set" % table.relation)
+    assignments = sql.SQL(", ").join(sql.SQL("{} = {}").format(ident(column.name), _cast(column))
+                                      for column, _ in data)
+    params = [bind(table, column, value) for column, value in data]
+    where, where_params = where_clause(table, restriction)
+    query = sql.SQL("UPDATE {} SET {} WHERE {}").format(_relation(table), assignments, where)
+    return query, params + where_params
+
+
+def delete_statement(table: TableSchema, restriction: Sequence[Tuple[Column, Any]]) -> Tuple[sql.Composed, List[Any]]:
+    """``DELETE FROM rel WHERE ...`` and its parameters.
+
+    :raises PacketError: an empty restriction.
+    """
+    where, params = where_clause(table, restriction)
+    return sql.SQL("DELETE FROM {} WHERE {}").format(_relation(table), where), params
+
+
+def jsonable(value: Any) -> Any:
+    """A value read from PostgreSQL in a form :func:`golconde.packet.dumps` encodes and PostgreSQL
+    reads back: ISO 8601 for dates and times, text for UUIDs, ``"\\x..."`` hex for bytea."""
+    if value is None or isinstance(value, (bool, int, str, Decimal)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return "P%dDT%d.%06dS" % (value.days, value.seconds, value.microseconds)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "\\x" + bytes(value).hex()
+    if isinstance(value, (list, tuple)):
+        return [jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): jsonable(item) for key, item in value.items()}
+    return str(value)
+
+
+class AutoSQL(Handler):
+    """Applies packets to one relation with SQL built from its catalog entry.
+
+    :param relation: ``[schema.]table`` (see :func:`golconde.schema.parse_relation`).
+    :param settings: ``unknown_columns``: ``"error"`` (default for the destination role) or
+        ``"ignore"`` (default for the target role): what to do with ``data`` keys that are not
+        columns. Unknown ``restriction`` keys are always an error.
+    :param role: ``"destination"`` or ``"target"``.
+    :param name: the listener's name, for log lines.
+    :param cache: a :class:`~golconde.schema.SchemaCache` to share; by default one of its own.
+    :raises ConfigError: an invalid relation name or setting.
+    """
+
+    def __init__(self, relation: str, settings: Optional[Mapping[str, Any]] = None,
+                 role: str = "target", name: str = "", cache: Optional[SchemaCache] = None) -> None:
+        super().__init__(relation, settings, role=role, name=name)
+        self.table: Relation = parse_relation(relation)
+        self.cache = cache if cache is not None else SchemaCache()
+        unknown = self.settings.get("unknown_columns", "error" if role == "destination" else "ignore")
+        if not isinstance(unknown, str) or unknown.lower() not in UNKNOWN_COLUMNS:
+            raise ConfigError("settings.unknown_columns: expected one of %s, not %r"
+                              % (", ".join(UNKNOWN_COLUMNS), unknown))
+        self.unknown_columns = unknown.lower()
+
+    def apply(self, cursor: Any, packet: Packet) -> Packet:
+        """Apply ``packet`` with one statement (see the module docstring).
+
+        :returns: ``packet``; for ``add`` and ``set`` on a relation with a primary key, a copy whose
+            data holds the key values the database stored (generated serial/identity values
+            included), so that targets get the canonical keys.
+        :raises PacketError: unknown action; empty data or restriction; a restriction key that is not
+            a column; a data key that is not a column when ``unknown_columns`` is ``"error"``; an
+            ambiguous key; a value of the wrong JSON kind; ``set`` without a usable key.
+        :raises StopListener: the relation does not exist (any more): the listener pauses for
+            :data:`RELATION_RETRY` seconds, its packets staying in the queue, then tries again.
+        """
+        action = self._action(packet)
+        if action in (Action.ADD, Action.SET, Action.UPDATE) and not packet.data:
+            raise PacketError("%s packet for %s has empty data" % (action.value, self.table))
+        if action in (Action.UPDATE, Action.DELETE) and not packet.restriction:
+            raise PacketError("%s packet for %s has an empty restriction (refusing to touch every row)"
+                              % (action.value, self.table))
+        if action in (Action.ADD, Action.SET) and packet.restriction:
+            raise PacketError("%s packet for %s takes data, not a restriction" % (action.value, self.table))
+        table, data, restriction = self._resolve(cursor, packet, action)
+        writable = [(column, value) for _, column, value in data if column.writable]
+        skipped = [column.name for _, column, value in data if not column.writable]
+        if skipped:
+            LOGGER.debug("%s: leaving out generated columns %s of %s", self.name, ", ".join(skipped), self.table)
+        if action is Action.DELETE:
+            query, params = delete_statement(table, [(column, value) for _, column, value in restriction])
+        elif not writable:
+            # at a target, data naming only columns it lacks is normal; otherwise worth a warning
+            log = LOGGER.warning if skipped else LOGGER.debug
+            log("%s: %s packet has no column %s can write; nothing done", self.name, action.value, self.table)
+            return packet
+        elif action is Action.ADD:
+            query, params = insert_statement(table, writable, returning=table.primary_key)
+        elif action is Action.SET:
+            query, params = upsert_statement(table, writable, returning=table.primary_key)
+        else:
+            query, params = update_statement(table, writable, [(column, value) for _, column, value in restriction])
+        cursor.execute(query, params)
+        LOGGER.debug("%s: %s on %s: %d rows", self.name, action.value, self.table, cursor.rowcount)
+        if action in (Action.ADD, Action.SET) and table.primary_key:
+            return self._back_fill(cursor, packet, table, data)
+        return packet
+
+    def on_schema_error(self) -> None:
+        """Forget the cached schema of this handler's relation."""
+        self.cache.invalidate(self.table)
+
+    def _action(self, packet: Packet) -> Action:
+        raw = getattr(packet.action, "value", packet.action)
+        try:
+            return Action(str(raw).strip().lower())
+        except ValueError:
+            raise PacketError("unknown action %r for %s (expected one of add, set, update, delete)"
+                              % (str(raw)[:100], self.table)) from None
+
+    def _schema(self, cursor: Any, refresh: bool = False) -> TableSchema:
+        try:
+            if refresh:
+                return self.cache.refresh_if_stale(cursor, self.table)
+            return self.cache.get(cursor, self.table)
+        except SchemaError as exc:
+            raise StopListener("%s: %s" % (self.name, exc), retry_after=RELATION_RETRY) from exc
+
+    def _resolve(self, cursor: Any, packet: Packet, action: Action) -> Tuple[TableSchema, List[Item], List[Item]]:
+        table = self._schema(cursor)
+        data_values = packet.data if action is not Action.DELETE else {}
+        data, data_unknown = resolve(table, data_values, "data")
+        restriction, restriction_unknown = resolve(table, packet.restriction, "restriction")
+        if data_unknown or restriction_unknown:
+            table = self._schema(cursor, refresh=True)
+            data, data_unknown = resolve(table, data_values, "data")
+            restriction, restriction_unknown = resolve(table, packet.restriction, "restriction")
+        if restriction_unknown:
+            raise PacketError("restriction names %s that %s does not have"
+                              % (_names(restriction_unknown), table.relation))
+        if data_unknown:
+            if self.unknown_columns == "error":
+                raise PacketError("data names %s that %s does not have" % (_names(data_unknown), table.relation))
+            LOGGER.debug("%s: ignoring %s that %s does not have", self.name, _names(data_unknown), table.relation)
+        return table, data, restriction
+
+    def _back_fill(self, cursor: Any, packet: Packet, table: TableSchema, data: List[Item]) -> Packet:
+        row = cursor.fetchone()
+        if row is None:  # e.g. a rule or trigger suppressed the row
+            return packet
+        keys = {column.name: key for key, column, _ in data}
+        filled = dict(packet.data)
+        for name, value in zip(table.primary_key, row):
+            filled[keys.get(name, name)] = jsonable(value)
+        return packet.with_data(filled)
+
+
+def _names(keys: Sequence[str]) -> str:
+    return "%s %s" % ("column" if len(keys) == 1 else "columns", ", ".join(repr(key) for key in keys))

@@ -1,0 +1,320 @@
+"""pg_catalog reader and cache: the columns, types and keys of the relations Golconde writes to.
+
+:func:`read_schema` reads one relation from the catalog (after Skytools' ``dbstruct.TColumn`` and
+``sqltools.get_table_pkeys()``: ``attnum > 0 AND NOT attisdropped``, ``indisprimary``);
+:class:`SchemaCache` keeps what was read, keyed by relation, until it is invalidated (after a DDL
+error) or refreshed (when a packet names a column the cache does not know, at most once a second).
+
+Relation names follow PostgreSQL's rules: ``table`` means ``public.table``, unquoted parts are folded
+to lower case, double-quoted parts are taken verbatim (``"My Schema"."T.1"``, ``""`` for a quote).
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from .errors import ConfigError, GolcondeError
+
+LOGGER = logging.getLogger(__name__)
+
+#: Relation kinds that can be written to: table, partitioned table, foreign table, view.
+WRITABLE_RELKINDS = ("r", "p", "f", "v")
+
+_UNQUOTED = re.compile(r"[^\W\d][\w$]*")
+_PLAIN = re.compile(r"[a-z_][a-z0-9_$]*")
+
+
+class SchemaError(GolcondeError):
+    """The relation cannot be read from the catalog (it does not exist, or is not a table).
+
+    Not the packet's fault: AutoSQL turns it into :class:`~golconde.errors.StopListener`."""
+
+
+def quote_name(name: str) -> str:
+    """``name`` as written in SQL, double-quoted only when needed (for messages and ``str()``)."""
+    if _PLAIN.fullmatch(name):
+        return name
+    return '"%s"' % name.replace('"', '""')
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A schema-qualified relation name (both parts as stored in the catalog, case preserved)."""
+
+    schema: str
+    name: str
+
+    def __str__(self) -> str:
+        return "%s.%s" % (quote_name(self.schema), quote_name(self.name))
+
+
+def parse_relation(text: str) -> Relation:
+    """Parse ``[schema.]table`` (the configuration's ``target``) into a :class:`Relation`.
+
+    ``table`` means ``public.table``; unquoted parts are folded to lower case as PostgreSQL does;
+    double-quoted parts are verbatim, ``""`` standing for one quote: ``"My Schema"."T.1"``.
+
+    :raises ConfigError: empty text, an empty part, an unterminated quote, more than two parts or
+        characters an unquoted identifier cannot hold.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError("relation name is empty (expected [schema.]table)")
+    source = text.strip()
+    parts: List[str] = []
+    pos = 0
+    while True:
+        if pos < len(source) and source[pos] == '"':
+            end = pos + 1
+            chars: List[str] = []
+            while True:
+                quote = source.find('"', end)
+                if quote < 0:
+                    raise ConfigError("relation %r: unterminated double quote" % text)
+                chars.append(source[end:quote])
+                if source.startswith('"', quote + 1):
+                    chars.append('"')
+                    end = quote + 2
+                    continue
+                pos = quote + 1
+                break
+            part = "".join(chars)
+            if not part:
+                raise ConfigError("relation %r: empty quoted identifier" % text)
+        else:
+            match = _UNQUOTED.match(source, pos)
+            if not match:
+                raise ConfigError("relation %r: invalid identifier at position %d (expected [schema.]table;"
+                                  " double-quote names with other characters)" % (text, pos + 1))
+            part = match.group(0).lower()
+            pos = match.end()
+        parts.append(part)
+        if pos == len(source):
+            break
+        if source[pos] != ".":
+            raise ConfigError("relation %r: unexpected %r at position %d" % (text, source[pos], pos + 1))
+        pos += 1
+    if len(parts) > 2:
+        raise ConfigError("relation %r has %d parts; expected [schema.]table" % (text, len(parts)))
+    if len(parts) == 1:
+        return Relation("public", parts[0])
+    return Relation(parts[0], parts[1])
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a relation.
+
+    :ivar name: the column name, as stored.
+    :ivar type_name: ``format_type(atttypid, -1)``: the type without its modifier as quoted,
+        qualified SQL, usable in a cast (``bpchar``, not ``character``, which means ``character(1)``).
+    :ivar not_null: ``attnotnull``.
+    :ivar has_default: ``atthasdef`` (a default or an identity/generated expression).
+    :ivar is_array: the type is an array (``typcategory = 'A'``).
+    :ivar is_json: the type (or the base of its domain) is ``json`` or ``jsonb``; for an array
+        column, whether its elements are.
+    :ivar identity: ``attidentity``: ``""``, ``"a"`` (GENERATED ALWAYS) or ``"d"`` (BY DEFAULT).
+    :ivar generated: ``attgenerated == "s"``: a stored generated column, never written.
+    """
+
+    name: str
+    type_name: str
+    not_null: bool = False
+    has_default: bool = False
+    is_array: bool = False
+    is_json: bool = False
+    identity: str = ""
+    generated: bool = False
+
+    @property
+    def identity_always(self) -> bool:
+        """GENERATED ALWAYS AS IDENTITY: writing it needs ``OVERRIDING SYSTEM VALUE``."""
+        return self.identity == "a"
+
+    @property
+    def writable(self) -> bool:
+        """False for stored generated columns, which INSERT and UPDATE must leave out."""
+        return not self.generated
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    """What AutoSQL needs to know of a relation.
+
+    :ivar relation: the :class:`Relation`.
+    :ivar columns: column name -> :class:`Column`, in ``attnum`` order.
+    :ivar primary_key: the primary key's column names (empty without a primary key).
+    :ivar unique_keys: every key usable as an ``ON CONFLICT`` arbiter: the primary key first, then
+        unique constraints and non-partial, non-expression, immediate, valid unique indexes.
+    :ivar kind: ``relkind`` (``r`` table, ``p`` partitioned, ``f`` foreign, ``v`` view).
+    """
+
+    relation: Relation
+    columns: Mapping[str, Column]
+    primary_key: Tuple[str, ...] = ()
+    unique_keys: Tuple[Tuple[str, ...], ...] = ()
+    kind: str = "r"
+    _folded: Dict[str, Tuple[Column, ...]] = field(default_factory=dict, init=False, repr=False,
+                                                    compare=False)
+
+    def __post_init__(self) -> None:
+        folded: Dict[str, List[Column]] = {}
+        for column in self.columns.values():
+            folded.setdefault(column.name.lower(), []).append(column)
+        self._folded.update({key: tuple(value) for key, value in folded.items()})
+
+    def find(self, key: str) -> Tuple[Column, ...]:
+        """Columns a packet key names: the exact match, else every case-insensitive match
+        (none: unknown; more than one: ambiguous)."""
+        column = self.columns.get(key)
+        if column is not None:
+            return (column,)
+        return self._folded.get(key.lower(), ())
+
+
+_RELATION_SQL = """
+SELECT c.oid, c.relkind
+  FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = %s AND c.relname = %s
+"""
+
+# The base type of a domain (recursively), then its element type if it is an array.
+# format_type(..., -1), not NULL: without a typmod "character" and "bit" mean character(1) and
+# bit(1), so a cast to them would truncate; -1 gives the unbounded "bpchar" and "bit".
+_COLUMNS_SQL = """
+WITH RECURSIVE chain (attnum, typid, depth) AS (
+    SELECT a.attnum, a.atttypid, 0
+      FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = %(oid)s AND a.attnum > 0 AND NOT a.attisdropped
+    UNION ALL
+    SELECT chain.attnum, t.typbasetype, chain.depth + 1
+      FROM chain JOIN pg_catalog.pg_type t ON t.oid = chain.typid
+     WHERE t.typtype = 'd' AND chain.depth < 32
+), base AS (
+    SELECT DISTINCT ON (attnum) attnum, typid FROM chain ORDER BY attnum, depth DESC
+)
+SELECT a.attname,
+       pg_catalog.format_type(a.atttypid, -1),
+       a.attnotnull,
+       a.atthasdef,
+       bt.typcategory = 'A',
+       CASE WHEN bt.typcategory = 'A' THEN bt.typelem ELSE bt.oid END
+           IN ('pg_catalog.json'::pg_catalog.regtype, 'pg_catalog.jsonb'::pg_catalog.regtype),
+       a.attidentity::text,
+       a.attgenerated::text
+  FROM pg_catalog.pg_attribute a
+  JOIN base ON base.attnum = a.attnum
+  JOIN pg_catalog.pg_type bt ON bt.oid = base.typid
+ WHERE a.attrelid = %(oid)s AND a.attnum > 0 AND NOT a.attisdropped
+ ORDER BY a.attnum
+"""
+
+# Key columns only (not INCLUDE columns); partial and expression indexes can be no arbiter of
+# ON CONFLICT, nor can deferrable constraints (indimmediate) or invalid indexes.
+_KEYS_SQL = """
+SELECT i.indisprimary,
+       ARRAY(SELECT a.attname
+               FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k (attnum, ord)
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+              WHERE k.ord <= i.indnkeyatts
+              ORDER BY k.ord)
+  FROM pg_catalog.pg_index i
+  JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+ WHERE i.indrelid = %(oid)s AND i.indisunique AND i.indisvalid AND i.indimmediate
+   AND i.indpred IS NULL AND i.indexprs IS NULL
+ ORDER BY i.indisprimary DESC,
+          EXISTS (SELECT 1 FROM pg_catalog.pg_constraint con WHERE con.conindid = i.indexrelid
+                     AND con.conrelid = i.indrelid) DESC,
+          ic.relname
+"""
+
+
+def read_schema(cursor: Any, relation: Relation) -> TableSchema:
+    """Read ``relation``'s columns and keys from pg_catalog with ``cursor``.
+
+    :raises SchemaError: the relation does not exist, or is not a table, view or foreign table.
+    """
+    cursor.execute(_RELATION_SQL, (relation.schema, relation.name))
+    row = cursor.fetchone()
+    if row is None:
+        raise SchemaError("relation %s does not exist" % relation)
+    oid, kind = row
+    if kind not in WRITABLE_RELKINDS:
+        raise SchemaError("relation %s is not a table, view or foreign table (relkind %s)" % (relation, kind))
+    cursor.execute(_COLUMNS_SQL, {"oid": oid})
+    columns: Dict[str, Column] = {}
+    for name, type_name, not_null, has_default, is_array, is_json, identity, generated in cursor.fetchall():
+        columns[name] = Column(name=name, type_name=type_name, not_null=bool(not_null),
+                               has_default=bool(has_default), is_array=bool(is_array),
+                               is_json=bool(is_json), identity=identity or "",
+                               generated=(generated == "s"))
+    cursor.execute(_KEYS_SQL, {"oid": oid})
+    primary_key: Tuple[str, ...] = ()
+    unique_keys: List[Tuple[str, ...]] = []
+    for is_primary, names in cursor.fetchall():
+        key = tuple(names)
+        if not key or key in unique_keys:
+            continue
+        if is_primary:
+            primary_key = key
+        unique_keys.append(key)
+    LOGGER.debug("read schema of %s: %d columns, primary key %s, %d unique keys",
+                 relation, len(columns), primary_key or "none", len(unique_keys))
+    return TableSchema(relation=relation, columns=columns, primary_key=primary_key,
+                       unique_keys=tuple(unique_keys), kind=kind)
+
+
+class SchemaCache:
+    """:class:`TableSchema` per :class:`Relation`, shared safely between listener threads.
+
+    :param clock: a monotonic clock in seconds (for tests).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: Dict[Relation, Tuple[TableSchema, float]] = {}
+
+    def get(self, cursor: Any, relation: Relation) -> TableSchema:
+        """The cached schema of ``relation``, read with ``cursor`` if not cached.
+
+        :raises SchemaError: as :func:`read_schema`.
+        """
+        with self._lock:
+            entry = self._entries.get(relation)
+        if entry is not None:
+            return entry[0]
+        return self._read(cursor, relation)
+
+    def refresh_if_stale(self, cursor: Any, relation: Relation, min_age_seconds: float = 1.0) -> TableSchema:
+        """Re-read ``relation`` if its cached schema is at least ``min_age_seconds`` old (or absent);
+        otherwise return the cached one. Used when a packet names a column the cache does not know,
+        so that a column added by DDL is picked up, at most once per ``min_age_seconds``.
+
+        :raises SchemaError: as :func:`read_schema`.
+        """
+        with self._lock:
+            entry = self._entries.get(relation)
+        if entry is not None and self._clock() - entry[1] < min_age_seconds:
+            return entry[0]
+        LOGGER.debug("re-reading the schema of %s (a packet names a column it does not know)", relation)
+        return self._read(cursor, relation)
+
+    def invalidate(self, relation: Optional[Relation] = None) -> None:
+        """Forget ``relation`` (every relation when ``None``); the next :meth:`get` reads the catalog."""
+        with self._lock:
+            if relation is None:
+                self._entries.clear()
+            else:
+                self._entries.pop(relation, None)
+        LOGGER.debug("schema cache invalidated for %s", relation if relation is not None else "all relations")
+
+    def _read(self, cursor: Any, relation: Relation) -> TableSchema:
+        schema = read_schema(cursor, relation)
+        with self._lock:
+            self._entries[relation] = (schema, self._clock())
+        return schema

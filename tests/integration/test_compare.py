@@ -1,0 +1,126 @@
+"""golconde.compare against two real PostgreSQL databases."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import psycopg2
+import pytest
+
+from golconde.compare import CompareError, compare, compare_config
+
+COLUMNS = "id int PRIMARY KEY, name text, price numeric(10,2), at timestamptz, tags text[]"
+ROWS = ("INSERT INTO {} VALUES (1, 'a', 1.50, '2024-01-02 03:04:05+00', '{{x,y}}'),"
+        " (2, NULL, NULL, NULL, NULL), (3, 'c''s \"q\"', 3, 'infinity', '{{}}')")
+
+
+def run(dsn, *statements):
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            for statement in statements:
+                cur.execute(statement)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def pair(make_database):
+    """(canonical DSN, target DSN), each with table ``items`` holding the same rows; the target
+    database has another default time zone."""
+    canonical, target = make_database(), make_database()
+    for dsn in (canonical, target):
+        run(dsn, "CREATE TABLE items (%s)" % COLUMNS, ROWS.format("items"))
+    dbname = psycopg2.extensions.parse_dsn(target)["dbname"]
+    run(target, 'ALTER DATABASE "%s" SET TimeZone = \'Asia/Kolkata\'' % dbname)
+    return canonical, target
+
+
+def test_equal_tables(pair):
+    canonical, target = pair
+    result = compare(canonical, "items", target, "public.items")
+    assert result.equal, result
+    assert result.canonical_count == result.target_count == 3
+    assert result.canonical_hash == result.target_hash > 0
+    assert result.columns == ("id", "name", "price", "at", "tags") and result.ignored == ()
+    assert result.summary() == "equal: 3 rows"
+
+
+def test_empty_tables_are_equal(make_database):
+    canonical, target = make_database(), make_database()
+    for dsn in (canonical, target):
+        run(dsn, "CREATE TABLE items (%s)" % COLUMNS)
+    result = compare(canonical, "items", target, "items")
+    assert result.equal and result.canonical_count == 0 and result.canonical_hash == 0
+
+
+@pytest.mark.parametrize("change", [
+    "UPDATE items SET price = 1.51 WHERE id = 1",
+    "UPDATE items SET at = at + interval '1 microsecond' WHERE id = 1",
+    "UPDATE items SET tags = '{y,x}' WHERE id = 1",
+    "UPDATE items SET name = '' WHERE id = 2",  # NULL vs empty string
+])
+def test_one_differing_value(pair, change):
+    canonical, target = pair
+    run(target, change)
+    result = compare(canonical, "items", target, "items")
+    assert not result.equal
+    assert result.canonical_count == result.target_count == 3
+    assert result.canonical_hash != result.target_hash
+    assert result.summary().startswith("DIFFERENT: 3 rows each")
+
+
+def test_extra_row(pair):
+    canonical, target = pair
+    run(target, "INSERT INTO items (id) VALUES (4)")
+    result = compare(canonical, "items", target, "items")
+    assert not result.equal and (result.canonical_count, result.target_count) == (3, 4)
+    assert result.summary() == "DIFFERENT: 3 vs 4 rows"
+
+
+def test_swapped_values_between_rows_differ(make_database):
+    canonical, target = make_database(), make_database()
+    run(canonical, "CREATE TABLE t (a int, b int)", "INSERT INTO t VALUES (1, 2), (3, 4)")
+    run(target, "CREATE TABLE t (a int, b int)", "INSERT INTO t VALUES (1, 4), (3, 2)")
+    assert not compare(canonical, "t", target, "t").equal
+
+
+def test_column_order_and_extra_columns(pair):
+    canonical, target = pair
+    run(target, 'CREATE SCHEMA "Other"',
+        'CREATE TABLE "Other"."Items" (tags text[], at timestamptz, extra int DEFAULT 7,'
+        ' price numeric(10,2), name text, id int)',
+        'INSERT INTO "Other"."Items" (id, name, price, at, tags) SELECT id, name, price, at, tags'
+        ' FROM items ORDER BY id DESC')
+    result = compare(canonical, "items", target, '"Other"."Items"')
+    assert result.equal, result
+    assert result.columns == ("id", "name", "price", "at", "tags")
+    assert result.ignored == ("extra",)
+
+
+def test_errors(pair):
+    canonical, target = pair
+    with pytest.raises(CompareError, match=r"relation public.nope does not exist"):
+        compare(canonical, "items", target, "nope")
+    run(target, "CREATE TABLE other (x int)")
+    with pytest.raises(CompareError, match="no column in common"):
+        compare(canonical, "items", target, "other")
+    with pytest.raises(CompareError):
+        compare(canonical, "a.b.c", target, "items")
+
+
+def test_compare_config(pair):
+    canonical, target = pair
+    run(target, "CREATE TABLE copy (LIKE items)", "INSERT INTO copy SELECT * FROM items WHERE id < 3")
+    config = SimpleNamespace(destinations={"Test1": SimpleNamespace(
+        name="Test1", pgsql=canonical, target="items", targets={
+            "t1": SimpleNamespace(name="t1", pgsql=target, target="items"),
+            "t2": SimpleNamespace(name="t2", pgsql=target, target="copy"),
+            "t3": SimpleNamespace(name="t3", pgsql=target, target="missing"),
+        }), "Lonely": SimpleNamespace(name="Lonely", pgsql=canonical, target="items", targets={})})
+    results = compare_config(config)
+    assert [(d, t, r.equal) for d, t, r in results] == [
+        ("Test1", "t1", True), ("Test1", "t2", False), ("Test1", "t3", False)]
+    assert results[1][2].target_count == 2
+    assert "missing does not exist" in results[2][2].error
+    assert results[2][2].summary().startswith("ERROR: ")

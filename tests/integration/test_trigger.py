@@ -1,0 +1,360 @@
+"""golconde.trigger and sql/triggers against a real PostgreSQL (13+)."""
+from __future__ import annotations
+
+import datetime
+import os
+import select
+import threading
+import time
+import uuid
+from decimal import Decimal
+
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+from golconde import trigger
+from golconde.errors import GolcondeError
+from golconde.packet import Action, dumps, parse
+from golconde.trigger import TriggerError
+
+DEST = "Test1"
+
+
+def execute(conn, query, params=None):
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+
+
+def drain(conn, destination=DEST, limit=100):
+    """Fetch and delete every visible packet of ``destination``; return the parsed packets."""
+    with conn.cursor() as cur:
+        batch = trigger.fetch_batch(cur, destination, limit)
+        trigger.delete_batch(cur, [queued.id for queued in batch])
+    if not conn.autocommit:
+        conn.commit()
+    return [parse(queued.packet) for queued in batch]
+
+
+@pytest.fixture
+def orders(db):
+    execute(db, "CREATE TABLE orders (id serial PRIMARY KEY, name text, price numeric(10,2))")
+    result = trigger.install(db, "orders", DEST)
+    assert result.events == ("INSERT", "UPDATE", "DELETE")
+    assert result.key_columns == ("id",) and result.warning is None
+    return db
+
+
+def test_sql_files_are_package_data_and_sql_triggers_points_at_them():
+    names = [name for name, _ in trigger.sql_files()]
+    assert names == ["schema.sql", "queue.sql", "capture.sql"]
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "sql", "triggers")
+    assert sorted(os.listdir(root)) == sorted(names + ["install.sql"])
+    for name, text in trigger.sql_files():
+        assert text.startswith("-- ---"), name  # header comment
+
+
+def test_install_schema_is_idempotent(db):
+    trigger.install_schema(db)
+    trigger.install_schema(db)
+    with db.cursor() as cur:
+        cur.execute("SELECT to_regclass('golconde.queue') IS NOT NULL,"
+                    " to_regprocedure('golconde.capture()') IS NOT NULL")
+        assert cur.fetchone() == (True, True)
+        cur.execute("SELECT proconfig FROM pg_proc WHERE oid = 'golconde.capture()'::regprocedure")
+        assert cur.fetchone()[0] == ["search_path=pg_catalog, pg_temp"]
+
+
+def test_insert_update_delete_make_packets_in_order(orders):
+    execute(orders, "INSERT INTO orders (name, price) VALUES ('a', 1.50), ('b', 2)")
+    execute(orders, "UPDATE orders SET price = 3.25 WHERE name = 'a'")
+    execute(orders, "UPDATE orders SET id = 10 WHERE name = 'b'")
+    execute(orders, "UPDATE orders SET name = name")  # changes nothing: no packet
+    execute(orders, "DELETE FROM orders WHERE id = 10")
+    with orders.cursor() as cur:
+        assert trigger.backlog(cur, DEST)[0] == 5
+        batch = trigger.fetch_batch(cur, DEST, 100)
+    assert [queued.id for queued in batch] == sorted(queued.id for queued in batch)
+    assert all(queued.relation == "public.orders" for queued in batch)
+    assert len({queued.packet_id for queued in batch}) == 5
+    uuid.UUID(batch[0].packet_id)
+    assert isinstance(batch[0].created_at, datetime.datetime) and batch[0].created_at.tzinfo
+    packets = [parse(queued.packet) for queued in batch]
+    assert [p.action for p in packets] == [Action.ADD, Action.ADD, Action.UPDATE, Action.UPDATE,
+                                           Action.DELETE]
+    assert packets[0].data == {"id": 1, "name": "a", "price": Decimal("1.50")}
+    assert str(packets[0].data["price"]) == "1.50"
+    assert packets[1].data == {"id": 2, "name": "b", "price": Decimal("2.00")}
+    assert packets[2].data == {"id": 1, "name": "a", "price": Decimal("3.25")}
+    assert packets[2].restriction == {"id": 1}
+    assert packets[3].data == {"id": 10, "name": "b", "price": Decimal("2.00")}
+    assert packets[3].restriction == {"id": 2}  # the OLD key
+    assert packets[4].restriction == {"id": 10} and packets[4].data == {}
+    assert parse(batch[0].body) == packets[0]
+
+
+def test_rollback_makes_no_packet(orders, database):
+    conn = psycopg2.connect(database)
+    try:
+        execute(conn, "INSERT INTO orders (name) VALUES ('gone')")
+        conn.rollback()
+    finally:
+        conn.close()
+    with orders.cursor() as cur:
+        assert trigger.fetch_batch(cur, DEST, 10) == []
+        assert trigger.backlog(cur, DEST) == (0, None)
+
+
+def test_capture_notifies(orders, database):
+    listener = psycopg2.connect(database)
+    listener.autocommit = True
+    try:
+        execute(listener, "LISTEN golconde")
+        execute(orders, "INSERT INTO orders (name) VALUES ('x')")
+        deadline = time.monotonic() + 5
+        while not listener.notifies and time.monotonic() < deadline:
+            select.select([listener], [], [], 0.5)
+            listener.poll()
+        assert [(n.channel, n.payload) for n in listener.notifies] == [("golconde", DEST)]
+    finally:
+        listener.close()
+
+
+def test_quoted_names(db):
+    execute(db, 'CREATE SCHEMA "My Schema"')
+    execute(db, 'CREATE TABLE "My Schema"."we""ird.Tab" ("Key Col" int, "select" text,'
+                ' "a""b" text, PRIMARY KEY ("Key Col", "select"))')
+    result = trigger.install(db, '"My Schema"."we""ird.Tab"', "my-dest.1")
+    assert result.relation == '"My Schema"."we""ird.Tab"'
+    assert result.key_columns == ("Key Col", "select")
+    assert result.trigger == trigger.trigger_name("my-dest.1") != trigger.trigger_name("my_dest_1")
+    execute(db, 'INSERT INTO "My Schema"."we""ird.Tab" VALUES (1, \'k\', \'v\')')
+    execute(db, 'UPDATE "My Schema"."we""ird.Tab" SET "a""b" = \'w\'')
+    execute(db, 'DELETE FROM "My Schema"."we""ird.Tab"')
+    with db.cursor() as cur:
+        batch = trigger.fetch_batch(cur, "my-dest.1", 10)
+    assert batch[0].relation == '"My Schema"."we""ird.Tab"'
+    packets = [parse(queued.packet) for queued in batch]
+    assert packets[0].data == {"Key Col": 1, "select": "k", 'a"b': "v"}
+    assert packets[1].restriction == {"Key Col": 1, "select": "k"}
+    assert packets[1].data['a"b'] == "w"
+    assert packets[2].restriction == {"Key Col": 1, "select": "k"}
+    assert trigger.remove(db, '"My Schema"."we""ird.Tab"', "my-dest.1").removed
+
+
+def test_keyless_table_is_insert_only(db):
+    execute(db, "CREATE TABLE log (msg text)")
+    with pytest.raises(TriggerError, match=r"public.log has no primary key: UPDATE and DELETE"):
+        trigger.install(db, "log", DEST, actions=["insert", "update"])
+    result = trigger.install(db, "public.log", DEST)
+    assert result.events == ("INSERT",) and result.key_columns == ()
+    assert result.warning == ("public.log has no primary key: UPDATE and DELETE cannot be captured;"
+                              " only INSERTs are distributed")
+    assert trigger.install(db, "log", DEST, actions=["add"]).warning is None
+    execute(db, "INSERT INTO log VALUES ('one')")
+    execute(db, "UPDATE log SET msg = 'two'")
+    execute(db, "DELETE FROM log")
+    assert [(p.action, dict(p.data)) for p in drain(db)] == [(Action.ADD, {"msg": "one"})]
+
+
+def test_install_errors(db):
+    with pytest.raises(TriggerError, match=r"table public.nope does not exist"):
+        trigger.install(db, "nope", DEST)
+    execute(db, "CREATE TABLE t (id int PRIMARY KEY)")
+    execute(db, "CREATE VIEW v AS SELECT * FROM t")
+    with pytest.raises(TriggerError, match=r"public.v is not a table"):
+        trigger.install(db, "v", DEST)
+    with pytest.raises(TriggerError, match=r"unknown action 'truncate'"):
+        trigger.install(db, "t", DEST, actions=["truncate"])
+    with pytest.raises(TriggerError):
+        trigger.install(db, "a.b.c", DEST)
+    assert issubclass(TriggerError, GolcondeError)
+
+
+def test_reinstall_and_remove_are_idempotent(orders):
+    trigger.install(orders, "orders", DEST)
+    with orders.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'orders'::regclass"
+                    " AND NOT tgisinternal")
+        assert cur.fetchone()[0] == 1
+    first = trigger.remove(orders, "orders", DEST)
+    assert first.removed and "removed" in first.message
+    second = trigger.remove(orders, "orders", DEST)
+    assert not second.removed and "nothing to remove" in second.message
+    assert not trigger.remove(orders, "missing_table", DEST).removed
+    execute(orders, "INSERT INTO orders (name) VALUES ('not captured')")
+    assert drain(orders) == []
+
+
+def test_install_refuses_open_transaction(database):
+    conn = psycopg2.connect(database)
+    try:
+        execute(conn, "CREATE TABLE t (id int PRIMARY KEY)")
+        with pytest.raises(TriggerError, match="inside a transaction"):
+            trigger.install(conn, "t", DEST)
+        conn.commit()
+        trigger.install(conn, "t", DEST)
+        assert conn.autocommit is False
+    finally:
+        conn.close()
+
+
+def test_out_of_commit_order_is_not_skipped(orders, database):
+    txn_a = psycopg2.connect(database)
+    txn_b = psycopg2.connect(database)
+    drainer = psycopg2.connect(database)
+    try:
+        execute(txn_a, "INSERT INTO orders (name) VALUES ('A')")  # smaller queue id, open
+        execute(txn_b, "INSERT INTO orders (name) VALUES ('B')")
+        txn_b.commit()
+        assert [p.data["name"] for p in drain(drainer)] == ["B"]
+        txn_a.commit()
+        assert [p.data["name"] for p in drain(drainer)] == ["A"]
+        assert drain(drainer) == []
+    finally:
+        for conn in (txn_a, txn_b, drainer):
+            conn.close()
+
+
+def test_same_row_updated_by_two_transactions_keeps_commit_order(orders, database):
+    execute(orders, "INSERT INTO orders (id, name) VALUES (1, 'v0')")
+    drain(orders)
+    first = psycopg2.connect(database)
+    second = psycopg2.connect(database)
+    try:
+        execute(first, "UPDATE orders SET name = 'v1' WHERE id = 1")
+        done = threading.Event()
+
+        def update_second():
+            execute(second, "UPDATE orders SET name = name || '+v2' WHERE id = 1")  # waits for first
+            second.commit()
+            done.set()
+
+        thread = threading.Thread(target=update_second)
+        thread.start()
+        assert not done.wait(0.5)
+        first.commit()
+        thread.join(10)
+        assert done.is_set()
+    finally:
+        first.close()
+        second.close()
+    assert [p.data["name"] for p in drain(orders)] == ["v1", "v1+v2"]
+
+
+TYPES = [
+    ("i", "integer", "-42"), ("b", "bigint", "9007199254740993"),
+    ("n", "numeric(30,10)", "12345678901234567890.0123456789"), ("nn", "numeric", "'NaN'"),
+    ("f", "double precision", "0.1"), ("bo", "boolean", "true"),
+    ("t", "text", "E'quote\\' \"dq\" back\\\\slash \\n é ☃'"), ("vc", "varchar(5)", "'abc'"),
+    ("d", "date", "'2024-02-29'"), ("ts", "timestamp", "'2024-01-02 03:04:05.123456'"),
+    ("tz", "timestamptz", "'2024-01-02 03:04:05+02'"), ("tm", "time", "'23:59:59'"),
+    ("iv", "interval", "'1 day 02:03:04'"), ("u", "uuid", "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'"),
+    ("by", "bytea", "'\\x00ff10'::bytea"), ("js", "json", "'{\"a\": [1, 2.50, null]}'"),
+    ("jb", "jsonb", "'{\"k\": {\"x\": 1.0}}'"), ("ai", "integer[]", "'{1,2,NULL}'"),
+    ("at", "text[]", "'{\"a b\",c}'"), ("ip", "inet", "'192.168.0.1/24'"),
+    ("pt", "point", "'(1,2)'"), ("nul", "text", "NULL"),
+]
+
+
+def test_values_of_many_types_round_trip(db):
+    columns = sql.SQL(", ").join(sql.SQL("{} " + kind).format(sql.Identifier(name))
+                                 for name, kind, _ in TYPES)
+    execute(db, sql.SQL("CREATE TABLE typed (id int PRIMARY KEY, {})").format(columns))
+    execute(db, "CREATE TABLE copy (LIKE typed)")
+    execute(db, "SET TimeZone = 'Europe/Paris'")
+    trigger.install(db, "typed", DEST)
+    execute(db, "INSERT INTO typed VALUES (1, %s)" % ", ".join(value for _, _, value in TYPES))
+    execute(db, "UPDATE typed SET pt = '(3,4)'")  # point has no equality operator
+    packets = drain(db)
+    data = packets[0].data
+    assert data["b"] == 9007199254740993 and data["i"] == -42
+    assert data["n"] == Decimal("12345678901234567890.0123456789") and data["nn"] == "NaN"
+    assert data["f"] == Decimal("0.1") and data["bo"] is True
+    assert data["t"] == "quote' \"dq\" back\\slash \n é ☃"
+    assert data["ts"] == "2024-01-02T03:04:05.123456"
+    assert data["tz"] == "2024-01-02T02:04:05+01:00"
+    assert data["by"] == "\\x00ff10"
+    assert data["js"] == {"a": [1, Decimal("2.50"), None]} and data["jb"] == {"k": {"x": Decimal("1.0")}}
+    assert data["ai"] == [1, 2, None] and data["at"] == ["a b", "c"] and data["nul"] is None
+    assert packets[1].action is Action.UPDATE and packets[1].data["pt"] == "(3,4)"
+    # the packet carries enough to rebuild the row exactly
+    execute(db, "INSERT INTO copy SELECT * FROM jsonb_populate_record(NULL::copy, %s::jsonb)",
+            (dumps(dict(data)),))
+    with db.cursor() as cur:  # column by column, by text form (point changed since the insert)
+        cur.execute(sql.SQL("SELECT ARRAY[{}] FROM typed t, copy c").format(sql.SQL(", ").join(
+            sql.SQL("t.{0}::text IS NOT DISTINCT FROM c.{0}::text").format(sql.Identifier(name))
+            for name, kind, _ in TYPES if kind != "point")))
+        assert all(cur.fetchone()[0])
+
+
+def test_fetch_batch_limits(orders):
+    execute(orders, "INSERT INTO orders (name) SELECT 'row' || g FROM generate_series(1, 5) g")
+    with orders.cursor() as cur:
+        assert len(trigger.fetch_batch(cur, DEST, 3)) == 3
+        assert len(trigger.fetch_batch(cur, DEST, 5, max_bytes=1)) == 1
+        cur.execute("SELECT octet_length(packet::text) FROM golconde.queue ORDER BY id LIMIT 3")
+        sizes = [size for (size,) in cur.fetchall()]
+        assert len(trigger.fetch_batch(cur, DEST, 5, max_bytes=sum(sizes[:2]))) == 2
+        assert len(trigger.fetch_batch(cur, DEST, 5, max_bytes=sum(sizes) - 1)) == 2
+        assert trigger.fetch_batch(cur, "other", 5) == []
+        count, oldest = trigger.backlog(cur, DEST)
+        assert count == 5 and oldest is not None
+        with pytest.raises(ValueError):
+            trigger.fetch_batch(cur, DEST, 0)
+        assert trigger.delete_batch(cur, []) == 0
+
+
+def test_drain_lock_is_exclusive(database):
+    one = psycopg2.connect(database)
+    two = psycopg2.connect(database)
+    try:
+        assert trigger.acquire_drain_lock(one, DEST)
+        assert one.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        assert not trigger.acquire_drain_lock(two, DEST)
+        assert trigger.acquire_drain_lock(two, "Test2")
+        assert trigger.release_drain_lock(one, DEST)
+        assert trigger.acquire_drain_lock(two, DEST)
+        assert not trigger.acquire_drain_lock(one, DEST)
+    finally:
+        one.close()
+    two.close()
+    three = psycopg2.connect(database)  # a closed session frees its locks
+    try:
+        assert trigger.acquire_drain_lock(three, DEST)
+    finally:
+        three.close()
+
+
+def test_writers_need_no_rights_on_the_queue(orders, database):
+    role = "golconde_writer_%s" % uuid.uuid4().hex[:8]
+    execute(orders, sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        execute(orders, sql.SQL("GRANT INSERT ON orders TO {0}; GRANT USAGE ON SEQUENCE orders_id_seq"
+                                " TO {0}").format(sql.Identifier(role)))
+        writer = psycopg2.connect(database, user=role)
+        try:
+            execute(writer, "INSERT INTO orders (name) VALUES ('w')")
+            writer.commit()
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                execute(writer, "SELECT * FROM golconde.queue")
+        finally:
+            writer.close()
+        assert [p.data["name"] for p in drain(orders)] == ["w"]
+    finally:
+        execute(orders, sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(sql.Identifier(role)))
+
+
+def test_partitioned_table_and_odd_destination(db):
+    execute(db, "CREATE TABLE events (id int, day date, PRIMARY KEY (id, day))"
+                " PARTITION BY RANGE (day)")
+    execute(db, "CREATE TABLE events_2024 PARTITION OF events"
+                " FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')")
+    destination = "it's \"odd\""
+    assert trigger.install(db, "events", destination).key_columns == ("id", "day")
+    execute(db, "INSERT INTO events VALUES (1, '2024-05-01')")
+    execute(db, "DELETE FROM events")
+    with db.cursor() as cur:
+        batch = trigger.fetch_batch(cur, destination, 10)
+    assert [queued.relation for queued in batch] == ["public.events_2024"] * 2
+    assert parse(batch[1].packet).restriction == {"id": 1, "day": "2024-05-01"}

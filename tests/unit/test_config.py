@@ -1,0 +1,419 @@
+"""Tests of golconde.config: the example file, defaults, every kind of error, secrets."""
+import copy
+import dataclasses
+import json
+import os
+import pickle
+
+import psycopg2.extensions
+import pytest
+import yaml
+
+from golconde import config
+from golconde.errors import ConfigError
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "etc", "golconde.yaml")
+
+#: The configuration of the 2009 slides, as it was written then.
+CONFIG_2009 = """%YAML 1.2
+---
+Locations:
+  base: /Users/gmr/Source/golconde
+  logs: logs
+Logging:
+  filename: log.txt
+  format: "%(levelname) -10s %(asctime)s %(message)s"
+  level: debug
+HTTPServer:
+  enabled: True
+  listen: 127.0.0.1
+  port: 8000
+Destinations:
+  Test1:
+    stomp: localhost:61613
+    queue: /queue/golconde.test1
+    pgsql: host=localhost user=gmr dbname=gmr
+    target: friendships
+    function_name: AutoSQL
+    Targets:
+      target1:
+        stomp: localhost:61613
+        queue: /queue/golconde.test1.target1
+        pgsql: host=localhost user=gmr dbname=destination
+        target: public.friendships
+        function_name: AutoSQL
+      target2:
+        stomp: localhost:61613
+        queue: /queue/golconde.test1.target2
+        pgsql: host=localhost user=gmr dbname=destination_two
+        target: public.friendships
+        function_name: AutoSQL
+"""
+
+
+def minimal(**destination):
+    """A one-destination configuration mapping; keyword arguments replace destination keys
+    (``None`` removes one)."""
+    dest = {"stomp": "localhost:61613", "queue": "/queue/golconde.test1",
+            "pgsql": "host=localhost dbname=gmr", "target": "friendships"}
+    dest.update(destination)
+    return {"Destinations": {"Test1": {k: v for k, v in dest.items() if v is not None}}}
+
+
+def target(name="t1", **keys):
+    """A ``Targets`` entry for :func:`minimal`."""
+    entry = {"stomp": "localhost:61613", "queue": "/queue/golconde.test1.%s" % name,
+             "pgsql": "host=localhost dbname=%s" % name, "target": "public.friendships"}
+    entry.update(keys)
+    return {name: {k: v for k, v in entry.items() if v is not None}}
+
+
+def problems(mapping):
+    """The lines of the ConfigError raised by parse(mapping)."""
+    with pytest.raises(ConfigError) as info:
+        config.parse(mapping)
+    assert info.value.problems == tuple(str(info.value).splitlines())
+    return str(info.value).splitlines()
+
+
+# --- valid configurations --------------------------------------------------------------------------
+
+def test_example_file_parses():
+    cfg = config.load(EXAMPLE)
+    assert cfg.source == EXAMPLE
+    assert cfg.http == config.HTTPConfig(enabled=True, listen="127.0.0.1", port=8080)
+    (dest,) = cfg.destinations
+    assert (dest.name, dest.mode, dest.thread_name) == ("Friendships", "client", "Friendships")
+    assert dest.stomp.address == "127.0.0.1:61613"
+    assert (dest.stomp.login, dest.stomp.passcode) == ("guest", "guest")
+    assert dest.queue == "/queue/golconde.friendships"
+    assert dest.target == "public.friendships"
+    assert "dbname=golconde_canonical" in dest.pgsql
+    assert [t.name for t in dest.targets] == ["target1", "target2"]
+    target1, target2 = dest.targets
+    assert target1.thread_name == "Friendships_target1"
+    assert target1.destination == "Friendships"
+    assert target1.queue == "/queue/golconde.friendships.target1"
+    assert target1.dead_letter_queue == "/queue/golconde.friendships.target1.dlq"
+    assert "dbname=golconde_target2" in target2.pgsql
+    assert (target1.batch_size, target2.batch_size) == (500, 100)
+    assert cfg.logging["level"] == "INFO"
+
+
+def test_2009_configuration_parses_with_defaults():
+    cfg = config.loads(CONFIG_2009, "golconde-2009.yaml")
+    assert cfg.http.port == 8000 and cfg.http.enabled is True
+    assert cfg.locations == {"base": "/Users/gmr/Source/golconde", "logs": "logs"}
+    assert cfg.logging["filename"] == "log.txt" and cfg.logging["level"] == "DEBUG"
+    (dest,) = cfg.destinations
+    assert dest.mode == "client"
+    assert dest.function_name == "AutoSQL"
+    assert dest.dead_letter_queue == "/queue/golconde.test1.dlq"
+    assert dest.settings == {}
+    assert (dest.prefetch, dest.batch_size, dest.max_retries) == (500, 500, 5)
+    assert dest.poll_interval == 1.0
+    assert dest.stomp == config.BrokerConfig("localhost", 61613, None, None, None, 10000)
+    assert [t.thread_name for t in dest.targets] == ["Test1_target1", "Test1_target2"]
+
+
+def test_defaults_when_sections_are_absent():
+    cfg = config.parse(minimal())
+    assert cfg.http == config.HTTPConfig(True, "127.0.0.1", 8080)
+    assert cfg.logging == {} and cfg.locations == {}
+    assert cfg.destinations[0].targets == ()
+    assert cfg.source == "<string>"
+
+
+def test_broker_and_defaults_are_inherited_and_overridden():
+    mapping = minimal(login="dest", passcode="dest-secret", max_retries=2, Targets={
+        **target("t1"), **target("t2", login="t2", passcode="t2-secret", prefetch=7)})
+    mapping["Broker"] = {"login": "guest", "passcode": "guest", "heartbeat": 0, "vhost": "/golconde"}
+    mapping["Defaults"] = {"prefetch": 50, "batch_size": 20, "max_retries": 9}
+    dest = config.parse(mapping).destinations[0]
+    t1, t2 = dest.targets
+    assert (dest.stomp.login, dest.stomp.passcode) == ("dest", "dest-secret")
+    assert (t1.stomp.login, t1.stomp.passcode) == ("dest", "dest-secret")
+    assert (t2.stomp.login, t2.stomp.passcode) == ("t2", "t2-secret")
+    assert dest.stomp.vhost == t2.stomp.vhost == "/golconde"
+    assert dest.stomp.heartbeat_ms == 0
+    assert (dest.prefetch, dest.batch_size, dest.max_retries) == (50, 20, 2)
+    assert (t1.prefetch, t1.batch_size, t1.max_retries) == (50, 20, 2)
+    assert t2.prefetch == 7
+
+
+def test_trigger_mode_defaults_its_queue():
+    dest = config.parse(minimal(queue=None, mode="Trigger", poll_interval=0.5)).destinations[0]
+    assert dest.mode == "trigger"
+    assert dest.queue == "/queue/golconde.test1"
+    assert dest.dead_letter_queue == "/queue/golconde.test1.dlq"
+    assert dest.poll_interval == 0.5
+
+
+def test_handler_alias_settings_and_amq_queue():
+    dest = config.parse(minimal(handler="myapp.handlers.Audit", queue="/amq/queue/golconde.x",
+                                settings={"columns": ["a", "b"], "extra": {"x": 1}},
+                                dead_letter_queue="/queue/golconde.x.failed")).destinations[0]
+    assert dest.function_name == "myapp.handlers.Audit"
+    assert dest.queue == "/amq/queue/golconde.x"
+    assert dest.dead_letter_queue == "/queue/golconde.x.failed"
+    assert dest.settings["columns"] == ("a", "b") and dest.settings["extra"]["x"] == 1
+    same = config.parse(minimal(function_name="AutoSQL", handler="AutoSQL")).destinations[0]
+    assert same.function_name == "AutoSQL"
+
+
+def test_objects_are_frozen_and_hashable():
+    cfg = config.load(EXAMPLE)
+    assert hash(cfg) == hash(config.load(EXAMPLE))
+    assert cfg == config.load(EXAMPLE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.destinations[0].queue = "/queue/other"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        cfg.destinations[0].settings["x"] = 1  # type: ignore[index]
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    assert copy.deepcopy(cfg) == cfg
+
+
+def test_ipv6_broker_address():
+    dest = config.parse(minimal(stomp="[::1]:61613")).destinations[0]
+    assert (dest.stomp.host, dest.stomp.port, dest.stomp.address) == ("::1", 61613, "[::1]:61613")
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+def test_missing_key_in_target():
+    assert problems(minimal(Targets=target("t1", queue=None))) == [
+        "Destinations.Test1.Targets.t1.queue: missing"]
+
+
+def test_key_without_value_is_missing():
+    assert problems(minimal(pgsql="")) == [
+        "Destinations.Test1.pgsql: expected a libpq DSN string ('host=... dbname=...' or a "
+        "postgresql:// URI)"]
+    assert problems({"Destinations": {"Test1": {**minimal()["Destinations"]["Test1"], "target": None}}}) == [
+        "Destinations.Test1.target: missing (the key has no value)"]
+
+
+def test_client_mode_requires_a_queue():
+    assert problems(minimal(queue=None)) == [
+        "Destinations.Test1.queue: missing (required in client mode)"]
+
+
+def test_wrong_types():
+    mapping = minimal(prefetch="many", batch_size=0, poll_interval="soon", settings=[1])
+    mapping["HTTPServer"] = {"port": "abc", "enabled": "maybe"}
+    assert problems(mapping) == [
+        "HTTPServer.enabled: expected true or false, got 'maybe'",
+        "HTTPServer.port: expected an integer 1-65535, got 'abc'",
+        "Destinations.Test1.settings: expected a mapping, got a list",
+        "Destinations.Test1.prefetch: expected an integer 1-65535, got 'many'",
+        "Destinations.Test1.batch_size: expected an integer 1-1000000, got 0",
+        "Destinations.Test1.poll_interval: expected a number of seconds > 0 and <= 3600, got 'soon'",
+    ]
+
+
+def test_bad_host_port():
+    assert problems(minimal(stomp="localhost")) == [
+        "Destinations.Test1.stomp: expected host:port, got 'localhost'"]
+    assert problems(minimal(stomp="localhost:99999")) == [
+        "Destinations.Test1.stomp: expected host:port with a port 1-65535, got 'localhost:99999'"]
+
+
+def test_unknown_key_suggests_the_right_one():
+    (line,) = problems(minimal(qeue="/queue/x"))
+    assert line.startswith("Destinations.Test1.qeue: unknown key (did you mean 'queue'?); "
+                           "accepted keys: stomp, queue, pgsql")
+    (line,) = problems({**minimal(), "destinations": {}})
+    assert line.startswith("destinations: unknown key (did you mean 'Destinations'?)")
+    (line,) = problems({**minimal(), "HTTPServer": {"prot": 80}})
+    assert line.startswith("HTTPServer.prot: unknown key (did you mean 'port'?)")
+
+
+def test_free_form_sections_accept_any_key():
+    mapping = {**minimal(settings={"anything": {"goes": True}}),
+               "Locations": {"whatever": 1}, "Logging": {"datefmt": "%H:%M"}}
+    cfg = config.parse(mapping)
+    assert cfg.logging == {"datefmt": "%H:%M"} and cfg.locations == {"whatever": 1}
+
+
+def test_duplicate_queue_names_both_paths():
+    mapping = minimal(Targets=target("t1", queue="/queue/golconde.test1"))
+    assert problems(mapping) == [
+        "Destinations.Test1.Targets.t1.queue: '/queue/golconde.test1' is also the queue of "
+        "Destinations.Test1; every destination and target needs its own queue"]
+
+
+def test_dead_letter_queue_must_not_be_consumed():
+    mapping = minimal(Targets=target("t1", queue="/queue/golconde.test1.dlq"))
+    assert problems(mapping) == [
+        "Destinations.Test1.dead_letter_queue: '/queue/golconde.test1.dlq' is the queue of "
+        "Destinations.Test1.Targets.t1; a dead-letter queue must not be consumed"]
+
+
+def test_topics_and_bad_queue_names_are_refused():
+    (line,) = problems(minimal(queue="/topic/golconde.test1"))
+    assert line.startswith("Destinations.Test1.queue: expected a queue name starting with /queue/ "
+                           "or /amq/queue/")
+    assert line.endswith("got '/topic/golconde.test1'")
+
+
+def test_bad_mode():
+    assert problems(minimal(mode="push")) == [
+        "Destinations.Test1.mode: expected one of client, trigger, got 'push'"]
+
+
+def test_function_name_and_handler_conflict():
+    assert problems(minimal(function_name="AutoSQL", handler="myapp.Other")) == [
+        "Destinations.Test1.handler: 'myapp.Other' conflicts with function_name 'AutoSQL'; "
+        "give only one of them"]
+    assert problems(minimal(function_name="not a path")) == [
+        "Destinations.Test1.function_name: expected AutoSQL or a dotted path such as "
+        "package.module.Handler, got 'not a path'"]
+
+
+def test_target_applying_to_the_destination_relation():
+    mapping = minimal(Targets=target("t1", pgsql="dbname=gmr  host=localhost", target="FRIENDSHIPS"))
+    assert problems(mapping) == [
+        "Destinations.Test1.Targets.t1: pgsql and target name the same relation as "
+        "Destinations.Test1: its packets would be applied twice"]
+
+
+def test_bad_names_relation_and_dsn():
+    mapping = minimal(target="a.b.c", pgsql="host=x nonsense",
+                      Targets={"bad name": target("x")["x"]})
+    assert problems(mapping) == [
+        "Destinations.Test1.pgsql: expected a libpq DSN ('host=... dbname=...' or a postgresql:// "
+        "URI), could not parse it: invalid dsn: missing \"=\" after \"nonsense\" in connection "
+        "info string",
+        "Destinations.Test1.target: expected [schema.]relation, got 'a.b.c'",
+        "Destinations.Test1.Targets.bad name: invalid name 'bad name'; expected letters, digits, "
+        "'_', '.' or '-'"]
+
+
+def test_thread_names_must_be_unique():
+    mapping = minimal(Targets=target("t1"))
+    mapping["Destinations"]["Test1_t1"] = {
+        "stomp": "localhost:61613", "queue": "/queue/other", "pgsql": "dbname=other", "target": "x"}
+    assert problems(mapping) == [
+        "Destinations.Test1_t1: its listener name 'Test1_t1' is also that of "
+        "Destinations.Test1.Targets.t1"]
+
+
+def test_logging_level():
+    assert config.parse({**minimal(), "Logging": {"level": "Warning"}}).logging["level"] == "WARNING"
+    assert problems({**minimal(), "Logging": {"level": "verbose"}}) == [
+        "Logging.level: expected one of debug, info, warning, error, critical, got 'verbose'"]
+
+
+def test_destinations_required_and_not_empty():
+    assert problems({}) == ["Destinations: missing"]
+    assert problems({"Destinations": {}}) == ["Destinations: expected at least one destination"]
+    assert problems({"Destinations": ["Test1"]}) == ["Destinations: expected a mapping, got a list"]
+    assert problems({"Destinations": {"Test1": "x"}}) == [
+        "Destinations.Test1: expected a mapping, got 'x'"]
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- Destinations\n")
+    with pytest.raises(ConfigError, match=r"^\(top level\): expected a mapping of sections"):
+        config.load(path)
+    with pytest.raises(ConfigError, match="got an empty document"):
+        config.loads("")
+
+
+def test_several_errors_reported_together():
+    mapping = minimal(stomp="nowhere", mode="push", Targets={
+        **target("t1", queue=None), **target("t2", prefetch=-1, colour="red")})
+    mapping["HTTPServer"] = {"port": 0}
+    mapping["Broker"] = {"heartbeat": "often"}
+    lines = problems(mapping)
+    assert lines == [
+        "HTTPServer.port: expected an integer 1-65535, got 0",
+        "Broker.heartbeat: expected an integer 0-3600000, got 'often'",
+        "Destinations.Test1.stomp: expected host:port, got 'nowhere'",
+        "Destinations.Test1.mode: expected one of client, trigger, got 'push'",
+        "Destinations.Test1.Targets.t1.queue: missing",
+        "Destinations.Test1.Targets.t2.prefetch: expected an integer 1-65535, got -1",
+        lines[-1],
+    ]
+    assert lines[-1].startswith("Destinations.Test1.Targets.t2.colour: unknown key; accepted keys:")
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    path = tmp_path / "golconde.yaml"
+    path.write_text("Destinations:\n  Test1:\n    stomp: localhost:61613\n   queue: [oops\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    message = str(info.value)
+    assert message.startswith("%s:4:" % path)
+    assert "YAML syntax error" in message
+
+
+def test_duplicate_yaml_keys_are_reported(tmp_path):
+    path = tmp_path / "golconde.yaml"
+    path.write_text(yaml.safe_dump(minimal())
+                    + "  Test1:\n    stomp: x:1\n")
+    with pytest.raises(ConfigError, match=r"golconde.yaml:\d+:3: duplicate key 'Test1' \(first given "
+                                          r"on line 2\)"):
+        config.load(path)
+
+
+def test_missing_file_is_named(tmp_path):
+    path = tmp_path / "nowhere.yaml"
+    with pytest.raises(ConfigError, match="nowhere.yaml: cannot read the configuration file: No such"):
+        config.load(path)
+
+
+# --- secrets ---------------------------------------------------------------------------------------
+
+SECRETS = ("s3cr3t-dsn", "s3cr3t-uri", "s3cr3t-passcode", "s3cr3t-broker", "s3cr3t-settings")
+
+
+def secret_config():
+    mapping = minimal(pgsql="host=localhost dbname=gmr user=gmr password=s3cr3t-dsn",
+                      passcode="s3cr3t-passcode", login="gmr",
+                      settings={"api_token": "s3cr3t-settings", "url": "x"},
+                      Targets=target("t1", pgsql="postgresql://gmr:s3cr3t-uri@db.example/t1"))
+    mapping["Broker"] = {"login": "guest", "passcode": "s3cr3t-broker"}
+    mapping["Destinations"]["Test2"] = {
+        "stomp": "localhost:61613", "queue": "/queue/golconde.test2", "pgsql": "dbname=t2",
+        "target": "t2"}
+    return config.parse(mapping)
+
+
+def test_secrets_are_absent_from_public_view_and_repr():
+    cfg = secret_config()
+    test1, test2 = cfg.destinations
+    assert test1.stomp.passcode == "s3cr3t-passcode" and test2.stomp.passcode == "s3cr3t-broker"
+    view = json.dumps(cfg.public_view())
+    texts = [view, repr(cfg), str(cfg), repr(test1), repr(test1.targets[0]), repr(test1.stomp)]
+    for text in texts:
+        for secret in SECRETS:
+            assert secret not in text
+    public = cfg.public_view()["Destinations"]["Test1"]
+    assert "passcode" not in public and public["login"] == "gmr"
+    assert "password=***" in public["pgsql"]
+    assert "password=***" in public["Targets"]["t1"]["pgsql"]
+    assert public["settings"] == {"api_token": "***", "url": "x"}
+
+
+def test_secrets_are_absent_from_error_messages():
+    mapping = minimal(pgsql="postgresql://gmr:s3cr3t@[db/x", passcode=["s3cr3t"])
+    text = "\n".join(problems(mapping))
+    assert "s3cr3t" not in text
+    assert "Destinations.Test1.passcode: expected a string" in text
+
+
+@pytest.mark.parametrize("dsn, expected", [
+    ("host=db dbname=x password=pw", {"host": "db", "dbname": "x", "password": "***"}),
+    ("host=db dbname=x sslpassword=pw", {"host": "db", "dbname": "x", "sslpassword": "***"}),
+    ("host=db dbname=x", {"host": "db", "dbname": "x"}),
+    ("postgresql://u:pw@db:5433/x", {"user": "u", "password": "***", "dbname": "x", "host": "db",
+                                     "port": "5433"}),
+])
+def test_redact_dsn(dsn, expected):
+    assert psycopg2.extensions.parse_dsn(config.redact_dsn(dsn)) == expected
+
+
+def test_redact_unparsable_dsn():
+    assert config.redact_dsn("password=pw oops") == "<unparsable DSN>"
