@@ -323,7 +323,7 @@ def test_apply_delete_and_set():
     assert cursor.executed == [
         ('DELETE FROM "public"."t" WHERE "id" IS NULL', []),
         ('INSERT INTO "public"."t" ("id", "name") VALUES (%s::integer, %s::text)'
-         ' ON CONFLICT ("id") DO UPDATE SET "name" = EXCLUDED."name"', [1, "n"])]
+         ' ON CONFLICT ("id") DO UPDATE SET "name" = EXCLUDED."name" RETURNING "id"', [1, "n"])]
 
 
 def test_apply_rejects_restriction_on_add_and_unknown_action():
