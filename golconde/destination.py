@@ -22,13 +22,15 @@ import psycopg2.extensions
 from . import trigger
 from .apply import APPLIED, DUPLICATE, Outcome
 from .broker import CREATED_HEADER, ID_HEADER, BrokerConnection, Delivery, Outgoing, send_all_confirmed
-from .errors import PacketError, describe
+from .errors import PacketError, StopListener, describe
 from .listener import Listener, QueueConsumer
 from .packet import dumps, parse
 from .stats import ThreadStats
 
 LOGGER = logging.getLogger(__name__)
 
+#: Seconds to wait before looking again for a missing queue table.
+QUEUE_RETRY = 10.0
 #: Seconds between backlog counts of the queue table.
 BACKLOG_INTERVAL = 5.0
 
@@ -106,7 +108,7 @@ class TriggerDestination(Listener):
             with self.listen_db.cursor() as cur:
                 cur.execute("LISTEN golconde")
         if not self.locked:
-            trigger.install_schema(self.db)
+            self._require_queue_table()
             self.locked = trigger.acquire_drain_lock(self.db, self.config.name)
             self.db.commit()
             if not self.locked:
@@ -115,6 +117,18 @@ class TriggerDestination(Listener):
                 self._stopping.wait(self.config.poll_interval)
                 return
         self.stats.set_error(None)
+
+    def _require_queue_table(self) -> None:
+        """The daemon never runs DDL on the canonical database (it could queue behind the
+        application's transactions); ``golconde trigger install`` creates the queue table."""
+        with self.db.cursor() as cur:
+            cur.execute("SELECT to_regclass('golconde.queue') IS NOT NULL")
+            present = cur.fetchone()[0]
+        self.db.rollback()
+        if not present:
+            raise StopListener("golconde.queue does not exist in the canonical database of %s: run"
+                               " 'golconde trigger install --destination %s' first"
+                               % (self.config.name, self.config.name), retry_after=QUEUE_RETRY)
 
     def reset(self) -> None:
         super().reset()

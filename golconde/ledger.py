@@ -50,9 +50,12 @@ def packet_id(headers: Mapping[str, str], body: bytes) -> str:
 
 
 def ensure(connection: Any) -> None:
-    """Create the ``golconde.applied`` table if needed (commits)."""
+    """Create the ``golconde.applied`` table if it is missing (commits). When it exists, no DDL is
+    run: ``CREATE INDEX IF NOT EXISTS`` would still lock the table."""
     with connection.cursor() as cur:
-        cur.execute(_DDL)
+        cur.execute("SELECT to_regclass('golconde.applied') IS NOT NULL")
+        if not cur.fetchone()[0]:
+            cur.execute(_DDL)
     connection.commit()
 
 

@@ -1,0 +1,575 @@
+"""Fault injection against the real services: broker connections closed by the broker, target
+database sessions terminated, golconded killed with SIGKILL or stopped with SIGTERM mid-stream, a
+trigger-based flow across a crash, and a target table locked for a while.
+
+Every scenario streams packets that would reveal a double apply (ADD into a keyless table, each
+with a unique payload) and ends by checking that the canonical relation and every target hold each
+sent payload exactly once, that the queues are drained and that nothing was dead-lettered.
+
+Each test isolates itself: its own databases, destination and queues (deleted at teardown); the
+broker-side fault uses a RabbitMQ user created for the test, so that only the daemon's connections
+are closed, never those of other test runs sharing the broker.
+
+Select them with ``-m faults``; deselect with ``-m "not faults"``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import psycopg2
+import pytest
+
+from golconde import trigger
+from golconde.client import Client
+from golconde.compare import compare
+from golconde.daemon import Daemon
+
+from ..conftest import STOMP_LOGIN, STOMP_PASSCODE, stomp_address
+from .flow_support import (DaemonProcess, execute, make_config, parse_config, query, wait_for,
+                           write_config)
+
+pytestmark = [
+    pytest.mark.faults,
+    pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl"),
+]
+
+TABLE = "public.ev"
+EVENTS = "CREATE TABLE public.ev (payload text NOT NULL, n integer NOT NULL)"  # keyless on purpose
+HEARTBEAT_MS = 2000
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+def rabbitmqctl(*args: str, check: bool = True) -> str:
+    result = subprocess.run(["rabbitmqctl", "-q"] + list(args), capture_output=True, text=True,
+                            timeout=60)
+    if check and result.returncode != 0:
+        raise AssertionError("rabbitmqctl %s failed (%d): %s %s" % (
+            " ".join(args), result.returncode, result.stdout, result.stderr))
+    return result.stdout
+
+
+def amqp_name(stomp_queue: str) -> str:
+    """``/queue/x`` -> ``x`` (RabbitMQ's name of the queue)."""
+    assert stomp_queue.startswith("/queue/"), stomp_queue
+    return stomp_queue[len("/queue/"):]
+
+
+def queue_depths() -> Dict[str, int]:
+    """``{queue name: messages (ready + unacknowledged)}`` for every queue of the default vhost."""
+    depths = {}
+    for line in rabbitmqctl("list_queues", "--no-table-headers", "name", "messages").splitlines():
+        parts = line.split("\t")
+        if len(parts) == 2 and parts[1].strip().isdigit():
+            depths[parts[0]] = int(parts[1])
+    return depths
+
+
+def delete_queues(names: Iterable[str]) -> None:
+    """Delete the test's queues (in parallel; missing ones are ignored)."""
+    procs = [subprocess.Popen(["rabbitmqctl", "-q", "delete_queue", name],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for name in names]
+    for proc in procs:
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def count_rows(dsn: str) -> int:
+    return query(dsn, "SELECT count(*) FROM ev")[0][0]
+
+
+def counts(dsn: str) -> tuple:
+    """(rows, distinct payloads)."""
+    return tuple(query(dsn, "SELECT count(*), count(DISTINCT payload) FROM ev")[0])
+
+
+class Stream(threading.Thread):
+    """Streams ``total`` ADD packets with unique payloads into a destination queue, in confirmed
+    batches of ``batch``, pausing ``pause`` seconds between batches (a paced stream, so that faults
+    land while packets flow). Uses its own guest connection."""
+
+    def __init__(self, queue: str, total: int, batch: int = 25, pause: float = 0.02,
+                 prefix: Optional[str] = None) -> None:
+        super().__init__(name="fault-stream", daemon=True)
+        self.queue = queue
+        self.total = total
+        self.batch_size = batch
+        self.pause = pause
+        self.prefix = prefix or uuid.uuid4().hex[:6]
+        self.sent = 0
+        self.error: Optional[BaseException] = None
+        self._halt = threading.Event()
+
+    def payload(self, index: int) -> str:
+        return "%s-%06d" % (self.prefix, index)
+
+    @property
+    def payloads(self) -> List[str]:
+        return [self.payload(i) for i in range(self.total)]
+
+    def run(self) -> None:
+        host, port = stomp_address()
+        client = Client(self.queue, host, port, STOMP_LOGIN, STOMP_PASSCODE, timeout=20)
+        try:
+            while self.sent < self.total and not self._halt.is_set():
+                upto = min(self.total, self.sent + self.batch_size)
+                with client.batch():
+                    for index in range(self.sent, upto):
+                        client.add({"payload": self.payload(index), "n": index})
+                self.sent = upto
+                if self.pause:
+                    time.sleep(self.pause)
+        except BaseException as exc:  # reported by finish()
+            self.error = exc
+        finally:
+            client.close()
+
+    def finish(self, timeout: float = 40.0) -> None:
+        self.join(timeout)
+        if self.is_alive():
+            self._halt.set()
+            self.join(5)
+            raise AssertionError("stream did not finish within %.0fs (%d of %d sent)"
+                                 % (timeout, self.sent, self.total))
+        if self.error is not None:
+            raise AssertionError("stream failed after %d packets: %r" % (self.sent, self.error))
+        assert self.sent == self.total
+
+    def abort(self) -> None:
+        self._halt.set()
+        self.join(10)
+
+
+class Flow:
+    """Canonical + two targets, each with the keyless ``ev`` table, and a configuration mapping."""
+
+    def __init__(self, make_database: Any, table_sql: str = EVENTS, table: str = TABLE,
+                 mode: str = "client", **overrides: Any) -> None:
+        self.canonical, self.t1, self.t2 = make_database(), make_database(), make_database()
+        for dsn in (self.canonical, self.t1, self.t2):
+            execute(dsn, table_sql)
+        self.table = table
+        self.mapping = make_config(self.canonical, {"target1": self.t1, "target2": self.t2},
+                                   table, mode=mode, **overrides)
+        self.mapping["Broker"]["heartbeat"] = HEARTBEAT_MS
+        self.name = next(iter(self.mapping["Destinations"]))
+        destination = self.mapping["Destinations"][self.name]
+        self.queue = destination["queue"]
+        self.target_queues = [t["queue"] for t in destination["Targets"].values()]
+
+    @property
+    def targets(self) -> List[str]:
+        return [self.t1, self.t2]
+
+    @property
+    def all_dbs(self) -> List[str]:
+        return [self.canonical, self.t1, self.t2]
+
+    def amqp_queues(self) -> List[str]:
+        """Every queue this flow may create, dead-letter queues included."""
+        names = [amqp_name(q) for q in [self.queue] + self.target_queues]
+        return names + [name + ".dlq" for name in names]
+
+    def config(self) -> Any:
+        return parse_config(self.mapping)
+
+    def queues_drained(self) -> bool:
+        depths = queue_depths()
+        return all(depths.get(name, 0) == 0 for name in self.amqp_queues())
+
+    def dead_letters(self) -> Dict[str, int]:
+        depths = queue_depths()
+        return {name: depths[name] for name in self.amqp_queues()
+                if name.endswith(".dlq") and depths.get(name)}
+
+    def wait_complete(self, stream: Stream, timeout: float = 45.0, dbs: Optional[Sequence[str]] = None,
+                      describe: Any = None) -> None:
+        """Wait until every database holds all ``stream.total`` distinct payloads and every queue
+        of the flow is empty (nothing left to redeliver), then assert the exact end state."""
+        dbs = list(dbs or self.all_dbs)
+        try:
+            wait_for(lambda: all(counts(dsn)[1] >= stream.total for dsn in dbs),
+                     timeout=timeout, interval=0.3, message="all payloads everywhere")
+            wait_for(self.queues_drained, timeout=15, interval=0.5, message="queues drained")
+        except AssertionError as exc:
+            state = {dsn.split("dbname=")[-1]: counts(dsn) for dsn in dbs}
+            extra = describe() if describe else ""
+            raise AssertionError("%s; (rows, distinct) per database: %s; queues: %s\n%s" % (
+                exc, state, {n: d for n, d in queue_depths().items() if n in self.amqp_queues()},
+                extra)) from None
+        self.assert_exact(stream, dbs)
+
+    def assert_exact(self, stream: Stream, dbs: Sequence[str]) -> None:
+        expected = sorted(stream.payloads)
+        for dsn in dbs:
+            rows, distinct = counts(dsn)
+            assert (rows, distinct) == (stream.total, stream.total), (
+                "%s: %d rows, %d distinct payloads, %d sent (duplicates or losses)"
+                % (dsn, rows, distinct, stream.total))
+            assert [r[0] for r in query(dsn, "SELECT payload FROM ev ORDER BY payload")] == expected
+        for target in self.targets:
+            if target in dbs:
+                result = compare(self.canonical, self.table, target, self.table)
+                assert result.equal, result.summary()
+        assert self.dead_letters() == {}, "packets were dead-lettered: %s" % self.dead_letters()
+
+
+@pytest.fixture
+def cleanup_queues():
+    """Collects flows; deletes their queues at teardown."""
+    flows: List[Flow] = []
+    yield flows
+    names = [name for flow in flows for name in flow.amqp_queues()]
+    if names:
+        delete_queues(names)
+
+
+@pytest.fixture
+def flow(make_database, cleanup_queues):
+    created = Flow(make_database)
+    cleanup_queues.append(created)
+    return created
+
+
+@pytest.fixture
+def rabbit_user():
+    """A RabbitMQ user of our own, so that closing its connections touches nobody else."""
+    user = "golconde_fault_%s" % uuid.uuid4().hex[:10]
+    password = uuid.uuid4().hex
+    rabbitmqctl("add_user", user, password)
+    try:
+        rabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+        yield user, password
+    finally:
+        rabbitmqctl("delete_user", user, check=False)
+
+
+def thread_stats(daemon: Daemon) -> Dict[str, Dict[str, Any]]:
+    stats: Dict[str, Dict[str, Any]] = {}
+    for entry in daemon.registry.snapshot()["threads"]:
+        stats.update(entry)
+    return stats
+
+
+def stomp_connections(user: str) -> List[str]:
+    """Erlang pids (``<0.N.M>``, local to the broker node) of the STOMP connections of ``user``.
+
+    ``rabbitmqctl list_connections`` does not list STOMP connections on RabbitMQ 3.10, hence
+    ``list_stomp_connections``."""
+    out = rabbitmqctl("list_stomp_connections", "--no-table-headers", "auth_login", "connection")
+    pids = []
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 2 and parts[0] == user:
+            match = re.search(r"\.(\d+)\.(\d+)>$", parts[1].strip())
+            if match:
+                pids.append("<0.%s.%s>" % match.groups())
+    return pids
+
+
+def close_user_connections(user: str) -> int:
+    """Close, from the broker side, every connection of ``user`` (only ``user``'s: other test runs
+    may share the broker). ``close_all_user_connections`` only closes AMQP 0-9-1 connections on
+    RabbitMQ 3.10 (it is a no-op for STOMP), so each STOMP connection of the user is then closed by
+    its reader process, as ``rabbit_stomp:close_all_client_connections`` does for all of them.
+    Returns the number of STOMP connections closed."""
+    rabbitmqctl("close_all_user_connections", user, "test")
+    pids = stomp_connections(user)
+    if pids:
+        rabbitmqctl("eval", "[rabbit_stomp_reader:close_connection(list_to_pid(P), \"test\")"
+                            " || P <- [%s]], ok." % ", ".join('"%s"' % pid for pid in pids))
+    return len(pids)
+
+
+class running:
+    """Context manager: an in-process daemon, always stopped."""
+
+    def __init__(self, config: Any) -> None:
+        self.daemon = Daemon(config)
+
+    def __enter__(self) -> Daemon:
+        self.daemon.start()
+        return self.daemon
+
+    def __exit__(self, *exc: Any) -> None:
+        assert self.daemon.stop(), "daemon did not stop in time"
+
+
+class subprocess_daemon:
+    """Context manager: golconded as a subprocess (killed at exit if still running)."""
+
+    def __init__(self, flow: Flow, tmp_path: Any) -> None:
+        self.config_path = write_config(str(tmp_path / "golconde.yaml"), flow.mapping)
+        self.log_path = str(tmp_path / "golconded.log")
+        self.process = DaemonProcess(self.config_path, self.log_path)
+
+    def __enter__(self) -> "subprocess_daemon":
+        self.process.start()
+        return self
+
+    def restart(self) -> None:
+        self.process = DaemonProcess(self.config_path, self.log_path).start()
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.process.log().splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def __exit__(self, *exc: Any) -> None:
+        proc = self.process.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.terminate()
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+# -- 1. the broker closes the daemon's connections mid-stream ----------------------------------------
+
+def test_broker_closes_connections_mid_stream(flow, rabbit_user):
+    user, password = rabbit_user
+    flow.mapping["Broker"].update({"login": user, "passcode": password})
+    stream = Stream(flow.queue, 2000, batch=25, pause=0.03)
+    with running(flow.config()) as daemon:
+        # 3 threads, each with an inbound and an outbound connection
+        wait_for(lambda: len(stomp_connections(user)) >= 6, timeout=15, message="daemon connected")
+        stream.start()
+        try:
+            for _ in range(2):
+                wait_for(lambda: stream.sent >= 300 or not stream.is_alive(), timeout=15,
+                         message="packets flowing")
+                closed_at = stream.sent
+                assert close_user_connections(user) >= 6
+                wait_for(lambda: stream.sent >= closed_at + 500 or not stream.is_alive(),
+                         timeout=20, message="stream going on")
+                # the daemon reconnects and resubscribes by itself
+                wait_for(lambda: len(stomp_connections(user)) >= 6, timeout=20,
+                         message="daemon reconnected")
+            stream.finish()
+        finally:
+            stream.abort()
+        flow.wait_complete(stream, describe=lambda: thread_stats(daemon))
+        stats = thread_stats(daemon)
+        assert sum(s["reconnects"] for s in stats.values()) > 0, stats
+        assert all(s["broker"] == "connected" and s["database"] == "connected"
+                   for s in stats.values()), stats
+        # A batch committed whose fan-out or ack was cut by the drop is counted when its
+        # redelivery comes back as duplicates: never more applies than packets.
+        for name in [flow.name, flow.name + "_target1", flow.name + "_target2"]:
+            thread = stats[name]
+            assert thread["applied"] <= stream.total <= thread["applied"] + thread["duplicates"], thread
+            assert thread["dead_lettered"] == 0, thread
+        print("reconnects per thread:", {name: s["reconnects"] for name, s in stats.items()})
+
+
+# -- 2. target database sessions terminated mid-stream -----------------------------------------------
+
+def terminate_golconde_sessions(dsn: str) -> int:
+    dbname = psycopg2.extensions.parse_dsn(dsn)["dbname"]
+    rows = query(dsn.replace("dbname=" + dbname, "dbname=postgres"),
+                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                 " WHERE datname = %s AND application_name LIKE 'golconde%%'", (dbname,))
+    return sum(1 for (ok,) in rows if ok)
+
+
+def test_target_sessions_terminated_mid_stream(flow):
+    stream = Stream(flow.queue, 2000, batch=25, pause=0.03)
+    with running(flow.config()) as daemon:
+        target = "%s_target1" % flow.name
+        wait_for(lambda: thread_stats(daemon)[target]["database"] == "connected", timeout=15,
+                 message="target1 connected")
+        stream.start()
+        terminated = 0
+        try:
+            for threshold in (300, 800, 1300):
+                wait_for(lambda: count_rows(flow.t1) >= threshold or not stream.is_alive(),
+                         timeout=20, message="target1 applying")
+                terminated += terminate_golconde_sessions(flow.t1)
+                time.sleep(0.2)
+            stream.finish()
+        finally:
+            stream.abort()
+        assert terminated >= 2, "no golconde session found to terminate"
+        flow.wait_complete(stream, describe=lambda: thread_stats(daemon))
+        stats = thread_stats(daemon)
+        assert stats[target]["applied"] == stream.total, stats[target]
+        assert stats[target]["database"] == "connected"
+        assert stats[target]["dead_lettered"] == 0
+
+
+# -- 3. kill -9 of golconded, three times ------------------------------------------------------------
+
+def test_kill_9_three_times_mid_stream(flow, tmp_path):
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    stream = Stream(flow.queue, 3000, batch=25, pause=0.04)
+    with subprocess_daemon(flow, tmp_path) as golconded:
+        wait_for(lambda: "listener starting" in golconded.process.log(),
+                 timeout=15, message="golconded started")
+        stream.start()
+        try:
+            for _ in range(3):
+                time.sleep(rng.uniform(0.5, 2.0))
+                golconded.kill()
+                time.sleep(rng.uniform(0.0, 0.5))
+                golconded.restart()
+            stream.finish()
+            flow.wait_complete(stream, describe=lambda: "seed %d\n%s" % (seed, golconded.log_tail()))
+        finally:
+            stream.abort()
+
+
+# -- 4. SIGTERM during a stream: clean and quick exit, then a complete restart ------------------------
+
+def test_sigterm_mid_stream_exits_cleanly(flow, tmp_path):
+    stream = Stream(flow.queue, 2000, batch=25, pause=0.03)
+    with subprocess_daemon(flow, tmp_path) as golconded:
+        try:
+            wait_for(lambda: "listener starting" in golconded.process.log(),
+                     timeout=15, message="golconded started")
+            stream.start()
+            wait_for(lambda: count_rows(flow.t1) >= 300, timeout=20, message="packets flowing")
+            started = time.monotonic()
+            status = golconded.process.terminate(timeout=15)
+            elapsed = time.monotonic() - started
+            assert status == 0, "exit status %s\n%s" % (status, golconded.log_tail())
+            assert elapsed < 5.0, "took %.1fs to stop\n%s" % (elapsed, golconded.log_tail())
+            assert "did not stop" not in golconded.process.log()
+            before = count_rows(flow.t1)
+            golconded.restart()
+            stream.finish()
+            flow.wait_complete(stream, describe=golconded.log_tail)
+            assert before < stream.total          # the fault did land mid-stream
+        finally:
+            stream.abort()
+
+
+# -- 5. trigger-based flow across a kill -9 ------------------------------------------------------------
+
+ITEMS = "CREATE TABLE public.items (id integer PRIMARY KEY, n integer NOT NULL, note text)"
+
+
+def test_trigger_flow_survives_kill_9(make_database, cleanup_queues, tmp_path):
+    flow = Flow(make_database, table_sql=ITEMS, table="public.items", mode="trigger")
+    cleanup_queues.append(flow)
+    conn = psycopg2.connect(flow.canonical)
+    try:
+        trigger.install(conn, "public.items", flow.name)
+    finally:
+        conn.close()
+    rng = random.Random()
+    writes = {"transactions": 0}
+    errors: List[BaseException] = []
+    done = threading.Event()
+
+    def writer() -> None:
+        db = psycopg2.connect(flow.canonical)
+        try:
+            next_id = 1
+            for number in range(600):
+                with db.cursor() as cur:
+                    kind = number % 6
+                    if kind in (0, 1, 2) or next_id < 10:
+                        cur.execute("INSERT INTO items VALUES (%s, 0, %s), (%s, 0, %s)",
+                                    (next_id, "row %d" % next_id, next_id + 1, None))
+                        next_id += 2
+                    elif kind in (3, 4):
+                        ids = rng.sample(range(1, next_id), 3)
+                        cur.execute("UPDATE items SET n = n + 1, note = note || '+'"
+                                    " WHERE id = ANY(%s)", (ids,))
+                    else:
+                        cur.execute("DELETE FROM items WHERE id = %s", (rng.randrange(1, next_id),))
+                db.commit()
+                writes["transactions"] += 1
+                time.sleep(0.008)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            db.close()
+            done.set()
+
+    with subprocess_daemon(flow, tmp_path) as golconded:
+        thread = threading.Thread(target=writer, name="fault-writer", daemon=True)
+        thread.start()
+        wait_for(lambda: writes["transactions"] >= 150, timeout=20, message="writes going on")
+        time.sleep(rng.uniform(0.0, 1.0))
+        golconded.kill()
+        time.sleep(0.3)
+        golconded.restart()
+        assert done.wait(40), "writer did not finish"
+        assert not errors, errors
+        assert writes["transactions"] == 600
+
+        def settled() -> bool:
+            backlog = query(flow.canonical, "SELECT count(*) FROM golconde.queue")[0][0]
+            return (backlog == 0 and flow.queues_drained()
+                    and all(compare(flow.canonical, "public.items", t, "public.items").equal
+                            for t in flow.targets))
+
+        try:
+            wait_for(settled, timeout=45, interval=0.5, message="targets equal to canonical")
+        except AssertionError as exc:
+            raise AssertionError("%s\n%s" % (exc, golconded.log_tail())) from None
+        rows = query(flow.canonical, "SELECT * FROM items ORDER BY id")
+        assert len(rows) > 500 and any(r[1] > 0 for r in rows)
+        for target in flow.targets:
+            assert query(target, "SELECT * FROM items ORDER BY id") == rows
+        assert flow.dead_letters() == {}
+
+
+# -- 6. a locked target table does not hold back the other target -------------------------------------
+
+def test_locked_target_does_not_block_the_other(flow):
+    stream = Stream(flow.queue, 1500, batch=50, pause=0.01)
+    warmup = Stream(flow.queue, 1, prefix="warmup")
+    locker = None
+    with running(flow.config()) as daemon:
+        warmup.start()
+        warmup.finish()
+        wait_for(lambda: all(count_rows(dsn) == 1 for dsn in flow.all_dbs), timeout=20,
+                 message="warm-up packet everywhere")
+        locker = psycopg2.connect(flow.t1)
+        try:
+            with locker.cursor() as cur:
+                cur.execute("LOCK TABLE public.ev IN ACCESS EXCLUSIVE MODE")
+            locked_at = time.monotonic()
+            stream.start()
+            stream.finish()
+            wait_for(lambda: count_rows(flow.t2) >= 1 + stream.total, timeout=9, interval=0.2,
+                     message="target2 receiving while target1 is locked")
+            assert time.monotonic() - locked_at < 10
+            time.sleep(max(0.0, 10.0 - (time.monotonic() - locked_at)))
+            # target1 waited on the lock the whole time: nothing of the stream applied yet
+            assert counts(flow.t1) == (1, 1)
+            target1 = thread_stats(daemon)["%s_target1" % flow.name]
+            assert target1["applied"] == 1 and target1["dead_lettered"] == 0, target1
+        finally:
+            locker.rollback()   # releases the lock
+            locker.close()
+            stream.abort()
+        # after the release, target1 catches up
+        expected = ["warmup-000000"] + stream.payloads
+        wait_for(lambda: count_rows(flow.t1) >= len(expected), timeout=30,
+                 message="target1 caught up")
+        wait_for(flow.queues_drained, timeout=15, interval=0.5, message="queues drained")
+        for dsn in flow.all_dbs:
+            assert [r[0] for r in query(dsn, "SELECT payload FROM ev ORDER BY payload")] == sorted(expected)
+        assert compare(flow.canonical, TABLE, flow.t1, TABLE).equal
+        assert flow.dead_letters() == {}

@@ -1,0 +1,129 @@
+"""End to end, trigger-based flow: capture trigger -> golconde.queue -> daemon -> targets."""
+from __future__ import annotations
+
+import threading
+
+import psycopg2
+import pytest
+
+from golconde import trigger
+from golconde.compare import compare
+from golconde.daemon import Daemon
+
+from .flow_support import execute, make_config, parse_config, query, wait_for
+
+ACCOUNTS = """
+CREATE TABLE public.accounts (
+    aid      integer PRIMARY KEY,
+    balance  numeric(20, 4) NOT NULL DEFAULT 0,
+    owner    text,
+    tags     text[],
+    profile  jsonb,
+    updated  timestamptz DEFAULT now()
+)
+"""
+
+
+@pytest.fixture
+def trigger_flow(make_database):
+    canonical, t1, t2 = make_database(), make_database(), make_database()
+    for dsn in (canonical, t1, t2):
+        execute(dsn, ACCOUNTS)
+    mapping = make_config(canonical, {"t1": t1, "t2": t2}, "public.accounts", mode="trigger",
+                          poll_interval=0.5)
+    config = parse_config(mapping)
+    destination = config.destinations[0]
+    conn = psycopg2.connect(canonical)
+    result = trigger.install(conn, "public.accounts", destination.name)
+    conn.close()
+    assert result.warning is None
+    daemon = Daemon(config)
+    daemon.start()
+    yield {"canonical": canonical, "targets": [t1, t2], "daemon": daemon, "destination": destination}
+    assert daemon.stop()
+
+
+def equal(state, table="public.accounts"):
+    return all(compare(state["canonical"], table, t, table).equal for t in state["targets"])
+
+
+def test_changes_are_distributed_and_rollbacks_are_not(trigger_flow):
+    canonical = trigger_flow["canonical"]
+    execute(canonical, "INSERT INTO accounts (aid, balance, owner, tags, profile)"
+                       " SELECT g, g * 1.5, 'owner ' || g, ARRAY['a', NULL, 'it''s'], jsonb_build_object('g', g)"
+                       " FROM generate_series(1, 200) g")
+    execute(canonical, "UPDATE accounts SET balance = balance + 0.0001, owner = NULL WHERE aid % 3 = 0")
+    execute(canonical, "DELETE FROM accounts WHERE aid % 10 = 0")
+    conn = psycopg2.connect(canonical)
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO accounts (aid, owner) VALUES (100000, 'rolled back')")
+        cur.execute("UPDATE accounts SET owner = 'rolled back' WHERE aid = 1")
+    conn.rollback()
+    conn.close()
+    execute(canonical, "INSERT INTO accounts (aid, owner) VALUES (500, 'sentinel')")
+    wait_for(lambda: query(trigger_flow["targets"][1], "SELECT count(*) FROM accounts WHERE aid = 500")[0][0] == 1
+             and equal(trigger_flow), message="targets equal to canonical")
+    for target in trigger_flow["targets"]:
+        assert query(target, "SELECT count(*) FROM accounts WHERE owner = 'rolled back'")[0][0] == 0
+        assert query(target, "SELECT count(*) FROM accounts")[0][0] == 181
+    # the queue table is drained
+    wait_for(lambda: query(canonical, "SELECT count(*) FROM golconde.queue")[0][0] == 0, timeout=10,
+             message="queue table drained")
+
+
+def test_out_of_order_commits_are_not_skipped(trigger_flow):
+    """A transaction that took its queue id first but commits last is still distributed."""
+    canonical = trigger_flow["canonical"]
+    slow = psycopg2.connect(canonical)
+    with slow.cursor() as cur:
+        cur.execute("INSERT INTO accounts (aid, owner) VALUES (1, 'slow, smaller queue id')")
+    # later transactions commit and get drained while the slow one is open
+    for aid in range(2, 50):
+        execute(canonical, "INSERT INTO accounts (aid, owner) VALUES (%s, 'fast')", (aid,))
+    wait_for(lambda: query(trigger_flow["targets"][0], "SELECT count(*) FROM accounts")[0][0] == 48,
+             message="fast rows distributed")
+    slow.commit()
+    slow.close()
+    wait_for(lambda: equal(trigger_flow) and query(trigger_flow["targets"][0],
+             "SELECT count(*) FROM accounts")[0][0] == 49, message="slow row distributed")
+
+
+def test_concurrent_writers_keep_per_row_order(trigger_flow):
+    canonical = trigger_flow["canonical"]
+    execute(canonical, "INSERT INTO accounts (aid, balance) SELECT g, 0 FROM generate_series(1, 20) g")
+
+    def writer(seed: int) -> None:
+        conn = psycopg2.connect(canonical)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for i in range(150):
+                cur.execute("UPDATE accounts SET balance = balance + 1, owner = %s WHERE aid = %s",
+                            ("w%d-%d" % (seed, i), (i * 7 + seed) % 20 + 1))
+        conn.close()
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert query(canonical, "SELECT sum(balance) FROM accounts")[0][0] == 600
+    wait_for(lambda: equal(trigger_flow), message="targets equal after concurrent updates")
+
+
+def test_keyless_table_distributes_inserts(make_database):
+    canonical, t1 = make_database(), make_database()
+    for dsn in (canonical, t1):
+        execute(dsn, "CREATE TABLE history (tid integer, delta integer, mtime timestamp)")
+    config = parse_config(make_config(canonical, {"t1": t1}, "history", mode="trigger"))
+    conn = psycopg2.connect(canonical)
+    result = trigger.install(conn, "history", config.destinations[0].name)
+    conn.close()
+    assert "no primary key" in result.warning
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        execute(canonical, "INSERT INTO history SELECT g, g, now() FROM generate_series(1, 300) g")
+        wait_for(lambda: compare(canonical, "history", t1, "history").equal
+                 and query(t1, "SELECT count(*) FROM history")[0][0] == 300, message="history distributed")
+    finally:
+        daemon.stop()
