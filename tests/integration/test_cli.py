@@ -1,0 +1,86 @@
+"""The two commands, run as processes: configuration errors, trigger install/remove, compare, send."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import psycopg2
+import yaml
+
+from .flow_support import execute, make_config, query, wait_for, write_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(module: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module] + list(args), capture_output=True, text=True,
+                          cwd=ROOT, input=stdin, timeout=60)
+
+
+def test_bad_configuration_is_one_clear_error_before_connecting(tmp_path):
+    mapping = make_config("dbname=nowhere", {"t1": "dbname=nowhere2"}, "friendships", name="Test1")
+    del mapping["Destinations"]["Test1"]["Targets"]["t1"]["queue"]
+    mapping["Destinations"]["Test1"]["stomp"] = "localhost"
+    path = write_config(str(tmp_path / "bad.yaml"), mapping)
+    result = run("golconde.daemon_entry", "-f", "-c", path)
+    assert result.returncode == 2
+    assert "Destinations.Test1.Targets.t1.queue: missing" in result.stderr
+    assert "Destinations.Test1.stomp" in result.stderr
+    (tmp_path / "syntax.yaml").write_text("Destinations:\n  a: [\n")
+    result = run("golconde.daemon_entry", "-f", "-c", str(tmp_path / "syntax.yaml"))
+    assert result.returncode == 2 and "YAML" in result.stderr and ":3:" in result.stderr
+
+
+def test_unknown_handler_is_a_configuration_error(tmp_path):
+    mapping = make_config("dbname=x", {"t1": "dbname=y"}, "friendships", name="Test1")
+    mapping["Destinations"]["Test1"]["function_name"] = "no_such_module.Handler"
+    path = write_config(str(tmp_path / "handler.yaml"), mapping)
+    result = run("golconde.daemon_entry", "--check", "-c", path)
+    assert result.returncode == 2
+    assert "no_such_module" in result.stderr
+
+
+def test_example_configuration_validates():
+    result = run("golconde.daemon_entry", "--check", "-c", os.path.join(ROOT, "etc", "golconde.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK" in result.stdout
+
+
+def test_trigger_install_remove_and_compare(make_database, tmp_path):
+    canonical, target = make_database(), make_database()
+    for dsn in (canonical, target):
+        execute(dsn, "CREATE TABLE items (id integer PRIMARY KEY, name text)")
+        execute(dsn, "CREATE TABLE log (line text)")
+    result = run("golconde.cli", "trigger", "install", "--dsn", canonical, "--table", "items",
+                 "--table", "log", "--destination", "Items")
+    assert result.returncode == 0, result.stderr
+    assert "no primary key" in result.stdout          # log: only INSERTs are captured
+    execute(canonical, "INSERT INTO items VALUES (1, 'a')")
+    execute(canonical, "INSERT INTO log VALUES ('x')")
+    assert query(canonical, "SELECT count(*) FROM golconde.queue")[0][0] == 2
+    result = run("golconde.cli", "trigger", "install", "--dsn", canonical, "--table", "log",
+                 "--destination", "Items", "--actions", "insert,update")
+    assert result.returncode == 1 and "no primary key" in result.stderr
+    result = run("golconde.cli", "trigger", "remove", "--dsn", canonical, "--table", "items",
+                 "--destination", "Items")
+    assert result.returncode == 0, result.stderr
+    execute(canonical, "INSERT INTO items VALUES (2, 'b')")
+    assert query(canonical, "SELECT count(*) FROM golconde.queue")[0][0] == 2
+
+    mapping = make_config(canonical, {"t1": target}, "items", name="Items")
+    path = write_config(str(tmp_path / "c.yaml"), mapping)
+    result = run("golconde.cli", "compare", "-c", path)
+    assert result.returncode == 1 and "DIFFERENT" in result.stdout
+    execute(target, "INSERT INTO items VALUES (1, 'a'), (2, 'b')")
+    result = run("golconde.cli", "compare", "-c", path)
+    assert result.returncode == 0 and "all targets equal" in result.stdout, result.stdout
+
+
+def test_send_validates_packets(make_database, tmp_path):
+    mapping = make_config("dbname=unused", {"t1": "dbname=unused2"}, "items")
+    path = write_config(str(tmp_path / "s.yaml"), mapping)
+    name = list(mapping["Destinations"])[0]
+    result = run("golconde.cli", "send", "-c", path, "--destination", name,
+                 '{"action": "merge", "data": {"a": 1}}')
+    assert result.returncode == 1 and "unknown action" in result.stderr

@@ -1,0 +1,85 @@
+"""Packet parsing and validation (pure logic)."""
+from decimal import Decimal
+
+import pytest
+
+from golconde.errors import PacketError
+from golconde.packet import Action, Packet, dumps, loads, parse
+
+
+def test_slides_upper_case_packet():
+    packet = parse('{"ACTION": "ADD", "DATA": {"FRIEND_ID": 47, "USER_ID": 16, "STATUS_ID": 1}}')
+    assert packet.action is Action.ADD
+    assert packet.data == {"FRIEND_ID": 47, "USER_ID": 16, "STATUS_ID": 1}
+    assert packet.restriction == {}
+
+
+@pytest.mark.parametrize("action", ["add", "ADD", "Add", " set ", "UPDATE", "delete"])
+def test_actions_case_insensitive(action):
+    body = {"action": action, "data": {"a": 1}, "restriction": {"k": 1}}
+    if action.strip().lower() in ("add", "set"):
+        del body["restriction"]
+    if action.strip().lower() == "delete":
+        del body["data"]
+    assert parse(body).action.value == action.strip().lower()
+
+
+def test_numbers_keep_their_precision_and_round_trip():
+    packet = parse(b'{"action": "set", "data": {"n": 12345678901234567890.123456789012345678, "i": 10000000000000000000001}}')
+    assert packet.data["n"] == Decimal("12345678901234567890.123456789012345678")
+    assert packet.data["i"] == 10000000000000000000001
+    again = parse(packet.to_json())
+    assert again == packet
+
+
+def test_to_json_is_canonical_lower_case():
+    packet = parse('{"Action": "DELETE", "Restriction": {"id": 1}}')
+    assert loads(packet.to_json()) == {"action": "delete", "restriction": {"id": 1}}
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"action": "add", "data": ', "not valid JSON"),
+    (b'\xff\xfe', "not valid UTF-8"),
+    (b'[1]', "must be a JSON object, not an array"),
+    (b'"x"', "must be a JSON object, not a string"),
+    (b'{"data": {"a": 1}}', "no action"),
+    (b'{"action": 1, "data": {"a": 1}}', "action must be a string"),
+    (b'{"action": "merge", "data": {"a": 1}}', "unknown action 'merge'"),
+    (b'{"action": "add", "data": {"a": 1}, "extra": 1}', "unknown packet key 'extra'"),
+    (b'{"action": "add", "ACTION": "add", "data": {"a": 1}}', "given twice"),
+    (b'{"action": "add"}', "non-empty data"),
+    (b'{"action": "add", "data": {}}', "non-empty data"),
+    (b'{"action": "add", "data": [1]}', "data must be a JSON object"),
+    (b'{"action": "update", "data": {"a": 1}}', "non-empty restriction"),
+    (b'{"action": "delete", "restriction": {}}', "non-empty restriction"),
+    (b'{"action": "delete", "restriction": {"a": 1}, "data": {"b": 2}}', "takes a restriction, not data"),
+    (b'{"action": "set", "data": {"a": 1}, "restriction": {"a": 1}}', "takes data, not a restriction"),
+    (b'{"action": "add", "data": {"": 1}}', "empty column name"),
+    (b'{"action": "add", "data": {"a": "x\\u0000y"}}', "NUL character"),
+    (b'{"action": "add", "data": {"a": NaN}}', "not valid JSON"),
+    (b'{"action": "add", "data": {"a": Infinity}}', "not valid JSON"),
+])
+def test_bad_packets_name_the_problem(body, message):
+    with pytest.raises(PacketError, match=message):
+        parse(body)
+
+
+def test_deep_nesting_is_a_packet_error_not_a_crash():
+    deep = b'{"action": "add", "data": {"a": ' + b"[" * 100000 + b"]" * 100000 + b"}}"
+    with pytest.raises(PacketError):
+        parse(deep)
+    nested = b'{"action": "add", "data": {"a": ' + b"[" * 70 + b"]" * 70 + b"}}"
+    with pytest.raises(PacketError, match="nested deeper"):
+        parse(nested)
+
+
+def test_oversized_packet_refused():
+    with pytest.raises(PacketError, match="bytes, more than"):
+        parse(b'{"action": "add", "data": {"a": "' + b"x" * (5 * 1024 * 1024) + b'"}}')
+
+
+def test_with_data_returns_a_copy():
+    packet = Packet(Action.ADD, {"a": 1})
+    filled = packet.with_data({"a": 1, "id": 7})
+    assert packet.data == {"a": 1} and filled.data == {"a": 1, "id": 7}
+    assert dumps({"x": Decimal("1.10")}) == '{"x":1.10}'
