@@ -245,6 +245,7 @@ class QueueConsumer(Listener):
                                                     on_message=self._inbox_put)
         self.dead_letter_broker = self.outbound_for(config.stomp)
         self._inbox: "queue.Queue[Delivery]" = queue.Queue()
+        self._in_flight = False
         self._last_prune = 0.0
 
     def _inbox_put(self, delivery: Delivery) -> None:
@@ -260,6 +261,7 @@ class QueueConsumer(Listener):
         super().open()                     # database and outbound connections first
         if not self.inbound.connected:
             self.inbound.connect()
+            self._in_flight = False         # whatever was in flight is redelivered
             self.inbound.subscribe(self.config.queue, self.config.prefetch)
             LOGGER.info("[%s] subscribed to %s (prefetch %d)", self.name, self.config.queue,
                         self.config.prefetch)
@@ -270,8 +272,12 @@ class QueueConsumer(Listener):
         self.handler.setup(db)
 
     def reset(self) -> None:
-        if not self.inbound.connected:
+        if self._in_flight or not self.inbound.connected:
+            # a batch that failed half-way is unacked on a live connection: the broker would keep
+            # it until that connection closes; closing makes it redeliver (the ledger de-duplicates)
             self.inbound.close()
+            self._drop_inbox()
+            self._in_flight = False
         super().reset()
 
     def close(self) -> None:
@@ -319,6 +325,7 @@ class QueueConsumer(Listener):
             self._maybe_prune()
             return
         self.stats.count("received", len(batch))
+        self._in_flight = True
         items = [(ledger.packet_id(d.headers, d.body), d.body) for d in batch]
         started = time.monotonic()
         retries_before = self.applier.retries
@@ -335,6 +342,7 @@ class QueueConsumer(Listener):
         self.after_commit(batch, items, outcomes)
         for delivery in batch:
             self.inbound.ack(delivery)
+        self._in_flight = False
         self._account(batch, outcomes, time.monotonic() - started)
 
     def after_commit(self, batch: Sequence[Delivery], items: Sequence[Tuple[str, bytes]],
