@@ -21,7 +21,7 @@ setup(
     version=read_version(),
     description="Queue-based data distribution for PostgreSQL over STOMP message brokers",
     packages=find_packages(include=["golconde", "golconde.*"]),
-    package_data={"golconde": ["triggers_sql/*.sql", "web/*"]},
+    package_data={"golconde": ["triggers_sql/*.sql", "web/*", "web/vendor/*"]},
     python_requires=">=3.9",
     install_requires=[
         "stomp.py>=8.1",
@@ -30,14 +30,18 @@ setup(
         "pydantic>=2",
         "simplejson>=3.17",
         "python-daemon>=3",
+        "prometheus-client>=0.17",
+        "nagiosplugin>=1.3",
+        "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "selenium>=4.10"],
     },
     entry_points={
         "console_scripts": [
             "golconded = golconde.cli:daemon_main",
             "golconde = golconde.cli:admin_main",
+            "check_golconde = golconde.nagios:main",
         ],
     },
     zip_safe=False,

@@ -5,10 +5,13 @@ This module knows nothing of STOMP: it takes ``(packet id, body)`` pairs and ret
 
 Algorithm:
 
-1. Each body is parsed (:func:`golconde.packet.parse`); a body that does not parse is dead.
+1. Each body is parsed (:func:`golconde.packet.parse_message`): a packet or a group of packets;
+   a body that does not parse is dead. A group is one item throughout: one ledger id, applied
+   whole or not at all (one savepoint on the careful path), one outcome, one fan-out message.
 2. *Fast path*: one transaction claims every id in the ledger (:mod:`golconde.ledger`), skips the
    ids already applied (duplicates: redeliveries after a crash), applies the rest through the
-   handler, stores the fanned-out packets (destinations) and commits.
+   handler (:meth:`~golconde.handlers.base.Handler.apply_batch` with every new packet, group
+   members included, in order), stores the fanned-out packets (destinations) and commits.
 3. On any error the transaction is rolled back and the error classified
    (:func:`golconde.errors.classify`): a lost connection raises :class:`ConnectionLost` (the caller
    reconnects and calls again: the ledger makes that safe, even when the COMMIT's fate is unknown);
@@ -17,7 +20,9 @@ Algorithm:
 4. *Careful path*: the same transaction shape, but each packet inside its own SAVEPOINT, so that a
    packet that fails permanently is rolled back alone and dead-lettered while the others commit.
    A schema error refreshes the handler's schema cache and retries that packet once; a transient
-   error retries it (bounded) with backoff.
+   error retries it (bounded) with backoff. A group's members are applied one by one with
+   :meth:`~golconde.handlers.base.Handler.apply` in the group's savepoint; a failing member rolls
+   back the whole group, dead-lettered with a reason naming the member's index.
 """
 from __future__ import annotations
 
@@ -25,13 +30,15 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+import psycopg2
 
 from . import ledger
 from .errors import (DEAD, RECONNECT, RETRY, SCHEMA, GolcondeError, PacketError, StopListener,
                      classify, describe)
 from .handlers.base import Handler
-from .packet import Packet, parse
+from .packet import dumps, Group, Packet, parse_message
 
 LOGGER = logging.getLogger(__name__)
 
@@ -49,15 +56,21 @@ class Outcome:
     """What became of one packet.
 
     :ivar status: ``"applied"``, ``"duplicate"`` (applied before; not applied again) or ``"dead"``.
-    :ivar packet: the parsed packet (``None`` when the body did not parse).
-    :ivar fanout: for destinations, the JSON text to send to the targets (with generated keys).
+    :ivar packet: the parsed packet or group (``None`` when the body did not parse).
+    :ivar fanout: for destinations, the JSON text to send to the targets (with generated keys;
+        a group's members each with theirs).
     :ivar reason: why a dead packet could not be applied.
     """
 
     status: str
-    packet: Optional[Packet] = None
+    packet: Optional[Union[Packet, Group]] = None
     fanout: Optional[str] = None
     reason: Optional[str] = None
+
+
+def members(item: Union[Packet, Group]) -> Tuple[Packet, ...]:
+    """The packets of a message: a group's members, or the packet alone."""
+    return item.packets if isinstance(item, Group) else (item,)
 
 
 def backoff(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
@@ -85,8 +98,9 @@ class Applier:
         self.sleep = sleep
         #: transient-error retries made so far (read by the listener for its stats)
         self.retries = 0
+        self._member: Optional[int] = None   # index of the group member being applied
 
-    def apply_batch(self, connection: Any, items: Sequence[Tuple[str, bytes]]) -> List[Outcome]:
+    def apply_batch(self, connection: Any, items: Sequence[Tuple[str, Any]]) -> List[Outcome]:
         """Apply ``items`` = ``[(packet_id, body), ...]`` in order; commits.
 
         :returns: one :class:`Outcome` per item, in order.
@@ -94,10 +108,10 @@ class Applier:
         :raises StopListener: the handler asked the listener to stop.
         """
         outcomes: List[Optional[Outcome]] = [None] * len(items)
-        packets: List[Optional[Packet]] = [None] * len(items)
+        packets: List[Optional[Union[Packet, Group]]] = [None] * len(items)
         for index, (_, body) in enumerate(items):
             try:
-                packets[index] = parse(body)
+                packets[index] = parse_message(body)
             except PacketError as exc:
                 outcomes[index] = Outcome(DEAD_LETTER, reason=str(exc))
         todo = [i for i in range(len(items)) if outcomes[i] is None]
@@ -124,7 +138,7 @@ class Applier:
                     self.sleep(backoff(attempt))
                     continue
                 if fate == SCHEMA:
-                    self.handler.on_schema_error()
+                    self._schema_error()
                 LOGGER.debug("[%s] batch failed (%s), applying packet by packet", self.consumer,
                              describe(exc))
                 done = self._careful(connection, items, packets, todo)
@@ -134,6 +148,23 @@ class Applier:
         return [o if o is not None else Outcome(DEAD_LETTER, reason="not processed") for o in outcomes]
 
     # ----------------------------------------------------------------------------------------------
+    def _schema_error(self) -> None:
+        try:
+            self.handler.on_schema_error()
+        except Exception:  # a handler bug must not escape: the retry reads the catalog or fails
+            LOGGER.exception("[%s] handler on_schema_error() failed", self.consumer)
+
+    def _apply_item(self, cur: Any, item: Union[Packet, Group]) -> Union[Packet, Group]:
+        """Apply one packet, or a group member by member (recording which one is being applied)."""
+        if not isinstance(item, Group):
+            return self.handler.apply(cur, item)
+        results = []
+        for index, member in enumerate(item.packets):
+            self._member = index
+            results.append(self.handler.apply(cur, member))
+        self._member = None
+        return Group(tuple(results))
+
     def _rollback(self, connection: Any) -> None:
         try:
             connection.rollback()
@@ -141,12 +172,13 @@ class Applier:
             raise ConnectionLost("rollback failed: %s" % describe(exc)) from exc
 
     def _fast(self, connection: Any, items: Sequence[Tuple[str, bytes]],
-              packets: Sequence[Optional[Packet]], todo: Sequence[int]) -> dict:
+              packets: Sequence[Optional[Union[Packet, Group]]], todo: Sequence[int]) -> dict:
         done = {}
         fanouts = {}
         seen = set()
         with connection.cursor() as cur:
             new = ledger.claim(cur, self.consumer, [items[i][0] for i in todo])
+            fresh = []
             for index in todo:
                 pid, packet = items[index][0], packets[index]
                 assert packet is not None
@@ -154,11 +186,24 @@ class Applier:
                     done[index] = Outcome(DUPLICATE, packet)
                     continue
                 seen.add(pid)
-                result = self.handler.apply(cur, packet)
+                fresh.append(index)
+            flat = [member for index in fresh for member in members(packets[index])]
+            results = list(self.handler.apply_batch(cur, flat)) if flat else []
+            if len(results) != len(flat):
+                raise GolcondeError("handler apply_batch() returned %d packets for %d"
+                                    % (len(results), len(flat)))
+            position = 0
+            for index in fresh:
+                packet = packets[index]
+                assert packet is not None
+                count = len(members(packet))
                 outcome = Outcome(APPLIED, packet)
                 if self.store_fanout:
+                    part = results[position:position + count]
+                    result = Group(tuple(part)) if isinstance(packet, Group) else part[0]
                     outcome.fanout = result.to_json()
-                    fanouts[pid] = outcome.fanout
+                    fanouts[items[index][0]] = outcome.fanout
+                position += count
                 done[index] = outcome
             if self.store_fanout:
                 ledger.store_packets(cur, self.consumer, fanouts)
@@ -175,10 +220,10 @@ class Applier:
             if outcome.status == DUPLICATE:
                 pid = items[index][0]
                 text = fanouts.get(pid) or stored.get(pid)
-                outcome.fanout = text if text else items[index][1].decode("utf-8")
+                outcome.fanout = text if text else _text(items[index][1])
 
     def _careful(self, connection: Any, items: Sequence[Tuple[str, bytes]],
-                 packets: Sequence[Optional[Packet]], todo: Sequence[int]) -> dict:
+                 packets: Sequence[Optional[Union[Packet, Group]]], todo: Sequence[int]) -> dict:
         done = {}
         fanouts = {}
         with connection.cursor() as cur:
@@ -189,7 +234,8 @@ class Applier:
         connection.commit()
         return done
 
-    def _one(self, connection: Any, cur: Any, pid: str, packet: Optional[Packet], fanouts: dict) -> Outcome:
+    def _one(self, connection: Any, cur: Any, pid: str, packet: Optional[Union[Packet, Group]],
+             fanouts: dict) -> Outcome:
         assert packet is not None
         attempts = 0
         schema_refreshed = False
@@ -202,7 +248,8 @@ class Applier:
                 if not ledger.claim(cur, self.consumer, [pid]):
                     cur.execute("RELEASE SAVEPOINT golconde_packet")
                     return Outcome(DUPLICATE, packet)
-                result = self.handler.apply(cur, packet)
+                self._member = None
+                result = self._apply_item(cur, packet)
                 outcome = Outcome(APPLIED, packet)
                 if self.store_fanout:
                     outcome.fanout = result.to_json()
@@ -222,16 +269,28 @@ class Applier:
                     raise ConnectionLost(describe(exc2)) from exc2
                 if fate == SCHEMA and not schema_refreshed:
                     schema_refreshed = True
-                    self.handler.on_schema_error()
+                    self._schema_error()
                     continue
                 if fate == RETRY and attempts < self.max_retries:
                     attempts += 1
                     self.retries += 1
                     self.sleep(backoff(attempts))
                     continue
+                reason = describe(exc)
+                if isinstance(packet, Group) and self._member is not None:
+                    reason = "group member %d (0-based, of %d): %s" % (self._member, len(packet.packets),
+                                                                       reason)
                 if fate == RETRY:
-                    reason = "gave up after %d attempts: %s" % (attempts + 1, describe(exc))
-                else:
-                    reason = describe(exc)
+                    reason = "gave up after %d attempts: %s" % (attempts + 1, reason)
+                if not isinstance(exc, (GolcondeError, psycopg2.Error)):
+                    LOGGER.error("[%s] handler error (a bug?) on packet %s: %s", self.consumer, pid,
+                                 reason, exc_info=exc)
                 LOGGER.warning("[%s] packet %s dead-lettered: %s", self.consumer, pid, reason)
                 return Outcome(DEAD_LETTER, packet, reason=reason)
+
+
+def _text(body: Any) -> str:
+    """A message body (bytes, text, or a decoded JSON object from a batch message) as JSON text."""
+    if isinstance(body, (bytes, bytearray)):
+        return bytes(body).decode("utf-8")
+    return body if isinstance(body, str) else dumps(body)

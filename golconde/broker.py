@@ -11,6 +11,23 @@ Built on stomp.py (STOMP 1.1). Facts this module relies on (see ``broker-facts.m
 * A RECEIPT for a persistent SEND arrives only once the broker has confirmed the message
   (RabbitMQ publisher confirms; ActiveMQ synchronous persistent sends), and frames on one
   connection are handled in order: a receipt on the last SEND of a batch confirms the batch.
+
+Both RabbitMQ (STOMP plugin) and Apache ActiveMQ Classic are supported with the same frames
+(checked against RabbitMQ 3.10 and ActiveMQ 5.17 by the integration tests):
+
+* ``persistent:true`` on every SEND (ActiveMQ does not persist messages without it).
+* Custom headers (``golconde-id``, ``golconde-reason``, ...) and ``content-type`` come back
+  unchanged on both; ActiveMQ adds ``expires``, ``priority``, ``timestamp``, ``persistent``.
+  A body sent with ``content-length`` (stomp.py always sends it) is a bytes message on ActiveMQ,
+  so invalid UTF-8 reaches a dead-letter queue intact.
+* Prefetch: ``prefetch-count`` (RabbitMQ) and ``activemq.prefetchSize`` (ActiveMQ) are both sent;
+  each broker ignores the other's. ActiveMQ pages in only ``maxPageSize`` (default 200) messages
+  per queue: its configuration must raise that above the prefetch (``scripts/setup-activemq.sh``
+  sets 5000).
+* ``client-individual`` acks by ``message-id`` + ``subscription`` on both. ``message-id`` changes on
+  redelivery with RabbitMQ and is stable with ActiveMQ: identity comes from ``golconde-id``.
+* Header values: a carriage return makes RabbitMQ drop the connection and a NUL ends the frame on
+  both, so outgoing values are cleaned (:func:`header_value`).
 """
 from __future__ import annotations
 
@@ -58,6 +75,17 @@ class Delivery:
 
 #: One message to send: (queue, body, headers).
 Outgoing = Tuple[str, Union[str, bytes], Mapping[str, str]]
+
+
+def header_value(value: Any) -> str:
+    """A header value both brokers accept: ``str(value)`` with CR / CRLF turned into LF
+    (RabbitMQ drops a connection whose frame has a bare CR in a header: STOMP 1.1 has no escape
+    for it) and NUL into the text ``\\x00`` (NUL ends a frame). Colons, backslashes and LF are
+    escaped by stomp.py."""
+    text = value if isinstance(value, str) else str(value)
+    if "\r" in text or "\x00" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "\\x00")
+    return text
 
 
 class _Listener(stomp.ConnectionListener):
@@ -242,7 +270,7 @@ class BrokerConnection:
         try:
             last = len(messages) - 1
             for index, (queue, body, headers) in enumerate(messages):
-                frame_headers = dict(headers)
+                frame_headers = {name: header_value(value) for name, value in headers.items()}
                 frame_headers["persistent"] = "true"
                 if index == last:
                     frame_headers["receipt"] = receipt

@@ -2,7 +2,8 @@
 
 * ``golconded`` - the daemon: ``-c/--config``, ``-f/--foreground``, ``-v/--verbose``, ``--pidfile``,
   ``--check`` (validate the configuration and exit).
-* ``golconde`` - the admin tool: ``trigger install|remove``, ``compare``, ``send``, ``check-config``.
+* ``golconde`` - the admin tool: ``trigger install|remove``, ``compare``, ``send``, ``check-config``,
+  ``dlq list|replay|purge``, ``status``.
 
 Exit statuses: 0 success, 1 failure or difference found, 2 usage or configuration error.
 """
@@ -34,8 +35,26 @@ def default_config_path() -> str:
     return DEFAULT_CONFIGS[0]
 
 
+#: The local syslog socket (journald listens on it too).
+SYSLOG_ADDRESS = "/dev/log"
+
+
+def _syslog_handler(ident: str) -> logging.Handler:
+    """A SysLogHandler on :data:`SYSLOG_ADDRESS` (facility daemon, tagged ``ident``), or standard
+    error with a warning when there is no such socket."""
+    if os.path.exists(SYSLOG_ADDRESS):
+        handler = logging.handlers.SysLogHandler(SYSLOG_ADDRESS,
+                                                 logging.handlers.SysLogHandler.LOG_DAEMON)
+        handler.ident = "%s[%d]: " % (ident, os.getpid())
+        return handler
+    logging.getLogger("golconde").warning("no %s: logging to standard error", SYSLOG_ADDRESS)
+    return logging.StreamHandler(sys.stderr)
+
+
 def setup_logging(settings: Optional[dict], verbose: bool = False, foreground: bool = True) -> None:
-    """Configure logging from the YAML ``Logging`` section (``filename``, ``format``, ``level``)."""
+    """Configure logging from the YAML ``Logging`` section (``filename``, ``format``, ``level``,
+    ``handler``: ``stderr``, ``file`` (the default when ``filename`` is set), ``syslog`` or
+    ``journald`` - both through :data:`SYSLOG_ADDRESS`, without the time stamp, which syslog adds)."""
     settings = dict(settings or {})
     level_name = "debug" if verbose else str(settings.get("level", "info"))
     level = getattr(logging, level_name.upper(), logging.INFO)
@@ -44,8 +63,13 @@ def setup_logging(settings: Optional[dict], verbose: bool = False, foreground: b
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    if filename:
-        handler: logging.Handler = logging.handlers.WatchedFileHandler(filename)
+    kind = settings.get("handler") or ("file" if filename else "stderr")
+    if kind in ("syslog", "journald"):
+        handler: logging.Handler = _syslog_handler("golconded")
+        if not settings.get("format") and isinstance(handler, logging.handlers.SysLogHandler):
+            fmt = "%(levelname)s %(threadName)s %(name)s: %(message)s"
+    elif filename:
+        handler = logging.handlers.WatchedFileHandler(filename)
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(fmt))
@@ -91,6 +115,11 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
         print("%s: configuration OK (%d destinations, %d listener threads)"
               % (path, len(config.destinations), len(daemon.listeners)))
         return 0
+    running = _running_pid(args.pidfile)
+    if running:
+        print("golconded: already running as pid %d (pid file %s)" % (running, args.pidfile),
+              file=sys.stderr)
+        return 1
     if not args.foreground:
         return _daemonize(daemon, config, args)
     setup_logging(config.logging, args.verbose)
@@ -106,11 +135,26 @@ def _daemonize(daemon: Any, config: Any, args: argparse.Namespace) -> int:
     settings = dict(config.logging or {})
     with python_daemon.DaemonContext(working_directory=os.getcwd(), umask=0o022):
         setup_logging(settings, args.verbose, foreground=False)
+        # Build the listeners again in the daemon process: threading marks every Thread object
+        # created before a fork as stopped in the child (is_alive() stays False once started), so
+        # stop would not wait for them and a reload would start a second copy of each.
+        daemon = type(daemon)(config, config_path=daemon.config_path)
         _write_pidfile(args.pidfile)
         try:
             return daemon.run()
         finally:
             _remove_pidfile(args.pidfile)
+
+
+def _running_pid(path: Optional[str]) -> Optional[int]:
+    """The pid in pid file ``path`` if that process still runs (else ``None``: no file, or stale)."""
+    try:
+        with open(path or "") as handle:
+            pid = int(handle.read().split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid
 
 
 def _write_pidfile(path: Optional[str]) -> None:
@@ -155,11 +199,41 @@ def admin_main(argv: Optional[List[str]] = None) -> int:
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("-c", "--config", default=None)
 
+    stat = sub.add_parser("status", help="tree of destinations and targets: state, backlog, lag, "
+                          "rates, last error (from the daemon and the broker)")
+    stat.add_argument("-c", "--config", default=None)
+    stat.add_argument("--destination", help="only this destination")
+    stat.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    stat.add_argument("--url", help="the daemon's HTTP server (default: from HTTPServer)")
+    stat.add_argument("--management-url", default=None,
+                      help="RabbitMQ management API (default http://<broker host>:15672; "
+                           "'' = backlog from the daemon only)")
+    stat.add_argument("--interval", type=float, default=1.0,
+                      help="seconds between the two samples that give rates (0: no rates)")
+    stat.add_argument("--timeout", type=float, default=5.0, help="seconds per HTTP request")
+
+    dlq = sub.add_parser("dlq", help="list, replay or purge a dead-letter queue")
+    dlq.add_argument("operation", choices=["list", "replay", "purge"])
+    dlq.add_argument("-c", "--config", default=None)
+    dlq.add_argument("--destination", help="use this destination's dead-letter queue")
+    dlq.add_argument("--target", help="with --destination: that target's dead-letter queue")
+    dlq.add_argument("--queue", help="the dead-letter queue itself, e.g. /queue/golconde.x.dlq")
+    dlq.add_argument("--limit", type=int, default=None,
+                     help="at most N packets (list: default 100; replay, purge: default all)")
+    dlq.add_argument("--id", action="append", help="only the packet with this golconde-id (repeatable)")
+    dlq.add_argument("--json", action="store_true", help="print JSON")
+    dlq.add_argument("--yes", action="store_true", help="purge: confirm dropping the packets")
+    dlq.add_argument("--body-limit", type=int, default=200, help="list: body characters shown")
+    dlq.add_argument("--management-url", default=None,
+                     help="RabbitMQ management API (default http://<broker host>:15672; "
+                          "'' = STOMP only)")
+
     args = parser.parse_args(argv)
     setup_logging({"level": "warning"}, args.verbose)
     try:
         return {"trigger": _cmd_trigger, "compare": _cmd_compare, "send": _cmd_send,
-                "check-config": _cmd_check}[args.command](args)
+                "check-config": _cmd_check, "dlq": _cmd_dlq,
+                "status": _cmd_status}[args.command](args)
     except GolcondeError as exc:
         print("golconde: %s" % exc, file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
@@ -187,16 +261,17 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
         dsn = dsn or matches[0].pgsql
         tables = tables or [matches[0].target]
     actions = [a.strip().lower() for a in args.actions.split(",")] if args.actions else None
+    from .progress import echo, progress
     conn = psycopg2.connect(dsn)
     status = 0
     try:
-        for number, table in enumerate(tables, 1):
+        for number, table in enumerate(progress(tables, "trigger " + args.operation, unit="table"), 1):
             if args.operation == "install":
                 result = trigger.install(conn, table, args.destination, actions=actions)
                 conn.commit()
-                print("[%d/%d] %s" % (number, len(tables), result))
+                echo("[%d/%d] %s" % (number, len(tables), result))
             else:
-                print("[%d/%d] %s" % (number, len(tables), trigger.remove(conn, table, args.destination)))
+                echo("[%d/%d] %s" % (number, len(tables), trigger.remove(conn, table, args.destination)))
                 conn.commit()
     except GolcondeError as exc:
         conn.rollback()
@@ -223,6 +298,22 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0 if not differences else 1
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+    from . import status
+    from .progress import progress
+    config = _load_config(args.config or default_config_path(), "golconde")
+    if args.destination and args.destination not in [d.name for d in config.destinations]:
+        raise ConfigError("Destinations.%s: no such destination" % args.destination)
+    management = (None if args.management_url == ""
+                  else status.Management(args.management_url, timeout=args.timeout))
+    document = status.collect(config, url=args.url, management=management, interval=args.interval,
+                              timeout=args.timeout, destination=args.destination,
+                              progress=lambda items: progress(items, "status", unit="listener"))
+    print(json.dumps(document, indent=2) if args.json else status.render(document))
+    return 0 if status.healthy(document) else 1
+
+
 def _cmd_send(args: argparse.Namespace) -> int:
     from .client import Client
     config = _load_config(args.config or default_config_path(), "golconde")
@@ -232,6 +323,12 @@ def _cmd_send(args: argparse.Namespace) -> int:
             ids = [client.send(line) for line in lines]
     print("sent %d packet(s) to %s" % (len(ids), args.destination))
     return 0
+
+
+def _cmd_dlq(args: argparse.Namespace) -> int:
+    from . import dlq
+    config = _load_config(args.config or default_config_path(), "golconde")
+    return dlq.run(args, config, sys.stdout)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,17 +15,73 @@ Every packet is validated before it is sent (:class:`~golconde.errors.PacketErro
 unique ``golconde-id`` (so a packet re-sent after a connection loss is applied once) and sent as a
 persistent message; a call returns only once the broker confirmed it (a receipt), or raises
 :class:`~golconde.broker.BrokerError`.
+
+Atomic groups and outcomes::
+
+    with Client(queue, ..., reply_to="/queue/golconde.replies.app1") as client:
+        with client.group() as group:          # applied all together, or not at all
+            group.add({"id": 1, "name": "a"})
+            group.update({"status_id": 2}, restriction={"id": 7})
+        outcome = client.wait_outcome(group.id, timeout=30)   # {"id", "status", "reason"}
+
+A group is sent as ONE message, ``{"group": [packet, ...]}``: the destination applies it in one
+transaction (savepoint), records one id, fans it out as one message, and every target applies it
+in one transaction too. STOMP transactions (BEGIN/COMMIT) would not do: RabbitMQ only buffers their
+frames in the adapter, they are not durable (``broker-facts.md``), and the destination would still
+see separate messages, possibly in separate batches.
+
+With ``reply_to``, every message carries a ``reply-to`` header and the destination, after its
+commit (or after dead-lettering it), sends the outcome there; :meth:`Client.wait_outcome` reads
+it. Use one reply queue per client process: a reply read by another client is lost to this one.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 import time
 import uuid
-from typing import Any, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
-from .broker import CREATED_HEADER, ID_HEADER, BrokerConnection, BrokerError, Outgoing
-from .errors import ConfigError
-from .packet import Action, Packet, parse
+from .broker import CREATED_HEADER, ID_HEADER, BrokerConnection, BrokerError, Delivery, Outgoing
+from .errors import ConfigError, GolcondeError, PacketError
+from .packet import Action, Group, Packet, loads, parse
+
+LOGGER = logging.getLogger(__name__)
+
+PacketLike = Union[Packet, Mapping[str, Any], str]
+
+
+class OutcomeTimeout(GolcondeError, TimeoutError):
+    """No outcome arrived on the reply queue in time (the destination may be down or behind)."""
+
+
+class PacketGroup:
+    """Packets collected by :meth:`Client.group`, sent as one atomic group when the block ends.
+
+    :ivar packets: the validated packets so far.
+    :ivar id: the group's ``golconde-id``, set once it has been sent (``None`` before).
+    """
+
+    def __init__(self) -> None:
+        self.packets: List[Packet] = []
+        self.id: Optional[str] = None
+
+    def send(self, packet: PacketLike) -> None:
+        """Add a packet (a :class:`Packet`, a dict or JSON text). :raises PacketError:"""
+        self.packets.append(packet if isinstance(packet, Packet) else parse(packet))
+
+    def add(self, data: Mapping[str, Any]) -> None:
+        self.send({"action": "add", "data": dict(data)})
+
+    def set(self, data: Mapping[str, Any]) -> None:
+        self.send({"action": "set", "data": dict(data)})
+
+    def update(self, data: Mapping[str, Any], restriction: Mapping[str, Any]) -> None:
+        self.send({"action": "update", "data": dict(data), "restriction": dict(restriction)})
+
+    def delete(self, restriction: Mapping[str, Any]) -> None:
+        self.send({"action": "delete", "restriction": dict(restriction)})
 
 
 class Client:
@@ -34,26 +90,34 @@ class Client:
     :param queue: the destination's queue (``/queue/golconde.<destination>``).
     :param host, port, login, passcode, vhost: the STOMP broker.
     :param timeout: seconds to wait for a connection or a confirmation.
+    :param reply_to: a queue (``/queue/...``) where the destination sends the outcome of each
+        message (see :meth:`wait_outcome`); ``None``: no outcomes.
     """
 
     def __init__(self, queue: str, host: str = "127.0.0.1", port: int = 61613,
                  login: Optional[str] = None, passcode: Optional[str] = None,
-                 vhost: Optional[str] = None, timeout: float = 30.0) -> None:
+                 vhost: Optional[str] = None, timeout: float = 30.0,
+                 reply_to: Optional[str] = None) -> None:
         self.queue = queue
         self.timeout = timeout
+        self.reply_to = reply_to
         self.connection = BrokerConnection(host, port, login, passcode, vhost, heartbeat_ms=0,
-                                           name="golconde-client")
+                                           name="golconde-client", on_message=self._on_reply)
         self._pending: Optional[List[Outgoing]] = None
+        self._outcomes: Dict[str, Dict[str, Any]] = {}
+        self._outcome_cond = threading.Condition()
+        self._reply_generation: Optional[int] = None
 
     @classmethod
-    def for_destination(cls, config: Any, name: str, timeout: float = 30.0) -> "Client":
+    def for_destination(cls, config: Any, name: str, timeout: float = 30.0,
+                        reply_to: Optional[str] = None) -> "Client":
         """A client for destination ``name`` of a :class:`golconde.config.Config`.
         :raises ConfigError: no such destination."""
         for destination in config.destinations:
             if destination.name == name:
                 broker = destination.stomp
                 return cls(destination.queue, broker.host, broker.port, broker.login,
-                           broker.passcode, broker.vhost, timeout)
+                           broker.passcode, broker.vhost, timeout, reply_to=reply_to)
         raise ConfigError("Destinations.%s: no such destination" % name)
 
     def __enter__(self) -> "Client":
@@ -99,20 +163,93 @@ class Client:
 
     def send_many(self, packets: Sequence[Union[Packet, Mapping[str, Any], str]]) -> List[str]:
         """Enqueue several packets with one confirmation. Returns their ids, in order."""
+        parsed = [packet if isinstance(packet, Packet) else parse(packet) for packet in packets]
+        return self._enqueue(parsed)
+
+    def send_group(self, packets: Sequence[PacketLike]) -> str:
+        """Enqueue ``packets`` as one atomic group: one message ``{"group": [...]}``, applied
+        whole or not at all, at the destination and at every target.
+
+        :returns: the group's id (``golconde-id``), for :meth:`wait_outcome`.
+        :raises PacketError: no packets, or an invalid one (nothing is sent).
+        :raises BrokerError: as :meth:`send`.
+        """
+        members = [packet if isinstance(packet, Packet) else parse(packet) for packet in packets]
+        if not members:
+            raise PacketError("group is empty (expected at least one packet)")
+        return self._enqueue([Group(tuple(members))])[0]
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[PacketGroup]:
+        """Collect packets (``group.add(...)``...) and send them as one group when the block ends
+        (nothing is sent if it raises). The id is then in ``group.id``.
+
+        :raises PacketError: the block added no packet.
+        """
+        collected = PacketGroup()
+        yield collected
+        collected.id = self.send_group(collected.packets)
+
+    def _enqueue(self, items: Sequence[Union[Packet, Group]]) -> List[str]:
         messages: List[Outgoing] = []
         ids = []
-        for packet in packets:
-            parsed = packet if isinstance(packet, Packet) else parse(packet)
+        for item in items:
             pid = str(uuid.uuid4())
             ids.append(pid)
-            messages.append((self.queue, parsed.to_json(), {
-                ID_HEADER: pid, CREATED_HEADER: "%.3f" % time.time(),
-                "content-type": "application/json"}))
+            headers = {ID_HEADER: pid, CREATED_HEADER: "%.3f" % time.time(),
+                       "content-type": "application/json"}
+            if self.reply_to:
+                headers["reply-to"] = self.reply_to
+            messages.append((self.queue, item.to_json(), headers))
         if self._pending is not None:
             self._pending.extend(messages)
         else:
             self._flush(messages)
         return ids
+
+    # -- outcomes ----------------------------------------------------------------------------------
+    def wait_outcome(self, packet_id: str, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Wait for the outcome of the message ``packet_id`` on the reply queue.
+
+        :param timeout: seconds (default: the client's ``timeout``).
+        :returns: ``{"id": packet_id, "status": "applied" | "duplicate" | "dead-lettered",
+            "reason": None | str}``; ``duplicate`` means applied before (a re-send).
+        :raises GolcondeError: the client has no ``reply_to``.
+        :raises OutcomeTimeout: nothing arrived in time.
+        :raises BrokerError: the broker connection failed.
+        """
+        if not self.reply_to:
+            raise GolcondeError("wait_outcome() needs a client created with reply_to=/queue/...")
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            if not self.connection.connected or self._reply_generation != self.connection.generation:
+                self.connect()
+                self.connection.subscribe(self.reply_to, 100)
+                self._reply_generation = self.connection.generation
+            with self._outcome_cond:
+                remaining = deadline - time.monotonic()
+                if packet_id in self._outcomes:
+                    return self._outcomes.pop(packet_id)
+                if remaining <= 0:
+                    raise OutcomeTimeout("no outcome for %s on %s" % (packet_id, self.reply_to))
+                self._outcome_cond.wait(min(remaining, 0.5))
+
+    def _on_reply(self, delivery: Delivery) -> None:
+        """On stomp.py's receiver thread: keep the outcome, ack it (no receipt is awaited here)."""
+        try:
+            outcome = loads(delivery.body)
+            if not isinstance(outcome, dict) or "status" not in outcome:
+                raise PacketError("not an outcome")
+            pid = str(delivery.headers.get(ID_HEADER) or outcome.get("id"))
+            with self._outcome_cond:
+                self._outcomes[pid] = outcome
+                self._outcome_cond.notify_all()
+        except PacketError as exc:
+            LOGGER.warning("ignoring a message on reply queue %s: %s", self.reply_to, exc)
+        try:
+            self.connection.ack(delivery)
+        except BrokerError as exc:
+            LOGGER.debug("could not ack a reply: %s", exc)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator["Client"]:
@@ -142,4 +279,4 @@ class Client:
                     raise
 
 
-__all__ = ["Client", "Action", "Packet"]
+__all__ = ["Client", "PacketGroup", "OutcomeTimeout", "Action", "Packet", "Group"]

@@ -3,8 +3,10 @@
 Shape (the 2009 keys, plus those marked NEW)::
 
     Locations:  {...}                                # optional, free-form (kept for compatibility)
-    Logging:    {filename, format, level}            # optional, for logging; level debug..critical
-    HTTPServer: {enabled: true, listen: 127.0.0.1, port: 8080}            # optional
+    Logging:    {filename, format, level, handler}   # optional, for logging; level debug..critical;
+                                                     # NEW handler: stderr | file | syslog | journald
+    HTTPServer: {enabled: true, listen: 127.0.0.1, port: 8080,            # optional
+                 health: {max_backlog: 10000, max_lag: 300}}  # NEW: /health thresholds (packets, s)
     Broker:     {login, passcode, heartbeat: 10000 (ms, 0 = off), vhost}  # NEW, optional
     Defaults:   {prefetch: 500, batch_size: 500, max_retries: 5}          # NEW, optional
     Destinations:                                    # required, at least one
@@ -16,11 +18,20 @@ Shape (the 2009 keys, plus those marked NEW)::
         settings: {...}             # free-form, given to the handler
         login, passcode, prefetch, batch_size, max_retries, poll_interval (s, trigger mode)
         Targets: {<name>: {stomp, queue, pgsql, target, function_name | handler, dead_letter_queue,
-                           settings, login, passcode, prefetch, batch_size, max_retries}}
+                           settings, login, passcode, prefetch, batch_size, max_retries,
+                           columns, exclude, constants, defaults, filter}}   # NEW: golconde.mapping
 
 login, passcode, prefetch, batch_size and max_retries are inherited target -> destination ->
 ``Broker``/``Defaults`` -> built-in default. Queues must be durable queues (``/queue/...`` or
 ``/amq/queue/...``) and each destination and target needs its own.
+
+Secrets may stay out of the YAML (NEW): instead of ``passcode`` (``Broker``, destinations,
+targets) give ``passcode_env: VAR`` or ``passcode_file: path``; for the database password of a
+destination or target give ``pgsql_password_env: VAR`` or ``pgsql_password_file: path``, merged
+into ``pgsql`` as ``password=...`` at load time. Relative paths start at the configuration file's
+directory; trailing line breaks of a file are dropped. A variable that is not set, or a file that
+cannot be read, is a problem naming the key path; secrets never appear in repr, ``public_view``,
+logs or error messages.
 
 :func:`load` and :func:`parse` raise :class:`~golconde.errors.ConfigError` listing every problem,
 one per line, as ``<key path>: <what was wrong>``; the exception also carries ``problems`` (a tuple
@@ -40,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
+from .mapping import MAPPING_KEYS, TargetMapping, parse_mapping
 
 DEFAULT_HANDLER = "AutoSQL"
 DEFAULT_HTTP_LISTEN = "127.0.0.1"
@@ -51,6 +63,9 @@ DEFAULT_MAX_RETRIES = 5
 DEFAULT_POLL_INTERVAL = 1.0
 MODES = ("client", "trigger")
 LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_HANDLERS = ("stderr", "file", "syslog", "journald")
+DEFAULT_HEALTH_MAX_BACKLOG = 10000
+DEFAULT_HEALTH_MAX_LAG = 300.0
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 QUEUE_RE = re.compile(r"/(?:amq/)?queue/\S+")
@@ -165,6 +180,8 @@ class TargetConfig(_SafeRepr):
     prefetch: int = DEFAULT_PREFETCH
     batch_size: int = DEFAULT_BATCH_SIZE
     max_retries: int = DEFAULT_MAX_RETRIES
+    #: columns/exclude/constants/defaults/filter (:class:`golconde.mapping.TargetMapping`), or None
+    mapping: Optional[TargetMapping] = None
 
     def __post_init__(self) -> None:
         if self.dead_letter_queue is None:
@@ -208,12 +225,22 @@ class DestinationConfig(_SafeRepr):
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """Thresholds of ``GET /health``: it answers 503 when a listener's backlog is over
+    ``max_backlog`` packets or its lag over ``max_lag`` seconds."""
+
+    max_backlog: int = DEFAULT_HEALTH_MAX_BACKLOG
+    max_lag: float = DEFAULT_HEALTH_MAX_LAG
+
+
+@dataclass(frozen=True)
 class HTTPConfig:
     """The statistics HTTP server."""
 
     enabled: bool = True
     listen: str = DEFAULT_HTTP_LISTEN
     port: int = DEFAULT_HTTP_PORT
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 @dataclass(frozen=True, repr=False)
@@ -233,7 +260,9 @@ class Config(_SafeRepr):
         passcodes removed, DSN passwords and secret-looking free-form values replaced by ``***``."""
         return {"Locations": _public(self.locations), "Logging": _public(self.logging),
                 "HTTPServer": {"enabled": self.http.enabled, "listen": self.http.listen,
-                               "port": self.http.port},
+                               "port": self.http.port,
+                               "health": {"max_backlog": self.http.health.max_backlog,
+                                          "max_lag": self.http.health.max_lag}},
                 "Destinations": {d.name: _listener_view(d) for d in self.destinations}}
 
 
@@ -245,6 +274,8 @@ def _listener_view(item: Any) -> Dict[str, Any]:
                 target=item.target, function_name=item.function_name,
                 settings=_public(item.settings), prefetch=item.prefetch,
                 batch_size=item.batch_size, max_retries=item.max_retries)
+    if getattr(item, "mapping", None):
+        view.update(_public(item.mapping.as_config()))
     if isinstance(item, DestinationConfig):
         view.update(mode=item.mode, poll_interval=item.poll_interval,
                     Targets={target.name: _listener_view(target) for target in item.targets})
@@ -294,6 +325,16 @@ def _seconds(value: Any) -> float:
         number = math.nan
     if not 0 < number <= 3600:
         _fail("expected a number of seconds > 0 and <= 3600, got %s" % _show(value))
+    return number
+
+
+def _lag_seconds(value: Any) -> float:
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0 < number <= 604800:
+        _fail("expected a number of seconds > 0 and <= 604800 (a week), got %s" % _show(value))
     return number
 
 
@@ -378,6 +419,9 @@ Bool, Mode, Seconds = _field(_boolean), _field(_choice(MODES)), _field(_seconds)
 Port, Heartbeat = _field(_integer(1, 65535)), _field(_integer(0, 3600000))
 Prefetch, BatchSize = _field(_integer(1, 65535)), _field(_integer(1, 1000000))
 MaxRetries = _field(_integer(0, 1000000))
+TargetOnly = _field(lambda value: _fail("a mapping key of targets only (columns, exclude, constants,"
+                                        " defaults, filter); the canonical relation is not mapped"))
+MaxBacklog, MaxLag = _field(_integer(0, 1000000000)), _field(_lag_seconds)
 
 
 class _Raw(BaseModel):
@@ -397,11 +441,19 @@ class _RawHTTP(_Raw):
     enabled: Bool = None
     listen: OptString = None
     port: Port = None
+    health: OptMapping = None
+
+
+class _RawHealth(_Raw):
+    max_backlog: MaxBacklog = None
+    max_lag: MaxLag = None
 
 
 class _RawBroker(_Raw):
     login: OptString = None
     passcode: OptSecret = None
+    passcode_env: OptString = None
+    passcode_file: OptString = None
     heartbeat: Heartbeat = None
     vhost: OptString = None
 
@@ -423,13 +475,27 @@ class _RawTarget(_Raw):
     settings: OptMapping = None
     login: OptString = None
     passcode: OptSecret = None
+    passcode_env: OptString = None
+    passcode_file: OptString = None
+    pgsql_password_env: OptString = None
+    pgsql_password_file: OptString = None
     prefetch: Prefetch = None
     batch_size: BatchSize = None
     max_retries: MaxRetries = None
+    columns: Any = None    # columns, exclude, constants, defaults, filter: checked by
+    exclude: Any = None    # golconde.mapping.parse_mapping()
+    constants: Any = None
+    defaults: Any = None
+    filter: Any = None
 
 
 class _RawDestination(_RawTarget):
     queue: Queue = None  # required in client mode only: checked by _destination()
+    columns: TargetOnly = None
+    exclude: TargetOnly = None
+    constants: TargetOnly = None
+    defaults: TargetOnly = None
+    filter: TargetOnly = None
     mode: Mode = None
     poll_interval: Seconds = None
     Targets: OptMapping = None
@@ -475,9 +541,65 @@ def _handler(raw: Any, path: str, problems: List[str]) -> str:
     return _pick(raw.function_name, raw.handler, DEFAULT_HANDLER)
 
 
+def _target_mapping(raw: Any, path: str, problems: List[str]) -> Optional[TargetMapping]:
+    mapping, found = parse_mapping({key: getattr(raw, key) for key in MAPPING_KEYS}, path)
+    problems.extend(found)
+    return mapping
+
+
 def _credentials(raw: Any, inherited: Tuple[Any, Any]) -> Tuple[Any, Any]:
     """(login, passcode) of the first level that sets either: they are inherited as a pair."""
     return inherited if raw.login is None and raw.passcode is None else (raw.login, raw.passcode)
+
+
+def _secret(raw: Any, key: str, given: Any, path: str, problems: List[str],
+            base_dir: str) -> Optional[str]:
+    """The secret given inline (``given``), or read from the environment variable named by
+    ``<key>_env`` or the file named by ``<key>_file`` (relative to ``base_dir``; trailing line
+    breaks removed). Problems name the key path, the variable or the file, never the secret."""
+    env, filename = getattr(raw, key + "_env"), getattr(raw, key + "_file")
+    inline = "a password in pgsql" if key == "pgsql_password" else key
+    given_keys = [name for name, value in ((inline, given), (key + "_env", env),
+                                           (key + "_file", filename)) if value is not None]
+    if len(given_keys) > 1:
+        problems.append("%s.%s: give only one of %s" % (path, given_keys[1], ", ".join(given_keys)))
+        return None
+    if env is not None:
+        value = os.environ.get(env)
+        if not value:
+            problems.append("%s.%s_env: environment variable %s is %s"
+                            % (path, key, env, "empty" if value == "" else "not set"))
+        return value or None
+    if filename is not None:
+        full = os.path.join(base_dir, os.path.expanduser(filename))
+        try:
+            with open(full, encoding="utf-8") as handle:
+                value = handle.read().rstrip("\r\n")
+        except OSError as exc:
+            problems.append("%s.%s_file: cannot read %s: %s"
+                            % (path, key, full, exc.strerror or type(exc).__name__))
+            return None
+        except UnicodeDecodeError:
+            problems.append("%s.%s_file: %s is not UTF-8 text" % (path, key, full))
+            return None
+        if not value:
+            problems.append("%s.%s_file: %s is empty" % (path, key, full))
+        return value or None
+    return given
+
+
+def _with_secrets(raw: Any, path: str, problems: List[str], base_dir: str) -> Any:
+    """``raw`` with ``passcode`` from ``passcode_env``/``passcode_file`` and, for a listener, the
+    password from ``pgsql_password_env``/``pgsql_password_file`` merged into ``pgsql``."""
+    if raw is None:
+        return None
+    update = {"passcode": _secret(raw, "passcode", raw.passcode, path, problems, base_dir)}
+    if hasattr(raw, "pgsql_password_env") and raw.pgsql is not None:
+        dsn_password = psycopg2.extensions.parse_dsn(raw.pgsql).get("password")
+        password = _secret(raw, "pgsql_password", dsn_password, path, problems, base_dir)
+        if password is not None and password != dsn_password:
+            update["pgsql"] = psycopg2.extensions.make_dsn(raw.pgsql, password=password)
+    return raw.model_copy(update=update)
 
 
 def _valid_name(name: Any, path: str, problems: List[str]) -> bool:
@@ -489,12 +611,13 @@ def _valid_name(name: Any, path: str, problems: List[str]) -> bool:
 
 
 def _destination(name: Any, data: Any, broker: Any, defaults: Any,
-                 problems: List[str]) -> Optional[DestinationConfig]:
-    """One validated destination with its targets, or ``None`` if it has problems."""
+                 problems: List[str], base_dir: str = "") -> Optional[DestinationConfig]:
+    """One validated destination with its targets, or ``None`` if it has problems
+    (``base_dir``: where relative ``*_file`` paths start)."""
     path = "Destinations.%s" % name
     before = len(problems)
     _valid_name(name, path, problems)
-    raw = _validate(_RawDestination, data, path, problems)
+    raw = _with_secrets(_validate(_RawDestination, data, path, problems), path, problems, base_dir)
     if (isinstance(data, Mapping) and data.get("queue") is None
             and str(data.get("mode") or "client").strip().lower() == "client"):
         problems.append("%s.queue: missing (required in client mode)" % path)
@@ -505,7 +628,8 @@ def _destination(name: Any, data: Any, broker: Any, defaults: Any,
     for target_name, target_data in targets_data.items():
         target_path = "%s.Targets.%s" % (path, target_name)
         if _valid_name(target_name, target_path, problems):
-            raw_target = _validate(_RawTarget, target_data, target_path, problems)
+            raw_target = _with_secrets(_validate(_RawTarget, target_data, target_path, problems),
+                                       target_path, problems, base_dir)
             if raw_target is not None:
                 raw_targets.append((target_name, target_path, raw_target))
     if raw is None:
@@ -528,7 +652,8 @@ def _destination(name: Any, data: Any, broker: Any, defaults: Any,
         dead_letter_queue=target.dead_letter_queue, pgsql=target.pgsql, target=target.target,
         function_name=_handler(target, target_path, problems), settings=target.settings or {},
         prefetch=_pick(target.prefetch, prefetch), batch_size=_pick(target.batch_size, batch_size),
-        max_retries=_pick(target.max_retries, max_retries))
+        max_retries=_pick(target.max_retries, max_retries),
+        mapping=_target_mapping(target, target_path, problems))
         for target_name, target_path, target in raw_targets)
     if len(problems) > before:
         return None
@@ -607,7 +732,12 @@ def parse(mapping: Any, source: str = "<string>") -> Config:
         return value if isinstance(value, Mapping) else None
 
     http = _validate(_RawHTTP, section("HTTPServer"), "HTTPServer", problems) or _RawHTTP()
-    broker = _validate(_RawBroker, section("Broker"), "Broker", problems) or _RawBroker()
+    health_data = (section("HTTPServer") or {}).get("health")   # checked even if HTTPServer is not
+    health = (_validate(_RawHealth, health_data, "HTTPServer.health", problems)
+              if isinstance(health_data, Mapping) else None) or _RawHealth()
+    base_dir = os.path.dirname(os.path.abspath(source)) if not source.startswith("<") else ""
+    broker = _with_secrets(_validate(_RawBroker, section("Broker"), "Broker", problems)
+                           or _RawBroker(), "Broker", problems, base_dir)
     defaults = _validate(_RawDefaults, section("Defaults"), "Defaults", problems) or _RawDefaults()
     logging_section = dict(section("Logging") or {})
     if logging_section.get("level") is not None:
@@ -617,12 +747,23 @@ def parse(mapping: Any, source: str = "<string>") -> Config:
         else:
             problems.append("Logging.level: expected one of %s, got %s"
                             % (", ".join(LEVELS), _show(level)))
+    if logging_section.get("handler") is not None:
+        handler = logging_section["handler"]
+        if isinstance(handler, str) and handler.strip().lower() in LOG_HANDLERS:
+            logging_section["handler"] = handler = handler.strip().lower()
+            if handler == "file" and not logging_section.get("filename"):
+                problems.append("Logging.filename: missing (required with handler: file)")
+            elif handler != "file" and logging_section.get("filename"):
+                problems.append("Logging.filename: only used with handler: file, not %s" % handler)
+        else:
+            problems.append("Logging.handler: expected one of %s, got %s"
+                            % (", ".join(LOG_HANDLERS), _show(handler)))
     raw_destinations = section("Destinations")
     if raw_destinations is not None and not raw_destinations:
         problems.append("Destinations: expected at least one destination")
     destinations = []
     for name, data in (raw_destinations or {}).items():
-        destination = _destination(name, data, broker, defaults, problems)
+        destination = _destination(name, data, broker, defaults, problems, base_dir)
         if destination is not None:
             destinations.append(destination)
     _cross_check(tuple(destinations), problems)
@@ -632,7 +773,10 @@ def parse(mapping: Any, source: str = "<string>") -> Config:
         logging=freeze(logging_section), locations=freeze(section("Locations") or {}),
         http=HTTPConfig(enabled=_pick(http.enabled, True),
                         listen=_pick(http.listen, DEFAULT_HTTP_LISTEN),
-                        port=_pick(http.port, DEFAULT_HTTP_PORT)),
+                        port=_pick(http.port, DEFAULT_HTTP_PORT),
+                        health=HealthConfig(
+                            max_backlog=_pick(health.max_backlog, DEFAULT_HEALTH_MAX_BACKLOG),
+                            max_lag=_pick(health.max_lag, DEFAULT_HEALTH_MAX_LAG))),
         destinations=tuple(destinations), source=source)
 
 

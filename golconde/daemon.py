@@ -76,7 +76,9 @@ class Daemon:
             return
         from .httpd import StatsServer
         self.http = StatsServer(self.registry, host=http_config.listen, port=http_config.port,
-                                public_config=self.config.public_view())
+                                public_config=self.config.public_view(),
+                                max_backlog=http_config.health.max_backlog,
+                                max_lag=http_config.health.max_lag)
         try:
             self.http.start()
             LOGGER.info("stats server on http://%s:%d/", http_config.listen, self.http.port)

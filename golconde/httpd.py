@@ -5,13 +5,19 @@ Routes (``HEAD`` is answered like ``GET``, without a body; other methods get 405
     GET /stats                 Registry.snapshot() as JSON (see golconde.stats for its shape)
     GET /stats?callback=f.g    the same as JSONP: ``/**/f.g({...});``, 400 if the name is invalid
     GET /config                the public configuration given to StatsServer, as JSON
-    GET /                      the "Realtime Activity" page (golconde/web/index.html)
+    GET /health                200 {"status": "ok", ...} when every listener is connected and no
+                               backlog or lag is over its threshold, else 503 {"status": "fail",
+                               "reasons": [...], ...} (see golconde.metrics.health)
+    GET /metrics               Prometheus exposition (golconde.metrics; OpenMetrics on request)
+    GET /                      the "Realtime Activity" page (golconde/web/index.html), and the
+                               fixed set of files it loads (ASSETS: app.js, vendor/uPlot...)
     anything else              404 {"error": "not found"}
 
-There is no static file serving, hence no path to traverse. The server only reads counters: it never
-talks to a database or a broker. It runs the standard library's ``ThreadingHTTPServer`` in a daemon
-thread; each request has its own daemon thread and a socket timeout, an exception in a handler is
-logged and answered with 500, and the access log goes to this module's logger at DEBUG.
+Only the files named in :data:`ASSETS` are served, read once at start: there is no path to
+traverse. The server only reads counters: it never talks to a database or a broker. It runs the
+standard library's ``ThreadingHTTPServer`` in a daemon thread; each request has its own daemon
+thread and a socket timeout, an exception in a handler is logged and answered with 500, and the
+access log goes to this module's logger at DEBUG.
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ from typing import Any, Dict, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
 
 from . import __version__
+from .config import DEFAULT_HEALTH_MAX_BACKLOG, DEFAULT_HEALTH_MAX_LAG
+from .metrics import health, prometheus_registry, render
 from .stats import Registry
 
 LOGGER = logging.getLogger(__name__)
@@ -46,17 +54,33 @@ REQUEST_TIMEOUT = 10.0
 _COMMON_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
                    ("Referrer-Policy", "no-referrer"))
 
+#: URL path -> (file under golconde/web/, content type): everything the page loads.
+ASSETS = {
+    "/app.js": ("app.js", "application/javascript; charset=utf-8"),
+    "/vendor/uPlot.iife.min.js": ("vendor/uPlot.iife.min.js", "application/javascript; charset=utf-8"),
+    "/vendor/uPlot.min.css": ("vendor/uPlot.min.css", "text/css; charset=utf-8"),
+    "/vendor/uPlot.LICENSE": ("vendor/uPlot.LICENSE", "text/plain; charset=utf-8"),
+}
+
 
 def _load_page() -> Tuple[bytes, str]:
-    """The Realtime Activity page, and a Content-Security-Policy allowing only its inline script
-    (by hash) and style, and requests to this server."""
+    """The Realtime Activity page, and a Content-Security-Policy allowing only scripts and styles
+    from this server (plus any inline script by hash, and inline styles), and requests to it."""
     html = resources.files("golconde").joinpath("web/index.html").read_text(encoding="utf-8")
-    hashes = " ".join(
-        "'sha256-%s'" % base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    hashes = "".join(
+        " 'sha256-%s'" % base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
         for script in re.findall(r"<script>(.*?)</script>", html, re.S))
-    csp = ("default-src 'none'; script-src %s; style-src 'unsafe-inline'; connect-src 'self'; "
-           "base-uri 'none'; form-action 'none'; frame-ancestors 'none'" % hashes)
+    csp = ("default-src 'none'; script-src 'self'%s; style-src 'self' 'unsafe-inline'; "
+           "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+           "frame-ancestors 'none'" % hashes)
     return html.encode("utf-8"), csp
+
+
+def _load_assets() -> Dict[str, Tuple[bytes, str]]:
+    """URL path -> (body, content type) of every file in :data:`ASSETS`."""
+    web = resources.files("golconde").joinpath("web")
+    return {path: (web.joinpath(name).read_bytes(), content_type)
+            for path, (name, content_type) in ASSETS.items()}
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -66,11 +90,14 @@ class _Server(http.server.ThreadingHTTPServer):
     block_on_close = False
 
     def __init__(self, address: Tuple[str, int], registry: Registry, config_json: bytes,
-                 page: Tuple[bytes, str]) -> None:
+                 page: Tuple[bytes, str], thresholds: Tuple[int, float]) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.registry = registry
         self.config_json = config_json
         self.page = page
+        self.assets = _load_assets()
+        self.thresholds = thresholds
+        self.collectors = prometheus_registry(registry)
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
@@ -150,10 +177,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return (200, "application/javascript", b"/**/%s(%s);" % (callback.encode("ascii"), body), ())
         if path == "/config":
             return (200, "application/json", self.server.config_json, ())
+        if path == "/health":
+            healthy, document = health(self.server.registry.snapshot(), *self.server.thresholds)
+            return (200 if healthy else 503, *self._json(document), ())
+        if path == "/metrics":
+            body, content_type = render(self.server.collectors, self.headers.get("Accept"))
+            return (200, content_type, body, ())
         if path == "/":
             html, csp = self.server.page
             return (200, "text/html; charset=utf-8", html,
                     (("Content-Security-Policy", csp), ("X-Frame-Options", "DENY")))
+        if path in self.server.assets:
+            body, content_type = self.server.assets[path]
+            return (200, content_type, body, ())
         return (404, *self._json({"error": "not found"}), ())
 
     @staticmethod
@@ -186,14 +222,19 @@ class StatsServer:
     :param port: TCP port; 0 picks a free one, available as :attr:`port` after :meth:`start`.
     :param public_config: what ``GET /config`` returns, already redacted by the caller (no
         passwords); nothing else is ever added. It is serialised once, here.
+    :param max_backlog: ``GET /health`` fails when a listener's backlog is over this (packets).
+    :param max_lag: ``GET /health`` fails when a listener's lag is over this (seconds).
     :raises TypeError: if ``public_config`` is not JSON-serialisable.
     """
 
     def __init__(self, registry: Registry, host: str = "127.0.0.1", port: int = 8080,
-                 public_config: Optional[Dict[str, Any]] = None) -> None:
+                 public_config: Optional[Dict[str, Any]] = None,
+                 max_backlog: int = DEFAULT_HEALTH_MAX_BACKLOG,
+                 max_lag: float = DEFAULT_HEALTH_MAX_LAG) -> None:
         self.registry = registry
         self.host = host
         self.port = port
+        self.thresholds = (int(max_backlog), float(max_lag))
         self._config_json = json.dumps(public_config if public_config is not None else {},
                                        allow_nan=False).encode("utf-8")
         self._server: Optional[_Server] = None
@@ -207,7 +248,8 @@ class StatsServer:
         """
         if self._server is not None:
             raise RuntimeError("StatsServer already started")
-        self._server = _Server((self.host, self.port), self.registry, self._config_json, _load_page())
+        self._server = _Server((self.host, self.port), self.registry, self._config_json, _load_page(),
+                               self.thresholds)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="golconde-http", daemon=True)

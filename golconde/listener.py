@@ -21,11 +21,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import psycopg2
 
-from . import ledger
-from .apply import APPLIED, DEAD_LETTER, DUPLICATE, Applier, ConnectionLost, Outcome, backoff
+from . import envelope, ledger
+from .apply import APPLIED, DEAD_LETTER, DUPLICATE, Applier, ConnectionLost, Outcome, backoff, members
 from .broker import CREATED_HEADER, ID_HEADER, BrokerConnection, Delivery, Outgoing
-from .errors import GolcondeError, StopListener, describe
+from .errors import ConfigError, GolcondeError, PacketError, StopListener, describe
 from .handlers import load_handler
+from .packet import dumps
 from .stats import ThreadStats
 
 LOGGER = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class Listener(threading.Thread):
         self.outbound: Dict[Tuple[Any, ...], BrokerConnection] = {}
         self._stopping = threading.Event()
         self._failures = 0
+        self._ever_connected: set = set()    # connections opened at least once (for "reconnects")
 
     # -- life cycle --------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -94,7 +96,6 @@ class Listener(threading.Thread):
                     else:
                         LOGGER.exception("[%s] unexpected error: %s", self.name, message)
                     self.stats.set_error(message)
-                    self.stats.count("reconnects")
                     self.reset()
                     self._stopping.wait(backoff(self._failures, self.backoff_base, self.backoff_cap)
                                         + (self.backoff_base if self._failures == 1 else 0))
@@ -143,12 +144,23 @@ class Listener(threading.Thread):
         self.stats.set_state(database="connecting")
         self.db = psycopg2.connect(self.config.pgsql, connect_timeout=10,
                                    application_name=("golconde " + self.name)[:63])
-        self.on_database_open(self.db)
+        self._note_connected("database")   # even if the set-up below fails: it was a reconnect
+        try:
+            self.on_database_open(self.db)
+        except BaseException:
+            self._close_db()     # so that the next attempt runs the set-up (handler.setup) again
+            raise
         self.stats.set_state(database="connected")
         LOGGER.info("[%s] connected to PostgreSQL", self.name)
 
     def on_database_open(self, db: Any) -> None:
         """Hook: set up a fresh database connection (ledger, handler)."""
+
+    def _note_connected(self, key: Any) -> None:
+        """Count each re-established connection (every open after the first) in ``reconnects``."""
+        if key in self._ever_connected:
+            self.stats.count("reconnects")
+        self._ever_connected.add(key)
 
     def _db_alive(self) -> bool:
         try:
@@ -193,9 +205,10 @@ class Listener(threading.Thread):
         return self.outbound[key]
 
     def open_outbound(self) -> None:
-        for connection in self.outbound.values():
+        for key, connection in self.outbound.items():
             if not connection.connected:
                 connection.connect()
+                self._note_connected(("outbound",) + key)
         self._update_state()
 
     def _update_state(self) -> None:
@@ -226,6 +239,43 @@ class Listener(threading.Thread):
         return out
 
 
+def _entries(delivery: Delivery) -> int:
+    try:
+        return max(1, int(delivery.headers.get(envelope.BATCH_HEADER, 1)))
+    except ValueError:
+        return 1
+
+
+def expand(deliveries: Sequence[Delivery]) -> Tuple[List[Delivery], List[Tuple[str, Any]]]:
+    """One ``(origin, (packet_id, body))`` per packet: a plain message is one packet (id from its
+    ``golconde-id`` header, else its body's hash); a batch message (:mod:`golconde.envelope`) gives
+    one per entry, with an origin whose body and headers are the entry's own (so that a dead letter
+    holds that packet alone, with its id and creation time). A malformed batch message is one item
+    whose body fails to parse: it is dead-lettered whole.
+    """
+    origins: List[Delivery] = []
+    items: List[Tuple[str, Any]] = []
+    for delivery in deliveries:
+        if envelope.BATCH_HEADER in delivery.headers:
+            try:
+                entries = envelope.decode(delivery.body)
+            except PacketError:
+                entries = None
+            if entries is not None:
+                for pid, packet, created in entries:
+                    headers = dict(delivery.headers)
+                    headers.pop(envelope.BATCH_HEADER, None)
+                    headers[ID_HEADER] = pid
+                    if created:
+                        headers[CREATED_HEADER] = created
+                    origins.append(Delivery(dumps(packet).encode("utf-8"), headers, delivery.generation))
+                    items.append((pid, packet))
+                continue
+        origins.append(delivery)
+        items.append((ledger.packet_id(delivery.headers, delivery.body), delivery.body))
+    return origins, items
+
+
 class QueueConsumer(Listener):
     """Consumes ``config.queue`` and applies each packet with the configured handler.
 
@@ -238,7 +288,17 @@ class QueueConsumer(Listener):
     def __init__(self, config: Any, stats: ThreadStats, role: str) -> None:
         super().__init__(config, stats, role)
         handler_class = load_handler(config.function_name)
-        self.handler = handler_class(config.target, config.settings, role=role, name=config.thread_name)
+        options = {"mapping": config.mapping} if getattr(config, "mapping", None) else {}
+        try:
+            self.handler = handler_class(config.target, config.settings, role=role,
+                                         name=config.thread_name, **options)
+        except ConfigError:
+            raise
+        except Exception as exc:  # a handler's __init__ bug is a configuration problem, not a crash
+            LOGGER.error("[%s] handler %s failed to initialize", config.thread_name,
+                         config.function_name, exc_info=True)
+            raise ConfigError("%s: handler %s failed to initialize: %s"
+                              % (config.thread_name, config.function_name, describe(exc))) from exc
         self.applier = Applier(self.handler, config.thread_name, store_fanout=self.store_fanout,
                                max_retries=config.max_retries)
         self.inbound = BrokerConnection.from_config(config.stomp, name=self.name,
@@ -261,8 +321,9 @@ class QueueConsumer(Listener):
         super().open()                     # database and outbound connections first
         if not self.inbound.connected:
             self.inbound.connect()
+            self._note_connected("inbound")
             self._in_flight = False         # whatever was in flight is redelivered
-            self.inbound.subscribe(self.config.queue, self.config.prefetch)
+            self.inbound.subscribe(self.config.queue, self.config.prefetch, ack="client")
             LOGGER.info("[%s] subscribed to %s (prefetch %d)", self.name, self.config.queue,
                         self.config.prefetch)
         self._update_state()
@@ -300,22 +361,26 @@ class QueueConsumer(Listener):
 
     # -- the work --------------------------------------------------------------------------------
     def collect(self) -> List[Delivery]:
-        """Up to ``batch_size`` deliveries of the current connection (waits up to 0.2 s)."""
+        """Deliveries of the current connection holding up to about ``batch_size`` packets (a batch
+        message counts for its entries); waits up to 0.2 s for the first, not at all for the rest."""
         batch: List[Delivery] = []
         try:
             first = self._inbox.get(timeout=0.2)
         except queue.Empty:
             return batch
         generation = self.inbound.generation
+        packets = 0
         if first.generation == generation:
             batch.append(first)
-        while len(batch) < self.config.batch_size:
+            packets += _entries(first)
+        while packets < self.config.batch_size:
             try:
                 delivery = self._inbox.get_nowait()
             except queue.Empty:
                 break
             if delivery.generation == generation:
                 batch.append(delivery)
+                packets += _entries(delivery)
         self.stats.set_backlog(self._inbox.qsize())
         return batch
 
@@ -324,9 +389,10 @@ class QueueConsumer(Listener):
         if not batch:
             self._maybe_prune()
             return
-        self.stats.count("received", len(batch))
         self._in_flight = True
-        items = [(ledger.packet_id(d.headers, d.body), d.body) for d in batch]
+        deliveries = batch
+        batch, items = expand(deliveries)      # one origin and one item per packet
+        self.stats.count("received", len(items))
         started = time.monotonic()
         retries_before = self.applier.retries
         while True:
@@ -336,12 +402,11 @@ class QueueConsumer(Listener):
             except ConnectionLost as exc:
                 LOGGER.warning("[%s] database connection lost: %s", self.name, exc)
                 self.stats.set_error(str(exc))
-                if not self.reconnect_database() or batch[0].generation != self.inbound.generation:
+                if not self.reconnect_database() or deliveries[0].generation != self.inbound.generation:
                     return                 # not acked: the broker redelivers, the ledger de-duplicates
         self.stats.count("retried", self.applier.retries - retries_before)
         self.after_commit(batch, items, outcomes)
-        for delivery in batch:
-            self.inbound.ack(delivery)
+        self.inbound.ack(deliveries[-1])       # 'client' ack mode: cumulative
         self._in_flight = False
         self._account(batch, outcomes, time.monotonic() - started)
 
@@ -362,7 +427,8 @@ class QueueConsumer(Listener):
     def _account(self, batch: Sequence[Delivery], outcomes: Sequence[Outcome], seconds: float) -> None:
         applied = [o for o in outcomes if o.status == APPLIED]
         for outcome in applied:
-            self.stats.count(outcome.packet.action.value if outcome.packet else "unknown")
+            for packet in (members(outcome.packet) if outcome.packet else ()):
+                self.stats.count(packet.action.value)
         self.stats.count("applied", len(applied))
         self.stats.count("duplicates", sum(1 for o in outcomes if o.status == DUPLICATE))
         dead = sum(1 for o in outcomes if o.status == DEAD_LETTER)

@@ -9,6 +9,13 @@ Format (compatible with Golconde 0.6, 2009)::
 Top-level keys and action names are case-insensitive (the 2009 slides wrote ``"ACTION": "ADD"``).
 Column names keep their case here; the handler resolves them against the relation.
 
+A *group* is one message carrying several packets to apply atomically (all or none, one ledger id,
+fanned out as one message)::
+
+    {"group": [<packet>, <packet>, ...]}          # at least one packet; groups do not nest
+
+:func:`parse` reads one packet (a group is refused); :func:`parse_message` reads either.
+
 Values are JSON values. Numbers with a fraction or exponent are parsed as :class:`decimal.Decimal`
 so that ``numeric`` values survive a round trip exactly; how each PostgreSQL type is written in a
 packet is documented in the README ("Values").
@@ -20,7 +27,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import simplejson
 
@@ -70,6 +77,24 @@ class Packet:
 
     def to_json(self) -> str:
         """Encode as JSON text (``Decimal`` written as exact JSON numbers)."""
+        return dumps(self.as_dict())
+
+
+@dataclass(frozen=True)
+class Group:
+    """Packets applied as one unit: all of them in one transaction (or savepoint), or none.
+
+    :ivar packets: the member packets, in order (at least one).
+    """
+
+    packets: Tuple[Packet, ...]
+
+    def as_dict(self) -> Dict[str, Any]:
+        """``{"group": [<packet dict>, ...]}``."""
+        return {"group": [packet.as_dict() for packet in self.packets]}
+
+    def to_json(self) -> str:
+        """Encode as JSON text, like :meth:`Packet.to_json`."""
         return dumps(self.as_dict())
 
 
@@ -193,3 +218,43 @@ def parse(body: Union[bytes, str, Mapping[str, Any]]) -> Packet:
     if action in (Action.ADD, Action.SET) and restriction:
         raise PacketError("%s packet takes data, not a restriction" % action.value)
     return Packet(action, dict(data), dict(restriction))
+
+
+def parse_message(body: Union[bytes, str, Mapping[str, Any]]) -> Union[Packet, Group]:
+    """Parse a message body: one packet, or a group ``{"group": [packet, ...]}`` (key
+    case-insensitive).
+
+    :returns: a :class:`Packet` or a :class:`Group`.
+    :raises PacketError: everything :func:`parse` raises; for a group also: ``group`` not an array,
+        an empty group, a key beside ``group``, a member that is not a valid packet or is itself a
+        group; a member's problem is prefixed with ``group member <i> (0-based, of <n>):``.
+    """
+    document = body if isinstance(body, Mapping) else loads(body)
+    if not isinstance(document, dict):
+        raise PacketError("packet must be a JSON object, not %s" % _json_type(document))
+    keys = [key.lower() if isinstance(key, str) else key for key in document]
+    if "group" not in keys:
+        return parse(document)
+    if len(keys) != 1:
+        raise PacketError("a group message has the single key 'group', not %s"
+                          % ", ".join(repr(key) for key in document))
+    members = next(iter(document.values()))
+    if not isinstance(members, list):
+        raise PacketError("group must be a JSON array of packets, not %s" % _json_type(members))
+    if not members:
+        raise PacketError("group is empty (expected at least one packet)")
+    packets = []
+    for index, member in enumerate(members):
+        where = "group member %d (0-based, of %d)" % (index, len(members))
+        if isinstance(member, dict) and any(isinstance(key, str) and key.lower() == "group"
+                                            for key in member):
+            raise PacketError("%s: groups do not nest" % where)
+        try:
+            packets.append(parse(member if isinstance(member, dict) else _not_object(member)))
+        except PacketError as exc:
+            raise PacketError("%s: %s" % (where, exc)) from None
+    return Group(tuple(packets))
+
+
+def _not_object(value: Any) -> Any:
+    raise PacketError("packet must be a JSON object, not %s" % _json_type(value))

@@ -12,6 +12,9 @@ Shape of :meth:`Registry.snapshot` (a superset of Golconde 0.6's ``/stats``)::
      "threads": [{"<name>": {"add": 0, "set": 0, "update": 0, "delete": 0,
                              "command_duration": 0.0012,   # mean seconds per packet
                              "last_duration": 0.0009,      # seconds of the last packet or batch, or null
+                             "apply_duration": {"le": [0.0005, ..., 60.0],  # DURATION_BUCKETS
+                                                "cumulative": [0, ..., 7, 7],  # one more: +Inf
+                                                "sum": 0.0084, "count": 7},  # seconds, packets
                              "errors": 0, "received": 0, "applied": 0, "duplicates": 0,
                              "dead_lettered": 0, "retried": 0, "fanned_out": 0, "reconnects": 0,
                              "role": "destination" | "target", "destination": "<destination name>",
@@ -28,6 +31,8 @@ reader can compute rates from two snapshots.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import math
 import threading
@@ -51,6 +56,12 @@ COUNTER_KEYS = ("received", "applied") + ACTION_KEYS + (
     "duplicates", "fanned_out", "retried", "dead_lettered", "errors", "reconnects")
 
 _COUNTER_SET = frozenset(COUNTER_KEYS)
+
+#: Upper bounds, in seconds, of the apply-duration histogram buckets (a last, implicit +Inf bucket
+#: follows). Each packet of a batch of ``n`` packets applied in ``s`` seconds is one observation of
+#: ``s / n`` seconds, so that the histogram's sum / count is ``command_duration``.
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    5.0, 10.0, 30.0, 60.0)
 
 
 def _now_iso() -> str:
@@ -80,6 +91,7 @@ class ThreadStats:
         self._duration_last: Optional[float] = None
         self._duration_total = 0.0
         self._duration_packets = 0
+        self._duration_buckets = [0] * (len(DURATION_BUCKETS) + 1)   # not cumulative; last: +Inf
         self._broker = "disconnected"
         self._database = "disconnected"
         self._backlog: Optional[int] = None
@@ -112,7 +124,8 @@ class ThreadStats:
         """Record the time taken to apply one packet, or a batch of ``packets`` packets.
 
         ``command_duration`` in the snapshot is the mean over all packets (total seconds / packets);
-        ``last_duration`` is ``seconds`` of the last call.
+        ``last_duration`` is ``seconds`` of the last call. The ``apply_duration`` histogram counts
+        ``packets`` observations of ``seconds / packets`` each (see :data:`DURATION_BUCKETS`).
 
         :raises ValueError: if ``seconds`` is negative or not finite, or ``packets`` < 1.
         """
@@ -121,10 +134,12 @@ class ThreadStats:
             raise ValueError("duration must be a finite number of seconds >= 0, not %r" % seconds)
         if packets < 1:
             raise ValueError("packets must be >= 1, not %r" % packets)
+        index = bisect.bisect_left(DURATION_BUCKETS, seconds / packets)  # bucket: value <= le
         with self._lock:
             self._duration_last = seconds
             self._duration_total += seconds
             self._duration_packets += packets
+            self._duration_buckets[index] += packets
 
     def set_state(self, broker: Optional[str] = None, database: Optional[str] = None) -> None:
         """Set the state of the broker and/or database connection (``None`` leaves it unchanged).
@@ -179,10 +194,14 @@ class ThreadStats:
         with self._lock:
             counts = dict(self._counts)
             total, packets, last = self._duration_total, self._duration_packets, self._duration_last
+            buckets = list(self._duration_buckets)
             result: Dict[str, Any] = {key: counts.get(key, 0) for key in COUNTER_KEYS}
             result.update({
                 "command_duration": total / packets if packets else 0.0,
                 "last_duration": last,
+                "apply_duration": {"le": list(DURATION_BUCKETS),
+                                   "cumulative": list(itertools.accumulate(buckets)),
+                                   "sum": total, "count": packets},
                 "role": self.role,
                 "destination": self.destination,
                 "broker": self._broker,

@@ -15,7 +15,9 @@ PG_PORT=5432
 AMQP_PORT=5672
 STOMP_PORT=61613
 MGMT_PORT=15672
-APT_PACKAGES=(postgresql postgresql-client postgresql-contrib rabbitmq-server python3-venv curl)
+# chromium + chromium-driver: the live page's test in a real headless browser (tests/integration/test_browser.py)
+APT_PACKAGES=(postgresql postgresql-client postgresql-contrib rabbitmq-server python3-venv curl
+              chromium chromium-driver)
 
 step() { printf '==> %s\n' "$*"; }
 info() { printf '    %s\n' "$*"; }
@@ -211,3 +213,6 @@ if ! wait_for "management ${MGMT_PORT}" 20 port_open "$MGMT_PORT"; then
 fi
 
 step "Services ready: PostgreSQL 127.0.0.1:${PG_PORT}, RabbitMQ AMQP ${AMQP_PORT} / STOMP ${STOMP_PORT} / management ${MGMT_PORT}"
+
+# ActiveMQ (STOMP on 127.0.0.1:61623, data in var/activemq): the second broker the tests run on.
+bash "$(dirname "${BASH_SOURCE[0]}")/setup-activemq.sh"

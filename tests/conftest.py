@@ -4,13 +4,25 @@ Environment variables (defaults suit the project's set-up script):
 
 * ``GOLCONDE_TEST_DSN``   libpq DSN of a maintenance database (default
   ``host=127.0.0.1 port=5432 user=postgres dbname=postgres``); test databases are created beside it.
-* ``GOLCONDE_TEST_STOMP`` ``host:port`` of the STOMP broker (default ``127.0.0.1:61613``, RabbitMQ).
+* ``GOLCONDE_TEST_STOMP`` ``host:port`` of RabbitMQ's STOMP adapter (default ``127.0.0.1:61613``).
 * ``GOLCONDE_TEST_STOMP_LOGIN`` / ``GOLCONDE_TEST_STOMP_PASSCODE`` (default guest / guest).
+* ``GOLCONDE_TEST_ACTIVEMQ_STOMP`` ``host:port`` of ActiveMQ's STOMP connector (default
+  ``127.0.0.1:61623``, as ``scripts/setup-activemq.sh`` starts it);
+  ``GOLCONDE_TEST_ACTIVEMQ_LOGIN`` / ``GOLCONDE_TEST_ACTIVEMQ_PASSCODE`` (default: none sent; that
+  broker has no authentication).
+* ``GOLCONDE_TEST_BROKERS`` the brokers the ``broker`` fixture runs tests against, comma-separated
+  (default ``rabbitmq,activemq``).
+
+``STOMP``, ``STOMP_LOGIN``, ``STOMP_PASSCODE`` and :func:`stomp_address` describe RabbitMQ: tests
+that do not take the ``broker`` fixture (and RabbitMQ-only tests such as ``test_faults.py``) use it.
 """
 from __future__ import annotations
 
 import os
+import socket
 import uuid
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import psycopg2
 import psycopg2.extensions
@@ -21,6 +33,77 @@ PG_DSN = os.environ.get("GOLCONDE_TEST_DSN", "host=127.0.0.1 port=5432 user=post
 STOMP = os.environ.get("GOLCONDE_TEST_STOMP", "127.0.0.1:61613")
 STOMP_LOGIN = os.environ.get("GOLCONDE_TEST_STOMP_LOGIN", "guest")
 STOMP_PASSCODE = os.environ.get("GOLCONDE_TEST_STOMP_PASSCODE", "guest")
+ACTIVEMQ_STOMP = os.environ.get("GOLCONDE_TEST_ACTIVEMQ_STOMP", "127.0.0.1:61623")
+ACTIVEMQ_LOGIN = os.environ.get("GOLCONDE_TEST_ACTIVEMQ_LOGIN") or None
+ACTIVEMQ_PASSCODE = os.environ.get("GOLCONDE_TEST_ACTIVEMQ_PASSCODE") or None
+
+
+def split_address(address: str) -> Tuple[str, int]:
+    """``"host:port"`` -> ``(host, port)``."""
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class Broker:
+    """A STOMP broker the integration tests run against.
+
+    :ivar name: ``"rabbitmq"`` or ``"activemq"``.
+    :ivar host, port: its STOMP address.
+    :ivar login, passcode: credentials (``None``: no header sent).
+    :ivar setup_hint: how to start it, for the error when it does not answer.
+    """
+
+    name: str
+    host: str
+    port: int
+    login: Optional[str]
+    passcode: Optional[str]
+    setup_hint: str = ""
+
+    @property
+    def address(self) -> str:
+        """``host:port``, as a configuration's ``stomp`` key takes it."""
+        return "%s:%d" % (self.host, self.port)
+
+
+BROKERS: Dict[str, Broker] = {
+    "rabbitmq": Broker("rabbitmq", *split_address(STOMP), STOMP_LOGIN, STOMP_PASSCODE,
+                       setup_hint="bash scripts/setup-services.sh"),
+    "activemq": Broker("activemq", *split_address(ACTIVEMQ_STOMP), ACTIVEMQ_LOGIN, ACTIVEMQ_PASSCODE,
+                       setup_hint="bash scripts/setup-activemq.sh"),
+}
+#: The default broker: RabbitMQ (what ``STOMP`` / ``stomp_address()`` describe).
+RABBITMQ = BROKERS["rabbitmq"]
+ACTIVEMQ = BROKERS["activemq"]
+
+
+def selected_brokers() -> List[str]:
+    """Names from ``GOLCONDE_TEST_BROKERS`` (default both). :raises pytest.UsageError: unknown name."""
+    names = [n.strip().lower() for n in os.environ.get("GOLCONDE_TEST_BROKERS", "rabbitmq,activemq").split(",")
+             if n.strip()]
+    unknown = [n for n in names if n not in BROKERS]
+    if unknown or not names:
+        raise pytest.UsageError("GOLCONDE_TEST_BROKERS: expected a comma-separated subset of %s, got %r"
+                                % (", ".join(BROKERS), os.environ.get("GOLCONDE_TEST_BROKERS")))
+    return names
+
+
+_reachable: Dict[str, Optional[str]] = {}
+
+
+def require_broker(broker: Broker) -> Broker:
+    """Fail the test (not skip it) with a hint when ``broker`` does not accept TCP connections."""
+    if broker.name not in _reachable:
+        try:
+            socket.create_connection((broker.host, broker.port), timeout=5).close()
+            _reachable[broker.name] = None
+        except OSError as exc:
+            _reachable[broker.name] = "%s STOMP at %s does not answer (%s): run %s, or leave it out" \
+                " with GOLCONDE_TEST_BROKERS" % (broker.name, broker.address, exc, broker.setup_hint)
+    if _reachable[broker.name]:
+        pytest.fail(_reachable[broker.name], pytrace=False)
+    return broker
 
 
 def dsn_for(dbname: str) -> str:
@@ -91,6 +174,12 @@ def queue_name():
 
 
 def stomp_address():
-    """(host, port) of the test broker."""
-    host, _, port = STOMP.rpartition(":")
-    return host, int(port)
+    """(host, port) of the default test broker (RabbitMQ)."""
+    return split_address(STOMP)
+
+
+@pytest.fixture(params=selected_brokers())
+def broker(request) -> Broker:
+    """Each STOMP broker of ``GOLCONDE_TEST_BROKERS`` in turn (test ids ``[rabbitmq]``,
+    ``[activemq]``). A broker that does not answer fails the test with a set-up hint."""
+    return require_broker(BROKERS[request.param])

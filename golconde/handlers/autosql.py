@@ -33,6 +33,7 @@ from psycopg2.extras import Json
 from ..errors import ConfigError, PacketError, StopListener
 from ..packet import Action, Packet, dumps
 from ..schema import Column, Relation, SchemaCache, SchemaError, TableSchema, parse_relation
+from . import bulk
 from .base import Handler
 
 LOGGER = logging.getLogger(__name__)
@@ -281,12 +282,17 @@ class AutoSQL(Handler):
     :param role: ``"destination"`` or ``"target"``.
     :param name: the listener's name, for log lines.
     :param cache: a :class:`~golconde.schema.SchemaCache` to share; by default one of its own.
+    :param mapping: a target's :class:`~golconde.mapping.TargetMapping`: each packet is first
+        transformed by it (renamed, filtered...) into the packets actually applied.
     :raises ConfigError: an invalid relation name or setting.
     """
 
+    supports_mapping = True
+
     def __init__(self, relation: str, settings: Optional[Mapping[str, Any]] = None,
-                 role: str = "target", name: str = "", cache: Optional[SchemaCache] = None) -> None:
-        super().__init__(relation, settings, role=role, name=name)
+                 role: str = "target", name: str = "", cache: Optional[SchemaCache] = None,
+                 mapping: Any = None) -> None:
+        super().__init__(relation, settings, role=role, name=name, mapping=mapping)
         self.table: Relation = parse_relation(relation)
         self.cache = cache if cache is not None else SchemaCache()
         unknown = self.settings.get("unknown_columns", "error" if role == "destination" else "ignore")
@@ -296,6 +302,20 @@ class AutoSQL(Handler):
         self.unknown_columns = unknown.lower()
 
     def apply(self, cursor: Any, packet: Packet) -> Packet:
+        """Apply ``packet``: through the target's mapping when one is configured (each packet
+        :meth:`golconde.mapping.TargetMapping.transform` gives, in order), else directly.
+
+        :returns: ``packet`` when mapped (targets fan nothing out), else as :meth:`apply_one`.
+        :raises: as :meth:`apply_one` and :meth:`~golconde.mapping.TargetMapping.transform`.
+        """
+        if not self.mapping:
+            return self.apply_one(cursor, packet)
+        key = self._schema(cursor).primary_key
+        for mapped in self.mapping.transform(packet, key=key):
+            self.apply_one(cursor, mapped)
+        return packet
+
+    def apply_one(self, cursor: Any, packet: Packet) -> Packet:
         """Apply ``packet`` with one statement (see the module docstring).
 
         :returns: ``packet``; for ``add`` and ``set`` on a relation with a primary key, a copy whose
@@ -306,6 +326,45 @@ class AutoSQL(Handler):
             ambiguous key; a value of the wrong JSON kind; ``set`` without a usable key.
         :raises StopListener: the relation does not exist (any more): the listener pauses for
             :data:`RELATION_RETRY` seconds, its packets staying in the queue, then tries again.
+        """
+        prepared = self.prepare(cursor, packet)
+        return packet if prepared is None else self._execute(cursor, prepared)
+
+    def apply_batch(self, cursor: Any, packets: Sequence[Packet]) -> List[Packet]:
+        """Apply ``packets`` in order, runs of consecutive packets of the same shape with one
+        statement each (:mod:`golconde.handlers.bulk`); same effect as :meth:`apply` in turn.
+        With a mapping, or in a subclass that overrides :meth:`apply`, packets go through
+        :meth:`apply` one by one.
+
+        :returns: one packet per packet given (keys back-filled as by :meth:`apply_one`).
+        :raises: as :meth:`apply_one`; the caller then replays the batch packet by packet.
+        """
+        if self.mapping or type(self).apply is not AutoSQL.apply:
+            return super().apply_batch(cursor, packets)
+        results = list(packets)
+        prepared = [(index, self.prepare(cursor, packet)) for index, packet in enumerate(packets)]
+        todo = [(index, item) for index, item in prepared if item is not None]
+        items = [item for _, item in todo]
+        for run in bulk.runs(items):
+            if len(run) == 1:
+                index, item = todo[run[0]]
+                results[index] = self._execute(cursor, item)
+                continue
+            members = [items[j] for j in run]
+            table = members[0].table
+            rows = bulk.execute_run(cursor, table, members, ident, _cast, bind, _relation(table))
+            for j, row in zip(run, rows):
+                if row is not None:
+                    index, item = todo[j]
+                    results[index] = self._fill(item, row)
+        return results
+
+    def prepare(self, cursor: Any, packet: Packet) -> Optional[bulk.Prepared]:
+        """Validate ``packet`` and resolve it against the relation's schema.
+
+        :returns: a :class:`~golconde.handlers.bulk.Prepared`, or ``None`` when there is nothing to
+            write (at a target, data naming only columns it lacks).
+        :raises: as :meth:`apply_one`.
         """
         action = self._action(packet)
         if action in (Action.ADD, Action.SET, Action.UPDATE) and not packet.data:
@@ -320,24 +379,44 @@ class AutoSQL(Handler):
         skipped = [column.name for _, column, value in data if not column.writable]
         if skipped:
             LOGGER.debug("%s: leaving out generated columns %s of %s", self.name, ", ".join(skipped), self.table)
-        if action is Action.DELETE:
-            query, params = delete_statement(table, [(column, value) for _, column, value in restriction])
-        elif not writable:
+        if action is not Action.DELETE and not writable:
             # at a target, data naming only columns it lacks is normal; otherwise worth a warning
             log = LOGGER.warning if skipped else LOGGER.debug
             log("%s: %s packet has no column %s can write; nothing done", self.name, action.value, self.table)
-            return packet
+            return None
+        conflict: Tuple[str, ...] = ()
+        if action is Action.SET:
+            key = conflict_key(table, [column.name for column, _ in writable])
+            if key is None:
+                upsert_statement(table, writable)   # raises the PacketError naming the keys
+            conflict = tuple(key or ())
+        return bulk.Prepared(action, packet, [] if action is Action.DELETE else writable,
+                             [(column, value) for _, column, value in restriction],
+                             {column.name: key for key, column, _ in data}, conflict, table)
+
+    def _execute(self, cursor: Any, item: bulk.Prepared) -> Packet:
+        table, action = item.table, item.action
+        if action is Action.DELETE:
+            query, params = delete_statement(table, item.restriction)
         elif action is Action.ADD:
-            query, params = insert_statement(table, writable, returning=table.primary_key)
+            query, params = insert_statement(table, item.data, returning=table.primary_key)
         elif action is Action.SET:
-            query, params = upsert_statement(table, writable, returning=table.primary_key)
+            query, params = upsert_statement(table, item.data, returning=table.primary_key)
         else:
-            query, params = update_statement(table, writable, [(column, value) for _, column, value in restriction])
+            query, params = update_statement(table, item.data, item.restriction)
         cursor.execute(query, params)
         LOGGER.debug("%s: %s on %s: %d rows", self.name, action.value, self.table, cursor.rowcount)
         if action in (Action.ADD, Action.SET) and table.primary_key:
-            return self._back_fill(cursor, packet, table, data)
-        return packet
+            row = cursor.fetchone()
+            return item.packet if row is None else self._fill(item, row)
+        return item.packet
+
+    def _fill(self, item: bulk.Prepared, row: Sequence[Any]) -> Packet:
+        """Write the returned primary key values into the packet's data (under its own keys)."""
+        filled = dict(item.packet.data)
+        for name, value in zip(item.table.primary_key, row):
+            filled[item.keys.get(name, name)] = jsonable(value)
+        return item.packet.with_data(filled)
 
     def on_schema_error(self) -> None:
         """Forget the cached schema of this handler's relation."""
@@ -376,16 +455,6 @@ class AutoSQL(Handler):
                 raise PacketError("data names %s that %s does not have" % (_names(data_unknown), table.relation))
             LOGGER.debug("%s: ignoring %s that %s does not have", self.name, _names(data_unknown), table.relation)
         return table, data, restriction
-
-    def _back_fill(self, cursor: Any, packet: Packet, table: TableSchema, data: List[Item]) -> Packet:
-        row = cursor.fetchone()
-        if row is None:  # e.g. a rule or trigger suppressed the row
-            return packet
-        keys = {column.name: key for key, column, _ in data}
-        filled = dict(packet.data)
-        for name, value in zip(table.primary_key, row):
-            filled[keys.get(name, name)] = jsonable(value)
-        return packet.with_data(filled)
 
 
 def _names(keys: Sequence[str]) -> str:

@@ -1,4 +1,7 @@
-"""Helpers for end-to-end tests: three databases, a configuration, a running daemon, waiting."""
+"""Helpers for end-to-end tests: three databases, a configuration, a running daemon, waiting.
+
+Functions that talk to a broker take an optional ``broker`` (a :class:`tests.conftest.Broker`,
+as the ``broker`` fixture gives); without one they use RabbitMQ (``conftest.RABBITMQ``)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +18,7 @@ import yaml
 from golconde import config as config_module
 from golconde.broker import BrokerConnection, Delivery
 
-from ..conftest import STOMP, STOMP_LOGIN, STOMP_PASSCODE, stomp_address
+from ..conftest import RABBITMQ, STOMP, STOMP_LOGIN, STOMP_PASSCODE, Broker, stomp_address  # noqa: F401
 
 
 def execute(dsn: str, statement: str, params: Any = None) -> None:
@@ -37,21 +40,27 @@ def query(dsn: str, statement: str, params: Any = None) -> List[tuple]:
 
 
 def make_config(canonical: str, targets: Dict[str, str], table: str, mode: str = "client",
-                name: Optional[str] = None, http_port: int = 0, **overrides: Any) -> Dict[str, Any]:
-    """A configuration mapping: one destination ``name`` on ``table`` with the given targets."""
+                name: Optional[str] = None, http_port: int = 0, broker: Optional[Broker] = None,
+                **overrides: Any) -> Dict[str, Any]:
+    """A configuration mapping: one destination ``name`` on ``table`` with the given targets, on
+    ``broker`` (default RabbitMQ); ``overrides`` are keys of the destination."""
+    broker = broker or RABBITMQ
     name = name or "T%s" % uuid.uuid4().hex[:8]
     base = "/queue/golconde.%s" % name.lower()
     destination: Dict[str, Any] = {
-        "stomp": STOMP, "queue": base, "pgsql": canonical, "target": table,
+        "stomp": broker.address, "queue": base, "pgsql": canonical, "target": table,
         "function_name": "AutoSQL", "mode": mode,
-        "Targets": {tname: {"stomp": STOMP, "queue": "%s.%s" % (base, tname), "pgsql": dsn,
+        "Targets": {tname: {"stomp": broker.address, "queue": "%s.%s" % (base, tname), "pgsql": dsn,
                             "target": table} for tname, dsn in targets.items()},
     }
     destination.update(overrides)
+    broker_section: Dict[str, Any] = {"heartbeat": 2000}
+    if broker.login is not None or broker.passcode is not None:
+        broker_section.update(login=broker.login, passcode=broker.passcode)
     return {
         "Logging": {"level": "info"},
         "HTTPServer": {"enabled": http_port != 0, "listen": "127.0.0.1", "port": http_port or 8080},
-        "Broker": {"login": STOMP_LOGIN, "passcode": STOMP_PASSCODE, "heartbeat": 2000},
+        "Broker": broker_section,
         "Destinations": {name: destination},
     }
 
@@ -81,11 +90,12 @@ def table_rows(dsn: str, table: str, order: str = "1") -> List[tuple]:
 
 
 def drain_queue(queue: str, wait: float = 1.0, login: Optional[str] = None,
-                passcode: Optional[str] = None) -> List[Delivery]:
-    """Consume and ack everything currently in ``queue`` (e.g. a dead-letter queue)."""
+                passcode: Optional[str] = None, broker: Optional[Broker] = None) -> List[Delivery]:
+    """Consume and ack everything currently in ``queue`` (e.g. a dead-letter queue) on ``broker``
+    (default RabbitMQ; ``login``/``passcode`` override its credentials)."""
+    broker = broker or RABBITMQ
     received: List[Delivery] = []
-    host, port = stomp_address()
-    conn = BrokerConnection(host, port, login or STOMP_LOGIN, passcode or STOMP_PASSCODE,
+    conn = BrokerConnection(broker.host, broker.port, login or broker.login, passcode or broker.passcode,
                             heartbeat_ms=0, name="test-drain", on_message=received.append)
     conn.connect()
     conn.subscribe(queue, 1000)
@@ -100,10 +110,13 @@ def drain_queue(queue: str, wait: float = 1.0, login: Optional[str] = None,
     return received
 
 
-def send_raw(queue: str, bodies: List[Any], headers: Optional[List[Dict[str, str]]] = None) -> None:
-    """Send raw bodies (str or bytes) to ``queue`` as a plain STOMP client would."""
-    host, port = stomp_address()
-    conn = BrokerConnection(host, port, STOMP_LOGIN, STOMP_PASSCODE, heartbeat_ms=0, name="test-send")
+def send_raw(queue: str, bodies: List[Any], headers: Optional[List[Dict[str, str]]] = None,
+             broker: Optional[Broker] = None) -> None:
+    """Send raw bodies (str or bytes) to ``queue`` on ``broker`` (default RabbitMQ) as a plain STOMP
+    client would (persistent, one receipt for all)."""
+    broker = broker or RABBITMQ
+    conn = BrokerConnection(broker.host, broker.port, broker.login, broker.passcode, heartbeat_ms=0,
+                            name="test-send")
     conn.connect()
     conn.send_confirmed([(queue, body, (headers[i] if headers else {})) for i, body in enumerate(bodies)])
     conn.close()

@@ -1,6 +1,7 @@
 """The two commands, run as processes: configuration errors, trigger install/remove, compare, send."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import sys
 import psycopg2
 import yaml
 
-from .flow_support import execute, make_config, query, wait_for, write_config
+from .flow_support import drain_queue, execute, make_config, query, wait_for, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -84,3 +85,20 @@ def test_send_validates_packets(make_database, tmp_path):
     result = run("golconde.cli", "send", "-c", path, "--destination", name,
                  '{"action": "merge", "data": {"a": 1}}')
     assert result.returncode == 1 and "unknown action" in result.stderr
+
+
+def test_send_enqueues_confirmed_packets(broker, tmp_path):
+    """``golconde send`` on each broker: arguments and stdin lines arrive, with their ids."""
+    mapping = make_config("dbname=unused", {"t1": "dbname=unused2"}, "items", broker=broker)
+    path = write_config(str(tmp_path / "send.yaml"), mapping)
+    name = list(mapping["Destinations"])[0]
+    queue = mapping["Destinations"][name]["queue"]
+    result = run("golconde.cli", "send", "-c", path, "--destination", name,
+                 '{"action": "add", "data": {"id": 1}}', '{"action": "delete", "restriction": {"id": 1}}')
+    assert result.returncode == 0 and "sent 2 packet(s)" in result.stdout, result.stderr
+    result = run("golconde.cli", "send", "-c", path, "--destination", name,
+                 stdin='{"action": "add", "data": {"id": 2}}\n\n{"action": "set", "data": {"id": 3}}\n')
+    assert result.returncode == 0 and "sent 2 packet(s)" in result.stdout, result.stderr
+    received = drain_queue(queue, wait=1.0, broker=broker)
+    assert [json.loads(d.body)["action"] for d in received] == ["add", "delete", "add", "set"]
+    assert len({d.headers["golconde-id"] for d in received}) == 4

@@ -14,7 +14,6 @@ Select them with ``-m faults``; deselect with ``-m "not faults"``.
 """
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -25,6 +24,7 @@ import uuid
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import psycopg2
+import psycopg2.extensions
 import pytest
 
 from golconde import trigger
@@ -74,15 +74,18 @@ def queue_depths() -> Dict[str, int]:
 
 
 def delete_queues(names: Iterable[str]) -> None:
-    """Delete the test's queues (in parallel; missing ones are ignored)."""
-    procs = [subprocess.Popen(["rabbitmqctl", "-q", "delete_queue", name],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for name in names]
-    for proc in procs:
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    """Delete the test's queues (missing ones are ignored), in one ``rabbitmqctl eval``."""
+    names = [name for name in names if re.fullmatch(r"[A-Za-z0-9_.-]+", name)]
+    if not names:
+        return
+    expression = ("lists:foreach(fun(N) -> case rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>,"
+                  " queue, N)) of {ok, Q} -> rabbit_amqqueue:delete(Q, false, false, <<\"test\">>);"
+                  " _ -> ok end end, [%s]), ok." % ", ".join('<<"%s">>' % n for n in names))
+    try:
+        rabbitmqctl("eval", expression)
+    except (AssertionError, subprocess.TimeoutExpired):
+        for name in names:
+            rabbitmqctl("delete_queue", name, check=False)
 
 
 def count_rows(dsn: str) -> int:
@@ -279,13 +282,17 @@ def stomp_connections(user: str) -> List[str]:
 
 
 def close_user_connections(user: str) -> int:
-    """Close, from the broker side, every connection of ``user`` (only ``user``'s: other test runs
-    may share the broker). ``close_all_user_connections`` only closes AMQP 0-9-1 connections on
-    RabbitMQ 3.10 (it is a no-op for STOMP), so each STOMP connection of the user is then closed by
-    its reader process, as ``rabbit_stomp:close_all_client_connections`` does for all of them.
-    Returns the number of STOMP connections closed."""
-    rabbitmqctl("close_all_user_connections", user, "test")
+    """Close, from the broker side, the connections of ``user`` only (other test runs may share
+    the broker). Returns how many STOMP connections ``user`` had.
+
+    ``rabbitmqctl close_all_user_connections`` is run first, but on RabbitMQ 3.10 it does not
+    touch STOMP connections (checked: a STOMP consumer keeps receiving and acking after it). So each
+    STOMP connection of ``user`` is then closed by its reader process, as
+    ``rabbit_stomp:close_all_client_connections`` does for every connection of every user: the
+    client gets an ERROR frame and the broker closes the socket.
+    """
     pids = stomp_connections(user)
+    rabbitmqctl("close_all_user_connections", user, "test")
     if pids:
         rabbitmqctl("eval", "[rabbit_stomp_reader:close_connection(list_to_pid(P), \"test\")"
                             " || P <- [%s]], ok." % ", ".join('"%s"' % pid for pid in pids))
@@ -346,21 +353,21 @@ class subprocess_daemon:
 def test_broker_closes_connections_mid_stream(flow, rabbit_user):
     user, password = rabbit_user
     flow.mapping["Broker"].update({"login": user, "passcode": password})
-    stream = Stream(flow.queue, 2000, batch=25, pause=0.03)
+    stream = Stream(flow.queue, 2000, batch=20, pause=0.05)   # lasts 5 s at least
     with running(flow.config()) as daemon:
         # 3 threads, each with an inbound and an outbound connection
         wait_for(lambda: len(stomp_connections(user)) >= 6, timeout=15, message="daemon connected")
         stream.start()
         try:
-            for _ in range(2):
-                wait_for(lambda: stream.sent >= 300 or not stream.is_alive(), timeout=15,
+            for threshold in (300, 1000):
+                wait_for(lambda: stream.sent >= threshold or not stream.is_alive(), timeout=15,
                          message="packets flowing")
                 closed_at = stream.sent
+                assert closed_at < stream.total, "the stream was over before the fault"
+                before = set(stomp_connections(user))
                 assert close_user_connections(user) >= 6
-                wait_for(lambda: stream.sent >= closed_at + 500 or not stream.is_alive(),
-                         timeout=20, message="stream going on")
-                # the daemon reconnects and resubscribes by itself
-                wait_for(lambda: len(stomp_connections(user)) >= 6, timeout=20,
+                # the daemon reconnects and resubscribes by itself: 6 new connections
+                wait_for(lambda: len(set(stomp_connections(user)) - before) >= 6, timeout=20,
                          message="daemon reconnected")
             stream.finish()
         finally:
@@ -377,6 +384,22 @@ def test_broker_closes_connections_mid_stream(flow, rabbit_user):
             assert thread["applied"] <= stream.total <= thread["applied"] + thread["duplicates"], thread
             assert thread["dead_lettered"] == 0, thread
         print("reconnects per thread:", {name: s["reconnects"] for name, s in stats.items()})
+
+
+def test_every_listener_counts_its_broker_reconnects(flow, rabbit_user):
+    user, password = rabbit_user
+    flow.mapping["Broker"].update({"login": user, "passcode": password})
+    with running(flow.config()) as daemon:
+        wait_for(lambda: len(stomp_connections(user)) >= 6, timeout=15, message="daemon connected")
+        before = set(stomp_connections(user))
+        assert close_user_connections(user) >= 6
+        wait_for(lambda: len(set(stomp_connections(user)) - before) >= 6, timeout=20,
+                 message="daemon reconnected")
+        wait_for(lambda: all(s["broker"] == "connected" for s in thread_stats(daemon).values()),
+                 timeout=10, message="listeners report connected")
+        stats = thread_stats(daemon)
+        assert {name: s["reconnects"] >= 1 for name, s in stats.items()} == {
+            name: True for name in stats}, {name: s["reconnects"] for name, s in stats.items()}
 
 
 # -- 2. target database sessions terminated mid-stream -----------------------------------------------
@@ -419,17 +442,20 @@ def test_target_sessions_terminated_mid_stream(flow):
 def test_kill_9_three_times_mid_stream(flow, tmp_path):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    stream = Stream(flow.queue, 3000, batch=25, pause=0.04)
+    stream = Stream(flow.queue, 3000, batch=20, pause=0.04)   # lasts 6 s at least
     with subprocess_daemon(flow, tmp_path) as golconded:
         wait_for(lambda: "listener starting" in golconded.process.log(),
                  timeout=15, message="golconded started")
         stream.start()
         try:
+            killed_at = []
             for _ in range(3):
-                time.sleep(rng.uniform(0.5, 2.0))
+                time.sleep(rng.uniform(0.5, 1.5))
+                killed_at.append(stream.sent)
                 golconded.kill()
-                time.sleep(rng.uniform(0.0, 0.5))
+                time.sleep(rng.uniform(0.0, 0.3))
                 golconded.restart()
+            assert killed_at[-1] < stream.total, "kills at %s: the stream was over" % killed_at
             stream.finish()
             flow.wait_complete(stream, describe=lambda: "seed %d\n%s" % (seed, golconded.log_tail()))
         finally:
@@ -510,7 +536,9 @@ def test_trigger_flow_survives_kill_9(make_database, cleanup_queues, tmp_path):
         thread.start()
         wait_for(lambda: writes["transactions"] >= 150, timeout=20, message="writes going on")
         time.sleep(rng.uniform(0.0, 1.0))
+        killed_at = writes["transactions"]
         golconded.kill()
+        assert killed_at < 600, "the writes were over before the kill"
         time.sleep(0.3)
         golconded.restart()
         assert done.wait(40), "writer did not finish"
@@ -536,6 +564,13 @@ def test_trigger_flow_survives_kill_9(make_database, cleanup_queues, tmp_path):
 
 # -- 6. a locked target table does not hold back the other target -------------------------------------
 
+def waiting_on_lock(dsn: str) -> bool:
+    dbname = psycopg2.extensions.parse_dsn(dsn)["dbname"]
+    return bool(query(dsn, "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                           " AND application_name LIKE 'golconde%%' AND wait_event_type = 'Lock'",
+                      (dbname,))[0][0])
+
+
 def test_locked_target_does_not_block_the_other(flow):
     stream = Stream(flow.queue, 1500, batch=50, pause=0.01)
     warmup = Stream(flow.queue, 1, prefix="warmup")
@@ -556,8 +591,9 @@ def test_locked_target_does_not_block_the_other(flow):
                      message="target2 receiving while target1 is locked")
             assert time.monotonic() - locked_at < 10
             time.sleep(max(0.0, 10.0 - (time.monotonic() - locked_at)))
-            # target1 waited on the lock the whole time: nothing of the stream applied yet
-            assert counts(flow.t1) == (1, 1)
+            # target1 waited on the lock the whole time (ev cannot even be read while it is held):
+            # its session is blocked on the lock, nothing of the stream is applied there yet
+            assert waiting_on_lock(flow.t1), "target1's session is not waiting on the lock"
             target1 = thread_stats(daemon)["%s_target1" % flow.name]
             assert target1["applied"] == 1 and target1["dead_lettered"] == 0, target1
         finally:

@@ -1,7 +1,7 @@
-"""End to end, client-based flow: a real daemon, real PostgreSQL databases, real RabbitMQ."""
+"""End to end, client-based flow: a real daemon, real PostgreSQL databases, and each real STOMP
+broker of the ``broker`` fixture (RabbitMQ, ActiveMQ)."""
 from __future__ import annotations
 
-import base64
 import uuid
 from decimal import Decimal
 
@@ -11,7 +11,6 @@ from golconde.client import Client
 from golconde.compare import compare
 from golconde.daemon import Daemon
 
-from ..conftest import STOMP_LOGIN, STOMP_PASSCODE, stomp_address
 from .flow_support import (drain_queue, execute, make_config, parse_config, query, send_raw,
                            wait_for)
 
@@ -35,20 +34,20 @@ CREATE TABLE public.friendships (
 
 
 @pytest.fixture
-def flow(make_database):
+def flow(make_database, broker):
     """Canonical + two target databases with the same friendships table, and a running daemon."""
     canonical, t1, t2 = make_database(), make_database(), make_database()
     for dsn in (canonical, t1, t2):
         execute(dsn, FRIENDSHIPS)
-    mapping = make_config(canonical, {"target1": t1, "target2": t2}, "public.friendships")
+    mapping = make_config(canonical, {"target1": t1, "target2": t2}, "public.friendships",
+                          broker=broker)
     config = parse_config(mapping)
     daemon = Daemon(config)
     daemon.start()
     destination = config.destinations[0]
-    host, port = stomp_address()
-    client = Client(destination.queue, host, port, STOMP_LOGIN, STOMP_PASSCODE)
+    client = Client(destination.queue, broker.host, broker.port, broker.login, broker.passcode)
     state = {"canonical": canonical, "targets": [t1, t2], "daemon": daemon, "client": client,
-             "destination": destination, "config": config}
+             "destination": destination, "config": config, "broker": broker}
     yield state
     client.close()
     assert daemon.stop(), "daemon did not stop in time"
@@ -126,11 +125,13 @@ def test_bad_packets_dead_lettered_while_good_ones_flow(flow):
             bodies.append(good[index])
         if index < len(bad):
             bodies.append(bad[index])
-    send_raw(destination.queue, bodies, [{"golconde-id": str(uuid.uuid4())} for _ in bodies])
+    send_raw(destination.queue, bodies, [{"golconde-id": str(uuid.uuid4())} for _ in bodies],
+             broker=flow["broker"])
     wait_for(lambda: len(query(flow["canonical"], "SELECT 1 FROM friendships")) == 5 and targets_equal(flow),
              message="good packets applied everywhere")
     dead = []
-    wait_for(lambda: dead.extend(drain_queue(destination.dead_letter_queue, wait=0.5)) or len(dead) >= len(bad),
+    wait_for(lambda: dead.extend(drain_queue(destination.dead_letter_queue, wait=0.5,
+                                             broker=flow["broker"])) or len(dead) >= len(bad),
              timeout=30, message="dead letters")
     assert len(dead) == len(bad)
     assert sorted(d.body for d in dead) == sorted(bad)
@@ -145,13 +146,13 @@ def test_bad_packets_dead_lettered_while_good_ones_flow(flow):
     assert thread["dead_lettered"] == len(bad) and thread["applied"] == 5
 
 
-def test_redelivered_packet_is_not_applied_twice(make_database):
+def test_redelivered_packet_is_not_applied_twice(make_database, broker):
     """Same packet id delivered twice (as after a crash between commit and ack) -> applied once,
     on a keyless table where a second apply would show as a second row."""
     canonical, t1 = make_database(), make_database()
     for dsn in (canonical, t1):
         execute(dsn, "CREATE TABLE events (kind text, n integer)")
-    config = parse_config(make_config(canonical, {"t1": t1}, "events"))
+    config = parse_config(make_config(canonical, {"t1": t1}, "events", broker=broker))
     daemon = Daemon(config)
     daemon.start()
     try:
@@ -159,12 +160,14 @@ def test_redelivered_packet_is_not_applied_twice(make_database):
         pid = str(uuid.uuid4())
         body = '{"action": "add", "data": {"kind": "once", "n": 1}}'
         send_raw(queue, [body, body, '{"action": "add", "data": {"kind": "after", "n": 2}}'],
-                 [{"golconde-id": pid}, {"golconde-id": pid}, {"golconde-id": str(uuid.uuid4())}])
+                 [{"golconde-id": pid}, {"golconde-id": pid}, {"golconde-id": str(uuid.uuid4())}],
+                 broker=broker)
         # a plain STOMP client without golconde-id: identified by its body's hash
-        send_raw(queue, ['{"action": "add", "data": {"kind": "plain", "n": 3}}'] * 2)
+        send_raw(queue, ['{"action": "add", "data": {"kind": "plain", "n": 3}}'] * 2, broker=broker)
         wait_for(lambda: len(query(t1, "SELECT 1 FROM events")) == 3, message="3 rows at target")
         # give a wrongly re-applied duplicate the chance to show up
-        send_raw(queue, ['{"action": "add", "data": {"kind": "sentinel", "n": 4}}'], [{"golconde-id": str(uuid.uuid4())}])
+        send_raw(queue, ['{"action": "add", "data": {"kind": "sentinel", "n": 4}}'], [{"golconde-id": str(uuid.uuid4())}],
+                 broker=broker)
         wait_for(lambda: len(query(t1, "SELECT 1 FROM events")) == 4, message="sentinel")
         for dsn in (canonical, t1):
             assert sorted(query(dsn, "SELECT kind, n FROM events")) == [

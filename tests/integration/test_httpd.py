@@ -4,9 +4,12 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import re
 import socket
+from importlib import resources
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from golconde.httpd import StatsServer
 from golconde.stats import Registry
@@ -115,16 +118,139 @@ def test_config_defaults_to_empty():
         srv.stop()
 
 
-def test_index_is_self_contained_html(server):
+def test_index_loads_only_files_of_this_server(server):
     status, headers, body = request(server, "GET", "/")
     assert status == 200
     assert headers["content-type"].startswith("text/html")
-    assert "default-src 'none'" in headers["content-security-policy"]
+    csp = headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp
     page = body.decode("utf-8")
     assert "Realtime Activity" in page
-    assert "stats" in page and "textContent" in page
-    assert "innerHTML" not in page
-    assert "http://" not in page and "https://" not in page and "src=" not in page
+    assert "http://" not in page and "https://" not in page
+    loaded = re.findall(r'(?:src|href)="([^"]*)"', page)
+    assert "vendor/uPlot.iife.min.js" in loaded and "app.js" in loaded
+    for path in loaded:
+        if path.startswith("data:"):
+            continue
+        assert not path.startswith("/") and "//" not in path and ".." not in path
+        status, headers, asset = request(server, "GET", "/" + path)
+        assert status == 200, path
+        assert len(asset) > 100
+
+
+@pytest.mark.parametrize("path, content_type, marker", [
+    ("/app.js", "application/javascript", b"textContent"),
+    ("/vendor/uPlot.iife.min.js", "application/javascript", b"uPlot (v1.6.32)"),
+    ("/vendor/uPlot.min.css", "text/css", b".uplot"),
+    ("/vendor/uPlot.LICENSE", "text/plain", b"MIT License"),
+])
+def test_assets(server, path, content_type, marker):
+    status, headers, body = request(server, "GET", path)
+    assert status == 200
+    assert headers["content-type"].startswith(content_type)
+    assert headers["x-content-type-options"] == "nosniff"
+    assert marker in body
+
+
+def test_app_never_inserts_html():
+    app = resources.files("golconde").joinpath("web/app.js").read_text(encoding="utf-8")
+    assert "textContent" in app
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+        assert sink not in app
+
+
+def test_health_fails_with_reasons_then_passes(server):
+    status, headers, body = request(server, "GET", "/health")
+    assert status == 503
+    assert headers["content-type"].startswith("application/json")
+    doc = json.loads(body)
+    assert doc["status"] == "fail"
+    assert "Test1_t1: broker disconnected" in doc["reasons"]
+    assert "Test1_t1: database disconnected" in doc["reasons"]
+    assert doc["listeners"]["Test1"]["status"] == "ok"
+    assert doc["thresholds"] == {"max_backlog": 10000, "max_lag": 300.0}
+    server.registry.get("Test1_t1").set_state(broker="connected", database="connected")
+    status, _, body = request(server, "GET", "/health")
+    assert status == 200
+    assert json.loads(body) == {
+        "status": "ok", "reasons": [], "thresholds": {"max_backlog": 10000, "max_lag": 300.0},
+        "listeners": {name: {"status": "ok", "broker": "connected", "database": "connected",
+                             "backlog": None, "lag": None} for name in ("Test1", "Test1_t1")}}
+
+
+def test_health_thresholds():
+    registry = Registry()
+    stats = registry.thread("D", "destination", "D")
+    stats.set_state(broker="connected", database="connected")
+    srv = StatsServer(registry, port=0, max_backlog=100, max_lag=5)
+    srv.start()
+    try:
+        stats.set_backlog(100)
+        stats.set_lag(5.0)
+        assert request(srv, "GET", "/health")[0] == 200          # thresholds are inclusive
+        stats.set_backlog(101)
+        stats.set_lag(5.5)
+        status, _, body = request(srv, "GET", "/health")
+        assert status == 503
+        assert json.loads(body)["reasons"] == ["D: backlog 101 > 100", "D: lag 5.5 s > 5 s"]
+    finally:
+        srv.stop()
+
+
+def test_metrics_prometheus_text(server):
+    server.registry.get("Test1").observe_duration(0.004, packets=2)
+    status, headers, body = request(server, "GET", "/metrics")
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = {family.name: family for family in text_string_to_metric_families(body.decode())}
+    dest = {"destination": "Test1", "target": "", "thread": "Test1", "role": "destination"}
+    target = {"destination": "Test1", "target": "t1", "thread": "Test1_t1", "role": "target"}
+
+    def value(family, labels, sample_name=None):
+        for sample in families[family].samples:
+            if sample.labels == labels and (sample_name is None or sample.name == sample_name):
+                return sample.value
+        raise KeyError((family, labels, sample_name))
+
+    assert families["golconde_packets"].type == "counter"
+    assert value("golconde_packets", dict(dest, action="add")) == 3
+    assert value("golconde_packets", dict(target, action="add")) == 0
+    assert value("golconde_errors", target) == 1
+    assert value("golconde_up", dest) == 1 and value("golconde_up", target) == 0
+    assert value("golconde_connection_state", dict(dest, connection="broker", state="connected")) == 1
+    assert value("golconde_connection_state", dict(target, connection="database",
+                                                   state="disconnected")) == 1
+    histogram = families["golconde_apply_duration_seconds"]
+    assert histogram.type == "histogram"
+    assert value("golconde_apply_duration_seconds", dict(dest, le="0.0025"),
+                 "golconde_apply_duration_seconds_bucket") == 2       # 2 packets of 2 ms
+    assert value("golconde_apply_duration_seconds", dict(dest, le="0.001"),
+                 "golconde_apply_duration_seconds_bucket") == 0
+    assert value("golconde_apply_duration_seconds", dest,
+                 "golconde_apply_duration_seconds_count") == 2
+    assert value("golconde_apply_duration_seconds", dest,
+                 "golconde_apply_duration_seconds_sum") == pytest.approx(0.004)
+    assert value("golconde_last_error_timestamp_seconds", target) > 1.6e9
+    assert value("golconde_listeners", {}) == 2
+    assert "golconde_backlog_packets" not in families or not families["golconde_backlog_packets"].samples
+
+
+def test_metrics_openmetrics_on_request(server):
+    status, headers, body = request_with(server, "/metrics",
+                                         {"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert status == 200
+    assert headers["content-type"].startswith("application/openmetrics-text")
+    assert body.rstrip().endswith(b"# EOF")
+
+
+def request_with(server, path, headers):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
 
 
 def test_head_has_headers_but_no_body(server):
@@ -136,7 +262,9 @@ def test_head_has_headers_but_no_body(server):
     assert request(server, "HEAD", "/nowhere")[0] == 404
 
 
-@pytest.mark.parametrize("path", ["/nowhere", "/stats/", "/index.html", "/assets/app.js", "/config.yaml"])
+@pytest.mark.parametrize("path", ["/nowhere", "/stats/", "/index.html", "/assets/app.js", "/config.yaml",
+                                  "/vendor/", "/vendor/README.md", "/web/app.js", "/app.js/",
+                                  "/vendor/../app.js", "/metrics/x"])
 def test_unknown_path_is_404(server, path):
     status, headers, body = request(server, "GET", path)
     assert status == 404

@@ -1,4 +1,5 @@
-"""End to end, trigger-based flow: capture trigger -> golconde.queue -> daemon -> targets."""
+"""End to end, trigger-based flow: capture trigger -> golconde.queue -> daemon -> targets, on each
+STOMP broker of the ``broker`` fixture (RabbitMQ, ActiveMQ)."""
 from __future__ import annotations
 
 import threading
@@ -25,12 +26,12 @@ CREATE TABLE public.accounts (
 
 
 @pytest.fixture
-def trigger_flow(make_database):
+def trigger_flow(make_database, broker):
     canonical, t1, t2 = make_database(), make_database(), make_database()
     for dsn in (canonical, t1, t2):
         execute(dsn, ACCOUNTS)
     mapping = make_config(canonical, {"t1": t1, "t2": t2}, "public.accounts", mode="trigger",
-                          poll_interval=0.5)
+                          broker=broker, poll_interval=0.5)
     config = parse_config(mapping)
     destination = config.destinations[0]
     conn = psycopg2.connect(canonical)
@@ -110,11 +111,12 @@ def test_concurrent_writers_keep_per_row_order(trigger_flow):
     wait_for(lambda: equal(trigger_flow), message="targets equal after concurrent updates")
 
 
-def test_keyless_table_distributes_inserts(make_database):
+def test_keyless_table_distributes_inserts(make_database, broker):
     canonical, t1 = make_database(), make_database()
     for dsn in (canonical, t1):
         execute(dsn, "CREATE TABLE history (tid integer, delta integer, mtime timestamp)")
-    config = parse_config(make_config(canonical, {"t1": t1}, "history", mode="trigger"))
+    config = parse_config(make_config(canonical, {"t1": t1}, "history", mode="trigger",
+                                      broker=broker))
     conn = psycopg2.connect(canonical)
     result = trigger.install(conn, "history", config.destinations[0].name)
     conn.close()

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import golconde
-from golconde.stats import COUNTER_KEYS, Registry, ThreadStats
+from golconde.stats import COUNTER_KEYS, DURATION_BUCKETS, Registry, ThreadStats
 
 LEGACY_KEYS = {"add", "set", "update", "delete", "command_duration", "errors"}
 
@@ -168,3 +168,37 @@ def test_counting_is_thread_safe():
     snap = stats.snapshot()
     assert snap["received"] == snap["applied"] == rounds * workers
     assert snap["command_duration"] == pytest.approx(0.001)
+
+
+def test_apply_duration_histogram_counts_packets_per_bucket():
+    stats = ThreadStats("Test1", "destination", "Test1")
+    empty = stats.snapshot()["apply_duration"]
+    assert empty["le"] == list(DURATION_BUCKETS)
+    assert empty["cumulative"] == [0] * (len(DURATION_BUCKETS) + 1)
+    assert (empty["sum"], empty["count"]) == (0.0, 0)
+    stats.observe_duration(0.0004)               # <= 0.0005
+    stats.observe_duration(0.001)                # exactly on a bound: in that bucket (le)
+    stats.observe_duration(0.03, packets=3)      # 3 packets of 0.01 s
+    stats.observe_duration(120.0)                # beyond the last bound: +Inf only
+    histogram = stats.snapshot()["apply_duration"]
+    cumulative = dict(zip(histogram["le"], histogram["cumulative"]))
+    assert cumulative[0.0005] == 1
+    assert cumulative[0.001] == 2
+    assert cumulative[0.005] == 2
+    assert cumulative[0.01] == 5
+    assert cumulative[60.0] == 5
+    assert histogram["cumulative"][-1] == histogram["count"] == 6
+    assert histogram["sum"] == pytest.approx(0.0004 + 0.001 + 0.03 + 120.0)
+    # consistent with the 2009 mean
+    assert stats.snapshot()["command_duration"] == pytest.approx(histogram["sum"] / histogram["count"])
+    assert histogram["cumulative"] == sorted(histogram["cumulative"])
+
+
+def test_histogram_is_unchanged_by_rejected_observations():
+    stats = ThreadStats("Test1", "destination", "Test1")
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            stats.observe_duration(bad)
+    with pytest.raises(ValueError):
+        stats.observe_duration(0.1, packets=0)
+    assert stats.snapshot()["apply_duration"]["count"] == 0

@@ -1,0 +1,64 @@
+"""Batch messages: many packets in one broker message, on Golconde's internal hops.
+
+Per-message costs (a SEND, a RECEIPT, a delivery, an ack) dominate at high rates (broker-facts.md:
+~14,000 persistent publishes/s per thread), so a destination sends the packets of one batch to each
+target as a few *batch messages* instead of one message per packet. Format (JSON, UTF-8)::
+
+    {"batch": [{"id": "<golconde-id>", "created": "<epoch seconds>", "packet": <packet or group>},
+               ...]}
+
+with the header ``golconde-batch: <number of entries>``. Each entry keeps its own packet id, so the
+ledger de-duplicates per packet and a dead-lettered entry goes to the dead-letter queue alone (as
+a plain packet message with its own ``golconde-id``). Plain packet messages are still accepted
+everywhere (clients, dead-letter replays).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, List, Mapping, Sequence, Tuple
+
+from .errors import PacketError
+from .packet import dumps, loads
+
+#: Header marking a batch message; its value is the number of entries.
+BATCH_HEADER = "golconde-batch"
+#: Most entries in one batch message.
+MAX_ENTRIES = 500
+#: Most body bytes in one batch message (brokers' default frame limit is 4 MiB).
+MAX_BYTES = 1024 * 1024
+
+
+def encode(entries: Sequence[Tuple[str, str, str]]) -> Iterator[Tuple[str, int]]:
+    """Pack ``[(packet_id, packet_json_text, created), ...]`` into batch message bodies.
+
+    ``packet_json_text`` must be valid JSON (it is embedded as is, not re-encoded).
+    :returns: an iterator of ``(body, number_of_entries)``, each body within :data:`MAX_ENTRIES`
+        and :data:`MAX_BYTES` (a single larger packet gets a message of its own).
+    """
+    parts: List[str] = []
+    size = 0
+    for pid, text, created in entries:
+        part = '{"id":%s,"created":%s,"packet":%s}' % (dumps(str(pid)), dumps(str(created)), text)
+        if parts and (len(parts) >= MAX_ENTRIES or size + len(part) > MAX_BYTES):
+            yield '{"batch":[' + ",".join(parts) + "]}", len(parts)
+            parts, size = [], 0
+        parts.append(part)
+        size += len(part) + 1
+    if parts:
+        yield '{"batch":[' + ",".join(parts) + "]}", len(parts)
+
+
+def decode(body: bytes) -> List[Tuple[str, Mapping[str, Any], str]]:
+    """Unpack a batch message body into ``[(packet_id, packet_object, created), ...]``.
+
+    :raises PacketError: the body is not a well-formed batch message.
+    """
+    document = loads(body)
+    if not isinstance(document, dict) or not isinstance(document.get("batch"), list):
+        raise PacketError("batch message must be an object with a 'batch' array")
+    entries = []
+    for index, entry in enumerate(document["batch"]):
+        if (not isinstance(entry, dict) or not isinstance(entry.get("id"), str)
+                or not isinstance(entry.get("packet"), dict)):
+            raise PacketError("batch message entry %d must be {id: string, packet: object}" % index)
+        entries.append((entry["id"], entry["packet"], str(entry.get("created", ""))))
+    return entries

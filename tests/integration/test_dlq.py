@@ -1,0 +1,252 @@
+"""``golconde dlq list|replay|purge`` against a real daemon, PostgreSQL and RabbitMQ.
+
+The scenario of the README: a packet is dead-lettered for a column the canonical relation lacks;
+the operator adds the column and replays the dead-letter queue; the packet is applied once at the
+destination and at every target; replaying again, or the same packet sent again (as after a crash
+between the replay's send and its ack), doubles nothing. The tables are keyless, so that a second
+apply would show as a second row rather than as a key violation.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Dict, List
+
+import pytest
+
+from golconde import dlq as dlq_module
+from golconde.cli import admin_main
+from golconde.daemon import Daemon
+
+from .flow_support import (execute, make_config, parse_config, query, send_raw, wait_for,
+                           write_config)
+
+ITEMS = "CREATE TABLE public.items (n integer NOT NULL, name text)"
+
+
+def stats_of(daemon: Daemon, name: str) -> Dict[str, Any]:
+    for entry in daemon.registry.snapshot()["threads"]:
+        if name in entry:
+            return entry[name]
+    raise AssertionError("no thread %s" % name)
+
+
+@pytest.fixture
+def flow(make_database, tmp_path):
+    """Canonical + two targets (keyless ``items``), a running daemon and its configuration file."""
+    canonical, t1, t2 = make_database(), make_database(), make_database()
+    for dsn in (canonical, t1, t2):
+        execute(dsn, ITEMS)
+    mapping = make_config(canonical, {"t1": t1, "t2": t2}, "public.items")
+    path = write_config(str(tmp_path / "golconde.yaml"), mapping)
+    config = parse_config(mapping)
+    daemon = Daemon(config)
+    daemon.start()
+    destination = config.destinations[0]
+    state = {"canonical": canonical, "targets": [t1, t2], "daemon": daemon, "path": path,
+             "destination": destination, "config": config, "dbs": [canonical, t1, t2]}
+    yield state
+    assert daemon.stop(), "daemon did not stop in time"
+    for queue in [destination.queue, destination.dead_letter_queue] + [
+            q for t in destination.targets for q in (t.queue, t.dead_letter_queue)]:
+        purge_queue(config, queue)
+
+
+def purge_queue(config: Any, queue: str) -> None:
+    broker = config.destinations[0].stomp
+    dlq_module.DeadLetterQueue(broker, queue).purge()
+
+
+def cli(capsys, *argv: str):
+    """Run ``golconde`` in-process: (exit status, stdout)."""
+    status = admin_main(list(argv))
+    return status, capsys.readouterr().out
+
+
+def dlq_list(capsys, state, *extra: str) -> List[Dict[str, Any]]:
+    status, out = cli(capsys, "dlq", "list", "-c", state["path"], "--destination",
+                      state["destination"].name, "--json", *extra)
+    assert status == 0, out
+    return json.loads(out)["packets"]
+
+
+def send(state, body: str, pid: str = "") -> str:
+    pid = pid or str(uuid.uuid4())
+    send_raw(state["destination"].queue, [body], [{"golconde-id": pid}])
+    return pid
+
+
+def add_column(state, ddl: str) -> None:
+    """Run ``ddl`` in every database, then let the destination's cached schema (read when the
+    packet was dead-lettered) age past ``SchemaCache.refresh_if_stale``'s 1 s: a packet naming an
+    unknown column re-reads the catalog at most once a second."""
+    for dsn in state["dbs"]:
+        execute(dsn, ddl)
+    time.sleep(1.2)
+
+
+def rows(dsn: str) -> List[tuple]:
+    return query(dsn, "SELECT * FROM items ORDER BY n, name")
+
+
+def test_missing_column_replayed_once_after_the_operator_adds_it(flow, capsys):
+    name = flow["destination"].name
+    body = '{"action": "add", "data": {"n": 1, "name": "first", "color": "red"}}'
+    pid = send(flow, body)
+    wait_for(lambda: stats_of(flow["daemon"], name)["dead_lettered"] == 1, timeout=30,
+             message="the packet dead-lettered")
+
+    # list shows it, twice in a row (listing leaves it in the queue), via the management API ...
+    for _ in range(2):
+        listed = dlq_list(capsys, flow)
+        assert len(listed) == 1
+        entry = listed[0]
+        assert entry["golconde_id"] == pid and entry["body"] == body
+        assert entry["original_queue"] == flow["destination"].queue and entry["consumer"] == name
+        assert "color" in entry["reason"] and entry["dead_lettered_at"].endswith("+00:00")
+    # ... and over STOMP
+    status, out = cli(capsys, "dlq", "list", "-c", flow["path"], "--destination", name,
+                      "--management-url", "")
+    assert status == 0 and "golconde-id: %s" % pid in out and "read via STOMP" in out
+    assert "color" in out
+    assert len(dlq_list(capsys, flow)) == 1
+    # the text form shows a truncated body with its full size
+    status, out = cli(capsys, "dlq", "list", "-c", flow["path"], "--destination", name,
+                      "--body-limit", "10")
+    assert status == 0 and "body: %s ... (%d bytes in all)" % (body[:10], len(body)) in out
+
+    # the operator adds the column everywhere, then replays
+    add_column(flow, "ALTER TABLE items ADD COLUMN color text")
+    status, out = cli(capsys, "dlq", "replay", "-c", flow["path"], "--destination", name)
+    assert status == 0 and "replayed 1 packet(s)" in out, out
+    for dsn in flow["dbs"]:
+        wait_for(lambda dsn=dsn: rows(dsn) == [(1, "first", "red")], timeout=30,
+                 message="the replayed packet applied")
+    assert dlq_list(capsys, flow) == []
+
+    # replay again: nothing to replay
+    status, out = cli(capsys, "dlq", "replay", "-c", flow["path"], "--destination", name)
+    assert status == 0 and "replayed 0 packet(s)" in out
+    # the same packet replayed again (a crash between the replay's send and its ack): de-duplicated
+    send(flow, body, pid)
+    send(flow, '{"action": "add", "data": {"n": 2, "name": "sentinel"}}')
+    for dsn in flow["dbs"]:
+        wait_for(lambda dsn=dsn: len(rows(dsn)) >= 2, timeout=30, message="the sentinel")
+        assert rows(dsn) == [(1, "first", "red"), (2, "sentinel", None)]
+    wait_for(lambda: all(stats_of(flow["daemon"], t)["duplicates"] == 1
+                         for t in (name, name + "_t1", name + "_t2")), timeout=30,
+             message="duplicates counted at the destination and both targets")
+    assert stats_of(flow["daemon"], name)["dead_lettered"] == 1
+    assert dlq_list(capsys, flow) == []
+
+
+def test_target_dead_letter_replayed_to_that_target_only(flow, capsys):
+    name = flow["destination"].name
+    t1 = flow["targets"][0]
+    execute(t1, "ALTER TABLE items ADD CONSTRAINT small CHECK (n < 100)")
+    pid = send(flow, '{"action": "add", "data": {"n": 500, "name": "big"}}')
+    wait_for(lambda: stats_of(flow["daemon"], name + "_t1")["dead_lettered"] == 1, timeout=30,
+             message="dead-lettered at t1")
+    wait_for(lambda: rows(flow["targets"][1]) == [(500, "big")], timeout=30, message="t2 applied")
+    status, out = cli(capsys, "dlq", "list", "-c", flow["path"], "--destination", name,
+                      "--target", "t1", "--json")
+    listed = json.loads(out)["packets"]
+    assert status == 0 and [p["golconde_id"] for p in listed] == [pid]
+    assert listed[0]["original_queue"] == flow["destination"].targets[0].queue
+    assert "23514" in listed[0]["reason"] and listed[0]["consumer"] == name + "_t1"
+    assert dlq_list(capsys, flow) == []          # the destination's own queue is empty
+
+    execute(t1, "ALTER TABLE items DROP CONSTRAINT small")
+    status, out = cli(capsys, "dlq", "replay", "-c", flow["path"], "--destination", name,
+                      "--target", "t1")
+    assert status == 0 and "replayed 1 packet(s)" in out
+    wait_for(lambda: rows(t1) == [(500, "big")], timeout=30, message="t1 applied")
+    send(flow, '{"action": "add", "data": {"n": 7, "name": "sentinel"}}')
+    for dsn in flow["dbs"]:
+        wait_for(lambda dsn=dsn: rows(dsn) == [(7, "sentinel"), (500, "big")], timeout=30,
+                 message="sentinel everywhere, nothing doubled")
+
+
+@pytest.mark.parametrize("management", [True, False], ids=["management-api", "stomp-only"])
+def test_replay_of_a_still_bad_packet_does_not_loop(flow, capsys, management):
+    name = flow["destination"].name
+    body = '{"action": "add", "data": {"n": 1, "nope": 2}}'
+    pid = send(flow, body)
+    wait_for(lambda: stats_of(flow["daemon"], name)["dead_lettered"] == 1, timeout=30,
+             message="dead-lettered")
+    extra = () if management else ("--management-url", "")
+    status, out = cli(capsys, "dlq", "replay", "-c", flow["path"], "--destination", name, *extra)
+    assert status in (0, 1), out
+    assert "replayed 1 packet(s)" in out
+    wait_for(lambda: stats_of(flow["daemon"], name)["dead_lettered"] == 2, timeout=30,
+             message="dead-lettered again")
+    listed = dlq_list(capsys, flow)
+    assert [(p["golconde_id"], p["body"]) for p in listed] == [(pid, body)]
+    assert all(rows(dsn) == [] for dsn in flow["dbs"])
+
+
+def test_purge_needs_yes_and_empties_the_queue(flow, capsys):
+    name = flow["destination"].name
+    for n in range(3):
+        send(flow, '{"action": "add", "data": {"n": %d, "missing": true}}' % n)
+    wait_for(lambda: stats_of(flow["daemon"], name)["dead_lettered"] == 3, timeout=30,
+             message="three dead letters")
+    status, out = cli(capsys, "dlq", "purge", "-c", flow["path"], "--destination", name)
+    assert status == 2 and "--yes" in out
+    assert len(dlq_list(capsys, flow)) == 3
+    status, out = cli(capsys, "dlq", "purge", "-c", flow["path"], "--destination", name,
+                      "--limit", "1", "--yes")
+    assert status == 0 and "purged 1 packet(s)" in out
+    assert len(dlq_list(capsys, flow)) == 2
+    status, out = cli(capsys, "dlq", "purge", "-c", flow["path"], "--queue",
+                      flow["destination"].dead_letter_queue, "--yes", "--json")
+    assert status == 0 and json.loads(out)["purged"] == 2
+    assert dlq_list(capsys, flow) == []
+    assert all(rows(dsn) == [] for dsn in flow["dbs"])
+
+
+def test_replay_selected_ids_and_leaves_what_it_cannot_replay(flow, capsys):
+    """--id picks packets; a trigger-mode dead letter (original queue golconde.queue) and a packet
+    without golconde-id are left in the queue and reported (exit status 1)."""
+    destination = flow["destination"]
+    name = destination.name
+    first = send(flow, '{"action": "add", "data": {"n": 1, "later": "x"}}')
+    second = send(flow, '{"action": "add", "data": {"n": 2, "later": "y"}}')
+    wait_for(lambda: stats_of(flow["daemon"], name)["dead_lettered"] == 2, timeout=30,
+             message="two dead letters")
+    send_raw(destination.dead_letter_queue,
+             ['{"action": "add", "data": {"n": 3}}', '{"action": "add", "data": {"n": 4}}'],
+             [{"golconde-id": "from-trigger", "golconde-original-queue": "golconde.queue",
+               "golconde-reason": "test"},
+              {"golconde-original-queue": destination.queue, "golconde-reason": "test"}])
+    add_column(flow, "ALTER TABLE items ADD COLUMN later text")
+    status, out = cli(capsys, "dlq", "replay", "-c", flow["path"], "--destination", name,
+                      "--id", second, "--json")
+    assert status == 0 and json.loads(out) == {"queue": destination.dead_letter_queue,
+                                               "replayed": 1, "skipped": []}
+    for dsn in flow["dbs"]:
+        wait_for(lambda dsn=dsn: rows(dsn) == [(2, None, "y")], timeout=30, message="second applied")
+    assert [p["golconde_id"] for p in dlq_list(capsys, flow)] == [first, "from-trigger", None]
+
+    status, out = cli(capsys, "dlq", "replay", "-c", flow["path"], "--destination", name)
+    assert status == 1
+    assert "replayed 1 packet(s)" in out
+    assert "left from-trigger" in out and "not a STOMP queue" in out
+    assert "left a packet without golconde-id" in out
+    for dsn in flow["dbs"]:
+        wait_for(lambda dsn=dsn: rows(dsn) == [(1, None, "x"), (2, None, "y")], timeout=30,
+                 message="first applied")
+    assert [p["golconde_id"] for p in dlq_list(capsys, flow)] == ["from-trigger", None]
+
+
+def test_usage_errors(flow, capsys):
+    path, name = flow["path"], flow["destination"].name
+    status = admin_main(["dlq", "list", "-c", path])
+    assert status == 2 and "give --destination NAME" in capsys.readouterr().err
+    status = admin_main(["dlq", "list", "-c", path, "--destination", "Nope"])
+    assert status == 2 and "Destinations.Nope: no such destination" in capsys.readouterr().err
+    status = admin_main(["dlq", "list", "-c", path, "--destination", name, "--target", "zz"])
+    assert status == 2 and "Targets.zz: no such target" in capsys.readouterr().err
+    status = admin_main(["dlq", "list", "-c", path, "--destination", name, "--queue", "/queue/x"])
+    assert status == 2 and "is not the dead-letter queue of" in capsys.readouterr().err

@@ -1,0 +1,172 @@
+"""A target with another schema described in YAML (columns, exclude, constants, defaults, filter,
+another relation name), through a real daemon, real PostgreSQL databases and RabbitMQ."""
+from __future__ import annotations
+
+import uuid
+
+import psycopg2
+import pytest
+
+from golconde import trigger
+from golconde.client import Client
+from golconde.daemon import Daemon
+
+from ..conftest import STOMP_LOGIN, STOMP_PASSCODE, stomp_address
+from .flow_support import drain_queue, execute, make_config, parse_config, query, send_raw, wait_for
+
+USERS = """
+CREATE TABLE public.users (
+    id            integer PRIMARY KEY,
+    name          text,
+    email         text,
+    password_hash text,
+    status_id     integer,
+    source        text,
+    created       timestamptz DEFAULT now()
+)
+"""
+# the target: another schema, table and column names, a column of its own, its own defaults
+CUSTOMER = """
+CREATE SCHEMA crm;
+CREATE TABLE crm.customer (
+    customer_id   integer PRIMARY KEY,
+    full_name     text,
+    email         text,
+    password_hash text,
+    status_id     integer,
+    source        text NOT NULL,
+    created       timestamptz NOT NULL DEFAULT '2000-01-01 00:00:00+00'
+)
+"""
+MAPPING = {
+    "target": "crm.customer",
+    "columns": {"id": "customer_id", "name": "full_name"},
+    "exclude": ["password_hash"],
+    "constants": {"source": "canonical"},
+    "defaults": ["created"],
+    "filter": {"status_id": {"in": [1, 2]}},
+}
+#: what crm.customer must hold, computed from the canonical table
+PROJECTION = ("SELECT id, name, email, status_id FROM users WHERE status_id IN (1, 2) ORDER BY id")
+TARGET_ROWS = "SELECT customer_id, full_name, email, status_id FROM crm.customer ORDER BY customer_id"
+
+
+def mapped_config(canonical: str, crm: str, copy: str, mode: str):
+    mapping = make_config(canonical, {"crm": crm, "copy": copy}, "public.users", mode=mode,
+                          poll_interval=0.5)
+    destination = next(iter(mapping["Destinations"].values()))
+    destination["Targets"]["crm"].update(MAPPING)
+    return parse_config(mapping)
+
+
+@pytest.fixture
+def databases(make_database):
+    canonical, crm, copy = make_database(), make_database(), make_database()
+    execute(canonical, USERS)
+    execute(copy, USERS)
+    execute(crm, CUSTOMER)
+    return canonical, crm, copy
+
+
+def start(config) -> Daemon:
+    daemon = Daemon(config)
+    daemon.start()
+    return daemon
+
+
+def test_client_flow_mapping(databases):
+    canonical, crm, copy = databases
+    config = mapped_config(canonical, crm, copy, "client")
+    destination = config.destinations[0]
+    daemon = start(config)
+    host, port = stomp_address()
+    client = Client(destination.queue, host, port, STOMP_LOGIN, STOMP_PASSCODE)
+    try:
+        client.add({"id": 1, "name": "Ann", "email": "a@x", "password_hash": "secret1", "status_id": 1,
+                    "created": "2026-01-01T00:00:00+00:00"})
+        client.add({"id": 2, "name": "Bob", "email": "b@x", "password_hash": "secret2", "status_id": 3})
+        client.set({"id": 3, "name": "Cid", "email": "c@x", "status_id": 2, "source": "from the packet"})
+        client.add({"id": 4, "name": "Dee", "status_id": 1})
+        wait_for(lambda: query(crm, TARGET_ROWS) == [(1, "Ann", "a@x", 1), (3, "Cid", "c@x", 2), (4, "Dee", None, 1)],
+                 message="adds and sets mapped at crm")
+        rows = query(crm, "SELECT customer_id, password_hash, source, created = '2000-01-01 00:00:00+00'"
+                          " FROM crm.customer ORDER BY 1")
+        # excluded column not written, constant written (winning over the packet), target default kept
+        assert rows == [(1, None, "canonical", True), (3, None, "canonical", True), (4, None, "canonical", True)]
+
+        client.update({"name": "Ann B"}, restriction={"id": 1})             # no filter column: plain update
+        client.update({"status_id": 3}, restriction={"id": 4})              # moves out: deleted
+        client.set({"id": 3, "name": "Cid", "email": "c@x", "status_id": 5})  # a set moving out: deleted
+        # moving in: a client update must carry the whole row (documented)
+        client.update({"id": 2, "name": "Bob", "email": "b@x", "status_id": 2}, restriction={"id": 2})
+        client.update({"id": 10, "status_id": 1}, restriction={"id": 1})     # key change inside the filter
+        client.delete({"id": 99})
+        expected = [(2, "Bob", "b@x", 2), (10, "Ann B", "a@x", 1)]
+        wait_for(lambda: query(crm, TARGET_ROWS) == expected, message="updates mapped at crm")
+        assert query(canonical, PROJECTION) == expected
+        # the unmapped target is a plain copy of everything
+        wait_for(lambda: query(copy, "SELECT id, status_id FROM users ORDER BY id") ==
+                 query(canonical, "SELECT id, status_id FROM users ORDER BY id"), message="plain copy")
+        assert query(copy, "SELECT password_hash FROM users WHERE id = 2") == [("secret2",)]
+    finally:
+        client.close()
+        assert daemon.stop()
+
+
+def test_restriction_on_an_excluded_column_is_dead_lettered_at_that_target_only(databases):
+    canonical, crm, copy = databases
+    config = mapped_config(canonical, crm, copy, "client")
+    destination = config.destinations[0]
+    daemon = start(config)
+    try:
+        bodies = ['{"action": "add", "data": {"id": 1, "name": "Ann", "password_hash": "s", "status_id": 1}}',
+                  '{"action": "delete", "restriction": {"password_hash": "s"}}',
+                  '{"action": "add", "data": {"id": 2, "name": "Sentinel", "status_id": 1}}']
+        send_raw(destination.queue, bodies, [{"golconde-id": str(uuid.uuid4())} for _ in bodies])
+        wait_for(lambda: query(copy, "SELECT id FROM users ORDER BY id") == [(2,)], message="copy target")
+        wait_for(lambda: query(crm, "SELECT customer_id FROM crm.customer ORDER BY 1") == [(1,), (2,)],
+                 message="crm target: the delete could not apply")
+        crm_target = [t for t in destination.targets if t.name == "crm"][0]
+        dead = []
+        wait_for(lambda: dead.extend(drain_queue(crm_target.dead_letter_queue, wait=0.3)) or dead,
+                 timeout=20, message="dead letter at crm")
+        assert len(dead) == 1
+        assert dead[0].headers["golconde-reason"].startswith(
+            "Destinations.%s.Targets.crm.exclude: the restriction names 'password_hash'" % destination.name)
+        copy_target = [t for t in destination.targets if t.name == "copy"][0]
+        assert drain_queue(copy_target.dead_letter_queue, wait=0.3) == []
+    finally:
+        assert daemon.stop()
+
+
+def test_trigger_flow_filter_moves_rows_in_and_out(databases):
+    canonical, crm, copy = databases
+    config = mapped_config(canonical, crm, copy, "trigger")
+    conn = psycopg2.connect(canonical)
+    trigger.install(conn, "public.users", config.destinations[0].name)
+    conn.commit()
+    conn.close()
+    daemon = start(config)
+    try:
+        execute(canonical, "INSERT INTO users (id, name, email, password_hash, status_id)"
+                           " SELECT g, 'user ' || g, 'u' || g || '@x', 'pw' || g, g % 4 FROM generate_series(1, 40) g")
+        execute(canonical, "UPDATE users SET status_id = 3 WHERE id IN (1, 2, 5)")       # out of the filter
+        execute(canonical, "UPDATE users SET status_id = 1 WHERE id IN (3, 4, 8)")       # into the filter
+        execute(canonical, "UPDATE users SET status_id = NULL WHERE id = 6")              # out: null
+        execute(canonical, "UPDATE users SET name = 'renamed' WHERE id IN (9, 11)")      # 9 in, 11 out
+        execute(canonical, "UPDATE users SET id = 100 WHERE id = 13")                    # key change, in
+        execute(canonical, "UPDATE users SET id = 101, status_id = 0 WHERE id = 14")     # key change, out
+        execute(canonical, "DELETE FROM users WHERE id IN (10, 12)")
+        execute(canonical, "INSERT INTO users (id, name, status_id) VALUES (1000, 'sentinel', 1)")
+        wait_for(lambda: query(crm, TARGET_ROWS) == query(canonical, PROJECTION)
+                 and (1000, "sentinel", None, 1) in query(crm, TARGET_ROWS), timeout=60,
+                 message="crm holds exactly the filtered projection")
+        rows = query(crm, TARGET_ROWS)
+        assert (9, "renamed", "u9@x", 1) in rows and (100, "user 13", "u13@x", 1) in rows
+        assert all(status in (1, 2) for _, _, _, status in rows)
+        assert query(crm, "SELECT count(*) FROM crm.customer WHERE password_hash IS NOT NULL"
+                          " OR source <> 'canonical' OR created <> '2000-01-01 00:00:00+00'") == [(0,)]
+        wait_for(lambda: query(copy, "SELECT id, name, status_id FROM users ORDER BY id")
+                 == query(canonical, "SELECT id, name, status_id FROM users ORDER BY id"), message="copy")
+    finally:
+        assert daemon.stop()

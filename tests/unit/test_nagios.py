@@ -1,0 +1,121 @@
+"""Pure logic of the check_golconde plugin (golconde.nagios): thresholds, error deltas, verdicts
+and the status line, on given /stats and /health documents (the plugin against a real daemon is in
+tests/integration/test_operators.py)."""
+from __future__ import annotations
+
+import nagiosplugin
+import pytest
+
+from golconde import nagios
+
+
+def stats(broker="connected", database="connected", lag=0.2, backlog=3, errors=0):
+    return {"broker": broker, "database": database, "lag": lag, "backlog": backlog, "errors": errors}
+
+
+class Fixed(nagios.Listeners):
+    """Listeners whose probe reads given documents instead of HTTP."""
+
+    def __init__(self, threads=None, errors=None, health=None):
+        super().__init__("http://127.0.0.1:1", 1.0, None, health=health is not None)
+        self.threads, self.errors, self.health_answer = threads, errors or {}, health
+
+    def probe(self):
+        if self.health_answer is not None:
+            return list(self.health_metrics(*self.health_answer))
+        return list(self.stats_metrics(self.threads, self.errors))
+
+
+def run(resource, argv=()):
+    args = nagios.build_parser().parse_args(list(argv))
+    check = nagios.make_check(args)
+    check.resources = [resource]
+    check()
+    return check
+
+
+def test_ok_status_line_and_perfdata():
+    check = run(Fixed([("D", stats()), ("D_t1", stats(lag=1.5, backlog=0))]))
+    assert check.exitcode == 0
+    assert check.summary_str == "2 listeners connected, max lag 1.5s, max backlog 3, 0 new errors"
+    assert "'D_t1 lag'=1.5s;30;300;0" in check.perfdata
+    assert "'D backlog'=3;1000;10000;0" in check.perfdata
+    assert "'D errors'=0;0;10;0" in check.perfdata
+
+
+@pytest.mark.parametrize("argv, lag, code", [
+    ([], 29.9, 0), ([], 30.5, 1), ([], 300.5, 2),
+    (["--lag-warning", "5", "--lag-critical", "10"], 7, 1),
+    (["--lag-warning", "5", "--lag-critical", "10"], 11, 2),
+    (["-w", "5", "-c", "10"], 11, 2),
+    (["-w", "5,,", "-c", ",,"], 400, 2),             # empty parts keep the defaults
+    (["-w", "50", "--lag-warning", "5"], 7, 1),        # the explicit option wins
+    (["--lag-warning", "@0:1"], 0.5, 1),               # inside the range alerts
+])
+def test_lag_thresholds(argv, lag, code):
+    assert run(Fixed([("D", stats(lag=lag))]), argv).exitcode == code
+
+
+def test_backlog_and_errors_thresholds():
+    assert run(Fixed([("D", stats(backlog=1001))])).exitcode == 1
+    assert run(Fixed([("D", stats(backlog=10001))])).exitcode == 2
+    assert run(Fixed([("D", stats())], errors={"D": 1})).exitcode == 1
+    check = run(Fixed([("D", stats())], errors={"D": 11}))
+    assert check.exitcode == 2 and "D errors 11 new" in check.summary_str
+    assert run(Fixed([("D", stats())], errors={"D": 3}), ["-w", ",,5"]).exitcode == 0
+
+
+def test_unknown_values_are_not_judged():
+    check = run(Fixed([("D", stats(lag=None, backlog=None))]))
+    assert check.exitcode == 0
+    assert not any("lag" in p or "backlog" in p for p in check.perfdata)
+
+
+def test_a_connection_down_is_critical_and_named():
+    check = run(Fixed([("D", stats()), ("D_t2", stats(broker="stopped", database="stopped")),
+                       ("D_t1", stats(lag=40))]))
+    assert check.exitcode == 2
+    # the worst first, every problem on the one line
+    assert check.summary_str == ("D_t2: broker stopped, database stopped; "
+                                 "D_t1 lag 40s (outside range 0:30)")
+
+
+def test_health_answers():
+    ok = {"status": "ok", "reasons": [], "listeners": {"D": stats(lag=0.1)}}
+    check = run(Fixed(health=(200, ok)))
+    assert check.exitcode == 0 and check.summary_str == "healthy, 1 listeners, max lag 0.1s, max backlog 3"
+    fail = {"status": "fail", "reasons": ["D: broker disconnected"],
+            "listeners": {"D": stats(broker="disconnected")}}
+    check = run(Fixed(health=(503, fail)))
+    assert check.exitcode == 2 and check.summary_str == "unhealthy: D: broker disconnected"
+    with pytest.raises(ValueError):
+        list(nagios.Listeners.health_metrics(500, {"error": "internal error"}))
+
+
+def test_no_listener_is_an_error():
+    with pytest.raises(ValueError):
+        list(nagios.Listeners.stats_metrics([], {}))
+
+
+def test_new_errors():
+    assert nagios.new_errors({"D": 5, "E": 2}, None) == {"D": 0, "E": 0}
+    assert nagios.new_errors({"D": 5, "E": 2}, {"D": 3}) == {"D": 2, "E": 0}
+    assert nagios.new_errors({"D": 1}, {"D": 9}) == {"D": 1}          # the daemon restarted
+
+
+def test_invalid_range_is_reported():
+    args = nagios.build_parser().parse_args(["--backlog-critical", "10:5"])
+    with pytest.raises(ValueError, match="invalid backlog critical range '10:5'"):
+        nagios.make_check(args)
+
+
+def test_default_state_file_is_per_url(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    one = nagios.default_state_file("http://a:8080")
+    assert one.startswith(str(tmp_path / "check_golconde"))
+    assert one != nagios.default_state_file("http://b:8080")
+
+
+def test_performance_labels_are_nagios_safe():
+    perf = nagiosplugin.Performance("D_t1 lag", 1.5, "s", 30, 300, 0)
+    assert str(perf) == "'D_t1 lag'=1.5s;30;300;0"
