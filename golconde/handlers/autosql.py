@@ -209,17 +209,8 @@ def upsert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
                           " keys: %s; data has: %s"
                           % (table.relation, keys, ", ".join(column.name for column, _ in data)))
     values, params = _values(table, data)
-    others = [column for column, _ in data if column.name not in key]
-    present = {column.name for column, _ in data}
-    if not others and any(name not in present for name in returning):
-        others = [column for column, _ in data if column.name == key[0]]
-    if others:
-        action = sql.SQL("DO UPDATE SET {}").format(sql.SQL(", ").join(
-            sql.SQL("{} = EXCLUDED.{}").format(ident(column.name), ident(column.name)) for column in others))
-    else:
-        action = sql.SQL("DO NOTHING")
-    query = sql.SQL("INSERT INTO {} {} ON CONFLICT ({}) {}").format(
-        _relation(table), values, sql.SQL(", ").join(ident(name) for name in key), action)
+    query = sql.SQL("INSERT INTO {} {} {}").format(
+        _relation(table), values, bulk.on_conflict(key, [column for column, _ in data], returning, ident))
     if returning:
         query = sql.SQL("{} RETURNING {}").format(query, sql.SQL(", ").join(ident(name) for name in returning))
     return query, params

@@ -105,6 +105,24 @@ def runs(prepared: Sequence[Prepared]) -> List[List[int]]:
     return result
 
 
+def on_conflict(key: Sequence[str], columns: Sequence[Column], returning: Sequence[str],
+                ident: Any) -> sql.Composed:
+    """``ON CONFLICT (key) DO UPDATE SET c = EXCLUDED.c, ...`` for the non-key ``columns``;
+    ``DO NOTHING`` when there are none, unless ``returning`` names a column absent from
+    ``columns`` (a generated primary key to back-fill while the conflict is on another unique key):
+    then a no-op ``DO UPDATE SET k = EXCLUDED.k`` so that the existing row is returned too."""
+    others = [c for c in columns if c.name not in key]
+    present = {c.name for c in columns}
+    if not others and any(name not in present for name in returning):
+        others = [c for c in columns if c.name == key[0]]
+    if others:
+        action = sql.SQL("DO UPDATE SET {}").format(sql.SQL(", ").join(
+            sql.SQL("{} = EXCLUDED.{}").format(ident(c.name), ident(c.name)) for c in others))
+    else:
+        action = sql.SQL("DO NOTHING")
+    return sql.SQL("ON CONFLICT ({}) {}").format(sql.SQL(", ").join(ident(name) for name in key), action)
+
+
 def _template(casts: Sequence[sql.Composable]) -> sql.Composed:
     return sql.SQL("({})").format(sql.SQL(", ").join(casts))
 
@@ -126,16 +144,8 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
             relation, sql.SQL(", ").join(ident(c.name) for c in columns),
             sql.SQL("OVERRIDING SYSTEM VALUE ") if any(c.identity_always for c in columns) else sql.SQL(""))
         if action is Action.SET:
-            others = [c for c in columns if c.name not in first.conflict]
-            if not others and any(name not in first.keys for name in table.primary_key):
-                others = [c for c in columns if c.name == first.conflict[0]]
-            if others:
-                update = sql.SQL("DO UPDATE SET {}").format(sql.SQL(", ").join(
-                    sql.SQL("{} = EXCLUDED.{}").format(ident(c.name), ident(c.name)) for c in others))
-            else:
-                update = sql.SQL("DO NOTHING")
-            query = sql.SQL("{} ON CONFLICT ({}) {}").format(
-                query, sql.SQL(", ").join(ident(name) for name in first.conflict), update)
+            query = sql.SQL("{} {}").format(
+                query, on_conflict(first.conflict, columns, table.primary_key, ident))
         returning = table.primary_key
         if returning:
             query = sql.SQL("{} RETURNING {}").format(
