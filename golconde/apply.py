@@ -90,7 +90,8 @@ class Applier:
     """
 
     def __init__(self, handler: Handler, consumer: str, store_fanout: bool = False,
-                 max_retries: int = 5, sleep: Callable[[float], None] = time.sleep) -> None:
+                 max_retries: int = 5, sleep: Callable[[float], None] = time.sleep,
+                 on_retry: Optional[Callable[[], None]] = None) -> None:
         self.handler = handler
         self.consumer = consumer
         self.store_fanout = store_fanout
@@ -98,6 +99,7 @@ class Applier:
         self.sleep = sleep
         #: transient-error retries made so far (read by the listener for its stats)
         self.retries = 0
+        self.on_retry = on_retry
         self._member: Optional[int] = None   # index of the group member being applied
 
     def apply_batch(self, connection: Any, items: Sequence[Tuple[str, Any]]) -> List[Outcome]:
@@ -132,7 +134,7 @@ class Applier:
                     raise ConnectionLost(describe(exc)) from exc
                 if fate == RETRY and attempt < self.max_retries:
                     attempt += 1
-                    self.retries += 1
+                    self._count_retry()
                     LOGGER.info("[%s] transient error, retry %d of the batch: %s",
                                 self.consumer, attempt, describe(exc))
                     self.sleep(backoff(attempt))
@@ -148,6 +150,11 @@ class Applier:
         return [o if o is not None else Outcome(DEAD_LETTER, reason="not processed") for o in outcomes]
 
     # ----------------------------------------------------------------------------------------------
+    def _count_retry(self) -> None:
+        self.retries += 1
+        if self.on_retry is not None:
+            self.on_retry()      # visible in /stats while a long retry loop runs
+
     def _schema_error(self) -> None:
         try:
             self.handler.on_schema_error()
@@ -273,7 +280,7 @@ class Applier:
                     continue
                 if fate == RETRY and attempts < self.max_retries:
                     attempts += 1
-                    self.retries += 1
+                    self._count_retry()
                     self.sleep(backoff(attempts))
                     continue
                 reason = describe(exc)

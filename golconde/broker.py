@@ -35,7 +35,7 @@ import logging
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import List, Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import stomp
 import stomp.exception
@@ -109,9 +109,16 @@ class _Listener(stomp.ConnectionListener):
         LOGGER.warning("[%s] broker ERROR frame: %s", self.owner.name, text)
         self.owner.last_error = "broker ERROR: %s" % text
         self.owner._receipt(frame.headers.get("receipt-id") if frame.headers else None, text)
+        self._wake_connect()
 
     def on_disconnected(self) -> None:
         self.owner._lost(self.generation, "disconnected")
+        self._wake_connect()
+
+    def _wake_connect(self) -> None:
+        """A refused login (ERROR, then the broker closes) must not wait for connect()'s timeout."""
+        if self.generation == self.owner.generation:
+            self.owner._connected_event.set()
 
     def on_heartbeat_timeout(self) -> None:
         self.owner._lost(self.generation, "heart-beat timeout")
@@ -310,6 +317,35 @@ class BrokerConnection:
         raise BrokerError("connection to %s lost before the send was confirmed" % self.address)
 
 
+class Receipt:
+    """A confirmation to come for messages written by :func:`send_all_async`.
+
+    :meth:`done` tells without waiting whether the broker answered (or the connection is gone);
+    :meth:`wait` waits and raises :class:`BrokerError` unless the broker confirmed.
+    """
+
+    def __init__(self, connection: BrokerConnection, receipt_id: str) -> None:
+        self.connection = connection
+        self.receipt_id = receipt_id
+
+    def done(self) -> bool:
+        owner = self.connection
+        with owner._receipt_cond:
+            return self.receipt_id in owner._receipts or "*" in owner._receipts or not owner._alive
+
+    def wait(self, timeout: float = 30.0) -> None:
+        self.connection._wait_receipt(self.receipt_id, timeout)
+
+
+def send_all_async(groups: Iterable[Tuple[BrokerConnection, Sequence[Outgoing]]]) -> List[Receipt]:
+    """Write several batches, each on its own connection, as persistent messages with a receipt
+    requested on the last of each; return the :class:`Receipt` objects without waiting.
+
+    :raises BrokerError: a frame could not be written.
+    """
+    return [Receipt(connection, connection._write(messages)) for connection, messages in groups if messages]
+
+
 def send_all_confirmed(groups: Iterable[Tuple[BrokerConnection, Sequence[Outgoing]]],
                        timeout: float = 30.0) -> None:
     """Send several batches, each on its own connection, and wait for every confirmation.
@@ -317,7 +353,5 @@ def send_all_confirmed(groups: Iterable[Tuple[BrokerConnection, Sequence[Outgoin
     All frames are written first, then every receipt is awaited, so that N brokers cost one round
     trip rather than N. :raises BrokerError: as :meth:`BrokerConnection.send_confirmed`.
     """
-    pending = [(connection, connection._write(messages))
-               for connection, messages in groups if messages]
-    for connection, receipt in pending:
-        connection._wait_receipt(receipt, timeout)
+    for receipt in send_all_async(groups):
+        receipt.wait(timeout)

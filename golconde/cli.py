@@ -229,7 +229,8 @@ def admin_main(argv: Optional[List[str]] = None) -> int:
                           "'' = STOMP only)")
 
     args = parser.parse_args(argv)
-    setup_logging({"level": "warning"}, args.verbose)
+    if not logging.getLogger().handlers:      # called in-process (tests, scripts): keep their logging
+        setup_logging({"level": "warning"}, args.verbose)
     try:
         return {"trigger": _cmd_trigger, "compare": _cmd_compare, "send": _cmd_send,
                 "check-config": _cmd_check, "dlq": _cmd_dlq,

@@ -8,7 +8,7 @@ Shape (the 2009 keys, plus those marked NEW)::
     HTTPServer: {enabled: true, listen: 127.0.0.1, port: 8080,            # optional
                  health: {max_backlog: 10000, max_lag: 300}}  # NEW: /health thresholds (packets, s)
     Broker:     {login, passcode, heartbeat: 10000 (ms, 0 = off), vhost}  # NEW, optional
-    Defaults:   {prefetch: 500, batch_size: 500, max_retries: 5}          # NEW, optional
+    Defaults:   {prefetch: 1500, batch_size: 500, max_retries: 5}         # NEW, optional
     Destinations:                                    # required, at least one
       <name>:                                        # [A-Za-z0-9_.-]+
         stomp: host:port            pgsql: <libpq DSN>     target: [schema.]relation
@@ -57,7 +57,7 @@ DEFAULT_HANDLER = "AutoSQL"
 DEFAULT_HTTP_LISTEN = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_HEARTBEAT_MS = 10000
-DEFAULT_PREFETCH = 500
+DEFAULT_PREFETCH = 1500
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_MAX_RETRIES = 5
 DEFAULT_POLL_INTERVAL = 1.0

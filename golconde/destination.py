@@ -24,7 +24,8 @@ import psycopg2.extensions
 
 from . import envelope, trigger
 from .apply import APPLIED, DEAD_LETTER, DUPLICATE, Outcome
-from .broker import CREATED_HEADER, ID_HEADER, BrokerConnection, Delivery, Outgoing, send_all_confirmed
+from .broker import (CREATED_HEADER, ID_HEADER, BrokerConnection, Delivery, Outgoing, Receipt,
+                     send_all_async)
 from .errors import PacketError, StopListener, describe
 from .listener import Listener, QueueConsumer
 from .packet import dumps, parse
@@ -53,13 +54,20 @@ class FanOut:
             (target, listener.outbound_for(target.stomp)) for target in destination.targets]
 
     def send(self, packets: Sequence[Tuple[str, str, str]]) -> int:
-        """Send ``[(packet_id, json_text, created_at), ...]`` to every target queue as batch
-        messages (:mod:`golconde.envelope`), confirmed.
+        """As :meth:`send_async`, waiting for every confirmation. :returns: packets sent."""
+        count, receipts = self.send_async(packets)
+        for receipt in receipts:
+            receipt.wait()
+        return count
 
-        :returns: packets sent (counting each target). :raises BrokerError: a broker did not confirm.
+    def send_async(self, packets: Sequence[Tuple[str, str, str]]) -> Tuple[int, List[Receipt]]:
+        """Write ``[(packet_id, json_text, created_at), ...]`` to every target queue as persistent
+        batch messages (:mod:`golconde.envelope`), without waiting for the broker.
+
+        :returns: (packets sent, counting each target; the receipts to wait for). :raises BrokerError: a broker did not confirm.
         """
         if not packets or not self.routes:
-            return 0
+            return 0, []
         by_connection: Dict[int, Tuple[BrokerConnection, List[Outgoing]]] = {}
         messages = list(envelope.encode(packets))
         for target, connection in self.routes:
@@ -69,8 +77,7 @@ class FanOut:
                     envelope.BATCH_HEADER: str(count),
                     "golconde-destination": self.destination.name,
                     "content-type": "application/json"}))
-        send_all_confirmed(by_connection.values())
-        return len(packets) * len(self.routes)
+        return len(packets) * len(self.routes), send_all_async(by_connection.values())
 
 
 class ClientDestination(QueueConsumer):
@@ -88,7 +95,9 @@ class ClientDestination(QueueConsumer):
         packets = [(item[0], outcome.fanout, delivery.headers.get(CREATED_HEADER, now))
                    for delivery, item, outcome in zip(batch, items, outcomes)
                    if outcome.status in (APPLIED, DUPLICATE) and outcome.fanout]
-        self.stats.count("fanned_out", self.fanout.send(packets))
+        count, receipts = self.fanout.send_async(packets)
+        self.stats.count("fanned_out", count)
+        self.pending_receipts.extend(receipts)   # awaited before the ack (pipelined, see cycle())
         self.send_dead_letters(batch, items, outcomes)
         self.send_replies(batch, items, outcomes)
 

@@ -13,6 +13,7 @@ thread; this thread takes batches, applies them (:mod:`golconde.apply`), then ha
 """
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -23,7 +24,7 @@ import psycopg2
 
 from . import envelope, ledger
 from .apply import APPLIED, DEAD_LETTER, DUPLICATE, Applier, ConnectionLost, Outcome, backoff, members
-from .broker import CREATED_HEADER, ID_HEADER, BrokerConnection, Delivery, Outgoing
+from .broker import CREATED_HEADER, ID_HEADER, BrokerConnection, Delivery, Outgoing, Receipt
 from .errors import ConfigError, GolcondeError, PacketError, StopListener, describe
 from .handlers import load_handler
 from .packet import dumps
@@ -284,6 +285,8 @@ class QueueConsumer(Listener):
     """
 
     store_fanout = False
+    #: committed batches that may wait for their receipts while the next one is applied
+    max_pipeline = 2
 
     def __init__(self, config: Any, stats: ThreadStats, role: str) -> None:
         super().__init__(config, stats, role)
@@ -300,12 +303,17 @@ class QueueConsumer(Listener):
             raise ConfigError("%s: handler %s failed to initialize: %s"
                               % (config.thread_name, config.function_name, describe(exc))) from exc
         self.applier = Applier(self.handler, config.thread_name, store_fanout=self.store_fanout,
-                               max_retries=config.max_retries)
+                               max_retries=config.max_retries,
+                               on_retry=lambda: self.stats.count("retried"))
         self.inbound = BrokerConnection.from_config(config.stomp, name=self.name,
                                                     on_message=self._inbox_put)
         self.dead_letter_broker = self.outbound_for(config.stomp)
         self._inbox: "queue.Queue[Delivery]" = queue.Queue()
         self._in_flight = False
+        #: receipts that after_commit() asks the ack of the current batch to wait for
+        self.pending_receipts: List[Receipt] = []
+        #: committed batches waiting for their receipts before their ack, oldest first
+        self._pending: "collections.deque[Tuple[List[Receipt], Delivery]]" = collections.deque()
         self._last_prune = 0.0
 
     def _inbox_put(self, delivery: Delivery) -> None:
@@ -338,10 +346,17 @@ class QueueConsumer(Listener):
             # it until that connection closes; closing makes it redeliver (the ledger de-duplicates)
             self.inbound.close()
             self._drop_inbox()
+            self._pending.clear()
             self._in_flight = False
         super().reset()
 
     def close(self) -> None:
+        if self._pending and self.inbound.connected:
+            try:
+                self.settle(block=True)       # ack what the broker confirmed before leaving
+            except GolcondeError as exc:
+                LOGGER.warning("[%s] unconfirmed sends at stop (redelivered later): %s", self.name, exc)
+        self._pending.clear()
         self.inbound.close()              # first: unacked deliveries go back to the broker
         self._drop_inbox()
         super().close()
@@ -365,7 +380,8 @@ class QueueConsumer(Listener):
         message counts for its entries); waits up to 0.2 s for the first, not at all for the rest."""
         batch: List[Delivery] = []
         try:
-            first = self._inbox.get(timeout=0.2)
+            # short wait while committed batches wait for their acks (they are settled when idle)
+            first = self._inbox.get(timeout=0.005 if self._pending else 0.2)
         except queue.Empty:
             return batch
         generation = self.inbound.generation
@@ -387,6 +403,7 @@ class QueueConsumer(Listener):
     def cycle(self) -> None:
         batch = self.collect()
         if not batch:
+            self.settle(block=True)
             self._maybe_prune()
             return
         self._in_flight = True
@@ -394,7 +411,6 @@ class QueueConsumer(Listener):
         batch, items = expand(deliveries)      # one origin and one item per packet
         self.stats.count("received", len(items))
         started = time.monotonic()
-        retries_before = self.applier.retries
         while True:
             try:
                 outcomes = self.applier.apply_batch(self.db, items)
@@ -404,11 +420,33 @@ class QueueConsumer(Listener):
                 self.stats.set_error(str(exc))
                 if not self.reconnect_database() or deliveries[0].generation != self.inbound.generation:
                     return                 # not acked: the broker redelivers, the ledger de-duplicates
-        self.stats.count("retried", self.applier.retries - retries_before)
+        self._account(batch, outcomes, time.monotonic() - started)   # counts follow the commit
+        self.pending_receipts = []
         self.after_commit(batch, items, outcomes)
-        self.inbound.ack(deliveries[-1])       # 'client' ack mode: cumulative
-        self._in_flight = False
-        self._account(batch, outcomes, time.monotonic() - started)
+        # Pipelined: the ack waits for the broker's receipts of this batch's sends, but the next
+        # batch is applied meanwhile; acks are cumulative, so batches are acked in order.
+        self._pending.append((self.pending_receipts, deliveries[-1]))
+        self.pending_receipts = []
+        self.settle(block=False)
+
+    def settle(self, block: bool) -> None:
+        """Ack the committed batches whose sends the broker confirmed, oldest first. Without
+        ``block``, waits only when more than :attr:`max_pipeline` batches are pending.
+
+        :raises BrokerError: a send was refused or not confirmed in time (nothing more is acked;
+            the supervising loop closes the connection, so the broker redelivers).
+        """
+        while self._pending:
+            receipts, last = self._pending[0]
+            if (not block and len(self._pending) <= self.max_pipeline
+                    and not all(r.done() for r in receipts)):
+                break
+            for receipt in receipts:
+                receipt.wait()
+            self.inbound.ack(last)             # 'client' ack mode: cumulative
+            self._pending.popleft()
+        self._in_flight = bool(self._pending)
+
 
     def after_commit(self, batch: Sequence[Delivery], items: Sequence[Tuple[str, bytes]],
                      outcomes: Sequence[Outcome]) -> None:

@@ -277,7 +277,7 @@ class SchemaCache:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._entries: Dict[Relation, Tuple[TableSchema, float]] = {}
+        self._entries: Dict[Relation, Tuple[TableSchema, float, Optional[int]]] = {}
 
     def get(self, cursor: Any, relation: Relation) -> TableSchema:
         """The cached schema of ``relation``, read with ``cursor`` if not cached.
@@ -290,17 +290,20 @@ class SchemaCache:
             return entry[0]
         return self._read(cursor, relation)
 
-    def refresh_if_stale(self, cursor: Any, relation: Relation, min_age_seconds: float = 1.0) -> TableSchema:
-        """Re-read ``relation`` if its cached schema is at least ``min_age_seconds`` old (or absent);
-        otherwise return the cached one. Used when a packet names a column the cache does not know,
-        so that a column added by DDL is picked up, at most once per ``min_age_seconds``.
+    def refresh_if_stale(self, cursor: Any, relation: Relation, min_age_seconds: float = 1.0,
+                         check_catalog: bool = False) -> TableSchema:
+        """Re-read ``relation`` if its cached schema is at least ``min_age_seconds`` old (or absent),
+        or, with ``check_catalog``, if ``pg_class.relnatts`` changed since it was read (one small
+        query: catches a column added less than ``min_age_seconds`` ago); otherwise return the cached
+        one. Used when a packet names a column the cache does not know.
 
         :raises SchemaError: as :func:`read_schema`.
         """
         with self._lock:
             entry = self._entries.get(relation)
         if entry is not None and self._clock() - entry[1] < min_age_seconds:
-            return entry[0]
+            if not check_catalog or _relnatts(cursor, relation) == entry[2]:
+                return entry[0]
         LOGGER.debug("re-reading the schema of %s (a packet names a column it does not know)", relation)
         return self._read(cursor, relation)
 
@@ -314,7 +317,17 @@ class SchemaCache:
         LOGGER.debug("schema cache invalidated for %s", relation if relation is not None else "all relations")
 
     def _read(self, cursor: Any, relation: Relation) -> TableSchema:
+        natts = _relnatts(cursor, relation)        # first: a column added meanwhile shows later
         schema = read_schema(cursor, relation)
         with self._lock:
-            self._entries[relation] = (schema, self._clock())
+            self._entries[relation] = (schema, self._clock(), natts)
         return schema
+
+
+def _relnatts(cursor: Any, relation: Relation) -> Optional[int]:
+    """``pg_class.relnatts`` of ``relation`` (attributes ever added, dropped ones included)."""
+    cursor.execute("SELECT c.relnatts FROM pg_catalog.pg_class c"
+                   " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+                   " WHERE n.nspname = %s AND c.relname = %s", (relation.schema, relation.name))
+    row = cursor.fetchone()
+    return row[0] if row else None

@@ -70,7 +70,8 @@ def _relation(table: TableSchema) -> sql.Identifier:
 
 
 def _cast(column: Column) -> sql.Composed:
-    return sql.SQL("{}::{}").format(sql.Placeholder(), _type(column))
+    # parenthesized: psycopg2 writes -5 as " -5", and "-5::text" would parse as -('5'::text)
+    return sql.SQL("({})::{}").format(sql.Placeholder(), _type(column))
 
 
 def resolve(table: TableSchema, values: Mapping[str, Any], part: str) -> Tuple[List[Item], List[str]]:
@@ -175,7 +176,7 @@ def where_clause(table: TableSchema, restriction: Sequence[Tuple[Column, Any]]) 
         if column.is_json and column.type_name in ("json", "json[]"):
             # json has no equality operator: compare as jsonb
             kind = sql.SQL(column.type_name.replace("json", "jsonb"))
-            parts.append(sql.SQL("{}::{} = {}::{}").format(ident(column.name), kind, sql.Placeholder(), kind))
+            parts.append(sql.SQL("{}::{} = ({})::{}").format(ident(column.name), kind, sql.Placeholder(), kind))
         else:
             parts.append(sql.SQL("{} = {}").format(ident(column.name), _cast(column)))
         params.append(bind(table, column, value))
@@ -291,6 +292,7 @@ class AutoSQL(Handler):
             raise ConfigError("settings.unknown_columns: expected one of %s, not %r"
                               % (", ".join(UNKNOWN_COLUMNS), unknown))
         self.unknown_columns = unknown.lower()
+        self._absent: set = set()      # data keys seen not to be columns (target role)
 
     def apply(self, cursor: Any, packet: Packet) -> Packet:
         """Apply ``packet``: through the target's mapping when one is configured (each packet
@@ -421,10 +423,10 @@ class AutoSQL(Handler):
             raise PacketError("unknown action %r for %s (expected one of add, set, update, delete)"
                               % (str(raw)[:100], self.table)) from None
 
-    def _schema(self, cursor: Any, refresh: bool = False) -> TableSchema:
+    def _schema(self, cursor: Any, refresh: bool = False, check_catalog: bool = False) -> TableSchema:
         try:
             if refresh:
-                return self.cache.refresh_if_stale(cursor, self.table)
+                return self.cache.refresh_if_stale(cursor, self.table, check_catalog=check_catalog)
             return self.cache.get(cursor, self.table)
         except SchemaError as exc:
             raise StopListener("%s: %s" % (self.name, exc), retry_after=RELATION_RETRY) from exc
@@ -435,7 +437,11 @@ class AutoSQL(Handler):
         data, data_unknown = resolve(table, data_values, "data")
         restriction, restriction_unknown = resolve(table, packet.restriction, "restriction")
         if data_unknown or restriction_unknown:
-            table = self._schema(cursor, refresh=True)
+            # a dead letter or a never-seen name is worth one catalog query; names already known to
+            # be absent (a narrower target) are re-checked once a second only
+            check = (restriction_unknown or self.unknown_columns == "error"
+                     or not self._absent.issuperset(data_unknown))
+            table = self._schema(cursor, refresh=True, check_catalog=bool(check))
             data, data_unknown = resolve(table, data_values, "data")
             restriction, restriction_unknown = resolve(table, packet.restriction, "restriction")
         if restriction_unknown:
@@ -445,6 +451,7 @@ class AutoSQL(Handler):
             if self.unknown_columns == "error":
                 raise PacketError("data names %s that %s does not have" % (_names(data_unknown), table.relation))
             LOGGER.debug("%s: ignoring %s that %s does not have", self.name, _names(data_unknown), table.relation)
+            self._absent.update(data_unknown)
         return table, data, restriction
 
 

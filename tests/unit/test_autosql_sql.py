@@ -158,7 +158,7 @@ def test_bind_wrong_json_kind(name, value, message):
 
 def test_insert_with_returning():
     query, params = insert_statement(USERS, [(col("name"), "n"), (col("doc"), {"a": 1})], returning=("id",))
-    assert render(query) == ('INSERT INTO "public"."t" ("name", "doc") VALUES (%s::text, %s::jsonb)'
+    assert render(query) == ('INSERT INTO "public"."t" ("name", "doc") VALUES ((%s)::text, (%s)::jsonb)'
                              ' RETURNING "id"')
     assert params[0] == "n" and isinstance(params[1], Json)
 
@@ -167,20 +167,20 @@ def test_insert_identity_always_overrides():
     t = table([Column("id", "integer", identity="a"), ("n", "text")], primary_key=("id",))
     query, _ = insert_statement(t, [(t.columns["id"], 5), (t.columns["n"], "x")])
     assert render(query) == ('INSERT INTO "public"."t" ("id", "n") OVERRIDING SYSTEM VALUE'
-                             ' VALUES (%s::integer, %s::text)')
+                             ' VALUES ((%s)::integer, (%s)::text)')
 
 
 def test_upsert_do_update():
     query, params = upsert_statement(USERS, [(col("tenant"), 1), (col("email"), "e"), (col("name"), "n")])
     assert render(query) == ('INSERT INTO "public"."t" ("tenant", "email", "name")'
-                             ' VALUES (%s::integer, %s::text, %s::text)'
+                             ' VALUES ((%s)::integer, (%s)::text, (%s)::text)'
                              ' ON CONFLICT ("tenant", "email") DO UPDATE SET "name" = EXCLUDED."name"')
     assert params == [1, "e", "n"]
 
 
 def test_upsert_only_key_columns_does_nothing():
     query, _ = upsert_statement(USERS, [(col("id"), 1)])
-    assert render(query) == 'INSERT INTO "public"."t" ("id") VALUES (%s::integer) ON CONFLICT ("id") DO NOTHING'
+    assert render(query) == 'INSERT INTO "public"."t" ("id") VALUES ((%s)::integer) ON CONFLICT ("id") DO NOTHING'
 
 
 def test_upsert_without_usable_key():
@@ -193,8 +193,8 @@ def test_update_with_null_and_json_restriction():
     query, params = update_statement(USERS, [(col("name"), None)],
                                      [(col("id"), 1), (col("email"), None), (col("raw"), {"a": 1}),
                                       (col("doc"), [1])])
-    assert render(query) == ('UPDATE "public"."t" SET "name" = %s::text WHERE "id" = %s::integer'
-                             ' AND "email" IS NULL AND "raw"::jsonb = %s::jsonb AND "doc" = %s::jsonb')
+    assert render(query) == ('UPDATE "public"."t" SET "name" = (%s)::text WHERE "id" = (%s)::integer'
+                             ' AND "email" IS NULL AND "raw"::jsonb = (%s)::jsonb AND "doc" = (%s)::jsonb')
     assert params[:2] == [None, 1] and len(params) == 4
 
 
@@ -209,14 +209,14 @@ def test_update_and_delete_need_restriction():
 
 def test_delete():
     query, params = delete_statement(USERS, [(col("Mixed"), "x")])
-    assert render(query) == 'DELETE FROM "public"."t" WHERE "Mixed" = %s::text'
+    assert render(query) == 'DELETE FROM "public"."t" WHERE "Mixed" = (%s)::text'
     assert params == ["x"]
 
 
 def test_percent_in_identifiers_is_escaped():
     t = table([("a%sb", "text")], name="p%t")
     query, _ = delete_statement(t, [(t.columns["a%sb"], "x")])
-    assert render(query) == 'DELETE FROM "public"."p%%t" WHERE "a%%sb" = %s::text'
+    assert render(query) == 'DELETE FROM "public"."p%%t" WHERE "a%%sb" = (%s)::text'
 
 
 # --- returned values ---------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ class FakeCache(SchemaCache):
             raise SchemaError("relation %s does not exist" % relation)
         return self.schemas[0]
 
-    def refresh_if_stale(self, cursor, relation, min_age_seconds=1.0):
+    def refresh_if_stale(self, cursor, relation, min_age_seconds=1.0, check_catalog=False):
         self.refreshes += 1
         if len(self.schemas) > 1:
             self.schemas.pop(0)
@@ -293,7 +293,7 @@ def test_apply_uses_refreshed_schema():
     cursor = FakeCursor(returned=(7,))
     handler = AutoSQL("t", role="destination", cache=FakeCache(USERS, newer))
     packet = handler.apply(cursor, parse({"action": "add", "data": {"fresh": "x", "Name": "n"}}))
-    assert cursor.executed == [('INSERT INTO "public"."t" ("fresh", "name") VALUES (%s::text, %s::text)'
+    assert cursor.executed == [('INSERT INTO "public"."t" ("fresh", "name") VALUES ((%s)::text, (%s)::text)'
                                 ' RETURNING "id"', ["x", "n"])]
     assert packet.data == {"fresh": "x", "Name": "n", "id": 7}
 
@@ -322,7 +322,7 @@ def test_apply_delete_and_set():
     handler.apply(cursor, parse({"action": "set", "data": {"id": 1, "name": "n"}}))
     assert cursor.executed == [
         ('DELETE FROM "public"."t" WHERE "id" IS NULL', []),
-        ('INSERT INTO "public"."t" ("id", "name") VALUES (%s::integer, %s::text)'
+        ('INSERT INTO "public"."t" ("id", "name") VALUES ((%s)::integer, (%s)::text)'
          ' ON CONFLICT ("id") DO UPDATE SET "name" = EXCLUDED."name" RETURNING "id"', [1, "n"])]
 
 
