@@ -1,0 +1,1 @@
+"""Golconde benchmark harness (see bench/README.md)."""

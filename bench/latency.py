@@ -1,0 +1,106 @@
+"""Latency of each row from enqueue to visible (committed) on every target.
+
+An ``AFTER INSERT`` trigger on each target's friendships table (``ENABLE ALWAYS``, so it fires for
+replication apply sessions too, which run with ``session_replication_role = replica``) copies the
+new row's key into an unlogged table ``bench_applied``; that copy commits with the row. A probe
+thread empties ``bench_applied`` with ``DELETE ... RETURNING`` every 5 ms on each target and gives
+each returned key the wall-clock time taken just before that statement: the row was committed
+after the previous poll and before this one, so the figure is late by at most one poll interval.
+(Commit timestamps cannot serve on the targets: logical replication's apply worker records the
+*origin's* commit time.) The enqueue time is read at the source afterwards: the commit timestamp
+of the source row (``track_commit_timestamp``) for pgbench-driven modes, the ``ts`` the client put
+in the packet when sending for the client flow.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Dict, List, Tuple
+
+import psycopg2
+
+SETUP = (
+    "CREATE UNLOGGED TABLE public.bench_applied (friend_id int, user_id int)",
+    "CREATE FUNCTION public.bench_applied_mark() RETURNS trigger LANGUAGE plpgsql AS"
+    " $$BEGIN INSERT INTO public.bench_applied VALUES (NEW.friend_id, NEW.user_id); RETURN NULL; END$$",
+    "CREATE TRIGGER bench_applied_mark AFTER INSERT ON public.friendships"
+    " FOR EACH ROW EXECUTE FUNCTION public.bench_applied_mark()",
+    "ALTER TABLE public.friendships ENABLE ALWAYS TRIGGER bench_applied_mark",
+)
+TEARDOWN = (
+    "DROP TRIGGER IF EXISTS bench_applied_mark ON public.friendships",
+    "DROP FUNCTION IF EXISTS public.bench_applied_mark()",
+    "DROP TABLE IF EXISTS public.bench_applied",
+)
+POLL_INTERVAL = 0.005
+
+Key = Tuple[int, int]
+
+
+class Probe:
+    """Records when each key becomes visible on each of ``dsns`` (label -> DSN)."""
+
+    def __init__(self, dsns: Dict[str, str]) -> None:
+        self.conns = {}
+        for label, dsn in dsns.items():
+            conn = psycopg2.connect(dsn)
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                for statement in SETUP:
+                    cur.execute(statement)
+            self.conns[label] = conn
+        self.seen: Dict[str, Dict[Key, float]] = {label: {} for label in dsns}
+        self._stop = threading.Event()
+        self._error: List[BaseException] = []
+        self._thread = threading.Thread(target=self._loop, name="latency-probe", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                for label, conn in self.conns.items():
+                    before = time.time()
+                    with conn.cursor() as cur:
+                        cur.execute("DELETE FROM public.bench_applied RETURNING friend_id, user_id")
+                        rows = cur.fetchall()
+                    seen = self.seen[label]
+                    for key in rows:
+                        seen.setdefault(key, before)
+                time.sleep(POLL_INTERVAL)
+        except BaseException as exc:  # reported by wait()
+            self._error.append(exc)
+
+    def wait(self, count: int, timeout: float) -> bool:
+        """Wait until every target has shown ``count`` keys; False on timeout.
+        :raises psycopg2.Error: the probe's query failed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._error:
+                raise self._error[0]
+            if all(len(seen) >= count for seen in self.seen.values()):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        for conn in self.conns.values():
+            try:
+                with conn.cursor() as cur:
+                    for statement in TEARDOWN:
+                        cur.execute(statement)
+            finally:
+                conn.close()
+
+    def latencies(self, enqueued: Dict[Key, float]) -> List[float]:
+        """Seconds from enqueue to visible on the last target, for each key seen everywhere."""
+        out = []
+        for key, sent in enqueued.items():
+            times = [seen.get(key) for seen in self.seen.values()]
+            if all(t is not None for t in times):
+                out.append(max(times) - sent)
+        return out
