@@ -37,11 +37,13 @@ def test_quick_run_prints_figures_for_each_mode_and_exits_0(tmp_path):
     bare = data["summary"]["bare"]["phases"]
     trigger = data["summary"]["golconde-trigger"]
     for phase in ("insert", "update", "delete", "total"):
-        assert bare[phase]["rows_per_s"] > 0 and bare[phase]["db_cpu_src_s"] > 0, bare[phase]
+        assert bare[phase]["rows_per_s"] > 0 and bare[phase]["db_cpu_src_s"] >= 0, bare[phase]
         figures = trigger["phases"][phase]
         assert figures["rows_per_s"] > 0 and figures["lag_s"] >= 0, figures
-        assert figures["db_cpu_src_s"] > 0 and figures["db_cpu_tgt_s"] > 0, figures
-        assert figures["worker_cpu_s"] > 0 and figures["worker_rss_mb"] > 10, figures
+        # a few hundred rows can take less than /proc's 10 ms tick in a phase: positive in total
+        minimum = 0 if phase != "total" else 1e-9
+        assert figures["db_cpu_src_s"] >= minimum and figures["db_cpu_tgt_s"] >= minimum, figures
+        assert figures["worker_cpu_s"] >= minimum and figures["worker_rss_mb"] > 10, figures
         # a phase ends when both targets hold every row: never before the source is done
         assert figures["rows_per_s"] <= figures["source_per_s"], figures
     assert data["runs"][0]["modes"]["golconde-trigger"]["phases"]["total"]["rows"] == 800 + 800 + 400
