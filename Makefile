@@ -1,4 +1,4 @@
-.PHONY: setup test demo unit
+.PHONY: setup test demo unit bench chaos
 
 # Install and start PostgreSQL + RabbitMQ (STOMP), create .venv and install golconde into it.
 setup:
@@ -10,6 +10,15 @@ test:
 
 demo:
 	bash scripts/demo.sh $(ARGS)
+
+# Benchmark (bench/README.md): make bench ARGS="--quick" or ARGS="--runs 3 --json var/bench.json"
+bench:
+	bash bench/run.sh $(ARGS)
+
+# Reliability suite at full size (chaos/README.md): make chaos ARGS="--scenarios kill --flows client"
+chaos:
+	bash scripts/setup.sh
+	.venv/bin/python chaos/run.py $(ARGS)
 
 # Unit tests only: needs the venv, not the services.
 unit:

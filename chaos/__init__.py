@@ -1,0 +1,1 @@
+"""Golconde's full-scale reliability ("chaos") suite: ``python chaos/run.py --help``."""

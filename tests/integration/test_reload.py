@@ -1,0 +1,276 @@
+"""SIGHUP against a real golconded subprocess while packets flow: a target added and then removed
+without a restart and without loss, and broken configurations refused while the running one goes on.
+
+(The full-size version, with 100,000-packet streams on both flows, is chaos/run.py's ``reload``
+scenario.) Packets are ADDs into a keyless table, each with a unique payload, so that a double
+apply shows as a duplicate row. Golconde has no initial copy: a target added by a reload receives
+the packets its destination processes from then on, and nothing from before.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+import urllib.request
+import uuid
+from typing import Any, Dict, List, Optional
+
+import pytest
+import yaml
+
+from golconde.client import Client
+from golconde.compare import compare
+
+from ..conftest import STOMP_LOGIN, STOMP_PASSCODE, stomp_address
+from .flow_support import DaemonProcess, execute, make_config, query, wait_for, write_config
+from .test_faults import amqp_name, delete_queues, queue_depths
+
+pytestmark = pytest.mark.skipif(shutil.which("rabbitmqctl") is None,
+                                reason="needs rabbitmqctl (queue depths and clean-up)")
+
+TABLE = "public.ev"
+EVENTS = "CREATE TABLE public.ev (payload text NOT NULL, n integer NOT NULL)"  # keyless on purpose
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Stream(threading.Thread):
+    """Sends ADD packets ``payload = <prefix>-<index>`` for indexes [start, stop), ``batch`` per
+    confirmation, ``pause`` seconds between batches."""
+
+    def __init__(self, queue: str, prefix: str, start: int, stop: int, batch: int = 20,
+                 pause: float = 0.03) -> None:
+        super().__init__(name="reload-stream", daemon=True)
+        self.queue, self.prefix, self.start_at, self.stop_at = queue, prefix, start, stop
+        self.batch, self.pause = batch, pause
+        self.sent = start
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        host, port = stomp_address()
+        client = Client(self.queue, host, port, STOMP_LOGIN, STOMP_PASSCODE, timeout=20)
+        try:
+            while self.sent < self.stop_at:
+                upto = min(self.stop_at, self.sent + self.batch)
+                with client.batch():
+                    for index in range(self.sent, upto):
+                        client.add({"payload": payload(self.prefix, index), "n": index})
+                self.sent = upto
+                time.sleep(self.pause)
+        except BaseException as exc:  # reported by finish()
+            self.error = exc
+        finally:
+            client.close()
+
+    def finish(self, timeout: float = 60.0) -> None:
+        self.join(timeout)
+        assert not self.is_alive(), "stream did not finish (%d sent)" % self.sent
+        assert self.error is None, "stream failed after %d packets: %r" % (self.sent, self.error)
+
+
+def payload(prefix: str, index: int) -> str:
+    return "%s-%05d" % (prefix, index)
+
+
+def payloads(dsn: str) -> List[str]:
+    return [row[0] for row in query(dsn, "SELECT payload FROM ev ORDER BY payload")]
+
+
+def counts(dsn: str) -> tuple:
+    """(rows, distinct payloads)."""
+    return tuple(query(dsn, "SELECT count(*), count(DISTINCT payload) FROM ev")[0])
+
+
+class Golconded:
+    """golconded as a subprocess on a YAML file we rewrite, with its HTTP server on a free port."""
+
+    def __init__(self, mapping: Dict[str, Any], tmp_path: Any) -> None:
+        self.mapping = mapping
+        self.name = next(iter(mapping["Destinations"]))
+        self.port = mapping["HTTPServer"]["port"]
+        self.path = write_config(str(tmp_path / "golconde.yaml"), mapping)
+        self.process = DaemonProcess(self.path, str(tmp_path / "golconded.log")).start()
+
+    @property
+    def destination(self) -> Dict[str, Any]:
+        return self.mapping["Destinations"][self.name]
+
+    def write(self, text: Optional[str] = None) -> None:
+        """Replace the file atomically (the mapping's YAML, or ``text``)."""
+        with open(self.path + ".tmp", "w") as handle:
+            handle.write(yaml.safe_dump(self.mapping) if text is None else text)
+        os.replace(self.path + ".tmp", self.path)
+
+    def log(self) -> str:
+        return self.process.log()
+
+    def sighup(self, marker: str) -> str:
+        """SIGHUP, then wait for one more log line containing ``marker``; returns that line."""
+        seen = self.log().count(marker)
+        self.process.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: self.log().count(marker) > seen, timeout=30, message=repr(marker))
+        return [line for line in self.log().splitlines() if marker in line][-1]
+
+    def stats(self) -> Dict[str, Dict[str, Any]]:
+        with urllib.request.urlopen("http://127.0.0.1:%d/stats" % self.port, timeout=5) as reply:
+            body = json.loads(reply.read().decode("utf-8"))
+        threads: Dict[str, Dict[str, Any]] = {}
+        for entry in body["threads"]:
+            threads.update(entry)
+        return threads
+
+    def connected(self, names: List[str]) -> bool:
+        try:
+            stats = self.stats()
+        except OSError:
+            return False
+        return all(name in stats and stats[name]["broker"] == "connected"
+                   and stats[name]["database"] == "connected" for name in names)
+
+    def stop(self) -> None:
+        proc = self.process.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.fixture
+def golconded(make_database, tmp_path):
+    """A canonical database and target1 (table ``ev``), golconded running on them; yields the
+    :class:`Golconded`. Its queues (and target2's, should a test add it) are deleted at the end."""
+    canonical, target1 = make_database(), make_database()
+    for dsn in (canonical, target1):
+        execute(dsn, EVENTS)
+    mapping = make_config(canonical, {"target1": target1}, TABLE, http_port=free_port())
+    mapping["Logging"] = {"level": "info"}
+    daemon = Golconded(mapping, tmp_path)
+    base = amqp_name(daemon.destination["queue"])
+    try:
+        wait_for(lambda: daemon.connected([daemon.name, daemon.name + "_target1"]), timeout=30,
+                 message="golconded connected")
+        yield daemon
+    finally:
+        daemon.stop()
+        names = [base, base + ".target1", base + ".target2"]
+        delete_queues(names + [name + ".dlq" for name in names])
+
+
+def test_sighup_adds_then_removes_a_target_without_restart_or_loss(golconded, make_database):
+    daemon = golconded
+    pid = daemon.process.proc.pid
+    canonical = daemon.destination["pgsql"]
+    target1 = daemon.destination["Targets"]["target1"]["pgsql"]
+    queue = daemon.destination["queue"]
+    prefix = uuid.uuid4().hex[:6]
+    first = Stream(queue, prefix, 0, 300)
+    first.start()
+    first.finish()
+    wait_for(lambda: counts(target1)[1] == 300, timeout=30, message="first packets at target1")
+
+    # add target2 while packets flow
+    target2 = make_database()
+    execute(target2, EVENTS)
+    daemon.destination["Targets"]["target2"] = {
+        "stomp": daemon.destination["stomp"], "queue": queue + ".target2", "pgsql": target2,
+        "target": TABLE}
+    second = Stream(queue, prefix, 300, 700)
+    second.start()
+    wait_for(lambda: second.sent >= 400, timeout=30, message="second stream flowing")
+    daemon.write()
+    line = daemon.sighup("configuration reloaded")
+    reloaded_at = second.sent               # everything sent from here on must reach target2
+    # the destination (its targets changed) restarted, target2 started, target1 kept running
+    assert "1 listeners stopped, 2 started" in line, line
+    assert daemon.log().count("[%s_target1] target listener starting" % daemon.name) == 1
+    second.finish()
+    assert reloaded_at < 700, "the reload came after the stream"
+    wait_for(lambda: daemon.connected([daemon.name + "_target2"]), timeout=30, message="target2 up")
+    wait_for(lambda: counts(target1)[1] == 700 and set(payload(prefix, i) for i in range(
+        reloaded_at, 700)) <= set(payloads(target2)), timeout=40, message="packets at target2")
+    at_target2 = payloads(target2)
+    assert len(at_target2) == len(set(at_target2)), "a packet applied twice at target2"
+    assert set(at_target2) <= {payload(prefix, i) for i in range(700)}
+    assert payload(prefix, 0) not in at_target2     # no back-fill: Golconde has no initial copy
+
+    # remove target2: the others go on, target2 gets nothing more
+    wait_for(lambda: queue_depths().get(amqp_name(queue) + ".target2", 0) == 0, timeout=30,
+             message="target2's queue drained")
+    del daemon.destination["Targets"]["target2"]
+    daemon.write()
+    line = daemon.sighup("configuration reloaded")
+    assert "2 listeners stopped, 1 started" in line, line    # target2 and the destination; the latter
+    third = Stream(queue, prefix, 700, 1000)
+    third.start()
+    third.finish()
+    wait_for(lambda: counts(target1)[1] == 1000, timeout=40, message="all packets at target1")
+    assert sorted(payloads(target2)) == sorted(at_target2)
+    assert queue_depths().get(amqp_name(queue) + ".target2", 0) == 0
+    assert set(daemon.stats()) == {daemon.name, daemon.name + "_target1"}
+
+    everything = [payload(prefix, i) for i in range(1000)]
+    for dsn in (canonical, target1):
+        assert payloads(dsn) == everything         # each packet exactly once
+    assert compare(canonical, TABLE, target1, TABLE).equal
+    assert daemon.process.proc.pid == pid and daemon.process.proc.poll() is None
+    depths = queue_depths()
+    assert not any(depths.get(amqp_name(q) + ".dlq") for q in (queue, queue + ".target1"))
+
+
+def test_sighup_with_a_bad_configuration_keeps_the_running_one(golconded):
+    daemon = golconded
+    pid = daemon.process.proc.pid
+    canonical = daemon.destination["pgsql"]
+    target1 = daemon.destination["Targets"]["target1"]["pgsql"]
+    queue = daemon.destination["queue"]
+    good = yaml.safe_dump(daemon.mapping)
+    threads = {daemon.name, daemon.name + "_target1"}
+    prefix = uuid.uuid4().hex[:6]
+    stream = Stream(queue, prefix, 0, 1000, pause=0.05)
+    stream.start()
+    wrong_key = yaml.safe_load(good)
+    wrong_key["Destinations"][daemon.name]["stomp"] = "localhost"
+    wrong_handler = yaml.safe_load(good)
+    wrong_handler["Destinations"][daemon.name]["Targets"]["target1"]["function_name"] = \
+        "golconde.no_such_module.Handler"
+    broken = [
+        ("YAML syntax error", good + "\n  : [unclosed\n"),
+        ("stomp: expected host:port, got 'localhost'", yaml.safe_dump(wrong_key)),
+        ("golconde.no_such_module", yaml.safe_dump(wrong_handler)),
+    ]
+    try:
+        for expected, text in broken:
+            before = counts(target1)[0]
+            daemon.write(text)
+            line = daemon.sighup("reload refused")
+            assert expected in line, line
+            assert set(daemon.stats()) == threads            # /stats still answers, same threads
+            assert daemon.connected(sorted(threads))
+            # packets still flow with the old configuration
+            wait_for(lambda: counts(target1)[0] > before + 20 or not stream.is_alive(), timeout=20,
+                     message="packets flowing after a refused reload")
+        assert stream.sent < 1000, "the stream was over before the last bad reload"
+        stream.finish()
+    finally:
+        stream.join(60)
+    wait_for(lambda: counts(target1)[0] >= 1000, timeout=40, message="all packets at target1")
+    everything = [payload(prefix, i) for i in range(1000)]
+    for dsn in (canonical, target1):
+        assert payloads(dsn) == everything
+    # the good file again: nothing to restart
+    daemon.write(good)
+    line = daemon.sighup("configuration reloaded")
+    assert "0 listeners stopped, 0 started" in line, line
+    assert daemon.process.proc.pid == pid and daemon.process.proc.poll() is None
+    assert "did not stop" not in daemon.log()
