@@ -199,7 +199,7 @@ def test_daemon_delivers_everything_once_across_a_broker_restart(private_activem
     daemon = Daemon(config)
     daemon.start()
     try:
-        total = 1500
+        total = 15000    # enough that some are still queued when the broker stops (~5,000/s here)
         with Client(destination.queue, broker.host, broker.port) as client:
             with client.batch():
                 for n in range(total):
