@@ -204,14 +204,13 @@ def target_pg(run: FlowRun, opts: Any, cluster: services.PrivateCluster) -> None
         if not terminated:
             run.result.problems.append("no golconde session to terminate in %s" % label)
         try:
-            back = run.wait_reconnected(thread, before, timeout=60)
+            back = "the daemon had reconnected %.1fs later" % run.wait_reconnected(thread, before, 60)
         except RuntimeError:
             if run.target_progress() < 1.0:
                 raise
-            back = float("nan")      # nothing left to apply: it reconnects on its next packet
+            back = "nothing left to apply: it reconnects on its next packet"
         run.result.restarts += 1
-        run.result.notes.append("%s: %d golconde session(s) terminated; the daemon had reconnected"
-                                " %.1fs later" % (label, terminated, back))
+        run.result.notes.append("%s: %d golconde session(s) terminated; %s" % (label, terminated, back))
     for note in run.result.notes:
         say(run, "%s", note)
 
