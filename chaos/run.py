@@ -54,9 +54,9 @@ def csv(choices: tuple) -> Callable[[str], List[str]]:
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="chaos/run.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--scenarios", type=csv(SCENARIOS), default=list(SCENARIOS),
+    parser.add_argument("--scenarios", type=csv(SCENARIOS), default=",".join(SCENARIOS),
                         help="scenarios to run, comma-separated: " + ",".join(SCENARIOS))
-    parser.add_argument("--flows", type=csv(FLOWS), default=list(FLOWS), help="client,trigger")
+    parser.add_argument("--flows", type=csv(FLOWS), default=",".join(FLOWS), help="client,trigger")
     parser.add_argument("--packets", type=int, default=100000, help="packets (changes) per stream")
     parser.add_argument("--rate", type=float, default=1000.0,
                         help="packets per second the stream is sent at (0: as fast as possible)")
@@ -66,7 +66,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="seconds target1's PostgreSQL stays down after its crash")
     parser.add_argument("--lock-seconds", type=float, default=60.0, help="seconds target1's table is locked")
     parser.add_argument("--sigterms", type=int, default=5, help="SIGTERM + restart per stream")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: printed)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed of the stream and of the fault choices (default: a random one, printed)")
     parser.add_argument("--dsn", default=PG_DSN, help="maintenance DSN of the shared PostgreSQL")
     parser.add_argument("--pg-port", type=int, default=5545, help="port of the private PostgreSQL")
     parser.add_argument("--rabbit-stomp-port", type=int, default=61633,

@@ -6,7 +6,8 @@ counts.
 * ``kill``      golconded killed with SIGKILL ``--kills`` times and restarted at once; the moments
                 are chosen from the daemon's sessions: mid-batch (a transaction open), just after
                 a commit (fan-out or ack in progress), or at random.
-* ``broker``    the suite's private RabbitMQ node stopped and started ``--broker-restarts`` times.
+* ``broker``    the suite's private RabbitMQ node stopped and started ``--broker-restarts`` times,
+                each time with a backlog in its queues and the targets mid-batch.
 * ``target-pg`` target1 on the suite's private PostgreSQL: restarted (fast), crashed and kept down
                 ``--pg-down`` seconds, its sessions terminated; then target2's sessions (shared
                 server) terminated.
@@ -24,6 +25,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Set
 
 import psycopg2
+import psycopg2.extensions
 import yaml
 
 from . import services, workload
