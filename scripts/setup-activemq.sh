@@ -34,19 +34,10 @@ LOGS="$BASE/logs"
 PIDFILE="$BASE/activemq.pid"
 CONSOLE="$LOGS/console.log"
 
-step() { printf '==> %s\n' "$*"; }
-info() { printf '    %s\n' "$*"; }
-die() { printf 'setup-activemq: ERROR: %s\n' "$*" >&2; exit 1; }
-
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        if [ -t 0 ]; then sudo "$@"; else sudo -n "$@"; fi
-    else
-        die "need root for: $* (not root and no sudo available)"
-    fi
-}
+# shellcheck disable=SC2034  # read by lib.sh
+SCRIPT_NAME=setup-activemq
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 port_open() {
     # shellcheck disable=SC2016  # $1 is expanded by the inner bash

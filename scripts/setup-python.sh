@@ -13,19 +13,10 @@ VPY="$VENV/bin/python"
 STAMP="$VENV/.golconde-install-stamp"
 PYTHON="${PYTHON:-python3}"
 
-step() { printf '==> %s\n' "$*"; }
-info() { printf '    %s\n' "$*"; }
-die() { printf 'setup-python: ERROR: %s\n' "$*" >&2; exit 1; }
-
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        if [ -t 0 ]; then sudo "$@"; else sudo -n "$@"; fi
-    else
-        die "need root for: $* (not root and no sudo available)"
-    fi
-}
+# shellcheck disable=SC2034  # read by lib.sh
+SCRIPT_NAME=setup-python
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 venv_works() {
     [ -x "$VPY" ] && "$VPY" -c 'import sys; assert sys.version_info >= (3, 9)' >/dev/null 2>&1 \

@@ -19,22 +19,10 @@ MGMT_PORT=15672
 APT_PACKAGES=(postgresql postgresql-client postgresql-contrib rabbitmq-server python3-venv curl
               chromium chromium-driver)
 
-step() { printf '==> %s\n' "$*"; }
-info() { printf '    %s\n' "$*"; }
-warn() { printf 'setup-services: warning: %s\n' "$*" >&2; }
-die() { printf 'setup-services: ERROR: %s\n' "$*" >&2; exit 1; }
-
-# Run a command as root: directly when we are root, else through sudo (non-interactive when there
-# is no terminal, so CI fails at once instead of hanging on a password prompt).
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        if [ -t 0 ]; then sudo "$@"; else sudo -n "$@"; fi
-    else
-        die "need root for: $* (not root and no sudo available)"
-    fi
-}
+# shellcheck disable=SC2034  # read by lib.sh
+SCRIPT_NAME=setup-services
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Run a command as the postgres OS user, from / so it is not bothered by an unreadable cwd.
 as_postgres() {
