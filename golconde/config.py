@@ -16,7 +16,7 @@ Shape (the 2009 keys, plus those marked NEW)::
         mode: client | trigger      function_name: AutoSQL | dotted.path (alias: handler)
         dead_letter_queue           # default <queue>.dlq
         settings: {...}             # free-form, given to the handler
-        login, passcode, prefetch, batch_size, max_retries, poll_interval (s, trigger mode)
+        login, passcode, prefetch, batch_size, max_retries, poll_interval (s, trigger mode; 0.05)
         Targets: {<name>: {stomp, queue, pgsql, target, function_name | handler, dead_letter_queue,
                            settings, login, passcode, prefetch, batch_size, max_retries,
                            columns, exclude, constants, defaults, filter}}   # NEW: golconde.mapping
@@ -60,7 +60,7 @@ DEFAULT_HEARTBEAT_MS = 10000
 DEFAULT_PREFETCH = 1500
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_MAX_RETRIES = 5
-DEFAULT_POLL_INTERVAL = 1.0
+DEFAULT_POLL_INTERVAL = 0.05
 MODES = ("client", "trigger")
 LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_HANDLERS = ("stderr", "file", "syslog", "journald")

@@ -7,7 +7,8 @@
   :meth:`ClientDestination.send_replies`).
 * :class:`TriggerDestination` (``mode: trigger``): the canonical relation's triggers
   (``sql/triggers/``) write packets into ``golconde.queue`` inside the writing transaction; this
-  listener drains that table (woken by LISTEN/NOTIFY, polling as a fallback), sends each batch to
+  listener drains that table (polling every ``poll_interval`` seconds while it is empty, at once
+  while it is not, or when woken by ``NOTIFY golconde``), sends each batch to
   every target queue with confirmed persistent sends, and only then deletes exactly the rows it
   sent, so a change committed late with a smaller id is picked up by the next round.
 """
@@ -261,9 +262,10 @@ class TriggerDestination(Listener):
     def _wait_for_notify(self) -> None:
         conn = self.listen_db
         if conn is None:
+            self._stopping.wait(self.config.poll_interval)
             return
         try:
-            ready, _, _ = select.select([conn], [], [], min(self.config.poll_interval, 1.0))
+            ready, _, _ = select.select([conn], [], [], self.config.poll_interval)
             if ready:
                 conn.poll()
                 conn.notifies.clear()

@@ -19,6 +19,8 @@ columns that keeps the result identical to applying the packets one by one:
   run, so one statement never touches a row twice and per-key order is kept;
 * an ``update`` or ``delete`` restricted on a NULL value, or an ``update`` that changes one of its
   own restriction columns, is applied alone (it may affect rows another packet of the run selects);
+  an ``update`` whose data repeats a restriction column's value (the capture trigger sends the
+  whole new row) does not change it, and joins a run that leaves that column out of its SET list;
 * a run of one packet is applied with AutoSQL's single-row statement.
 
 Runs are applied in order, so the net effect per key is that of the packets in order.
@@ -69,8 +71,9 @@ class Prepared:
             if any(value is None or column.is_json for column, value in self.restriction):
                 return True
         if self.action is Action.UPDATE:
-            restricted = {c.name for c, _ in self.restriction}
-            return any(c.name in restricted for c, _ in self.data)
+            restricted = {c.name: v for c, v in self.restriction}
+            return any(c.name in restricted and not same_value(v, restricted[c.name])
+                       for c, v in self.data)
         return False
 
     def identity(self) -> Optional[str]:
@@ -81,6 +84,13 @@ class Prepared:
         if self.action in (Action.UPDATE, Action.DELETE):
             return dumps([v for _, v in self.restriction])
         return None
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """True when two decoded JSON values are the same value of the same JSON type (``1`` is not
+    ``true``, ``1`` is not ``"1"``): an UPDATE whose data repeats its restriction's value for a key
+    column (as the capture trigger's packets do, carrying the whole new row) leaves that key as is."""
+    return type(a) is type(b) and a == b
 
 
 def runs(prepared: Sequence[Prepared]) -> List[List[int]]:
@@ -161,6 +171,12 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
         return list(result)
     restriction = [c for c, _ in first.restriction]
     data = [c for c, _ in first.data]
+    # a run's updates never change a restriction column (see Prepared.alone): SET only the others
+    restricted = {c.name for c in restriction}
+    kept = [i for i, c in enumerate(data) if c.name not in restricted]
+    if data and not kept:   # the data only repeats the key: SET one key column to itself
+        kept = [0]
+    data = [data[i] for i in kept]
     names = [sql.Identifier("r%d" % i) for i in range(len(restriction))] + \
             [sql.Identifier("d%d" % i) for i in range(len(data))]
     match = sql.SQL(" AND ").join(
@@ -175,8 +191,8 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
     else:
         query = sql.SQL("DELETE FROM {} AS t USING (VALUES %s) AS v ({}) WHERE {}").format(
             relation, sql.SQL(", ").join(names), match)
-    rows = [[bind(table, c, v) for c, v in item.restriction] + [bind(table, c, v) for c, v in item.data]
-            for item in items]
+    rows = [[bind(table, c, v) for c, v in item.restriction]
+            + [bind(table, c, v) for c, v in (item.data[i] for i in kept)] for item in items]
     template = _template([cast(c) for c in restriction] + [cast(c) for c in data])
     execute_values(cursor, query, rows, template=template.as_string(cursor), page_size=PAGE_SIZE)
     return []

@@ -3,9 +3,12 @@
 --
 --     AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW trigger that writes
 --     the row change as a Golconde packet into golconde.queue, inside the
---     writing transaction (a rolled-back change is never distributed), then
---     notifies channel 'golconde' with the destination name as payload
---     (PostgreSQL folds duplicate notifications of one transaction).
+--     writing transaction (a rolled-back change is never distributed).
+--     It does not NOTIFY: a transaction that notified takes a cluster-wide
+--     lock at commit that serializes every such commit, which halved
+--     pgbench's rate in our measurements (bench/README.md); the drain daemon
+--     polls instead (poll_interval), and still LISTENs on channel 'golconde'
+--     so an application may wake it at once with NOTIFY golconde, '<dest>'.
 --
 -- Trigger arguments:
 --     TG_ARGV[0]     - destination name
@@ -85,7 +88,6 @@ BEGIN
 
     INSERT INTO golconde.queue (destination, relation, packet)
     VALUES (v_destination, quote_ident(TG_TABLE_SCHEMA) || '.' || quote_ident(TG_TABLE_NAME), v_packet);
-    PERFORM pg_catalog.pg_notify('golconde', v_destination);
     RETURN NULL;
 END;
 $$;

@@ -37,7 +37,8 @@ notes = st.one_of(st.none(), st.sampled_from(["x", "it's", "$$;"]))
 
 @st.composite
 def packets(draw):
-    action = draw(st.sampled_from(["add", "set", "update", "delete", "update_key", "update_qty"]))
+    action = draw(st.sampled_from(["add", "set", "update", "delete", "update_key", "update_qty",
+                                   "update_row"]))
     if action == "add":
         return Packet(Action.ADD, {"id": draw(keys), "code": draw(codes), "qty": draw(qtys), "doc": draw(docs)})
     if action == "set":
@@ -46,6 +47,10 @@ def packets(draw):
         return Packet(Action.UPDATE, {"qty": draw(qtys), "note": draw(notes)}, {"id": draw(keys)})
     if action == "update_key":
         return Packet(Action.UPDATE, {"id": draw(keys)}, {"id": draw(keys)})
+    if action == "update_row":   # the capture trigger's shape: the whole new row, old key
+        old = draw(keys)
+        new = draw(st.sampled_from([old, old, draw(keys)]))
+        return Packet(Action.UPDATE, {"id": new, "qty": draw(qtys), "note": draw(notes)}, {"id": old})
     if action == "update_qty":   # restriction on a nullable, non-key column
         return Packet(Action.UPDATE, {"note": draw(notes)}, {"qty": draw(qtys)})
     column = draw(st.sampled_from(["id", "code", "doc"]))
@@ -124,6 +129,17 @@ def test_runs_close_on_repeated_keys_and_keep_order():
     assert bulk.runs(handler_rows) == [[0, 1], [2], [3], [4]]
 
 
+def test_whole_row_updates_that_keep_their_key_share_a_run():
+    """The capture trigger's UPDATE packets repeat the key in their data: unchanged, it does not
+    make the packet run alone; a changed key (or the same number as text) does."""
+    def update(new_key, old_key):
+        return bulk.Prepared(Action.UPDATE, None, [(_col("id"), new_key), (_col("qty"), 5)],
+                             [(_col("id"), old_key)])
+    items = [update(1, 1), update(2, 2), update(7, 3), update(4, 4), update("5", 5), update(6, 6)]
+    assert [item.alone for item in items] == [False, False, True, False, True, False]
+    assert bulk.runs(items) == [[0, 1], [2], [3], [4], [5]]
+
+
 def _col(name):
     from golconde.schema import Column
     return Column(name, "integer")
@@ -138,6 +154,7 @@ def test_large_batch_uses_few_statements(two_databases):
     sequence = [Packet(Action.ADD, {"id": i, "qty": i}) for i in range(100, 2100)]
     sequence += [Packet(Action.UPDATE, {"qty": 0}, {"id": i}) for i in range(100, 2100)]
     sequence += [Packet(Action.DELETE, restriction={"id": i}) for i in range(100, 1100)]
+    sequence += [Packet(Action.UPDATE, {"id": i, "qty": 1}, {"id": i}) for i in range(1100, 2100)]
 
     class Counting(psycopg2.extensions.cursor):
         executed = 0
@@ -151,6 +168,6 @@ def test_large_batch_uses_few_statements(two_databases):
     conn.commit()
     counting = Counting
     assert len(results) == len(sequence)
-    assert counting.executed <= 10      # 2 + 2 + 1 pages of 1000 rows, plus catalog reads
-    assert rows(conn)[0][:3] == (1100, None, 0)
+    assert counting.executed <= 11      # 2 + 2 + 1 + 1 pages of 1000 rows, plus catalog reads
+    assert rows(conn)[0][:3] == (1100, None, 1)
     assert len(rows(conn)) == 1000

@@ -111,7 +111,7 @@ def test_2009_configuration_parses_with_defaults():
     assert dest.dead_letter_queue == "/queue/golconde.test1.dlq"
     assert dest.settings == {}
     assert (dest.prefetch, dest.batch_size, dest.max_retries) == (1500, 500, 5)
-    assert dest.poll_interval == 1.0
+    assert dest.poll_interval == 0.05
     assert dest.stomp == config.BrokerConfig("localhost", 61613, None, None, None, 10000)
     assert [t.thread_name for t in dest.targets] == ["Test1_target1", "Test1_target2"]
 
