@@ -214,7 +214,8 @@ class TriggerDestination(Listener):
             rows = trigger.fetch_batch(cur, self.config.name, self.config.batch_size)
         if not rows:
             self.db.rollback()
-            self._update_backlog(force=False)
+            self.stats.set_backlog(0)       # nothing committed is waiting: no count(*) needed
+            self.stats.set_lag(0.0)
             self._wait_for_notify()
             return
         started = time.monotonic()
@@ -225,8 +226,8 @@ class TriggerDestination(Listener):
                 good.append((row, packet))
             except PacketError as exc:
                 dead.append((row, str(exc)))
-        packets = [(str(row.packet_id), packet.to_json(), "%.3f" % row.created_at.timestamp())
-                   for row, packet in good]
+        packets = [(str(row.packet_id), row.body, "%.3f" % row.created_at.timestamp())
+                   for row, _ in good]
         self.stats.count("received", len(rows))
         self.stats.count("fanned_out", self.fanout.send(packets))
         if dead:
@@ -245,11 +246,15 @@ class TriggerDestination(Listener):
         self.stats.count("errors", len(dead))
         self.stats.observe_duration(time.monotonic() - started, packets=len(rows))
         self.stats.set_lag(max(0.0, time.time() - rows[-1].created_at.timestamp()))
-        self._update_backlog(force=len(rows) < self.config.batch_size)
+        if len(rows) < self.config.batch_size:
+            self.stats.set_backlog(0)   # the fetch took everything committed: nothing was left
+        else:
+            self._update_backlog()
 
-    def _update_backlog(self, force: bool) -> None:
+    def _update_backlog(self) -> None:
+        """Count the waiting packets, at most once per BACKLOG_INTERVAL (count(*) reads them all)."""
         now = time.monotonic()
-        if not force and now - self._last_backlog < BACKLOG_INTERVAL:
+        if now - self._last_backlog < BACKLOG_INTERVAL:
             return
         self._last_backlog = now
         with self.db.cursor() as cur:

@@ -247,6 +247,43 @@ def _entries(delivery: Delivery) -> int:
         return 1
 
 
+class BatchEntry:
+    """One entry of a batch message standing for a delivery of its own (the origin of a dead
+    letter or a reply): like :class:`~golconde.broker.Delivery`, but ``body`` (the entry's packet
+    as JSON, UTF-8 bytes) and ``headers`` (the batch message's, without ``golconde-batch``, with
+    the entry's ``golconde-id`` and ``golconde-created-at``) are built only when read, since
+    almost every entry is applied and never needs them."""
+
+    __slots__ = ("parent", "packet_id", "packet", "created", "_headers")
+
+    def __init__(self, parent: Delivery, packet_id: str, packet: Any, created: str) -> None:
+        self.parent, self.packet_id, self.packet, self.created = parent, packet_id, packet, created
+        self._headers: Optional[Dict[str, str]] = None
+
+    @property
+    def generation(self) -> int:
+        return self.parent.generation
+
+    @property
+    def redelivered(self) -> bool:
+        return self.parent.redelivered
+
+    @property
+    def body(self) -> bytes:
+        return dumps(self.packet).encode("utf-8")
+
+    @property
+    def headers(self) -> Dict[str, str]:
+        if self._headers is None:
+            headers = dict(self.parent.headers)
+            headers.pop(envelope.BATCH_HEADER, None)
+            headers[ID_HEADER] = self.packet_id
+            if self.created:
+                headers[CREATED_HEADER] = self.created
+            self._headers = headers
+        return self._headers
+
+
 def expand(deliveries: Sequence[Delivery]) -> Tuple[List[Delivery], List[Tuple[str, Any]]]:
     """One ``(origin, (packet_id, body))`` per packet: a plain message is one packet (id from its
     ``golconde-id`` header, else its body's hash); a batch message (:mod:`golconde.envelope`) gives
@@ -264,12 +301,7 @@ def expand(deliveries: Sequence[Delivery]) -> Tuple[List[Delivery], List[Tuple[s
                 entries = None
             if entries is not None:
                 for pid, packet, created in entries:
-                    headers = dict(delivery.headers)
-                    headers.pop(envelope.BATCH_HEADER, None)
-                    headers[ID_HEADER] = pid
-                    if created:
-                        headers[CREATED_HEADER] = created
-                    origins.append(Delivery(dumps(packet).encode("utf-8"), headers, delivery.generation))
+                    origins.append(BatchEntry(delivery, pid, packet, created))  # type: ignore[arg-type]
                     items.append((pid, packet))
                 continue
         origins.append(delivery)

@@ -95,6 +95,7 @@ class QueuedPacket:
     :ivar relation: the captured table, quoted and qualified (for a partitioned table, the partition).
     :ivar error: why the packet could not be decoded (e.g. over the size limit), else ``None``;
         such a packet can never be sent: dead-letter or log it, then delete it.
+    :ivar text: the packet's JSON text as read from the queue (``None`` if it could not be decoded).
     """
 
     id: int
@@ -103,11 +104,14 @@ class QueuedPacket:
     created_at: datetime
     relation: str = ""
     error: Optional[str] = None
+    text: Optional[str] = None
 
     @property
     def body(self) -> str:
-        """The packet as JSON text, numbers exact (the message body to send)."""
-        return packet_module.dumps(self.packet)
+        """The packet as JSON text, numbers exact (the message body to send): the text read from
+        the queue when there is one (it is valid JSON: the column is json or jsonb), else
+        :attr:`packet` encoded."""
+        return self.text if self.text is not None else packet_module.dumps(self.packet)
 
 
 # -- relations ------------------------------------------------------------------------------------
@@ -298,11 +302,18 @@ def _primary_key(cur: Any, oid: int) -> Tuple[str, ...]:
 
 # -- the queue ------------------------------------------------------------------------------------
 
+#: Run before the drain's SELECT, in its transaction: read the queue in index order only.
+_INDEX_ORDER = ("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off;"
+                " SET LOCAL enable_sort = off; ")
+
+
 def fetch_batch(cursor: Any, destination: str, limit: int,
                 max_bytes: Optional[int] = None) -> List[QueuedPacket]:
     """The oldest packets of ``destination`` visible to the cursor's snapshot (committed ones),
     ordered by id, at most ``limit`` of them and, when ``max_bytes`` is given, at most that many
-    bytes of JSON (but always at least one packet). Does not commit or lock anything.
+    bytes of JSON (but always at least one packet). Does not commit or lock anything; sets
+    ``enable_seqscan``, ``enable_bitmapscan`` and ``enable_sort`` off for the rest of the
+    current transaction (``SET LOCAL``), so that the queue is read in index order.
 
     :returns: a list of :class:`QueuedPacket` (empty when the queue is drained).
     :raises ValueError: ``limit`` or ``max_bytes`` below 1.
@@ -317,7 +328,12 @@ def fetch_batch(cursor: Any, destination: str, limit: int,
                  " SELECT *, row_number() OVER (ORDER BY id) AS n,"
                  " sum(octet_length(body)) OVER (ORDER BY id) AS running FROM (" + query + ") q) s"
                  " WHERE n = 1 OR running <= %(max_bytes)s ORDER BY id")
-    cursor.execute(query, {"destination": destination, "limit": limit, "max_bytes": max_bytes})
+    # The queue's statistics are always stale (it fills and drains faster than autovacuum
+    # analyzes it); planning on them, PostgreSQL may read every queued row and sort them to return
+    # the first ``limit`` (measured: 80 ms per batch with 80,000 rows queued, the drain's
+    # backend then costing 100 us of CPU per row against 5 us in index order). Forbid those plans.
+    cursor.execute(_INDEX_ORDER + query, {"destination": destination, "limit": limit,
+                                          "max_bytes": max_bytes})
     batch = []
     for row_id, packet_id, created_at, relation, body in cursor.fetchall():
         error = None
@@ -327,7 +343,8 @@ def fetch_batch(cursor: Any, destination: str, limit: int,
             decoded, error = {}, str(exc)
             LOGGER.error("destination %s: queued packet %s (id %d) cannot be decoded: %s",
                          destination, packet_id, row_id, error)
-        batch.append(QueuedPacket(row_id, packet_id, decoded, created_at, relation, error))
+        batch.append(QueuedPacket(row_id, packet_id, decoded, created_at, relation, error,
+                                  None if error else body))
     return batch
 
 

@@ -76,14 +76,22 @@ class Prepared:
                        for c, v in self.data)
         return False
 
-    def identity(self) -> Optional[str]:
-        """The row key this packet touches (to close a run when it repeats), as text."""
+    def identity(self) -> Optional[Any]:
+        """The row key this packet touches (to close a run when it repeats): a tuple of the values
+        (equal numbers compare equal, so ``1.0`` repeats ``1``: closing a run early is always safe),
+        or their JSON text when one is not hashable (a json column's object or array)."""
         if self.action is Action.SET:
             values = {c.name: v for c, v in self.data}
-            return dumps([values.get(name) for name in self.conflict])
-        if self.action in (Action.UPDATE, Action.DELETE):
-            return dumps([v for _, v in self.restriction])
-        return None
+            key = tuple(values.get(name) for name in self.conflict)
+        elif self.action in (Action.UPDATE, Action.DELETE):
+            key = tuple(v for _, v in self.restriction)
+        else:
+            return None
+        try:
+            hash(key)
+        except TypeError:
+            return dumps(key)
+        return key
 
 
 def same_value(a: Any, b: Any) -> bool:

@@ -3,6 +3,7 @@ STOMP broker of the ``broker`` fixture (RabbitMQ, ActiveMQ)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import psycopg2
 import pytest
@@ -127,5 +128,32 @@ def test_keyless_table_distributes_inserts(make_database, broker):
         execute(canonical, "INSERT INTO history SELECT g, g, now() FROM generate_series(1, 300) g")
         wait_for(lambda: compare(canonical, "history", t1, "history").equal
                  and query(t1, "SELECT count(*) FROM history")[0][0] == 300, message="history distributed")
+    finally:
+        daemon.stop()
+
+
+def test_notify_wakes_the_drain_before_its_poll_interval(make_database, broker):
+    """The capture trigger does not NOTIFY (it would serialize commits); the daemon polls every
+    poll_interval while the queue is empty, and an application's NOTIFY wakes it at once."""
+    canonical, t1 = make_database(), make_database()
+    for dsn in (canonical, t1):
+        execute(dsn, ACCOUNTS)
+    config = parse_config(make_config(canonical, {"t1": t1}, "public.accounts", mode="trigger",
+                                      broker=broker, poll_interval=60))
+    destination = config.destinations[0].name
+    conn = psycopg2.connect(canonical)
+    trigger.install(conn, "public.accounts", destination)
+    conn.close()
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        wait_for(lambda: all(listener.ready() for listener in daemon.listeners.values()), timeout=30,
+                 message="listeners connected")
+        time.sleep(1)           # the drain found the queue empty and waits its poll interval
+        execute(canonical, "INSERT INTO accounts (aid) VALUES (1)")
+        wait_for(lambda: query(canonical, "SELECT count(*) FROM golconde.queue")[0][0] == 1, timeout=5)
+        execute(canonical, "SELECT pg_notify('golconde', %s)", (destination,))
+        wait_for(lambda: query(t1, "SELECT count(*) FROM accounts")[0][0] == 1, timeout=10,
+                 message="row drained after NOTIFY, well before the 60 s poll interval")
     finally:
         daemon.stop()
