@@ -42,6 +42,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                         " (default 10; --quick: 3)")
     parser.add_argument("--raw-messages", type=int, help="messages for the raw stomp.py rates"
                         " (default 100000; --quick: 10000)")
+    parser.add_argument("--backlog", type=int, help="packets queued for the memory check, once"
+                        " after the runs (default 1000000; --quick: 20000; 0: skip it)")
     parser.add_argument("--port", type=int, default=5544, help="source cluster port; the target"
                         " cluster uses the next one (default 5544)")
     parser.add_argument("--workdir", default=os.path.join(ROOT, "var", "bench"),
@@ -58,6 +60,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     args.runs = args.runs or (1 if args.quick else 3)
     args.latency_seconds = args.latency_seconds or (3.0 if args.quick else 10.0)
     args.raw_messages = args.raw_messages or (10000 if args.quick else 100000)
+    if args.backlog is None:
+        args.backlog = 20000 if args.quick else 1000000
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in args.modes if m not in ALL_MODES]
     if unknown:
@@ -105,6 +109,7 @@ def main(argv: List[str] = None) -> int:
         if isinstance(londiste, str):
             print("londiste: skipped (%s)" % londiste, flush=True)
     runs: List[Dict[str, Any]] = []
+    backlog: Dict[str, Any] = {}
     try:
         for index in range(args.runs):
             run: Dict[str, Any] = {"raw": {}, "modes": {}}
@@ -132,6 +137,13 @@ def main(argv: List[str] = None) -> int:
                     "" if result["equal"] else "  FAILED: %s" % (result["error"] or "; ".join(result["notes"]))),
                     flush=True)
             runs.append(run)
+        if args.backlog > 0:
+            from .backlog import backlog_run
+            backlog = backlog_run(env, args.backlog)
+            print("backlog         %s packets: peak RSS %s MB, drained in %s s%s" % (
+                report._fmt(backlog["packets"]), report._fmt(backlog["peak_rss_mb"], 1),
+                report._fmt(backlog["drain_s"], 1),
+                "  FAILED: %s" % backlog["error"] if backlog["error"] else ""), flush=True)
     finally:
         rawstomp.delete_queues(prefix, args.stomp_login, args.stomp_passcode)
         if not args.keep:
@@ -143,17 +155,21 @@ def main(argv: List[str] = None) -> int:
     raw = {key: report.median([r["raw"].get(key) for r in runs])
            for key in ("publish_per_s", "consume_cumulative_per_s", "consume_each_per_s")}
     summary = report.summarize(runs)
-    bars = report.bars(summary, raw)
+    bars = report.bars(summary, raw, backlog)
     print(report.table(summary, raw))
+    if backlog:
+        print(report.backlog_text(backlog))
     print(report.bars_text(bars))
     print("\nload average at the end: %s (others' work on the machine skews every figure)"
           % ", ".join("%.2f" % x for x in os.getloadavg()))
     differs = [name for run in runs for name, r in run["modes"].items()
                if not r.get("skipped") and not r.get("equal")]
+    if backlog and not backlog.get("equal"):
+        differs.append("backlog")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"machine": info, "args": vars(args), "raw_broker": raw, "summary": summary,
-                       "bars": bars, "runs": runs, "failed": differs}, handle, indent=1, default=str)
+                       "bars": bars, "runs": runs, "backlog": backlog, "failed": differs}, handle, indent=1, default=str)
     if differs:
         print("\nFAILED: a target differs from the source, or a mode failed: %s" % ", ".join(sorted(set(differs))))
         return 1

@@ -108,7 +108,8 @@ def table(summary: Dict[str, Any], raw: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def bars(summary: Dict[str, Any], raw: Dict[str, Any]) -> List[Dict[str, Any]]:
+def bars(summary: Dict[str, Any], raw: Dict[str, Any],
+         backlog: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
     """The issue's bars, each ``{"bar", "value", "limit", "ok"}`` (``ok`` None: not measured)."""
     def get(mode: str, phase: str, key: str) -> Optional[float]:
         return summary.get(mode, {}).get("phases", {}).get(phase, {}).get(key)
@@ -133,7 +134,20 @@ def bars(summary: Dict[str, Any], raw: Dict[str, Any]) -> List[Dict[str, Any]]:
           get("golconde-client", "intake", "intake_per_s"), consume * 0.7 if consume else None, False)
     check("client flow p99 latency < 50 ms at half the maximum rate",
           summary.get("golconde-client", {}).get("latency", {}).get("p99_ms"), 50.0, True)
+    if backlog:
+        check("golconded peak RSS with %s packets queued < 150 MB" % _fmt(backlog["packets"]),
+              backlog.get("peak_rss_mb") if backlog.get("equal") else None, 150.0, True)
     return out
+
+
+def backlog_text(backlog: Dict[str, Any]) -> str:
+    """One line: the backlog run's figures (bench/backlog.py)."""
+    if backlog.get("error"):
+        return "\n== backlog of %s packets: FAILED: %s" % (_fmt(backlog["packets"]), backlog["error"])
+    return ("\n== backlog: %s packets queued on the destination's queue and on each target's (golconded"
+            " stopped), queued in %s s; golconded drained all three in %s s, peak RSS %s MB"
+            % (_fmt(backlog["packets"]), _fmt(backlog["preload_s"], 1), _fmt(backlog["drain_s"], 1),
+               _fmt(backlog["peak_rss_mb"], 1)))
 
 
 def bars_text(results: List[Dict[str, Any]]) -> str:

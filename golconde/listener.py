@@ -363,10 +363,16 @@ class QueueConsumer(Listener):
             self.inbound.connect()
             self._note_connected("inbound")
             self._in_flight = False         # whatever was in flight is redelivered
-            self.inbound.subscribe(self.config.queue, self.config.prefetch, ack="client")
-            LOGGER.info("[%s] subscribed to %s (prefetch %d)", self.name, self.config.queue,
-                        self.config.prefetch)
+            prefetch = self.subscription_prefetch()
+            self.inbound.subscribe(self.config.queue, prefetch, ack="client")
+            LOGGER.info("[%s] subscribed to %s (prefetch %d messages)", self.name, self.config.queue,
+                        prefetch)
         self._update_state()
+
+    def subscription_prefetch(self) -> int:
+        """Messages the broker may push ahead of the acks: ``prefetch`` (plain messages, one packet
+        each, arrive on a destination's queue)."""
+        return self.config.prefetch
 
     def on_database_open(self, db: Any) -> None:
         ledger.ensure(db)

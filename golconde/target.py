@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import envelope
 from .listener import QueueConsumer
 from .stats import ThreadStats
 
@@ -19,3 +20,12 @@ class TargetListener(QueueConsumer):
 
     def __init__(self, config: Any, stats: ThreadStats) -> None:
         super().__init__(config, stats, role="target")
+
+    def subscription_prefetch(self) -> int:
+        """A target's queue carries batch messages of up to :data:`~golconde.envelope.MAX_ENTRIES`
+        packets (1 MiB), so ``prefetch`` counts packets here: the subscription takes
+        ``ceil(prefetch / MAX_ENTRIES)`` messages, plus the :attr:`max_pipeline` committed batches
+        awaiting their acks and the one being applied. Memory stays bounded whatever the backlog
+        (1500 -> 6 messages, at most 3,000 packets or 6 MiB held); plain messages (dead-letter
+        replays) are then taken 6 at a time."""
+        return -(-self.config.prefetch // envelope.MAX_ENTRIES) + self.max_pipeline + 1
