@@ -32,6 +32,7 @@ Both RabbitMQ (STOMP plugin) and Apache ActiveMQ Classic are supported with the 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import uuid
 from dataclasses import dataclass
@@ -191,6 +192,7 @@ class BrokerConnection:
         except (stomp.exception.StompException, OSError) as exc:
             self.close()
             raise BrokerError("cannot connect to STOMP broker %s: %s" % (self.address, exc or type(exc).__name__)) from None
+        _no_delay(conn)
         if not self._connected_event.wait(timeout) or not conn.is_connected():
             error = self.last_error or "no CONNECTED frame within %.0fs" % timeout
             self.close()
@@ -315,6 +317,20 @@ class BrokerConnection:
         if not in_time:
             raise BrokerError("no receipt from %s within %.0fs" % (self.address, timeout))
         raise BrokerError("connection to %s lost before the send was confirmed" % self.address)
+
+
+def _no_delay(conn: Any) -> None:
+    """Turn Nagle's algorithm off on the connection's socket (stomp.py leaves it on). With it on,
+    a frame written while the previous one is unacknowledged waits for the broker's delayed ACK:
+    a batch sent to two targets (two SEND frames) waited 40 ms: one row's trip through the trigger
+    flow took 54 ms with it on, 8.5 ms with it off (median of 30, unloaded)."""
+    sock = getattr(getattr(conn, "transport", None), "socket", None)
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:
+        LOGGER.debug("cannot set TCP_NODELAY: %s", exc)
 
 
 class Receipt:

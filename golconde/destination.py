@@ -14,10 +14,12 @@
 """
 from __future__ import annotations
 
+import collections
 import logging
 import re
 import select
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
 
 import psycopg2
@@ -27,7 +29,7 @@ from . import envelope, trigger
 from .apply import APPLIED, DEAD_LETTER, DUPLICATE, Outcome
 from .broker import (CREATED_HEADER, ID_HEADER, BrokerConnection, Delivery, Outgoing, Receipt,
                      send_all_async)
-from .errors import PacketError, StopListener, describe
+from .errors import GolcondeError, PacketError, StopListener, describe
 from .listener import Listener, QueueConsumer
 from .packet import dumps, parse
 from .stats import ThreadStats
@@ -38,6 +40,8 @@ LOGGER = logging.getLogger(__name__)
 QUEUE_RETRY = 10.0
 #: Seconds between backlog counts of the queue table.
 BACKLOG_INTERVAL = 5.0
+#: Trigger mode: poll interval (s) while packets flowed within the last BUSY_SECONDS s.
+BUSY_POLL, BUSY_SECONDS = 0.01, 1.0
 #: Header of a client message naming the queue where its outcome is to be sent.
 REPLY_HEADER = "reply-to"
 #: Outcome statuses as written in replies.
@@ -85,6 +89,9 @@ class ClientDestination(QueueConsumer):
     """Client-based flow: apply to the canonical relation, then fan out, then ack."""
 
     store_fanout = True
+
+    #: sent batches that may await their confirmation while the next one is fetched and sent
+    max_pipeline = 4
 
     def __init__(self, config: Any, stats: ThreadStats) -> None:
         super().__init__(config, stats, role="destination")
@@ -136,8 +143,24 @@ class ClientDestination(QueueConsumer):
             self.dead_letter_broker.send_confirmed(replies)
 
 
+@dataclass
+class _InFlight:
+    """A batch drained from ``golconde.queue`` and sent, awaiting the broker's confirmation."""
+
+    ids: List[int]                 # queue rows to delete once confirmed (dead letters included)
+    receipts: List[Receipt]
+    fanned_out: int                # packets sent, counting each target
+    packets: List[Any]             # the parsed packets sent (for the per-action counts)
+    dead: int                      # rows dead-lettered (already confirmed)
+    started: float                 # time.monotonic() when the batch was fetched
+    created: float                 # capture time of its last row (epoch seconds), for the lag
+
+
 class TriggerDestination(Listener):
     """Trigger-based flow: drain ``golconde.queue`` for this destination to the target queues."""
+
+    #: sent batches that may await their confirmation while the next one is fetched and sent
+    max_pipeline = 4
 
     def __init__(self, config: Any, stats: ThreadStats) -> None:
         super().__init__(config, stats, role="destination")
@@ -146,6 +169,8 @@ class TriggerDestination(Listener):
         self.listen_db: Any = None
         self.locked = False
         self._last_backlog = 0.0
+        self._last_rows = 0.0
+        self._in_flight: "collections.deque[_InFlight]" = collections.deque()
 
     def ready(self) -> bool:
         return (super().ready() and self.locked and self.listen_db is not None
@@ -186,6 +211,7 @@ class TriggerDestination(Listener):
                                % (self.config.name, self.config.name), retry_after=QUEUE_RETRY)
 
     def reset(self) -> None:
+        self._in_flight.clear()             # not deleted: fetched and sent again
         super().reset()
         if self.db is None:
             self.locked = False
@@ -196,6 +222,13 @@ class TriggerDestination(Listener):
                 self._close_listen()
 
     def close(self) -> None:
+        if self._in_flight and self.db is not None:
+            try:
+                self._settle(keep=0)        # delete what the broker confirmed before leaving
+            except (GolcondeError, psycopg2.Error) as exc:
+                LOGGER.warning("[%s] unconfirmed sends at stop (sent again later): %s", self.name,
+                               describe(exc))
+        self._in_flight.clear()
         self._close_listen()
         super().close()
 
@@ -208,17 +241,33 @@ class TriggerDestination(Listener):
                 pass
 
     def cycle(self) -> None:
+        """One round: settle confirmed batches, fetch the next one (skipping the rows in flight),
+        dead-letter what cannot be parsed, send the rest to every target without waiting.
+
+        Pipelined like the client flow's acks: up to :attr:`max_pipeline` batches are in flight;
+        a batch's rows are deleted only once the broker confirmed all of its messages, so a
+        crash or a lost connection before that re-sends them (the targets' ledgers drop the
+        duplicates). Waiting for each confirmation before fetching again cost most of a round.
+        """
         if not self.locked:
             return
+        self._settle(keep=self.max_pipeline - 1)
+        in_flight = [row_id for batch in self._in_flight for row_id in batch.ids]
         with self.db.cursor() as cur:
-            rows = trigger.fetch_batch(cur, self.config.name, self.config.batch_size)
+            rows = trigger.fetch_batch(cur, self.config.name, self.config.batch_size,
+                                       exclude=in_flight)
+        self.db.rollback()                  # ends the read's snapshot; deletes run on their own
         if not rows:
-            self.db.rollback()
-            self.stats.set_backlog(0)       # nothing committed is waiting: no count(*) needed
-            self.stats.set_lag(0.0)
-            self._wait_for_notify()
+            self._settle(keep=len(self._in_flight))     # only what is confirmed: no waiting
+            if not self._in_flight:
+                self.stats.set_backlog(0)   # nothing committed is waiting: no count(*) needed
+                self.stats.set_lag(0.0)
+            # while packets flow, poll every BUSY_POLL s (low lag); once idle, every poll_interval
+            busy = time.monotonic() - self._last_rows < BUSY_SECONDS
+            self._wait_for_notify(min(BUSY_POLL, self.config.poll_interval) if busy
+                                  else self.config.poll_interval)
             return
-        started = time.monotonic()
+        started = self._last_rows = time.monotonic()
         good, dead = [], []
         for row in rows:
             try:
@@ -229,27 +278,47 @@ class TriggerDestination(Listener):
         packets = [(str(row.packet_id), row.body, "%.3f" % row.created_at.timestamp())
                    for row, _ in good]
         self.stats.count("received", len(rows))
-        self.stats.count("fanned_out", self.fanout.send(packets))
         if dead:
             self.dead_letter_broker.send_confirmed([
                 (self.config.dead_letter_queue, packet_text(row.packet),
                  {ID_HEADER: str(row.packet_id), "golconde-reason": reason[:1000],
                   "golconde-original-queue": "golconde.queue", "golconde-consumer": self.name,
                   "content-type": "application/json"}) for row, reason in dead])
-        with self.db.cursor() as cur:
-            trigger.delete_batch(cur, [row.id for row in rows])
-        self.db.commit()
-        for _, packet in good:
-            self.stats.count(packet.action.value)
-        self.stats.count("applied", len(good))
-        self.stats.count("dead_lettered", len(dead))
-        self.stats.count("errors", len(dead))
-        self.stats.observe_duration(time.monotonic() - started, packets=len(rows))
-        self.stats.set_lag(max(0.0, time.time() - rows[-1].created_at.timestamp()))
+        count, receipts = self.fanout.send_async(packets)
+        self._in_flight.append(_InFlight([row.id for row in rows], receipts, count,
+                                         [packet for _, packet in good], len(dead), started,
+                                         rows[-1].created_at.timestamp()))
         if len(rows) < self.config.batch_size:
             self.stats.set_backlog(0)   # the fetch took everything committed: nothing was left
         else:
             self._update_backlog()
+        self._settle(keep=self.max_pipeline)
+
+    def _settle(self, keep: int) -> None:
+        """Delete the rows of the batches the broker confirmed, oldest first, each in its own
+        transaction; wait for the oldest while more than ``keep`` are in flight.
+
+        :raises BrokerError: a send was refused or not confirmed (the supervising loop resets the
+            listener: the rows are still queued and are sent again).
+        """
+        while self._in_flight:
+            batch = self._in_flight[0]
+            if len(self._in_flight) <= keep and not all(r.done() for r in batch.receipts):
+                return
+            for receipt in batch.receipts:
+                receipt.wait()
+            with self.db.cursor() as cur:
+                trigger.delete_batch(cur, batch.ids)
+            self.db.commit()
+            self._in_flight.popleft()
+            self.stats.count("fanned_out", batch.fanned_out)
+            for packet in batch.packets:
+                self.stats.count(packet.action.value)
+            self.stats.count("applied", len(batch.packets))
+            self.stats.count("dead_lettered", batch.dead)
+            self.stats.count("errors", batch.dead)
+            self.stats.observe_duration(time.monotonic() - batch.started, packets=len(batch.ids))
+            self.stats.set_lag(max(0.0, time.time() - batch.created))
 
     def _update_backlog(self) -> None:
         """Count the waiting packets, at most once per BACKLOG_INTERVAL (count(*) reads them all)."""
@@ -264,13 +333,13 @@ class TriggerDestination(Listener):
         if not count:
             self.stats.set_lag(0.0)
 
-    def _wait_for_notify(self) -> None:
+    def _wait_for_notify(self, timeout: float) -> None:
         conn = self.listen_db
         if conn is None:
-            self._stopping.wait(self.config.poll_interval)
+            self._stopping.wait(timeout)
             return
         try:
-            ready, _, _ = select.select([conn], [], [], self.config.poll_interval)
+            ready, _, _ = select.select([conn], [], [], timeout)
             if ready:
                 conn.poll()
                 conn.notifies.clear()

@@ -307,13 +307,14 @@ _INDEX_ORDER = ("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = o
                 " SET LOCAL enable_sort = off; ")
 
 
-def fetch_batch(cursor: Any, destination: str, limit: int,
-                max_bytes: Optional[int] = None) -> List[QueuedPacket]:
+def fetch_batch(cursor: Any, destination: str, limit: int, max_bytes: Optional[int] = None,
+                exclude: Iterable[int] = ()) -> List[QueuedPacket]:
     """The oldest packets of ``destination`` visible to the cursor's snapshot (committed ones),
     ordered by id, at most ``limit`` of them and, when ``max_bytes`` is given, at most that many
     bytes of JSON (but always at least one packet). Does not commit or lock anything; sets
     ``enable_seqscan``, ``enable_bitmapscan`` and ``enable_sort`` off for the rest of the
-    current transaction (``SET LOCAL``), so that the queue is read in index order.
+    current transaction (``SET LOCAL``), so that the queue is read in index order. Rows whose id
+    is in ``exclude`` (sent, awaiting the broker's confirmation before their delete) are skipped.
 
     :returns: a list of :class:`QueuedPacket` (empty when the queue is drained).
     :raises ValueError: ``limit`` or ``max_bytes`` below 1.
@@ -321,8 +322,11 @@ def fetch_batch(cursor: Any, destination: str, limit: int,
     """
     if limit < 1 or (max_bytes is not None and max_bytes < 1):
         raise ValueError("limit and max_bytes must be at least 1")
+    exclude = sorted({int(value) for value in exclude})
     query = ("SELECT id, packet_id::text, created_at, relation, packet::text AS body"
-             " FROM golconde.queue WHERE destination = %(destination)s ORDER BY id LIMIT %(limit)s")
+             " FROM golconde.queue WHERE destination = %(destination)s"
+             + (" AND id <> ALL(%(exclude)s::bigint[])" if exclude else "")
+             + " ORDER BY id LIMIT %(limit)s")
     if max_bytes is not None:
         query = ("SELECT id, packet_id, created_at, relation, body FROM ("
                  " SELECT *, row_number() OVER (ORDER BY id) AS n,"
@@ -333,7 +337,7 @@ def fetch_batch(cursor: Any, destination: str, limit: int,
     # the first ``limit`` (measured: 80 ms per batch with 80,000 rows queued, the drain's
     # backend then costing 100 us of CPU per row against 5 us in index order). Forbid those plans.
     cursor.execute(_INDEX_ORDER + query, {"destination": destination, "limit": limit,
-                                          "max_bytes": max_bytes})
+                                          "max_bytes": max_bytes, "exclude": exclude})
     batch = []
     for row_id, packet_id, created_at, relation, body in cursor.fetchall():
         error = None
