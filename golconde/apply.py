@@ -11,7 +11,9 @@ Algorithm:
 2. *Fast path*: one transaction claims every id in the ledger (:mod:`golconde.ledger`), skips the
    ids already applied (duplicates: redeliveries after a crash), applies the rest through the
    handler (:meth:`~golconde.handlers.base.Handler.apply_batch` with every new packet, group
-   members included, in order), stores the fanned-out packets (destinations) and commits.
+   members included, in order) and commits. A destination reads the ledger first instead and
+   records the new ids after applying, each with its fanned-out packet, in one INSERT (a
+   concurrent transaction recording one of them meanwhile makes the batch retry).
 3. On any error the transaction is rolled back and the error classified
    (:func:`golconde.errors.classify`): a lost connection raises :class:`ConnectionLost` (the caller
    reconnects and calls again: the ledger makes that safe, even when the COMMIT's fate is unknown);
@@ -184,7 +186,11 @@ class Applier:
         fanouts = {}
         seen = set()
         with connection.cursor() as cur:
-            new = ledger.claim(cur, self.consumer, [items[i][0] for i in todo])
+            ids = [items[i][0] for i in todo]
+            if self.store_fanout:     # read now, record with the fanned-out text after applying
+                new = set(ids) - ledger.applied_ids(cur, self.consumer, ids)
+            else:
+                new = ledger.claim(cur, self.consumer, ids)
             fresh = []
             for index in todo:
                 pid, packet = items[index][0], packets[index]
@@ -213,7 +219,7 @@ class Applier:
                 position += count
                 done[index] = outcome
             if self.store_fanout:
-                ledger.store_packets(cur, self.consumer, fanouts)
+                ledger.record(cur, self.consumer, fanouts)
                 self._fill_duplicates(cur, items, done, fanouts)
         connection.commit()
         return done

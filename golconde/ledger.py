@@ -22,6 +22,8 @@ import hashlib
 import logging
 from typing import Any, Dict, Mapping, Optional, Sequence, Set
 
+from .errors import RetryPacket
+
 LOGGER = logging.getLogger(__name__)
 
 #: How long applied packet ids are kept, in seconds (a redelivery later than this is applied again).
@@ -72,6 +74,37 @@ def claim(cursor: Any, consumer: str, ids: Sequence[str]) -> Set[str]:
         " SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING RETURNING packet_id",
         (consumer, list(ids)))
     return {row[0] for row in cursor.fetchall()}
+
+
+def applied_ids(cursor: Any, consumer: str, ids: Sequence[str]) -> Set[str]:
+    """The ids among ``ids`` already recorded as applied by ``consumer`` (reads only; a
+    destination then records the new ones with their fanned-out text by :func:`record`)."""
+    if not ids:
+        return set()
+    cursor.execute("SELECT packet_id FROM golconde.applied WHERE consumer = %s"
+                   " AND packet_id = ANY(%s::text[])", (consumer, list(ids)))
+    return {row[0] for row in cursor.fetchall()}
+
+
+def record(cursor: Any, consumer: str, packets: Mapping[str, Optional[str]]) -> None:
+    """Record ``packets`` (packet id -> the fanned-out JSON text, or None) as applied by
+    ``consumer`` in the current transaction: one INSERT, where :func:`claim` followed by
+    :func:`store_packets` writes every row twice.
+
+    :raises RetryPacket: an id was recorded by another transaction since :func:`applied_ids`
+        read (a redelivery applied concurrently): roll back and apply the batch again, which
+        then sees it as a duplicate.
+    """
+    if not packets:
+        return
+    cursor.execute(
+        "INSERT INTO golconde.applied (consumer, packet_id, packet)"
+        " SELECT %s, u.packet_id, u.packet FROM unnest(%s::text[], %s::text[]) AS u (packet_id, packet)"
+        " ON CONFLICT DO NOTHING",
+        (consumer, list(packets.keys()), list(packets.values())))
+    if cursor.rowcount != len(packets):
+        raise RetryPacket("%d of %d packet ids were recorded as applied by another transaction"
+                          % (len(packets) - cursor.rowcount, len(packets)))
 
 
 def store_packets(cursor: Any, consumer: str, packets: Mapping[str, str]) -> None:
