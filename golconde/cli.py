@@ -101,13 +101,28 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     parser.add_argument("--pidfile", help="write the daemon's pid to this file")
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    parser.add_argument("--only", metavar="NAMES",
+                        help="run only these listener threads (comma-separated: Dest for a"
+                             " destination, Dest_target for a target), to spread one"
+                             " configuration over several processes: one Python process uses"
+                             " about one core (the interpreter lock)")
+    parser.add_argument("--http-port", type=int, metavar="PORT",
+                        help="stats server port instead of HTTPServer.port (one per process)")
     parser.add_argument("--version", action="version", version="golconde " + __version__)
     args = parser.parse_args(argv)
+    if args.http_port is not None and not 1 <= args.http_port <= 65535:
+        parser.error("--http-port must be between 1 and 65535")
+    only = None
+    if args.only is not None:
+        only = [name.strip() for name in args.only.split(",") if name.strip()]
+        if not only:
+            parser.error("--only names no listener")
     path = args.config or default_config_path()
     config = _load_config(path, "golconded")
     from .daemon import Daemon
     try:
-        daemon = Daemon(config, config_path=os.path.abspath(path))
+        daemon = Daemon(config, config_path=os.path.abspath(path), only=only,
+                        http_port=args.http_port)
     except ConfigError as exc:
         print("golconded: configuration error in %s:\n%s" % (path, _indent(str(exc))), file=sys.stderr)
         return 2

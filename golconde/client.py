@@ -40,11 +40,11 @@ import contextlib
 import logging
 import threading
 import time
-import uuid
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from .broker import CREATED_HEADER, ID_HEADER, BrokerConnection, BrokerError, Delivery, Outgoing
 from .errors import ConfigError, GolcondeError, PacketError
+from . import ledger
 from .packet import Action, Group, Packet, loads, parse
 
 LOGGER = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ class Client:
         messages: List[Outgoing] = []
         ids = []
         for item in items:
-            pid = str(uuid.uuid4())
+            pid = ledger.new_packet_id()
             ids.append(pid)
             headers = {ID_HEADER: pid, CREATED_HEADER: "%.3f" % time.time(),
                        "content-type": "application/json"}

@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Collection, Dict, Optional
 
 from . import config as config_module
 from .destination import ClientDestination, TriggerDestination
@@ -25,15 +25,32 @@ from .target import TargetListener
 LOGGER = logging.getLogger(__name__)
 
 
-def build_listeners(config: Any, registry: Registry) -> Dict[str, Listener]:
+def build_listeners(config: Any, registry: Registry,
+                    only: Optional[Collection[str]] = None) -> Dict[str, Listener]:
     """One listener per target and per destination, keyed by thread name (``Dest``,
-    ``Dest_target``). Handlers are imported here, so a bad ``function_name`` raises
-    :class:`~golconde.errors.ConfigError` before anything connects."""
+    ``Dest_target``); with ``only``, just the listeners of those names (one configuration
+    spread over several processes). Handlers are imported here, so a bad ``function_name``
+    raises :class:`~golconde.errors.ConfigError` before anything connects.
+
+    :raises ConfigError: also when ``only`` names a listener the configuration does not have.
+    """
+    names = [name for destination in config.destinations
+             for name in [t.thread_name for t in destination.targets] + [destination.thread_name]]
+    if only is not None:
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise ConfigError("--only: %s %s not a listener of this configuration (listeners: %s)"
+                              % (", ".join(unknown), "is" if len(unknown) == 1 else "are",
+                                 ", ".join(names)))
+    wanted = set(names if only is None else only)
     listeners: Dict[str, Listener] = {}
     for destination in config.destinations:
         for target in destination.targets:
-            stats = registry.thread(target.thread_name, "target", destination.name)
-            listeners[target.thread_name] = TargetListener(target, stats)
+            if target.thread_name in wanted:
+                stats = registry.thread(target.thread_name, "target", destination.name)
+                listeners[target.thread_name] = TargetListener(target, stats)
+        if destination.thread_name not in wanted:
+            continue
         stats = registry.thread(destination.thread_name, "destination", destination.name)
         if destination.mode == "trigger":
             listeners[destination.thread_name] = TriggerDestination(destination, stats)
@@ -48,15 +65,23 @@ class Daemon:
     :param config: a validated :class:`golconde.config.Config`.
     :param config_path: the file to re-read on SIGHUP (``None``: reload disabled).
     :param stop_timeout: seconds allowed for all listeners to stop.
+    :param only: run just the listeners of these thread names (``golconded --only``); kept
+        across reloads.
+    :param http_port: the stats server's port instead of ``HTTPServer.port`` (``--http-port``:
+        one port per process when a configuration is spread over several); kept across reloads.
+    :raises ConfigError: a handler cannot be loaded, or ``only`` names an unknown listener.
     """
 
     def __init__(self, config: Any, config_path: Optional[str] = None,
-                 stop_timeout: float = 5.0) -> None:
+                 stop_timeout: float = 5.0, only: Optional[Collection[str]] = None,
+                 http_port: Optional[int] = None) -> None:
         self.config = config
+        self.http_port = http_port
         self.config_path = config_path
         self.stop_timeout = stop_timeout
+        self.only = None if only is None else frozenset(only)
         self.registry = Registry()
-        self.listeners: Dict[str, Listener] = build_listeners(config, self.registry)
+        self.listeners: Dict[str, Listener] = build_listeners(config, self.registry, self.only)
         self.http: Any = None
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -75,7 +100,8 @@ class Daemon:
         if not http_config.enabled:
             return
         from .httpd import StatsServer
-        self.http = StatsServer(self.registry, host=http_config.listen, port=http_config.port,
+        port = http_config.port if self.http_port is None else self.http_port
+        self.http = StatsServer(self.registry, host=http_config.listen, port=port,
                                 public_config=self.config.public_view(),
                                 max_backlog=http_config.health.max_backlog,
                                 max_lag=http_config.health.max_lag)
@@ -84,7 +110,7 @@ class Daemon:
             LOGGER.info("stats server on http://%s:%d/", http_config.listen, self.http.port)
         except OSError as exc:
             LOGGER.error("stats server cannot listen on %s:%d: %s (continuing without it)",
-                         http_config.listen, http_config.port, exc)
+                         http_config.listen, port, exc)
             self.http = None
 
     def request_stop(self) -> None:
@@ -125,7 +151,7 @@ class Daemon:
             return False
         try:
             new_config = config_module.load(self.config_path)
-            candidates = build_listeners(new_config, Registry())
+            candidates = build_listeners(new_config, Registry(), self.only)
         except ConfigError as exc:
             LOGGER.error("reload refused, keeping the running configuration: %s", exc)
             return False
@@ -138,7 +164,7 @@ class Daemon:
         for name in old:
             if name not in candidates:
                 self.registry.remove(name)
-        fresh = build_listeners(new_config, self.registry)
+        fresh = build_listeners(new_config, self.registry, self.only)
         started = 0
         for name, listener in fresh.items():
             if name not in kept:

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import psycopg2
 import psycopg2.extensions
 
-from . import envelope, trigger
+from . import envelope, ledger, trigger
 from .apply import APPLIED, DEAD_LETTER, DUPLICATE, Outcome
 from .broker import (CREATED_HEADER, ID_HEADER, BrokerConnection, Delivery, Outgoing, Receipt,
                      send_all_async)
@@ -275,13 +275,13 @@ class TriggerDestination(Listener):
                 good.append((row, packet))
             except PacketError as exc:
                 dead.append((row, str(exc)))
-        packets = [(str(row.packet_id), row.body, "%.3f" % row.created_at.timestamp())
+        packets = [(_queued_id(row), row.body, "%.3f" % row.created_at.timestamp())
                    for row, _ in good]
         self.stats.count("received", len(rows))
         if dead:
             self.dead_letter_broker.send_confirmed([
                 (self.config.dead_letter_queue, packet_text(row.packet),
-                 {ID_HEADER: str(row.packet_id), "golconde-reason": reason[:1000],
+                 {ID_HEADER: _queued_id(row), "golconde-reason": reason[:1000],
                   "golconde-original-queue": "golconde.queue", "golconde-consumer": self.name,
                   "content-type": "application/json"}) for row, reason in dead])
         count, receipts = self.fanout.send_async(packets)
@@ -347,6 +347,12 @@ class TriggerDestination(Listener):
             LOGGER.warning("[%s] LISTEN connection lost (%s); polling until it is back", self.name,
                            describe(exc))
             self._close_listen()
+
+
+def _queued_id(row: Any) -> str:
+    """The id a queued packet travels with: its UUID behind its capture time (time-ordered for
+    the targets' ledgers, :func:`golconde.ledger.new_packet_id`); the same on every re-send."""
+    return ledger.new_packet_id(row.created_at.timestamp(), str(row.packet_id))
 
 
 def packet_text(packet: Any) -> str:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
+import uuid
 from typing import Any, Dict, Mapping, Optional, Sequence, Set
 
 from .errors import RetryPacket
@@ -41,6 +43,19 @@ CREATE TABLE IF NOT EXISTS golconde.applied (
 );
 CREATE INDEX IF NOT EXISTS applied_applied_at ON golconde.applied (applied_at);
 """
+
+
+def new_packet_id(created: Optional[float] = None, unique: Optional[str] = None) -> str:
+    """A packet id that sorts by creation time: ``<milliseconds since the epoch, 12 hex
+    digits>-<UUID>``, e.g. ``019a8f3c2b1e-6f1d...``. ``unique`` is the UUID to use (a queued
+    packet's own), else a new random one.
+
+    Time-ordered ids are appended at the right edge of the ledger's primary key; random UUIDs made
+    every recorded packet touch a random leaf page of a large index (a cache miss, and a full-page
+    image in the WAL after each checkpoint).
+    """
+    when = time.time() if created is None else created
+    return "%012x-%s" % (int(when * 1000), unique or uuid.uuid4())
 
 
 def packet_id(headers: Mapping[str, str], body: bytes) -> str:

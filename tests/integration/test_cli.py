@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import urllib.request
 
 import psycopg2
 import yaml
@@ -102,3 +104,55 @@ def test_send_enqueues_confirmed_packets(broker, tmp_path):
     received = drain_queue(queue, wait=1.0, broker=broker)
     assert [json.loads(d.body)["action"] for d in received] == ["add", "delete", "add", "set"]
     assert len({d.headers["golconde-id"] for d in received}) == 4
+
+
+def test_only_names_listeners_of_the_configuration(tmp_path):
+    mapping = make_config("dbname=x", {"t1": "dbname=y", "t2": "dbname=z"}, "items", name="Split")
+    path = write_config(str(tmp_path / "split.yaml"), mapping)
+    result = run("golconde.daemon_entry", "--check", "-c", path, "--only", "Split_t2, Split")
+    assert result.returncode == 0 and "2 listener threads" in result.stdout, result.stderr
+    result = run("golconde.daemon_entry", "--check", "-c", path, "--only", "Split_t3,Nope")
+    assert result.returncode == 2
+    assert "--only: Nope, Split_t3 are not a listener of this configuration" in result.stderr
+    assert "listeners: Split_t1, Split_t2, Split" in result.stderr
+    result = run("golconde.daemon_entry", "--check", "-c", path, "--only", " , ")
+    assert result.returncode == 2 and "--only names no listener" in result.stderr
+
+
+def test_one_configuration_split_over_two_processes(make_database, tmp_path):
+    """``golconded --only``: the destination in one process, its targets in another (each with
+    its own --http-port), packets still reach both targets."""
+    canonical, t1, t2 = make_database(), make_database(), make_database()
+    for dsn in (canonical, t1, t2):
+        execute(dsn, "CREATE TABLE items (id integer PRIMARY KEY, qty integer)")
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    mapping = make_config(canonical, {"t1": t1, "t2": t2}, "items", name="Split%s" % os.getpid(),
+                          http_port=ports[0])    # both processes would take it: --http-port
+    name = list(mapping["Destinations"])[0]
+    path = write_config(str(tmp_path / "split.yaml"), mapping)
+    daemons = [subprocess.Popen([sys.executable, "-m", "golconde.daemon_entry", "-f", "-c", path,
+                                 "--only", only, "--http-port", str(port)], cwd=ROOT)
+               for only, port in ((name, ports[0]), ("%s_t1,%s_t2" % (name, name), ports[1]))]
+    try:
+        result = run("golconde.cli", "send", "-c", path, "--destination", name,
+                     stdin="".join('{"action": "add", "data": {"id": %d, "qty": 1}}\n' % i
+                                   for i in range(1, 101)))
+        assert result.returncode == 0, result.stderr
+        for target in (t1, t2):
+            wait_for(lambda: query(target, "SELECT count(*) FROM items")[0][0] == 100, timeout=60,
+                     message="100 rows at the target")
+        threads = []
+        for port in ports:
+            with urllib.request.urlopen("http://127.0.0.1:%d/stats" % port, timeout=5) as resp:
+                threads.append(sorted(name for thread in json.loads(resp.read())["threads"]
+                                      for name in thread))
+        assert threads == [[name], ["%s_t1" % name, "%s_t2" % name]]
+    finally:
+        for daemon in daemons:
+            daemon.terminate()
+        for daemon in daemons:
+            daemon.wait(30)

@@ -185,7 +185,7 @@ def test_sighup_adds_then_removes_a_target_without_restart_or_loss(golconded, ma
     daemon.destination["Targets"]["target2"] = {
         "stomp": daemon.destination["stomp"], "queue": queue + ".target2", "pgsql": target2,
         "target": TABLE}
-    second = Stream(queue, prefix, 300, 700)
+    second = Stream(queue, prefix, 300, 700, pause=0.15)   # still flowing when the reload lands
     second.start()
     wait_for(lambda: second.sent >= 400, timeout=30, message="second stream flowing")
     daemon.write()
