@@ -44,6 +44,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                         " (default 100000; --quick: 10000)")
     parser.add_argument("--backlog", type=int, help="packets queued for the memory check, once"
                         " after the runs (default 1000000; --quick: 20000; 0: skip it)")
+    parser.add_argument("--split", action="store_true",
+                        help="run golconded as two processes (golconded --only): the destination"
+                             " in one, both targets in the other")
     parser.add_argument("--port", type=int, default=5544, help="source cluster port; the target"
                         " cluster uses the next one (default 5544)")
     parser.add_argument("--workdir", default=os.path.join(ROOT, "var", "bench"),
@@ -102,6 +105,8 @@ def main(argv: List[str] = None) -> int:
           " %d run(s); clusters on ports %d (source) and %d (targets); logs in %s"
           % (args.rows, args.rows, args.rows // 2, args.clients, args.jobs, args.runs, src.port,
              tgt.port, os.path.relpath(workdir, ROOT)), flush=True)
+    print("golconded: %s" % ("two processes (--split): the destination in one, both targets in the"
+                             " other" if args.split else "one process"), flush=True)
     londiste = None
     if "londiste" in args.modes:
         from .londiste import prepare

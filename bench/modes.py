@@ -113,16 +113,22 @@ class _Golconde(Mode):
 
     def __init__(self, env: Any) -> None:
         super().__init__(env)
-        self.daemon: Optional[subprocess.Popen] = None
+        self.daemons: List[subprocess.Popen] = []
         self.http_port = 0
+        #: --split: the destination in one golconded process, its targets in another
+        self.split = bool(getattr(env.args, "split", False))
+        self.http_ports: List[int] = []
         self.config_path = env.path("golconde-%s.yaml" % self.name)
         self.queue = "/queue/%s.%s" % (env.prefix, self.name)
 
     def write_config(self) -> None:
         env = self.env
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.http_port = probe.getsockname()[1]
+        self.http_ports = []
+        for _ in range(2 if self.split else 1):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                self.http_ports.append(probe.getsockname()[1])
+        self.http_port = self.http_ports[0]
         stomp = "%s:%d" % (env.stomp_host, env.stomp_port)
         destination: Dict[str, Any] = {
             "mode": self.mode, "stomp": stomp, "queue": self.queue, "pgsql": env.src.dsn("src"),
@@ -147,14 +153,22 @@ class _Golconde(Mode):
     def start_daemon(self) -> None:
         env = self.env
         log = open(env.path("golconded-%s.out" % self.name), "a")
-        self.daemon = subprocess.Popen([env.bin("golconded"), "-f", "-c", self.config_path],
-                                       stdout=log, stderr=subprocess.STDOUT)
+        command = [env.bin("golconded"), "-f", "-c", self.config_path]
+        if self.split:
+            shares = [(self.destination, self.http_ports[0]),
+                      ("%s_t1,%s_t2" % (self.destination, self.destination), self.http_ports[1])]
+            self.daemons = [subprocess.Popen(command + ["--only", only, "--http-port", str(port)],
+                                             stdout=log, stderr=subprocess.STDOUT)
+                            for only, port in shares]
+        else:
+            self.daemons = [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)]
         log.close()
         deadline = time.monotonic() + 60
         while True:
-            if self.daemon.poll() is not None:
-                raise BenchError("golconded exited with status %d (see %s)"
-                                 % (self.daemon.returncode, env.path("golconded-%s.log" % self.name)))
+            for daemon in self.daemons:
+                if daemon.poll() is not None:
+                    raise BenchError("golconded exited with status %d (see %s)"
+                                     % (daemon.returncode, env.path("golconded-%s.log" % self.name)))
             threads = (self.stats() or {}).get("threads", [])
             states = [state for thread in threads for state in thread.values()]
             if len(states) == 3 and all(s.get("broker") == "connected" and s.get("database") == "connected"
@@ -165,26 +179,31 @@ class _Golconde(Mode):
             time.sleep(0.1)
 
     def stats(self) -> Optional[Dict[str, Any]]:
-        try:
-            with urllib.request.urlopen("http://127.0.0.1:%d/stats" % self.http_port, timeout=5) as resp:
-                return json.loads(resp.read().decode())
-        except (OSError, ValueError):
-            return None
+        """``/stats`` of the golconded process(es), their ``threads`` lists joined."""
+        threads: List[Any] = []
+        for port in self.http_ports:
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:%d/stats" % port, timeout=5) as resp:
+                    threads.extend(json.loads(resp.read().decode()).get("threads", []))
+            except (OSError, ValueError):
+                return None
+        return {"threads": threads}
 
     def stop_daemon(self) -> None:
-        daemon, self.daemon = self.daemon, None
-        if daemon is None or daemon.poll() is not None:
-            return
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            LOGGER.warning("golconded did not stop within 30 s: killed")
-            daemon.kill()
-            daemon.wait(10)
+        daemons, self.daemons = self.daemons, []
+        for daemon in daemons:
+            if daemon.poll() is None:
+                daemon.send_signal(signal.SIGTERM)
+        for daemon in daemons:
+            try:
+                daemon.wait(30)
+            except subprocess.TimeoutExpired:
+                LOGGER.warning("golconded did not stop within 30 s: killed")
+                daemon.kill()
+                daemon.wait(10)
 
     def workers(self) -> List[int]:
-        return [self.daemon.pid] if self.daemon and self.daemon.poll() is None else []
+        return [daemon.pid for daemon in self.daemons if daemon.poll() is None]
 
     def notes(self) -> List[str]:
         stats = self.stats() or {}

@@ -42,6 +42,9 @@ QUEUE_RETRY = 10.0
 BACKLOG_INTERVAL = 5.0
 #: Trigger mode: poll interval (s) while packets flowed within the last BUSY_SECONDS s.
 BUSY_POLL, BUSY_SECONDS = 0.01, 1.0
+#: Trigger mode: after a batch that was not full, the next fetch waits until this many seconds
+#: after the previous one: batches grow with the load, and latency grows by at most this much.
+BATCH_LINGER = 0.02
 #: Header of a client message naming the queue where its outcome is to be sent.
 REPLY_HEADER = "reply-to"
 #: Outcome statuses as written in replies.
@@ -170,6 +173,8 @@ class TriggerDestination(Listener):
         self.locked = False
         self._last_backlog = 0.0
         self._last_rows = 0.0
+        self._last_fetch = 0.0
+        self._partial = False
         self._in_flight: "collections.deque[_InFlight]" = collections.deque()
 
     def ready(self) -> bool:
@@ -252,11 +257,18 @@ class TriggerDestination(Listener):
         if not self.locked:
             return
         self._settle(keep=self.max_pipeline - 1)
+        since = time.monotonic() - self._last_fetch
+        if self._partial and since < BATCH_LINGER:
+            # the last batch was not full: let packets gather a little (fewer, larger batches
+            # under load, so fewer commits at every target), at most BATCH_LINGER after it
+            self._wait_for_notify(BATCH_LINGER - since)
+        self._last_fetch = time.monotonic()
         in_flight = [row_id for batch in self._in_flight for row_id in batch.ids]
         with self.db.cursor() as cur:
             rows = trigger.fetch_batch(cur, self.config.name, self.config.batch_size,
                                        exclude=in_flight)
         self.db.rollback()                  # ends the read's snapshot; deletes run on their own
+        self._partial = 0 < len(rows) < self.config.batch_size
         if not rows:
             self._settle(keep=len(self._in_flight))     # only what is confirmed: no waiting
             if not self._in_flight:

@@ -9,6 +9,10 @@ from .listener import QueueConsumer
 from .stats import ThreadStats
 
 
+#: Fewest messages a target's subscription may have unacknowledged.
+MIN_PREFETCH = 16
+
+
 class TargetListener(QueueConsumer):
     """Applies packets fanned out by a destination; dead-letters what cannot be applied.
 
@@ -25,7 +29,8 @@ class TargetListener(QueueConsumer):
         """A target's queue carries batch messages of up to :data:`~golconde.envelope.MAX_ENTRIES`
         packets (1 MiB), so ``prefetch`` counts packets here: the subscription takes
         ``ceil(prefetch / MAX_ENTRIES)`` messages, plus the :attr:`max_pipeline` committed batches
-        awaiting their acks and the one being applied. Memory stays bounded whatever the backlog
-        (1500 -> 6 messages, at most 3,000 packets or 6 MiB held); plain messages (dead-letter
-        replays) are then taken 6 at a time."""
-        return -(-self.config.prefetch // envelope.MAX_ENTRIES) + self.max_pipeline + 1
+        awaiting their acks and the one being applied, and at least :data:`MIN_PREFETCH` (under a
+        light load batch messages are small: several are applied in one transaction). Memory
+        stays bounded whatever the backlog (1500 -> 16 messages, at most 8,000 packets or 16 MiB
+        held); plain messages (dead-letter replays) are then taken 16 at a time."""
+        return max(MIN_PREFETCH, -(-self.config.prefetch // envelope.MAX_ENTRIES) + self.max_pipeline + 1)

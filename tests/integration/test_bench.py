@@ -26,7 +26,7 @@ def test_quick_run_prints_figures_for_each_mode_and_exits_0(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--modes", "bare,golconde-trigger", "--runs", "1",
          "--rows", "800", "--latency-seconds", "1", "--raw-messages", "2000", "--port", str(PORT),
-         "--workdir", WORKDIR, "--json", str(out)],
+         "--workdir", WORKDIR, "--json", str(out), "--backlog", "3000", "--split"],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     text = result.stdout
@@ -51,6 +51,11 @@ def test_quick_run_prints_figures_for_each_mode_and_exits_0(tmp_path):
     assert 0 < latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"], latency
     assert data["raw_broker"]["consume_cumulative_per_s"] > 0
     assert data["failed"] == []
+    assert "golconded: two processes (--split)" in text
+    backlog = data["backlog"]
+    assert backlog["packets"] == 3000 and backlog["equal"] and backlog["error"] is None, backlog
+    assert backlog["drain_s"] > 0 and 10 < backlog["peak_rss_mb"] < 400, backlog
+    assert "== backlog: 3,000 packets queued" in text
     for line in ("insert", "update", "delete", "total"):
         assert any(row.split()[:1] == [line] and row.split()[1][0].isdigit() for row in text.splitlines())
 
