@@ -55,6 +55,14 @@ stomp_answers() {
         case "$line" in CONNECTED*) exit 0 ;; *) exit 1 ;; esac' _ "$PORT" >/dev/null 2>&1
 }
 
+# True when process $1 exists and is not a zombie.
+process_alive() {
+    local state
+    [ -n "$1" ] || return 1
+    state="$(sed -e 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)"
+    [ -n "$state" ] && [ "$state" != Z ]
+}
+
 # The pid in the pid file, when that process is alive and is an ActiveMQ broker.
 broker_pid() {
     local pid
@@ -181,7 +189,10 @@ start_broker() {
 wait_for_stomp() {
     local waited=0 pid
     until stomp_answers; do
-        if ! pid="$(broker_pid)"; then
+        # Just after the start, the recorded pid may still be the forked shell on its way to exec
+        # java (its command line does not name activemq.jar yet): dead means gone or a zombie.
+        pid="$(cat "$PIDFILE" 2>/dev/null)"
+        if ! broker_pid >/dev/null && ! process_alive "$pid"; then
             log_tail
             die "ActiveMQ exited before STOMP answered on 127.0.0.1:${PORT} (see ${LOGS}/)"
         fi
