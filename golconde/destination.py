@@ -61,13 +61,6 @@ class FanOut:
         self.routes: List[Tuple[Any, BrokerConnection]] = [
             (target, listener.outbound_for(target.stomp)) for target in destination.targets]
 
-    def send(self, packets: Sequence[Tuple[str, str, str]]) -> int:
-        """As :meth:`send_async`, waiting for every confirmation. :returns: packets sent."""
-        count, receipts = self.send_async(packets)
-        for receipt in receipts:
-            receipt.wait()
-        return count
-
     def send_async(self, packets: Sequence[Tuple[str, str, str]]) -> Tuple[int, List[Receipt]]:
         """Write ``[(packet_id, json_text, created_at), ...]`` to every target queue as persistent
         batch messages (:mod:`golconde.envelope`), without waiting for the broker.
