@@ -186,21 +186,18 @@ class Cluster:
 
     def recreate_databases(self, names: List[str]) -> None:
         """Drop (terminating their sessions) and create each database in ``names``."""
-        conn = psycopg2.connect(self.dsn())
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            for name in names:
-                self._drop(cur, name)
-                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        conn.close()
+        self.drop_databases(names, create=True)
 
-    def drop_databases(self, names: List[str]) -> None:
-        """Drop each database in ``names`` with its subscriptions and replication slots."""
+    def drop_databases(self, names: List[str], create: bool = False) -> None:
+        """Drop each database in ``names`` with its subscriptions and replication slots; with
+        ``create``, create it again, empty."""
         conn = psycopg2.connect(self.dsn())
         conn.autocommit = True
         with conn.cursor() as cur:
             for name in names:
                 self._drop(cur, name)
+                if create:
+                    cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         conn.close()
 
     def _drop(self, cur, name: str) -> None:
