@@ -7,7 +7,7 @@ Example::
                 login="guest", passcode="guest") as client:
         client.add({"friend_id": 47, "user_id": 16, "status_id": 1})
         client.update({"status_id": 3}, restriction={"friend_id": 5, "user_id": 41})
-        with client.batch():                   # one broker confirmation for many packets
+        with client.batch():                   # one confirmation, packets packed in batch messages
             for row in rows:
                 client.set(row)
 
@@ -40,16 +40,18 @@ import contextlib
 import logging
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .broker import CREATED_HEADER, ID_HEADER, BrokerConnection, BrokerError, Delivery, Outgoing
 from .errors import ConfigError, GolcondeError, PacketError
-from . import ledger
+from . import envelope, ledger
 from .packet import Action, Group, Packet, loads, parse
 
 LOGGER = logging.getLogger(__name__)
 
 PacketLike = Union[Packet, Mapping[str, Any], str]
+#: One packet to send: ``(packet_id, packet_json_text, created)`` (epoch seconds, as text).
+Entry = Tuple[str, str, str]
 
 
 class OutcomeTimeout(GolcondeError, TimeoutError):
@@ -92,18 +94,24 @@ class Client:
     :param timeout: seconds to wait for a connection or a confirmation.
     :param reply_to: a queue (``/queue/...``) where the destination sends the outcome of each
         message (see :meth:`wait_outcome`); ``None``: no outcomes.
+    :param batch_messages: the packets of one :meth:`send_many` call or :meth:`batch` block go to
+        the broker as batch messages (:mod:`golconde.envelope`: up to 500 packets or 1 MiB per
+        message, each packet keeping its own id, outcome and dead letter), which costs the broker
+        and the destination one message instead of one per packet. ``False``: one message per
+        packet, for a queue read by something other than golconded.
     """
 
     def __init__(self, queue: str, host: str = "127.0.0.1", port: int = 61613,
                  login: Optional[str] = None, passcode: Optional[str] = None,
                  vhost: Optional[str] = None, timeout: float = 30.0,
-                 reply_to: Optional[str] = None) -> None:
+                 reply_to: Optional[str] = None, batch_messages: bool = True) -> None:
         self.queue = queue
+        self.batch_messages = batch_messages
         self.timeout = timeout
         self.reply_to = reply_to
         self.connection = BrokerConnection(host, port, login, passcode, vhost, heartbeat_ms=0,
                                            name="golconde-client", on_message=self._on_reply)
-        self._pending: Optional[List[Outgoing]] = None
+        self._pending: Optional[List[Entry]] = None
         self._outcomes: Dict[str, Dict[str, Any]] = {}
         self._outcome_cond = threading.Condition()
         self._reply_generation: Optional[int] = None
@@ -162,7 +170,12 @@ class Client:
         return self.send_many([packet])[0]
 
     def send_many(self, packets: Sequence[Union[Packet, Mapping[str, Any], str]]) -> List[str]:
-        """Enqueue several packets with one confirmation. Returns their ids, in order."""
+        """Enqueue several packets with one confirmation, packed into batch messages unless
+        :attr:`batch_messages` is off. Returns their ids, in order.
+
+        :raises PacketError: a packet is invalid (nothing is sent).
+        :raises BrokerError: as :meth:`send`.
+        """
         parsed = [packet if isinstance(packet, Packet) else parse(packet) for packet in packets]
         return self._enqueue(parsed)
 
@@ -191,23 +204,31 @@ class Client:
         collected.id = self.send_group(collected.packets)
 
     def _enqueue(self, items: Sequence[Union[Packet, Group]]) -> List[str]:
-        messages: List[Outgoing] = []
-        ids = []
+        entries: List[Entry] = []
+        created = "%.3f" % time.time()
         for item in items:
-            pid = ledger.new_packet_id()
-            ids.append(pid)
-            headers = {ID_HEADER: pid, CREATED_HEADER: "%.3f" % time.time(),
-                       "content-type": "application/json"}
-            if self.reply_to:
-                headers["reply-to"] = self.reply_to
-            messages.append((self.queue, item.to_json(), headers))
+            entries.append((ledger.new_packet_id(), item.to_json(), created))
         if self._pending is not None:
-            self._pending.extend(messages)
+            self._pending.extend(entries)
         else:
-            self._flush(messages)
-        return ids
+            self._flush(entries)
+        return [pid for pid, _, _ in entries]
 
-    # -- outcomes ----------------------------------------------------------------------------------
+    def messages(self, entries: Sequence[Entry]) -> List[Outgoing]:
+        """The broker messages for ``entries`` = ``[(packet_id, packet_json_text, created), ...]``:
+        batch messages (:func:`golconde.envelope.encode`, header ``golconde-batch``) when
+        :attr:`batch_messages` is set and there are several, else one message per packet with its
+        ``golconde-id`` and ``golconde-created-at`` headers. Every message is JSON, persistent
+        (set by the connection) and carries ``reply-to`` when the client has one."""
+        common = {"content-type": "application/json"}
+        if self.reply_to:
+            common["reply-to"] = self.reply_to
+        if self.batch_messages and len(entries) > 1:
+            return [(self.queue, body, dict(common, **{envelope.BATCH_HEADER: str(count)}))
+                    for body, count in envelope.encode(entries)]
+        return [(self.queue, text, dict(common, **{ID_HEADER: pid, CREATED_HEADER: created}))
+                for pid, text, created in entries]
+
     def wait_outcome(self, packet_id: str, timeout: Optional[float] = None) -> Dict[str, Any]:
         """Wait for the outcome of the message ``packet_id`` on the reply queue.
 
@@ -265,9 +286,10 @@ class Client:
             if not outer:
                 self._pending = None
 
-    def _flush(self, messages: List[Outgoing]) -> None:
-        if not messages:
+    def _flush(self, entries: List[Entry]) -> None:
+        if not entries:
             return
+        messages = self.messages(entries)
         for attempt in (1, 2):
             try:
                 self.connect()

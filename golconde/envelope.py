@@ -1,4 +1,5 @@
-"""Batch messages: many packets in one broker message, on Golconde's internal hops.
+"""Batch messages: many packets in one broker message, on Golconde's internal hops and from the
+Python client (:class:`golconde.client.Client` packs the packets of one ``send_many`` or ``batch``).
 
 Per-message costs (a SEND, a RECEIPT, a delivery, an ack) dominate at high rates (broker-facts.md:
 ~14,000 persistent publishes/s per thread), so a destination sends the packets of one batch to each
@@ -9,8 +10,9 @@ target as a few *batch messages* instead of one message per packet. Format (JSON
 
 with the header ``golconde-batch: <number of entries>``. Each entry keeps its own packet id, so the
 ledger de-duplicates per packet and a dead-lettered entry goes to the dead-letter queue alone (as
-a plain packet message with its own ``golconde-id``). Plain packet messages are still accepted
-everywhere (clients, dead-letter replays).
+a plain packet message with its own ``golconde-id``) and, when the batch message has a
+``reply-to`` header, gets an outcome of its own. Plain packet messages are accepted everywhere
+(other clients, ``golconde send``, dead-letter replays).
 """
 from __future__ import annotations
 

@@ -227,3 +227,49 @@ def test_client_refuses_empty_and_invalid_groups(groups):
     with pytest.raises(OutcomeTimeout):
         client.wait_outcome(str(uuid.uuid4()), timeout=0.5)
     assert query(groups["canonical"], ROWS) == []
+
+
+def test_client_batch_messages_keep_each_packet_its_outcome_and_dead_letter(groups):
+    """``send_many`` and ``batch()`` pack packets into batch messages; inside one, a bad packet is
+    dead-lettered alone (with its own id), a group stays atomic, each packet gets its outcome."""
+    client, destination = groups["client"], groups["destination"]
+    with client.batch():
+        first = client.add({"id": 1, "customer": 1, "amount": 10})
+        bad = client.add({"id": 2, "customer": 2, "amount": -5})           # violates the CHECK
+        with client.group() as group:
+            group.add({"id": 3, "customer": 3, "amount": 30})
+            group.update({"note": "grouped"}, restriction={"id": 1})
+        last = client.send_many([{"action": "add", "data": {"id": 4, "customer": 4, "amount": 40}},
+                                 {"action": "delete", "restriction": {"id": 3}}])
+    statuses = {pid: client.wait_outcome(pid, timeout=30) for pid in [first, bad, group.id] + last}
+    assert [statuses[pid]["status"] for pid in [first, group.id] + last] == ["applied"] * 4
+    assert statuses[bad]["status"] == "dead-lettered"
+    assert statuses[bad]["reason"].startswith("SQLSTATE 23514")
+    expected = [(1, 1, Decimal("10.00"), "grouped"), (4, 4, Decimal("40.00"), None)]
+    wait_for(lambda: query(groups["t1"], ROWS) == expected and in_sync(groups), message="batch distributed")
+    assert query(groups["canonical"], ROWS) == expected
+    dead = []
+    wait_for(lambda: dead.extend(drain(groups, destination.dead_letter_queue, wait=0.3)) or dead, timeout=20,
+             message="the bad packet dead-lettered")
+    assert len(dead) == 1 and dead[0].headers["golconde-id"] == bad
+    assert "golconde-batch" not in dead[0].headers
+    assert json.loads(dead[0].body) == {"action": "add", "data": {"id": 2, "customer": 2, "amount": -5}}
+
+
+def test_client_packs_packets_into_batch_messages_unless_told_not_to(broker):
+    queue = "/queue/golconde.test.packing.%s" % uuid.uuid4().hex[:10]
+    packets = [{"action": "add", "data": {"id": i}} for i in range(5)]
+    with Client(queue, broker.host, broker.port, broker.login, broker.passcode) as client:
+        ids = client.send_many(packets)
+        single = client.add({"id": 9})
+    messages = drain_queue(queue, wait=0.5, broker=broker)
+    assert [m.headers.get("golconde-batch") for m in messages] == ["5", None]
+    entries = json.loads(messages[0].body)["batch"]
+    assert [e["id"] for e in entries] == ids and [e["packet"] for e in entries] == packets
+    assert messages[1].headers["golconde-id"] == single
+    with Client(queue, broker.host, broker.port, broker.login, broker.passcode, batch_messages=False) as client:
+        ids = client.send_many(packets)
+    messages = drain_queue(queue, wait=0.5, broker=broker)
+    assert [m.headers["golconde-id"] for m in messages] == ids
+    assert [json.loads(m.body) for m in messages] == packets and all("golconde-batch" not in m.headers
+                                                                     for m in messages)
