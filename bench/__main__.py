@@ -44,6 +44,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                         " (default 100000; --quick: 10000)")
     parser.add_argument("--backlog", type=int, help="packets queued for the memory check, once"
                         " after the runs (default 1000000; --quick: 20000; 0: skip it)")
+    parser.add_argument("--plain-messages", action="store_true",
+                        help="client flow: the producers send one broker message per packet"
+                             " (Client(batch_messages=False)) instead of packing each send_many"
+                             " into batch messages")
     parser.add_argument("--split", action="store_true",
                         help="run golconded as two processes (golconded --only): the destination"
                              " in one, both targets in the other")
@@ -107,6 +111,10 @@ def main(argv: List[str] = None) -> int:
              tgt.port, os.path.relpath(workdir, ROOT)), flush=True)
     print("golconded: %s" % ("two processes (--split): the destination in one, both targets in the"
                              " other" if args.split else "one process"), flush=True)
+    if "golconde-client" in args.modes:
+        print("client flow: %s" % ("one broker message per packet (--plain-messages)" if args.plain_messages
+                                   else "each send_many packed into batch messages (the client's default)"),
+              flush=True)
     londiste = None
     if "londiste" in args.modes:
         from .londiste import prepare

@@ -262,8 +262,9 @@ class GolcondeClient(_Golconde):
         producers = env.args.producers
         rows = keys.keys(phase)
         shares = [rows[i::producers] for i in range(producers)]
+        plain = bool(getattr(env.args, "plain_messages", False))
         clients = [Client(self.queue, env.stomp_host, env.stomp_port, env.stomp_login,
-                          env.stomp_passcode) for _ in range(producers)]
+                          env.stomp_passcode, batch_messages=not plain) for _ in range(producers)]
         errors: List[BaseException] = []
         for client in clients:
             client.connect()
