@@ -73,16 +73,21 @@ class Packet:
 
     def as_dict(self) -> Dict[str, Any]:
         """The packet as a plain dict in the canonical lower-case form."""
-        out: Dict[str, Any] = {"action": self.action.value}
-        if self.data or self.action is not Action.DELETE:
-            out["data"] = dict(self.data)
-        if self.restriction:
-            out["restriction"] = dict(self.restriction)
-        return out
+        return self._as_dict(copy=True)
 
     def to_json(self) -> str:
-        """Encode as JSON text (``Decimal`` written as exact JSON numbers)."""
-        return dumps(self.as_dict())
+        """Encode as JSON text (``Decimal`` written as exact JSON numbers), as :meth:`as_dict`."""
+        return dumps(self._as_dict(copy=False))
+
+    def _as_dict(self, copy: bool) -> Dict[str, Any]:
+        # without copy, plain dicts are shared (to be encoded at once, not kept)
+        out: Dict[str, Any] = {"action": self.action.value}
+        if self.data or self.action is not Action.DELETE:
+            out["data"] = self.data if not copy and type(self.data) is dict else dict(self.data)
+        if self.restriction:
+            out["restriction"] = (self.restriction if not copy and type(self.restriction) is dict
+                                  else dict(self.restriction))
+        return out
 
 
 @dataclass(frozen=True)
@@ -103,13 +108,28 @@ class Group:
         return dumps(self.as_dict())
 
 
+#: simplejson.dumps(obj, use_decimal=True, ensure_ascii=False, separators=(",", ":")) builds an
+#: encoder per call; one built once encodes the same (NaN and Infinity refused: allow_nan=False).
+_ENCODER = simplejson.JSONEncoder(use_decimal=True, ensure_ascii=False, separators=(",", ":"),
+                                  allow_nan=False)
+
+
 def dumps(obj: Any) -> str:
-    """JSON-encode ``obj``; :class:`~decimal.Decimal` values are written as exact numbers."""
-    return simplejson.dumps(obj, use_decimal=True, ensure_ascii=False, separators=(",", ":"))
+    """JSON-encode ``obj``; :class:`~decimal.Decimal` values are written as exact numbers.
+
+    :raises ValueError: NaN or an infinite float (no JSON for them).
+    :raises TypeError: a value JSON cannot hold.
+    """
+    return _ENCODER.encode(obj)
 
 
 def _reject_constant(name: str) -> Any:
     raise PacketError("packet contains %s, which is not valid JSON" % name)
+
+
+#: One decoder for every packet (simplejson.loads with options builds one per call): numbers with
+#: a fraction or an exponent as Decimal, NaN and Infinity refused.
+_DECODER = simplejson.JSONDecoder(parse_float=Decimal, parse_constant=_reject_constant)
 
 
 def _check_value(value: Any, where: str, depth: int = 0) -> None:
@@ -128,6 +148,15 @@ def _check_value(value: Any, where: str, depth: int = 0) -> None:
             _check_value(item, where, depth + 1)
 
 
+#: A packet's keys (lower case; parse() folds others).
+_KEYS = frozenset(("action", "data", "restriction"))
+#: Action names as written in packets -> Action (parse() folds others).
+_ACTIONS = {action.value: action for action in Action}
+
+#: Values that need no check (a str needs the NUL check, a list or dict a walk).
+_SCALARS = (int, float, Decimal, bool, type(None))
+
+
 def _columns(value: Any, name: str) -> Dict[str, Any]:
     if value is None:
         return {}
@@ -138,7 +167,12 @@ def _columns(value: Any, name: str) -> Dict[str, Any]:
             raise PacketError("%s has an empty column name" % name)
         if "\x00" in key:
             raise PacketError("%s has a column name containing a NUL character" % name)
-        _check_value(item, "%s.%s" % (name, key))
+        kind = type(item)
+        if kind is str:
+            if "\x00" in item:
+                _check_value(item, "%s.%s" % (name, key))     # raises, naming the column
+        elif kind not in _SCALARS:
+            _check_value(item, "%s.%s" % (name, key))
     return value
 
 
@@ -172,7 +206,7 @@ def loads(body: Union[bytes, str]) -> Any:
     elif len(body) > MAX_PACKET_BYTES:
         raise PacketError("packet is %d characters, more than the %d allowed" % (len(body), MAX_PACKET_BYTES))
     try:
-        return simplejson.loads(body, use_decimal=True, parse_constant=_reject_constant)
+        return _DECODER.decode(body)
     except PacketError:
         raise
     except RecursionError:
@@ -193,24 +227,30 @@ def parse(body: Union[bytes, str, Mapping[str, Any]]) -> Packet:
     document = body if isinstance(body, _MAPPING) else loads(body)
     if not isinstance(document, dict):
         raise PacketError("packet must be a JSON object, not %s" % _json_type(document))
-    fields: Dict[str, Any] = {}
-    for key, value in document.items():
-        lowered = key.lower() if isinstance(key, str) else key
-        if lowered not in ("action", "data", "restriction"):
-            raise PacketError("unknown packet key %r (expected action, data, restriction)" % (key,))
-        if lowered in fields:
-            raise PacketError("packet key %r given twice (keys are case-insensitive)" % (key,))
-        fields[lowered] = value
+    fields: Mapping[str, Any]
+    if document.keys() <= _KEYS:     # the usual lower-case keys: nothing to fold
+        fields = document
+    else:
+        fields = {}
+        for key, value in document.items():
+            lowered = key.lower() if isinstance(key, str) else key
+            if lowered not in _KEYS:
+                raise PacketError("unknown packet key %r (expected action, data, restriction)" % (key,))
+            if lowered in fields:
+                raise PacketError("packet key %r given twice (keys are case-insensitive)" % (key,))
+            fields[lowered] = value
     raw_action: Optional[Any] = fields.get("action")
     if raw_action is None:
         raise PacketError("packet has no action (expected one of add, set, update, delete)")
     if not isinstance(raw_action, str):
         raise PacketError("packet action must be a string, not %s" % _json_type(raw_action))
-    try:
-        action = Action(raw_action.strip().lower())
-    except ValueError:
-        raise PacketError("unknown action %r (expected one of add, set, update, delete)"
-                          % raw_action[:100]) from None
+    action = _ACTIONS.get(raw_action)
+    if action is None:
+        try:
+            action = Action(raw_action.strip().lower())
+        except ValueError:
+            raise PacketError("unknown action %r (expected one of add, set, update, delete)"
+                              % raw_action[:100]) from None
     data = _columns(fields.get("data"), "data")
     restriction = _columns(fields.get("restriction"), "restriction")
     if action in (Action.ADD, Action.SET, Action.UPDATE) and not data:

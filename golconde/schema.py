@@ -159,6 +159,9 @@ class TableSchema:
     kind: str = "r"
     _folded: Dict[str, Tuple[Column, ...]] = field(default_factory=dict, init=False, repr=False,
                                                     compare=False)
+    #: packet key tuple -> AutoSQL's resolution of it (``golconde.handlers.autosql.resolve``)
+    resolved: Dict[Tuple[str, ...], Any] = field(default_factory=dict, init=False, repr=False,
+                                                 compare=False)
 
     def __post_init__(self) -> None:
         folded: Dict[str, List[Column]] = {}

@@ -47,6 +47,9 @@ UNKNOWN_COLUMNS = ("error", "ignore")
 #: (packet key, column, value)
 Item = Tuple[str, Column, Any]
 
+#: A key absent from a packet's data (distinct from a JSON null).
+_MISSING = object()
+
 
 class _Identifier(sql.Identifier):
     """An identifier whose text survives the ``%`` formatting psycopg2 applies to queries with
@@ -74,18 +77,38 @@ def _cast(column: Column) -> sql.Composed:
     return sql.SQL("({})::{}").format(sql.Placeholder(), _type(column))
 
 
+#: Most packet key tuples whose resolution :func:`resolve` remembers per table schema.
+RESOLVE_MEMO = 256
+
+
 def resolve(table: TableSchema, values: Mapping[str, Any], part: str) -> Tuple[List[Item], List[str]]:
     """Match the keys of ``values`` (a packet's ``data`` or ``restriction``) to ``table``'s columns:
-    the exact name, else a case-insensitive match if there is only one.
+    the exact name, else a case-insensitive match if there is only one. The match of a tuple of
+    keys is remembered on ``table`` (up to :data:`RESOLVE_MEMO` of them; a schema refresh makes a
+    new ``table``), since packets come in a few shapes.
 
     :returns: (matched ``(key, column, value)`` in packet order, unknown keys).
     :raises PacketError: a key matching several columns case-insensitively, or two keys naming the
         same column.
     """
-    matched: List[Item] = []
+    keys = tuple(values)
+    memo = table.resolved
+    found = memo.get(keys)
+    if found is None:
+        found = _resolve_keys(table, keys, part)
+        if len(memo) >= RESOLVE_MEMO:
+            memo.clear()
+        memo[keys] = found
+    pairs, unknown = found
+    return [(key, column, values[key]) for key, column in pairs], list(unknown)
+
+
+def _resolve_keys(table: TableSchema, keys: Sequence[str],
+                  part: str) -> Tuple[Tuple[Tuple[str, Column], ...], Tuple[str, ...]]:
+    matched: List[Tuple[str, Column]] = []
     unknown: List[str] = []
     seen: Dict[str, str] = {}
-    for key, value in values.items():
+    for key in keys:
         found = table.find(key)
         if not found:
             unknown.append(key)
@@ -98,8 +121,8 @@ def resolve(table: TableSchema, values: Mapping[str, Any], part: str) -> Tuple[L
             raise PacketError("%s keys %r and %r both name column %s of %s"
                               % (part, seen[column.name], key, column.name, table.relation))
         seen[column.name] = key
-        matched.append((key, column, value))
-    return matched, unknown
+        matched.append((key, column))
+    return tuple(matched), tuple(unknown)
 
 
 def conflict_key(table: TableSchema, names: Collection[str]) -> Optional[Tuple[str, ...]]:
@@ -405,10 +428,19 @@ class AutoSQL(Handler):
         return item.packet
 
     def _fill(self, item: bulk.Prepared, row: Sequence[Any]) -> Packet:
-        """Write the returned primary key values into the packet's data (under its own keys)."""
-        filled = dict(item.packet.data)
+        """Write the returned primary key values into the packet's data (under its own keys); the
+        packet itself when it already held every one of them (same value, same JSON type)."""
+        data = item.packet.data
+        changed: Dict[str, Any] = {}
         for name, value in zip(item.table.primary_key, row):
-            filled[item.keys.get(name, name)] = jsonable(value)
+            key, value = item.keys.get(name, name), jsonable(value)
+            old = data.get(key, _MISSING)
+            if type(old) is not type(value) or old != value:
+                changed[key] = value
+        if not changed:
+            return item.packet
+        filled = dict(data)
+        filled.update(changed)
         return item.packet.with_data(filled)
 
     def on_schema_error(self) -> None:
@@ -416,6 +448,8 @@ class AutoSQL(Handler):
         self.cache.invalidate(self.table)
 
     def _action(self, packet: Packet) -> Action:
+        if type(packet.action) is Action:
+            return packet.action
         raw = getattr(packet.action, "value", packet.action)
         try:
             return Action(str(raw).strip().lower())

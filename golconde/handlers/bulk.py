@@ -106,15 +106,16 @@ def runs(prepared: Sequence[Prepared]) -> List[List[int]]:
     result: List[List[int]] = []
     current: List[int] = []
     seen: set = set()
+    run_shape: Any = None        # the run's shape; None while it cannot take another packet
     for index, item in enumerate(prepared):
         identity = item.identity()
-        fits = (current and not item.alone and not prepared[current[0]].alone
-                and prepared[current[0]].shape == item.shape
+        shape = None if item.alone else item.shape
+        fits = (current and shape is not None and run_shape == shape
                 and (identity is None or identity not in seen))
         if not fits:
             if current:
                 result.append(current)
-            current, seen = [], set()
+            current, seen, run_shape = [], set(), shape
         current.append(index)
         if identity is not None:
             seen.add(identity)
