@@ -40,6 +40,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--producers", type=int, default=4, help="client-flow producer threads (default 4)")
     parser.add_argument("--latency-seconds", type=float, help="length of the paced latency run"
                         " (default 10; --quick: 3)")
+    parser.add_argument("--latency-rate", type=float,
+                        help="pace the latency run at this many rows/s in every mode, instead of"
+                             " half of each mode's insert rate (to compare versions at one load)")
     parser.add_argument("--raw-messages", type=int, help="messages for the raw stomp.py rates"
                         " (default 100000; --quick: 10000)")
     parser.add_argument("--backlog", type=int, help="packets queued for the memory check, once"

@@ -185,10 +185,11 @@ def measure_phase(env: Env, mode: Any, watcher: Watcher, phase: str, keys: KeyRa
 
 
 def latency_run(env: Env, mode: Any, watcher: Watcher, max_rate: float, state: Any) -> Dict[str, Any]:
-    """Paced INSERTs at half ``max_rate`` (rows/s); latency of each row from enqueue (source
-    commit, or the client's send time) to visible on the last of the targets (:mod:`bench.latency`)."""
+    """Paced INSERTs at half ``max_rate`` (rows/s), or at ``--latency-rate``; latency of each row
+    from enqueue (source commit, or the client's send time) to visible on the last of the targets
+    (:mod:`bench.latency`)."""
     args = env.args
-    rate = max(max_rate / 2.0, 1.0)
+    rate = getattr(args, "latency_rate", None) or max(max_rate / 2.0, 1.0)
     rows = int(min(args.rows, max(1000, rate * args.latency_seconds)))
     rows -= rows % args.clients
     keys = KeyRange(LATENCY_BASE, rows, args.clients)
@@ -202,7 +203,8 @@ def latency_run(env: Env, mode: Any, watcher: Watcher, max_rate: float, state: A
         probe.close()
     watcher.wait(["t1", "t2"], (state[0] + rows, state[1]), args.timeout)
     latencies = probe.latencies(commit_times(env.src.dsn("src"), keys, mode.enqueue_column))
-    figures = {"rate_per_s": round(rate), "rows": rows, "measured": len(latencies)}
+    figures = {"rate_per_s": round(rate), "rows": rows, "measured": len(latencies),
+               "fixed_rate": bool(getattr(args, "latency_rate", None))}
     figures.update(percentiles(latencies))
     LOGGER.info("%s latency: %s", mode.name, figures)
     return figures
