@@ -22,6 +22,7 @@ import uuid
 from typing import Any, Dict, List, Sequence, Tuple
 
 import psycopg2
+from psycopg2 import sql
 
 from golconde import ledger
 from golconde.apply import DEAD_LETTER, Applier
@@ -89,8 +90,8 @@ def main(argv: List[str]) -> int:
     with admin.cursor() as cur:
         cur.execute("SELECT version()")
         version = cur.fetchone()[0].split(" on ")[0]
-        cur.execute("DROP DATABASE IF EXISTS %s" % DATABASE)
-        cur.execute("CREATE DATABASE %s" % DATABASE)
+        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(DATABASE)))
+        cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
     scratch = psycopg2.extensions.make_dsn(args.dsn, dbname=DATABASE)
     try:
         conn = psycopg2.connect(scratch)
@@ -110,7 +111,7 @@ def main(argv: List[str]) -> int:
                     "%-17s" % ("%.1f / %.1f" % figures[action]) for action in ACTIONS)), flush=True)
     finally:
         with admin.cursor() as cur:
-            cur.execute("DROP DATABASE IF EXISTS %s" % DATABASE)
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(DATABASE)))
         admin.close()
     return 0
 

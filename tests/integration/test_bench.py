@@ -128,3 +128,20 @@ def test_total_adds_rows_seconds_and_cpu():
     figures = total(phases)
     assert figures["rows_per_s"] == 50 and figures["lag_s"] == 0.2 and figures["db_cpu_s"] == 3.0
     assert figures["source_per_s"] == round(200 / 1.5)
+
+
+@pytest.mark.bench
+def test_apply_path_benchmark_prints_cpu_per_packet_for_each_role_and_batch():
+    dsn = os.environ.get("GOLCONDE_TEST_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+    result = subprocess.run([sys.executable, "-m", "bench.apply", "--dsn", dsn, "--packets", "60",
+                             "--batches", "1,25"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("machine: %d cores" % os.cpu_count())
+    rows = [line.split() for line in lines if line.startswith(("destination", "target"))]
+    assert [(r[0], r[1]) for r in rows] == [("destination", "1"), ("destination", "25"),
+                                            ("target", "1"), ("target", "25")]
+    for row in rows:    # "cpu / wall" for add, update, delete; CPU never above wall
+        figures = [float(x) for x in row[2:] if x != "/"]
+        assert len(figures) == 6 and all(f > 0 for f in figures), row
+        assert all(figures[i] <= figures[i + 1] * 1.05 for i in (0, 2, 4)), row
