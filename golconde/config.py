@@ -8,7 +8,8 @@ Shape (the 2009 keys, plus those marked NEW)::
     HTTPServer: {enabled: true, listen: 127.0.0.1, port: 8080,            # optional
                  health: {max_backlog: 10000, max_lag: 300}}  # NEW: /health thresholds (packets, s)
     Broker:     {login, passcode, heartbeat: 10000 (ms, 0 = off), vhost}  # NEW, optional
-    Defaults:   {prefetch: 1500, batch_size: 500, max_retries: 5}         # NEW, optional
+    Defaults:   {prefetch: 1500, batch_size: 500, max_retries: 5,         # NEW, optional
+                 ledger_retention: 604800}   # s a packet id stays in the ledger (>= 60)
     Destinations:                                    # required, at least one
       <name>:                                        # [A-Za-z0-9_.-]+
         stomp: host:port            pgsql: <libpq DSN>     target: [schema.]relation
@@ -16,14 +17,16 @@ Shape (the 2009 keys, plus those marked NEW)::
         mode: client | trigger      function_name: AutoSQL | dotted.path (alias: handler)
         dead_letter_queue           # default <queue>.dlq
         settings: {...}             # free-form, given to the handler
-        login, passcode, prefetch, batch_size, max_retries, poll_interval (s, trigger mode; 0.05)
+        login, passcode, prefetch, batch_size, max_retries, ledger_retention,
+        poll_interval (s, trigger mode; 0.05)
         Targets: {<name>: {stomp, queue, pgsql, target, function_name | handler, dead_letter_queue,
                            settings, login, passcode, prefetch, batch_size, max_retries,
+                           ledger_retention,
                            columns, exclude, constants, defaults, filter}}   # NEW: golconde.mapping
 
-login, passcode, prefetch, batch_size and max_retries are inherited target -> destination ->
-``Broker``/``Defaults`` -> built-in default. Queues must be durable queues (``/queue/...`` or
-``/amq/queue/...``) and each destination and target needs its own.
+login, passcode, prefetch, batch_size, max_retries and ledger_retention are inherited target ->
+destination -> ``Broker``/``Defaults`` -> built-in default. Queues must be durable queues
+(``/queue/...`` or ``/amq/queue/...``) and each destination and target needs its own.
 
 Secrets may stay out of the YAML (NEW): instead of ``passcode`` (``Broker``, destinations,
 targets) give ``passcode_env: VAR`` or ``passcode_file: path``; for the database password of a
@@ -61,6 +64,7 @@ DEFAULT_PREFETCH = 1500
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_MAX_RETRIES = 5
 DEFAULT_POLL_INTERVAL = 0.05
+DEFAULT_LEDGER_RETENTION = 7 * 24 * 3600.0
 MODES = ("client", "trigger")
 LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_HANDLERS = ("stderr", "file", "syslog", "journald")
@@ -180,6 +184,8 @@ class TargetConfig(_SafeRepr):
     prefetch: int = DEFAULT_PREFETCH
     batch_size: int = DEFAULT_BATCH_SIZE
     max_retries: int = DEFAULT_MAX_RETRIES
+    #: seconds a packet id stays in the ledger (golconde.ledger.prune)
+    ledger_retention: float = DEFAULT_LEDGER_RETENTION
     #: columns/exclude/constants/defaults/filter (:class:`golconde.mapping.TargetMapping`), or None
     mapping: Optional[TargetMapping] = None
 
@@ -211,6 +217,7 @@ class DestinationConfig(_SafeRepr):
     prefetch: int = DEFAULT_PREFETCH
     batch_size: int = DEFAULT_BATCH_SIZE
     max_retries: int = DEFAULT_MAX_RETRIES
+    ledger_retention: float = DEFAULT_LEDGER_RETENTION
     poll_interval: float = DEFAULT_POLL_INTERVAL
     targets: Tuple[TargetConfig, ...] = ()
 
@@ -273,7 +280,8 @@ def _listener_view(item: Any) -> Dict[str, Any]:
                 dead_letter_queue=item.dead_letter_queue, pgsql=redact_dsn(item.pgsql),
                 target=item.target, function_name=item.function_name,
                 settings=_public(item.settings), prefetch=item.prefetch,
-                batch_size=item.batch_size, max_retries=item.max_retries)
+                batch_size=item.batch_size, max_retries=item.max_retries,
+                ledger_retention=item.ledger_retention)
     if getattr(item, "mapping", None):
         view.update(_public(item.mapping.as_config()))
     if isinstance(item, DestinationConfig):
@@ -318,24 +326,22 @@ def _integer(low: int, high: int) -> Callable[[Any], int]:
     return check
 
 
-def _seconds(value: Any) -> float:
-    try:
-        number = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        number = math.nan
-    if not 0 < number <= 3600:
-        _fail("expected a number of seconds > 0 and <= 3600, got %s" % _show(value))
-    return number
+def _seconds_check(within: Callable[[float], bool], text: str) -> Callable[[Any], float]:
+    """A check of a number of seconds that ``within`` accepts (``text`` says which ones)."""
+    def check(value: Any) -> float:
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        if not within(number):          # NaN is within nothing
+            _fail("expected a number of seconds %s, got %s" % (text, _show(value)))
+        return number
+    return check
 
 
-def _lag_seconds(value: Any) -> float:
-    try:
-        number = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        number = math.nan
-    if not 0 < number <= 604800:
-        _fail("expected a number of seconds > 0 and <= 604800 (a week), got %s" % _show(value))
-    return number
+_seconds = _seconds_check(lambda n: 0 < n <= 3600, "> 0 and <= 3600")
+_lag_seconds = _seconds_check(lambda n: 0 < n <= 604800, "> 0 and <= 604800 (a week)")
+_retention_seconds = _seconds_check(lambda n: 60 <= n <= 31536000, ">= 60 and <= 31536000 (a year)")
 
 
 def _boolean(value: Any) -> bool:
@@ -418,7 +424,7 @@ OptMapping, RequiredMapping = _field(_mapping), _field(_mapping, required=True)
 Bool, Mode, Seconds = _field(_boolean), _field(_choice(MODES)), _field(_seconds)
 Port, Heartbeat = _field(_integer(1, 65535)), _field(_integer(0, 3600000))
 Prefetch, BatchSize = _field(_integer(1, 65535)), _field(_integer(1, 1000000))
-MaxRetries = _field(_integer(0, 1000000))
+MaxRetries, Retention = _field(_integer(0, 1000000)), _field(_retention_seconds)
 TargetOnly = _field(lambda value: _fail("a mapping key of targets only (columns, exclude, constants,"
                                         " defaults, filter); the canonical relation is not mapped"))
 MaxBacklog, MaxLag = _field(_integer(0, 1000000000)), _field(_lag_seconds)
@@ -462,6 +468,7 @@ class _RawDefaults(_Raw):
     prefetch: Prefetch = None
     batch_size: BatchSize = None
     max_retries: MaxRetries = None
+    ledger_retention: Retention = None
 
 
 class _RawTarget(_Raw):
@@ -482,6 +489,7 @@ class _RawTarget(_Raw):
     prefetch: Prefetch = None
     batch_size: BatchSize = None
     max_retries: MaxRetries = None
+    ledger_retention: Retention = None
     columns: Any = None    # columns, exclude, constants, defaults, filter: checked by
     exclude: Any = None    # golconde.mapping.parse_mapping()
     constants: Any = None
@@ -641,6 +649,7 @@ def _destination(name: Any, data: Any, broker: Any, defaults: Any,
     prefetch = _pick(raw.prefetch, defaults.prefetch, DEFAULT_PREFETCH)
     batch_size = _pick(raw.batch_size, defaults.batch_size, DEFAULT_BATCH_SIZE)
     max_retries = _pick(raw.max_retries, defaults.max_retries, DEFAULT_MAX_RETRIES)
+    retention = _pick(raw.ledger_retention, defaults.ledger_retention, DEFAULT_LEDGER_RETENTION)
 
     def connection(host_port: Tuple[str, int], login_passcode: Tuple[Any, Any]) -> BrokerConfig:
         return BrokerConfig(host_port[0], host_port[1], *login_passcode, vhost=broker.vhost,
@@ -653,6 +662,7 @@ def _destination(name: Any, data: Any, broker: Any, defaults: Any,
         function_name=_handler(target, target_path, problems), settings=target.settings or {},
         prefetch=_pick(target.prefetch, prefetch), batch_size=_pick(target.batch_size, batch_size),
         max_retries=_pick(target.max_retries, max_retries),
+        ledger_retention=_pick(target.ledger_retention, retention),
         mapping=_target_mapping(target, target_path, problems))
         for target_name, target_path, target in raw_targets)
     if len(problems) > before:
@@ -661,7 +671,7 @@ def _destination(name: Any, data: Any, broker: Any, defaults: Any,
         name=name, mode=mode, stomp=connection(raw.stomp, credentials), queue=queue,
         dead_letter_queue=raw.dead_letter_queue, pgsql=raw.pgsql, target=raw.target,
         function_name=function_name, settings=raw.settings or {}, prefetch=prefetch,
-        batch_size=batch_size, max_retries=max_retries,
+        batch_size=batch_size, max_retries=max_retries, ledger_retention=retention,
         poll_interval=_pick(raw.poll_interval, DEFAULT_POLL_INTERVAL), targets=targets)
 
 

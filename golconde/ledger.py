@@ -10,7 +10,9 @@ Golconde writes to::
 
 ``consumer`` is the listener's name (``Dest`` or ``Dest_target``); ``packet`` holds, for a
 destination, the packet as fanned out (with generated keys), so that a redelivered packet is sent to
-the targets again exactly as the first time. Rows older than the retention are pruned.
+the targets again exactly as the first time. Rows older than the retention (``ledger_retention``,
+default 7 days) are pruned: a redelivery later than that would be applied again, so the retention
+must outlast any stop of a listener that leaves packets unacknowledged on the broker.
 
 Packet ids come from the ``golconde-id`` header set by every Golconde publisher; a packet from a
 plain STOMP client without one is identified by ``sha256:<hex digest of its body>`` (so the very same
@@ -22,7 +24,7 @@ import hashlib
 import logging
 import time
 import uuid
-from typing import Any, Dict, Mapping, Optional, Sequence, Set
+from typing import Any, Dict, Mapping, Optional, Sequence, Set, Tuple
 
 from .errors import RetryPacket
 
@@ -30,6 +32,8 @@ LOGGER = logging.getLogger(__name__)
 
 #: How long applied packet ids are kept, in seconds (a redelivery later than this is applied again).
 DEFAULT_RETENTION = 7 * 24 * 3600
+#: Ledger rows deleted per transaction by :func:`prune`.
+PRUNE_CHUNK = 10000
 
 _DDL = """
 SELECT pg_advisory_xact_lock(hashtext('golconde.ledger'));
@@ -143,13 +147,28 @@ def stored_packets(cursor: Any, consumer: str, ids: Sequence[str]) -> Dict[str, 
     return {row[0]: row[1] for row in cursor.fetchall()}
 
 
-def prune(connection: Any, consumer: str, retention_seconds: float = DEFAULT_RETENTION) -> int:
-    """Delete ledger rows of ``consumer`` older than the retention; commits. Returns rows deleted."""
-    with connection.cursor() as cur:
-        cur.execute(
-            "DELETE FROM golconde.applied WHERE consumer = %s"
-            " AND applied_at < now() - make_interval(secs => %s)",
-            (consumer, float(retention_seconds)))
-        deleted = cur.rowcount
-    connection.commit()
-    return deleted
+def prune(connection: Any, consumer: str, retention_seconds: float = DEFAULT_RETENTION,
+          time_budget: Optional[float] = None) -> Tuple[int, bool]:
+    """Delete ledger rows of ``consumer`` applied more than ``retention_seconds`` ago, at most
+    :data:`PRUNE_CHUNK` rows per transaction (each committed, so that no long transaction holds
+    the ledger), until none is left or ``time_budget`` seconds have passed.
+
+    :returns: ``(rows deleted, True when none older than the retention is left)``.
+    :raises psycopg2.Error: the caller rolls back; chunks already committed stay deleted.
+    """
+    deadline = None if time_budget is None else time.monotonic() + time_budget
+    total = 0
+    while True:
+        with connection.cursor() as cur:
+            cur.execute(
+                "DELETE FROM golconde.applied WHERE consumer = %(consumer)s AND packet_id IN ("
+                " SELECT packet_id FROM golconde.applied WHERE consumer = %(consumer)s"
+                " AND applied_at < now() - make_interval(secs => %(retention)s) LIMIT %(chunk)s)",
+                {"consumer": consumer, "retention": float(retention_seconds), "chunk": PRUNE_CHUNK})
+            deleted = cur.rowcount
+        connection.commit()
+        total += deleted
+        if deleted < PRUNE_CHUNK:
+            return total, True
+        if deadline is not None and time.monotonic() >= deadline:
+            return total, False

@@ -32,8 +32,13 @@ from .stats import ThreadStats
 
 LOGGER = logging.getLogger(__name__)
 
-#: Seconds between ledger prunes.
+#: Most seconds between ledger prunes (a tenth of ``ledger_retention`` when that is shorter,
+#: at least PRUNE_RETRY).
 PRUNE_INTERVAL = 3600.0
+#: Seconds one prune may take (in chunks) before the listener goes back to its packets.
+PRUNE_BUDGET = 1.0
+#: Seconds until the next prune when the last one ran out of time with old rows left.
+PRUNE_RETRY = 10.0
 
 
 def broker_key(broker: Any) -> Tuple[str, int, Optional[str], Optional[str]]:
@@ -346,7 +351,7 @@ class QueueConsumer(Listener):
         self.pending_receipts: List[Receipt] = []
         #: committed batches waiting for their receipts before their ack, oldest first
         self._pending: "collections.deque[Tuple[List[Receipt], Delivery]]" = collections.deque()
-        self._last_prune = 0.0
+        self._next_prune = 0.0      # monotonic time of the next ledger prune (the first: at once)
 
     def _inbox_put(self, delivery: Delivery) -> None:
         self._inbox.put(delivery)
@@ -466,6 +471,7 @@ class QueueConsumer(Listener):
         self._pending.append((self.pending_receipts, deliveries[-1]))
         self.pending_receipts = []
         self.settle(block=False)
+        self._maybe_prune()                    # under steady load too, not only when idle
 
     def settle(self, block: bool) -> None:
         """Ack the committed batches whose sends the broker confirmed, oldest first. Without
@@ -520,13 +526,22 @@ class QueueConsumer(Listener):
                 pass
 
     def _maybe_prune(self) -> None:
+        """Prune the ledger (:func:`golconde.ledger.prune`) when it is due, idle or not: at most
+        :data:`PRUNE_BUDGET` seconds at a time, again after :data:`PRUNE_RETRY` seconds while old
+        rows are left."""
         now = time.monotonic()
-        if now - self._last_prune > PRUNE_INTERVAL:
-            self._last_prune = now
-            try:
-                deleted = ledger.prune(self.db, self.name)
-                if deleted:
-                    LOGGER.info("[%s] pruned %d ledger rows", self.name, deleted)
-            except psycopg2.Error as exc:
-                self.db.rollback()
-                LOGGER.warning("[%s] ledger prune failed: %s", self.name, describe(exc))
+        if now < self._next_prune:
+            return
+        retention = getattr(self.config, "ledger_retention", ledger.DEFAULT_RETENTION)
+        interval = max(PRUNE_RETRY, min(PRUNE_INTERVAL, retention / 10.0))
+        self._next_prune = now + interval
+        try:
+            deleted, done = ledger.prune(self.db, self.name, retention, time_budget=PRUNE_BUDGET)
+            if deleted:
+                LOGGER.info("[%s] pruned %d ledger rows older than %gs%s", self.name, deleted,
+                            retention, "" if done else " (more left)")
+            if not done:
+                self._next_prune = time.monotonic() + PRUNE_RETRY
+        except psycopg2.Error as exc:
+            self.db.rollback()
+            LOGGER.warning("[%s] ledger prune failed: %s", self.name, describe(exc))

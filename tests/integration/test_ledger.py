@@ -1,6 +1,7 @@
 """The ledger at a destination: read before applying, recorded (with the fanned-out packet) in one
 INSERT after applying; a concurrent transaction recording the same id in between makes the batch
-retry, and the retry sees a duplicate: nothing is applied twice."""
+retry, and the retry sees a duplicate: nothing is applied twice. Pruning: only rows older than the
+retention, in chunks, within a time budget; each listener with its configured ledger_retention."""
 from __future__ import annotations
 
 import json
@@ -77,3 +78,80 @@ def test_destination_batch_raced_by_a_redelivery_is_applied_once(database):
         cur.execute("SELECT packet_id, packet IS NOT NULL FROM golconde.applied ORDER BY packet_id")
         assert cur.fetchall() == [("p1", True), ("p2", True), ("p3", True)]
     conn.rollback()
+
+
+def age_rows(conn, consumer, ids, seconds):
+    """Record ``ids`` for ``consumer`` as applied ``seconds`` ago."""
+    with conn.cursor() as cur:
+        ledger.record(cur, consumer, {pid: None for pid in ids})
+        cur.execute("UPDATE golconde.applied SET applied_at = now() - make_interval(secs => %s)"
+                    " WHERE consumer = %s AND packet_id = ANY(%s)", (seconds, consumer, list(ids)))
+    conn.commit()
+
+
+def ledger_ids(conn, consumer):
+    with conn.cursor() as cur:
+        cur.execute("SELECT packet_id FROM golconde.applied WHERE consumer = %s ORDER BY 1", (consumer,))
+        rows = [r[0] for r in cur.fetchall()]
+    conn.rollback()
+    return rows
+
+
+def test_prune_deletes_only_old_rows_of_its_consumer_in_chunks_within_a_time_budget(database, monkeypatch):
+    dsn, conn = database
+    old = ["old-%03d" % i for i in range(25)]
+    age_rows(conn, "Dest", old, 7200)
+    age_rows(conn, "Dest", ["recent"], 10)
+    age_rows(conn, "Other", ["other-old"], 7200)
+    monkeypatch.setattr(ledger, "PRUNE_CHUNK", 10)
+    # a budget already spent: one chunk, then it stops and says old rows are left
+    assert ledger.prune(conn, "Dest", 3600, time_budget=0) == (10, False)
+    assert len(ledger_ids(conn, "Dest")) == 16
+    assert ledger.prune(conn, "Dest", 3600) == (15, True)           # the rest, chunk by chunk
+    assert ledger_ids(conn, "Dest") == ["recent"]
+    assert ledger_ids(conn, "Other") == ["other-old"]                 # another consumer's rows stay
+    assert ledger.prune(conn, "Dest", 3600) == (0, True)
+    assert ledger.prune(conn, "Dest", 5) == (1, True)                 # a shorter retention
+
+
+def test_listeners_prune_their_ledgers_with_the_configured_retention(make_database, broker):
+    from golconde.daemon import Daemon
+
+    from .flow_support import make_config, parse_config, query, send_raw, wait_for
+
+    canonical, t1 = make_database(), make_database()
+    for dsn in (canonical, t1):
+        conn = psycopg2.connect(dsn)
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE items (id integer PRIMARY KEY, qty integer)")
+        conn.commit()
+        ledger.ensure(conn)
+        conn.close()
+    mapping = make_config(canonical, {"t1": t1}, "public.items", broker=broker, ledger_retention=120)
+    name = next(iter(mapping["Destinations"]))
+    mapping["Destinations"][name]["Targets"]["t1"]["ledger_retention"] = 600
+    config = parse_config(mapping)
+    conn = psycopg2.connect(t1)
+    age_rows(conn, "%s_t1" % name, ["t1-old"], 900)          # older than t1's 600 s
+    age_rows(conn, "%s_t1" % name, ["t1-kept"], 300)         # older than the destination's 120 s only
+    conn.close()
+    conn = psycopg2.connect(canonical)
+    age_rows(conn, name, ["dest-old"], 300)
+    conn.close()
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        send_raw(config.destinations[0].queue, [upsert(i, i) for i in range(1, 21)], broker=broker)
+        wait_for(lambda: len(query(t1, "SELECT id FROM items")) == 20, message="packets applied")
+        for dsn, consumer, gone, kept in ((canonical, name, "dest-old", None),
+                                          (t1, "%s_t1" % name, "t1-old", "t1-kept")):
+            conn = psycopg2.connect(dsn)
+            try:
+                wait_for(lambda: gone not in ledger_ids(conn, consumer), message="%s pruned" % gone)
+                ids = ledger_ids(conn, consumer)
+                assert len(ids) == 20 + (kept is not None), ids        # the new packets stay
+                assert kept is None or kept in ids
+            finally:
+                conn.close()
+    finally:
+        assert daemon.stop(), "daemon did not stop in time"

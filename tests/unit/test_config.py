@@ -139,6 +139,27 @@ def test_broker_and_defaults_are_inherited_and_overridden():
     assert (dest.prefetch, dest.batch_size, dest.max_retries) == (50, 20, 2)
     assert (t1.prefetch, t1.batch_size, t1.max_retries) == (50, 20, 2)
     assert t2.prefetch == 7
+    assert dest.ledger_retention == t1.ledger_retention == config.DEFAULT_LEDGER_RETENTION == 604800
+
+
+def test_ledger_retention_is_inherited_overridden_and_checked():
+    mapping = minimal(ledger_retention=3600, Targets={**target("t1"), **target("t2", ledger_retention=60)})
+    mapping["Defaults"] = {"ledger_retention": 86400}
+    dest = config.parse(mapping).destinations[0]
+    assert (dest.ledger_retention, [t.ledger_retention for t in dest.targets]) == (3600, [3600, 60])
+    del mapping["Destinations"]["Test1"]["ledger_retention"]
+    dest = config.parse(mapping).destinations[0]
+    assert (dest.ledger_retention, [t.ledger_retention for t in dest.targets]) == (86400, [86400, 60])
+    view = config.parse(mapping).public_view()["Destinations"]["Test1"]
+    assert view["ledger_retention"] == 86400 and view["Targets"]["t2"]["ledger_retention"] == 60
+    mapping["Defaults"] = {"ledger_retention": 59}
+    mapping["Destinations"]["Test1"]["Targets"]["t2"]["ledger_retention"] = "a week"
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(mapping)
+    assert caught.value.problems == (
+        "Defaults.ledger_retention: expected a number of seconds >= 60 and <= 31536000 (a year), got 59",
+        "Destinations.Test1.Targets.t2.ledger_retention: expected a number of seconds >= 60 and"
+        " <= 31536000 (a year), got 'a week'")
 
 
 def test_trigger_mode_defaults_its_queue():
