@@ -12,7 +12,7 @@ with the header ``golconde-batch: <number of entries>``. Each entry keeps its ow
 ledger de-duplicates per packet and a dead-lettered entry goes to the dead-letter queue alone (as
 a plain packet message with its own ``golconde-id``) and, when the batch message has a
 ``reply-to`` header, gets an outcome of its own. Plain packet messages are accepted everywhere
-(other clients, ``golconde send``, dead-letter replays).
+(other clients, a single packet from the Python client, dead-letter replays).
 """
 from __future__ import annotations
 

@@ -102,8 +102,11 @@ def test_send_enqueues_confirmed_packets(broker, tmp_path):
                  stdin='{"action": "add", "data": {"id": 2}}\n\n{"action": "set", "data": {"id": 3}}\n')
     assert result.returncode == 0 and "sent 2 packet(s)" in result.stdout, result.stderr
     received = drain_queue(queue, wait=1.0, broker=broker)
-    assert [json.loads(d.body)["action"] for d in received] == ["add", "delete", "add", "set"]
-    assert len({d.headers["golconde-id"] for d in received}) == 4
+    # each command's packets arrive as one batch message (the client packs them), each with its id
+    assert [d.headers.get("golconde-batch") for d in received] == ["2", "2"]
+    entries = [entry for d in received for entry in json.loads(d.body)["batch"]]
+    assert [entry["packet"]["action"] for entry in entries] == ["add", "delete", "add", "set"]
+    assert len({entry["id"] for entry in entries}) == 4
 
 
 def test_only_names_listeners_of_the_configuration(tmp_path):
