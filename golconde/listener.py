@@ -252,6 +252,74 @@ def _entries(delivery: Delivery) -> int:
         return 1
 
 
+class Inbox:
+    """Deliveries waiting for the listener thread, in order, holding at most ``limit`` packets (a
+    batch message counts for its entries; one delivery is always let in, however large).
+
+    :meth:`put` runs on stomp.py's receiver thread and blocks while the inbox is full: the thread
+    stops reading the socket and the broker keeps the rest (TCP backpressure), so memory stays
+    bounded in packets whatever the broker's prefetch in messages and however the senders pack
+    their packets. Before its connection is closed the inbox is closed (:meth:`close`): a blocked
+    :meth:`put` returns and later ones return at once, dropping their delivery (unacked: the
+    broker redelivers it), so that the receiver thread can read the DISCONNECT receipt and end.
+    :meth:`reopen` empties it for a new connection.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, int(limit))
+        self._items: "collections.deque[Tuple[Delivery, int]]" = collections.deque()
+        self._packets = 0
+        self._open = True
+        self._cond = threading.Condition()
+
+    @property
+    def packets(self) -> int:
+        """Packets waiting (a batch message counts for its entries)."""
+        return self._packets
+
+    def put(self, delivery: Delivery) -> bool:
+        """Queue ``delivery``, waiting while the inbox is full. :returns: False when the inbox is
+        or gets closed (the delivery is dropped)."""
+        count = _entries(delivery)
+        with self._cond:
+            while self._open and self._items and self._packets + count > self.limit:
+                self._cond.wait(1.0)
+            if not self._open:
+                return False
+            self._items.append((delivery, count))
+            self._packets += count
+            self._cond.notify_all()
+        return True
+
+    def get(self, timeout: Optional[float] = None) -> Delivery:
+        """The oldest delivery, waiting up to ``timeout`` seconds (``None``: not at all).
+        :raises queue.Empty: none came."""
+        with self._cond:
+            if not self._items and timeout:
+                self._cond.wait_for(lambda: bool(self._items), timeout)
+            if not self._items:
+                raise queue.Empty
+            delivery, count = self._items.popleft()
+            self._packets -= count
+            self._cond.notify_all()
+            return delivery
+
+    def close(self) -> None:
+        """Drop every waiting delivery; until :meth:`reopen`, :meth:`put` drops its delivery."""
+        self._reset(False)
+
+    def reopen(self) -> None:
+        """Empty, and accept deliveries again (a new connection)."""
+        self._reset(True)
+
+    def _reset(self, accept: bool) -> None:
+        with self._cond:
+            self._items.clear()
+            self._packets = 0
+            self._open = accept
+            self._cond.notify_all()
+
+
 class BatchEntry:
     """One entry of a batch message standing for a delivery of its own (the origin of a dead
     letter or a reply): like :class:`~golconde.broker.Delivery`, but ``body`` (the entry's packet
@@ -345,7 +413,8 @@ class QueueConsumer(Listener):
         self.inbound = BrokerConnection.from_config(config.stomp, name=self.name,
                                                     on_message=self._inbox_put)
         self.dead_letter_broker = self.outbound_for(config.stomp)
-        self._inbox: "queue.Queue[Delivery]" = queue.Queue()
+        #: what the broker pushed, bounded in packets (``max(prefetch, batch_size)``; see Inbox)
+        self._inbox = Inbox(max(config.prefetch, config.batch_size))
         self._in_flight = False
         #: receipts that after_commit() asks the ack of the current batch to wait for
         self.pending_receipts: List[Receipt] = []
@@ -354,7 +423,7 @@ class QueueConsumer(Listener):
         self._next_prune = 0.0      # monotonic time of the next ledger prune (the first: at once)
 
     def _inbox_put(self, delivery: Delivery) -> None:
-        self._inbox.put(delivery)
+        self._inbox.put(delivery)       # on stomp.py's receiver thread: blocks while the inbox is full
 
     def all_brokers(self) -> List[BrokerConnection]:
         return [self.inbound] + list(self.outbound.values())
@@ -368,6 +437,7 @@ class QueueConsumer(Listener):
             self.inbound.connect()
             self._note_connected("inbound")
             self._in_flight = False         # whatever was in flight is redelivered
+            self._inbox.reopen()
             prefetch = self.subscription_prefetch()
             self.inbound.subscribe(self.config.queue, prefetch, ack="client")
             LOGGER.info("[%s] subscribed to %s (prefetch %d messages)", self.name, self.config.queue,
@@ -387,8 +457,8 @@ class QueueConsumer(Listener):
         if self._in_flight or not self.inbound.connected:
             # a batch that failed half-way is unacked on a live connection: the broker would keep
             # it until that connection closes; closing makes it redeliver (the ledger de-duplicates)
+            self._inbox.close()             # first: a receiver thread blocked on it must go on
             self.inbound.close()
-            self._drop_inbox()
             self._pending.clear()
             self._in_flight = False
         super().reset()
@@ -400,16 +470,9 @@ class QueueConsumer(Listener):
             except GolcondeError as exc:
                 LOGGER.warning("[%s] unconfirmed sends at stop (redelivered later): %s", self.name, exc)
         self._pending.clear()
-        self.inbound.close()              # first: unacked deliveries go back to the broker
-        self._drop_inbox()
+        self._inbox.close()               # a receiver thread blocked on it must read the receipt
+        self.inbound.close()              # unacked deliveries go back to the broker
         super().close()
-
-    def _drop_inbox(self) -> None:
-        while True:
-            try:
-                self._inbox.get_nowait()
-            except queue.Empty:
-                return
 
     def finish(self) -> None:
         try:
@@ -434,13 +497,13 @@ class QueueConsumer(Listener):
             packets += _entries(first)
         while packets < self.config.batch_size:
             try:
-                delivery = self._inbox.get_nowait()
+                delivery = self._inbox.get()
             except queue.Empty:
                 break
             if delivery.generation == generation:
                 batch.append(delivery)
                 packets += _entries(delivery)
-        self.stats.set_backlog(self._inbox.qsize())
+        self.stats.set_backlog(self._inbox.packets)
         return batch
 
     def cycle(self) -> None:

@@ -1,0 +1,77 @@
+"""The listener's inbox: bounded in packets (a batch message counts for its entries), blocking the
+broker's receiver thread while full, and releasing it when closed."""
+import queue
+import threading
+import time
+
+import pytest
+
+from golconde.broker import Delivery
+from golconde.listener import Inbox
+
+
+def delivery(entries=None, generation=1):
+    headers = {"golconde-batch": str(entries)} if entries else {}
+    return Delivery(b"{}", headers, generation)
+
+
+def put_in_thread(inbox, item):
+    done = []
+    thread = threading.Thread(target=lambda: done.append(inbox.put(item)), daemon=True)
+    thread.start()
+    return thread, done
+
+
+def test_counts_packets_and_keeps_order():
+    inbox = Inbox(1000)
+    first, second, third = delivery(500), delivery(), delivery(499)
+    for item in (first, second, third):
+        assert inbox.put(item) is True
+    assert inbox.packets == 1000
+    assert [inbox.get(), inbox.get(), inbox.get()] == [first, second, third]
+    assert inbox.packets == 0
+    with pytest.raises(queue.Empty):
+        inbox.get()
+    started = time.monotonic()
+    with pytest.raises(queue.Empty):
+        inbox.get(timeout=0.05)
+    assert time.monotonic() - started >= 0.04
+
+
+def test_a_put_over_the_limit_waits_until_packets_are_taken():
+    inbox = Inbox(600)
+    inbox.put(delivery(500))
+    thread, done = put_in_thread(inbox, delivery(200))
+    thread.join(0.3)
+    assert thread.is_alive() and done == [] and inbox.packets == 500     # blocked: 700 > 600
+    inbox.get()
+    thread.join(2)
+    assert done == [True] and inbox.packets == 200
+
+
+def test_one_delivery_larger_than_the_limit_is_let_in_when_the_inbox_is_empty():
+    inbox = Inbox(100)
+    assert inbox.put(delivery(500)) is True
+    assert inbox.packets == 500
+
+
+def test_close_releases_a_blocked_put_and_drops_until_reopened():
+    inbox = Inbox(10)
+    inbox.put(delivery(10))
+    thread, done = put_in_thread(inbox, delivery(5))
+    thread.join(0.2)
+    assert thread.is_alive()
+    inbox.close()
+    thread.join(2)
+    assert done == [False] and inbox.packets == 0
+    assert inbox.put(delivery(3)) is False                   # closed: dropped at once
+    inbox.reopen()
+    assert inbox.put(delivery(3)) is True and inbox.packets == 3
+
+
+def test_a_waiting_get_wakes_when_a_delivery_arrives():
+    inbox = Inbox(10)
+    item = delivery()
+    timer = threading.Timer(0.1, inbox.put, args=(item,))
+    timer.start()
+    assert inbox.get(timeout=5) is item
