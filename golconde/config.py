@@ -53,6 +53,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError
 from pydantic_core import PydanticCustomError
 
+from . import ledger
 from .errors import ConfigError
 from .mapping import MAPPING_KEYS, TargetMapping, parse_mapping
 
@@ -64,7 +65,7 @@ DEFAULT_PREFETCH = 1500
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_MAX_RETRIES = 5
 DEFAULT_POLL_INTERVAL = 0.05
-DEFAULT_LEDGER_RETENTION = 7 * 24 * 3600.0
+DEFAULT_LEDGER_RETENTION = float(ledger.DEFAULT_RETENTION)
 MODES = ("client", "trigger")
 LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_HANDLERS = ("stderr", "file", "syslog", "journald")

@@ -595,7 +595,7 @@ class QueueConsumer(Listener):
         now = time.monotonic()
         if now < self._next_prune:
             return
-        retention = getattr(self.config, "ledger_retention", ledger.DEFAULT_RETENTION)
+        retention = self.config.ledger_retention
         interval = max(PRUNE_RETRY, min(PRUNE_INTERVAL, retention / 10.0))
         self._next_prune = now + interval
         try:
