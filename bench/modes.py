@@ -114,7 +114,6 @@ class _Golconde(Mode):
     def __init__(self, env: Any) -> None:
         super().__init__(env)
         self.daemons: List[subprocess.Popen] = []
-        self.http_port = 0
         #: --split: the destination in one golconded process, its targets in another
         self.split = bool(getattr(env.args, "split", False))
         self.http_ports: List[int] = []
@@ -128,7 +127,6 @@ class _Golconde(Mode):
             with socket.socket() as probe:
                 probe.bind(("127.0.0.1", 0))
                 self.http_ports.append(probe.getsockname()[1])
-        self.http_port = self.http_ports[0]
         stomp = "%s:%d" % (env.stomp_host, env.stomp_port)
         destination: Dict[str, Any] = {
             "mode": self.mode, "stomp": stomp, "queue": self.queue, "pgsql": env.src.dsn("src"),
@@ -139,7 +137,7 @@ class _Golconde(Mode):
         }
         config = {
             "Logging": {"filename": env.path("golconded-%s.log" % self.name), "level": "info"},
-            "HTTPServer": {"enabled": True, "listen": "127.0.0.1", "port": self.http_port},
+            "HTTPServer": {"enabled": True, "listen": "127.0.0.1", "port": self.http_ports[0]},
             "Broker": {"login": env.stomp_login, "passcode": env.stomp_passcode, "heartbeat": 10000},
             "Destinations": {self.destination: destination},
         }
