@@ -30,7 +30,8 @@ class TargetListener(QueueConsumer):
         packets (1 MiB), so ``prefetch`` counts packets here: the subscription takes
         ``ceil(prefetch / MAX_ENTRIES)`` messages, plus the :attr:`max_pipeline` committed batches
         awaiting their acks and the one being applied, and at least :data:`MIN_PREFETCH` (under a
-        light load batch messages are small: several are applied in one transaction). Memory
-        stays bounded whatever the backlog (1500 -> 16 messages, at most 8,000 packets or 16 MiB
-        held); plain messages (dead-letter replays) are then taken 16 at a time."""
+        light load batch messages are small: several are applied in one transaction): 1500 -> 16
+        messages unacknowledged, at most 8,000 packets or 16 MiB, of which the listener's inbox
+        holds at most ``max(prefetch, batch_size)`` packets (the rest waits in the socket); plain
+        messages (dead-letter replays) are then taken 16 at a time."""
         return max(MIN_PREFETCH, -(-self.config.prefetch // envelope.MAX_ENTRIES) + self.max_pipeline + 1)
