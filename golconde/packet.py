@@ -104,8 +104,8 @@ class Group:
         return {"group": [packet.as_dict() for packet in self.packets]}
 
     def to_json(self) -> str:
-        """Encode as JSON text, like :meth:`Packet.to_json`."""
-        return dumps(self.as_dict())
+        """Encode as JSON text, like :meth:`Packet.to_json` (members' dicts not copied)."""
+        return dumps({"group": [packet._as_dict(copy=False) for packet in self.packets]})
 
 
 #: simplejson.dumps(obj, use_decimal=True, ensure_ascii=False, separators=(",", ":")) builds an
