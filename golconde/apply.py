@@ -28,13 +28,15 @@ Algorithm:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import psycopg2
+import psycopg2.extensions
 
 from . import ledger
 from .errors import (DEAD, RECONNECT, RETRY, SCHEMA, GolcondeError, PacketError, StopListener,
@@ -79,6 +81,36 @@ def backoff(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
     """Seconds to wait before retry number ``attempt`` (1-based): exponential with full jitter
     ("Exponential Backoff And Jitter", AWS Architecture Blog, 2015), capped at ``cap``."""
     return random.uniform(0, min(cap, base * (2 ** attempt)))
+
+
+@contextlib.contextmanager
+def explicit_transaction(connection: Any) -> Iterator[None]:
+    """Run the block on ``connection`` in autocommit mode, where it sends ``BEGIN`` and ``COMMIT``
+    itself, each in the same round trip as a statement of its own (libpq's simple query protocol
+    runs a ``;``-separated string in one exchange; psycopg2 outside autocommit sends its ``BEGIN``
+    alone). The fast path so takes 3 round trips instead of 5 at a destination and 3 instead of 4
+    at a target, which is most of a small batch's cost.
+
+    If the block raises, ``ROLLBACK`` is sent (its own failure is left to the block's error,
+    which then names a lost connection) and the error re-raised. The connection is back out of
+    autocommit mode afterwards. A transaction psycopg2 had left open on it is committed first,
+    as the fast path would have committed it before.
+    """
+    if connection.status != psycopg2.extensions.STATUS_READY:
+        connection.commit()
+    connection.autocommit = True
+    try:
+        yield
+    except BaseException:
+        try:
+            with connection.cursor() as cur:
+                cur.execute("ROLLBACK")
+        except Exception as exc:  # the block's own error is the one to classify
+            LOGGER.debug("ROLLBACK failed: %s", describe(exc))
+        raise
+    finally:
+        if not connection.closed:
+            connection.autocommit = False
 
 
 class Applier:
@@ -182,46 +214,53 @@ class Applier:
 
     def _fast(self, connection: Any, items: Sequence[Tuple[str, bytes]],
               packets: Sequence[Optional[Union[Packet, Group]]], todo: Sequence[int]) -> dict:
+        with explicit_transaction(connection), connection.cursor() as cur:
+            return self._fast_in(cur, items, packets, todo)
+
+    def _fast_in(self, cur: Any, items: Sequence[Tuple[str, bytes]],
+                 packets: Sequence[Optional[Union[Packet, Group]]], todo: Sequence[int]) -> dict:
+        """The fast path's transaction: ``BEGIN`` goes with the ledger's first statement and, at a
+        destination, ``COMMIT`` with its last (see :func:`explicit_transaction`)."""
         done = {}
         fanouts = {}
         seen = set()
-        with connection.cursor() as cur:
-            ids = [items[i][0] for i in todo]
-            if self.store_fanout:     # read now, record with the fanned-out text after applying
-                new = set(ids) - ledger.applied_ids(cur, self.consumer, ids)
-            else:
-                new = ledger.claim(cur, self.consumer, ids)
-            fresh = []
-            for index in todo:
-                pid, packet = items[index][0], packets[index]
-                assert packet is not None
-                if pid not in new or pid in seen:
-                    done[index] = Outcome(DUPLICATE, packet)
-                    continue
-                seen.add(pid)
-                fresh.append(index)
-            flat = [member for index in fresh for member in members(packets[index])]
-            results = list(self.handler.apply_batch(cur, flat)) if flat else []
-            if len(results) != len(flat):
-                raise GolcondeError("handler apply_batch() returned %d packets for %d"
-                                    % (len(results), len(flat)))
-            position = 0
-            for index in fresh:
-                packet = packets[index]
-                assert packet is not None
-                count = len(members(packet))
-                outcome = Outcome(APPLIED, packet)
-                if self.store_fanout:
-                    part = results[position:position + count]
-                    result = Group(tuple(part)) if isinstance(packet, Group) else part[0]
-                    outcome.fanout = result.to_json()
-                    fanouts[items[index][0]] = outcome.fanout
-                position += count
-                done[index] = outcome
+        ids = [items[i][0] for i in todo]
+        if self.store_fanout:     # read now, record with the fanned-out text after applying
+            new = set(ids) - ledger.applied_ids(cur, self.consumer, ids, begin=True)
+        else:
+            new = ledger.claim(cur, self.consumer, ids, begin=True)
+        fresh = []
+        for index in todo:
+            pid, packet = items[index][0], packets[index]
+            assert packet is not None
+            if pid not in new or pid in seen:
+                done[index] = Outcome(DUPLICATE, packet)
+                continue
+            seen.add(pid)
+            fresh.append(index)
+        flat = [member for index in fresh for member in members(packets[index])]
+        results = list(self.handler.apply_batch(cur, flat)) if flat else []
+        if len(results) != len(flat):
+            raise GolcondeError("handler apply_batch() returned %d packets for %d"
+                                % (len(results), len(flat)))
+        position = 0
+        for index in fresh:
+            packet = packets[index]
+            assert packet is not None
+            count = len(members(packet))
+            outcome = Outcome(APPLIED, packet)
             if self.store_fanout:
-                ledger.record(cur, self.consumer, fanouts)
-                self._fill_duplicates(cur, items, done, fanouts)
-        connection.commit()
+                part = results[position:position + count]
+                result = Group(tuple(part)) if isinstance(packet, Group) else part[0]
+                outcome.fanout = result.to_json()
+                fanouts[items[index][0]] = outcome.fanout
+            position += count
+            done[index] = outcome
+        if self.store_fanout:
+            self._fill_duplicates(cur, items, done, fanouts)
+            ledger.record(cur, self.consumer, fanouts, commit=True)
+        else:
+            cur.execute("COMMIT")
         return done
 
     def _fill_duplicates(self, cur: Any, items: Sequence[Tuple[str, bytes]], done: dict,

@@ -26,6 +26,9 @@ import time
 import uuid
 from typing import Any, Dict, Mapping, Optional, Sequence, Set, Tuple
 
+import psycopg2
+import psycopg2.errors
+
 from .errors import RetryPacket
 
 LOGGER = logging.getLogger(__name__)
@@ -80,8 +83,9 @@ def ensure(connection: Any) -> None:
     connection.commit()
 
 
-def claim(cursor: Any, consumer: str, ids: Sequence[str]) -> Set[str]:
-    """Record ``ids`` as applied by ``consumer`` in the current transaction.
+def claim(cursor: Any, consumer: str, ids: Sequence[str], begin: bool = False) -> Set[str]:
+    """Record ``ids`` as applied by ``consumer`` in the current transaction; with ``begin``, the
+    statement opens it (``BEGIN`` sent in the same round trip, on an autocommit connection).
 
     :returns: the ids that were NOT yet recorded (new work). An id that was recorded before, or that
         appears twice in ``ids``, is a duplicate: the caller must not apply it (again).
@@ -89,41 +93,51 @@ def claim(cursor: Any, consumer: str, ids: Sequence[str]) -> Set[str]:
     if not ids:
         return set()
     cursor.execute(
+        ("BEGIN; " if begin else "") +
         "INSERT INTO golconde.applied (consumer, packet_id)"
         " SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING RETURNING packet_id",
         (consumer, list(ids)))
     return {row[0] for row in cursor.fetchall()}
 
 
-def applied_ids(cursor: Any, consumer: str, ids: Sequence[str]) -> Set[str]:
+def applied_ids(cursor: Any, consumer: str, ids: Sequence[str], begin: bool = False) -> Set[str]:
     """The ids among ``ids`` already recorded as applied by ``consumer`` (reads only; a
-    destination then records the new ones with their fanned-out text by :func:`record`)."""
+    destination then records the new ones with their fanned-out text by :func:`record`); with
+    ``begin``, the statement opens the transaction, as in :func:`claim`."""
     if not ids:
         return set()
-    cursor.execute("SELECT packet_id FROM golconde.applied WHERE consumer = %s"
+    cursor.execute(("BEGIN; " if begin else "") +
+                   "SELECT packet_id FROM golconde.applied WHERE consumer = %s"
                    " AND packet_id = ANY(%s::text[])", (consumer, list(ids)))
     return {row[0] for row in cursor.fetchall()}
 
 
-def record(cursor: Any, consumer: str, packets: Mapping[str, Optional[str]]) -> None:
+def record(cursor: Any, consumer: str, packets: Mapping[str, Optional[str]], commit: bool = False) -> None:
     """Record ``packets`` (packet id -> the fanned-out JSON text, or None) as applied by
     ``consumer`` in the current transaction: one INSERT, where :func:`claim` followed by
-    :func:`store_packets` writes every row twice.
+    :func:`store_packets` writes every row twice. With ``commit``, the same round trip then
+    commits (a plain ``COMMIT`` when ``packets`` is empty; the connection is in autocommit mode
+    inside an explicit ``BEGIN``).
 
     :raises RetryPacket: an id was recorded by another transaction since :func:`applied_ids`
-        read (a redelivery applied concurrently): roll back and apply the batch again, which
-        then sees it as a duplicate.
+        read (a redelivery applied concurrently); the transaction is then aborted (and nothing
+        committed): roll back and apply the batch again, which then sees it as a duplicate.
     """
     if not packets:
+        if commit:
+            cursor.execute("COMMIT")
         return
-    cursor.execute(
-        "INSERT INTO golconde.applied (consumer, packet_id, packet)"
-        " SELECT %s, u.packet_id, u.packet FROM unnest(%s::text[], %s::text[]) AS u (packet_id, packet)"
-        " ON CONFLICT DO NOTHING",
-        (consumer, list(packets.keys()), list(packets.values())))
-    if cursor.rowcount != len(packets):
-        raise RetryPacket("%d of %d packet ids were recorded as applied by another transaction"
-                          % (len(packets) - cursor.rowcount, len(packets)))
+    try:
+        cursor.execute(
+            "INSERT INTO golconde.applied (consumer, packet_id, packet)"
+            " SELECT %s, u.packet_id, u.packet FROM unnest(%s::text[], %s::text[]) AS u (packet_id, packet)"
+            + ("; COMMIT" if commit else ""),
+            (consumer, list(packets.keys()), list(packets.values())))
+    except psycopg2.errors.UniqueViolation as exc:
+        if (exc.diag.schema_name, exc.diag.table_name) != ("golconde", "applied"):
+            raise                      # a deferred unique constraint of the data, at COMMIT
+        raise RetryPacket("a packet id was recorded as applied by another transaction meanwhile: %s"
+                          % (exc.diag.message_detail or exc.diag.message_primary)) from exc
 
 
 def store_packets(cursor: Any, consumer: str, packets: Mapping[str, str]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import psycopg2
+import psycopg2.extensions
 import pytest
 
 from golconde import ledger
@@ -40,7 +41,7 @@ def test_record_refuses_an_id_recorded_meanwhile(database):
     with conn.cursor() as cur:
         assert ledger.applied_ids(cur, "Dest", ["a", "b"]) == {"a"}
         assert ledger.stored_packets(cur, "Dest", ["a"]) == {"a": '{"x":1}'}
-        with pytest.raises(RetryPacket, match="1 of 2 packet ids"):
+        with pytest.raises(RetryPacket, match="recorded as applied by another transaction"):
             ledger.record(cur, "Dest", {"a": None, "b": None})
     conn.rollback()
 
@@ -78,6 +79,58 @@ def test_destination_batch_raced_by_a_redelivery_is_applied_once(database):
         cur.execute("SELECT packet_id, packet IS NOT NULL FROM golconde.applied ORDER BY packet_id")
         assert cur.fetchall() == [("p1", True), ("p2", True), ("p3", True)]
     conn.rollback()
+
+
+class Counting(psycopg2.extensions.connection):
+    """A connection that keeps the text of every query sent (one entry per round trip)."""
+
+    def cursor(self, *args, **kwargs):
+        kwargs.setdefault("cursor_factory", CountingCursor)
+        return super().cursor(*args, **kwargs)
+
+    @property
+    def sent(self):
+        return self.__dict__.setdefault("_sent", [])
+
+
+class CountingCursor(psycopg2.extensions.cursor):
+    def execute(self, query, params=None):
+        if isinstance(query, bytes):
+            query = query.decode()
+        self.connection.sent.append(query if isinstance(query, str) else query.as_string(self))
+        return super().execute(query, params)
+
+
+@pytest.mark.parametrize("role, trips", [("target", 3), ("destination", 3)])
+def test_the_fast_path_sends_begin_and_commit_with_its_own_statements(database, role, trips):
+    """3 round trips per batch (ledger + BEGIN, apply, COMMIT or ledger + COMMIT): psycopg2 alone
+    would send BEGIN on its own. Both before and after, the connection is out of autocommit mode
+    and idle; a failing batch leaves no transaction open either."""
+    dsn, conn = database
+    counting = psycopg2.connect(dsn, connection_factory=Counting)
+    handler = AutoSQL("items", role=role)
+    applier = Applier(handler, "C", store_fanout=role == "destination", sleep=lambda seconds: None)
+    applier.apply_batch(counting, [("w", upsert(9, 9))])       # reads the schema once
+    del counting.sent[:]
+    outcomes = applier.apply_batch(counting, [("a", upsert(1, 1)), ("b", upsert(2, 2)), ("c", upsert(3, 3))])
+    assert [o.status for o in outcomes] == [APPLIED] * 3
+    assert len(counting.sent) == trips, counting.sent
+    assert counting.sent[0].startswith("BEGIN; ")
+    assert counting.sent[-1].endswith("COMMIT")
+    assert not counting.autocommit
+    assert counting.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+    # one bad packet: the fast path fails and rolls back, the careful path applies the rest
+    outcomes = applier.apply_batch(counting, [("d", upsert(4, 4)), ("e", upsert("x", 5))])
+    assert [o.status for o in outcomes] == [APPLIED, "dead"]
+    assert not counting.autocommit
+    assert counting.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+    with conn.cursor() as cur:
+        cur.execute("SELECT id, qty FROM items ORDER BY id")
+        assert cur.fetchall() == [(1, 1), (2, 2), (3, 3), (4, 4), (9, 9)]
+        cur.execute("SELECT packet_id FROM golconde.applied WHERE consumer = 'C' ORDER BY 1")
+        assert [r[0] for r in cur.fetchall()] == ["a", "b", "c", "d", "w"]
+    conn.rollback()
+    counting.close()
 
 
 def age_rows(conn, consumer, ids, seconds):
