@@ -294,6 +294,11 @@ class Inbox:
     def get(self, timeout: Optional[float] = None) -> Delivery:
         """The oldest delivery, waiting up to ``timeout`` seconds (``None``: not at all).
         :raises queue.Empty: none came."""
+        return self.take(timeout)[0]
+
+    def take(self, timeout: Optional[float] = None) -> Tuple[Delivery, int]:
+        """As :meth:`get`, with the delivery's count of packets (its batch header, read once by
+        :meth:`put`)."""
         with self._cond:
             if not self._items and timeout:
                 self._cond.wait_for(lambda: bool(self._items), timeout)
@@ -302,7 +307,7 @@ class Inbox:
             delivery, count = self._items.popleft()
             self._packets -= count
             self._cond.notify_all()
-            return delivery
+            return delivery, count
 
     def close(self) -> None:
         """Drop every waiting delivery; until :meth:`reopen`, :meth:`put` drops its delivery."""
@@ -487,22 +492,22 @@ class QueueConsumer(Listener):
         batch: List[Delivery] = []
         try:
             # short wait while committed batches wait for their acks (they are settled when idle)
-            first = self._inbox.get(timeout=0.005 if self._pending else 0.2)
+            first, count = self._inbox.take(timeout=0.005 if self._pending else 0.2)
         except queue.Empty:
             return batch
         generation = self.inbound.generation
         packets = 0
         if first.generation == generation:
             batch.append(first)
-            packets += _entries(first)
+            packets += count
         while packets < self.config.batch_size:
             try:
-                delivery = self._inbox.get()
+                delivery, count = self._inbox.take()
             except queue.Empty:
                 break
             if delivery.generation == generation:
                 batch.append(delivery)
-                packets += _entries(delivery)
+                packets += count
         self.stats.set_backlog(self._inbox.packets)
         return batch
 

@@ -28,7 +28,9 @@ def test_counts_packets_and_keeps_order():
     for item in (first, second, third):
         assert inbox.put(item) is True
     assert inbox.packets == 1000
-    assert [inbox.get(), inbox.get(), inbox.get()] == [first, second, third]
+    assert inbox.take() == (first, 500)
+    assert inbox.packets == 500
+    assert [inbox.get(), inbox.get()] == [second, third]
     assert inbox.packets == 0
     with pytest.raises(queue.Empty):
         inbox.get()
