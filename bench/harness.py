@@ -193,7 +193,11 @@ def latency_run(env: Env, mode: Any, watcher: Watcher, max_rate: float, state: A
     rows = int(min(args.rows, max(1000, rate * args.latency_seconds)))
     rows -= rows % args.clients
     keys = KeyRange(LATENCY_BASE, rows, args.clients)
-    probe = Probe({"t1": env.tgt.dsn("t1"), "t2": env.tgt.dsn("t2")})
+    # client flow: golconded writes the canonical table too; probing it splits the latency into
+    # the destination's part (enqueue -> canonical) and the targets' part
+    canonical = mode.enqueue_column == "ts"
+    probe = Probe({"t1": env.tgt.dsn("t1"), "t2": env.tgt.dsn("t2")},
+                  extra={"src": env.src.dsn("src")} if canonical else None)
     try:
         probe.start()
         mode.drive("insert", keys, rate=rate)
@@ -202,10 +206,14 @@ def latency_run(env: Env, mode: Any, watcher: Watcher, max_rate: float, state: A
     finally:
         probe.close()
     watcher.wait(["t1", "t2"], (state[0] + rows, state[1]), args.timeout)
-    latencies = probe.latencies(commit_times(env.src.dsn("src"), keys, mode.enqueue_column))
+    enqueued = commit_times(env.src.dsn("src"), keys, mode.enqueue_column)
+    latencies = probe.latencies(enqueued)
     figures = {"rate_per_s": round(rate), "rows": rows, "measured": len(latencies),
                "fixed_rate": bool(getattr(args, "latency_rate", None))}
     figures.update(percentiles(latencies))
+    if canonical:
+        figures.update({"canonical_" + k: v for k, v in
+                        percentiles(probe.latencies(enqueued, labels=["src"])).items()})
     LOGGER.info("%s latency: %s", mode.name, figures)
     return figures
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import psycopg2
 
@@ -38,10 +38,14 @@ Key = Tuple[int, int]
 
 
 class Probe:
-    """Records when each key becomes visible on each of ``dsns`` (label -> DSN)."""
+    """Records when each key becomes visible on each of ``dsns`` (label -> DSN), the targets, and
+    on each of ``extra`` (label -> DSN: probed too, but neither waited for by :meth:`wait` nor
+    counted by :meth:`latencies` unless named)."""
 
-    def __init__(self, dsns: Dict[str, str]) -> None:
+    def __init__(self, dsns: Dict[str, str], extra: Optional[Dict[str, str]] = None) -> None:
         self.conns = {}
+        self.targets = list(dsns)
+        dsns = dict(dsns, **(extra or {}))
         for label, dsn in dsns.items():
             conn = psycopg2.connect(dsn)
             conn.autocommit = True
@@ -79,7 +83,7 @@ class Probe:
         while time.monotonic() < deadline:
             if self._error:
                 raise self._error[0]
-            if all(len(seen) >= count for seen in self.seen.values()):
+            if all(len(self.seen[label]) >= count for label in self.targets):
                 return True
             time.sleep(0.05)
         return False
@@ -96,11 +100,13 @@ class Probe:
             finally:
                 conn.close()
 
-    def latencies(self, enqueued: Dict[Key, float]) -> List[float]:
-        """Seconds from enqueue to visible on the last target, for each key seen everywhere."""
+    def latencies(self, enqueued: Dict[Key, float], labels: Optional[List[str]] = None) -> List[float]:
+        """Seconds from enqueue to visible on the last of ``labels`` (default: the targets), for
+        each key seen on all of them."""
+        seen_on = [self.seen[label] for label in (labels or self.targets)]
         out = []
         for key, sent in enqueued.items():
-            times = [seen.get(key) for seen in self.seen.values()]
+            times = [seen.get(key) for seen in seen_on]
             if all(t is not None for t in times):
                 out.append(max(times) - sent)
         return out
