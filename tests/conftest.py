@@ -167,10 +167,32 @@ def db(database):
     conn.close()
 
 
+#: Every queue a test creates is named ``golconde.test.<SESSION>....`` (:func:`unique_queue`), so
+#: that the session can delete its own queues at the end, and only those.
+SESSION = uuid.uuid4().hex[:6]
+QUEUE_PREFIX = "golconde.test.%s." % SESSION
+
+
+def unique_queue(label: str = "") -> str:
+    """A unique queue name of this test session, ``/queue/golconde.test.<session>.<label><hex>``."""
+    return "/queue/%s%s%s" % (QUEUE_PREFIX, label, uuid.uuid4().hex[:10])
+
+
 @pytest.fixture
 def queue_name():
-    """A unique queue name, ``/queue/golconde.test.<hex>``."""
-    return "/queue/golconde.test.%s" % uuid.uuid4().hex[:10]
+    """A unique queue name (:func:`unique_queue`)."""
+    return unique_queue()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def delete_session_queues():
+    """At the end of the session, delete the RabbitMQ queues its tests created (dead-letter and
+    target queues included: they share the prefix) through the management API. Best effort; on
+    ActiveMQ the queues stay (it has no such API enabled here)."""
+    yield
+    from bench.rawstomp import delete_queues
+
+    delete_queues(QUEUE_PREFIX, STOMP_LOGIN, STOMP_PASSCODE)
 
 
 def stomp_address():

@@ -18,7 +18,8 @@ import yaml
 from golconde import config as config_module
 from golconde.broker import BrokerConnection, Delivery
 
-from ..conftest import RABBITMQ, STOMP, STOMP_LOGIN, STOMP_PASSCODE, Broker, stomp_address  # noqa: F401
+from ..conftest import (QUEUE_PREFIX, RABBITMQ, STOMP, STOMP_LOGIN, STOMP_PASSCODE, Broker,  # noqa: F401
+                        stomp_address)
 
 
 def execute(dsn: str, statement: str, params: Any = None) -> None:
@@ -46,7 +47,7 @@ def make_config(canonical: str, targets: Dict[str, str], table: str, mode: str =
     ``broker`` (default RabbitMQ); ``overrides`` are keys of the destination."""
     broker = broker or RABBITMQ
     name = name or "T%s" % uuid.uuid4().hex[:8]
-    base = "/queue/golconde.%s" % name.lower()
+    base = "/queue/%s%s" % (QUEUE_PREFIX, name.lower())
     destination: Dict[str, Any] = {
         "stomp": broker.address, "queue": base, "pgsql": canonical, "target": table,
         "function_name": "AutoSQL", "mode": mode,

@@ -30,7 +30,7 @@ from golconde.broker import ID_HEADER, BrokerConnection, Delivery, header_value
 from golconde.client import Client
 from golconde.daemon import Daemon
 
-from ..conftest import ACTIVEMQ, Broker, require_broker, selected_brokers
+from ..conftest import ACTIVEMQ, Broker, require_broker, selected_brokers, unique_queue
 from .flow_support import drain_queue, execute, make_config, parse_config, query, send_raw, wait_for
 
 needs_activemq = pytest.mark.skipif("activemq" not in selected_brokers(),
@@ -144,7 +144,7 @@ def collect(broker: Broker, queue: str, prefetch: int, until: int, timeout: floa
 @needs_activemq
 def test_persistent_sends_survive_a_broker_restart(private_activemq):
     broker = private_activemq.broker
-    queue = "/queue/golconde.test.restart.%s" % uuid.uuid4().hex[:8]
+    queue = unique_queue("restart.")
     bodies: Dict[str, bytes] = {}
     for batch in range(3):
         ids = [str(uuid.uuid4()) for _ in range(100)]
@@ -233,7 +233,7 @@ def test_daemon_delivers_everything_once_across_a_broker_restart(private_activem
 def test_prefetch_500_is_not_capped_by_the_page_size(activemq):
     """ActiveMQ pages in 200 messages per queue by default: a consumer with prefetch 500 would get
     200 and stall until it acks. The project's activemq.xml raises maxPageSize."""
-    queue = "/queue/golconde.test.page.%s" % uuid.uuid4().hex[:8]
+    queue = unique_queue("page.")
     for _ in range(2):
         send_raw(queue, ['{"action": "add", "data": {"n": %d}}' % i for i in range(500)], broker=activemq)
     held = collect(activemq, queue, prefetch=500, until=500, timeout=15, ack=False)
@@ -322,7 +322,7 @@ def test_target_dead_letters_land_in_the_target_dlq_with_the_reason(activemq, ma
 def test_header_values_that_would_break_a_frame_are_cleaned(broker):
     """A CR in a header value makes RabbitMQ drop the connection and a NUL ends the frame on both
     brokers: a dead-letter reason quoting such text must still be sent, and the connection stay up."""
-    queue = "/queue/golconde.test.headers.%s" % uuid.uuid4().hex[:8]
+    queue = unique_queue("headers.")
     reasons = ["line one\r\nline two\rthree", "nul \x00 inside", "colon: back\\slash\nnewline \u00e9\u00ab\u00bb"]
     conn = BrokerConnection(broker.host, broker.port, broker.login, broker.passcode, heartbeat_ms=0,
                             name="test-headers")

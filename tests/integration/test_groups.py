@@ -18,6 +18,7 @@ from golconde.daemon import Daemon
 from golconde.errors import PacketError
 from golconde.packet import dumps
 
+from ..conftest import unique_queue
 from .flow_support import drain_queue, execute, make_config, parse_config, query, send_raw, wait_for
 
 ORDERS = """
@@ -53,7 +54,7 @@ def groups(make_database, broker):
     daemon = Daemon(config)
     daemon.start()
     dest = config.destinations[0]
-    reply_to = "/queue/golconde.test.replies.%s" % uuid.uuid4().hex[:10]
+    reply_to = unique_queue("replies.")
     client = Client(dest.queue, broker.host, broker.port, broker.login, broker.passcode, reply_to=reply_to)
     state = {"canonical": canonical, "t1": t1, "t2": t2, "daemon": daemon, "client": client,
              "destination": dest, "reply_to": reply_to, "broker": broker,
@@ -257,7 +258,7 @@ def test_client_batch_messages_keep_each_packet_its_outcome_and_dead_letter(grou
 
 
 def test_client_packs_packets_into_batch_messages_unless_told_not_to(broker):
-    queue = "/queue/golconde.test.packing.%s" % uuid.uuid4().hex[:10]
+    queue = unique_queue("packing.")
     packets = [{"action": "add", "data": {"id": i}} for i in range(5)]
     with Client(queue, broker.host, broker.port, broker.login, broker.passcode) as client:
         ids = client.send_many(packets)
