@@ -14,7 +14,6 @@
 """
 from __future__ import annotations
 
-import collections
 import logging
 import re
 import select
@@ -30,7 +29,7 @@ from .apply import APPLIED, DEAD_LETTER, DUPLICATE, Outcome
 from .broker import (CREATED_HEADER, ID_HEADER, BrokerConnection, Delivery, Outgoing, Receipt,
                      send_all_async)
 from .errors import GolcondeError, PacketError, StopListener, describe
-from .listener import Listener, QueueConsumer
+from .listener import Confirmations, Listener, QueueConsumer
 from .packet import dumps, parse
 from .stats import ThreadStats
 
@@ -146,7 +145,6 @@ class _InFlight:
     """A batch drained from ``golconde.queue`` and sent, awaiting the broker's confirmation."""
 
     ids: List[int]                 # queue rows to delete once confirmed (dead letters included)
-    receipts: List[Receipt]
     fanned_out: int                # packets sent, counting each target
     packets: List[Any]             # the parsed packets sent (for the per-action counts)
     dead: int                      # rows dead-lettered (already confirmed)
@@ -170,7 +168,7 @@ class TriggerDestination(Listener):
         self._last_rows = 0.0
         self._last_fetch = 0.0
         self._partial = False
-        self._in_flight: "collections.deque[_InFlight]" = collections.deque()
+        self._in_flight: Confirmations[_InFlight] = Confirmations()
 
     def ready(self) -> bool:
         return (super().ready() and self.locked and self.listen_db is not None
@@ -292,9 +290,9 @@ class TriggerDestination(Listener):
                   "golconde-original-queue": "golconde.queue", "golconde-consumer": self.name,
                   "content-type": "application/json"}) for row, reason in dead])
         count, receipts = self.fanout.send_async(packets)
-        self._in_flight.append(_InFlight([row.id for row in rows], receipts, count,
-                                         [packet for _, packet in good], len(dead), started,
-                                         rows[-1].created_at.timestamp()))
+        self._in_flight.add(receipts, _InFlight([row.id for row in rows], count,
+                                                [packet for _, packet in good], len(dead), started,
+                                                rows[-1].created_at.timestamp()))
         if len(rows) < self.config.batch_size:
             self.stats.set_backlog(0)   # the fetch took everything committed: nothing was left
         else:
@@ -308,24 +306,21 @@ class TriggerDestination(Listener):
         :raises BrokerError: a send was refused or not confirmed (the supervising loop resets the
             listener: the rows are still queued and are sent again).
         """
-        while self._in_flight:
-            batch = self._in_flight[0]
-            if len(self._in_flight) <= keep and not all(r.done() for r in batch.receipts):
-                return
-            for receipt in batch.receipts:
-                receipt.wait()
-            with self.db.cursor() as cur:
-                trigger.delete_batch(cur, batch.ids)
-            self.db.commit()
-            self._in_flight.popleft()
-            self.stats.count("fanned_out", batch.fanned_out)
-            for packet in batch.packets:
-                self.stats.count(packet.action.value)
-            self.stats.count("applied", len(batch.packets))
-            self.stats.count("dead_lettered", batch.dead)
-            self.stats.count("errors", batch.dead)
-            self.stats.observe_duration(time.monotonic() - batch.started, packets=len(batch.ids))
-            self.stats.set_lag(max(0.0, time.time() - batch.created))
+        self._in_flight.settle(keep, self._finish)
+
+    def _finish(self, batch: _InFlight) -> None:
+        """A confirmed batch: delete its rows (in their own transaction) and count it."""
+        with self.db.cursor() as cur:
+            trigger.delete_batch(cur, batch.ids)
+        self.db.commit()
+        self.stats.count("fanned_out", batch.fanned_out)
+        for packet in batch.packets:
+            self.stats.count(packet.action.value)
+        self.stats.count("applied", len(batch.packets))
+        self.stats.count("dead_lettered", batch.dead)
+        self.stats.count("errors", batch.dead)
+        self.stats.observe_duration(time.monotonic() - batch.started, packets=len(batch.ids))
+        self.stats.set_lag(max(0.0, time.time() - batch.created))
 
     def _update_backlog(self) -> None:
         """Count the waiting packets, at most once per BACKLOG_INTERVAL (count(*) reads them all)."""

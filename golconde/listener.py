@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Generic, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import psycopg2
 
@@ -29,6 +29,8 @@ from .errors import ConfigError, GolcondeError, PacketError, StopListener, descr
 from .handlers import load_handler
 from .packet import dumps
 from .stats import ThreadStats
+
+T = TypeVar("T")
 
 LOGGER = logging.getLogger(__name__)
 
@@ -387,6 +389,46 @@ def expand(deliveries: Sequence[Delivery]) -> Tuple[List[Delivery], List[Tuple[s
     return origins, items
 
 
+class Confirmations(Generic[T]):
+    """Batches sent without waiting, each with the broker receipts that confirm its sends, oldest
+    first, finished in order once confirmed (acked, or their queue rows deleted). Both flows
+    pipeline this way: the next batch is applied or fetched while the broker confirms the last.
+    """
+
+    def __init__(self) -> None:
+        self._items: "collections.deque[Tuple[List[Receipt], T]]" = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[T]:
+        return (item for _, item in self._items)
+
+    def add(self, receipts: List[Receipt], item: T) -> None:
+        self._items.append((receipts, item))
+
+    def clear(self) -> None:
+        """Forget every batch (not finished: its packets are redelivered or sent again)."""
+        self._items.clear()
+
+    def settle(self, keep: int, finish: Callable[[T], None]) -> None:
+        """Call ``finish`` on each batch whose receipts all came, oldest first, stopping at the
+        first unconfirmed one; while more than ``keep`` batches are left, wait for the oldest
+        instead (``keep=0``: wait for all).
+
+        :raises BrokerError: a send was refused or not confirmed in time (that batch and the
+            later ones stay; the caller resets its connections, so they are sent again).
+        """
+        while self._items:
+            receipts, item = self._items[0]
+            if len(self._items) <= keep and not all(r.done() for r in receipts):
+                return
+            for receipt in receipts:
+                receipt.wait()
+            finish(item)
+            self._items.popleft()
+
+
 class QueueConsumer(Listener):
     """Consumes ``config.queue`` and applies each packet with the configured handler.
 
@@ -423,8 +465,8 @@ class QueueConsumer(Listener):
         self._in_flight = False
         #: receipts that after_commit() asks the ack of the current batch to wait for
         self.pending_receipts: List[Receipt] = []
-        #: committed batches waiting for their receipts before their ack, oldest first
-        self._pending: "collections.deque[Tuple[List[Receipt], Delivery]]" = collections.deque()
+        #: committed batches waiting for their receipts before their ack (its last delivery)
+        self._pending: Confirmations[Delivery] = Confirmations()
         self._next_prune = 0.0      # monotonic time of the next ledger prune (the first: at once)
 
     def _inbox_put(self, delivery: Delivery) -> None:
@@ -536,7 +578,7 @@ class QueueConsumer(Listener):
         self.after_commit(batch, items, outcomes)
         # Pipelined: the ack waits for the broker's receipts of this batch's sends, but the next
         # batch is applied meanwhile; acks are cumulative, so batches are acked in order.
-        self._pending.append((self.pending_receipts, deliveries[-1]))
+        self._pending.add(self.pending_receipts, deliveries[-1])
         self.pending_receipts = []
         self.settle(block=False)
         self._maybe_prune()                    # under steady load too, not only when idle
@@ -548,15 +590,8 @@ class QueueConsumer(Listener):
         :raises BrokerError: a send was refused or not confirmed in time (nothing more is acked;
             the supervising loop closes the connection, so the broker redelivers).
         """
-        while self._pending:
-            receipts, last = self._pending[0]
-            if (not block and len(self._pending) <= self.max_pipeline
-                    and not all(r.done() for r in receipts)):
-                break
-            for receipt in receipts:
-                receipt.wait()
-            self.inbound.ack(last)             # 'client' ack mode: cumulative
-            self._pending.popleft()
+        # 'client' ack mode: acking a batch's last delivery acks the batch
+        self._pending.settle(0 if block else self.max_pipeline, self.inbound.ack)
         self._in_flight = bool(self._pending)
 
 
