@@ -175,6 +175,10 @@ class TriggerDestination(Listener):
                 and not self.listen_db.closed)
 
     def on_database_open(self, db: Any) -> None:
+        # Every statement of the drain is a transaction of its own (the fetch, each batch's
+        # DELETE, the backlog count): in autocommit mode each is one round trip, where psycopg2
+        # would add a BEGIN and a COMMIT or ROLLBACK (3 round trips).
+        db.autocommit = True
         self.locked = False
 
     def open(self) -> None:
@@ -188,7 +192,6 @@ class TriggerDestination(Listener):
         if not self.locked:
             self._require_queue_table()
             self.locked = trigger.acquire_drain_lock(self.db, self.config.name)
-            self.db.commit()
             if not self.locked:
                 self.stats.set_error("another process drains destination %s" % self.config.name)
                 LOGGER.warning("[%s] another process holds the drain lock; waiting", self.name)
@@ -202,7 +205,6 @@ class TriggerDestination(Listener):
         with self.db.cursor() as cur:
             cur.execute("SELECT to_regclass('golconde.queue') IS NOT NULL")
             present = cur.fetchone()[0]
-        self.db.rollback()
         if not present:
             raise StopListener("golconde.queue does not exist in the canonical database of %s: run"
                                " 'golconde trigger install --destination %s' first"
@@ -260,7 +262,6 @@ class TriggerDestination(Listener):
         with self.db.cursor() as cur:
             rows = trigger.fetch_batch(cur, self.config.name, self.config.batch_size,
                                        exclude=in_flight)
-        self.db.rollback()                  # ends the read's snapshot; deletes run on their own
         self._partial = 0 < len(rows) < self.config.batch_size
         if not rows:
             self._settle(keep=len(self._in_flight))     # only what is confirmed: no waiting
@@ -309,10 +310,9 @@ class TriggerDestination(Listener):
         self._in_flight.settle(keep, self._finish)
 
     def _finish(self, batch: _InFlight) -> None:
-        """A confirmed batch: delete its rows (in their own transaction) and count it."""
+        """A confirmed batch: delete its rows (one statement, its own transaction) and count it."""
         with self.db.cursor() as cur:
             trigger.delete_batch(cur, batch.ids)
-        self.db.commit()
         self.stats.count("fanned_out", batch.fanned_out)
         for packet in batch.packets:
             self.stats.count(packet.action.value)
@@ -330,7 +330,6 @@ class TriggerDestination(Listener):
         self._last_backlog = now
         with self.db.cursor() as cur:
             count, oldest = trigger.backlog(cur, self.config.name)
-        self.db.rollback()
         self.stats.set_backlog(count)
         if not count:
             self.stats.set_lag(0.0)
