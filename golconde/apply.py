@@ -93,10 +93,11 @@ def explicit_transaction(connection: Any) -> Iterator[None]:
 
     If the block raises, ``ROLLBACK`` is sent (its own failure is left to the block's error,
     which then names a lost connection) and the error re-raised. The connection is back out of
-    autocommit mode afterwards. A transaction psycopg2 had left open on it is committed first,
-    as the fast path would have committed it before.
+    autocommit mode afterwards. A transaction psycopg2 had left open on it (none should be) is
+    committed first, with a warning, as the fast path would have committed it with the batch.
     """
     if connection.status != psycopg2.extensions.STATUS_READY:
+        LOGGER.warning("a transaction was left open on the connection; committing it before the batch")
         connection.commit()
     connection.autocommit = True
     try:

@@ -89,7 +89,9 @@ def claim(cursor: Any, consumer: str, ids: Sequence[str], begin: bool = False) -
 
     :returns: the ids that were NOT yet recorded (new work). An id that was recorded before, or that
         appears twice in ``ids``, is a duplicate: the caller must not apply it (again).
+    :raises ValueError: ``begin`` with no ids (no statement would carry the ``BEGIN``).
     """
+    _check_begin(begin, ids)
     if not ids:
         return set()
     cursor.execute(
@@ -103,13 +105,21 @@ def claim(cursor: Any, consumer: str, ids: Sequence[str], begin: bool = False) -
 def applied_ids(cursor: Any, consumer: str, ids: Sequence[str], begin: bool = False) -> Set[str]:
     """The ids among ``ids`` already recorded as applied by ``consumer`` (reads only; a
     destination then records the new ones with their fanned-out text by :func:`record`); with
-    ``begin``, the statement opens the transaction, as in :func:`claim`."""
+    ``begin``, the statement opens the transaction, as in :func:`claim` (:raises ValueError: ``begin``
+    with no ids)."""
+    _check_begin(begin, ids)
     if not ids:
         return set()
     cursor.execute(("BEGIN; " if begin else "") +
                    "SELECT packet_id FROM golconde.applied WHERE consumer = %s"
                    " AND packet_id = ANY(%s::text[])", (consumer, list(ids)))
     return {row[0] for row in cursor.fetchall()}
+
+
+def _check_begin(begin: bool, ids: Sequence[str]) -> None:
+    if begin and not ids:
+        raise ValueError("no packet ids: the BEGIN would not be sent, and every statement after it"
+                         " would commit on its own")
 
 
 def record(cursor: Any, consumer: str, packets: Mapping[str, Optional[str]], commit: bool = False) -> None:
