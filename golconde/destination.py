@@ -306,6 +306,7 @@ class TriggerDestination(Listener):
 
         :raises BrokerError: a send was refused or not confirmed (the supervising loop resets the
             listener: the rows are still queued and are sent again).
+        :raises psycopg2.Error: a DELETE failed (the rows are still queued, as above).
         """
         self._in_flight.settle(keep, self._finish)
 

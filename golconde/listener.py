@@ -418,6 +418,8 @@ class Confirmations(Generic[T]):
 
         :raises BrokerError: a send was refused or not confirmed in time (that batch and the
             later ones stay; the caller resets its connections, so they are sent again).
+        :raises Exception: whatever ``finish`` raises (e.g. ``BrokerError`` from an ack,
+            ``psycopg2.Error`` from a DELETE); that batch stays too.
         """
         while self._items:
             receipts, item = self._items[0]

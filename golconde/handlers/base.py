@@ -16,7 +16,11 @@ an alias) and receives the destination's or target's ``settings:`` mapping; see
 
 The listener owns the transaction: a handler never commits, rolls back, acks or sends (it may run
 any number of statements, on any relation of its database, through the cursor it is given; they
-commit or roll back with the packet). What a handler raises decides the packet's fate:
+commit or roll back with the packet). On the fast path the connection is in autocommit mode
+inside the listener's explicit ``BEGIN`` (:func:`golconde.apply.explicit_transaction`): there
+``connection.commit()`` and ``rollback()`` do nothing, and a named (server-side) cursor cannot be
+opened, which sends every batch to the careful path. What a handler raises decides the packet's
+fate:
 
 * :class:`~golconde.errors.PacketError` (or a permanent database error): dead-letter it, with
   ``str(exc)`` as the ``golconde-reason`` header;
