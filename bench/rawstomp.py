@@ -108,10 +108,11 @@ def measure(host: str, port: int, login: str, passcode: str, count: int,
     return figures
 
 
-def delete_queues(prefix: str, login: str, passcode: str, api: str = "http://127.0.0.1:15672") -> int:
+def delete_queues(prefix: str, login: str, passcode: str, api: str = "http://127.0.0.1:15672",
+                  timeout: float = 10.0) -> int:
     """Delete the broker queues whose name starts with ``prefix`` (this run's, unique) through
-    RabbitMQ's management API. Best effort: returns how many were deleted (0 when the API does
-    not answer, e.g. on ActiveMQ)."""
+    RabbitMQ's management API, each request waiting at most ``timeout`` seconds. Best effort:
+    returns how many were deleted (0 when the API does not answer, e.g. on ActiveMQ)."""
     import base64
     import urllib.parse
     import urllib.request
@@ -120,7 +121,7 @@ def delete_queues(prefix: str, login: str, passcode: str, api: str = "http://127
     try:
         request = urllib.request.Request(api + "/api/queues?columns=name,vhost",
                                          headers={"Authorization": auth})
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             queues = json.loads(response.read().decode())
         deleted = 0
         for queue in queues:
@@ -129,7 +130,7 @@ def delete_queues(prefix: str, login: str, passcode: str, api: str = "http://127
                                                urllib.parse.quote(queue["name"], safe=""))
                 urllib.request.urlopen(urllib.request.Request(url, method="DELETE",
                                                               headers={"Authorization": auth}),
-                                       timeout=10).close()
+                                       timeout=timeout).close()
                 deleted += 1
         return deleted
     except (OSError, ValueError, KeyError) as exc:

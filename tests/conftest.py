@@ -187,12 +187,14 @@ def queue_name():
 @pytest.fixture(scope="session", autouse=True)
 def delete_session_queues():
     """At the end of the session, delete the RabbitMQ queues its tests created (dead-letter and
-    target queues included: they share the prefix) through the management API. Best effort; on
+    target queues included: they share the prefix) through the management API on port 15672 of
+    the ``GOLCONDE_TEST_STOMP`` host. Best effort; on
     ActiveMQ the queues stay (it has no such API enabled here)."""
     yield
     from bench.rawstomp import delete_queues
 
-    delete_queues(QUEUE_PREFIX, STOMP_LOGIN, STOMP_PASSCODE)
+    delete_queues(QUEUE_PREFIX, STOMP_LOGIN, STOMP_PASSCODE,
+                  api="http://%s:15672" % split_address(STOMP)[0], timeout=3)
 
 
 def stomp_address():

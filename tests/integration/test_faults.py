@@ -121,6 +121,7 @@ class Stream(threading.Thread):
 
     @property
     def payloads(self) -> List[str]:
+        assert self.total < 1 << 62, "an open-ended stream has no payload list before end()"
         return [self.payload(i) for i in range(self.total)]
 
     def run(self) -> None:
@@ -141,6 +142,7 @@ class Stream(threading.Thread):
             client.close()
 
     def finish(self, timeout: float = 40.0) -> None:
+        assert self.total < 1 << 62, "an open-ended stream is ended by end(), not finish()"
         self.join(timeout)
         if self.is_alive():
             self._halt.set()
