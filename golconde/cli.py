@@ -173,9 +173,13 @@ def _running_pid(path: Optional[str]) -> Optional[int]:
 
 
 def _write_pidfile(path: Optional[str]) -> None:
+    """Write this process's pid to ``path`` atomically (a temporary file renamed over it), so that
+    a reader never sees the file empty or half written."""
     if path:
-        with open(path, "w") as handle:
+        temporary = "%s.%d.tmp" % (path, os.getpid())
+        with open(temporary, "w") as handle:
             handle.write("%d\n" % os.getpid())
+        os.replace(temporary, path)
 
 
 def _remove_pidfile(path: Optional[str]) -> None:
