@@ -293,14 +293,10 @@ class Inbox:
             self._cond.notify_all()
         return True
 
-    def get(self, timeout: Optional[float] = None) -> Delivery:
-        """The oldest delivery, waiting up to ``timeout`` seconds (``None``: not at all).
-        :raises queue.Empty: none came."""
-        return self.take(timeout)[0]
-
     def take(self, timeout: Optional[float] = None) -> Tuple[Delivery, int]:
-        """As :meth:`get`, with the delivery's count of packets (its batch header, read once by
-        :meth:`put`)."""
+        """The oldest delivery and its count of packets (its batch header, read once by
+        :meth:`put`), waiting up to ``timeout`` seconds (``None``: not at all).
+        :raises queue.Empty: none came."""
         with self._cond:
             if not self._items and timeout:
                 self._cond.wait_for(lambda: bool(self._items), timeout)

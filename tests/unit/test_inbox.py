@@ -30,13 +30,13 @@ def test_counts_packets_and_keeps_order():
     assert inbox.packets == 1000
     assert inbox.take() == (first, 500)
     assert inbox.packets == 500
-    assert [inbox.get(), inbox.get()] == [second, third]
+    assert [inbox.take()[0], inbox.take()[0]] == [second, third]
     assert inbox.packets == 0
     with pytest.raises(queue.Empty):
-        inbox.get()
+        inbox.take()
     started = time.monotonic()
     with pytest.raises(queue.Empty):
-        inbox.get(timeout=0.05)
+        inbox.take(timeout=0.05)
     assert time.monotonic() - started >= 0.04
 
 
@@ -46,7 +46,7 @@ def test_a_put_over_the_limit_waits_until_packets_are_taken():
     thread, done = put_in_thread(inbox, delivery(200))
     thread.join(0.3)
     assert thread.is_alive() and done == [] and inbox.packets == 500     # blocked: 700 > 600
-    inbox.get()
+    inbox.take()
     thread.join(2)
     assert done == [True] and inbox.packets == 200
 
@@ -71,9 +71,9 @@ def test_close_releases_a_blocked_put_and_drops_until_reopened():
     assert inbox.put(delivery(3)) is True and inbox.packets == 3
 
 
-def test_a_waiting_get_wakes_when_a_delivery_arrives():
+def test_a_waiting_take_wakes_when_a_delivery_arrives():
     inbox = Inbox(10)
     item = delivery()
     timer = threading.Timer(0.1, inbox.put, args=(item,))
     timer.start()
-    assert inbox.get(timeout=5) is item
+    assert inbox.take(timeout=5)[0] is item
