@@ -91,11 +91,11 @@ def claim(cursor: Any, consumer: str, ids: Sequence[str], begin: bool = False) -
         appears twice in ``ids``, is a duplicate: the caller must not apply it (again).
     :raises ValueError: ``begin`` with no ids (no statement would carry the ``BEGIN``).
     """
-    _check_begin(begin, ids)
+    opening = _opening(begin, ids)
     if not ids:
         return set()
     cursor.execute(
-        ("BEGIN; " if begin else "") +
+        opening +
         "INSERT INTO golconde.applied (consumer, packet_id)"
         " SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING RETURNING packet_id",
         (consumer, list(ids)))
@@ -107,19 +107,22 @@ def applied_ids(cursor: Any, consumer: str, ids: Sequence[str], begin: bool = Fa
     destination then records the new ones with their fanned-out text by :func:`record`); with
     ``begin``, the statement opens the transaction, as in :func:`claim` (:raises ValueError: ``begin``
     with no ids)."""
-    _check_begin(begin, ids)
+    opening = _opening(begin, ids)
     if not ids:
         return set()
-    cursor.execute(("BEGIN; " if begin else "") +
+    cursor.execute(opening +
                    "SELECT packet_id FROM golconde.applied WHERE consumer = %s"
                    " AND packet_id = ANY(%s::text[])", (consumer, list(ids)))
     return {row[0] for row in cursor.fetchall()}
 
 
-def _check_begin(begin: bool, ids: Sequence[str]) -> None:
+def _opening(begin: bool, ids: Sequence[str]) -> str:
+    """``"BEGIN; "`` to put before the statement when ``begin``, else ``""``.
+    :raises ValueError: ``begin`` with no ids (no statement would carry the ``BEGIN``)."""
     if begin and not ids:
         raise ValueError("no packet ids: the BEGIN would not be sent, and every statement after it"
                          " would commit on its own")
+    return "BEGIN; " if begin else ""
 
 
 def record(cursor: Any, consumer: str, packets: Mapping[str, Optional[str]], commit: bool = False) -> None:
