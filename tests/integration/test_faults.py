@@ -97,6 +97,10 @@ def counts(dsn: str) -> tuple:
     return tuple(query(dsn, "SELECT count(*), count(DISTINCT payload) FROM ev")[0])
 
 
+#: ``Stream.total`` of a stream that runs until :meth:`Stream.end`.
+OPEN_ENDED = 1 << 62
+
+
 class Stream(threading.Thread):
     """Streams ``total`` ADD packets with unique payloads into a destination queue, in confirmed
     batches of ``batch``, pausing ``pause`` seconds between batches (a paced stream, so that faults
@@ -107,8 +111,7 @@ class Stream(threading.Thread):
                  prefix: Optional[str] = None) -> None:
         super().__init__(name="fault-stream", daemon=True)
         self.queue = queue
-        self.total = total if total is not None else 1 << 62
-        self._ending = threading.Event()
+        self.total = total if total is not None else OPEN_ENDED
         self.batch_size = batch
         self.pause = pause
         self.prefix = prefix or uuid.uuid4().hex[:6]
@@ -121,14 +124,14 @@ class Stream(threading.Thread):
 
     @property
     def payloads(self) -> List[str]:
-        assert self.total < 1 << 62, "an open-ended stream has no payload list before end()"
+        assert self.total != OPEN_ENDED, "an open-ended stream has no payload list before end()"
         return [self.payload(i) for i in range(self.total)]
 
     def run(self) -> None:
         host, port = stomp_address()
         client = Client(self.queue, host, port, STOMP_LOGIN, STOMP_PASSCODE, timeout=20)
         try:
-            while self.sent < self.total and not self._halt.is_set() and not self._ending.is_set():
+            while self.sent < self.total and not self._halt.is_set():
                 upto = min(self.total, self.sent + self.batch_size)
                 with client.batch():
                     for index in range(self.sent, upto):
@@ -142,7 +145,7 @@ class Stream(threading.Thread):
             client.close()
 
     def finish(self, timeout: float = 40.0) -> None:
-        assert self.total < 1 << 62, "an open-ended stream is ended by end(), not finish()"
+        assert self.total != OPEN_ENDED, "an open-ended stream is ended by end(), not finish()"
         self.join(timeout)
         if self.is_alive():
             self._halt.set()
@@ -154,13 +157,13 @@ class Stream(threading.Thread):
         assert self.sent == self.total
 
     def end(self, timeout: float = 20.0) -> None:
-        """Stop after the current batch; ``total`` becomes the count sent (all confirmed)."""
-        self._ending.set()
+        """Stop after the current batch; ``total`` becomes the count sent (all confirmed), then
+        as :meth:`finish`."""
+        self._halt.set()
         self.join(timeout)
         assert not self.is_alive(), "the stream did not end"
-        if self.error is not None:
-            raise AssertionError("stream failed after %d packets: %r" % (self.sent, self.error))
         self.total = self.sent
+        self.finish(0)
 
     def abort(self) -> None:
         self._halt.set()
