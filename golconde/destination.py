@@ -313,7 +313,7 @@ class TriggerDestination(Listener):
     def _finish(self, batch: _InFlight) -> None:
         """A confirmed batch: delete its rows (one statement, its own transaction) and count it."""
         with self.db.cursor() as cur:
-            trigger.delete_batch(cur, batch.ids)
+            trigger.delete_batch(cur, self.config.name, batch.ids)
         self.stats.count("fanned_out", batch.fanned_out)
         for packet in batch.packets:
             self.stats.count(packet.action.value)

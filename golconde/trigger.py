@@ -64,6 +64,8 @@ class InstallResult:
     :ivar events: captured events, among ``("INSERT", "UPDATE", "DELETE")``.
     :ivar key_columns: the primary-key columns passed to the trigger (empty without a key).
     :ivar warning: text to show the operator (e.g. no primary key: insert-only), or ``None``.
+    :ivar capture: the language of ``golconde.capture()`` after the install: ``"c"`` (the library
+        ``golconde_capture`` is installed in the server) or ``"plpgsql"`` (the fallback).
     """
 
     relation: str
@@ -72,6 +74,7 @@ class InstallResult:
     events: Tuple[str, ...]
     key_columns: Tuple[str, ...]
     warning: Optional[str] = None
+    capture: str = "plpgsql"
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,9 @@ def sql_files() -> List[Tuple[str, str]]:
 def install_schema(conn: psycopg2.extensions.connection) -> None:
     """Create (or upgrade in place) schema ``golconde``, table ``golconde.queue`` and function
     ``golconde.capture()``, in one transaction that is committed. Idempotent; concurrent callers
-    are serialized by a transaction-level advisory lock.
+    are serialized by a transaction-level advisory lock. ``golconde.capture()`` is the C function
+    of the library ``golconde_capture`` when the server has it (``scripts/build-capture.sh``),
+    else the PL/pgSQL one (see ``capture_c.sql``; :func:`capture_language` tells which).
 
     :raises TriggerError: ``conn`` is inside a transaction, or the SQL files are missing.
     :raises psycopg2.Error: from the server (e.g. PostgreSQL older than 13, missing privileges).
@@ -183,8 +188,21 @@ def install_schema(conn: psycopg2.extensions.connection) -> None:
 
 def _install_schema(cur: Any) -> None:
     cur.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("install"),))
+    seen = len(cur.connection.notices)
     for _, text in sql_files():
         cur.execute(text)
+    for notice in cur.connection.notices[seen:]:   # why golconde.capture() is not in C
+        if "golconde.capture()" in notice:
+            (LOGGER.warning if notice.startswith("WARNING") else LOGGER.info)("%s", notice.strip())
+
+
+def capture_language(cursor: Any) -> Optional[str]:
+    """The language of ``golconde.capture()`` in the cursor's database: ``"c"``, ``"plpgsql"``,
+    or ``None`` when the capture schema is not installed."""
+    cursor.execute("SELECT l.lanname FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang"
+                   " WHERE p.oid = to_regprocedure('golconde.capture()')")
+    row = cursor.fetchone()
+    return row[0] if row else None
 
 
 # -- triggers -------------------------------------------------------------------------------------
@@ -193,7 +211,8 @@ def install(conn: psycopg2.extensions.connection, relation: str, destination: st
             actions: Optional[Iterable[str]] = None) -> InstallResult:
     """Install (or replace) the capture trigger ``golconde_capture_<destination>`` on ``relation``,
     AFTER INSERT OR UPDATE OR DELETE FOR EACH ROW, with the primary-key columns as arguments.
-    Installs the capture schema first when ``golconde.capture()`` is missing. Committed.
+    Installs or upgrades the capture schema first (:func:`install_schema`, so that the trigger
+    function is the C one whenever the server has its library). Committed.
 
     :param relation: ``[schema.]table`` (see :func:`parse_relation`); a plain or partitioned table.
     :param actions: what to capture, among ``insert`` (or ``add``), ``update``, ``delete``;
@@ -217,9 +236,7 @@ def install(conn: psycopg2.extensions.connection, relation: str, destination: st
             if actions is not None:
                 raise TriggerError(message)
             warning, events = message, ("INSERT",)
-        cur.execute("SELECT to_regprocedure('golconde.capture()') IS NOT NULL")
-        if not cur.fetchone()[0]:
-            _install_schema(cur)
+        _install_schema(cur)
         ident = sql.Identifier(schema, table)
         cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), ident))
         arguments = [destination] + (list(keys) if events != ("INSERT",) else [])
@@ -227,12 +244,13 @@ def install(conn: psycopg2.extensions.connection, relation: str, destination: st
                             " EXECUTE FUNCTION golconde.capture({})").format(
             sql.Identifier(name), sql.SQL(" OR ").join(sql.SQL(event) for event in events), ident,
             sql.SQL(", ").join(sql.Literal(argument) for argument in arguments)))
+        language = capture_language(cur) or "plpgsql"
     if warning:
         LOGGER.warning("destination %s: %s", destination, warning)
-    LOGGER.info("destination %s: trigger %s installed on %s (%s; key %s)", destination, name,
-                qualified, " OR ".join(events), ", ".join(keys) or "none")
+    LOGGER.info("destination %s: trigger %s installed on %s (%s; key %s; capture in %s)", destination,
+                name, qualified, " OR ".join(events), ", ".join(keys) or "none", language)
     return InstallResult(qualified, destination, name, events, keys if events != ("INSERT",) else (),
-                         warning)
+                         warning, language)
 
 
 def remove(conn: psycopg2.extensions.connection, relation: str, destination: str) -> RemoveResult:
@@ -352,15 +370,17 @@ def fetch_batch(cursor: Any, destination: str, limit: int, max_bytes: Optional[i
     return batch
 
 
-def delete_batch(cursor: Any, ids: Iterable[int]) -> int:
-    """Delete exactly the queue rows ``ids`` (those sent). Does not commit.
+def delete_batch(cursor: Any, destination: str, ids: Iterable[int]) -> int:
+    """Delete exactly the queue rows ``ids`` of ``destination`` (those sent), through the primary
+    key ``(destination, id)``. Does not commit.
 
     :returns: the number of rows deleted.
     """
     id_list = sorted({int(value) for value in ids})
     if not id_list:
         return 0
-    cursor.execute("DELETE FROM golconde.queue WHERE id = ANY(%s::bigint[])", (id_list,))
+    cursor.execute("DELETE FROM golconde.queue WHERE destination = %s AND id = ANY(%s::bigint[])",
+                   (destination, id_list))
     return cursor.rowcount
 
 

@@ -10,3 +10,4 @@
 \ir schema.sql
 \ir queue.sql
 \ir capture.sql
+\ir capture_c.sql

@@ -17,17 +17,33 @@
 --     created_at   - clock time of the row change
 --     packet       - {"action": add|update|delete, "data": {...},
 --                     "restriction": {...}}
+--
+--     The primary key (destination, id) is the only index: the drain reads
+--     one destination in id order and deletes by (destination, id). Each
+--     index costs every captured row an insert (about 4 us of CPU here);
+--     queues installed before had a primary key on id plus an index on
+--     (destination, id), and are moved to this layout below (it takes an
+--     ACCESS EXCLUSIVE lock on golconde.queue while it rebuilds the key).
 -- ----------------------------------------------------------------------
 CREATE TABLE IF NOT EXISTS golconde.queue (
-    id          bigserial   PRIMARY KEY,
+    id          bigserial   NOT NULL,
     packet_id   uuid        NOT NULL DEFAULT gen_random_uuid(),
     destination text        NOT NULL,
     relation    text        NOT NULL,
     txid        xid8        NOT NULL DEFAULT pg_current_xact_id(),
     created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
-    packet      jsonb       NOT NULL
+    packet      jsonb       NOT NULL,
+    CONSTRAINT queue_pkey PRIMARY KEY (destination, id)
 );
 
-CREATE INDEX IF NOT EXISTS queue_destination_id_idx ON golconde.queue (destination, id);
+DO $upgrade$
+BEGIN
+    IF to_regclass('golconde.queue_destination_id_idx') IS NOT NULL THEN
+        ALTER TABLE golconde.queue DROP CONSTRAINT queue_pkey,
+            ADD CONSTRAINT queue_pkey PRIMARY KEY (destination, id);
+        DROP INDEX golconde.queue_destination_id_idx;
+    END IF;
+END
+$upgrade$;
 
 COMMENT ON TABLE golconde.queue IS 'Golconde: captured packets waiting to be sent to the broker';

@@ -30,7 +30,7 @@ def drain(conn, destination=DEST, limit=100):
     """Fetch and delete every visible packet of ``destination``; return the parsed packets."""
     with conn.cursor() as cur:
         batch = trigger.fetch_batch(cur, destination, limit)
-        trigger.delete_batch(cur, [queued.id for queued in batch])
+        trigger.delete_batch(cur, destination, [queued.id for queued in batch])
     if not conn.autocommit:
         conn.commit()
     return [parse(queued.packet) for queued in batch]
@@ -47,7 +47,7 @@ def orders(db):
 
 def test_sql_files_are_package_data_and_sql_triggers_points_at_them():
     names = [name for name, _ in trigger.sql_files()]
-    assert names == ["schema.sql", "queue.sql", "capture.sql"]
+    assert names == ["schema.sql", "queue.sql", "capture.sql", "capture_c.sql"]
     root = os.path.join(os.path.dirname(__file__), "..", "..", "sql", "triggers")
     assert sorted(os.listdir(root)) == sorted(names + ["install.sql"])
     for name, text in trigger.sql_files():
@@ -61,8 +61,17 @@ def test_install_schema_is_idempotent(db):
         cur.execute("SELECT to_regclass('golconde.queue') IS NOT NULL,"
                     " to_regprocedure('golconde.capture()') IS NOT NULL")
         assert cur.fetchone() == (True, True)
-        cur.execute("SELECT proconfig FROM pg_proc WHERE oid = 'golconde.capture()'::regprocedure")
-        assert cur.fetchone()[0] == ["search_path=pg_catalog, pg_temp"]
+        cur.execute("SELECT prosecdef, proconfig, proacl::text[] FROM pg_proc"
+                    " WHERE oid = 'golconde.capture()'::regprocedure")
+        secdef, config, acl = cur.fetchone()
+        # SECURITY DEFINER, not executable by PUBLIC (no "=X/" grant); the PL/pgSQL function pins
+        # its search_path, the C one needs none (see capture_c.sql)
+        assert secdef and not any(grant.startswith("=") for grant in acl)
+        language = trigger.capture_language(cur)
+        assert config == (None if language == "c" else ["search_path=pg_catalog, pg_temp"])
+        cur.execute("SELECT indexrelid::regclass::text, indisprimary, indkey::text FROM pg_index"
+                    " WHERE indrelid = 'golconde.queue'::regclass")
+        assert cur.fetchall() == [("golconde.queue_pkey", True, "3 1")]  # (destination, id)
 
 
 def test_insert_update_delete_make_packets_in_order(orders):
@@ -305,7 +314,7 @@ def test_fetch_batch_limits(orders):
         assert count == 5 and oldest is not None
         with pytest.raises(ValueError):
             trigger.fetch_batch(cur, DEST, 0)
-        assert trigger.delete_batch(cur, []) == 0
+        assert trigger.delete_batch(cur, DEST, []) == 0
 
 
 def test_drain_lock_is_exclusive(database):
