@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import re
 import signal
 import socket
 import subprocess
@@ -231,7 +232,14 @@ class GolcondeTrigger(_Golconde):
                                  "--destination", self.destination], capture_output=True, text=True)
         if result.returncode:
             raise BenchError("golconde trigger install failed: %s" % (result.stderr or result.stdout))
+        # the install reports the capture function's language (C where the library is installed)
+        found = re.search(r"capture='(\w+)'", result.stdout)
+        self.capture = found.group(1) if found else "unknown"
         self.start_daemon()
+
+    def notes(self) -> List[str]:
+        capture = getattr(self, "capture", "not installed")
+        return ["capture trigger: %s" % {"c": "C", "plpgsql": "PL/pgSQL"}.get(capture, capture)] + super().notes()
 
 
 class GolcondeClient(_Golconde):
