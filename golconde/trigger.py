@@ -172,28 +172,32 @@ def sql_files() -> List[Tuple[str, str]]:
 
 
 def install_schema(conn: psycopg2.extensions.connection) -> None:
-    """Create (or upgrade in place) schema ``golconde``, table ``golconde.queue`` and function
-    ``golconde.capture()``, in one transaction that is committed. Idempotent; concurrent callers
-    are serialized by a transaction-level advisory lock. ``golconde.capture()`` is the C function
-    of the library ``golconde_capture`` when the server has it (``scripts/build-capture.sh``),
-    else the PL/pgSQL one (see ``capture_c.sql``; :func:`capture_language` tells which).
+    """Create (or upgrade in place) schema ``golconde``, table ``golconde.queue`` and functions
+    ``golconde.capture_plpgsql()`` and ``golconde.capture()``, in one transaction that is
+    committed. Idempotent; concurrent callers are serialized by a transaction-level advisory lock;
+    waits at most 10 s for a lock on ``golconde.queue``. ``golconde.capture()`` is the C function
+    of the library ``golconde_capture`` when the server has it at the expected version
+    (``scripts/build-capture.sh``), else the PL/pgSQL one (``capture_c.sql`` says why, logged here;
+    :func:`capture_language` tells which).
 
     :raises TriggerError: ``conn`` is inside a transaction, or the SQL files are missing.
-    :raises psycopg2.Error: from the server (e.g. PostgreSQL older than 13, missing privileges).
+    :raises psycopg2.Error: from the server (e.g. PostgreSQL older than 13, missing privileges,
+        ``lock_timeout`` while upgrading the queue of an earlier version).
     """
-    with _transaction(conn) as cur:
-        _install_schema(cur)
-    LOGGER.info("capture schema golconde installed")
-
-
-def _install_schema(cur: Any) -> None:
-    cur.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("install"),))
-    seen = len(cur.connection.notices)
-    for _, text in sql_files():
-        cur.execute(text)
-    for notice in cur.connection.notices[seen:]:   # why golconde.capture() is not in C
+    saved = conn.notices
+    conn.notices = notices = []   # this install's notices only (psycopg2 keeps the last 50)
+    try:
+        with _transaction(conn) as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("install"),))
+            for _, text in sql_files():
+                cur.execute(text)
+    finally:
+        conn.notices = saved
+        saved.extend(notices)
+    for notice in notices:   # why golconde.capture() is not the C function
         if "golconde.capture()" in notice:
             (LOGGER.warning if notice.startswith("WARNING") else LOGGER.info)("%s", notice.strip())
+    LOGGER.info("capture schema golconde installed")
 
 
 def capture_language(cursor: Any) -> Optional[str]:
@@ -205,14 +209,43 @@ def capture_language(cursor: Any) -> Optional[str]:
     return row[0] if row else None
 
 
+def schema_state(conn: psycopg2.extensions.connection) -> str:
+    """How the capture schema of ``conn``'s database compares with this version's, in a
+    transaction of its own: ``"missing"`` (no ``golconde.capture()`` or no ``golconde.queue``),
+    ``"old"`` (installed by an earlier version: no ``golconde.capture_plpgsql()``, or the queue's
+    primary key is not ``(destination, id)``), ``"plpgsql"`` (current, but the capture is in
+    PL/pgSQL: installing again switches it to C if the server now has the library) or
+    ``"current"``.
+
+    :raises TriggerError: ``conn`` is inside a transaction.
+    """
+    with _transaction(conn) as cur:
+        cur.execute("SELECT to_regclass('golconde.queue') IS NOT NULL,"
+                    " to_regprocedure('golconde.capture_plpgsql()') IS NOT NULL")
+        queue, reference = cur.fetchone()
+        language = capture_language(cur)
+        if not queue or language is None:
+            return "missing"
+        cur.execute("SELECT array_agg(a.attname::text ORDER BY k.n) FROM pg_constraint c"
+                    " CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, n)"
+                    " JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum"
+                    " WHERE c.conrelid = 'golconde.queue'::regclass AND c.contype = 'p'")
+        if not reference or cur.fetchone()[0] != ["destination", "id"]:
+            return "old"
+        return "current" if language == "c" else "plpgsql"
+
+
 # -- triggers -------------------------------------------------------------------------------------
 
 def install(conn: psycopg2.extensions.connection, relation: str, destination: str,
             actions: Optional[Iterable[str]] = None) -> InstallResult:
     """Install (or replace) the capture trigger ``golconde_capture_<destination>`` on ``relation``,
     AFTER INSERT OR UPDATE OR DELETE FOR EACH ROW, with the primary-key columns as arguments.
-    Installs or upgrades the capture schema first (:func:`install_schema`, so that the trigger
-    function is the C one whenever the server has its library). Committed.
+    First, in a transaction of its own, installs the capture schema if it is missing, or upgrades
+    it if it is not current (:func:`schema_state`; the PL/pgSQL capture then switches to C if the
+    server has the library); a failed upgrade (e.g. a role that does not own the schema) is
+    logged as a warning and the trigger is installed on the schema as it is. Then the trigger, in
+    a second transaction. Committed.
 
     :param relation: ``[schema.]table`` (see :func:`parse_relation`); a plain or partitioned table.
     :param actions: what to capture, among ``insert`` (or ``add``), ``update``, ``delete``;
@@ -221,11 +254,21 @@ def install(conn: psycopg2.extensions.connection, relation: str, destination: st
     :returns: an :class:`InstallResult`.
     :raises TriggerError: unknown table, not a table, unknown or no actions, UPDATE or DELETE
         asked explicitly of a table without a primary key, ``conn`` inside a transaction.
+    :raises psycopg2.Error: the capture schema is missing and cannot be installed.
     """
     schema, table = parse_relation(relation)
     qualified = quote_relation(schema, table)
     events = _events(actions)
     name = trigger_name(destination)
+    state = schema_state(conn)
+    if state != "current":
+        try:
+            install_schema(conn)
+        except psycopg2.Error as exc:
+            if state == "missing":
+                raise
+            LOGGER.warning("capture schema golconde (%s) not upgraded: %s", state,
+                           str(exc).strip().splitlines()[0])
     with _transaction(conn) as cur:
         oid = _table_oid(cur, schema, table, qualified)
         keys = _primary_key(cur, oid)
@@ -236,7 +279,6 @@ def install(conn: psycopg2.extensions.connection, relation: str, destination: st
             if actions is not None:
                 raise TriggerError(message)
             warning, events = message, ("INSERT",)
-        _install_schema(cur)
         ident = sql.Identifier(schema, table)
         cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), ident))
         arguments = [destination] + (list(keys) if events != ("INSERT",) else [])

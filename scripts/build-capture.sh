@@ -24,20 +24,31 @@ if [ "${GOLCONDE_CAPTURE_C:-}" = "skip" ]; then
     exit 0
 fi
 
+# Debian's server packages: /usr/lib/postgresql/<major>/bin/postgres, pg_config beside it once
+# postgresql-server-dev-<major> is installed. The pg_config on PATH only where there are none
+# (it may belong to a client library of another major version).
 configs=()
-for candidate in /usr/lib/postgresql/*/bin/pg_config; do
-    [ -x "$candidate" ] && configs+=("$candidate")
-done
-# servers installed without their pg_config (no headers package yet): name it, it comes with them
 for server in /usr/lib/postgresql/*/bin/postgres; do
-    [ -x "$server" ] || continue
-    candidate="$(dirname "$server")/pg_config"
-    [ -x "$candidate" ] || configs+=("$candidate")
+    [ -x "$server" ] && configs+=("$(dirname "$server")/pg_config")
 done
-if command -v pg_config >/dev/null 2>&1; then
+if [ "${#configs[@]}" -eq 0 ] && command -v pg_config >/dev/null 2>&1; then
     configs+=("$(command -v pg_config)")
 fi
 [ "${#configs[@]}" -gt 0 ] || die "no PostgreSQL server found (no /usr/lib/postgresql/*/bin/postgres, no pg_config)"
+
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || die "missing $*, and no apt-get to install it"
+    info "installing $*"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null \
+        || { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null \
+             && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null; } \
+        || die "apt-get install $* failed"
+}
+
+tools=()
+command -v make >/dev/null 2>&1 || tools+=(make)
+command -v gcc >/dev/null 2>&1 || tools+=(gcc)
+[ "${#tools[@]}" -eq 0 ] || apt_install "${tools[@]}"
 
 declare -A done_dirs=()
 for pg_config in "${configs[@]}"; do
@@ -47,12 +58,7 @@ for pg_config in "${configs[@]}"; do
     esac
     step "C capture trigger for PostgreSQL ${major} (${pg_config})"
     if [ ! -x "$pg_config" ] || [ ! -f "$("$pg_config" --includedir-server 2>/dev/null)/postgres.h" ]; then
-        command -v apt-get >/dev/null 2>&1 || die "no server headers for PostgreSQL ${major} and no apt-get to install postgresql-server-dev-${major}"
-        info "installing postgresql-server-dev-${major}"
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "postgresql-server-dev-${major}" >/dev/null \
-            || { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null \
-                 && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "postgresql-server-dev-${major}" >/dev/null; } \
-            || die "apt-get install postgresql-server-dev-${major} failed"
+        apt_install "postgresql-server-dev-${major}"
     fi
     libdir="$("$pg_config" --pkglibdir)"
     [ -z "${done_dirs[$libdir]:-}" ] || { info "already installed in ${libdir}"; continue; }
@@ -60,9 +66,17 @@ for pg_config in "${configs[@]}"; do
     build="$ROOT/var/build/capture_c-$("$pg_config" --version | tr -c 'A-Za-z0-9.\n' '_')"
     mkdir -p "$build"
     cp -p "$SRC/golconde_capture.c" "$SRC/Makefile" "$build/"
-    make -s -C "$build" PG_CONFIG="$pg_config" >/dev/null || die "building golconde_capture for ${major} failed"
-    as_root make -s -C "$build" PG_CONFIG="$pg_config" install >/dev/null \
-        || die "installing golconde_capture into ${libdir} failed"
+    # with_llvm=no: no JIT bitcode, so clang is not needed
+    make -s -C "$build" PG_CONFIG="$pg_config" with_llvm=no >/dev/null \
+        || die "building golconde_capture for ${major} failed"
     done_dirs[$libdir]=1
+    if cmp -s "$build/golconde_capture.so" "$libdir/golconde_capture.so"; then
+        info "${libdir}/golconde_capture.so is up to date"
+        continue
+    fi
+    as_root make -s -C "$build" PG_CONFIG="$pg_config" with_llvm=no install >/dev/null \
+        || die "installing golconde_capture into ${libdir} failed"
+    # JIT bitcode of an earlier build would be stale
+    as_root rm -rf "${libdir}/bitcode/golconde_capture" "${libdir}/bitcode/golconde_capture.index.bc"
     info "installed ${libdir}/golconde_capture.so"
 done

@@ -1,5 +1,9 @@
 -- ----------------------------------------------------------------------
--- Function: golconde.capture()
+-- Function: golconde.capture_plpgsql()
+--
+--     The PL/pgSQL capture trigger: the reference, and the body of
+--     golconde.capture() wherever the C one cannot be used (capture_c.sql
+--     picks one and installs it as golconde.capture(), the name triggers use).
 --
 --     AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW trigger that writes
 --     the row change as a Golconde packet into golconde.queue, inside the
@@ -32,7 +36,7 @@
 --     it can attach this function to a table (CREATE TRIGGER checks it).
 --     search_path is pinned and every object is schema-qualified.
 -- ----------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION golconde.capture()
+CREATE OR REPLACE FUNCTION golconde.capture_plpgsql()
 RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -92,7 +96,7 @@ BEGIN
 END;
 $$;
 
-REVOKE ALL ON FUNCTION golconde.capture() FROM PUBLIC;
+REVOKE ALL ON FUNCTION golconde.capture_plpgsql() FROM PUBLIC;
 
-COMMENT ON FUNCTION golconde.capture() IS
-    'Golconde: AFTER ROW trigger; arguments: destination, key columns. Writes packets to golconde.queue';
+COMMENT ON FUNCTION golconde.capture_plpgsql() IS
+    'Golconde: the PL/pgSQL body of golconde.capture(): AFTER ROW trigger; arguments: destination, key columns. Writes packets to golconde.queue';

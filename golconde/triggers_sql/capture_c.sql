@@ -1,33 +1,75 @@
 -- ----------------------------------------------------------------------
--- Function: golconde.capture(), in C when the server has the library.
+-- Function: golconde.capture(), the function capture triggers execute.
 --
---     sql/capture_c/golconde_capture.c is the same trigger as the PL/pgSQL
---     one above (which stays the reference, and the fallback): same
---     arguments, same packets, same checks, at a fraction of its CPU per row.
---     scripts/build-capture.sh builds it and installs golconde_capture.so
---     into the server's $libdir (it needs the server headers, Debian's
---     postgresql-server-dev-<major>). When the library is there, this
---     replaces the PL/pgSQL body in place: the function keeps its OID, so
---     triggers already attached to it switch too, and its privileges and
---     comment stay. When it is not, the PL/pgSQL function stays, with a
---     NOTICE (library missing) or a WARNING (library unusable, e.g. built
---     for another major version) naming the reason.
+--     C (sql/capture_c/golconde_capture.c) when this server has the library
+--     golconde_capture.so of the version this file expects; otherwise the
+--     PL/pgSQL body of golconde.capture_plpgsql() (capture.sql). Both write
+--     the same packets; the C one costs a captured row about half the CPU.
+--     scripts/build-capture.sh builds and installs the library (it needs the
+--     server headers, Debian's postgresql-server-dev-<major>).
 --
---     No SET search_path is needed: the C code reaches golconde.queue by a
---     schema-qualified name in a plan prepared once per backend, and types
---     and functions by OID.
+--     golconde.capture() is replaced in place: it keeps its OID, so triggers
+--     already attached switch too. When the C function cannot be used, a
+--     NOTICE (library missing) or a WARNING (any other reason: wrong
+--     version, not loadable) names why. Exception: a C golconde.capture()
+--     that this role may not replace (creating a C function needs a
+--     superuser) stays as it is, with a WARNING.
+--
+--     The C function is SECURITY INVOKER: it formats the row with the
+--     writer's rights and switches to its owner only for the queue insert,
+--     which names every object schema-qualified (no search_path needed).
+--     golconde.capture_version() is the library's version.
+--
+--     Bump c_expected here and CAPTURE_VERSION in golconde_capture.c
+--     together whenever the packets or the queue insert change.
 -- ----------------------------------------------------------------------
 DO $install$
+DECLARE
+    c_expected CONSTANT integer := 2;
+    v_current  text := (SELECT l.lanname FROM pg_catalog.pg_proc p
+                        JOIN pg_catalog.pg_language l ON l.oid = p.prolang
+                        WHERE p.oid = pg_catalog.to_regprocedure('golconde.capture()'));
+    v_version  integer;
+    v_reason   text;
+    v_state    text;
 BEGIN
-    CREATE OR REPLACE FUNCTION golconde.capture()
-    RETURNS trigger
-    LANGUAGE c
-    SECURITY DEFINER
-    AS '$libdir/golconde_capture', 'golconde_capture';
-EXCEPTION
-    WHEN undefined_file THEN
-        RAISE NOTICE 'golconde.capture() stays in PL/pgSQL: golconde_capture is not installed in this server''s library directory (scripts/build-capture.sh builds it)';
-    WHEN OTHERS THEN
-        RAISE WARNING 'golconde.capture() stays in PL/pgSQL: golconde_capture cannot be used: %', SQLERRM;
+    BEGIN
+        CREATE OR REPLACE FUNCTION golconde.capture_version()
+        RETURNS integer
+        LANGUAGE c IMMUTABLE
+        AS '$libdir/golconde_capture', 'golconde_capture_version';
+        v_version := golconde.capture_version();
+        IF v_version <> c_expected THEN
+            RAISE EXCEPTION 'golconde_capture is version %, this install expects % (rebuild it: scripts/build-capture.sh)',
+                v_version, c_expected;
+        END IF;
+        CREATE OR REPLACE FUNCTION golconde.capture()
+        RETURNS trigger
+        LANGUAGE c
+        AS '$libdir/golconde_capture', 'golconde_capture';
+    EXCEPTION WHEN OTHERS THEN
+        -- this block's changes are rolled back: both functions are as they were
+        v_reason := SQLERRM;
+        v_state := SQLSTATE;
+    END;
+
+    IF v_reason IS NOT NULL AND v_state = '42501' AND v_current = 'c' THEN
+        RAISE WARNING 'golconde.capture() stays the C function installed before: %', v_reason;
+    ELSIF v_reason IS NOT NULL THEN
+        EXECUTE pg_catalog.replace(pg_catalog.pg_get_functiondef('golconde.capture_plpgsql()'::regprocedure),
+                                   'FUNCTION golconde.capture_plpgsql()', 'FUNCTION golconde.capture()');
+        IF v_state = '58P01' THEN   -- undefined_file
+            RAISE NOTICE 'golconde.capture() is in PL/pgSQL: golconde_capture is not installed in this server (scripts/build-capture.sh builds it): %',
+                v_reason;
+        ELSE
+            RAISE WARNING 'golconde.capture() is in PL/pgSQL: golconde_capture cannot be used: %', v_reason;
+        END IF;
+    END IF;
+    REVOKE ALL ON FUNCTION golconde.capture() FROM PUBLIC;
+    COMMENT ON FUNCTION golconde.capture() IS
+        'Golconde: AFTER ROW trigger; arguments: destination, key columns. Writes packets to golconde.queue';
+    IF pg_catalog.to_regprocedure('golconde.capture_version()') IS NOT NULL THEN
+        REVOKE ALL ON FUNCTION golconde.capture_version() FROM PUBLIC;
+    END IF;
 END
 $install$;

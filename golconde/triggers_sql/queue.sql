@@ -22,8 +22,10 @@
 --     one destination in id order and deletes by (destination, id). Each
 --     index costs every captured row an insert (about 4 us of CPU here);
 --     queues installed before had a primary key on id plus an index on
---     (destination, id), and are moved to this layout below (it takes an
---     ACCESS EXCLUSIVE lock on golconde.queue while it rebuilds the key).
+--     (destination, id), and are moved to this layout below: it takes an
+--     ACCESS EXCLUSIVE lock on golconde.queue (waiting at most 10 s for it)
+--     while it rebuilds the key. Upgrade the drain daemons first: an older
+--     one deletes by id alone, which this key does not serve.
 -- ----------------------------------------------------------------------
 CREATE TABLE IF NOT EXISTS golconde.queue (
     id          bigserial   NOT NULL,
@@ -38,9 +40,18 @@ CREATE TABLE IF NOT EXISTS golconde.queue (
 
 DO $upgrade$
 BEGIN
-    IF to_regclass('golconde.queue_destination_id_idx') IS NOT NULL THEN
-        ALTER TABLE golconde.queue DROP CONSTRAINT queue_pkey,
+    -- wait at most 10 s for a lock (writers of captured tables hold theirs until they commit)
+    PERFORM pg_catalog.set_config('lock_timeout', '10s', true);
+    IF (SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.n)
+        FROM pg_catalog.pg_constraint c
+        CROSS JOIN LATERAL pg_catalog.unnest(c.conkey) WITH ORDINALITY AS k(attnum, n)
+        JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+        WHERE c.conrelid = 'golconde.queue'::regclass AND c.contype = 'p')
+       IS DISTINCT FROM ARRAY['destination', 'id'] THEN
+        ALTER TABLE golconde.queue DROP CONSTRAINT IF EXISTS queue_pkey,
             ADD CONSTRAINT queue_pkey PRIMARY KEY (destination, id);
+    END IF;
+    IF pg_catalog.to_regclass('golconde.queue_destination_id_idx') IS NOT NULL THEN
         DROP INDEX golconde.queue_destination_id_idx;
     END IF;
 END

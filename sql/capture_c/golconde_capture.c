@@ -28,12 +28,23 @@
  * The packet id is drawn here rather than by the column's default: see
  * packet_id().
  *
+ * Rights: the function is SECURITY INVOKER. The row is formatted as the
+ * writer (so a user-defined cast to json runs with the writer's rights, not
+ * the owner's), and only the queue insert runs as the function's owner, the
+ * way a SECURITY DEFINER function would run it (writers need no rights on
+ * golconde.queue).
+ *
+ * golconde_capture_version() returns CAPTURE_VERSION; capture_c.sql uses the
+ * library only when it is the version its SQL expects (bump both together
+ * whenever the packets or the queue insert change).
+ *
  * Build and install (PGXS): make && make install (see Makefile).
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include "access/htup_details.h"
+#include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
@@ -45,7 +56,9 @@
 #include "utils/fmgroids.h"
 #include "utils/json.h"
 #include "utils/lsyscache.h"
+#include "miscadmin.h"
 #include "utils/rel.h"
+#include "utils/syscache.h"
 #include "utils/uuid.h"
 #if PG_VERSION_NUM >= 150000
 #include "common/pg_prng.h"
@@ -53,7 +66,16 @@
 
 PG_MODULE_MAGIC;
 
+#define CAPTURE_VERSION 2
+
 PG_FUNCTION_INFO_V1(golconde_capture);
+PG_FUNCTION_INFO_V1(golconde_capture_version);
+
+Datum
+golconde_capture_version(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_INT32(CAPTURE_VERSION);
+}
 
 /* INSERT into the queue, prepared once per backend (the plan cache replans it when needed). */
 static SPIPlanPtr insert_plan = NULL;
@@ -88,6 +110,26 @@ packet_id(void)
 	uuid->data[6] = (uuid->data[6] & 0x0f) | 0x40;	/* version 4 */
 	uuid->data[8] = (uuid->data[8] & 0x3f) | 0x80;	/* variant RFC 4122 */
 	return UUIDPGetDatum(uuid);
+}
+
+/* The owner of the function being called (looked up once per function and backend). */
+static Oid
+function_owner(FunctionCallInfo fcinfo)
+{
+	static Oid	cached_function = InvalidOid;
+	static Oid	cached_owner = InvalidOid;
+	Oid			function = fcinfo->flinfo->fn_oid;
+	HeapTuple	tuple;
+
+	if (function == cached_function)
+		return cached_owner;
+	tuple = SearchSysCache1(PROCOID, ObjectIdGetDatum(function));
+	if (!HeapTupleIsValid(tuple))
+		elog(ERROR, "golconde.capture(): cache lookup failed for function %u", function);
+	cached_owner = ((Form_pg_proc) GETSTRUCT(tuple))->proowner;
+	cached_function = function;
+	ReleaseSysCache(tuple);
+	return cached_owner;
 }
 
 /* Is every (non-dropped) column binary-identical in both tuples?  As record_image_eq (*=). */
@@ -163,7 +205,7 @@ append_restriction(StringInfo buf, Trigger *trigger, Relation rel, HeapTuple old
 		bool		isnull;
 		Datum		value;
 
-		if (attnum <= 0 || TupleDescAttr(desc, attnum - 1)->attisdropped)
+		if (attnum <= 0)		/* SPI_fnumber skips dropped columns */
 			ereport(ERROR,
 					(errcode(ERRCODE_UNDEFINED_COLUMN),
 					 errmsg("golconde.capture(): key column %s of trigger %s is not a column of %s",
@@ -191,6 +233,8 @@ golconde_capture(PG_FUNCTION_ARGS)
 	StringInfoData packet;
 	Datum		values[4];
 	int			ret;
+	Oid			save_userid;
+	int			save_sec_context;
 
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		ereport(ERROR,
@@ -249,6 +293,19 @@ golconde_capture(PG_FUNCTION_ARGS)
 				 errmsg("golconde.capture(): TRUNCATE is not captured (trigger %s on %s)",
 						trigger->tgname, relation)));
 
+	values[0] = packet_id();
+	values[1] = CStringGetTextDatum(trigger->tgargs[0]);
+	values[2] = CStringGetTextDatum(relation);
+	values[3] = CStringGetTextDatum(packet.data);
+
+	/*
+	 * The insert alone, its planning included (golconde is looked up with
+	 * the current user's rights), runs as the function's owner.  An error
+	 * leaves the user switched: (sub)transaction abort switches it back.
+	 */
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	SetUserIdAndSecContext(function_owner(fcinfo),
+						   save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "golconde.capture(): SPI_connect failed");
 	if (insert_plan == NULL)
@@ -263,13 +320,10 @@ golconde_capture(PG_FUNCTION_ARGS)
 			elog(ERROR, "golconde.capture(): SPI_keepplan failed");
 		insert_plan = plan;
 	}
-	values[0] = packet_id();
-	values[1] = CStringGetTextDatum(trigger->tgargs[0]);
-	values[2] = CStringGetTextDatum(relation);
-	values[3] = CStringGetTextDatum(packet.data);
 	ret = SPI_execute_plan(insert_plan, values, NULL, false, 0);
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "golconde.capture(): queue insert failed: %s", SPI_result_code_string(ret));
 	SPI_finish();
+	SetUserIdAndSecContext(save_userid, save_sec_context);
 	return PointerGetDatum(NULL);
 }

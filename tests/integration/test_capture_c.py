@@ -1,7 +1,8 @@
-"""golconde.capture() in C (sql/capture_c) against the PL/pgSQL reference (sql/triggers/capture.sql),
-on a real PostgreSQL with the library installed by scripts/build-capture.sh (part of
-scripts/setup.sh). Set GOLCONDE_TEST_CAPTURE=plpgsql to run the suite on a server where the library
-cannot be installed: the C-only tests are then skipped and the rest run on the PL/pgSQL function."""
+"""golconde.capture() in C (sql/capture_c) against the PL/pgSQL reference
+golconde.capture_plpgsql() (sql/triggers/capture.sql), on a real PostgreSQL with the library
+installed by scripts/build-capture.sh (part of scripts/setup.sh). Set
+GOLCONDE_TEST_CAPTURE=plpgsql to run the suite on a server where the library cannot be installed:
+the C-only tests are then skipped and the rest run on the PL/pgSQL function."""
 from __future__ import annotations
 
 import os
@@ -18,14 +19,16 @@ from .test_trigger import TYPES, execute
 PLPGSQL_ONLY = os.environ.get("GOLCONDE_TEST_CAPTURE") == "plpgsql"
 needs_c = pytest.mark.skipif(PLPGSQL_ONLY, reason="GOLCONDE_TEST_CAPTURE=plpgsql")
 
+C, REFERENCE = "golconde.capture", "golconde.capture_plpgsql"
+
 
 def capture_sql(name: str) -> str:
     return dict(trigger.sql_files())[name]
 
 
-def install_reference(conn) -> None:
-    """The PL/pgSQL capture function as golconde.capture_reference(), from capture.sql's text."""
-    execute(conn, capture_sql("capture.sql").replace("golconde.capture()", "golconde.capture_reference()"))
+def language(conn) -> str:
+    with conn.cursor() as cur:
+        return trigger.capture_language(cur)
 
 
 def attach(conn, table: str, function: str, destination: str, *keys: str, when: str = "AFTER",
@@ -36,39 +39,58 @@ def attach(conn, table: str, function: str, destination: str, *keys: str, when: 
         sql.SQL(", ").join(sql.Literal(arg) for arg in (destination,) + keys)))
 
 
+def attach_both(conn, table: str, destination: str, *keys: str) -> None:
+    """The C function as destination ``C<destination>``, the reference as ``R<destination>``."""
+    attach(conn, table, C, "C" + destination, *keys)
+    attach(conn, table, REFERENCE, "R" + destination, *keys)
+
+
 def queued(conn, destination: str):
+    """``(relation, packet as jsonb text, packet_id)`` of ``destination``'s rows, in capture order.
+    jsonb's text form is canonical, so equal texts are equal packets, numbers and types included."""
     with conn.cursor() as cur:
-        cur.execute("SELECT relation, packet, packet_id FROM golconde.queue WHERE destination = %s"
+        cur.execute("SELECT relation, packet::text, packet_id FROM golconde.queue WHERE destination = %s"
                     " ORDER BY id", (destination,))
         return cur.fetchall()
 
 
-@needs_c
-def test_capture_is_in_c_where_the_library_is_installed(db):
+def assert_same(conn, destination: str, count: int) -> None:
+    c_rows, r_rows = queued(conn, "C" + destination), queued(conn, "R" + destination)
+    assert len(c_rows) == count
+    assert [row[:2] for row in c_rows] == [row[:2] for row in r_rows]
+    ids = [uuid.UUID(row[2]) for row in c_rows]
+    assert all(value.version == 4 and value.variant == uuid.RFC_4122 for value in ids)
+
+
+@pytest.fixture
+def both(db):
+    """A database with the capture schema, where golconde.capture() must be the C function."""
     trigger.install_schema(db)
-    with db.cursor() as cur:
-        assert trigger.capture_language(cur) == "c", (
-            "golconde_capture.so is not installed in this server: run scripts/build-capture.sh")
-    execute(db, "CREATE TABLE t (id int PRIMARY KEY)")
-    assert trigger.install(db, "t", "D").capture == "c"
+    assert language(db) == "c", "golconde_capture.so is not installed here: run scripts/build-capture.sh"
+    return db
 
 
 @needs_c
-def test_c_and_plpgsql_write_the_same_packets(db):
+def test_capture_is_in_c_where_the_library_is_installed(both):
+    execute(both, "CREATE TABLE t (id int PRIMARY KEY)")
+    assert trigger.install(both, "t", "D").capture == "c"
+    assert trigger.schema_state(both) == "current"
+
+
+@needs_c
+def test_c_and_plpgsql_write_the_same_packets(both):
     """Every type of the round-trip test, a composite key with odd names, INSERT, UPDATE, an
-    UPDATE that changes nothing, DELETE: both functions queue equal packets (as jsonb) for the
-    same relation, in the same order; the C function's packet ids are distinct random UUIDs."""
-    trigger.install_schema(db)
-    install_reference(db)
+    UPDATE that changes nothing, an UPDATE of the key, DELETE: both functions queue the same
+    packets (compared as jsonb text) for the same relation, in the same order."""
+    db = both
     columns = sql.SQL(", ").join(sql.SQL("{} " + kind).format(sql.Identifier(name))
                                  for name, kind, _ in TYPES)
     execute(db, sql.SQL("CREATE TABLE typed (id int PRIMARY KEY, {})").format(columns))
     execute(db, 'CREATE TABLE "Odd ""Table"" é" ("Key A" text, "k""b" date, v int, dropped int,'
                 ' UNIQUE ("Key A", "k""b"))')  # nullable key columns: the trigger's key is its arguments
     execute(db, 'ALTER TABLE "Odd ""Table"" é" DROP COLUMN dropped')
-    for function, destination in (("golconde.capture", "C"), ("golconde.capture_reference", "R")):
-        attach(db, "typed", function, destination, "id")
-        attach(db, 'Odd "Table" é', function, destination + "odd", "Key A", 'k"b')
+    attach_both(db, "typed", "", "id")
+    attach_both(db, 'Odd "Table" é', "odd", "Key A", 'k"b')
     execute(db, "SET TimeZone = 'Asia/Kolkata'")
     execute(db, "INSERT INTO typed VALUES (1, %s), (2, %s)" % (
         ", ".join(value for _, _, value in TYPES), ", ".join("NULL" for _ in TYPES)))
@@ -79,25 +101,80 @@ def test_c_and_plpgsql_write_the_same_packets(db):
     execute(db, """INSERT INTO "Odd ""Table"" é" VALUES ('a"\\b ☃', '2024-02-29', 1), (NULL, '2020-01-01', 2)""")
     execute(db, """UPDATE "Odd ""Table"" é" SET v = v + 1""")
     execute(db, """DELETE FROM "Odd ""Table"" é" WHERE v = 2""")
-    for c_dest, r_dest, count in (("C", "R", 6), ("Codd", "Rodd", 5)):
-        c_rows, r_rows = queued(db, c_dest), queued(db, r_dest)
-        assert len(c_rows) == count
-        assert [row[:2] for row in c_rows] == [row[:2] for row in r_rows]
-        ids = [uuid.UUID(row[2]) for row in c_rows]
-        assert all(value.version == 4 and value.variant == uuid.RFC_4122 for value in ids)
+    assert_same(db, "", 6)
+    assert_same(db, "odd", 5)
     assert queued(db, "Codd")[0][0] == 'public."Odd ""Table"" é"' and queued(db, "C")[0][0] == "public.typed"
-    everything = [row[2] for row in queued(db, "C") + queued(db, "Codd")]
-    assert len(set(everything)) == len(everything)
-    # the restriction of a NULL key column is JSON null in both
-    assert queued(db, "Codd")[3][1]["restriction"] == {"Key A": None, "k\"b": "2020-01-01"}
-    assert queued(db, "Codd")[4][1] == {"action": "delete", "restriction": {"Key A": 'a"\\b ☃', "k\"b": "2024-02-29"}}
+    # the restriction of a NULL key column is JSON null
+    assert queued(db, "Codd")[3][1].endswith('"restriction": {"k\\"b": "2020-01-01", "Key A": null}}')
 
 
 @needs_c
-@pytest.mark.parametrize("function", ["golconde.capture", "golconde.capture_reference"])
-def test_misuse_is_refused_by_both(db, function):
-    trigger.install_schema(db)
-    install_reference(db)
+def test_same_packets_for_toast_domains_casts_composites_partitions_and_generated_columns(both):
+    db = both
+    execute(db, "CREATE EXTENSION IF NOT EXISTS hstore")
+    execute(db, "CREATE DOMAIN positive AS numeric CHECK (VALUE > 0)")
+    execute(db, "CREATE TYPE pair AS (a int, b text)")
+    execute(db, "CREATE TYPE mood AS ENUM ('sad', 'happy')")
+    execute(db, "CREATE TABLE wide (id int PRIMARY KEY, big text, h hstore, p positive, prs pair[],"
+                " m mood, f float8, r real, g int GENERATED ALWAYS AS (id * 2) STORED)")
+    execute(db, "INSERT INTO wide (id, big) VALUES (0, 'before the column with a default')")
+    execute(db, "ALTER TABLE wide ADD COLUMN later text DEFAULT 'default value'")
+    execute(db, "CREATE TABLE parts (id int, day date, v text, PRIMARY KEY (id, day)) PARTITION BY RANGE (day)")
+    execute(db, "CREATE TABLE parts_2024 PARTITION OF parts FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')")
+    execute(db, "CREATE TABLE parts_2025 (v text, day date NOT NULL, id int NOT NULL)")  # other column order
+    execute(db, "ALTER TABLE parts ATTACH PARTITION parts_2025 FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')")
+    attach_both(db, "wide", "w", "id")
+    attach_both(db, "parts", "p", "id", "day")
+    execute(db, "INSERT INTO wide (id, big, h, p, prs, m, f, r) VALUES (1, repeat('x', 100000) || 'é',"
+                " 'a=>1, \"b c\"=>NULL', 3.10, ARRAY[ROW(1, 'q\"')::pair, NULL], 'happy', 'Infinity',"
+                " '-Infinity'), (2, NULL, NULL, NULL, NULL, NULL, 'NaN', 1.5)")
+    execute(db, "UPDATE wide SET big = big WHERE id = 1")        # TOASTed, unchanged: no packet
+    execute(db, "UPDATE wide SET m = 'sad' WHERE id = 1")        # TOASTed value carried along
+    execute(db, "UPDATE wide SET later = NULL WHERE id = 0")     # a row from before the new column
+    execute(db, "DELETE FROM wide WHERE id = 2")
+    execute(db, "INSERT INTO parts VALUES (1, '2024-05-01', 'a'), (2, '2025-05-01', 'b')")
+    execute(db, "UPDATE parts SET v = v || '!'")
+    execute(db, "UPDATE parts SET day = '2025-06-01' WHERE id = 1")   # moves across partitions
+    assert_same(db, "w", 5)
+    assert_same(db, "p", 6)
+    rows = queued(db, "Cw")
+    assert len(rows[0][1]) > 100000 and '"g": 2' in rows[0][1] and '"later": "default value"' in rows[0][1]
+    assert [row[0] for row in queued(db, "Cp")][:2] == ["public.parts_2024", "public.parts_2025"]
+
+
+@needs_c
+def test_packet_ids_differ_across_connections(both, database):
+    execute(both, "CREATE TABLE t (id int PRIMARY KEY)")
+    attach(both, "t", C, "D", "id")
+    for start in (1, 100, 200):
+        other = psycopg2.connect(database)
+        other.autocommit = True
+        try:
+            execute(other, "INSERT INTO t SELECT g FROM generate_series(%s, %s) g", (start, start + 49))
+        finally:
+            other.close()
+    ids = [row[2] for row in queued(both, "D")]
+    assert len(ids) == 150 and len(set(ids)) == 150
+
+
+@needs_c
+def test_kept_plan_survives_the_queue_being_recreated(both):
+    """The C function prepares its insert once per backend; after the capture schema is dropped
+    and installed again, the same session captures into the new queue."""
+    execute(both, "CREATE TABLE t (id int PRIMARY KEY)")
+    attach(both, "t", C, "D", "id")
+    execute(both, "INSERT INTO t VALUES (1)")
+    execute(both, "DROP SCHEMA golconde CASCADE")   # drops the trigger with the function
+    trigger.install_schema(both)
+    attach(both, "t", C, "D", "id")
+    execute(both, "INSERT INTO t VALUES (2)")
+    assert [row[1] for row in queued(both, "D")] == ['{"data": {"id": 2}, "action": "add"}']
+
+
+@needs_c
+@pytest.mark.parametrize("function", [C, REFERENCE])
+def test_misuse_is_refused_by_both(both, function):
+    db = both
     execute(db, "CREATE TABLE t (id int PRIMARY KEY, v int)")
     execute(db, "INSERT INTO t VALUES (1, 1)")
     cases = [
@@ -110,44 +187,65 @@ def test_misuse_is_refused_by_both(db, function):
     for options, statement, message in cases:
         destination = options.pop("destination", "D")
         keys = options.pop("keys", ("id",))
-        execute(db, "DROP TRIGGER IF EXISTS {0} ON t".format('"t_%s"' % destination))
         attach(db, "t", function, destination, *keys, **options)
         with pytest.raises(psycopg2.Error, match=message):
             execute(db, statement)
-        execute(db, "DROP TRIGGER {0} ON t".format('"t_%s"' % destination))
+        execute(db, sql.SQL("DROP TRIGGER {} ON t").format(sql.Identifier("t_" + destination)))
     assert queued(db, "D") == []
 
 
 def test_install_falls_back_to_plpgsql_without_the_library(db):
-    """capture_c.sql with a library the server does not have: golconde.capture() stays PL/pgSQL,
-    and the NOTICE says why."""
+    """capture_c.sql with a library the server does not have: golconde.capture() is the PL/pgSQL
+    function (also when it was C before: its library is gone), and the NOTICE says why."""
     trigger.install_schema(db)
     missing = capture_sql("capture_c.sql").replace("$libdir/golconde_capture", "$libdir/golconde_nope")
     assert missing != capture_sql("capture_c.sql")
-    execute(db, capture_sql("capture.sql"))
+    del db.notices[:]
     execute(db, missing)
-    with db.cursor() as cur:
-        assert trigger.capture_language(cur) == "plpgsql"
-    assert any("stays in PL/pgSQL" in notice and "not installed" in notice for notice in db.notices)
+    assert language(db) == "plpgsql"
+    assert any("NOTICE" in notice and "is in PL/pgSQL" in notice and "not installed" in notice
+               for notice in db.notices)
     execute(db, "CREATE TABLE t (id int PRIMARY KEY)")
     execute(db, "CREATE TRIGGER c AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION golconde.capture('D', 'id')")
     execute(db, "INSERT INTO t VALUES (1)")
-    assert [row[1] for row in queued(db, "D")] == [{"action": "add", "data": {"id": 1}}]
+    assert [row[1] for row in queued(db, "D")] == ['{"data": {"id": 1}, "action": "add"}']
+    with db.cursor() as cur:
+        cur.execute("SELECT proacl::text[] FROM pg_proc WHERE oid = 'golconde.capture()'::regprocedure")
+        assert not any(grant.startswith("=") for grant in cur.fetchone()[0])  # not PUBLIC's
+    assert trigger.schema_state(db) == "plpgsql"
+
+
+@needs_c
+def test_a_library_of_another_version_is_not_used(both):
+    expecting_other = capture_sql("capture_c.sql").replace("c_expected CONSTANT integer := 2;",
+                                                           "c_expected CONSTANT integer := 999;")
+    assert expecting_other != capture_sql("capture_c.sql")
+    del both.notices[:]
+    execute(both, expecting_other)
+    assert language(both) == "plpgsql"
+    assert any("WARNING" in notice and "golconde_capture is version 2, this install expects 999" in notice
+               for notice in both.notices)
+    trigger.install_schema(both)        # the real install switches back
+    assert language(both) == "c"
 
 
 def test_old_queue_layout_is_upgraded_in_place(db):
     """A queue of the earlier layout (primary key id, index on (destination, id)) keeps its rows
-    and gets the single primary key (destination, id)."""
+    and gets the single primary key (destination, id); install() upgrades it."""
     execute(db, "CREATE SCHEMA golconde")
     execute(db, "CREATE TABLE golconde.queue (id bigserial PRIMARY KEY, packet_id uuid NOT NULL DEFAULT"
                 " gen_random_uuid(), destination text NOT NULL, relation text NOT NULL, txid xid8 NOT NULL"
                 " DEFAULT pg_current_xact_id(), created_at timestamptz NOT NULL DEFAULT clock_timestamp(),"
                 " packet jsonb NOT NULL)")
     execute(db, "CREATE INDEX queue_destination_id_idx ON golconde.queue (destination, id)")
+    execute(db, "CREATE FUNCTION golconde.capture() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'")
     execute(db, "INSERT INTO golconde.queue (destination, relation, packet) VALUES"
                 " ('D', 'public.t', '{\"action\": \"add\", \"data\": {\"id\": 1}}')")
+    assert trigger.schema_state(db) == "old"
+    execute(db, "CREATE TABLE t (id int PRIMARY KEY)")
+    trigger.install(db, "t", "D")
     trigger.install_schema(db)
-    trigger.install_schema(db)
+    assert trigger.schema_state(db) in ("current", "plpgsql")
     with db.cursor() as cur:
         cur.execute("SELECT indexrelid::regclass::text, indkey::text FROM pg_index"
                     " WHERE indrelid = 'golconde.queue'::regclass")
@@ -155,3 +253,28 @@ def test_old_queue_layout_is_upgraded_in_place(db):
         batch = trigger.fetch_batch(cur, "D", 10)
         assert [queued.packet for queued in batch] == [{"action": "add", "data": {"id": 1}}]
         assert trigger.delete_batch(cur, "D", [batch[0].id]) == 1
+
+
+def test_install_by_a_role_that_does_not_own_the_schema(db, database):
+    """Once an owner installed the schema, a role that may create triggers on its own table (and
+    execute golconde.capture()) installs its trigger; the schema is left as it is."""
+    trigger.install_schema(db)
+    before = language(db)
+    role = "golconde_installer_%s" % uuid.uuid4().hex[:8]
+    execute(db, sql.SQL("CREATE ROLE {0} LOGIN; GRANT USAGE ON SCHEMA golconde TO {0};"
+                        " GRANT EXECUTE ON FUNCTION golconde.capture() TO {0};"
+                        " GRANT CREATE ON SCHEMA public TO {0}").format(sql.Identifier(role)))
+    try:
+        other = psycopg2.connect(database, user=role)
+        other.autocommit = True
+        try:
+            execute(other, "CREATE TABLE mine (id int PRIMARY KEY)")
+            result = trigger.install(other, "mine", "D")
+            assert result.capture == before and result.events == ("INSERT", "UPDATE", "DELETE")
+            execute(other, "INSERT INTO mine VALUES (1)")
+        finally:
+            other.close()
+        assert language(db) == before
+        assert [row[1] for row in queued(db, "D")] == ['{"data": {"id": 1}, "action": "add"}']
+    finally:
+        execute(db, sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(sql.Identifier(role)))

@@ -61,14 +61,19 @@ def test_install_schema_is_idempotent(db):
         cur.execute("SELECT to_regclass('golconde.queue') IS NOT NULL,"
                     " to_regprocedure('golconde.capture()') IS NOT NULL")
         assert cur.fetchone() == (True, True)
-        cur.execute("SELECT prosecdef, proconfig, proacl::text[] FROM pg_proc"
-                    " WHERE oid = 'golconde.capture()'::regprocedure")
-        secdef, config, acl = cur.fetchone()
-        # SECURITY DEFINER, not executable by PUBLIC (no "=X/" grant); the PL/pgSQL function pins
-        # its search_path, the C one needs none (see capture_c.sql)
-        assert secdef and not any(grant.startswith("=") for grant in acl)
-        language = trigger.capture_language(cur)
-        assert config == (None if language == "c" else ["search_path=pg_catalog, pg_temp"])
+        for function in ("golconde.capture()", "golconde.capture_plpgsql()"):
+            cur.execute("SELECT l.lanname, prosecdef, proconfig, proacl::text[] FROM pg_proc p"
+                        " JOIN pg_language l ON l.oid = p.prolang WHERE p.oid = %s::regprocedure",
+                        (function,))
+            language, secdef, config, acl = cur.fetchone()
+            # not executable by PUBLIC (no "=X/" grant); the PL/pgSQL function is SECURITY
+            # DEFINER with a pinned search_path, the C one switches to its owner for the insert
+            assert not any(grant.startswith("=") for grant in acl), function
+            if language == "c":
+                assert not secdef and config is None
+            else:
+                assert secdef and config == ["search_path=pg_catalog, pg_temp"]
+        assert trigger.schema_state(db) in ("current", "plpgsql")
         cur.execute("SELECT indexrelid::regclass::text, indisprimary, indkey::text FROM pg_index"
                     " WHERE indrelid = 'golconde.queue'::regclass")
         assert cur.fetchall() == [("golconde.queue_pkey", True, "3 1")]  # (destination, id)
@@ -347,6 +352,9 @@ def test_writers_need_no_rights_on_the_queue(orders, database):
         writer = psycopg2.connect(database, user=role)
         try:
             execute(writer, "INSERT INTO orders (name) VALUES ('w')")
+            with writer.cursor() as cur:   # the capture switched back to the writer
+                cur.execute("SELECT current_user, session_user")
+                assert cur.fetchone() == (role, role)
             writer.commit()
             with pytest.raises(psycopg2.errors.InsufficientPrivilege):
                 execute(writer, "SELECT * FROM golconde.queue")
