@@ -37,6 +37,12 @@ LOGGER = logging.getLogger(__name__)
 #: Package directory holding the SQL files, and the file that lists their install order.
 SQL_PACKAGE = "golconde"
 SQL_DIRECTORY = "triggers_sql"
+#: What ``golconde.schema_version()`` returns once this version's SQL files are installed
+#: (``schema.sql``; bump both together).
+SCHEMA_VERSION = 2
+#: What ``golconde.capture_version()`` of the C library must return (``CAPTURE_VERSION`` in
+#: ``golconde_capture.c``, ``c_expected`` in ``capture_c.sql``; bump all three together).
+CAPTURE_VERSION = 2
 SQL_INSTALL_FILE = "install.sql"
 #: Channel notified (payload: destination name) when packets are captured.
 NOTIFY_CHANNEL = "golconde"
@@ -193,7 +199,8 @@ def install_schema(conn: psycopg2.extensions.connection) -> None:
                 cur.execute(text)
     finally:
         conn.notices = saved
-        saved.extend(notices)
+        for notice in notices:
+            saved.append(notice)
     for notice in notices:   # why golconde.capture() is not the C function
         if "golconde.capture()" in notice:
             (LOGGER.warning if notice.startswith("WARNING") else LOGGER.info)("%s", notice.strip())
@@ -212,27 +219,54 @@ def capture_language(cursor: Any) -> Optional[str]:
 def schema_state(conn: psycopg2.extensions.connection) -> str:
     """How the capture schema of ``conn``'s database compares with this version's, in a
     transaction of its own: ``"missing"`` (no ``golconde.capture()`` or no ``golconde.queue``),
-    ``"old"`` (installed by an earlier version: no ``golconde.capture_plpgsql()``, or the queue's
-    primary key is not ``(destination, id)``), ``"plpgsql"`` (current, but the capture is in
-    PL/pgSQL: installing again switches it to C if the server now has the library) or
-    ``"current"``.
+    ``"old"`` (a ``golconde.schema_version()`` older than :data:`SCHEMA_VERSION`, or none; a queue
+    whose primary key is not ``(destination, id)``; or a C ``golconde.capture()`` whose library
+    cannot be loaded or is not at :data:`CAPTURE_VERSION`, as on a standby or a restored copy
+    without it), ``"plpgsql"`` (current, but the capture is in PL/pgSQL: installing again
+    switches it to C if the server now has the library) or ``"current"``.
 
     :raises TriggerError: ``conn`` is inside a transaction.
     """
     with _transaction(conn) as cur:
         cur.execute("SELECT to_regclass('golconde.queue') IS NOT NULL,"
-                    " to_regprocedure('golconde.capture_plpgsql()') IS NOT NULL")
-        queue, reference = cur.fetchone()
+                    " to_regprocedure('golconde.schema_version()') IS NOT NULL")
+        queue, versioned = cur.fetchone()
         language = capture_language(cur)
         if not queue or language is None:
             return "missing"
+        version = 0
+        if versioned:
+            cur.execute("SELECT golconde.schema_version()")
+            version = cur.fetchone()[0]
         cur.execute("SELECT array_agg(a.attname::text ORDER BY k.n) FROM pg_constraint c"
                     " CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, n)"
                     " JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum"
                     " WHERE c.conrelid = 'golconde.queue'::regclass AND c.contype = 'p'")
-        if not reference or cur.fetchone()[0] != ["destination", "id"]:
+        if version < SCHEMA_VERSION or cur.fetchone()[0] != ["destination", "id"]:
             return "old"
-        return "current" if language == "c" else "plpgsql"
+        if language != "c":
+            return "plpgsql"
+        cur.execute("SAVEPOINT library")
+        try:   # loads the library in this server process, if it can
+            cur.execute("SELECT golconde.capture_version()")
+            loaded = cur.fetchone()[0]
+        except psycopg2.Error as exc:
+            cur.execute("ROLLBACK TO SAVEPOINT library")
+            if exc.pgcode == "42501":   # this role may not look: assume it is fine
+                return "current"
+            LOGGER.warning("golconde.capture() is in C, but its library cannot be used here: %s",
+                           _first_line(exc))
+            return "old"
+        if loaded != CAPTURE_VERSION:
+            LOGGER.warning("golconde.capture() is in C, but its library is version %s, not %d",
+                           loaded, CAPTURE_VERSION)
+            return "old"
+        return "current"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 # -- triggers -------------------------------------------------------------------------------------
@@ -241,11 +275,12 @@ def install(conn: psycopg2.extensions.connection, relation: str, destination: st
             actions: Optional[Iterable[str]] = None) -> InstallResult:
     """Install (or replace) the capture trigger ``golconde_capture_<destination>`` on ``relation``,
     AFTER INSERT OR UPDATE OR DELETE FOR EACH ROW, with the primary-key columns as arguments.
-    First, in a transaction of its own, installs the capture schema if it is missing, or upgrades
-    it if it is not current (:func:`schema_state`; the PL/pgSQL capture then switches to C if the
-    server has the library); a failed upgrade (e.g. a role that does not own the schema) is
-    logged as a warning and the trigger is installed on the schema as it is. Then the trigger, in
-    a second transaction. Committed.
+    First checks the table (nothing is changed when it is refused); then, in a transaction of its
+    own, installs the capture schema if it is missing, or upgrades it if it is not current
+    (:func:`schema_state`; the PL/pgSQL capture then switches to C if the server has the
+    library, and a C one whose library cannot be used here switches back to PL/pgSQL); a failed
+    upgrade (e.g. a role that does not own the schema) is logged as a warning and the trigger is
+    installed on the schema as it is. Then the trigger, in a transaction of its own. Committed.
 
     :param relation: ``[schema.]table`` (see :func:`parse_relation`); a plain or partitioned table.
     :param actions: what to capture, among ``insert`` (or ``add``), ``update``, ``delete``;
@@ -260,6 +295,15 @@ def install(conn: psycopg2.extensions.connection, relation: str, destination: st
     qualified = quote_relation(schema, table)
     events = _events(actions)
     name = trigger_name(destination)
+    with _transaction(conn) as cur:   # refuse before changing anything
+        keys = _primary_key(cur, _table_oid(cur, schema, table, qualified))
+    warning = None
+    if not keys and events != ("INSERT",):
+        message = ("%s has no primary key: UPDATE and DELETE cannot be captured; only INSERTs"
+                   " are distributed" % qualified)
+        if actions is not None:
+            raise TriggerError(message)
+        warning, events = message, ("INSERT",)
     state = schema_state(conn)
     if state != "current":
         try:
@@ -267,18 +311,11 @@ def install(conn: psycopg2.extensions.connection, relation: str, destination: st
         except psycopg2.Error as exc:
             if state == "missing":
                 raise
-            LOGGER.warning("capture schema golconde (%s) not upgraded: %s", state,
-                           str(exc).strip().splitlines()[0])
+            LOGGER.warning("capture schema golconde (%s) not upgraded: %s", state, _first_line(exc))
     with _transaction(conn) as cur:
-        oid = _table_oid(cur, schema, table, qualified)
-        keys = _primary_key(cur, oid)
-        warning = None
-        if not keys and events != ("INSERT",):
-            message = ("%s has no primary key: UPDATE and DELETE cannot be captured; only INSERTs"
-                       " are distributed" % qualified)
-            if actions is not None:
-                raise TriggerError(message)
-            warning, events = message, ("INSERT",)
+        keys = _primary_key(cur, _table_oid(cur, schema, table, qualified))
+        if not keys and events != ("INSERT",):   # the key was dropped meanwhile
+            raise TriggerError("%s has no primary key any more" % qualified)
         ident = sql.Identifier(schema, table)
         cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), ident))
         arguments = [destination] + (list(keys) if events != ("INSERT",) else [])

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Build golconde.capture() in C (sql/capture_c) and install its library, golconde_capture.so, into
 # the library directory of every PostgreSQL server installed under /usr/lib/postgresql (Debian's
-# layout) and of the one whose pg_config is on PATH. Installs the server headers
-# (postgresql-server-dev-<major>) when missing. Idempotent: rebuilds only what changed.
+# layout), or of the one whose pg_config is on PATH when there is none there. Installs the server
+# headers (postgresql-server-dev-<major>), make and gcc when missing. Idempotent: installs the
+# library only when it differs from the one in place.
 #
 # Databases pick the library up at their next `golconde trigger install` (or
-# golconde.trigger.install_schema()); without it, golconde.capture() stays in PL/pgSQL.
+# golconde.trigger.install_schema()); without it, golconde.capture() stays in PL/pgSQL. A server
+# process keeps the library it loaded first: after replacing it, reconnect before installing.
 #
 # Environment knobs:
 #   GOLCONDE_CAPTURE_C=skip   do nothing (the PL/pgSQL capture is used)
@@ -65,7 +67,7 @@ for pg_config in "${configs[@]}"; do
     # build out of the source tree, one directory per server version (objects differ)
     build="$ROOT/var/build/capture_c-$("$pg_config" --version | tr -c 'A-Za-z0-9.\n' '_')"
     mkdir -p "$build"
-    cp -p "$SRC/golconde_capture.c" "$SRC/Makefile" "$build/"
+    cp "$SRC/golconde_capture.c" "$SRC/Makefile" "$build/"   # fresh mtimes: make rebuilds (cmp decides the install)
     # with_llvm=no: no JIT bitcode, so clang is not needed
     make -s -C "$build" PG_CONFIG="$pg_config" with_llvm=no >/dev/null \
         || die "building golconde_capture for ${major} failed"

@@ -10,15 +10,25 @@
 --
 --     golconde.capture() is replaced in place: it keeps its OID, so triggers
 --     already attached switch too. When the C function cannot be used, a
---     NOTICE (library missing) or a WARNING (any other reason: wrong
---     version, not loadable) names why. Exception: a C golconde.capture()
---     that this role may not replace (creating a C function needs a
---     superuser) stays as it is, with a WARNING.
+--     NOTICE (library missing) or a WARNING (wrong version, not loadable,
+--     not allowed) names why; other errors (a lock timeout...) abort the
+--     install. Exception: a C golconde.capture() that this role may not
+--     replace (creating a C function needs a superuser) stays as it is,
+--     with a WARNING. The PL/pgSQL fallback is SECURITY DEFINER: it formats
+--     the row as the owner of schema golconde's functions, so make that
+--     owner a role without more rights than it needs where user-defined
+--     casts to json exist.
+--
+--     A server process keeps the library it loaded first: after replacing
+--     golconde_capture.so, reconnect (or restart the server) before
+--     installing.
 --
 --     The C function is SECURITY INVOKER: it formats the row with the
 --     writer's rights and switches to its owner only for the queue insert,
 --     which names every object schema-qualified (no search_path needed).
---     golconde.capture_version() is the library's version.
+--     golconde.capture_version() is the library's version (anyone may ask
+--     it: golconde trigger install does, to tell a library that cannot be
+--     loaded here, as on a standby or a restored copy without it).
 --
 --     Bump c_expected here and CAPTURE_VERSION in golconde_capture.c
 --     together whenever the packets or the queue insert change.
@@ -47,18 +57,29 @@ BEGIN
         RETURNS trigger
         LANGUAGE c
         AS '$libdir/golconde_capture', 'golconde_capture';
-    EXCEPTION WHEN OTHERS THEN
-        -- this block's changes are rolled back: both functions are as they were
-        v_reason := SQLERRM;
-        v_state := SQLSTATE;
+    EXCEPTION
+        -- the library is missing (58P01), lacks a symbol (42883), may not be used by this role
+        -- (42501), is of another build (XX000: incompatible library) or version (P0001, above);
+        -- anything else (a lock timeout, a deadlock...) aborts the install
+        WHEN undefined_file OR undefined_function OR insufficient_privilege OR internal_error
+             OR raise_exception THEN
+            -- this block's changes are rolled back: both functions are as they were
+            v_reason := SQLERRM;
+            v_state := SQLSTATE;
     END;
 
     IF v_reason IS NOT NULL AND v_state = '42501' AND v_current = 'c' THEN
+        -- nothing changed, and this role may not change it
         RAISE WARNING 'golconde.capture() stays the C function installed before: %', v_reason;
-    ELSIF v_reason IS NOT NULL THEN
-        EXECUTE pg_catalog.replace(pg_catalog.pg_get_functiondef('golconde.capture_plpgsql()'::regprocedure),
-                                   'FUNCTION golconde.capture_plpgsql()', 'FUNCTION golconde.capture()');
-        IF v_state = '58P01' THEN   -- undefined_file
+        RETURN;
+    END IF;
+    IF v_reason IS NOT NULL THEN
+        EXECUTE pg_catalog.format(
+            'CREATE OR REPLACE FUNCTION golconde.capture() RETURNS trigger LANGUAGE plpgsql'
+            ' SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L',
+            (SELECT prosrc FROM pg_catalog.pg_proc
+             WHERE oid = 'golconde.capture_plpgsql()'::pg_catalog.regprocedure));
+        IF v_state = '58P01' THEN
             RAISE NOTICE 'golconde.capture() is in PL/pgSQL: golconde_capture is not installed in this server (scripts/build-capture.sh builds it): %',
                 v_reason;
         ELSE
@@ -68,8 +89,5 @@ BEGIN
     REVOKE ALL ON FUNCTION golconde.capture() FROM PUBLIC;
     COMMENT ON FUNCTION golconde.capture() IS
         'Golconde: AFTER ROW trigger; arguments: destination, key columns. Writes packets to golconde.queue';
-    IF pg_catalog.to_regprocedure('golconde.capture_version()') IS NOT NULL THEN
-        REVOKE ALL ON FUNCTION golconde.capture_version() FROM PUBLIC;
-    END IF;
 END
 $install$;

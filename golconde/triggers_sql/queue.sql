@@ -39,17 +39,25 @@ CREATE TABLE IF NOT EXISTS golconde.queue (
 );
 
 DO $upgrade$
+DECLARE
+    v_key     text[];
+    v_pk_name name;
 BEGIN
-    -- wait at most 10 s for a lock (writers of captured tables hold theirs until they commit)
+    -- wait at most 10 s for a lock: writers of captured tables hold theirs until they commit,
+    -- and queue behind this install's lock request while it waits
     PERFORM pg_catalog.set_config('lock_timeout', '10s', true);
-    IF (SELECT pg_catalog.array_agg(a.attname::text ORDER BY k.n)
-        FROM pg_catalog.pg_constraint c
-        CROSS JOIN LATERAL pg_catalog.unnest(c.conkey) WITH ORDINALITY AS k(attnum, n)
-        JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
-        WHERE c.conrelid = 'golconde.queue'::regclass AND c.contype = 'p')
-       IS DISTINCT FROM ARRAY['destination', 'id'] THEN
-        ALTER TABLE golconde.queue DROP CONSTRAINT IF EXISTS queue_pkey,
-            ADD CONSTRAINT queue_pkey PRIMARY KEY (destination, id);
+    SELECT c.conname, pg_catalog.array_agg(a.attname::text ORDER BY k.n)
+    INTO v_pk_name, v_key
+    FROM pg_catalog.pg_constraint c
+    CROSS JOIN LATERAL pg_catalog.unnest(c.conkey) WITH ORDINALITY AS k(attnum, n)
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
+    WHERE c.conrelid = 'golconde.queue'::regclass AND c.contype = 'p'
+    GROUP BY c.conname;
+    IF v_key IS DISTINCT FROM ARRAY['destination', 'id'] THEN
+        IF v_pk_name IS NOT NULL THEN
+            EXECUTE pg_catalog.format('ALTER TABLE golconde.queue DROP CONSTRAINT %I', v_pk_name);
+        END IF;
+        ALTER TABLE golconde.queue ADD CONSTRAINT queue_pkey PRIMARY KEY (destination, id);
     END IF;
     IF pg_catalog.to_regclass('golconde.queue_destination_id_idx') IS NOT NULL THEN
         DROP INDEX golconde.queue_destination_id_idx;

@@ -2,10 +2,10 @@
  * golconde_capture.c
  *
  *     golconde.capture() in C: the same AFTER ... FOR EACH ROW capture
- *     trigger as the PL/pgSQL one in sql/triggers/capture.sql (which stays
- *     the reference and the fallback), writing the same packets into
- *     golconde.queue inside the writing transaction, at a fraction of its
- *     CPU cost per row (no PL/pgSQL statements, no per-call SET of
+ *     trigger as golconde.capture_plpgsql() in sql/triggers/capture.sql
+ *     (the reference, and golconde.capture()'s fallback body), writing
+ *     the same packets into golconde.queue inside the writing transaction,
+ *     at a fraction of its CPU cost per row (no PL/pgSQL statements, no per-call SET of
  *     search_path: every object is reached by OID or by a schema-qualified
  *     name in a plan prepared once per backend).
  *
@@ -112,24 +112,23 @@ packet_id(void)
 	return UUIDPGetDatum(uuid);
 }
 
-/* The owner of the function being called (looked up once per function and backend). */
+/*
+ * The owner of the function being called.  Looked up on every call (one
+ * syscache probe): ALTER FUNCTION ... OWNER TO keeps the function's OID, and
+ * a cached owner would outlive it in pooled sessions.
+ */
 static Oid
 function_owner(FunctionCallInfo fcinfo)
 {
-	static Oid	cached_function = InvalidOid;
-	static Oid	cached_owner = InvalidOid;
 	Oid			function = fcinfo->flinfo->fn_oid;
-	HeapTuple	tuple;
+	HeapTuple	tuple = SearchSysCache1(PROCOID, ObjectIdGetDatum(function));
+	Oid			owner;
 
-	if (function == cached_function)
-		return cached_owner;
-	tuple = SearchSysCache1(PROCOID, ObjectIdGetDatum(function));
 	if (!HeapTupleIsValid(tuple))
 		elog(ERROR, "golconde.capture(): cache lookup failed for function %u", function);
-	cached_owner = ((Form_pg_proc) GETSTRUCT(tuple))->proowner;
-	cached_function = function;
+	owner = ((Form_pg_proc) GETSTRUCT(tuple))->proowner;
 	ReleaseSysCache(tuple);
-	return cached_owner;
+	return owner;
 }
 
 /* Is every (non-dropped) column binary-identical in both tuples?  As record_image_eq (*=). */

@@ -238,13 +238,13 @@ def test_old_queue_layout_is_upgraded_in_place(db):
                 " DEFAULT pg_current_xact_id(), created_at timestamptz NOT NULL DEFAULT clock_timestamp(),"
                 " packet jsonb NOT NULL)")
     execute(db, "CREATE INDEX queue_destination_id_idx ON golconde.queue (destination, id)")
+    execute(db, "ALTER TABLE golconde.queue RENAME CONSTRAINT queue_pkey TO queue_id_key")  # any name
     execute(db, "CREATE FUNCTION golconde.capture() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'")
     execute(db, "INSERT INTO golconde.queue (destination, relation, packet) VALUES"
                 " ('D', 'public.t', '{\"action\": \"add\", \"data\": {\"id\": 1}}')")
     assert trigger.schema_state(db) == "old"
     execute(db, "CREATE TABLE t (id int PRIMARY KEY)")
     trigger.install(db, "t", "D")
-    trigger.install_schema(db)
     assert trigger.schema_state(db) in ("current", "plpgsql")
     with db.cursor() as cur:
         cur.execute("SELECT indexrelid::regclass::text, indkey::text FROM pg_index"
@@ -255,11 +255,14 @@ def test_old_queue_layout_is_upgraded_in_place(db):
         assert trigger.delete_batch(cur, "D", [batch[0].id]) == 1
 
 
-def test_install_by_a_role_that_does_not_own_the_schema(db, database):
+def test_install_by_a_role_that_does_not_own_the_schema(db, database, caplog):
     """Once an owner installed the schema, a role that may create triggers on its own table (and
     execute golconde.capture()) installs its trigger; the schema is left as it is."""
     trigger.install_schema(db)
+    # a PL/pgSQL capture: install() tries the upgrade (to C), which this role may not do
+    execute(db, capture_sql("capture_c.sql").replace("$libdir/golconde_capture", "$libdir/golconde_nope"))
     before = language(db)
+    assert before == "plpgsql" and trigger.schema_state(db) == "plpgsql"
     role = "golconde_installer_%s" % uuid.uuid4().hex[:8]
     execute(db, sql.SQL("CREATE ROLE {0} LOGIN; GRANT USAGE ON SCHEMA golconde TO {0};"
                         " GRANT EXECUTE ON FUNCTION golconde.capture() TO {0};"
@@ -269,8 +272,11 @@ def test_install_by_a_role_that_does_not_own_the_schema(db, database):
         other.autocommit = True
         try:
             execute(other, "CREATE TABLE mine (id int PRIMARY KEY)")
-            result = trigger.install(other, "mine", "D")
+            with caplog.at_level("WARNING", logger="golconde.trigger"):
+                result = trigger.install(other, "mine", "D")
             assert result.capture == before and result.events == ("INSERT", "UPDATE", "DELETE")
+            assert any("capture schema golconde (plpgsql) not upgraded" in record.getMessage()
+                       for record in caplog.records)
             execute(other, "INSERT INTO mine VALUES (1)")
         finally:
             other.close()
@@ -278,3 +284,83 @@ def test_install_by_a_role_that_does_not_own_the_schema(db, database):
         assert [row[1] for row in queued(db, "D")] == ['{"data": {"id": 1}, "action": "add"}']
     finally:
         execute(db, sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(sql.Identifier(role)))
+
+
+def test_versions_in_python_and_sql_agree(db):
+    trigger.install_schema(db)
+    with db.cursor() as cur:
+        cur.execute("SELECT golconde.schema_version()")
+        assert cur.fetchone()[0] == trigger.SCHEMA_VERSION
+    assert "c_expected CONSTANT integer := %d;" % trigger.CAPTURE_VERSION in capture_sql("capture_c.sql")
+    source = os.path.join(os.path.dirname(__file__), "..", "..", "sql", "capture_c", "golconde_capture.c")
+    with open(source, encoding="utf-8") as handle:
+        assert "#define CAPTURE_VERSION %d\n" % trigger.CAPTURE_VERSION in handle.read()
+
+
+@needs_c
+def test_a_library_not_at_the_expected_version_makes_the_schema_old(both, monkeypatch, caplog):
+    """As on a standby with another build: schema_state() loads the library and compares its
+    version, so that trigger install re-runs the install (which falls back to PL/pgSQL there)."""
+    monkeypatch.setattr(trigger, "CAPTURE_VERSION", trigger.CAPTURE_VERSION + 1)
+    with caplog.at_level("WARNING", logger="golconde.trigger"):
+        assert trigger.schema_state(both) == "old"
+    assert any("its library is version" in record.getMessage() for record in caplog.records)
+
+
+def test_failed_install_changes_nothing(db):
+    with pytest.raises(trigger.TriggerError):
+        trigger.install(db, "nope", "D")
+    execute(db, "CREATE TABLE keyless (v int)")
+    with pytest.raises(trigger.TriggerError, match="no primary key"):
+        trigger.install(db, "keyless", "D", actions=["update"])
+    assert trigger.schema_state(db) == "missing"
+
+
+@needs_c
+def test_rights_of_the_writer_and_of_the_owner(both, database):
+    """The C capture formats the row as the writer (a user cast to json sees current_user = the
+    writer), inserts into the queue as the function's owner (the writer has no rights on it), is
+    the writer again afterwards, also after a failed insert caught by the writer's own EXCEPTION
+    block, and follows an owner change in the same session."""
+    db = both
+    writer = "golconde_writer_%s" % uuid.uuid4().hex[:8]
+    owner = "golconde_owner_%s" % uuid.uuid4().hex[:8]
+    execute(db, "CREATE TYPE mood AS ENUM ('a', 'b')")   # a user type: its cast to json is used
+    execute(db, "CREATE FUNCTION mood_json(mood) RETURNS json LANGUAGE sql"
+                " AS $$ SELECT json_build_object('v', $1::text, 'by', current_user::text) $$")
+    execute(db, "CREATE CAST (mood AS json) WITH FUNCTION mood_json(mood)")
+    execute(db, "CREATE TABLE t (id int PRIMARY KEY, m mood)")
+    execute(db, sql.SQL("CREATE ROLE {0} LOGIN; GRANT INSERT ON t TO {0}; GRANT CREATE ON SCHEMA public TO {0};"
+                        " CREATE ROLE {1}").format(sql.Identifier(writer), sql.Identifier(owner)))
+    try:
+        attach(db, "t", C, "D", "id")
+        conn = psycopg2.connect(database, user=writer)
+        conn.autocommit = True
+        try:
+            execute(conn, "INSERT INTO t VALUES (1, 'a')")
+            with conn.cursor() as cur:
+                cur.execute("SELECT current_user::text")
+                assert cur.fetchone()[0] == writer
+            assert [row[1] for row in queued(db, "D")] == [
+                '{"data": {"m": {"v": "a", "by": "%s"}, "id": 1}, "action": "add"}' % writer]
+            # a queue insert that fails, caught by the writer's EXCEPTION block: the writer again
+            execute(conn, "CREATE FUNCTION try_insert() RETURNS text LANGUAGE plpgsql AS $$"
+                          " BEGIN INSERT INTO t VALUES (3, 'b'); RETURN 'inserted';"
+                          " EXCEPTION WHEN check_violation THEN RETURN current_user::text; END $$")
+            execute(db, "ALTER TABLE golconde.queue ADD CONSTRAINT small"
+                        " CHECK (octet_length(packet::text) < 40) NOT VALID")
+            with conn.cursor() as cur:
+                cur.execute("SELECT try_insert(), current_user::text")
+                assert cur.fetchone() == (writer, writer)
+            execute(db, "ALTER TABLE golconde.queue DROP CONSTRAINT small")
+            # the owner changes: this same session now inserts as the new owner, who may not
+            execute(db, sql.SQL("ALTER FUNCTION golconde.capture() OWNER TO {}").format(sql.Identifier(owner)))
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                execute(conn, "INSERT INTO t VALUES (4, 'a')")
+        finally:
+            conn.close()
+        assert len(queued(db, "D")) == 1
+    finally:
+        execute(db, "ALTER FUNCTION golconde.capture() OWNER TO CURRENT_USER")
+        execute(db, sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}; DROP OWNED BY {1}; DROP ROLE {1}").format(
+            sql.Identifier(writer), sql.Identifier(owner)))
