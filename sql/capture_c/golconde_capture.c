@@ -189,11 +189,14 @@ append_value(StringInfo buf, Datum value, bool isnull, Form_pg_attribute att)
 	appendBinaryStringInfo(buf, VARDATA_ANY(json), VARSIZE_ANY_EXHDR(json));
 }
 
-/* Append {"key": old value, ...} for the key columns named by tgargs[1..]. */
+/*
+ * Append {"key": old value, ...} for the key columns named by tgargs[1..];
+ * relation is the table's qualified name, for the error message.
+ */
 static void
-append_restriction(StringInfo buf, Trigger *trigger, Relation rel, HeapTuple old)
+append_restriction(StringInfo buf, Trigger *trigger, TupleDesc desc, const char *relation,
+				   HeapTuple old)
 {
-	TupleDesc	desc = RelationGetDescr(rel);
 	int			i;
 
 	appendStringInfoChar(buf, '{');
@@ -208,9 +211,7 @@ append_restriction(StringInfo buf, Trigger *trigger, Relation rel, HeapTuple old
 			ereport(ERROR,
 					(errcode(ERRCODE_UNDEFINED_COLUMN),
 					 errmsg("golconde.capture(): key column %s of trigger %s is not a column of %s",
-							quote_identifier(key), trigger->tgname,
-							quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
-													   RelationGetRelationName(rel)))));
+							quote_identifier(key), trigger->tgname, relation)));
 		if (i > 1)
 			appendStringInfoString(buf, ", ");
 		escape_json(buf, key);
@@ -283,7 +284,7 @@ golconde_capture(PG_FUNCTION_ARGS)
 		}
 		else
 			appendStringInfoString(&packet, "{\"action\": \"delete\", \"restriction\": ");
-		append_restriction(&packet, trigger, rel, tg->tg_trigtuple);
+		append_restriction(&packet, trigger, desc, relation, tg->tg_trigtuple);
 		appendStringInfoChar(&packet, '}');
 	}
 	else
