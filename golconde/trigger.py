@@ -37,13 +37,13 @@ LOGGER = logging.getLogger(__name__)
 #: Package directory holding the SQL files, and the file that lists their install order.
 SQL_PACKAGE = "golconde"
 SQL_DIRECTORY = "triggers_sql"
+SQL_INSTALL_FILE = "install.sql"
 #: What ``golconde.schema_version()`` returns once this version's SQL files are installed
 #: (``schema.sql``; bump both together).
 SCHEMA_VERSION = 2
 #: What ``golconde.capture_version()`` of the C library must return (``CAPTURE_VERSION`` in
 #: ``golconde_capture.c``, ``c_expected`` in ``capture_c.sql``; bump all three together).
 CAPTURE_VERSION = 2
-SQL_INSTALL_FILE = "install.sql"
 #: Channel notified (payload: destination name) when packets are captured.
 NOTIFY_CHANNEL = "golconde"
 #: Trigger name prefix; the destination name follows.
