@@ -9,6 +9,7 @@ Shape (the 2009 keys, plus those marked NEW)::
                  health: {max_backlog: 10000, max_lag: 300}}  # NEW: /health thresholds (packets, s)
     Broker:     {login, passcode, heartbeat: 10000 (ms, 0 = off), vhost}  # NEW, optional
     Defaults:   {prefetch: 1500, batch_size: 500, max_retries: 5,         # NEW, optional
+                 batch_bytes: 4194304,       # bytes of packets per batch (1024-1073741824)
                  ledger_retention: 604800}   # s a packet id stays in the ledger (>= 60)
     Destinations:                                    # required, at least one
       <name>:                                        # [A-Za-z0-9_.-]+
@@ -17,14 +18,14 @@ Shape (the 2009 keys, plus those marked NEW)::
         mode: client | trigger      function_name: AutoSQL | dotted.path (alias: handler)
         dead_letter_queue           # default <queue>.dlq
         settings: {...}             # free-form, given to the handler
-        login, passcode, prefetch, batch_size, max_retries, ledger_retention,
+        login, passcode, prefetch, batch_size, batch_bytes, max_retries, ledger_retention,
         poll_interval (s, trigger mode; 0.05)
         Targets: {<name>: {stomp, queue, pgsql, target, function_name | handler, dead_letter_queue,
-                           settings, login, passcode, prefetch, batch_size, max_retries,
-                           ledger_retention,
+                           settings, login, passcode, prefetch, batch_size, batch_bytes,
+                           max_retries, ledger_retention,
                            columns, exclude, constants, defaults, filter}}   # NEW: golconde.mapping
 
-login, passcode, prefetch, batch_size, max_retries and ledger_retention are inherited target ->
+login, passcode, prefetch, batch_size, batch_bytes, max_retries and ledger_retention are inherited target ->
 destination -> ``Broker``/``Defaults`` -> built-in default. Queues must be durable queues
 (``/queue/...`` or ``/amq/queue/...``) and each destination and target needs its own.
 
@@ -63,6 +64,9 @@ DEFAULT_HTTP_PORT = 8080
 DEFAULT_HEARTBEAT_MS = 10000
 DEFAULT_PREFETCH = 1500
 DEFAULT_BATCH_SIZE = 500
+#: Bytes of packets (their JSON as received or queued) a batch holds at most; a larger packet or
+#: message is taken alone. The inbox of a listener holds at most twice this (see listener.Inbox).
+DEFAULT_BATCH_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_RETRIES = 5
 DEFAULT_POLL_INTERVAL = 0.05
 DEFAULT_LEDGER_RETENTION = float(ledger.DEFAULT_RETENTION)
@@ -184,6 +188,8 @@ class TargetConfig(_SafeRepr):
     settings: Mapping[str, Any] = field(default_factory=FrozenDict)
     prefetch: int = DEFAULT_PREFETCH
     batch_size: int = DEFAULT_BATCH_SIZE
+    #: bytes of packets per batch at most (one larger message or queued packet goes alone)
+    batch_bytes: int = DEFAULT_BATCH_BYTES
     max_retries: int = DEFAULT_MAX_RETRIES
     #: seconds a packet id stays in the ledger (golconde.ledger.prune)
     ledger_retention: float = DEFAULT_LEDGER_RETENTION
@@ -217,6 +223,8 @@ class DestinationConfig(_SafeRepr):
     settings: Mapping[str, Any] = field(default_factory=FrozenDict)
     prefetch: int = DEFAULT_PREFETCH
     batch_size: int = DEFAULT_BATCH_SIZE
+    #: bytes of packets per batch at most (one larger message or queued packet goes alone)
+    batch_bytes: int = DEFAULT_BATCH_BYTES
     max_retries: int = DEFAULT_MAX_RETRIES
     ledger_retention: float = DEFAULT_LEDGER_RETENTION
     poll_interval: float = DEFAULT_POLL_INTERVAL
@@ -281,7 +289,7 @@ def _listener_view(item: Any) -> Dict[str, Any]:
                 dead_letter_queue=item.dead_letter_queue, pgsql=redact_dsn(item.pgsql),
                 target=item.target, function_name=item.function_name,
                 settings=_public(item.settings), prefetch=item.prefetch,
-                batch_size=item.batch_size, max_retries=item.max_retries,
+                batch_size=item.batch_size, batch_bytes=item.batch_bytes, max_retries=item.max_retries,
                 ledger_retention=item.ledger_retention)
     if getattr(item, "mapping", None):
         view.update(_public(item.mapping.as_config()))
@@ -425,6 +433,7 @@ OptMapping, RequiredMapping = _field(_mapping), _field(_mapping, required=True)
 Bool, Mode, Seconds = _field(_boolean), _field(_choice(MODES)), _field(_seconds)
 Port, Heartbeat = _field(_integer(1, 65535)), _field(_integer(0, 3600000))
 Prefetch, BatchSize = _field(_integer(1, 65535)), _field(_integer(1, 1000000))
+BatchBytes = _field(_integer(1024, 1024 ** 3))
 MaxRetries, Retention = _field(_integer(0, 1000000)), _field(_retention_seconds)
 TargetOnly = _field(lambda value: _fail("a mapping key of targets only (columns, exclude, constants,"
                                         " defaults, filter); the canonical relation is not mapped"))
@@ -468,6 +477,7 @@ class _RawBroker(_Raw):
 class _RawDefaults(_Raw):
     prefetch: Prefetch = None
     batch_size: BatchSize = None
+    batch_bytes: BatchBytes = None
     max_retries: MaxRetries = None
     ledger_retention: Retention = None
 
@@ -489,6 +499,7 @@ class _RawTarget(_Raw):
     pgsql_password_file: OptString = None
     prefetch: Prefetch = None
     batch_size: BatchSize = None
+    batch_bytes: BatchBytes = None
     max_retries: MaxRetries = None
     ledger_retention: Retention = None
     columns: Any = None    # columns, exclude, constants, defaults, filter: checked by
@@ -649,6 +660,7 @@ def _destination(name: Any, data: Any, broker: Any, defaults: Any,
     credentials = _credentials(raw, _credentials(broker, (None, None)))
     prefetch = _pick(raw.prefetch, defaults.prefetch, DEFAULT_PREFETCH)
     batch_size = _pick(raw.batch_size, defaults.batch_size, DEFAULT_BATCH_SIZE)
+    batch_bytes = _pick(raw.batch_bytes, defaults.batch_bytes, DEFAULT_BATCH_BYTES)
     max_retries = _pick(raw.max_retries, defaults.max_retries, DEFAULT_MAX_RETRIES)
     retention = _pick(raw.ledger_retention, defaults.ledger_retention, DEFAULT_LEDGER_RETENTION)
 
@@ -662,6 +674,7 @@ def _destination(name: Any, data: Any, broker: Any, defaults: Any,
         dead_letter_queue=target.dead_letter_queue, pgsql=target.pgsql, target=target.target,
         function_name=_handler(target, target_path, problems), settings=target.settings or {},
         prefetch=_pick(target.prefetch, prefetch), batch_size=_pick(target.batch_size, batch_size),
+        batch_bytes=_pick(target.batch_bytes, batch_bytes),
         max_retries=_pick(target.max_retries, max_retries),
         ledger_retention=_pick(target.ledger_retention, retention),
         mapping=_target_mapping(target, target_path, problems))
@@ -672,8 +685,8 @@ def _destination(name: Any, data: Any, broker: Any, defaults: Any,
         name=name, mode=mode, stomp=connection(raw.stomp, credentials), queue=queue,
         dead_letter_queue=raw.dead_letter_queue, pgsql=raw.pgsql, target=raw.target,
         function_name=function_name, settings=raw.settings or {}, prefetch=prefetch,
-        batch_size=batch_size, max_retries=max_retries, ledger_retention=retention,
-        poll_interval=_pick(raw.poll_interval, DEFAULT_POLL_INTERVAL), targets=targets)
+        batch_size=batch_size, batch_bytes=batch_bytes, max_retries=max_retries,
+        ledger_retention=retention, poll_interval=_pick(raw.poll_interval, DEFAULT_POLL_INTERVAL), targets=targets)
 
 
 def _relation_key(dsn: str, relation: str) -> Tuple[Any, ...]:

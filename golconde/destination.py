@@ -261,8 +261,9 @@ class TriggerDestination(Listener):
         in_flight = [row_id for batch in self._in_flight for row_id in batch.ids]
         with self.db.cursor() as cur:
             rows = trigger.fetch_batch(cur, self.config.name, self.config.batch_size,
-                                       exclude=in_flight)
-        self._partial = 0 < len(rows) < self.config.batch_size
+                                       max_bytes=self.config.batch_bytes, exclude=in_flight)
+        full = len(rows) >= self.config.batch_size or rows.cut_by_bytes
+        self._partial = bool(rows) and not full
         if not rows:
             self._settle(keep=len(self._in_flight))     # only what is confirmed: no waiting
             if not self._in_flight:
@@ -294,7 +295,7 @@ class TriggerDestination(Listener):
         self._in_flight.add(receipts, _InFlight([row.id for row in rows], count,
                                                 [packet for _, packet in good], len(dead), started,
                                                 rows[-1].created_at.timestamp()))
-        if len(rows) < self.config.batch_size:
+        if not full:
             self.stats.set_backlog(0)   # the fetch took everything committed: nothing was left
         else:
             self._update_backlog()

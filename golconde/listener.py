@@ -256,21 +256,24 @@ def _entries(delivery: Delivery) -> int:
 
 class Inbox:
     """Deliveries waiting for the listener thread, in order, holding at most ``limit`` packets (a
-    batch message counts for its entries; one delivery is always let in, however large).
+    batch message counts for its entries) and at most ``max_bytes`` bytes of message bodies (when
+    given); one delivery is always let in, however large.
 
     :meth:`put` runs on stomp.py's receiver thread and blocks while the inbox is full: the thread
     stops reading the socket and the broker keeps the rest (TCP backpressure), so memory stays
-    bounded in packets whatever the broker's prefetch in messages and however the senders pack
-    their packets. Before its connection is closed the inbox is closed (:meth:`close`): a blocked
+    bounded in packets and in bytes whatever the broker's prefetch in messages, however the
+    senders pack their packets and however large they are. Before its connection is closed the inbox is closed (:meth:`close`): a blocked
     :meth:`put` returns and later ones return at once, dropping their delivery (unacked: the
     broker redelivers it), so that the receiver thread can read the DISCONNECT receipt and end.
     :meth:`reopen` empties it for a new connection.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_bytes: Optional[int] = None) -> None:
         self.limit = max(1, int(limit))
-        self._items: "collections.deque[Tuple[Delivery, int]]" = collections.deque()
+        self.max_bytes = None if max_bytes is None else max(1, int(max_bytes))
+        self._items: "collections.deque[Tuple[Delivery, int, int]]" = collections.deque()
         self._packets = 0
+        self._bytes = 0
         self._open = True
         self._cond = threading.Condition()
 
@@ -279,33 +282,48 @@ class Inbox:
         """Packets waiting (a batch message counts for its entries)."""
         return self._packets
 
+    @property
+    def bytes(self) -> int:
+        """Bytes of the message bodies waiting."""
+        return self._bytes
+
+    def _full(self, count: int, size: int) -> bool:
+        if not self._items:
+            return False
+        return (self._packets + count > self.limit
+                or (self.max_bytes is not None and self._bytes + size > self.max_bytes))
+
     def put(self, delivery: Delivery) -> bool:
         """Queue ``delivery``, waiting while the inbox is full. :returns: False when the inbox is
         or gets closed (the delivery is dropped)."""
-        count = _entries(delivery)
+        count, size = _entries(delivery), len(delivery.body)
         with self._cond:
-            while self._open and self._items and self._packets + count > self.limit:
+            while self._open and self._full(count, size):
                 self._cond.wait(1.0)
             if not self._open:
                 return False
-            self._items.append((delivery, count))
+            self._items.append((delivery, count, size))
             self._packets += count
+            self._bytes += size
             self._cond.notify_all()
         return True
 
-    def take(self, timeout: Optional[float] = None) -> Tuple[Delivery, int]:
-        """The oldest delivery and its count of packets (its batch header, read once by
-        :meth:`put`), waiting up to ``timeout`` seconds (``None``: not at all).
-        :raises queue.Empty: none came."""
+    def take(self, timeout: Optional[float] = None,
+             max_bytes: Optional[int] = None) -> Tuple[Delivery, int, int]:
+        """The oldest delivery, its count of packets (its batch header, read once by :meth:`put`)
+        and the size of its body in bytes, waiting up to ``timeout`` seconds (``None``: not at
+        all). With ``max_bytes``, a delivery larger than that is left in the inbox.
+        :raises queue.Empty: none came, or the oldest is larger than ``max_bytes``."""
         with self._cond:
             if not self._items and timeout:
                 self._cond.wait_for(lambda: bool(self._items), timeout)
-            if not self._items:
+            if not self._items or (max_bytes is not None and self._items[0][2] > max_bytes):
                 raise queue.Empty
-            delivery, count = self._items.popleft()
+            delivery, count, size = self._items.popleft()
             self._packets -= count
+            self._bytes -= size
             self._cond.notify_all()
-            return delivery, count
+            return delivery, count, size
 
     def close(self) -> None:
         """Drop every waiting delivery; until :meth:`reopen`, :meth:`put` drops its delivery."""
@@ -319,6 +337,7 @@ class Inbox:
         with self._cond:
             self._items.clear()
             self._packets = 0
+            self._bytes = 0
             self._open = accept
             self._cond.notify_all()
 
@@ -458,8 +477,9 @@ class QueueConsumer(Listener):
         self.inbound = BrokerConnection.from_config(config.stomp, name=self.name,
                                                     on_message=self._inbox_put)
         self.dead_letter_broker = self.outbound_for(config.stomp)
-        #: what the broker pushed, bounded in packets (``max(prefetch, batch_size)``; see Inbox)
-        self._inbox = Inbox(max(config.prefetch, config.batch_size))
+        #: what the broker pushed, bounded in packets (``max(prefetch, batch_size)``) and in bytes
+        #: (two batches' worth: one taken while the next gathers; see Inbox)
+        self._inbox = Inbox(max(config.prefetch, config.batch_size), 2 * config.batch_bytes)
         self._in_flight = False
         #: receipts that after_commit() asks the ack of the current batch to wait for
         self.pending_receipts: List[Receipt] = []
@@ -528,26 +548,30 @@ class QueueConsumer(Listener):
     # -- the work --------------------------------------------------------------------------------
     def collect(self) -> List[Delivery]:
         """Deliveries of the current connection holding up to about ``batch_size`` packets (a batch
-        message counts for its entries); waits up to 0.2 s for the first, not at all for the rest."""
+        message counts for its entries) and at most ``batch_bytes`` bytes of message bodies (the
+        first delivery is taken whatever its size); waits up to 0.2 s for the first, not at all
+        for the rest."""
         batch: List[Delivery] = []
         try:
             # short wait while committed batches wait for their acks (they are settled when idle)
-            first, count = self._inbox.take(timeout=0.005 if self._pending else 0.2)
+            first, count, size = self._inbox.take(timeout=0.005 if self._pending else 0.2)
         except queue.Empty:
             return batch
         generation = self.inbound.generation
-        packets = 0
+        packets, room = 0, self.config.batch_bytes
         if first.generation == generation:
             batch.append(first)
             packets += count
-        while packets < self.config.batch_size:
+            room -= size
+        while packets < self.config.batch_size and room > 0:
             try:
-                delivery, count = self._inbox.take()
+                delivery, count, size = self._inbox.take(max_bytes=room)
             except queue.Empty:
                 break
             if delivery.generation == generation:
                 batch.append(delivery)
                 packets += count
+                room -= size
         self.stats.set_backlog(self._inbox.packets)
         return batch
 

@@ -404,16 +404,27 @@ _INDEX_ORDER = ("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = o
                 " SET LOCAL enable_sort = off; ")
 
 
+class FetchedBatch(List[QueuedPacket]):
+    """The packets :func:`fetch_batch` returns, in order (a list).
+
+    :ivar cut_by_bytes: True when the byte bound left out packets that were waiting within the
+        count bound (so the queue holds more right now, however short the list).
+    """
+
+    cut_by_bytes = False
+
+
 def fetch_batch(cursor: Any, destination: str, limit: int, max_bytes: Optional[int] = None,
-                exclude: Iterable[int] = ()) -> List[QueuedPacket]:
+                exclude: Iterable[int] = ()) -> FetchedBatch:
     """The oldest packets of ``destination`` visible to the cursor's snapshot (committed ones),
     ordered by id, at most ``limit`` of them and, when ``max_bytes`` is given, at most that many
-    bytes of JSON (but always at least one packet). Does not commit or lock anything; sets
+    bytes of JSON text (but always at least one packet); the server computes the bound, so
+    larger packets never leave it. Does not commit or lock anything; sets
     ``enable_seqscan``, ``enable_bitmapscan`` and ``enable_sort`` off for the rest of the
     current transaction (``SET LOCAL``), so that the queue is read in index order. Rows whose id
     is in ``exclude`` (sent, awaiting the broker's confirmation before their delete) are skipped.
 
-    :returns: a list of :class:`QueuedPacket` (empty when the queue is drained).
+    :returns: a :class:`FetchedBatch` of :class:`QueuedPacket` (empty when the queue is drained).
     :raises ValueError: ``limit`` or ``max_bytes`` below 1.
     :raises psycopg2.Error: e.g. ``golconde.queue`` does not exist (no :func:`install_schema`).
     """
@@ -425,9 +436,12 @@ def fetch_batch(cursor: Any, destination: str, limit: int, max_bytes: Optional[i
              + (" AND id <> ALL(%(exclude)s::bigint[])" if exclude else "")
              + " ORDER BY id LIMIT %(limit)s")
     if max_bytes is not None:
-        query = ("SELECT id, packet_id, created_at, relation, body FROM ("
-                 " SELECT *, row_number() OVER (ORDER BY id) AS n,"
-                 " sum(octet_length(body)) OVER (ORDER BY id) AS running FROM (" + query + ") q) s"
+        # one WindowAgg over at most ``limit`` rows (about 0.5 us per row measured); ``more``:
+        # another row follows within the count bound (on the last row kept: the bytes cut it)
+        query = ("SELECT id, packet_id, created_at, relation, body, more FROM ("
+                 " SELECT *, row_number() OVER w AS n, sum(octet_length(body)) OVER w AS running,"
+                 " lead(true, 1, false) OVER w AS more FROM (" + query + ") q"
+                 " WINDOW w AS (ORDER BY id)) s"
                  " WHERE n = 1 OR running <= %(max_bytes)s ORDER BY id")
     # The queue's statistics are always stale (it fills and drains faster than autovacuum
     # analyzes it); planning on them, PostgreSQL may read every queued row and sort them to return
@@ -435,8 +449,12 @@ def fetch_batch(cursor: Any, destination: str, limit: int, max_bytes: Optional[i
     # backend then costing 100 us of CPU per row against 5 us in index order). Forbid those plans.
     cursor.execute(_INDEX_ORDER + query, {"destination": destination, "limit": limit,
                                           "max_bytes": max_bytes, "exclude": exclude})
-    batch = []
-    for row_id, packet_id, created_at, relation, body in cursor.fetchall():
+    batch = FetchedBatch()
+    rows = cursor.fetchall()
+    if max_bytes is not None:
+        batch.cut_by_bytes = bool(rows) and rows[-1][5]
+        rows = [row[:5] for row in rows]
+    for row_id, packet_id, created_at, relation, body in rows:
         error = None
         try:
             decoded = packet_module.loads(body)

@@ -142,6 +142,22 @@ def test_broker_and_defaults_are_inherited_and_overridden():
     assert dest.ledger_retention == t1.ledger_retention == config.DEFAULT_LEDGER_RETENTION == 604800
 
 
+def test_batch_bytes_is_inherited_overridden_and_checked():
+    assert config.parse(minimal()).destinations[0].batch_bytes == config.DEFAULT_BATCH_BYTES == 4194304
+    mapping = minimal(Targets={**target("t1"), **target("t2", batch_bytes="2048")})
+    mapping["Defaults"] = {"batch_bytes": 65536}
+    dest = config.parse(mapping).destinations[0]
+    assert (dest.batch_bytes, dest.targets[0].batch_bytes, dest.targets[1].batch_bytes) == (65536, 65536, 2048)
+    assert config.parse(mapping).public_view()["Destinations"]["Test1"]["Targets"]["t2"]["batch_bytes"] == 2048
+    mapping = minimal(batch_bytes=1000, Targets=target("t1", batch_bytes=True))
+    mapping["Defaults"] = {"batch_bytes": "lots"}
+    assert problems(mapping) == [
+        "Defaults.batch_bytes: expected an integer 1024-1073741824, got 'lots'",
+        "Destinations.Test1.batch_bytes: expected an integer 1024-1073741824, got 1000",
+        "Destinations.Test1.Targets.t1.batch_bytes: expected an integer 1024-1073741824, got True",
+    ]
+
+
 def test_ledger_retention_is_inherited_overridden_and_checked():
     mapping = minimal(ledger_retention=3600, Targets={**target("t1"), **target("t2", ledger_retention=60)})
     mapping["Defaults"] = {"ledger_retention": 86400}

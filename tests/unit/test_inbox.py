@@ -1,5 +1,5 @@
-"""The listener's inbox: bounded in packets (a batch message counts for its entries), blocking the
-broker's receiver thread while full, and releasing it when closed."""
+"""The listener's inbox: bounded in packets (a batch message counts for its entries) and in bytes,
+blocking the broker's receiver thread while full, and releasing it when closed."""
 import queue
 import threading
 import time
@@ -10,9 +10,9 @@ from golconde.broker import Delivery
 from golconde.listener import Inbox
 
 
-def delivery(entries=None, generation=1):
+def delivery(entries=None, generation=1, size=2):
     headers = {"golconde-batch": str(entries)} if entries else {}
-    return Delivery(b"{}", headers, generation)
+    return Delivery(b"{" + b" " * (size - 2) + b"}", headers, generation)
 
 
 def put_in_thread(inbox, item):
@@ -28,7 +28,7 @@ def test_counts_packets_and_keeps_order():
     for item in (first, second, third):
         assert inbox.put(item) is True
     assert inbox.packets == 1000
-    assert inbox.take() == (first, 500)
+    assert inbox.take() == (first, 500, 2)
     assert inbox.packets == 500
     assert [inbox.take()[0], inbox.take()[0]] == [second, third]
     assert inbox.packets == 0
@@ -77,3 +77,48 @@ def test_a_waiting_take_wakes_when_a_delivery_arrives():
     timer = threading.Timer(0.1, inbox.put, args=(item,))
     timer.start()
     assert inbox.take(timeout=5)[0] is item
+
+
+def test_bytes_are_counted_and_a_put_over_the_byte_limit_waits():
+    inbox = Inbox(1000, max_bytes=100)
+    inbox.put(delivery(size=60))
+    assert (inbox.packets, inbox.bytes) == (1, 60)
+    thread, done = put_in_thread(inbox, delivery(size=50))
+    thread.join(0.3)
+    assert thread.is_alive() and done == [] and inbox.bytes == 60      # blocked: 110 > 100 bytes
+    assert inbox.take()[2] == 60
+    thread.join(2)
+    assert done == [True] and (inbox.packets, inbox.bytes) == (1, 50)
+
+
+def test_one_delivery_larger_than_the_byte_limit_is_let_in_when_the_inbox_is_empty():
+    inbox = Inbox(1000, max_bytes=10)
+    assert inbox.put(delivery(size=500)) is True
+    assert inbox.bytes == 500
+    thread, done = put_in_thread(inbox, delivery(size=2))
+    thread.join(0.2)
+    assert thread.is_alive()                     # anything more waits until it is taken
+    inbox.take()
+    thread.join(2)
+    assert done == [True]
+
+
+def test_take_leaves_a_delivery_larger_than_max_bytes():
+    inbox = Inbox(1000)
+    small, large = delivery(size=10), delivery(size=300)
+    inbox.put(small)
+    inbox.put(large)
+    assert inbox.take(max_bytes=100)[0] is small
+    with pytest.raises(queue.Empty):
+        inbox.take(max_bytes=100)
+    assert (inbox.packets, inbox.bytes) == (1, 300)     # still there, first in line
+    assert inbox.take(max_bytes=300)[0] is large
+    assert inbox.bytes == 0
+
+
+def test_close_forgets_the_bytes_too():
+    inbox = Inbox(10, max_bytes=1000)
+    inbox.put(delivery(size=400))
+    inbox.close()
+    inbox.reopen()
+    assert (inbox.packets, inbox.bytes) == (0, 0)

@@ -1,0 +1,93 @@
+"""``batch_bytes``: a batch holds at most that many bytes of packets, in the client flow (the
+destination's batches, taken from its inbox) and in the trigger flow (the drain's fetches from
+``golconde.queue``), on RabbitMQ. Only the destination runs (``only``): each of its batches is
+fanned out as one batch message per target, so the target's queue, read raw, shows how the
+destination cut its batches."""
+from __future__ import annotations
+
+import json
+import uuid
+
+import psycopg2
+import pytest
+
+from golconde import envelope, trigger
+from golconde.daemon import Daemon
+
+from .flow_support import drain_queue, execute, make_config, parse_config, query, send_raw, wait_for
+
+DOCS = "CREATE TABLE public.docs (id integer PRIMARY KEY, body text NOT NULL)"
+BATCH_BYTES = 8192
+PAYLOAD = 1900          # characters of body per packet: about 1,950 bytes of JSON per packet
+PACKETS = 30
+
+
+def entries(delivery):
+    return int(delivery.headers.get(envelope.BATCH_HEADER, 1))
+
+
+def count(dsn, table):
+    return query(dsn, "SELECT count(*) FROM %s" % table)[0][0]     # test-only, fixed names
+
+
+def run_destination_until(config, done, message):
+    daemon = Daemon(config, only=[config.destinations[0].name])
+    daemon.start()
+    try:
+        wait_for(done, timeout=60, message=message)
+    finally:
+        assert daemon.stop()
+
+
+def check_fanned_out(target_queue, sizes):
+    """The batch messages on the target's queue: every packet once, no batch over the bound."""
+    messages = drain_queue(target_queue, wait=3.0)
+    counts = [entries(message) for message in messages]
+    ids = [entry[0] for message in messages for entry in envelope.decode(message.body)]
+    assert sum(counts) == PACKETS and len(set(ids)) == PACKETS
+    per_batch = max(1, BATCH_BYTES // max(sizes))
+    assert max(counts) <= per_batch, counts
+    # without the bound, the queued packets would have gone out in one or two batches
+    assert len(messages) >= PACKETS // per_batch, counts
+
+
+@pytest.fixture
+def docs(make_database):
+    canonical, target = make_database(), make_database()
+    for dsn in (canonical, target):
+        execute(dsn, DOCS)
+    return canonical, target
+
+
+def test_client_flow_batches_stay_within_batch_bytes(docs):
+    canonical, target = docs
+    mapping = make_config(canonical, {"t1": target}, "public.docs", batch_bytes=BATCH_BYTES)
+    config = parse_config(mapping)
+    destination = config.destinations[0]
+    assert destination.batch_bytes == destination.targets[0].batch_bytes == BATCH_BYTES   # inherited
+    bodies = [json.dumps({"action": "add", "data": {"id": i, "body": "x" * PAYLOAD}})
+              for i in range(PACKETS)]
+    # queued before the destination starts: its inbox fills at once, so only the bound cuts
+    send_raw(destination.queue, bodies, headers=[{"golconde-id": str(uuid.uuid4())} for _ in bodies])
+    run_destination_until(config, lambda: count(canonical, "public.docs") == PACKETS,
+                          "every packet applied to the canonical table")
+    check_fanned_out(destination.targets[0].queue, [len(body.encode()) for body in bodies])
+
+
+def test_trigger_flow_fetches_stay_within_batch_bytes(docs):
+    canonical, target = docs
+    mapping = make_config(canonical, {"t1": target}, "public.docs", mode="trigger",
+                          batch_bytes=BATCH_BYTES, poll_interval=0.2)
+    config = parse_config(mapping)
+    destination = config.destinations[0]
+    conn = psycopg2.connect(canonical)
+    try:
+        assert trigger.install(conn, "public.docs", destination.name).warning is None
+    finally:
+        conn.close()
+    execute(canonical, "INSERT INTO public.docs SELECT g, repeat('x', %s) FROM generate_series(0, %s) g",
+            (PAYLOAD, PACKETS - 1))
+    sizes = [size for (size,) in query(canonical, "SELECT octet_length(packet::text) FROM golconde.queue")]
+    assert len(sizes) == PACKETS
+    run_destination_until(config, lambda: count(canonical, "golconde.queue") == 0, "the queue drained")
+    check_fanned_out(destination.targets[0].queue, sizes)
