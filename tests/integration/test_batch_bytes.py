@@ -14,7 +14,8 @@ import pytest
 from golconde import envelope, trigger
 from golconde.daemon import Daemon
 
-from .flow_support import drain_queue, execute, make_config, parse_config, query, send_raw, wait_for
+from .flow_support import (DaemonProcess, drain_queue, execute, make_config, parse_config, query, send_raw,
+                           wait_for, write_config)
 
 DOCS = "CREATE TABLE public.docs (id integer PRIMARY KEY, body text NOT NULL)"
 BATCH_BYTES = 8192
@@ -91,3 +92,40 @@ def test_trigger_flow_fetches_stay_within_batch_bytes(docs):
     assert len(sizes) == PACKETS
     run_destination_until(config, lambda: count(canonical, "golconde.queue") == 0, "the queue drained")
     check_fanned_out(destination.targets[0].queue, sizes)
+
+
+def peak_rss_mb(pid):
+    with open("/proc/%d/status" % pid) as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    raise AssertionError("no VmHWM for pid %d" % pid)
+
+
+LARGE_PACKETS, LARGE_PAYLOAD, LARGE_BOUND = 120, 256 * 1024, 1024 * 1024
+RSS_LIMIT_MB = 120          # measured: 60 MB with the bound, 253 MB without it
+
+
+def test_large_packets_keep_golconded_memory_bounded(docs, tmp_path):
+    """120 packets of 256 KiB (30 MiB) queued at once: with batch_bytes 1 MiB golconded takes a few
+    of them at a time. Without the byte bound its inbox took all of them (prefetch 1500), applied
+    them in one transaction and recorded their fanned-out text in one statement."""
+    canonical, target = docs
+    mapping = make_config(canonical, {"t1": target}, "public.docs", batch_bytes=LARGE_BOUND)
+    config = parse_config(mapping)
+    bodies = [json.dumps({"action": "add", "data": {"id": i, "body": "%06d" % i * (LARGE_PAYLOAD // 6)}})
+              for i in range(LARGE_PACKETS)]
+    for start in range(0, LARGE_PACKETS, 20):
+        send_raw(config.destinations[0].queue, bodies[start:start + 20],
+                 headers=[{"golconde-id": str(uuid.uuid4())} for _ in range(20)])
+    daemon = DaemonProcess(write_config(str(tmp_path / "golconde.yaml"), mapping),
+                           str(tmp_path / "golconded.log")).start()
+    try:
+        wait_for(lambda: count(target, "public.docs") == LARGE_PACKETS, timeout=120,
+                 message="every packet applied at the target")
+        peak = peak_rss_mb(daemon.proc.pid)
+    finally:
+        assert daemon.terminate() == 0
+    assert query(target, "SELECT count(*) FROM public.docs WHERE length(body) = %s",
+                 (LARGE_PAYLOAD // 6 * 6,))[0][0] == LARGE_PACKETS
+    assert peak < RSS_LIMIT_MB, "golconded peak RSS %.1f MB" % peak
