@@ -9,7 +9,7 @@ Shape (the 2009 keys, plus those marked NEW)::
                  health: {max_backlog: 10000, max_lag: 300}}  # NEW: /health thresholds (packets, s)
     Broker:     {login, passcode, heartbeat: 10000 (ms, 0 = off), vhost}  # NEW, optional
     Defaults:   {prefetch: 1500, batch_size: 500, max_retries: 5,         # NEW, optional
-                 batch_bytes: 4194304,       # bytes of packets per batch (1024-1073741824)
+                 batch_bytes: 4194304,       # bytes of packets per batch (1024-268435456)
                  ledger_retention: 604800}   # s a packet id stays in the ledger (>= 60)
     Destinations:                                    # required, at least one
       <name>:                                        # [A-Za-z0-9_.-]+
@@ -25,8 +25,8 @@ Shape (the 2009 keys, plus those marked NEW)::
                            max_retries, ledger_retention,
                            columns, exclude, constants, defaults, filter}}   # NEW: golconde.mapping
 
-login, passcode, prefetch, batch_size, batch_bytes, max_retries and ledger_retention are inherited target ->
-destination -> ``Broker``/``Defaults`` -> built-in default. Queues must be durable queues
+login, passcode, prefetch, batch_size, batch_bytes, max_retries and ledger_retention are inherited
+target -> destination -> ``Broker``/``Defaults`` -> built-in default. Queues must be durable queues
 (``/queue/...`` or ``/amq/queue/...``) and each destination and target needs its own.
 
 Secrets may stay out of the YAML (NEW): instead of ``passcode`` (``Broker``, destinations,
@@ -289,7 +289,8 @@ def _listener_view(item: Any) -> Dict[str, Any]:
                 dead_letter_queue=item.dead_letter_queue, pgsql=redact_dsn(item.pgsql),
                 target=item.target, function_name=item.function_name,
                 settings=_public(item.settings), prefetch=item.prefetch,
-                batch_size=item.batch_size, batch_bytes=item.batch_bytes, max_retries=item.max_retries,
+                batch_size=item.batch_size, batch_bytes=item.batch_bytes,
+                max_retries=item.max_retries,
                 ledger_retention=item.ledger_retention)
     if getattr(item, "mapping", None):
         view.update(_public(item.mapping.as_config()))
@@ -433,7 +434,8 @@ OptMapping, RequiredMapping = _field(_mapping), _field(_mapping, required=True)
 Bool, Mode, Seconds = _field(_boolean), _field(_choice(MODES)), _field(_seconds)
 Port, Heartbeat = _field(_integer(1, 65535)), _field(_integer(0, 3600000))
 Prefetch, BatchSize = _field(_integer(1, 65535)), _field(_integer(1, 1000000))
-BatchBytes = _field(_integer(1024, 1024 ** 3))
+#: at most 256 MiB: a listener's STOMP receiver reads no heart-beat while its inbox is full
+BatchBytes = _field(_integer(1024, 256 * 1024 ** 2))
 MaxRetries, Retention = _field(_integer(0, 1000000)), _field(_retention_seconds)
 TargetOnly = _field(lambda value: _fail("a mapping key of targets only (columns, exclude, constants,"
                                         " defaults, filter); the canonical relation is not mapped"))
@@ -686,7 +688,8 @@ def _destination(name: Any, data: Any, broker: Any, defaults: Any,
         dead_letter_queue=raw.dead_letter_queue, pgsql=raw.pgsql, target=raw.target,
         function_name=function_name, settings=raw.settings or {}, prefetch=prefetch,
         batch_size=batch_size, batch_bytes=batch_bytes, max_retries=max_retries,
-        ledger_retention=retention, poll_interval=_pick(raw.poll_interval, DEFAULT_POLL_INTERVAL), targets=targets)
+        ledger_retention=retention, poll_interval=_pick(raw.poll_interval, DEFAULT_POLL_INTERVAL),
+        targets=targets)
 
 
 def _relation_key(dsn: str, relation: str) -> Tuple[Any, ...]:

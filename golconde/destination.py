@@ -168,6 +168,9 @@ class TriggerDestination(Listener):
         self._last_rows = 0.0
         self._last_fetch = 0.0
         self._partial = False
+        #: rows the next fetch asks for: ``batch_size``, less after fetches the byte bound cut
+        #: (see :meth:`_next_limit`)
+        self._fetch_limit = config.batch_size
         self._in_flight: Confirmations[_InFlight] = Confirmations()
 
     def ready(self) -> bool:
@@ -259,11 +262,13 @@ class TriggerDestination(Listener):
             self._wait_for_notify(BATCH_LINGER - since)
         self._last_fetch = time.monotonic()
         in_flight = [row_id for batch in self._in_flight for row_id in batch.ids]
+        limit = self._fetch_limit
         with self.db.cursor() as cur:
-            rows = trigger.fetch_batch(cur, self.config.name, self.config.batch_size,
+            rows = trigger.fetch_batch(cur, self.config.name, limit,
                                        max_bytes=self.config.batch_bytes, exclude=in_flight)
-        full = len(rows) >= self.config.batch_size or rows.cut_by_bytes
+        full = len(rows) >= limit or rows.cut_by_bytes
         self._partial = bool(rows) and not full
+        self._fetch_limit = self._next_limit(limit, len(rows), rows.cut_by_bytes)
         if not rows:
             self._settle(keep=len(self._in_flight))     # only what is confirmed: no waiting
             if not self._in_flight:
@@ -300,6 +305,18 @@ class TriggerDestination(Listener):
         else:
             self._update_backlog()
         self._settle(keep=self.max_pipeline)
+
+    def _next_limit(self, limit: int, fetched: int, cut_by_bytes: bool) -> int:
+        """The row limit of the next fetch. PostgreSQL turns every row within the limit into text
+        to sum their sizes, also those the byte bound then leaves out: after a fetch the bound cut
+        at ``fetched`` rows, ask for twice that many (large packets: a 256 KiB packet costs
+        its conversion, not a few microseconds); double it again after each fetch full by count,
+        and go back to ``batch_size`` once a fetch took everything waiting."""
+        if cut_by_bytes:
+            return max(1, min(self.config.batch_size, 2 * fetched))
+        if fetched >= limit:
+            return min(self.config.batch_size, 2 * limit)
+        return self.config.batch_size
 
     def _settle(self, keep: int) -> None:
         """Delete the rows of the batches the broker confirmed, oldest first, each in its own

@@ -149,7 +149,7 @@
     if (!item || card.configShown) { return; }
     card.configShown = true;
     var keys = ["queue", "target", "pgsql", "function_name", "mode", "stomp", "batch_size",
-                "prefetch", "max_retries", "dead_letter_queue"];
+                "batch_bytes", "prefetch", "max_retries", "dead_letter_queue"];
     keys.forEach(function (key) {
       if (item[key] === undefined || item[key] === null) { return; }
       card.configList.appendChild(el("dt", null, key === "target" ? "relation" : key));

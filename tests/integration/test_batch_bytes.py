@@ -129,3 +129,27 @@ def test_large_packets_keep_golconded_memory_bounded(docs, tmp_path):
     assert query(target, "SELECT count(*) FROM public.docs WHERE length(body) = %s",
                  (LARGE_PAYLOAD // 6 * 6,))[0][0] == LARGE_PACKETS
     assert peak < RSS_LIMIT_MB, "golconded peak RSS %.1f MB" % peak
+
+
+def test_trigger_flow_large_rows_drain_within_batch_bytes(docs):
+    """Rows of 256 KiB with batch_bytes 1 MiB: each fetch after the first asks PostgreSQL for a few
+    rows only (TriggerDestination._next_limit), and every row still goes out exactly once."""
+    canonical, target = docs
+    mapping = make_config(canonical, {"t1": target}, "public.docs", mode="trigger",
+                          batch_bytes=LARGE_BOUND, poll_interval=0.2)
+    config = parse_config(mapping)
+    destination = config.destinations[0]
+    conn = psycopg2.connect(canonical)
+    try:
+        assert trigger.install(conn, "public.docs", destination.name).warning is None
+    finally:
+        conn.close()
+    execute(canonical, "INSERT INTO public.docs SELECT g, repeat(md5(g::text), %s) FROM generate_series(1, 40) g",
+            (LARGE_PAYLOAD // 32,))
+    sizes = [size for (size,) in query(canonical, "SELECT octet_length(packet::text) FROM golconde.queue")]
+    assert len(sizes) == 40 and min(sizes) > LARGE_PAYLOAD
+    run_destination_until(config, lambda: count(canonical, "golconde.queue") == 0, "the queue drained")
+    messages = drain_queue(destination.targets[0].queue, wait=3.0)
+    ids = [entry[0] for message in messages for entry in envelope.decode(message.body)]
+    assert len(ids) == len(set(ids)) == 40
+    assert max(entries(message) for message in messages) <= LARGE_BOUND // min(sizes)

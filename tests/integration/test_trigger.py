@@ -314,6 +314,17 @@ def test_fetch_batch_limits(orders):
         sizes = [size for (size,) in cur.fetchall()]
         assert len(trigger.fetch_batch(cur, DEST, 5, max_bytes=sum(sizes[:2]))) == 2
         assert len(trigger.fetch_batch(cur, DEST, 5, max_bytes=sum(sizes) - 1)) == 2
+        # cut_by_bytes: the byte bound left out rows that the count bound would have taken
+        assert trigger.fetch_batch(cur, DEST, 5, max_bytes=1).cut_by_bytes is True
+        assert trigger.fetch_batch(cur, DEST, 5, max_bytes=sum(sizes[:2])).cut_by_bytes is True
+        assert trigger.fetch_batch(cur, DEST, 5, max_bytes=10 ** 9).cut_by_bytes is False
+        assert trigger.fetch_batch(cur, DEST, 3, max_bytes=10 ** 9).cut_by_bytes is False  # the count cut
+        assert trigger.fetch_batch(cur, DEST, 5).cut_by_bytes is False                      # no byte bound
+        cur.execute("SELECT id FROM golconde.queue ORDER BY id")
+        ids = [row_id for (row_id,) in cur.fetchall()]
+        last = trigger.fetch_batch(cur, DEST, 5, max_bytes=1, exclude=ids[:-1])
+        assert [row.id for row in last] == ids[-1:] and last.cut_by_bytes is False  # nothing after it
+        assert trigger.fetch_batch(cur, "other", 5, max_bytes=1).cut_by_bytes is False
         assert trigger.fetch_batch(cur, "other", 5) == []
         count, oldest = trigger.backlog(cur, DEST)
         assert count == 5 and oldest is not None

@@ -149,12 +149,14 @@ def test_batch_bytes_is_inherited_overridden_and_checked():
     dest = config.parse(mapping).destinations[0]
     assert (dest.batch_bytes, dest.targets[0].batch_bytes, dest.targets[1].batch_bytes) == (65536, 65536, 2048)
     assert config.parse(mapping).public_view()["Destinations"]["Test1"]["Targets"]["t2"]["batch_bytes"] == 2048
+    assert problems(minimal(batch_bytes=256 * 1024 ** 2 + 1)) == [
+        "Destinations.Test1.batch_bytes: expected an integer 1024-268435456, got 268435457"]
     mapping = minimal(batch_bytes=1000, Targets=target("t1", batch_bytes=True))
     mapping["Defaults"] = {"batch_bytes": "lots"}
     assert problems(mapping) == [
-        "Defaults.batch_bytes: expected an integer 1024-1073741824, got 'lots'",
-        "Destinations.Test1.batch_bytes: expected an integer 1024-1073741824, got 1000",
-        "Destinations.Test1.Targets.t1.batch_bytes: expected an integer 1024-1073741824, got True",
+        "Defaults.batch_bytes: expected an integer 1024-268435456, got 'lots'",
+        "Destinations.Test1.batch_bytes: expected an integer 1024-268435456, got 1000",
+        "Destinations.Test1.Targets.t1.batch_bytes: expected an integer 1024-268435456, got True",
     ]
 
 
