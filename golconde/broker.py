@@ -219,6 +219,23 @@ class BrokerConnection:
         with self._receipt_cond:
             self._receipt_cond.notify_all()
 
+    def hold(self) -> None:
+        """Say that this connection is alive while its receiver thread deliberately stops reading
+        (the listener's inbox is full: TCP backpressure). The broker's heart-beats then wait
+        unread in the socket, and stomp.py's heart-beat monitor would take the silence for a dead
+        broker after 1.5 heart-beat intervals, drop the connection and have everything prefetched
+        redelivered. Call it on the receiver thread, more often than the heart-beat interval,
+        while blocked; our own heart-beats keep going out meanwhile. Never raises."""
+        conn = self._conn
+        try:
+            # stomp.py's protocol (a HeartbeatListener) is registered as "protocol-listener";
+            # on_heartbeat() records a heart-beat received now
+            protocol = conn.get_listener("protocol-listener") if conn is not None else None
+            if protocol is not None:
+                protocol.on_heartbeat()
+        except Exception as exc:  # stomp.py internals changed: lose only this protection
+            LOGGER.debug("[%s] cannot hold the heart-beat monitor: %s", self.name, exc)
+
     def _lost(self, generation: int, why: str) -> None:
         if generation == self.generation and self._alive:
             self._alive = False

@@ -41,6 +41,9 @@ PRUNE_INTERVAL = 3600.0
 PRUNE_BUDGET = 1.0
 #: Seconds until the next prune when the last one ran out of time with old rows left.
 PRUNE_RETRY = 10.0
+#: Seconds between calls of ``while_full`` by a blocked :meth:`Inbox.put` (below the shortest
+#: heart-beat receive timeout worth configuring: 1.5 x a 1 s heart-beat).
+HOLD_INTERVAL = 0.5
 
 
 def broker_key(broker: Any) -> Tuple[str, int, Optional[str], Optional[str]]:
@@ -293,13 +296,17 @@ class Inbox:
         return (self._packets + count > self.limit
                 or (self.max_bytes is not None and self._bytes + size > self.max_bytes))
 
-    def put(self, delivery: Delivery) -> bool:
-        """Queue ``delivery``, waiting while the inbox is full. :returns: False when the inbox is
-        or gets closed (the delivery is dropped)."""
+    def put(self, delivery: Delivery, while_full: Optional[Callable[[], None]] = None) -> bool:
+        """Queue ``delivery``, waiting while the inbox is full, calling ``while_full`` (if given)
+        before each wait of at most :data:`HOLD_INTERVAL` seconds (to keep the broker connection
+        counted alive: :meth:`golconde.broker.BrokerConnection.hold`). :returns: False when the
+        inbox is or gets closed (the delivery is dropped)."""
         count, size = _entries(delivery), len(delivery.body)
         with self._cond:
             while self._open and self._full(count, size):
-                self._cond.wait(1.0)
+                if while_full is not None:
+                    while_full()
+                self._cond.wait(HOLD_INTERVAL)
             if not self._open:
                 return False
             self._items.append((delivery, count, size))
@@ -488,7 +495,8 @@ class QueueConsumer(Listener):
         self._next_prune = 0.0      # monotonic time of the next ledger prune (the first: at once)
 
     def _inbox_put(self, delivery: Delivery) -> None:
-        self._inbox.put(delivery)       # on stomp.py's receiver thread: blocks while the inbox is full
+        # on stomp.py's receiver thread: blocks while the inbox is full, the connection held alive
+        self._inbox.put(delivery, while_full=self.inbound.hold)
 
     def all_brokers(self) -> List[BrokerConnection]:
         return [self.inbound] + list(self.outbound.values())

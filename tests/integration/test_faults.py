@@ -626,3 +626,31 @@ def test_locked_target_does_not_block_the_other(flow):
             assert [r[0] for r in query(dsn, "SELECT payload FROM ev ORDER BY payload")] == sorted(expected)
         assert compare(flow.canonical, TABLE, flow.t1, TABLE).equal
         assert flow.dead_letters() == {}
+
+
+def test_a_full_inbox_during_a_long_apply_keeps_the_broker_connection(flow, caplog):
+    """target1's table stays locked for longer than twice the heart-beat receive timeout (3 s here)
+    while far more packets than its inbox holds are queued for it: its STOMP receiver stops
+    reading the socket (backpressure), but that must not count as a dead broker. Otherwise the
+    connection is dropped and everything prefetched is redelivered, after every long apply."""
+    stream = Stream(flow.queue, 6000, batch=500, pause=0.0)
+    locker = None
+    with running(flow.config()) as daemon:
+        locker = psycopg2.connect(flow.t1)
+        try:
+            with locker.cursor() as cur:
+                cur.execute("LOCK TABLE public.ev IN ACCESS EXCLUSIVE MODE")
+            stream.start()
+            stream.finish()
+            wait_for(lambda: count_rows(flow.t2) >= stream.total, timeout=30, interval=0.2,
+                     message="target2 applied the stream while target1 is locked")
+            time.sleep(8.0)    # > 2 x 1.5 x HEARTBEAT_MS with target1's inbox full
+            assert waiting_on_lock(flow.t1), "target1's session is not waiting on the lock"
+        finally:
+            locker.rollback()   # releases the lock
+            locker.close()
+            stream.abort()
+        flow.wait_complete(stream)
+        target1 = thread_stats(daemon)["%s_target1" % flow.name]
+        assert target1["reconnects"] == 0, target1
+    assert "heart-beat timeout" not in caplog.text

@@ -122,3 +122,21 @@ def test_close_forgets_the_bytes_too():
     inbox.close()
     inbox.reopen()
     assert (inbox.packets, inbox.bytes) == (0, 0)
+
+
+def test_a_blocked_put_calls_while_full_until_it_gets_in():
+    inbox = Inbox(1)
+    inbox.put(delivery())
+    calls = []
+    thread = threading.Thread(target=inbox.put, args=(delivery(),),
+                              kwargs={"while_full": lambda: calls.append(time.monotonic())}, daemon=True)
+    thread.start()
+    time.sleep(1.2)
+    assert len(calls) >= 2                                # every HOLD_INTERVAL (0.5 s) while blocked
+    inbox.take()
+    thread.join(2)
+    assert not thread.is_alive() and inbox.packets == 1
+    held = len(calls)
+    inbox.take()
+    inbox.put(delivery(), while_full=lambda: calls.append(0))
+    assert len(calls) == held                             # not called when there is room
