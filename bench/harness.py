@@ -101,7 +101,7 @@ def run_mode(env: Env, mode: Any) -> Dict[str, Any]:
             insert_rate = result["phases"]["insert"]["rows_per_s"]
             result["latency"] = latency_run(env, mode, watcher, insert_rate, state)
             state = (state[0] + result["latency"]["rows"], state[1])
-        if mode.enqueue_column == "ts":  # client flow: intake from a preloaded queue
+        if mode.applies_canonical:  # client flow: intake from a preloaded queue
             result["phases"]["intake"] = intake_run(env, mode, watcher, state)
         result["phases"]["total"] = total(result["phases"])
         if mode.replicated:
@@ -168,7 +168,7 @@ def measure_phase(env: Env, mode: Any, watcher: Watcher, phase: str, keys: KeyRa
     meter.start()
     start, end = mode.drive(phase, keys)
     intake = None
-    if mode.enqueue_column == "ts":  # client flow: the canonical table is written by golconded
+    if mode.applies_canonical:  # client flow: the canonical table is written by golconded
         intake = watcher.wait(["src"], expected, env.args.timeout)["src"]
     done = end
     if targets:
@@ -195,7 +195,7 @@ def latency_run(env: Env, mode: Any, watcher: Watcher, max_rate: float, state: A
     keys = KeyRange(LATENCY_BASE, rows, args.clients)
     # client flow: golconded writes the canonical table too; probing it splits the latency into
     # the destination's part (enqueue -> canonical) and the targets' part
-    canonical = mode.enqueue_column == "ts"
+    canonical = mode.applies_canonical
     probe = Probe({"t1": env.tgt.dsn("t1"), "t2": env.tgt.dsn("t2")},
                   extra={"src": env.src.dsn("src")} if canonical else None)
     try:

@@ -33,11 +33,14 @@ LOGGER = logging.getLogger(__name__)
 class Mode:
     """Base class. Attributes: ``name``; ``replicated`` (False: no targets, bare workload);
     ``enqueue_column``: how a row's enqueue time is read at the source for latency (``commit``:
-    the source transaction's commit time; ``ts``: the row's ts, set by the client at send)."""
+    the source transaction's commit time; ``ts``: the row's ts, set by the client at send);
+    ``applies_canonical``: golconded writes the source table (the client flow), so the harness
+    also times the source, measures the destination's intake and splits the latency there."""
 
     name = "?"
     replicated = True
     enqueue_column = "commit"
+    applies_canonical = False
 
     def __init__(self, env: Any) -> None:
         self.env = env
@@ -249,6 +252,7 @@ class GolcondeClient(_Golconde):
     name = "golconde-client"
     mode = "client"
     enqueue_column = "ts"
+    applies_canonical = True
     chunk = 500
 
     @staticmethod
