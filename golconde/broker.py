@@ -133,8 +133,11 @@ class BrokerConnection:
     :param heartbeat_ms: heart-beat interval in milliseconds, both directions (0 = off).
     :param name: for log lines (the listener name).
     :param on_message: called with each :class:`Delivery`, on stomp.py's receiver thread: it must
-        only queue the delivery.
+        only queue the delivery (blocking while full, calling :meth:`hold` meanwhile).
     """
+
+    #: whether :meth:`hold` has warned that it cannot work (once per process)
+    _hold_warned = False
 
     def __init__(self, host: str, port: int, login: Optional[str] = None,
                  passcode: Optional[str] = None, vhost: Optional[str] = None,
@@ -219,22 +222,43 @@ class BrokerConnection:
         with self._receipt_cond:
             self._receipt_cond.notify_all()
 
+    @property
+    def hold_interval(self) -> float:
+        """Seconds between :meth:`hold` calls: 0.5, or less for heart-beats under 1 s (a third of
+        the 1.5 intervals after which stomp.py gives up on a silent broker), at least 0.01."""
+        if self.heartbeat_ms <= 0:
+            return 0.5
+        return max(0.01, min(0.5, self.heartbeat_ms / 1000.0 * 1.5 / 3))
+
     def hold(self) -> None:
-        """Say that this connection is alive while its receiver thread deliberately stops reading
-        (the listener's inbox is full: TCP backpressure). The broker's heart-beats then wait
-        unread in the socket, and stomp.py's heart-beat monitor would take the silence for a dead
-        broker after 1.5 heart-beat intervals, drop the connection and have everything prefetched
-        redelivered. Call it on the receiver thread, more often than the heart-beat interval,
-        while blocked; our own heart-beats keep going out meanwhile. Never raises."""
+        """Pretend, to stomp.py's heart-beat monitor, that a heart-beat just came, while the
+        receiver thread deliberately stops reading (the listener's inbox is full: TCP
+        backpressure). The broker's heart-beats then wait unread in the socket, and the monitor
+        would take the silence for a dead broker after 1.5 negotiated intervals, drop the
+        connection and have everything prefetched redelivered. Call it on the receiver thread
+        every :attr:`hold_interval` seconds while blocked. Plain TCP only (stomp.py's blocking
+        mode, where our own heart-beats keep going out from its heart-beat thread meanwhile).
+
+        The price: a broker lost while the inbox is full is noticed when the listener next acks
+        (the ack fails, the listener reconnects, the ledger drops what is redelivered) or once the
+        receiver reads again, not by the heart-beat monitor; until then stomp.py logs an error
+        for each heart-beat it fails to send. Never raises; if stomp.py's internals no longer
+        allow it, warns once and does nothing."""
         conn = self._conn
+        if conn is None:
+            return
         try:
-            # stomp.py's protocol (a HeartbeatListener) is registered as "protocol-listener";
-            # on_heartbeat() records a heart-beat received now
-            protocol = conn.get_listener("protocol-listener") if conn is not None else None
-            if protocol is not None:
-                protocol.on_heartbeat()
+            # stomp.py's protocol (a HeartbeatListener) registers itself as "protocol-listener";
+            # on_heartbeat() records a heart-beat received now (nothing while heart-beats are off)
+            protocol = conn.get_listener("protocol-listener")
+            if protocol is None or not hasattr(protocol, "on_heartbeat"):
+                raise AttributeError("no stomp.py protocol listener with on_heartbeat()")
+            protocol.on_heartbeat()
         except Exception as exc:  # stomp.py internals changed: lose only this protection
-            LOGGER.debug("[%s] cannot hold the heart-beat monitor: %s", self.name, exc)
+            if not BrokerConnection._hold_warned:
+                BrokerConnection._hold_warned = True
+                LOGGER.warning("[%s] cannot hold stomp.py's heart-beat monitor while the inbox is"
+                               " full (%s): a long apply may drop the connection", self.name, exc)
 
     def _lost(self, generation: int, why: str) -> None:
         if generation == self.generation and self._alive:

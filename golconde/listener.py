@@ -41,9 +41,6 @@ PRUNE_INTERVAL = 3600.0
 PRUNE_BUDGET = 1.0
 #: Seconds until the next prune when the last one ran out of time with old rows left.
 PRUNE_RETRY = 10.0
-#: Seconds between calls of ``while_full`` by a blocked :meth:`Inbox.put` (below the shortest
-#: heart-beat receive timeout worth configuring: 1.5 x a 1 s heart-beat).
-HOLD_INTERVAL = 0.5
 
 
 def broker_key(broker: Any) -> Tuple[str, int, Optional[str], Optional[str]]:
@@ -296,17 +293,18 @@ class Inbox:
         return (self._packets + count > self.limit
                 or (self.max_bytes is not None and self._bytes + size > self.max_bytes))
 
-    def put(self, delivery: Delivery, while_full: Optional[Callable[[], None]] = None) -> bool:
+    def put(self, delivery: Delivery, while_full: Optional[Callable[[], None]] = None,
+            every: float = 0.5) -> bool:
         """Queue ``delivery``, waiting while the inbox is full, calling ``while_full`` (if given)
-        before each wait of at most :data:`HOLD_INTERVAL` seconds (to keep the broker connection
-        counted alive: :meth:`golconde.broker.BrokerConnection.hold`). :returns: False when the
-        inbox is or gets closed (the delivery is dropped)."""
+        before each wait of at most ``every`` seconds (to keep the broker connection counted
+        alive: :meth:`golconde.broker.BrokerConnection.hold`). :returns: False when the inbox is
+        or gets closed (the delivery is dropped)."""
         count, size = _entries(delivery), len(delivery.body)
         with self._cond:
             while self._open and self._full(count, size):
                 if while_full is not None:
                     while_full()
-                self._cond.wait(HOLD_INTERVAL)
+                self._cond.wait(every)
             if not self._open:
                 return False
             self._items.append((delivery, count, size))
@@ -496,7 +494,7 @@ class QueueConsumer(Listener):
 
     def _inbox_put(self, delivery: Delivery) -> None:
         # on stomp.py's receiver thread: blocks while the inbox is full, the connection held alive
-        self._inbox.put(delivery, while_full=self.inbound.hold)
+        self._inbox.put(delivery, while_full=self.inbound.hold, every=self.inbound.hold_interval)
 
     def all_brokers(self) -> List[BrokerConnection]:
         return [self.inbound] + list(self.outbound.values())

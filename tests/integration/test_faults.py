@@ -646,6 +646,9 @@ def test_a_full_inbox_during_a_long_apply_keeps_the_broker_connection(flow, capl
                      message="target2 applied the stream while target1 is locked")
             time.sleep(8.0)    # > 2 x 1.5 x HEARTBEAT_MS with target1's inbox full
             assert waiting_on_lock(flow.t1), "target1's session is not waiting on the lock"
+            inbox = daemon.listeners["%s_target1" % flow.name]._inbox
+            # full: the next batch message (500 packets) does not fit, so the receiver is blocked
+            assert inbox.packets + 500 > inbox.limit, (inbox.packets, inbox.limit)
         finally:
             locker.rollback()   # releases the lock
             locker.close()
@@ -653,4 +656,4 @@ def test_a_full_inbox_during_a_long_apply_keeps_the_broker_connection(flow, capl
         flow.wait_complete(stream)
         target1 = thread_stats(daemon)["%s_target1" % flow.name]
         assert target1["reconnects"] == 0, target1
-    assert "heart-beat timeout" not in caplog.text
+    assert "heart-beat timeout" not in caplog.text and "lost STOMP connection" not in caplog.text

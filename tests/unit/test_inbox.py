@@ -132,7 +132,7 @@ def test_a_blocked_put_calls_while_full_until_it_gets_in():
                               kwargs={"while_full": lambda: calls.append(time.monotonic())}, daemon=True)
     thread.start()
     time.sleep(1.2)
-    assert len(calls) >= 2                                # every HOLD_INTERVAL (0.5 s) while blocked
+    assert len(calls) >= 2                                # every 0.5 s (the default) while blocked
     inbox.take()
     thread.join(2)
     assert not thread.is_alive() and inbox.packets == 1
