@@ -228,21 +228,17 @@ def schema_state(conn: psycopg2.extensions.connection) -> str:
     :raises TriggerError: ``conn`` is inside a transaction.
     """
     with _transaction(conn) as cur:
-        cur.execute("SELECT to_regclass('golconde.queue') IS NOT NULL,"
+        cur.execute("SELECT to_regclass('golconde.queue')::oid,"
                     " to_regprocedure('golconde.schema_version()') IS NOT NULL")
         queue, versioned = cur.fetchone()
         language = capture_language(cur)
-        if not queue or language is None:
+        if queue is None or language is None:
             return "missing"
         version = 0
         if versioned:
             cur.execute("SELECT golconde.schema_version()")
             version = cur.fetchone()[0]
-        cur.execute("SELECT array_agg(a.attname::text ORDER BY k.n) FROM pg_constraint c"
-                    " CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, n)"
-                    " JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum"
-                    " WHERE c.conrelid = 'golconde.queue'::regclass AND c.contype = 'p'")
-        if version < SCHEMA_VERSION or cur.fetchone()[0] != ["destination", "id"]:
+        if version < SCHEMA_VERSION or _primary_key(cur, queue) != ("destination", "id"):
             return "old"
         if language != "c":
             return "plpgsql"
