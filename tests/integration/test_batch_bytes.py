@@ -14,8 +14,8 @@ import pytest
 from golconde import envelope, trigger
 from golconde.daemon import Daemon
 
-from .flow_support import (DaemonProcess, drain_queue, execute, make_config, parse_config, query, send_raw,
-                           wait_for, write_config)
+from .flow_support import (DaemonProcess, drain_queue, execute, make_config, parse_config, query,
+                           send_raw, wait_for, write_config)
 
 DOCS = "CREATE TABLE public.docs (id integer PRIMARY KEY, body text NOT NULL)"
 BATCH_BYTES = 8192
@@ -40,16 +40,39 @@ def run_destination_until(config, done, message):
         assert daemon.stop()
 
 
-def check_fanned_out(target_queue, sizes):
-    """The batch messages on the target's queue: every packet once, no batch over the bound."""
+def check_fanned_out(target_queue, sizes, bound=BATCH_BYTES):
+    """The batch messages on the target's queue: each of the ``len(sizes)`` packets (of these
+    sizes) once, no batch over ``bound`` bytes."""
+    total = len(sizes)
     messages = drain_queue(target_queue, wait=3.0)
     counts = [entries(message) for message in messages]
     ids = [entry[0] for message in messages for entry in envelope.decode(message.body)]
-    assert sum(counts) == PACKETS and len(set(ids)) == PACKETS
-    per_batch = max(1, BATCH_BYTES // max(sizes))
+    assert sum(counts) == len(ids) == len(set(ids)) == total
+    per_batch = max(1, bound // max(sizes))
     assert max(counts) <= per_batch, counts
     # without the bound, the queued packets would have gone out in one or two batches
-    assert len(messages) >= PACKETS // per_batch, counts
+    assert len(messages) >= total // per_batch, counts
+
+
+def drain_trigger_queue(docs, bound, rows_query, params):
+    """A trigger-mode destination with ``batch_bytes`` = ``bound``: installs the capture trigger,
+    writes the rows (``rows_query``), runs the destination until ``golconde.queue`` is drained.
+    :returns: (the target's queue, the sizes of the queued packets' JSON text)."""
+    canonical, target = docs
+    mapping = make_config(canonical, {"t1": target}, "public.docs", mode="trigger",
+                          batch_bytes=bound, poll_interval=0.2)
+    config = parse_config(mapping)
+    destination = config.destinations[0]
+    conn = psycopg2.connect(canonical)
+    try:
+        assert trigger.install(conn, "public.docs", destination.name).warning is None
+    finally:
+        conn.close()
+    execute(canonical, rows_query, params)
+    sizes = [size for (size,) in
+             query(canonical, "SELECT octet_length(packet::text) FROM golconde.queue")]
+    run_destination_until(config, lambda: count(canonical, "golconde.queue") == 0, "the queue drained")
+    return destination.targets[0].queue, sizes
 
 
 @pytest.fixture
@@ -76,22 +99,12 @@ def test_client_flow_batches_stay_within_batch_bytes(docs):
 
 
 def test_trigger_flow_fetches_stay_within_batch_bytes(docs):
-    canonical, target = docs
-    mapping = make_config(canonical, {"t1": target}, "public.docs", mode="trigger",
-                          batch_bytes=BATCH_BYTES, poll_interval=0.2)
-    config = parse_config(mapping)
-    destination = config.destinations[0]
-    conn = psycopg2.connect(canonical)
-    try:
-        assert trigger.install(conn, "public.docs", destination.name).warning is None
-    finally:
-        conn.close()
-    execute(canonical, "INSERT INTO public.docs SELECT g, repeat('x', %s) FROM generate_series(0, %s) g",
-            (PAYLOAD, PACKETS - 1))
-    sizes = [size for (size,) in query(canonical, "SELECT octet_length(packet::text) FROM golconde.queue")]
+    target_queue, sizes = drain_trigger_queue(
+        docs, BATCH_BYTES,
+        "INSERT INTO public.docs SELECT g, repeat('x', %s) FROM generate_series(0, %s) g",
+        (PAYLOAD, PACKETS - 1))
     assert len(sizes) == PACKETS
-    run_destination_until(config, lambda: count(canonical, "golconde.queue") == 0, "the queue drained")
-    check_fanned_out(destination.targets[0].queue, sizes)
+    check_fanned_out(target_queue, sizes)
 
 
 def peak_rss_mb(pid):
@@ -113,7 +126,8 @@ def test_large_packets_keep_golconded_memory_bounded(docs, tmp_path):
     canonical, target = docs
     mapping = make_config(canonical, {"t1": target}, "public.docs", batch_bytes=LARGE_BOUND)
     config = parse_config(mapping)
-    bodies = [json.dumps({"action": "add", "data": {"id": i, "body": "%06d" % i * (LARGE_PAYLOAD // 6)}})
+    bodies = [json.dumps({"action": "add",
+                          "data": {"id": i, "body": "%06d" % i * (LARGE_PAYLOAD // 6)}})
               for i in range(LARGE_PACKETS)]
     for start in range(0, LARGE_PACKETS, 20):
         send_raw(config.destinations[0].queue, bodies[start:start + 20],
@@ -134,22 +148,10 @@ def test_large_packets_keep_golconded_memory_bounded(docs, tmp_path):
 def test_trigger_flow_large_rows_drain_within_batch_bytes(docs):
     """Rows of 256 KiB with batch_bytes 1 MiB: each fetch after the first asks PostgreSQL for a few
     rows only (TriggerDestination._next_limit), and every row still goes out exactly once."""
-    canonical, target = docs
-    mapping = make_config(canonical, {"t1": target}, "public.docs", mode="trigger",
-                          batch_bytes=LARGE_BOUND, poll_interval=0.2)
-    config = parse_config(mapping)
-    destination = config.destinations[0]
-    conn = psycopg2.connect(canonical)
-    try:
-        assert trigger.install(conn, "public.docs", destination.name).warning is None
-    finally:
-        conn.close()
-    execute(canonical, "INSERT INTO public.docs SELECT g, repeat(md5(g::text), %s) FROM generate_series(1, 40) g",
-            (LARGE_PAYLOAD // 32,))
-    sizes = [size for (size,) in query(canonical, "SELECT octet_length(packet::text) FROM golconde.queue")]
+    target_queue, sizes = drain_trigger_queue(
+        docs, LARGE_BOUND,
+        "INSERT INTO public.docs SELECT g, repeat(md5(g::text), %s) FROM generate_series(1, 40) g",
+        (LARGE_PAYLOAD // 32,))
     assert len(sizes) == 40 and min(sizes) > LARGE_PAYLOAD
-    run_destination_until(config, lambda: count(canonical, "golconde.queue") == 0, "the queue drained")
-    messages = drain_queue(destination.targets[0].queue, wait=3.0)
-    ids = [entry[0] for message in messages for entry in envelope.decode(message.body)]
-    assert len(ids) == len(set(ids)) == 40
-    assert max(entries(message) for message in messages) <= LARGE_BOUND // min(sizes)
+    assert LARGE_BOUND // max(sizes) == LARGE_BOUND // min(sizes)    # the same bound per batch
+    check_fanned_out(target_queue, sizes, bound=LARGE_BOUND)
