@@ -263,8 +263,9 @@ class Inbox:
     stops reading the socket and the broker keeps the rest (TCP backpressure), so memory stays
     bounded in packets and in bytes whatever the broker's prefetch in messages, however the
     senders pack their packets and however large they are. Before its connection is closed the
-    inbox is closed (:meth:`close`): a blocked :meth:`put` returns and later ones return at once, dropping their delivery (unacked: the
-    broker redelivers it), so that the receiver thread can read the DISCONNECT receipt and end.
+    inbox is closed (:meth:`close`): a blocked :meth:`put` returns and later ones return at once,
+    dropping their delivery (unacked: the broker redelivers it), so that the receiver thread can
+    read the DISCONNECT receipt and end.
     :meth:`reopen` empties it for a new connection.
     """
 

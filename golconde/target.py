@@ -33,6 +33,6 @@ class TargetListener(QueueConsumer):
         light load batch messages are small: several are applied in one transaction): 1500 -> 16
         messages unacknowledged, at most 8,000 packets or 16 MiB, of which the listener's inbox
         holds at most ``max(prefetch, batch_size)`` packets and ``2 * batch_bytes`` bytes (the
-        rest waits in the socket); plain
-        messages (dead-letter replays) are then taken 16 at a time."""
+        rest waits in the socket); plain messages (dead-letter replays) are then taken 16 at a
+        time."""
         return max(MIN_PREFETCH, -(-self.config.prefetch // envelope.MAX_ENTRIES) + self.max_pipeline + 1)
