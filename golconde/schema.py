@@ -162,6 +162,9 @@ class TableSchema:
     #: packet key tuple -> AutoSQL's resolution of it (``golconde.handlers.autosql.resolve``)
     resolved: Dict[Tuple[str, ...], Any] = field(default_factory=dict, init=False, repr=False,
                                                  compare=False)
+    #: (action, data keys, restriction keys) -> AutoSQL's cached plan for packets of that shape
+    plans: Dict[Tuple[Any, ...], Any] = field(default_factory=dict, init=False, repr=False,
+                                              compare=False)
 
     def __post_init__(self) -> None:
         folded: Dict[str, List[Column]] = {}

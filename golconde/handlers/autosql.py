@@ -25,7 +25,7 @@ import logging
 import math
 import uuid
 from decimal import Decimal
-from typing import Any, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from psycopg2 import sql
 from psycopg2.extras import Json
@@ -49,6 +49,18 @@ Item = Tuple[str, Column, Any]
 
 #: A key absent from a packet's data (distinct from a JSON null).
 _MISSING = object()
+
+
+class _Plan(NamedTuple):
+    """How packets of one shape resolve (see :meth:`AutoSQL._planned`): ``data`` and
+    ``restriction`` are ``((packet key, column), ...)``, data's writable columns only."""
+
+    action: Action
+    data: Tuple[Tuple[str, Column], ...]
+    restriction: Tuple[Tuple[str, Column], ...]
+    keys: Dict[str, str]
+    conflict: Tuple[str, ...]
+    shape: Tuple[Any, ...]
 
 
 class _Identifier(sql.Identifier):
@@ -316,6 +328,9 @@ class AutoSQL(Handler):
                               % (", ".join(UNKNOWN_COLUMNS), unknown))
         self.unknown_columns = unknown.lower()
         self._absent: set = set()      # data keys seen not to be columns (target role)
+        #: the key columns ADD and SET return, to back-fill generated keys into the packet; a target
+        #: fans nothing out, so it asks for none
+        self.back_fill = role == "destination"
 
     def apply(self, cursor: Any, packet: Packet) -> Packet:
         """Apply ``packet``: through the target's mapping when one is configured (each packet
@@ -358,7 +373,7 @@ class AutoSQL(Handler):
         if self.mapping or type(self).apply is not AutoSQL.apply:
             return super().apply_batch(cursor, packets)
         results = list(packets)
-        prepared = [(index, self.prepare(cursor, packet)) for index, packet in enumerate(packets)]
+        prepared = [(index, self._planned(cursor, packet)) for index, packet in enumerate(packets)]
         todo = [(index, item) for index, item in prepared if item is not None]
         items = [item for _, item in todo]
         for run in bulk.runs(items):
@@ -368,7 +383,8 @@ class AutoSQL(Handler):
                 continue
             members = [items[j] for j in run]
             table = members[0].table
-            rows = bulk.execute_run(cursor, table, members, ident, _cast, bind, _relation(table))
+            rows = bulk.execute_run(cursor, table, members, ident, _cast, bind, _relation(table),
+                                    self._returning(table))
             for j, row in zip(run, rows):
                 if row is not None:
                     index, item = todo[j]
@@ -410,19 +426,52 @@ class AutoSQL(Handler):
                              [(column, value) for _, column, value in restriction],
                              {column.name: key for key, column, _ in data}, conflict, table)
 
+    def _planned(self, cursor: Any, packet: Packet) -> Optional[bulk.Prepared]:
+        """:meth:`prepare`, through a plan cached per packet shape: packets with the same action,
+        data keys and restriction keys (in order) resolve to the same columns, so only the first
+        of a shape is resolved and checked in full; the others just take their values. Shapes with
+        keys the relation lacks are not cached (:meth:`_resolve` re-reads the schema for them).
+        The plans live on the :class:`~golconde.schema.TableSchema`, so a schema refresh drops them.
+        """
+        table = self._schema(cursor)
+        try:
+            shape = (packet.action, tuple(packet.data), tuple(packet.restriction))
+            plan = table.plans.get(shape)
+        except TypeError:        # an unhashable action from a custom handler: no plan
+            return self.prepare(cursor, packet)
+        if plan is not None:
+            data, restriction = packet.data, packet.restriction
+            return bulk.Prepared(plan.action, packet, [(column, data[key]) for key, column in plan.data],
+                                 [(column, restriction[key]) for key, column in plan.restriction],
+                                 plan.keys, plan.conflict, table, known_shape=plan.shape)
+        item = self.prepare(cursor, packet)
+        if (item is not None and item.table is table
+                and (item.action is Action.DELETE or len(item.keys) == len(packet.data))):
+            if len(table.plans) >= RESOLVE_MEMO:
+                table.plans.clear()
+            table.plans[shape] = _Plan(item.action,
+                                       tuple((item.keys[column.name], column) for column, _ in item.data),
+                                       tuple(zip(packet.restriction, (c for c, _ in item.restriction))),
+                                       item.keys, item.conflict, item.shape)
+        return item
+
+    def _returning(self, table: TableSchema) -> Tuple[str, ...]:
+        return table.primary_key if self.back_fill else ()
+
     def _execute(self, cursor: Any, item: bulk.Prepared) -> Packet:
         table, action = item.table, item.action
+        returning = self._returning(table)
         if action is Action.DELETE:
             query, params = delete_statement(table, item.restriction)
         elif action is Action.ADD:
-            query, params = insert_statement(table, item.data, returning=table.primary_key)
+            query, params = insert_statement(table, item.data, returning=returning)
         elif action is Action.SET:
-            query, params = upsert_statement(table, item.data, returning=table.primary_key)
+            query, params = upsert_statement(table, item.data, returning=returning)
         else:
             query, params = update_statement(table, item.data, item.restriction)
         cursor.execute(query, params)
         LOGGER.debug("%s: %s on %s: %d rows", self.name, action.value, self.table, cursor.rowcount)
-        if action in (Action.ADD, Action.SET) and table.primary_key:
+        if action in (Action.ADD, Action.SET) and returning:
             row = cursor.fetchone()
             return item.packet if row is None else self._fill(item, row)
         return item.packet

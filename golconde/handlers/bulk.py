@@ -57,11 +57,17 @@ class Prepared:
     keys: Dict[str, str] = field(default_factory=dict)
     conflict: Tuple[str, ...] = ()
     table: Optional[TableSchema] = None
+    #: :attr:`shape`, when the caller knows it already (AutoSQL's cached plans)
+    known_shape: Optional[Tuple[Any, ...]] = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> Tuple[Any, ...]:
-        return (self.action, tuple(c.name for c, _ in self.data),
-                tuple(c.name for c, _ in self.restriction), self.conflict)
+        """``(action, data column names, restriction column names, conflict key)``: packets of one
+        shape can share a statement."""
+        if self.known_shape is None:
+            self.known_shape = (self.action, tuple(c.name for c, _ in self.data),
+                                tuple(c.name for c, _ in self.restriction), self.conflict)
+        return self.known_shape
 
     @property
     def alone(self) -> bool:
@@ -147,13 +153,16 @@ def _template(casts: Sequence[sql.Composable]) -> sql.Composed:
 
 
 def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], ident: Any, cast: Any,
-                bind: Any, relation: sql.Composable) -> List[Optional[tuple]]:
+                bind: Any, relation: sql.Composable,
+                returning: Optional[Sequence[str]] = None) -> List[Optional[tuple]]:
     """Apply a run of two or more packets of the same shape with one statement per page.
 
     :param ident, cast, bind, relation: AutoSQL's identifier, ``%s::type``, value binding and
         relation helpers (so both paths quote and bind the same way).
-    :returns: for add/set on a relation with a primary key, the returned key row of each packet
-        in order (``None`` where the row was not returned); otherwise ``[]``.
+    :param returning: for add/set, the columns to return (default: the primary key's; ``()`` when
+        nothing is back-filled, as at a target, which fans nothing out).
+    :returns: for add/set with columns to return, the returned row of each packet in order
+        (``None`` where the row was not returned); otherwise ``[]``.
     """
     first = items[0]
     action = first.action
@@ -162,10 +171,10 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
         query = sql.SQL("INSERT INTO {} ({}) {}VALUES %s").format(
             relation, sql.SQL(", ").join(ident(c.name) for c in columns),
             sql.SQL("OVERRIDING SYSTEM VALUE ") if any(c.identity_always for c in columns) else sql.SQL(""))
+        if returning is None:
+            returning = table.primary_key
         if action is Action.SET:
-            query = sql.SQL("{} {}").format(
-                query, on_conflict(first.conflict, columns, table.primary_key, ident))
-        returning = table.primary_key
+            query = sql.SQL("{} {}").format(query, on_conflict(first.conflict, columns, returning, ident))
         if returning:
             query = sql.SQL("{} RETURNING {}").format(
                 query, sql.SQL(", ").join(ident(name) for name in returning))
