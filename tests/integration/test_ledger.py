@@ -119,6 +119,37 @@ def test_claim_tries_a_plain_insert_then_claims_only_the_new_ids(database):
         conn.close()
 
 
+def _plan_nodes(plan):
+    yield plan
+    for child in plan.get("Plans", ()):
+        yield from _plan_nodes(child)
+
+
+def test_ledger_lookups_use_the_primary_key_without_statistics(database):
+    """A destination reads which ids of a batch it applied before. With no statistics on the
+    ledger (new, or autovacuum off), ``packet_id = ANY(ids)`` was planned as a scan of all the
+    consumer's rows; the lookup is one primary key probe per id, whatever the statistics."""
+    dsn, conn = database
+    with conn.cursor() as cur:
+        cur.execute("ALTER TABLE golconde.applied SET (autovacuum_enabled = false)")
+        cur.execute("INSERT INTO golconde.applied (consumer, packet_id, packet)"
+                    " SELECT 'C', 'id-' || n, 'p' || n FROM generate_series(1, 20000) AS n")
+        conn.commit()
+        ids = ["id-%d" % n for n in range(19000, 19500)] + ["new-%d" % n for n in range(10)]
+        assert ledger.applied_ids(cur, "C", ids) == set(ids[:500])
+        assert ledger.stored_packets(cur, "C", ["id-7", "new-1"]) == {"id-7": "p7"}
+        for found in ("true", "ARRAY[a.packet]"):
+            cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + ledger._LOOKUP.format(found=found), ("C", ids))
+            nodes = list(_plan_nodes(cur.fetchone()[0][0]["Plan"]))
+            probes = [n for n in nodes if n.get("Relation Name") == "applied"]
+            assert len(probes) == 1, nodes     # one probe per id, not one more for the filter
+            assert probes[0]["Node Type"] in ("Index Scan", "Index Only Scan"), probes
+            assert "packet_id" in probes[0]["Index Cond"], probes
+            assert probes[0]["Actual Loops"] == len(ids), probes
+            assert probes[0].get("Rows Removed by Filter", 0) == 0, probes
+    conn.rollback()
+
+
 class CountingCursor(psycopg2.extensions.cursor):
     def execute(self, query, params=None):
         if isinstance(query, bytes):
