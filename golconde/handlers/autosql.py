@@ -3,7 +3,7 @@
 SQL produced (``rel`` the relation, ``cN`` columns, each value bound as ``%s::<column type>``)::
 
     add     INSERT INTO rel (c1, c2) [OVERRIDING SYSTEM VALUE] VALUES (%s::t1, %s::t2)
-                RETURNING <primary key columns>                       -- no RETURNING without a pk
+                RETURNING <primary key columns>       -- none without a pk, and none at a target
     set     INSERT INTO rel (k, c2) [OVERRIDING SYSTEM VALUE] VALUES (%s::tk, %s::t2)
                 ON CONFLICT (k) DO UPDATE SET c2 = EXCLUDED.c2        -- DO NOTHING if only keys
     update  UPDATE rel SET c1 = %s::t1 WHERE k = %s::tk AND c3 IS NULL
@@ -328,8 +328,8 @@ class AutoSQL(Handler):
                               % (", ".join(UNKNOWN_COLUMNS), unknown))
         self.unknown_columns = unknown.lower()
         self._absent: set = set()      # data keys seen not to be columns (target role)
-        #: the key columns ADD and SET return, to back-fill generated keys into the packet; a target
-        #: fans nothing out, so it asks for none
+        #: True when ADD and SET return the primary key, to back-fill generated keys into the packet
+        #: (a destination); a target fans nothing out, so its statements return nothing
         self.back_fill = role == "destination"
 
     def apply(self, cursor: Any, packet: Packet) -> Packet:
@@ -349,9 +349,9 @@ class AutoSQL(Handler):
     def apply_one(self, cursor: Any, packet: Packet) -> Packet:
         """Apply ``packet`` with one statement (see the module docstring).
 
-        :returns: ``packet``; for ``add`` and ``set`` on a relation with a primary key, a copy whose
-            data holds the key values the database stored (generated serial/identity values
-            included), so that targets get the canonical keys.
+        :returns: ``packet``; at a destination, for ``add`` and ``set`` on a relation with a primary
+            key, a copy whose data holds the key values the database stored (generated
+            serial/identity values included), so that targets get the canonical keys.
         :raises PacketError: unknown action; empty data or restriction; a restriction key that is not
             a column; a data key that is not a column when ``unknown_columns`` is ``"error"``; an
             ambiguous key; a value of the wrong JSON kind; ``set`` without a usable key.
@@ -373,7 +373,10 @@ class AutoSQL(Handler):
         if self.mapping or type(self).apply is not AutoSQL.apply:
             return super().apply_batch(cursor, packets)
         results = list(packets)
-        prepared = [(index, self._planned(cursor, packet)) for index, packet in enumerate(packets)]
+        # a subclass that resolves packets its own way gets every packet through its prepare()
+        own = type(self).prepare is AutoSQL.prepare and type(self)._resolve is AutoSQL._resolve
+        prepare = self._planned if own else self.prepare
+        prepared = [(index, prepare(cursor, packet)) for index, packet in enumerate(packets)]
         todo = [(index, item) for index, item in prepared if item is not None]
         items = [item for _, item in todo]
         for run in bulk.runs(items):
@@ -433,7 +436,10 @@ class AutoSQL(Handler):
         keys the relation lacks are not cached (:meth:`_resolve` re-reads the schema for them).
         The plans live on the :class:`~golconde.schema.TableSchema`, so a schema refresh drops them.
         """
-        table = self._schema(cursor)
+        try:
+            table = self._schema(cursor)
+        except StopListener:     # no relation: prepare() checks the packet first, as without plans
+            return self.prepare(cursor, packet)
         try:
             shape = (packet.action, tuple(packet.data), tuple(packet.restriction))
             plan = table.plans.get(shape)

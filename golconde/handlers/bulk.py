@@ -6,6 +6,7 @@ are what cost, so consecutive packets of the same shape go to PostgreSQL as one 
     add     INSERT INTO rel (c1, c2) VALUES (...), (...), ... RETURNING <primary key>
     set     INSERT INTO rel (k, c2) VALUES (...), ... ON CONFLICT (k) DO UPDATE SET c2 = EXCLUDED.c2
             RETURNING <primary key>
+            (at a destination: a target, which fans nothing out, returns nothing)
     update  UPDATE rel AS t SET c1 = v.d0 FROM (VALUES (...), ...) AS v (r0, d0) WHERE t.k = v.r0
     delete  DELETE FROM rel AS t USING (VALUES (...), ...) AS v (r0) WHERE t.k = v.r0
 

@@ -241,3 +241,50 @@ def test_only_a_destination_back_fills_generated_keys(two_databases):
         with conn.cursor() as cur:
             cur.execute("DROP TABLE serials")
         conn.commit()
+
+
+def test_a_subclass_that_prepares_its_own_way_gets_every_packet(two_databases):
+    """Plans skip prepare() for the later packets of a shape; a subclass overriding prepare() is
+    called for every packet instead."""
+    conn = two_databases[0]
+
+    class Doubling(AutoSQL):
+        def prepare(self, cursor, packet):
+            data = dict(packet.data, qty=2 * packet.data["qty"])
+            return super().prepare(cursor, Packet(packet.action, data))
+
+    with conn.cursor() as cur:
+        cur.execute("TRUNCATE items")
+        Doubling("items", role="target").apply_batch(
+            cur, [Packet(Action.SET, {"id": i, "qty": i}) for i in range(1, 4)])
+        cur.execute("SELECT id, qty FROM items ORDER BY id")
+        assert cur.fetchall() == [(1, 2), (2, 4), (3, 6)]
+    conn.rollback()
+
+
+def test_a_bad_packet_for_a_missing_relation_is_a_packet_error(two_databases):
+    """The packet's own checks come before the catalog's: a packet that can never apply is a dead
+    letter, not a reason to pause the listener until the relation exists."""
+    with two_databases[0].cursor() as cur, pytest.raises(PacketError, match="empty restriction"):
+        AutoSQL("no_such_table", role="target").apply_batch(cur, [Packet(Action.DELETE, restriction={})])
+    two_databases[0].rollback()
+
+
+def test_a_set_of_only_a_unique_key_does_nothing_at_a_target(two_databases):
+    """At a target, a set whose data holds only a unique key's columns is DO NOTHING (nothing to
+    return); a destination updates the key to itself to return the generated primary key."""
+    conn = two_databases[0]
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE coded (id serial PRIMARY KEY, code text UNIQUE)")
+        cur.execute("INSERT INTO coded (code) VALUES ('a'), ('b')")
+        sequence = [Packet(Action.SET, {"code": code}) for code in ("a", "b", "c")]
+        target = AutoSQL("coded", role="target").apply_batch(cur, sequence)
+        assert target == sequence
+        cur.execute("SELECT id, code FROM coded ORDER BY id")
+        rows = cur.fetchall()
+        assert [code for _, code in rows] == ["a", "b", "c"] and rows[:2] == [(1, "a"), (2, "b")]
+        destination = AutoSQL("coded", role="destination").apply_batch(cur, sequence)
+        assert [p.data for p in destination] == [{"code": code, "id": i} for i, code in rows]
+        cur.execute("SELECT id, code FROM coded ORDER BY id")
+        assert cur.fetchall() == rows
+    conn.rollback()
