@@ -137,8 +137,13 @@ class Applier:
         self.on_retry = on_retry
         self._member: Optional[int] = None   # index of the group member being applied
 
-    def apply_batch(self, connection: Any, items: Sequence[Tuple[str, Any]]) -> List[Outcome]:
+    def apply_batch(self, connection: Any, items: Sequence[Tuple[str, Any]],
+                    redelivered: bool = False) -> List[Outcome]:
         """Apply ``items`` = ``[(packet_id, body), ...]`` in order; commits.
+
+        :param redelivered: some of the items were delivered before (the broker's ``redelivered``
+            header): a target then claims their ids with ``ON CONFLICT`` at once, instead of first
+            trying a plain ``INSERT`` that would fail (:func:`golconde.ledger.claim`).
 
         :returns: one :class:`Outcome` per item, in order.
         :raises ConnectionLost: the connection broke; nothing is known to be committed.
@@ -157,7 +162,7 @@ class Applier:
         attempt = 0
         while True:
             try:
-                done = self._fast(connection, items, packets, todo)
+                done = self._fast(connection, items, packets, todo, redelivered)
                 break
             except StopListener:
                 self._rollback(connection)
@@ -214,12 +219,14 @@ class Applier:
             raise ConnectionLost("rollback failed: %s" % describe(exc)) from exc
 
     def _fast(self, connection: Any, items: Sequence[Tuple[str, bytes]],
-              packets: Sequence[Optional[Union[Packet, Group]]], todo: Sequence[int]) -> dict:
+              packets: Sequence[Optional[Union[Packet, Group]]], todo: Sequence[int],
+              redelivered: bool = False) -> dict:
         with explicit_transaction(connection), connection.cursor() as cur:
-            return self._fast_in(cur, items, packets, todo)
+            return self._fast_in(cur, items, packets, todo, redelivered)
 
     def _fast_in(self, cur: Any, items: Sequence[Tuple[str, bytes]],
-                 packets: Sequence[Optional[Union[Packet, Group]]], todo: Sequence[int]) -> dict:
+                 packets: Sequence[Optional[Union[Packet, Group]]], todo: Sequence[int],
+                 redelivered: bool = False) -> dict:
         """The fast path's transaction: ``BEGIN`` goes with the ledger's first statement and, at a
         destination, ``COMMIT`` with its last (see :func:`explicit_transaction`)."""
         done = {}
@@ -229,7 +236,7 @@ class Applier:
         if self.store_fanout:     # read now, record with the fanned-out text after applying
             new = set(ids) - ledger.applied_ids(cur, self.consumer, ids, begin=True)
         else:
-            new = ledger.claim(cur, self.consumer, ids, begin=True)
+            new = ledger.claim(cur, self.consumer, ids, begin=True, optimistic=not redelivered)
         fresh = []
         for index in todo:
             pid, packet = items[index][0], packets[index]

@@ -83,16 +83,19 @@ def ensure(connection: Any) -> None:
     connection.commit()
 
 
-def claim(cursor: Any, consumer: str, ids: Sequence[str], begin: bool = False) -> Set[str]:
+def claim(cursor: Any, consumer: str, ids: Sequence[str], begin: bool = False,
+          optimistic: bool = True) -> Set[str]:
     """Record ``ids`` as applied by ``consumer`` in the current transaction; with ``begin``, the
     statement opens it (``BEGIN`` sent in the same round trip, on an autocommit connection).
 
-    With ``begin`` and no id given twice, a plain ``INSERT`` is tried first: nearly every batch is
-    new, and it costs PostgreSQL about 40% less than ``ON CONFLICT DO NOTHING``'s speculative
-    insertion (8-11 us against 15-19 us of backend CPU per id, 150,000 ids in batches of 500,
-    by hand). When an id was recorded before (a redelivery), that ``INSERT`` fails; claim then
-    rolls the transaction back and opens it again with the ``ON CONFLICT`` statement, the only
-    one used without ``begin`` (inside a caller's transaction or savepoint).
+    With ``begin``, ``optimistic`` and no id given twice, a plain ``INSERT`` is tried first: nearly
+    every batch is new, and it costs PostgreSQL about 40% less than ``ON CONFLICT DO NOTHING``'s
+    speculative insertion (8-11 us against 15-19 us of backend CPU per id, 150,000 ids in batches
+    of 500, by hand). When an id was recorded before (a packet sent again), that ``INSERT`` fails
+    (PostgreSQL logs the error, with the statement); claim then rolls the transaction back and
+    opens it again with the ``ON CONFLICT`` statement, the only one used without ``begin`` (inside
+    a caller's transaction or savepoint) or ``optimistic`` (pass False for a batch the broker
+    marked redelivered).
 
     :returns: the ids that were NOT yet recorded (new work). An id that was recorded before, or that
         appears twice in ``ids``, is a duplicate: the caller must not apply it (again).
@@ -102,7 +105,7 @@ def claim(cursor: Any, consumer: str, ids: Sequence[str], begin: bool = False) -
     if not ids:
         return set()
     ids = list(ids)
-    if begin and len(set(ids)) == len(ids):
+    if begin and optimistic and len(set(ids)) == len(ids):
         try:
             cursor.execute(opening + "INSERT INTO golconde.applied (consumer, packet_id)"
                            " SELECT %s, unnest(%s::text[])", (consumer, ids))

@@ -595,7 +595,8 @@ class QueueConsumer(Listener):
         started = time.monotonic()
         while True:
             try:
-                outcomes = self.applier.apply_batch(self.db, items)
+                outcomes = self.applier.apply_batch(self.db, items,
+                                                    any(d.redelivered for d in deliveries))
                 break
             except ConnectionLost as exc:
                 LOGGER.warning("[%s] database connection lost: %s", self.name, exc)

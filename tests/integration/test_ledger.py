@@ -137,7 +137,11 @@ def test_ledger_lookups_use_the_primary_key_without_statistics(database):
         conn.commit()
         ids = ["id-%d" % n for n in range(19000, 19500)] + ["new-%d" % n for n in range(10)]
         assert ledger.applied_ids(cur, "C", ids) == set(ids[:500])
-        assert ledger.stored_packets(cur, "C", ["id-7", "new-1"]) == {"id-7": "p7"}
+        assert ledger.stored_packets(cur, "C", ["id-7", "new-1", "id-7"]) == {"id-7": "p7"}
+        cur.execute("UPDATE golconde.applied SET packet = NULL WHERE packet_id = 'id-8'")
+        assert ledger.stored_packets(cur, "C", ["id-8"]) == {"id-8": None}    # recorded, no text
+        assert ledger.applied_ids(cur, "C", ["id-8", "id-8", "new-1"]) == {"id-8"}
+        conn.commit()
         for found in ("true", "ARRAY[a.packet]"):
             cur.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + ledger._LOOKUP.format(found=found), ("C", ids))
             nodes = list(_plan_nodes(cur.fetchone()[0][0]["Plan"]))
@@ -148,6 +152,30 @@ def test_ledger_lookups_use_the_primary_key_without_statistics(database):
             assert probes[0]["Actual Loops"] == len(ids), probes
             assert probes[0].get("Rows Removed by Filter", 0) == 0, probes
     conn.rollback()
+
+
+@pytest.mark.parametrize("redelivered", [False, True])
+def test_a_target_applies_a_partly_repeated_batch_once(database, redelivered):
+    """A target's batch where some packets were applied before: those are duplicates, the rest
+    applied, in one transaction, and the connection is left idle and out of autocommit mode. A
+    batch marked redelivered claims with ON CONFLICT at once (no failed INSERT, no ROLLBACK)."""
+    dsn, conn = database
+    counting = psycopg2.connect(dsn, connection_factory=Counting)
+    applier = Applier(AutoSQL("items", role="target"), "T", sleep=lambda seconds: None)
+    first = applier.apply_batch(counting, [("a", upsert(1, 1)), ("b", upsert(2, 2))])
+    assert [o.status for o in first] == [APPLIED, APPLIED]
+    del counting.sent[:]
+    again = applier.apply_batch(counting, [("b", upsert(2, 20)), ("c", upsert(3, 3)), ("a", upsert(1, 10))],
+                                redelivered=redelivered)
+    assert [o.status for o in again] == [DUPLICATE, APPLIED, DUPLICATE]
+    assert ("ROLLBACK" in counting.sent) is not redelivered, counting.sent
+    assert not counting.autocommit
+    assert counting.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+    with conn.cursor() as cur:
+        cur.execute("SELECT id, qty FROM items ORDER BY id")
+        assert cur.fetchall() == [(1, 1), (2, 2), (3, 3)]
+    conn.rollback()
+    counting.close()
 
 
 class CountingCursor(psycopg2.extensions.cursor):
