@@ -104,15 +104,21 @@ def resolve(table: TableSchema, values: Mapping[str, Any], part: str) -> Tuple[L
         same column.
     """
     keys = tuple(values)
-    memo = table.resolved
-    found = memo.get(keys)
+    found = table.resolved.get(keys)
     if found is None:
-        found = _resolve_keys(table, keys, part)
-        if len(memo) >= RESOLVE_MEMO:
-            memo.clear()
-        memo[keys] = found
+        found = _remember(table.resolved, keys, _resolve_keys(table, keys, part))
     pairs, unknown = found
     return [(key, column, values[key]) for key, column in pairs], list(unknown)
+
+
+def _remember(memo: Dict[Any, Any], key: Any, value: Any) -> Any:
+    """Store ``value`` under ``key`` in one of a table schema's memos, emptied first when it holds
+    :data:`RESOLVE_MEMO` entries (packets come in a few shapes; a flood of others must not grow
+    it without bound). :returns: ``value``."""
+    if len(memo) >= RESOLVE_MEMO:
+        memo.clear()
+    memo[key] = value
+    return value
 
 
 def _resolve_keys(table: TableSchema, keys: Sequence[str],
@@ -453,12 +459,10 @@ class AutoSQL(Handler):
         item = self.prepare(cursor, packet)
         if (item is not None and item.table is table
                 and (item.action is Action.DELETE or len(item.keys) == len(packet.data))):
-            if len(table.plans) >= RESOLVE_MEMO:
-                table.plans.clear()
-            table.plans[shape] = _Plan(item.action,
-                                       tuple((item.keys[column.name], column) for column, _ in item.data),
-                                       tuple(zip(packet.restriction, (c for c, _ in item.restriction))),
-                                       item.keys, item.conflict, item.shape)
+            _remember(table.plans, shape, _Plan(
+                item.action, tuple((item.keys[column.name], column) for column, _ in item.data),
+                tuple(zip(packet.restriction, (c for c, _ in item.restriction))),
+                item.keys, item.conflict, item.shape))
         return item
 
     def _returning(self, table: TableSchema) -> Tuple[str, ...]:

@@ -154,14 +154,13 @@ def _template(casts: Sequence[sql.Composable]) -> sql.Composed:
 
 
 def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], ident: Any, cast: Any,
-                bind: Any, relation: sql.Composable,
-                returning: Optional[Sequence[str]] = None) -> List[Optional[tuple]]:
+                bind: Any, relation: sql.Composable, returning: Sequence[str]) -> List[Optional[tuple]]:
     """Apply a run of two or more packets of the same shape with one statement per page.
 
     :param ident, cast, bind, relation: AutoSQL's identifier, ``%s::type``, value binding and
         relation helpers (so both paths quote and bind the same way).
-    :param returning: for add/set, the columns to return (default: the primary key's; ``()`` when
-        nothing is back-filled, as at a target, which fans nothing out).
+    :param returning: for add/set, the columns to return (a destination's primary key, to
+        back-fill generated keys; ``()`` at a target, which fans nothing out).
     :returns: for add/set with columns to return, the returned row of each packet in order
         (``None`` where the row was not returned); otherwise ``[]``.
     """
@@ -172,8 +171,6 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
         query = sql.SQL("INSERT INTO {} ({}) {}VALUES %s").format(
             relation, sql.SQL(", ").join(ident(c.name) for c in columns),
             sql.SQL("OVERRIDING SYSTEM VALUE ") if any(c.identity_always for c in columns) else sql.SQL(""))
-        if returning is None:
-            returning = table.primary_key
         if action is Action.SET:
             query = sql.SQL("{} {}").format(query, on_conflict(first.conflict, columns, returning, ident))
         if returning:
