@@ -183,64 +183,46 @@ def test_plans_follow_the_schema(two_databases):
     """A plan (how packets of one shape resolve) is dropped with the schema it was made from: after
     a column is renamed and the handler told of a schema error, the old shape no longer applies."""
     conn = two_databases[0]
-    with conn.cursor() as cur:
-        cur.execute("CREATE TABLE planned (id integer PRIMARY KEY, qty integer)")
-    conn.commit()
     handler = AutoSQL("planned", role="destination")
-    try:
-        with conn.cursor() as cur:
-            handler.apply_batch(cur, [Packet(Action.SET, {"id": i, "qty": i}) for i in range(3)])
-            table = handler.cache.get(cur, handler.table)
-            assert len(table.plans) == 1
-            handler.apply_batch(cur, [Packet(Action.SET, {"id": i, "qty": 10 * i}) for i in range(5)])
-            assert len(table.plans) == 1        # the same shape: the same plan, new values
-            cur.execute("SELECT id, qty FROM planned ORDER BY id")
-            assert cur.fetchall() == [(i, 10 * i) for i in range(5)]
-            cur.execute("ALTER TABLE planned RENAME qty TO amount")
-        conn.commit()
+    with conn.cursor() as cur:      # one transaction, rolled back: the table goes with it
+        cur.execute("CREATE TABLE planned (id integer PRIMARY KEY, qty integer)")
+        handler.apply_batch(cur, [Packet(Action.SET, {"id": i, "qty": i}) for i in range(3)])
+        table = handler.cache.get(cur, handler.table)
+        assert len(table.plans) == 1
+        handler.apply_batch(cur, [Packet(Action.SET, {"id": i, "qty": 10 * i}) for i in range(5)])
+        assert len(table.plans) == 1        # the same shape: the same plan, new values
+        cur.execute("SELECT id, qty FROM planned ORDER BY id")
+        assert cur.fetchall() == [(i, 10 * i) for i in range(5)]
+        cur.execute("ALTER TABLE planned RENAME qty TO amount")
         handler.on_schema_error()
-        with conn.cursor() as cur, pytest.raises(PacketError, match="'qty'"):
+        with pytest.raises(PacketError, match="'qty'"):
             handler.apply_batch(cur, [Packet(Action.SET, {"id": 1, "qty": 2})])
-        conn.rollback()
-    finally:
-        conn.rollback()
-        with conn.cursor() as cur:
-            cur.execute("DROP TABLE planned")
-        conn.commit()
+    conn.rollback()
 
 
 def test_only_a_destination_back_fills_generated_keys(two_databases):
     """A destination returns the keys PostgreSQL generated (its targets need them); a target fans
     nothing out, so its statements return nothing and its packets come back as given."""
     conn = two_databases[0]
-    with conn.cursor() as cur:
+    sequence = [Packet(Action.ADD, {"note": "n%d" % i}) for i in range(4)]
+    with conn.cursor() as cur:      # one transaction, rolled back: the table goes with it
         cur.execute("CREATE TABLE serials (id serial PRIMARY KEY, note text)")
-    conn.commit()
-    try:
-        sequence = [Packet(Action.ADD, {"note": "n%d" % i}) for i in range(4)]
         for role, alone in (("destination", False), ("target", False), ("destination", True),
                             ("target", True)):
             handler = AutoSQL("serials", role=role)
-            with conn.cursor() as cur:
-                if alone:
-                    results = [handler.apply(cur, packet) for packet in sequence]
-                else:
-                    results = handler.apply_batch(cur, sequence)
-                cur.execute("SELECT id FROM serials ORDER BY id DESC LIMIT 4")
-                ids = sorted(row[0] for row in cur.fetchall())
-            conn.commit()
+            if alone:
+                results = [handler.apply(cur, packet) for packet in sequence]
+            else:
+                results = handler.apply_batch(cur, sequence)
+            cur.execute("SELECT id FROM serials ORDER BY id DESC LIMIT 4")
+            ids = sorted(row[0] for row in cur.fetchall())
             if role == "destination":
                 assert [r.data for r in results] == [{"note": "n%d" % i, "id": ids[i]} for i in range(4)]
             else:
                 assert results == sequence
-        with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM serials")
-            assert cur.fetchone()[0] == 16
-    finally:
-        conn.rollback()
-        with conn.cursor() as cur:
-            cur.execute("DROP TABLE serials")
-        conn.commit()
+        cur.execute("SELECT count(*) FROM serials")
+        assert cur.fetchone()[0] == 16
+    conn.rollback()
 
 
 def test_a_subclass_that_prepares_its_own_way_gets_every_packet(two_databases):
