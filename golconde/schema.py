@@ -118,6 +118,9 @@ class Column:
         column, whether its elements are.
     :ivar identity: ``attidentity``: ``""``, ``"a"`` (GENERATED ALWAYS) or ``"d"`` (BY DEFAULT).
     :ivar generated: ``attgenerated == "s"``: a stored generated column, never written.
+    :ivar base_type: ``format_type(typid, -1)`` of the base type of a domain (recursively), of the
+        column's own type otherwise; ``""`` when unknown (a :class:`Column` built by hand), read
+        as :attr:`type_name`.
     """
 
     name: str
@@ -128,6 +131,7 @@ class Column:
     is_json: bool = False
     identity: str = ""
     generated: bool = False
+    base_type: str = ""
 
     @property
     def identity_always(self) -> bool:
@@ -211,7 +215,8 @@ SELECT a.attname,
        CASE WHEN bt.typcategory = 'A' THEN bt.typelem ELSE bt.oid END
            IN ('pg_catalog.json'::pg_catalog.regtype, 'pg_catalog.jsonb'::pg_catalog.regtype),
        a.attidentity::text,
-       a.attgenerated::text
+       a.attgenerated::text,
+       pg_catalog.format_type(base.typid, -1)
   FROM pg_catalog.pg_attribute a
   JOIN base ON base.attnum = a.attnum
   JOIN pg_catalog.pg_type bt ON bt.oid = base.typid
@@ -253,11 +258,12 @@ def read_schema(cursor: Any, relation: Relation) -> TableSchema:
         raise SchemaError("relation %s is not a table, view or foreign table (relkind %s)" % (relation, kind))
     cursor.execute(_COLUMNS_SQL, {"oid": oid})
     columns: Dict[str, Column] = {}
-    for name, type_name, not_null, has_default, is_array, is_json, identity, generated in cursor.fetchall():
+    for (name, type_name, not_null, has_default, is_array, is_json, identity, generated,
+         base_type) in cursor.fetchall():
         columns[name] = Column(name=name, type_name=type_name, not_null=bool(not_null),
                                has_default=bool(has_default), is_array=bool(is_array),
                                is_json=bool(is_json), identity=identity or "",
-                               generated=(generated == "s"))
+                               generated=(generated == "s"), base_type=base_type)
     cursor.execute(_KEYS_SQL, {"oid": oid})
     primary_key: Tuple[str, ...] = ()
     unique_keys: List[Tuple[str, ...]] = []

@@ -393,7 +393,7 @@ class AutoSQL(Handler):
             members = [items[j] for j in run]
             table = members[0].table
             rows = bulk.execute_run(cursor, table, members, ident, _cast, bind, _relation(table),
-                                    self._returning(table))
+                                    self._returning(table), _type)
             for j, row in zip(run, rows):
                 if row is not None:
                     index, item = todo[j]

@@ -10,8 +10,27 @@ are what cost, so consecutive packets of the same shape go to PostgreSQL as one 
     update  UPDATE rel AS t SET c1 = v.d0 FROM (VALUES (...), ...) AS v (r0, d0) WHERE t.k = v.r0
     delete  DELETE FROM rel AS t USING (VALUES (...), ...) AS v (r0) WHERE t.k = v.r0
 
-Values are bound through :func:`psycopg2.extras.execute_values` with a template of casts to the
-column types (``%s::<type>``), exactly as AutoSQL binds single packets.
+A run's values travel in one of two ways:
+
+* as one JSON parameter, an array with one array of values per packet, which PostgreSQL unpacks
+  with ``json_array_elements`` and casts element by element to the column types::
+
+    INSERT INTO rel (c1, c2) SELECT (v.e ->> 0)::t1, (v.e ->> 1)::t2
+      FROM pg_catalog.json_array_elements(%s::pg_catalog.json) AS v (e)
+    UPDATE rel AS t SET c1 = (v.e ->> 1)::t1 FROM pg_catalog.json_array_elements(...) AS v (e)
+     WHERE t.k = (v.e ->> 0)::tk
+
+  when every value is of a kind whose text the column's type reads to the value a bound literal
+  would give (:func:`json_kinds`): a string for any column but json and arrays, an integer for
+  numeric and string columns, a decimal number for numeric ones, a boolean for boolean and string
+  ones, NULL for any. Where such a value is still refused (``1.5`` for an integer, which a bound
+  literal rounds), the statement fails and the applier replays the batch packet by packet with
+  AutoSQL's single-row statements, so the outcome is the same. One parameter instead of one bound
+  literal per value costs about a third of the client's CPU per row and less of the server's
+  (measured for workload W's packets, 500 per statement: 3-4 against 7-11 us of Python, 10-22
+  against 11-35 us of backend CPU per row);
+* otherwise through :func:`psycopg2.extras.execute_values` with a template of casts to the column
+  types (``%s::<type>``), exactly as AutoSQL binds single packets (json values, arrays, floats).
 
 A *run* is a maximal sequence of packets with the same action and the same data and restriction
 columns that keeps the result identical to applying the packets one by one:
@@ -29,7 +48,8 @@ Runs are applied in order, so the net effect per key is that of the packets in o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from decimal import Decimal
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from psycopg2 import sql
 from psycopg2.extras import execute_values
@@ -37,8 +57,14 @@ from psycopg2.extras import execute_values
 from ..packet import Action, Packet, dumps
 from ..schema import Column, TableSchema
 
-#: Rows per statement (execute_values page size).
+#: Rows per statement (execute_values page size; packets per JSON parameter).
 PAGE_SIZE = 1000
+
+#: Base types (``format_type``, domains resolved) that read an integer's or a decimal number's text
+#: as a bound numeric literal cast to them gives it.
+_NUMERIC_TYPES = frozenset(("smallint", "integer", "bigint", "numeric", "real", "double precision"))
+#: Base types whose value is the text itself: an integer or a boolean cast to them gives its text.
+_STRING_TYPES = frozenset(("text", "character varying", "bpchar", "name"))
 
 
 @dataclass
@@ -153,33 +179,102 @@ def _template(casts: Sequence[sql.Composable]) -> sql.Composed:
     return sql.SQL("({})").format(sql.SQL(", ").join(casts))
 
 
+def json_kinds(column: Column) -> FrozenSet[type]:
+    """The Python types of the values that may reach ``column`` inside a run's JSON parameter: for
+    these, the type's input function reading the JSON element's text gives what the bound literal
+    cast to the type gives, or fails. Empty for json and array columns (their values are bound).
+
+    * ``None``: NULL either way;
+    * ``str``: an explicit cast of a string literal and of text both call the type's input function
+      (domains: the base type's, then the domain's checks);
+    * ``int`` (not ``bool``): for numeric types, the same number; for string types, its digits;
+    * ``Decimal``: for numeric types the same number (``1.5`` for an integer fails as text where
+      the literal rounds: the batch is then replayed packet by packet);
+    * ``bool``: for boolean, the same; for string types, ``true`` / ``false``.
+    """
+    if column.is_array or column.is_json:
+        return frozenset()
+    base = column.base_type or column.type_name
+    kinds = {type(None), str}
+    if base in _NUMERIC_TYPES:
+        kinds.update((int, Decimal))
+    elif base in _STRING_TYPES:
+        kinds.update((int, bool))
+    elif base == "boolean":
+        kinds.add(bool)
+    return frozenset(kinds)
+
+
+def _fits_json(columns: Sequence[Column], values: Sequence[Sequence[Any]]) -> bool:
+    kinds = [json_kinds(column) for column in columns]
+    if not all(kinds):
+        return False
+    for row in values:
+        for value, allowed in zip(row, kinds):
+            if type(value) not in allowed:
+                return False
+    return True
+
+
+#: The run's values, one JSON array per packet, as the rows of ``v``.
+_ELEMENTS = sql.SQL("pg_catalog.json_array_elements(%s::pg_catalog.json) AS v (e)")
+
+
+def _element(index: int, column: Column, type_of: Any) -> sql.Composed:
+    return sql.SQL("(v.e ->> {})::{}").format(sql.Literal(index), type_of(column))
+
+
+def _execute_json(cursor: Any, query: sql.Composed, values: Sequence[Sequence[Any]],
+                  fetch: bool) -> List[tuple]:
+    """Run ``query`` once per :data:`PAGE_SIZE` rows of ``values``, passed as one JSON array."""
+    text = query.as_string(cursor)
+    result: List[tuple] = []
+    for start in range(0, len(values), PAGE_SIZE):
+        cursor.execute(text, (dumps(values[start:start + PAGE_SIZE]),))
+        if fetch:
+            result.extend(cursor.fetchall())
+    return result
+
+
 def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], ident: Any, cast: Any,
-                bind: Any, relation: sql.Composable, returning: Sequence[str]) -> List[Optional[tuple]]:
+                bind: Any, relation: sql.Composable, returning: Sequence[str],
+                type_of: Any) -> List[Optional[tuple]]:
     """Apply a run of two or more packets of the same shape with one statement per page.
 
-    :param ident, cast, bind, relation: AutoSQL's identifier, ``%s::type``, value binding and
-        relation helpers (so both paths quote and bind the same way).
+    :param ident, cast, bind, relation, type_of: AutoSQL's identifier, ``%s::type``, value
+        binding, relation and column type helpers (so both paths quote and bind the same way).
     :param returning: for add/set, the columns to return (a destination's primary key, to
         back-fill generated keys; ``()`` at a target, which fans nothing out).
     :returns: for add/set with columns to return, the returned row of each packet in order
         (``None`` where the row was not returned); otherwise ``[]``.
+    :raises psycopg2.Error: the statement failed (the caller replays packet by packet).
+    :raises PacketError: a value the column cannot take (from ``bind``).
     """
     first = items[0]
     action = first.action
     if action in (Action.ADD, Action.SET):
         columns = [c for c, _ in first.data]
-        query = sql.SQL("INSERT INTO {} ({}) {}VALUES %s").format(
+        values = [[v for _, v in item.data] for item in items]
+        head = sql.SQL("INSERT INTO {} ({}) {}").format(
             relation, sql.SQL(", ").join(ident(c.name) for c in columns),
             sql.SQL("OVERRIDING SYSTEM VALUE ") if any(c.identity_always for c in columns) else sql.SQL(""))
+        tail = sql.SQL("")
         if action is Action.SET:
-            query = sql.SQL("{} {}").format(query, on_conflict(first.conflict, columns, returning, ident))
+            tail = sql.SQL(" {}").format(on_conflict(first.conflict, columns, returning, ident))
         if returning:
-            query = sql.SQL("{} RETURNING {}").format(
-                query, sql.SQL(", ").join(ident(name) for name in returning))
-        rows = [[bind(table, c, v) for c, v in item.data] for item in items]
-        template = _template([cast(c) for c in columns])
-        result = execute_values(cursor, query, rows, template=template.as_string(cursor),
-                                page_size=PAGE_SIZE, fetch=bool(returning))
+            tail = sql.SQL("{} RETURNING {}").format(
+                tail, sql.SQL(", ").join(ident(name) for name in returning))
+        if _fits_json(columns, values):
+            query = sql.SQL("{}SELECT {} FROM {}{}").format(
+                head, sql.SQL(", ").join(_element(i, c, type_of) for i, c in enumerate(columns)),
+                _ELEMENTS, tail)
+            result = _execute_json(cursor, query, values, bool(returning))
+        else:
+            rows = [[bind(table, c, v) for c, v in zip(columns, row)] for row in values]
+            template = _template([cast(c) for c in columns])
+            result = execute_values(cursor, sql.SQL("{}VALUES %s{}").format(head, tail), rows,
+                                    template=template.as_string(cursor), page_size=PAGE_SIZE,
+                                    fetch=bool(returning))
         if not returning:
             return []
         if len(result) != len(items):   # DO NOTHING skipped rows: cannot pair them by position
@@ -193,22 +288,31 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
     if data and not kept:   # the data only repeats the key: SET one key column to itself
         kept = [0]
     data = [data[i] for i in kept]
-    names = [sql.Identifier("r%d" % i) for i in range(len(restriction))] + \
-            [sql.Identifier("d%d" % i) for i in range(len(data))]
-    match = sql.SQL(" AND ").join(
-        sql.SQL("t.{} = v.{}").format(ident(c.name), sql.Identifier("r%d" % i))
-        for i, c in enumerate(restriction))
-    if action is Action.UPDATE:
-        query = sql.SQL("UPDATE {} AS t SET {} FROM (VALUES %s) AS v ({}) WHERE {}").format(
-            relation,
-            sql.SQL(", ").join(sql.SQL("{} = v.{}").format(ident(c.name), sql.Identifier("d%d" % i))
-                               for i, c in enumerate(data)),
-            sql.SQL(", ").join(names), match)
+    columns = restriction + data
+    values = [[v for _, v in item.restriction] + [item.data[i][1] for i in kept] for item in items]
+    if _fits_json(columns, values):
+        refs = [_element(i, c, type_of) for i, c in enumerate(columns)]
+        source = _ELEMENTS
     else:
-        query = sql.SQL("DELETE FROM {} AS t USING (VALUES %s) AS v ({}) WHERE {}").format(
-            relation, sql.SQL(", ").join(names), match)
-    rows = [[bind(table, c, v) for c, v in item.restriction]
-            + [bind(table, c, v) for c, v in (item.data[i] for i in kept)] for item in items]
-    template = _template([cast(c) for c in restriction] + [cast(c) for c in data])
+        refs = [sql.SQL("v.{}").format(sql.Identifier("r%d" % i)) for i in range(len(restriction))] + \
+               [sql.SQL("v.{}").format(sql.Identifier("d%d" % i)) for i in range(len(data))]
+        names = [sql.Identifier("r%d" % i) for i in range(len(restriction))] + \
+                [sql.Identifier("d%d" % i) for i in range(len(data))]
+        source = sql.SQL("(VALUES %s) AS v ({})").format(sql.SQL(", ").join(names))
+    match = sql.SQL(" AND ").join(sql.SQL("t.{} = {}").format(ident(c.name), ref)
+                                  for c, ref in zip(restriction, refs))
+    if action is Action.UPDATE:
+        query = sql.SQL("UPDATE {} AS t SET {} FROM {} WHERE {}").format(
+            relation,
+            sql.SQL(", ").join(sql.SQL("{} = {}").format(ident(c.name), ref)
+                               for c, ref in zip(data, refs[len(restriction):])),
+            source, match)
+    else:
+        query = sql.SQL("DELETE FROM {} AS t USING {} WHERE {}").format(relation, source, match)
+    if source is _ELEMENTS:
+        _execute_json(cursor, query, values, False)
+        return []
+    rows = [[bind(table, c, v) for c, v in zip(columns, row)] for row in values]
+    template = _template([cast(c) for c in columns])
     execute_values(cursor, query, rows, template=template.as_string(cursor), page_size=PAGE_SIZE)
     return []

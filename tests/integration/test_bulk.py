@@ -7,6 +7,8 @@ own savepoint, in another; both tables must end identical.
 """
 from __future__ import annotations
 
+from decimal import Decimal
+
 import psycopg2
 import psycopg2.extensions
 import pytest
@@ -270,3 +272,173 @@ def test_a_set_of_only_a_unique_key_does_nothing_at_a_target(two_databases):
         cur.execute("SELECT id, code FROM coded ORDER BY id")
         assert cur.fetchall() == rows
     conn.rollback()
+
+
+# -- values passed as one JSON parameter (bulk.json_kinds) ------------------------------------------
+
+TYPED = """
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE DOMAIN posint AS integer CHECK (VALUE > 0);
+CREATE DOMAIN short AS varchar(4);
+CREATE TABLE typed (
+    id    integer PRIMARY KEY,
+    i2    smallint, i8 bigint, num numeric, num2 numeric(6, 2), r real, d double precision,
+    t     text, vc varchar(5), c bpchar(3), n name, b boolean, ts timestamptz, day date,
+    u     uuid, raw bytea, m mood, p posint, s short, js jsonb, arr integer[]
+)
+"""
+TYPED_COLUMNS = ["i2", "i8", "num", "num2", "r", "d", "t", "vc", "c", "n", "b", "ts", "day", "u",
+                 "raw", "m", "p", "s", "js", "arr"]
+#: JSON values of every kind, many of them refused by some column types, some read differently
+#: as text than as a bound literal (1.5 for an integer, 1E+2 for text)
+ANY_VALUE = st.sampled_from([
+    None, 0, 1, -5, 7, 2 ** 31, 2 ** 40, 2 ** 70, Decimal("1.5"), Decimal("-0.25"), Decimal("1E+2"),
+    Decimal("2.50"), True, False, "5", "-3", " 7", "1.5", "1e3", "abc", "it's", "back\\slash",
+    "ünï ✓", "t", "false", "2026-01-02", "2026-01-02 03:04:05+00", "\\x4142", "happy",
+    "00000000-0000-0000-0000-000000000001", "{1,2}", "", "  ", "toolong", {"k": 1}, [1, 2]])
+
+
+@pytest.fixture(scope="module")
+def typed_databases(two_databases):
+    for conn in two_databases:
+        with conn.cursor() as cur:
+            cur.execute(TYPED)
+        conn.commit()
+    return two_databases
+
+
+@st.composite
+def typed_sequences(draw):
+    """Runs of packets over one or two columns, each run a list of packets of one shape: sets of
+    new ids, updates by id, updates and deletes restricted on the first column. The values come
+    from a few drawn per example, so that most runs hold values every packet's column takes."""
+    columns = draw(st.lists(st.sampled_from(TYPED_COLUMNS), min_size=1, max_size=2, unique=True))
+    values = st.sampled_from(draw(st.lists(ANY_VALUE, min_size=1, max_size=3)))
+    size = draw(st.integers(min_value=2, max_value=4))
+    ids = range(1, size + 1)
+
+    def data():
+        return {column: draw(values) for column in columns}
+    runs = [[Packet(Action.SET, dict(data(), id=i)) for i in ids],
+            [Packet(Action.UPDATE, data(), {"id": i}) for i in ids],
+            [Packet(Action.UPDATE, {"id": 10 + i}, {columns[0]: draw(values)}) for i in ids],
+            [Packet(Action.DELETE, restriction={columns[0]: draw(values)}) for _ in ids]]
+    return draw(st.permutations(runs))
+
+
+def typed_rows(conn):
+    with conn.cursor() as cur:
+        cur.execute("SELECT id, typed::text FROM typed ORDER BY id")
+        return cur.fetchall()
+
+
+#: role -> the handler that applies batches in test_typed_runs_equal_one_by_one
+TYPED_BATCHED = {role: AutoSQL("typed", role=role) for role in ("target", "destination")}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+          derandomize=True)
+@given(runs=typed_sequences())
+def test_typed_runs_equal_one_by_one(typed_databases, runs):
+    """Whichever way a run's values travel (one JSON parameter, or bound literals), a run applied
+    as one batch leaves exactly what its packets applied one by one with bound literals leave; a
+    batch that fails is replayed packet by packet (as the applier does), with the same result."""
+    batched, reference = typed_databases
+    for conn in typed_databases:
+        with conn.cursor() as cur:
+            cur.execute("TRUNCATE typed")
+        conn.commit()
+    for run in runs:
+        one_by_one(reference, AutoSQL("typed", role="target"), run)
+    reference.commit()
+    handler = TYPED_BATCHED["destination" if len(runs[0]) % 2 else "target"]
+    for run in runs:
+        with batched.cursor() as cur:
+            cur.execute("SAVEPOINT b")
+            try:
+                handler.apply_batch(cur, run)
+                cur.execute("RELEASE SAVEPOINT b")
+            except (psycopg2.Error, PacketError):
+                cur.execute("ROLLBACK TO SAVEPOINT b")
+                one_by_one(batched, handler, run)
+    batched.commit()
+    assert typed_rows(batched) == typed_rows(reference)
+
+
+class Recording(psycopg2.extensions.cursor):
+    """A cursor that keeps the text of every statement it executes."""
+
+    statements: list = []
+
+    def execute(self, query, vars=None):
+        result = super().execute(query, vars)
+        Recording.statements.append(self.query.decode())
+        return result
+
+
+def _recorded(conn, handler, sequence):
+    Recording.statements = []
+    with conn.cursor(cursor_factory=Recording) as cur:
+        handler.apply_batch(cur, sequence)
+    return [s for s in Recording.statements if s.startswith(("INSERT", "UPDATE", "DELETE"))]
+
+
+def test_runs_pass_their_values_as_one_json_parameter_when_the_types_read_them_alike(typed_databases):
+    """Integers, decimal numbers, booleans, strings and NULLs for columns whose types read them
+    alike go as one JSON array per statement (domains by their base type); a json or array column,
+    or a value read differently as text (a decimal number for text), keeps bound literals."""
+    conn = typed_databases[0]
+    handler = AutoSQL("typed", role="target")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("TRUNCATE typed")
+        adds = [Packet(Action.ADD, {"id": i, "num": Decimal("1E+2"), "t": i, "b": i % 2 == 0,
+                                    "p": i, "m": "ok", "ts": None}) for i in range(1, 4)]
+        statements = _recorded(conn, handler, adds)
+        assert len(statements) == 1 and "json_array_elements" in statements[0]
+        updates = [Packet(Action.UPDATE, {"t": "x%d" % i, "s": "ab"}, {"id": i}) for i in range(1, 4)]
+        deletes = [Packet(Action.DELETE, restriction={"t": "x%d" % i}) for i in range(1, 3)]
+        statements = _recorded(conn, handler, updates + deletes)
+        assert len(statements) == 2 and all("json_array_elements" in s for s in statements)
+        with conn.cursor() as cur:
+            cur.execute("SELECT id, num, t, b, p, m, s FROM typed ORDER BY id")
+            assert cur.fetchall() == [(3, Decimal("100"), "x3", False, 3, "ok", "ab")]
+        for k, data in enumerate(({"js": {"k": 1}}, {"arr": [1, 2]}, {"t": Decimal("1E+2")}, {"num": 1.5})):
+            sequence = [Packet(Action.ADD, dict(data, id=i)) for i in (10 + 2 * k, 11 + 2 * k)]
+            statements = _recorded(conn, handler, sequence)
+            assert len(statements) == 1 and "json_array_elements" not in statements[0], data
+    finally:
+        conn.rollback()
+
+
+def test_a_value_the_json_parameter_refuses_is_applied_packet_by_packet_alike(typed_databases):
+    """1.5 for an integer column: as text the integer type refuses it, as a bound literal it is
+    rounded. The run's statement fails, the applier replays the batch packet by packet, and every
+    packet is applied as the single-row statement applies it."""
+    from golconde import ledger
+    from golconde.apply import Applier
+    conn = typed_databases[0]
+    ledger.ensure(conn)
+    with conn.cursor() as cur:
+        cur.execute("TRUNCATE typed")
+    conn.commit()
+    applier = Applier(AutoSQL("typed", role="target"), "typed-json-refused")
+    items = [("typed-json-%d" % i, b'{"action": "add", "data": {"id": %d, "i8": 1.5, "t": 7}}' % i)
+             for i in range(1, 4)]
+    outcomes = applier.apply_batch(conn, items)
+    assert [o.status for o in outcomes] == ["applied"] * 3
+    with conn.cursor() as cur:
+        cur.execute("SELECT id, i8, t FROM typed ORDER BY id")
+        assert cur.fetchall() == [(1, 2, "7"), (2, 2, "7"), (3, 2, "7")]
+    conn.commit()
+
+
+def test_json_kinds_follow_the_base_type():
+    from golconde.schema import Column
+    assert bulk.json_kinds(Column("p", "posint", base_type="integer")) >= {int, Decimal, str}
+    assert bool not in bulk.json_kinds(Column("i", "integer"))
+    assert bulk.json_kinds(Column("t", "text")) >= {int, bool, str, type(None)}
+    assert Decimal not in bulk.json_kinds(Column("t", "character varying"))
+    assert bulk.json_kinds(Column("ts", "timestamp with time zone")) == {str, type(None)}
+    assert bulk.json_kinds(Column("js", "jsonb", is_json=True)) == frozenset()
+    assert bulk.json_kinds(Column("a", "integer[]", is_array=True)) == frozenset()
