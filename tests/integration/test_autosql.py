@@ -57,6 +57,27 @@ def test_four_actions(db):
     assert rows(db, "SELECT id, name, n FROM t ORDER BY id") == [(2, "two", 20), (3, "three", None)]
 
 
+def test_whole_row_update_leaves_an_unchanged_identity_key_alone(db):
+    """The capture trigger's UPDATE packet repeats the key in its data. A GENERATED ALWAYS identity
+    column takes no value but DEFAULT, so the single-row statement leaves the unchanged key out of
+    SET (as a run's statement does) instead of failing; a changed key is still set, and refused."""
+    ddl(db, "CREATE TABLE ident (id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text)")
+    for role in ("destination", "target"):
+        h = AutoSQL("ident", role=role)
+        run(db, h, {"action": "add", "data": {"id": 7, "v": "a"}})
+        run(db, h, {"action": "update", "data": {"id": 7, "v": "b-" + role}, "restriction": {"id": 7}})
+        assert rows(db, "SELECT id, v FROM ident") == [(7, "b-" + role)]
+        with pytest.raises(psycopg2.Error, match="DEFAULT"):
+            run(db, h, {"action": "update", "data": {"id": 8, "v": "c"}, "restriction": {"id": 7}})
+        run(db, h, {"action": "delete", "restriction": {"id": 7}})
+    ddl(db, "CREATE TABLE plain (id integer PRIMARY KEY, v text)")
+    h = AutoSQL("plain", role="target")
+    run(db, h, {"action": "add", "data": {"id": 1, "v": "a"}})
+    run(db, h, {"action": "update", "data": {"id": 2, "v": "b"}, "restriction": {"id": 1}})
+    run(db, h, {"action": "update", "data": {"id": "2", "v": "c"}, "restriction": {"id": 2}})
+    assert rows(db, "SELECT id, v FROM plain") == [(2, "c")]
+
+
 def test_null_stays_null_and_restriction_null_is_is_null(db):
     ddl(db, "CREATE TABLE t (id int PRIMARY KEY, a text, b int)")
     h = AutoSQL("public.t", role="destination")
