@@ -315,7 +315,7 @@ class Applier:
                     outcome.fanout = result.to_json()
                     ledger.store_packets(cur, self.consumer, {pid: outcome.fanout})
                     fanouts[pid] = outcome.fanout
-                cur.execute("RELEASE SAVEPOINT golconde_packet")
+                cur.execute(_CHECK_DEFERRED)
                 return outcome
             except StopListener:
                 raise
@@ -347,6 +347,16 @@ class Applier:
                                  reason, exc_info=exc)
                 LOGGER.warning("[%s] packet %s dead-lettered: %s", self.consumer, pid, reason)
                 return Outcome(DEAD_LETTER, packet, reason=reason)
+
+
+#: After a packet of the careful path: check the deferred constraints it may break (a DEFERRABLE
+#: INITIALLY DEFERRED foreign key, as Django creates them) now, in its own savepoint, where a
+#: failure is this packet's alone; COMMIT would fail the whole batch, again at every redelivery.
+#: ``SET CONSTRAINTS ALL IMMEDIATE`` runs the pending checks; rolling back to a savepoint taken just
+#: before it restores each constraint's mode (PostgreSQL keeps the mode per subtransaction, and
+#: the checks run again at COMMIT). One round trip.
+_CHECK_DEFERRED = ("SAVEPOINT golconde_check; SET CONSTRAINTS ALL IMMEDIATE;"
+                   " ROLLBACK TO SAVEPOINT golconde_check; RELEASE SAVEPOINT golconde_packet")
 
 
 def _text(body: Any) -> str:
