@@ -77,7 +77,10 @@ def ident(*names: str) -> sql.Identifier:
 
 
 def _type(column: Column) -> sql.SQL:
-    return sql.SQL(column.type_name.replace("%", "%%"))
+    # a domain's base type, unbounded: an explicit cast to a domain over varchar(4) would cut the
+    # value to 4 characters; the assignment to the column then applies the domain's bound (an
+    # error, as for a plain varchar(4) column) and its checks
+    return sql.SQL((column.base_type or column.type_name).replace("%", "%%"))
 
 
 def _relation(table: TableSchema) -> sql.Identifier:

@@ -178,6 +178,24 @@ def test_typmod_types_are_not_truncated(db):
         run(db, h, {"action": "add", "data": {"id": 2, "v": "abcde"}})
 
 
+def test_domains_with_a_bound_are_not_truncated(db):
+    """A value cast to a domain over varchar(4) or bit(3) would be cut to fit; it is cast to the
+    base type instead, and the column's domain refuses it (its checks still apply), alone or in a
+    run. A restriction longer than the bound matches nothing (a cut one would match)."""
+    ddl(db, "CREATE DOMAIN short AS varchar(4); CREATE DOMAIN bits AS bit(3);"
+            " CREATE DOMAIN positive AS integer CHECK (VALUE > 0);"
+            " CREATE TABLE d (id int PRIMARY KEY, s short, b bits, p positive)")
+    h = AutoSQL("d", role="target")
+    run(db, h, {"action": "add", "data": {"id": 1, "s": "abcd", "b": "101", "p": 1}})
+    for data in ({"s": "abcde"}, {"b": "1010"}, {"p": 0}):
+        with pytest.raises(psycopg2.Error):
+            run(db, h, {"action": "add", "data": dict(data, id=2)})
+        with db.cursor() as cur, pytest.raises(psycopg2.Error):
+            h.apply_batch(cur, [parse(dumps({"action": "add", "data": dict(data, id=i)})) for i in (3, 4)])
+    run(db, h, {"action": "delete", "restriction": {"s": "abcdX"}})
+    assert rows(db, "SELECT id, s, b, p FROM d") == [(1, "abcd", "101", 1)]
+
+
 def test_json_value_for_plain_column_is_packet_error(db):
     ddl(db, "CREATE TABLE t (id int PRIMARY KEY, n integer, a int[])")
     h = AutoSQL("t", role="destination")
