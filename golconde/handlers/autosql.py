@@ -160,14 +160,29 @@ def _json_kind(value: Any) -> str:
     return "an object" if isinstance(value, dict) else "an array"
 
 
+#: JSON numbers as decoded (floats only from Python callers)
+_NUMBERS = (int, Decimal, float)
+
+
 def bind(table: TableSchema, column: Column, value: Any) -> Any:
     """The parameter to bind for ``value`` in ``column`` (cast by the SQL to the column's type).
 
-    :raises PacketError: a JSON object or array for a column that takes none, or a value that is no
-        JSON array for an array column.
+    :raises PacketError: a JSON object or array for a column that takes none, a value that is no
+        JSON array for an array column, a boolean for a numeric column or a number for a boolean
+        one (PostgreSQL assigns neither to the other; a cast would turn ``true`` into 1 and 5
+        into ``true``).
     """
     if value is None:
         return None
+    kind = type(value)
+    if kind is bool or kind in _NUMBERS:
+        base = column.base_type or column.type_name
+        if kind is bool and base in bulk.NUMERIC_TYPES:
+            raise PacketError("column %s of %s is %s: expected a number, not %s"
+                              % (column.name, table.relation, column.type_name, dumps(value)))
+        if kind is not bool and base == "boolean":
+            raise PacketError("column %s of %s is boolean: expected true or false, not the number %s"
+                              % (column.name, table.relation, dumps(value)))
     if column.is_json and not column.is_array:
         return Json(value, dumps=dumps)
     if column.is_array:

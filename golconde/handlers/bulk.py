@@ -62,9 +62,9 @@ PAGE_SIZE = 1000
 
 #: Base types (``format_type``, domains resolved) that read an integer's or a decimal number's text
 #: as a bound numeric literal cast to them gives it.
-_NUMERIC_TYPES = frozenset(("smallint", "integer", "bigint", "numeric", "real", "double precision"))
+NUMERIC_TYPES = frozenset(("smallint", "integer", "bigint", "numeric", "real", "double precision"))
 #: Base types whose value is the text itself: an integer or a boolean cast to them gives its text.
-_STRING_TYPES = frozenset(("text", "character varying", "bpchar", "name"))
+STRING_TYPES = frozenset(("text", "character varying", "bpchar", "name"))
 
 
 @dataclass
@@ -196,9 +196,9 @@ def json_kinds(column: Column) -> FrozenSet[type]:
         return frozenset()
     base = column.base_type or column.type_name
     kinds = {type(None), str}
-    if base in _NUMERIC_TYPES:
+    if base in NUMERIC_TYPES:
         kinds.update((int, Decimal))
-    elif base in _STRING_TYPES:
+    elif base in STRING_TYPES:
         kinds.update((int, bool))
     elif base == "boolean":
         kinds.add(bool)

@@ -196,6 +196,25 @@ def test_domains_with_a_bound_are_not_truncated(db):
     assert rows(db, "SELECT id, s, b, p FROM d") == [(1, "abcd", "101", 1)]
 
 
+def test_booleans_and_numbers_are_not_taken_for_each_other(db):
+    """PostgreSQL assigns no boolean to a numeric column nor a number to a boolean one; a cast
+    would (true -> 1, 5 -> true). Such a packet is refused, alone or in a run; the text forms
+    ("1", "t") and a boolean for a text column are as PostgreSQL takes them."""
+    ddl(db, "CREATE TABLE f (id int PRIMARY KEY, flag boolean, n integer, x numeric, t text)")
+    h = AutoSQL("f", role="target")
+    for data in ({"flag": 5}, {"flag": 1}, {"flag": Decimal("0.0")}, {"n": True}, {"x": False}):
+        with pytest.raises(PacketError, match="expected"):
+            run(db, h, {"action": "add", "data": dict(data, id=1)})
+        with db.cursor() as cur, pytest.raises(PacketError, match="expected"):
+            h.apply_batch(cur, [parse(dumps({"action": "add", "data": dict(data, id=i)})) for i in (2, 3)])
+        with pytest.raises(PacketError, match="expected"):
+            run(db, h, {"action": "delete", "restriction": data})
+    run(db, h, {"action": "add", "data": {"id": 1, "flag": "1", "n": "2", "t": True}})
+    run(db, h, {"action": "add", "data": {"id": 2, "flag": "f", "n": 3, "x": 1, "t": False}})
+    assert rows(db, "SELECT id, flag, n, x, t FROM f ORDER BY id") == [(1, True, 2, None, "true"),
+                                                                       (2, False, 3, 1, "false")]
+
+
 def test_json_value_for_plain_column_is_packet_error(db):
     ddl(db, "CREATE TABLE t (id int PRIMARY KEY, n integer, a int[])")
     h = AutoSQL("t", role="destination")

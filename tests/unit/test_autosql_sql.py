@@ -124,7 +124,9 @@ def test_bind_plain_values():
     assert bind(USERS, col("name"), None) is None
     assert bind(USERS, col("name"), "x") == "x"
     assert bind(USERS, col("id"), Decimal("1.5")) == Decimal("1.5")
-    assert bind(USERS, col("id"), True) is True
+    assert bind(USERS, col("name"), True) is True
+    with pytest.raises(PacketError, match="expected a number, not true"):
+        bind(USERS, col("id"), True)
 
 
 def test_bind_json_wraps_every_json_value():
