@@ -110,21 +110,66 @@ class Prepared:
         return False
 
     def identity(self) -> Optional[Any]:
-        """The row key this packet touches (to close a run when it repeats): a tuple of the values
-        (equal numbers compare equal, so ``1.0`` repeats ``1``: closing a run early is always safe),
-        or their JSON text when one is not hashable (a json column's object or array)."""
+        """The row key this packet touches, to close a run when it repeats: one part per key
+        column (:func:`identity_part`, so that ``"1"`` repeats ``1`` for an integer key and
+        ``"A0..."`` repeats ``"a0..."`` for a uuid; closing a run early is always safe), or
+        :data:`ANY` when a part may equal values written differently (a timestamp with another
+        offset): the packet then runs alone. Two packets of one run matching the same row would
+        make PostgreSQL apply only one of them."""
         if self.action is Action.SET:
-            values = {c.name: v for c, v in self.data}
-            key = tuple(values.get(name) for name in self.conflict)
+            values = {c.name: (c, v) for c, v in self.data}
+            pairs = [values[name] for name in self.conflict if name in values]
         elif self.action in (Action.UPDATE, Action.DELETE):
-            key = tuple(v for _, v in self.restriction)
+            pairs = self.restriction
         else:
             return None
+        key = tuple(identity_part(column, value) for column, value in pairs)
+        if ANY in key:
+            return ANY
         try:
             hash(key)
         except TypeError:
             return dumps(key)
         return key
+
+
+#: An identity that may equal any other: its packet is applied alone.
+ANY = object()
+#: Integer and numeric types: equal values compare equal as Decimal (an int, a Decimal, "1.0").
+_EXACT_NUMBERS = frozenset(("smallint", "integer", "bigint", "numeric"))
+
+
+def identity_part(column: Column, value: Any) -> Any:
+    """A value of a key column as a Python value that is equal for values PostgreSQL finds equal
+    in that column (never less coarse): numbers for integer and numeric columns (``"1"``, ``1``
+    and ``1.0`` alike), the text for text columns (an integer's digits, ``true`` / ``false``;
+    ``bpchar`` without trailing spaces), uuids in lower case without hyphens or braces; NULL as
+    ``None``; :data:`ANY` for any other type or value kind."""
+    kind = type(value)
+    if value is None:
+        return None
+    base = column.base_type or column.type_name
+    if base in _EXACT_NUMBERS:
+        if kind is int or kind is Decimal:
+            return value
+        if kind is str or kind is float:
+            try:
+                number = Decimal(value.strip() if kind is str else repr(value))
+            except ArithmeticError:
+                return ANY
+            return ANY if number.is_nan() else number      # NaN = NaN in PostgreSQL
+        return ANY
+    if base in STRING_TYPES:
+        if kind is str:
+            return value.rstrip(" ") if base == "bpchar" else value
+        if kind is bool:
+            return "true" if value else "false"
+        if kind is int:
+            return str(value)
+        return ANY
+    if base == "uuid" and kind is str:
+        return value.replace("-", "").strip().strip("{}").lower()
+    return ANY
 
 
 def same_value(a: Any, b: Any) -> bool:
@@ -142,7 +187,7 @@ def runs(prepared: Sequence[Prepared]) -> List[List[int]]:
     run_shape: Any = None        # the run's shape; None while it cannot take another packet
     for index, item in enumerate(prepared):
         identity = item.identity()
-        shape = None if item.alone else item.shape
+        shape = None if item.alone or identity is ANY else item.shape
         fits = (current and shape is not None and run_shape == shape
                 and (identity is None or identity not in seen))
         if not fits:

@@ -148,6 +148,46 @@ def test_whole_row_updates_that_keep_their_key_share_a_run():
     assert bulk.runs(items) == [[0, 1], [2], [3], [4], [5]]
 
 
+def test_keys_written_differently_close_a_run():
+    """Two updates of one row must not share a statement (PostgreSQL would apply only one of
+    them), also when their keys are written differently: "1" and 1 for an integer, a uuid in
+    upper and lower case, a bpchar with trailing spaces, digits and the number for text. A key of
+    another type written as text (a timestamp, whose offset may differ) makes its packet run alone."""
+    from golconde.schema import Column
+
+    def update(column, key):
+        return bulk.Prepared(Action.UPDATE, None, [(Column("v", "text"), "x")], [(column, key)])
+    integer, uid = Column("id", "integer"), Column("u", "uuid")
+    text, padded = Column("t", "text"), Column("c", "bpchar")
+    stamp = Column("ts", "timestamp with time zone")
+    assert bulk.runs([update(integer, 1), update(integer, "1")]) == [[0], [1]]
+    assert bulk.runs([update(integer, Decimal("2.0")), update(integer, " 2 ")]) == [[0], [1]]
+    assert bulk.runs([update(integer, 1), update(integer, 2), update(integer, "3")]) == [[0, 1, 2]]
+    assert bulk.runs([update(integer, "NaN"), update(integer, "NaN")]) == [[0], [1]]
+    a = "0e6a5b2c-3d4e-4f50-8a6b-7c8d9e0f1a2b"
+    assert bulk.runs([update(uid, a), update(uid, "{%s}" % a.upper().replace("-", ""))]) == [[0], [1]]
+    assert bulk.runs([update(text, 5), update(text, "5"), update(text, True), update(text, "true")]) \
+        == [[0], [1, 2], [3]]
+    assert bulk.runs([update(padded, "ab"), update(padded, "ab  ")]) == [[0], [1]]
+    assert bulk.runs([update(stamp, "2026-01-01 00:00+00"), update(stamp, "2026-01-01 01:00+01"),
+                      update(stamp, "2026-01-02 00:00+00")]) == [[0], [1], [2]]
+
+
+def test_an_update_run_applies_keys_written_differently_in_order(two_databases):
+    """The packets in order, as one by one: the second update of row 1 wins."""
+    conn = two_databases[0]
+    with conn.cursor() as cur:
+        cur.execute("TRUNCATE items")
+        cur.execute("INSERT INTO items (id, note) VALUES (1, 'a'), (2, 'b')")
+        AutoSQL("items", role="target").apply_batch(cur, [
+            Packet(Action.UPDATE, {"note": "first"}, {"id": 1}),
+            Packet(Action.UPDATE, {"note": "second"}, {"id": "1"}),
+            Packet(Action.UPDATE, {"note": "third"}, {"id": 2})])
+        cur.execute("SELECT id, note FROM items ORDER BY id")
+        assert cur.fetchall() == [(1, "second"), (2, "third")]
+    conn.rollback()
+
+
 def _col(name):
     from golconde.schema import Column
     return Column(name, "integer")
