@@ -151,8 +151,9 @@ class TableSchema:
     :ivar relation: the :class:`Relation`.
     :ivar columns: column name -> :class:`Column`, in ``attnum`` order.
     :ivar primary_key: the primary key's column names (empty without a primary key).
-    :ivar unique_keys: every key usable as an ``ON CONFLICT`` arbiter: the primary key first, then
-        unique constraints and non-partial, non-expression, immediate, valid unique indexes.
+    :ivar unique_keys: every key usable as an ``ON CONFLICT`` arbiter: the primary key first (unless
+        it is DEFERRABLE), then unique constraints and non-partial, non-expression, immediate,
+        valid unique indexes.
     :ivar kind: ``relkind`` (``r`` table, ``p`` partitioned, ``f`` foreign, ``v`` view).
     """
 
@@ -225,9 +226,10 @@ SELECT a.attname,
 """
 
 # Key columns only (not INCLUDE columns); partial and expression indexes can be no arbiter of
-# ON CONFLICT, nor can deferrable constraints (indimmediate) or invalid indexes.
+# ON CONFLICT, nor can deferrable constraints (not indimmediate) or invalid indexes. A deferrable
+# primary key is still the primary key (its values are back-filled and fanned out).
 _KEYS_SQL = """
-SELECT i.indisprimary,
+SELECT i.indisprimary, i.indimmediate,
        ARRAY(SELECT a.attname
                FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k (attnum, ord)
                JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
@@ -235,7 +237,7 @@ SELECT i.indisprimary,
               ORDER BY k.ord)
   FROM pg_catalog.pg_index i
   JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
- WHERE i.indrelid = %(oid)s AND i.indisunique AND i.indisvalid AND i.indimmediate
+ WHERE i.indrelid = %(oid)s AND i.indisunique AND i.indisvalid
    AND i.indpred IS NULL AND i.indexprs IS NULL
  ORDER BY i.indisprimary DESC,
           EXISTS (SELECT 1 FROM pg_catalog.pg_constraint con WHERE con.conindid = i.indexrelid
@@ -267,12 +269,12 @@ def read_schema(cursor: Any, relation: Relation) -> TableSchema:
     cursor.execute(_KEYS_SQL, {"oid": oid})
     primary_key: Tuple[str, ...] = ()
     unique_keys: List[Tuple[str, ...]] = []
-    for is_primary, names in cursor.fetchall():
+    for is_primary, immediate, names in cursor.fetchall():
         key = tuple(names)
-        if not key or key in unique_keys:
-            continue
         if is_primary:
             primary_key = key
+        if not key or key in unique_keys or not immediate:
+            continue
         unique_keys.append(key)
     LOGGER.debug("read schema of %s: %d columns, primary key %s, %d unique keys",
                  relation, len(columns), primary_key or "none", len(unique_keys))

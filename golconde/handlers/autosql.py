@@ -265,6 +265,9 @@ def upsert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
     key = conflict_key(table, [column.name for column, _ in data])
     if key is None:
         keys = "; ".join("(%s)" % ", ".join(k) for k in table.unique_keys) or "it has none"
+        if table.primary_key and table.primary_key not in table.unique_keys:
+            keys += " (its primary key (%s) is DEFERRABLE, which ON CONFLICT cannot use)" \
+                % ", ".join(table.primary_key)
         raise PacketError("set on %s needs a primary key or unique key whose columns are all in data;"
                           " keys: %s; data has: %s"
                           % (table.relation, keys, ", ".join(column.name for column, _ in data)))

@@ -215,6 +215,20 @@ def test_booleans_and_numbers_are_not_taken_for_each_other(db):
                                                                        (2, False, 3, 1, "false")]
 
 
+def test_a_deferrable_primary_key_is_still_the_primary_key(db):
+    """ON CONFLICT cannot use a DEFERRABLE key, but it is still the primary key: a destination
+    back-fills its generated values (targets must get the canonical keys), and a set says why it
+    has no key to use."""
+    ddl(db, "CREATE TABLE dk (id serial PRIMARY KEY DEFERRABLE, v text)")
+    h = AutoSQL("dk", role="destination")
+    assert run(db, h, {"action": "add", "data": {"v": "a"}}).data == {"v": "a", "id": 1}
+    with db.cursor() as cur:
+        assert [p.data for p in h.apply_batch(cur, [parse(dumps({"action": "add", "data": {"v": v}}))
+                                                    for v in "bc"])] == [{"v": "b", "id": 2}, {"v": "c", "id": 3}]
+    with pytest.raises(PacketError, match=r"primary key \(id\) is DEFERRABLE"):
+        run(db, h, {"action": "set", "data": {"id": 1, "v": "x"}})
+
+
 def test_json_value_for_plain_column_is_packet_error(db):
     ddl(db, "CREATE TABLE t (id int PRIMARY KEY, n integer, a int[])")
     h = AutoSQL("t", role="destination")
