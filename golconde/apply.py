@@ -21,7 +21,8 @@ Algorithm:
    (or retries exhausted) switches to the *careful path*.
 4. *Careful path*: the same transaction shape, but each packet inside its own SAVEPOINT, so that a
    packet that fails permanently is rolled back alone and dead-lettered while the others commit.
-   A schema error refreshes the handler's schema cache and retries that packet once; a transient
+   A schema error, or a data error (which a column type changed since the schema was cached
+   causes too), refreshes the handler's schema cache and retries that packet once; a transient
    error retries it (bounded) with backoff. A group's members are applied one by one with
    :meth:`~golconde.handlers.base.Handler.apply` in the group's savepoint; a failing member rolls
    back the whole group, dead-lettered with a reason naming the member's index.
@@ -327,7 +328,9 @@ class Applier:
                     cur.execute("ROLLBACK TO SAVEPOINT golconde_packet")
                 except Exception as exc2:
                     raise ConnectionLost(describe(exc2)) from exc2
-                if fate == SCHEMA and not schema_refreshed:
+                if (fate == SCHEMA or (fate == DEAD and _data_error(exc))) and not schema_refreshed:
+                    # a data error (out of range, too long...) may come of a column type changed
+                    # since the schema was cached (ALTER COLUMN ... TYPE bigint): re-read, retry once
                     schema_refreshed = True
                     self._schema_error()
                     continue
@@ -357,6 +360,11 @@ class Applier:
 #: the checks run again at COMMIT). One round trip.
 _CHECK_DEFERRED = ("SAVEPOINT golconde_check; SET CONSTRAINTS ALL IMMEDIATE;"
                    " ROLLBACK TO SAVEPOINT golconde_check; RELEASE SAVEPOINT golconde_packet")
+
+
+def _data_error(exc: BaseException) -> bool:
+    """A database error of SQLSTATE class 22 (data exception)."""
+    return isinstance(exc, psycopg2.Error) and (exc.pgcode or "").startswith("22")
 
 
 def _text(body: Any) -> str:

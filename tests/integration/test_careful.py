@@ -1,8 +1,14 @@
-"""Deferred constraints (DEFERRABLE INITIALLY DEFERRED, as Django creates every foreign key) are
-checked at COMMIT, where a failure would be the whole batch's. The applier's careful path checks
-them after each packet, in its savepoint: the packet that breaks one is dead-lettered alone, the
-others are applied, at a destination and at a target, and the constraints stay deferred for the
-packets (and groups) that follow."""
+"""The applier's careful path (each packet in its savepoint) against what the fast path cannot tell
+apart:
+
+* deferred constraints (DEFERRABLE INITIALLY DEFERRED, as Django creates every foreign key) are
+  checked at COMMIT, where a failure would be the whole batch's. The careful path checks them after
+  each packet, in its savepoint: the packet that breaks one is dead-lettered alone, the others are
+  applied, at a destination and at a target, and the constraints stay deferred for the packets
+  (and groups) that follow;
+* a column type changed since the schema was cached (``ALTER COLUMN id TYPE bigint``, the usual
+  fix before an int key overflows) makes the cached cast refuse new values: a data error re-reads
+  the schema once before the packet is dead-lettered."""
 from __future__ import annotations
 
 import psycopg2
@@ -73,3 +79,20 @@ def test_a_packet_breaking_a_deferred_foreign_key_is_dead_lettered_alone(conn, r
     # the same batch again: duplicates, nothing applied twice, nothing fails at COMMIT
     again = applier.apply_batch(conn, items)
     assert [o.status for o in again] == ["duplicate", "dead", "duplicate", "duplicate"]
+
+
+def test_a_column_type_changed_since_the_schema_was_cached_is_read_again(conn):
+    applier = Applier(AutoSQL("parent", role="target"), "widened")
+    assert [o.status for o in applier.apply_batch(conn, [("w1", b'{"action": "add", "data": {"id": 2}}')])] \
+        == ["applied"]
+    with conn.cursor() as cur:
+        cur.execute("ALTER TABLE child DROP CONSTRAINT child_parent_id_fkey;"
+                    " ALTER TABLE parent ALTER COLUMN id TYPE bigint")
+    conn.commit()
+    items = [("w2", b'{"action": "add", "data": {"id": 3000000000}}'),
+             ("w3", b'{"action": "add", "data": {"id": 3}}'),
+             ("w4", b'{"action": "add", "data": {"id": 99999999999999999999}}')]   # over bigint
+    outcomes = applier.apply_batch(conn, items)
+    assert [o.status for o in outcomes] == ["applied", "applied", "dead"]
+    assert "out of range" in outcomes[2].reason
+    assert rows(conn, "SELECT id FROM parent ORDER BY id") == [(1,), (2,), (3,), (3000000000,)]
