@@ -282,6 +282,9 @@ class TriggerDestination(Listener):
         started = self._last_rows = time.monotonic()
         good, dead = [], []
         for row in rows:
+            if row.error is not None:       # could not be decoded (over the size limit...)
+                dead.append((row, row.error))
+                continue
             try:
                 packet = parse(row.packet)
                 good.append((row, packet))
@@ -292,7 +295,7 @@ class TriggerDestination(Listener):
         self.stats.count("received", len(rows))
         if dead:
             self.dead_letter_broker.send_confirmed([
-                (self.config.dead_letter_queue, packet_text(row.packet),
+                (self.config.dead_letter_queue, _dead_body(row),
                  {ID_HEADER: _queued_id(row), "golconde-reason": reason[:1000],
                   "golconde-original-queue": "golconde.queue", "golconde-consumer": self.name,
                   "content-type": "application/json"}) for row, reason in dead])
@@ -373,6 +376,16 @@ def _queued_id(row: Any) -> str:
     """The id a queued packet travels with: its UUID behind its capture time (time-ordered for
     the targets' ledgers, :func:`golconde.ledger.new_packet_id`); the same on every re-send."""
     return ledger.new_packet_id(row.created_at.timestamp(), str(row.packet_id))
+
+
+def _dead_body(row: Any) -> str:
+    """A queued packet's dead-letter body: its JSON text, or, when it could not be decoded (over
+    :data:`golconde.packet.MAX_PACKET_BYTES`, too large for a broker message anyway), what
+    identifies the change: ``{"undecodable": {"queue_id", "packet_id", "relation", "created_at"}}``."""
+    if row.error is None:
+        return packet_text(row.packet)
+    return dumps({"undecodable": {"queue_id": row.id, "packet_id": row.packet_id,
+                                  "relation": row.relation, "created_at": row.created_at.isoformat()}})
 
 
 def packet_text(packet: Any) -> str:

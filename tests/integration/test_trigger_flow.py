@@ -2,6 +2,7 @@
 STOMP broker of the ``broker`` fixture (RabbitMQ, ActiveMQ)."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -12,7 +13,7 @@ from golconde import trigger
 from golconde.compare import compare
 from golconde.daemon import Daemon
 
-from .flow_support import execute, make_config, parse_config, query, wait_for
+from .flow_support import drain_queue, execute, make_config, parse_config, query, wait_for
 
 ACCOUNTS = """
 CREATE TABLE public.accounts (
@@ -41,7 +42,8 @@ def trigger_flow(make_database, broker):
     assert result.warning is None
     daemon = Daemon(config)
     daemon.start()
-    yield {"canonical": canonical, "targets": [t1, t2], "daemon": daemon, "destination": destination}
+    yield {"canonical": canonical, "targets": [t1, t2], "daemon": daemon, "destination": destination,
+           "broker": broker}
     assert daemon.stop()
 
 
@@ -69,6 +71,27 @@ def test_changes_are_distributed_and_rollbacks_are_not(trigger_flow):
         assert query(target, "SELECT count(*) FROM accounts WHERE owner = 'rolled back'")[0][0] == 0
         assert query(target, "SELECT count(*) FROM accounts")[0][0] == 181
     # the queue table is drained
+    wait_for(lambda: query(canonical, "SELECT count(*) FROM golconde.queue")[0][0] == 0, timeout=10,
+             message="queue table drained")
+
+
+def test_a_change_over_the_packet_size_limit_is_dead_lettered_with_its_reason(trigger_flow):
+    """A captured row whose packet exceeds MAX_PACKET_BYTES (too large for a broker message) is
+    dead-lettered with the reason and what identifies the change (queue id, packet id, table,
+    time), and leaves the queue; the changes after it flow."""
+    canonical = trigger_flow["canonical"]
+    execute(canonical, "INSERT INTO accounts (aid, owner) VALUES (1, repeat('x', 4500000))")
+    execute(canonical, "INSERT INTO accounts (aid, owner) VALUES (2, 'after')")
+    for target in trigger_flow["targets"]:
+        wait_for(lambda target=target: query(target, "SELECT aid FROM accounts") == [(2,)],
+                 message="the change after the large one applied")
+    letters = drain_queue(trigger_flow["destination"].dead_letter_queue, wait=2.0,
+                          broker=trigger_flow["broker"])
+    assert len(letters) == 1
+    assert "more than the 4194304 allowed" in letters[0].headers["golconde-reason"]
+    body = json.loads(letters[0].body)["undecodable"]
+    assert body["relation"].endswith("accounts")
+    assert body["queue_id"] > 0 and letters[0].headers["golconde-id"].endswith(body["packet_id"])
     wait_for(lambda: query(canonical, "SELECT count(*) FROM golconde.queue")[0][0] == 0, timeout=10,
              message="queue table drained")
 
