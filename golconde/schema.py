@@ -121,6 +121,11 @@ class Column:
     :ivar base_type: ``format_type(typid, -1)`` of the base type of a domain (recursively), of the
         column's own type otherwise; ``""`` when unknown (a :class:`Column` built by hand), read
         as :attr:`type_name`.
+    :ivar text_input: an explicit cast of ``text`` to the base type is the type's input function
+        (``pg_cast`` has no cast function from text to it, as it has for ``regclass``, ``name``,
+        ``"char"`` and ``xml``).
+    :ivar deterministic: the column's collation (if any) is deterministic: equal strings are
+        equal texts (``pg_collation.collisdeterministic``).
     """
 
     name: str
@@ -132,6 +137,8 @@ class Column:
     identity: str = ""
     generated: bool = False
     base_type: str = ""
+    text_input: bool = True
+    deterministic: bool = True
 
     @property
     def identity_always(self) -> bool:
@@ -217,7 +224,12 @@ SELECT a.attname,
            IN ('pg_catalog.json'::pg_catalog.regtype, 'pg_catalog.jsonb'::pg_catalog.regtype),
        a.attidentity::text,
        a.attgenerated::text,
-       pg_catalog.format_type(base.typid, -1)
+       pg_catalog.format_type(base.typid, -1),
+       NOT EXISTS (SELECT 1 FROM pg_catalog.pg_cast pc
+                    WHERE pc.castsource = 'pg_catalog.text'::pg_catalog.regtype
+                      AND pc.casttarget = base.typid AND pc.castmethod = 'f'),
+       COALESCE((SELECT co.collisdeterministic FROM pg_catalog.pg_collation co
+                  WHERE co.oid = a.attcollation), true)
   FROM pg_catalog.pg_attribute a
   JOIN base ON base.attnum = a.attnum
   JOIN pg_catalog.pg_type bt ON bt.oid = base.typid
@@ -261,11 +273,12 @@ def read_schema(cursor: Any, relation: Relation) -> TableSchema:
     cursor.execute(_COLUMNS_SQL, {"oid": oid})
     columns: Dict[str, Column] = {}
     for (name, type_name, not_null, has_default, is_array, is_json, identity, generated,
-         base_type) in cursor.fetchall():
+         base_type, text_input, deterministic) in cursor.fetchall():
         columns[name] = Column(name=name, type_name=type_name, not_null=bool(not_null),
                                has_default=bool(has_default), is_array=bool(is_array),
                                is_json=bool(is_json), identity=identity or "",
-                               generated=(generated == "s"), base_type=base_type)
+                               generated=(generated == "s"), base_type=base_type,
+                               text_input=bool(text_input), deterministic=bool(deterministic))
     cursor.execute(_KEYS_SQL, {"oid": oid})
     primary_key: Tuple[str, ...] = ()
     unique_keys: List[Tuple[str, ...]] = []

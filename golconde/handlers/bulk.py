@@ -60,11 +60,17 @@ from ..schema import Column, TableSchema
 #: Rows per statement (execute_values page size; packets per JSON parameter).
 PAGE_SIZE = 1000
 
-#: Base types (``format_type``, domains resolved) that read an integer's or a decimal number's text
-#: as a bound numeric literal cast to them gives it.
+#: Numeric base types (``format_type``, domains resolved): they read an integer's text as the
+#: bound numeric literal cast to them gives it.
 NUMERIC_TYPES = frozenset(("smallint", "integer", "bigint", "numeric", "real", "double precision"))
-#: Base types whose value is the text itself: an integer or a boolean cast to them gives its text.
+#: ... and a decimal number's too (a float type reads "-0.0" as -0, where the literal gives 0).
+_EXACT_NUMBERS = frozenset(("smallint", "integer", "bigint", "numeric"))
+#: Integer types: a bound decimal literal is rounded to them.
+_INTEGERS = frozenset(("smallint", "integer", "bigint"))
+#: Base types whose value is the text itself: an integer cast to them gives its digits.
 STRING_TYPES = frozenset(("text", "character varying", "bpchar", "name"))
+#: ... and a boolean ``true`` / ``false`` (``name`` has no cast from boolean: ``t`` / ``f``).
+_BOOLEAN_TEXT = frozenset(("text", "character varying", "bpchar"))
 
 
 @dataclass
@@ -135,38 +141,41 @@ class Prepared:
 
 #: An identity that may equal any other: its packet is applied alone.
 ANY = object()
-#: Integer and numeric types: equal values compare equal as Decimal (an int, a Decimal, "1.0").
-_EXACT_NUMBERS = frozenset(("smallint", "integer", "bigint", "numeric"))
 
 
 def identity_part(column: Column, value: Any) -> Any:
     """A value of a key column as a Python value that is equal for values PostgreSQL finds equal
     in that column (never less coarse): numbers for integer and numeric columns (``"1"``, ``1``
-    and ``1.0`` alike), the text for text columns (an integer's digits, ``true`` / ``false``;
-    ``bpchar`` without trailing spaces), uuids in lower case without hyphens or braces; NULL as
-    ``None``; :data:`ANY` for any other type or value kind."""
+    and ``1.0`` alike; a fraction for an integer column, which PostgreSQL rounds, is :data:`ANY`),
+    the text for text columns of a deterministic collation (an integer's digits, ``true`` /
+    ``false``; ``bpchar`` without trailing spaces; ``name`` below its 63-byte cut), uuids in lower
+    case without hyphens or braces; NULL as ``None``; :data:`ANY` for any other type or value kind."""
     kind = type(value)
     if value is None:
         return None
     base = column.base_type or column.type_name
     if base in _EXACT_NUMBERS:
-        if kind is int or kind is Decimal:
+        if kind is int:
             return value
-        if kind is str or kind is float:
+        if kind is Decimal or kind is str or kind is float:
             try:
-                number = Decimal(value.strip() if kind is str else repr(value))
+                number = value if kind is Decimal else Decimal(value.strip() if kind is str else repr(value))
             except ArithmeticError:
                 return ANY
-            return ANY if number.is_nan() else number      # NaN = NaN in PostgreSQL
+            if number.is_nan() or (base in _INTEGERS and number != number.to_integral_value()):
+                return ANY      # NaN = NaN in PostgreSQL; 1.5 and 2 are one integer
+            return number
         return ANY
     if base in STRING_TYPES:
-        if kind is str:
-            return value.rstrip(" ") if base == "bpchar" else value
-        if kind is bool:
-            return "true" if value else "false"
+        if not column.deterministic:
+            return ANY          # "ABC" = "abc" under a case-insensitive collation
         if kind is int:
             return str(value)
-        return ANY
+        if kind is bool and base in _BOOLEAN_TEXT:
+            return "true" if value else "false"
+        if kind is not str or (base == "name" and len(value.encode("utf-8")) >= 63):
+            return ANY
+        return value.rstrip(" ") if base == "bpchar" else value
     if base == "uuid" and kind is str:
         return value.replace("-", "").strip().strip("{}").lower()
     return ANY
@@ -231,20 +240,27 @@ def json_kinds(column: Column) -> FrozenSet[type]:
 
     * ``None``: NULL either way;
     * ``str``: an explicit cast of a string literal and of text both call the type's input function
-      (domains: the base type's, then the domain's checks);
+      (domains: the base type's, then the domain's checks), unless a cast function from text
+      stands between (:attr:`~golconde.schema.Column.text_input`: ``regclass`` reads digits as a
+      table name there, where its input function reads an OID);
     * ``int`` (not ``bool``): for numeric types, the same number; for string types, its digits;
-    * ``Decimal``: for numeric types the same number (``1.5`` for an integer fails as text where
-      the literal rounds: the batch is then replayed packet by packet);
-    * ``bool``: for boolean, the same; for string types, ``true`` / ``false``.
+    * ``Decimal``: for integer and numeric types the same number (``1.5`` for an integer fails as
+      text where the literal rounds: the batch is then replayed packet by packet); not for float
+      types, which read ``-0.0`` as -0 where the literal gives 0;
+    * ``bool``: for boolean, the same; for text, varchar and bpchar, ``true`` / ``false``.
     """
     if column.is_array or column.is_json:
         return frozenset()
     base = column.base_type or column.type_name
-    kinds = {type(None), str}
+    kinds = {type(None), str} if column.text_input else {type(None)}
     if base in NUMERIC_TYPES:
-        kinds.update((int, Decimal))
+        kinds.add(int)
+        if base in _EXACT_NUMBERS:
+            kinds.add(Decimal)
     elif base in STRING_TYPES:
-        kinds.update((int, bool))
+        kinds.add(int)
+        if base in _BOOLEAN_TEXT:
+            kinds.add(bool)
     elif base == "boolean":
         kinds.add(bool)
     return frozenset(kinds)
@@ -327,10 +343,12 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
         return list(result)
     restriction = [c for c, _ in first.restriction]
     data = [c for c, _ in first.data]
-    # a run's updates never change a restriction column (see Prepared.alone): SET only the others
+    # a run's updates never change a restriction column's value (see Prepared.alone); they still
+    # SET it (a numeric 1.0 replaces 1.00, as the packet says), but for a GENERATED ALWAYS identity
+    # column, which takes no value but DEFAULT
     restricted = {c.name for c in restriction}
-    kept = [i for i, c in enumerate(data) if c.name not in restricted]
-    if data and not kept:   # the data only repeats the key: SET one key column to itself
+    kept = [i for i, c in enumerate(data) if not (c.name in restricted and c.identity_always)]
+    if data and not kept:   # the data only repeats an identity key: SET it to itself (refused)
         kept = [0]
     data = [data[i] for i in kept]
     columns = restriction + data

@@ -164,6 +164,12 @@ def test_keys_written_differently_close_a_run():
     assert bulk.runs([update(integer, Decimal("2.0")), update(integer, " 2 ")]) == [[0], [1]]
     assert bulk.runs([update(integer, 1), update(integer, 2), update(integer, "3")]) == [[0, 1, 2]]
     assert bulk.runs([update(integer, "NaN"), update(integer, "NaN")]) == [[0], [1]]
+    assert bulk.runs([update(integer, Decimal("1.5")), update(integer, 2)]) == [[0], [1]]  # rounded
+    assert bulk.runs([update(integer, 1.5), update(integer, 2)]) == [[0], [1]]
+    name, ci = Column("n", "name"), Column("t", "text", deterministic=False)
+    assert bulk.runs([update(name, "x" * 63 + "1"), update(name, "x" * 63 + "2")]) == [[0], [1]]
+    assert bulk.runs([update(name, "a"), update(name, True)]) == [[0], [1]]     # name says t, not true
+    assert bulk.runs([update(ci, "ABC"), update(ci, "abc")]) == [[0], [1]]
     a = "0e6a5b2c-3d4e-4f50-8a6b-7c8d9e0f1a2b"
     assert bulk.runs([update(uid, a), update(uid, "{%s}" % a.upper().replace("-", ""))]) == [[0], [1]]
     assert bulk.runs([update(text, 5), update(text, "5"), update(text, True), update(text, "true")]) \
@@ -171,6 +177,23 @@ def test_keys_written_differently_close_a_run():
     assert bulk.runs([update(padded, "ab"), update(padded, "ab  ")]) == [[0], [1]]
     assert bulk.runs([update(stamp, "2026-01-01 00:00+00"), update(stamp, "2026-01-01 01:00+01"),
                       update(stamp, "2026-01-02 00:00+00")]) == [[0], [1], [2]]
+
+
+def test_a_case_insensitive_collation_closes_a_run(two_databases):
+    """Under a nondeterministic collation "ABC" and "abc" are one key: the second update wins,
+    as one by one."""
+    conn = two_databases[0]
+    with conn.cursor() as cur:
+        cur.execute("CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false)")
+        cur.execute("CREATE TABLE coll (k text COLLATE ci PRIMARY KEY, v text)")
+        cur.execute("INSERT INTO coll VALUES ('abc', 'old')")
+        handler = AutoSQL("coll", role="target")
+        assert handler.cache.get(cur, handler.table).columns["k"].deterministic is False
+        handler.apply_batch(cur, [Packet(Action.UPDATE, {"v": "first"}, {"k": "ABC"}),
+                                  Packet(Action.UPDATE, {"v": "second"}, {"k": "abc"})])
+        cur.execute("SELECT k, v FROM coll")
+        assert cur.fetchall() == [("abc", "second")]
+    conn.rollback()
 
 
 def test_an_update_run_applies_keys_written_differently_in_order(two_databases):
@@ -317,6 +340,7 @@ def test_a_set_of_only_a_unique_key_does_nothing_at_a_target(two_databases):
 # -- values passed as one JSON parameter (bulk.json_kinds) ------------------------------------------
 
 TYPED = """
+CREATE TABLE "1259" ();
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
 CREATE DOMAIN posint AS integer CHECK (VALUE > 0);
 CREATE DOMAIN short AS varchar(4);
@@ -324,18 +348,20 @@ CREATE TABLE typed (
     id    integer PRIMARY KEY,
     i2    smallint, i8 bigint, num numeric, num2 numeric(6, 2), r real, d double precision,
     t     text, vc varchar(5), c bpchar(3), n name, b boolean, ts timestamptz, day date,
-    u     uuid, raw bytea, m mood, p posint, s short, js jsonb, arr integer[]
+    u     uuid, raw bytea, m mood, p posint, s short, js jsonb, arr integer[], rc regclass
 )
 """
 TYPED_COLUMNS = ["i2", "i8", "num", "num2", "r", "d", "t", "vc", "c", "n", "b", "ts", "day", "u",
-                 "raw", "m", "p", "s", "js", "arr"]
+                 "raw", "m", "p", "s", "js", "arr", "rc"]
 #: JSON values of every kind, many of them refused by some column types, some read differently
-#: as text than as a bound literal (1.5 for an integer, 1E+2 for text)
-ANY_VALUE = st.sampled_from([
+#: as text than as a bound literal (1.5 for an integer, 1E+2 for text, -0.0 for a float, true for
+#: name, a number for regclass where a table has that name)
+VALUES = ([
     None, 0, 1, -5, 7, 2 ** 31, 2 ** 40, 2 ** 70, Decimal("1.5"), Decimal("-0.25"), Decimal("1E+2"),
-    Decimal("2.50"), True, False, "5", "-3", " 7", "1.5", "1e3", "abc", "it's", "back\\slash",
+    Decimal("2.50"), Decimal("-0.0"), True, False, "1259", "pg_class", "5", "-3", " 7", "1.5", "1e3", "abc", "it's", "back\\slash",
     "ünï ✓", "t", "false", "2026-01-02", "2026-01-02 03:04:05+00", "\\x4142", "happy",
     "00000000-0000-0000-0000-000000000001", "{1,2}", "", "  ", "toolong", {"k": 1}, [1, 2]])
+ANY_VALUE = st.sampled_from(VALUES)
 
 
 @pytest.fixture(scope="module")
@@ -388,10 +414,16 @@ def test_typed_runs_equal_one_by_one(typed_databases, runs):
         with conn.cursor() as cur:
             cur.execute("TRUNCATE typed")
         conn.commit()
+    apply_runs(batched, reference, TYPED_BATCHED["destination" if len(runs[0]) % 2 else "target"], runs)
+    assert typed_rows(batched) == typed_rows(reference)
+
+
+def apply_runs(batched, reference, handler, runs):
+    """``runs`` one by one in ``reference``; in ``batched``, each run as one batch in a savepoint,
+    replayed one by one when it fails (as the applier does)."""
     for run in runs:
         one_by_one(reference, AutoSQL("typed", role="target"), run)
     reference.commit()
-    handler = TYPED_BATCHED["destination" if len(runs[0]) % 2 else "target"]
     for run in runs:
         with batched.cursor() as cur:
             cur.execute("SAVEPOINT b")
@@ -402,6 +434,34 @@ def test_typed_runs_equal_one_by_one(typed_databases, runs):
                 cur.execute("ROLLBACK TO SAVEPOINT b")
                 one_by_one(batched, handler, run)
     batched.commit()
+
+
+@pytest.mark.parametrize("column", TYPED_COLUMNS)
+def test_every_value_in_every_column_type_as_one_by_one(typed_databases, column):
+    """Every value of VALUES in a run of two sets, of two updates by id, of two updates and two
+    deletes restricted on the column (with the next value): batched as the packets one by one."""
+    batched, reference = typed_databases
+    for conn in typed_databases:
+        with conn.cursor() as cur:
+            cur.execute("TRUNCATE typed")
+        conn.commit()
+    other = "t" if column != "t" else "i8"
+    runs = []
+    for j, value in enumerate(VALUES):
+        a, b = 2 * j + 1, 2 * j + 2
+        runs.append([Packet(Action.SET, {"id": a, column: value}), Packet(Action.SET, {"id": b, column: value})])
+        runs.append([Packet(Action.UPDATE, {column: value}, {"id": a}),
+                     Packet(Action.UPDATE, {column: value}, {"id": b})])
+    apply_runs(batched, reference, TYPED_BATCHED["destination"], runs)
+    assert typed_rows(batched) == typed_rows(reference)
+    runs = []
+    for j, (first, second) in enumerate(zip(VALUES, VALUES[1:])):
+        runs.append([Packet(Action.UPDATE, {other: str(j) if other == "t" else j}, {column: first}),
+                     Packet(Action.UPDATE, {other: str(-j) if other == "t" else -j}, {column: second})])
+    for first, second in zip(VALUES[::2], VALUES[1::2]):
+        runs.append([Packet(Action.DELETE, restriction={column: first}),
+                     Packet(Action.DELETE, restriction={column: second})])
+    apply_runs(batched, reference, TYPED_BATCHED["target"], runs)
     assert typed_rows(batched) == typed_rows(reference)
 
 
