@@ -281,19 +281,20 @@ def upsert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
 
 def update_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
                      restriction: Sequence[Tuple[Column, Any]]) -> Tuple[sql.Composed, List[Any]]:
-    """``UPDATE rel SET c = %s::t, ... WHERE ...`` and its parameters. A data column whose value
-    repeats the restriction's for it (the capture trigger's packets carry the whole new row) is
-    left out of SET, as a run's statement leaves it out (:mod:`golconde.handlers.bulk`): it would
-    not change, and a ``GENERATED ALWAYS`` identity column refuses any value but ``DEFAULT``.
+    """``UPDATE rel SET c = %s::t, ... WHERE ...`` and its parameters. A ``GENERATED ALWAYS``
+    identity column whose data value repeats the restriction's for it (the capture trigger's
+    packets carry the whole new row) is left out of SET, as a run's statement leaves it out
+    (:mod:`golconde.handlers.bulk`): it takes no value but ``DEFAULT``, and keeps its own.
 
     :raises PacketError: empty data or restriction.
     """
     if not data:
         raise PacketError("update on %s has no column to set" % table.relation)
     restricted = {column.name: value for column, value in restriction}
-    changed = [(column, value) for column, value in data
-               if column.name not in restricted or not bulk.same_value(value, restricted[column.name])]
-    data = changed or list(data[:1])    # only the key, unchanged: set it to itself, as a run does
+    kept = [(column, value) for column, value in data
+            if not (column.identity_always and column.name in restricted
+                    and bulk.same_value(value, restricted[column.name]))]
+    data = kept or list(data[:1])    # only the identity key, unchanged: SET it (refused), as a run does
     assignments = sql.SQL(", ").join(sql.SQL("{} = {}").format(ident(column.name), _cast(column))
                                       for column, _ in data)
     params = [bind(table, column, value) for column, value in data]

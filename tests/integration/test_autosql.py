@@ -76,6 +76,15 @@ def test_whole_row_update_leaves_an_unchanged_identity_key_alone(db):
     run(db, h, {"action": "update", "data": {"id": 2, "v": "b"}, "restriction": {"id": 1}})
     run(db, h, {"action": "update", "data": {"id": "2", "v": "c"}, "restriction": {"id": 2}})
     assert rows(db, "SELECT id, v FROM plain") == [(2, "c")]
+    # any other key repeated in the data is set, alone and in a run: 1.0 replaces 1.00
+    ddl(db, "CREATE TABLE amounts (amount numeric PRIMARY KEY, note text);"
+            " INSERT INTO amounts VALUES (1.00, 'a'), (2.00, 'b'), (3.00, 'c')")
+    h = AutoSQL("amounts", role="target")
+    run(db, h, {"action": "update", "data": {"amount": Decimal("1.0"), "note": "x"}, "restriction": {"amount": Decimal("1.0")}})
+    with db.cursor() as cur:
+        h.apply_batch(cur, [parse(dumps({"action": "update", "data": {"amount": Decimal(n), "note": "y"},
+                                         "restriction": {"amount": Decimal(n)}})) for n in ("2.0", "3.0")])
+    assert [str(a) for a, in rows(db, "SELECT amount FROM amounts ORDER BY amount")] == ["1.0", "2.0", "3.0"]
 
 
 def test_null_stays_null_and_restriction_null_is_is_null(db):
