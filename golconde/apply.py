@@ -22,10 +22,13 @@ Algorithm:
 4. *Careful path*: the same transaction shape, but each packet inside its own SAVEPOINT, so that a
    packet that fails permanently is rolled back alone and dead-lettered while the others commit.
    A schema error, or a data error (which a column type changed since the schema was cached
-   causes too), refreshes the handler's schema cache and retries that packet once; a transient
-   error retries it (bounded) with backoff. A group's members are applied one by one with
-   :meth:`~golconde.handlers.base.Handler.apply` in the group's savepoint; a failing member rolls
-   back the whole group, dead-lettered with a reason naming the member's index.
+   causes too; at most once a second), refreshes the handler's schema cache and retries that
+   packet once; a transient error retries it (bounded) with backoff. A group's members are applied
+   one by one with :meth:`~golconde.handlers.base.Handler.apply` in the group's savepoint; a
+   failing member rolls back the whole group, dead-lettered with a reason naming the member's
+   index. If the COMMIT fails on a deferred constraint, the careful path runs again with every
+   constraint checked at once (``SET CONSTRAINTS ALL IMMEDIATE``), so that the packet breaking it
+   is dead-lettered alone.
 """
 from __future__ import annotations
 
@@ -137,6 +140,7 @@ class Applier:
         self.retries = 0
         self.on_retry = on_retry
         self._member: Optional[int] = None   # index of the group member being applied
+        self._data_refreshed = float("-inf")    # when a data error last re-read the schema
 
     def apply_batch(self, connection: Any, items: Sequence[Tuple[str, Any]],
                     redelivered: bool = False) -> List[Outcome]:
@@ -213,6 +217,18 @@ class Applier:
         self._member = None
         return Group(tuple(results))
 
+    def _stale_types(self, exc: BaseException) -> bool:
+        """A data error (SQLSTATE class 22: out of range, too long...) may come of a column type
+        changed since the schema was cached (``ALTER COLUMN id TYPE bigint``): worth a re-read of
+        the schema and one more try, at most once every :data:`DATA_ERROR_REFRESH` seconds."""
+        if not _data_error(exc):
+            return False
+        now = time.monotonic()
+        if now - self._data_refreshed < DATA_ERROR_REFRESH:
+            return False
+        self._data_refreshed = now
+        return True
+
     def _rollback(self, connection: Any) -> None:
         try:
             connection.rollback()
@@ -285,24 +301,60 @@ class Applier:
 
     def _careful(self, connection: Any, items: Sequence[Tuple[str, bytes]],
                  packets: Sequence[Optional[Union[Packet, Group]]], todo: Sequence[int]) -> dict:
+        """Each packet in its savepoint, then COMMIT. When the COMMIT fails on a deferred
+        constraint (``DEFERRABLE INITIALLY DEFERRED``, as Django declares foreign keys; checked
+        only there), the batch goes through again with the deferrable constraints checked at the
+        end of each packet (of each group), in its savepoint (``SET CONSTRAINTS ALL DEFERRED``
+        before it, ``SET CONSTRAINTS ALL IMMEDIATE`` after it): the packet that breaks one is then
+        dead-lettered alone. Only then, since a packet that relied on a later one to satisfy a
+        check (a child sent before its parent) fails too."""
+        try:
+            return self._careful_once(connection, items, packets, todo, checked=False)
+        except _CommitFailed as failed:
+            if classify(failed.error) == RECONNECT:
+                raise ConnectionLost(describe(failed.error)) from failed.error
+            if not (getattr(failed.error, "pgcode", None) or "").startswith("23"):
+                raise failed.error
+            LOGGER.info("[%s] COMMIT failed on a deferred constraint (%s); applying the batch"
+                        " again with constraints checked at once", self.consumer, describe(failed.error))
+        try:
+            return self._careful_once(connection, items, packets, todo, checked=True)
+        except _CommitFailed as failed:
+            if classify(failed.error) == RECONNECT:
+                raise ConnectionLost(describe(failed.error)) from failed.error
+            raise failed.error
+
+    def _careful_once(self, connection: Any, items: Sequence[Tuple[str, bytes]],
+                      packets: Sequence[Optional[Union[Packet, Group]]], todo: Sequence[int],
+                      checked: bool) -> dict:
         done = {}
         fanouts = {}
         with connection.cursor() as cur:
             for index in todo:
-                done[index] = self._one(connection, cur, items[index][0], packets[index], fanouts)
+                done[index] = self._one(connection, cur, items[index][0], packets[index], fanouts,
+                                        checked)
             if self.store_fanout:
                 self._fill_duplicates(cur, items, done, fanouts)
-        connection.commit()
+        try:
+            connection.commit()
+        except Exception as exc:
+            self._rollback(connection)
+            raise _CommitFailed(exc) from exc
         return done
 
     def _one(self, connection: Any, cur: Any, pid: str, packet: Optional[Union[Packet, Group]],
-             fanouts: dict) -> Outcome:
+             fanouts: dict, checked: bool = False) -> Outcome:
+        """Apply one packet (or group) in its savepoint; with ``checked``, its deferrable
+        constraints are checked before the savepoint is released (see :meth:`_careful`)."""
+        begin = "SAVEPOINT golconde_packet; SET CONSTRAINTS ALL DEFERRED" if checked else "SAVEPOINT golconde_packet"
+        release = ("SET CONSTRAINTS ALL IMMEDIATE; RELEASE SAVEPOINT golconde_packet" if checked
+                   else "RELEASE SAVEPOINT golconde_packet")
         assert packet is not None
         attempts = 0
         schema_refreshed = False
         while True:
             try:
-                cur.execute("SAVEPOINT golconde_packet")
+                cur.execute(begin)
             except Exception as exc:
                 raise ConnectionLost(describe(exc)) from exc
             try:
@@ -316,7 +368,8 @@ class Applier:
                     outcome.fanout = result.to_json()
                     ledger.store_packets(cur, self.consumer, {pid: outcome.fanout})
                     fanouts[pid] = outcome.fanout
-                cur.execute(_CHECK_DEFERRED)
+                self._member = None
+                cur.execute(release)
                 return outcome
             except StopListener:
                 raise
@@ -328,9 +381,7 @@ class Applier:
                     cur.execute("ROLLBACK TO SAVEPOINT golconde_packet")
                 except Exception as exc2:
                     raise ConnectionLost(describe(exc2)) from exc2
-                if (fate == SCHEMA or (fate == DEAD and _data_error(exc))) and not schema_refreshed:
-                    # a data error (out of range, too long...) may come of a column type changed
-                    # since the schema was cached (ALTER COLUMN ... TYPE bigint): re-read, retry once
+                if not schema_refreshed and (fate == SCHEMA or (fate == DEAD and self._stale_types(exc))):
                     schema_refreshed = True
                     self._schema_error()
                     continue
@@ -352,14 +403,17 @@ class Applier:
                 return Outcome(DEAD_LETTER, packet, reason=reason)
 
 
-#: After a packet of the careful path: check the deferred constraints it may break (a DEFERRABLE
-#: INITIALLY DEFERRED foreign key, as Django creates them) now, in its own savepoint, where a
-#: failure is this packet's alone; COMMIT would fail the whole batch, again at every redelivery.
-#: ``SET CONSTRAINTS ALL IMMEDIATE`` runs the pending checks; rolling back to a savepoint taken just
-#: before it restores each constraint's mode (PostgreSQL keeps the mode per subtransaction, and
-#: the checks run again at COMMIT). One round trip.
-_CHECK_DEFERRED = ("SAVEPOINT golconde_check; SET CONSTRAINTS ALL IMMEDIATE;"
-                   " ROLLBACK TO SAVEPOINT golconde_check; RELEASE SAVEPOINT golconde_packet")
+class _CommitFailed(Exception):
+    """The careful path's COMMIT failed (rolled back): ``error`` says why."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(describe(error))
+        self.error = error
+
+
+#: Least seconds between two schema re-reads caused by data errors (a stream of bad values would
+#: otherwise re-read the catalog and apply each of them twice).
+DATA_ERROR_REFRESH = 1.0
 
 
 def _data_error(exc: BaseException) -> bool:

@@ -2,10 +2,10 @@
 apart:
 
 * deferred constraints (DEFERRABLE INITIALLY DEFERRED, as Django creates every foreign key) are
-  checked at COMMIT, where a failure would be the whole batch's. The careful path checks them after
-  each packet, in its savepoint: the packet that breaks one is dead-lettered alone, the others are
-  applied, at a destination and at a target, and the constraints stay deferred for the packets
-  (and groups) that follow;
+  checked at COMMIT, where a failure would be the whole batch's. When the careful path's COMMIT
+  fails so, it runs again with every constraint checked at once: the packet that breaks one is
+  dead-lettered alone and the others are applied, at a destination and at a target. Packets that
+  rely on the deferral (a child before its parent) are applied as long as the COMMIT does not fail;
 * a column type changed since the schema was cached (``ALTER COLUMN id TYPE bigint``, the usual
   fix before an int key overflows) makes the cached cast refuse new values: a data error re-reads
   the schema once before the packet is dead-lettered."""
@@ -79,6 +79,23 @@ def test_a_packet_breaking_a_deferred_foreign_key_is_dead_lettered_alone(conn, r
     # the same batch again: duplicates, nothing applied twice, nothing fails at COMMIT
     again = applier.apply_batch(conn, items)
     assert [o.status for o in again] == ["duplicate", "dead", "duplicate", "duplicate"]
+
+
+@pytest.mark.parametrize("role", ["destination", "target"])
+def test_packets_relying_on_a_deferred_check_pass_the_careful_path(conn, role):
+    """A bad packet sends the batch down the careful path; a node sent before its parent node
+    (legal until COMMIT) is still applied there."""
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE node (id integer PRIMARY KEY,"
+                    " parent integer REFERENCES node DEFERRABLE INITIALLY DEFERRED)")
+    conn.commit()
+    applier = Applier(AutoSQL("node", role=role), "relying-" + role, store_fanout=role == "destination")
+    items = [("r1", dumps(packet("add", {"id": 2, "parent": 3})).encode()),     # before its parent
+             ("r2", dumps(packet("add", {"id": "bad"})).encode()),
+             ("r3", dumps(packet("add", {"id": 3})).encode())]
+    outcomes = applier.apply_batch(conn, items)
+    assert [o.status for o in outcomes] == ["applied", "dead", "applied"]
+    assert rows(conn, "SELECT id, parent FROM node ORDER BY id") == [(2, 3), (3, None)]
 
 
 def test_a_column_type_changed_since_the_schema_was_cached_is_read_again(conn):
