@@ -26,9 +26,9 @@ Algorithm:
    packet once; a transient error retries it (bounded) with backoff. A group's members are applied
    one by one with :meth:`~golconde.handlers.base.Handler.apply` in the group's savepoint; a
    failing member rolls back the whole group, dead-lettered with a reason naming the member's
-   index. If the COMMIT fails on a deferred constraint, the careful path runs again with every
-   constraint checked at once (``SET CONSTRAINTS ALL IMMEDIATE``), so that the packet breaking it
-   is dead-lettered alone.
+   index. If the COMMIT fails on a deferred constraint, the careful path runs again with the
+   deferrable constraints checked at the end of each packet, so that the packet breaking one is
+   dead-lettered alone.
 """
 from __future__ import annotations
 
@@ -308,21 +308,18 @@ class Applier:
         before it, ``SET CONSTRAINTS ALL IMMEDIATE`` after it): the packet that breaks one is then
         dead-lettered alone. Only then, since a packet that relied on a later one to satisfy a
         check (a child sent before its parent) fails too."""
-        try:
-            return self._careful_once(connection, items, packets, todo, checked=False)
-        except _CommitFailed as failed:
-            if classify(failed.error) == RECONNECT:
-                raise ConnectionLost(describe(failed.error)) from failed.error
-            if not (getattr(failed.error, "pgcode", None) or "").startswith("23"):
-                raise failed.error
-            LOGGER.info("[%s] COMMIT failed on a deferred constraint (%s); applying the batch"
-                        " again with constraints checked at once", self.consumer, describe(failed.error))
-        try:
-            return self._careful_once(connection, items, packets, todo, checked=True)
-        except _CommitFailed as failed:
-            if classify(failed.error) == RECONNECT:
-                raise ConnectionLost(describe(failed.error)) from failed.error
-            raise failed.error
+        for checked in (False, True):
+            try:
+                return self._careful_once(connection, items, packets, todo, checked)
+            except _CommitFailed as failed:
+                error = failed.error
+                if classify(error) == RECONNECT:
+                    raise ConnectionLost(describe(error)) from error
+                if checked or not (getattr(error, "pgcode", None) or "").startswith("23"):
+                    raise error
+                LOGGER.info("[%s] COMMIT failed on a deferred constraint (%s); applying the batch"
+                            " again with constraints checked per packet", self.consumer, describe(error))
+        raise AssertionError("unreachable")
 
     def _careful_once(self, connection: Any, items: Sequence[Tuple[str, bytes]],
                       packets: Sequence[Optional[Union[Packet, Group]]], todo: Sequence[int],
@@ -368,7 +365,6 @@ class Applier:
                     outcome.fanout = result.to_json()
                     ledger.store_packets(cur, self.consumer, {pid: outcome.fanout})
                     fanouts[pid] = outcome.fanout
-                self._member = None
                 cur.execute(release)
                 return outcome
             except StopListener:

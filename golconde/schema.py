@@ -141,6 +141,11 @@ class Column:
     deterministic: bool = True
 
     @property
+    def base(self) -> str:
+        """:attr:`base_type`, or :attr:`type_name` when it is unknown."""
+        return self.base_type or self.type_name
+
+    @property
     def identity_always(self) -> bool:
         """GENERATED ALWAYS AS IDENTITY: writing it needs ``OVERRIDING SYSTEM VALUE``."""
         return self.identity == "a"

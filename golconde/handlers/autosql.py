@@ -80,7 +80,7 @@ def _type(column: Column) -> sql.SQL:
     # a domain's base type, unbounded: an explicit cast to a domain over varchar(4) would cut the
     # value to 4 characters; the assignment to the column then applies the domain's bound (an
     # error, as for a plain varchar(4) column) and its checks
-    return sql.SQL((column.base_type or column.type_name).replace("%", "%%"))
+    return sql.SQL(column.base.replace("%", "%%"))
 
 
 def _relation(table: TableSchema) -> sql.Identifier:
@@ -176,7 +176,7 @@ def bind(table: TableSchema, column: Column, value: Any) -> Any:
         return None
     kind = type(value)
     if kind is bool or kind in _NUMBERS:
-        base = column.base_type or column.type_name
+        base = column.base
         if kind is bool and base in bulk.NUMERIC_TYPES:
             raise PacketError("column %s of %s is %s: expected a number, not %s"
                               % (column.name, table.relation, column.type_name, dumps(value)))

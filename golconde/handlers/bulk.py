@@ -153,7 +153,7 @@ def identity_part(column: Column, value: Any) -> Any:
     kind = type(value)
     if value is None:
         return None
-    base = column.base_type or column.type_name
+    base = column.base
     if base in _EXACT_NUMBERS:
         if kind is int:
             return value
@@ -251,7 +251,7 @@ def json_kinds(column: Column) -> FrozenSet[type]:
     """
     if column.is_array or column.is_json:
         return frozenset()
-    base = column.base_type or column.type_name
+    base = column.base
     kinds = {type(None), str} if column.text_input else {type(None)}
     if base in NUMERIC_TYPES:
         kinds.add(int)
