@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import List, Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
@@ -72,6 +73,11 @@ class Delivery:
     @property
     def redelivered(self) -> bool:
         return str(self.headers.get("redelivered", "")).lower() == "true"
+
+    def ack_only(self) -> "Delivery":
+        """This delivery without its body: what an ack needs, kept while a batch awaits its
+        receipts (so pending acks do not hold batch bodies of up to 1 MiB each)."""
+        return Delivery(b"", self.headers, self.generation)
 
 
 #: One message to send: (queue, body, headers).
@@ -341,7 +347,7 @@ class BrokerConnection:
         if messages:
             self._wait_receipt(self._write(messages), timeout)
 
-    def _wait_receipt(self, receipt: str, timeout: float) -> None:
+    def _wait_receipt(self, receipt: str, timeout: float, stated: Optional[float] = None) -> None:
         with self._receipt_cond:
             in_time = self._receipt_cond.wait_for(
                 lambda: receipt in self._receipts or "*" in self._receipts or not self._alive,
@@ -356,7 +362,8 @@ class BrokerConnection:
         if error is not None:
             raise BrokerError("broker %s refused the send: %s" % (self.address, error))
         if not in_time:
-            raise BrokerError("no receipt from %s within %.0fs" % (self.address, timeout))
+            raise BrokerError("no receipt from %s within %gs" % (self.address,
+                                                                 timeout if stated is None else stated))
         raise BrokerError("connection to %s lost before the send was confirmed" % self.address)
 
 
@@ -381,26 +388,41 @@ class Receipt:
     :meth:`wait` waits and raises :class:`BrokerError` unless the broker confirmed.
     """
 
-    def __init__(self, connection: BrokerConnection, receipt_id: str) -> None:
+    def __init__(self, connection: BrokerConnection, receipt_id: str, timeout: float = 30.0) -> None:
         self.connection = connection
         self.receipt_id = receipt_id
+        self.timeout = timeout
+        #: monotonic time by which the broker must have answered (``timeout`` s after the send)
+        self.deadline = time.monotonic() + timeout
 
     def done(self) -> bool:
+        """True once the broker answered, the connection is gone, or the deadline passed (then
+        :meth:`wait` raises at once)."""
         owner = self.connection
         with owner._receipt_cond:
-            return self.receipt_id in owner._receipts or "*" in owner._receipts or not owner._alive
+            answered = self.receipt_id in owner._receipts or "*" in owner._receipts or not owner._alive
+        return answered or time.monotonic() >= self.deadline
 
-    def wait(self, timeout: float = 30.0) -> None:
-        self.connection._wait_receipt(self.receipt_id, timeout)
+    def wait(self) -> None:
+        """Wait until the broker answers, at most until :attr:`deadline`.
+
+        :raises BrokerError: as :meth:`BrokerConnection.send_confirmed`; "no receipt within
+            ``timeout`` s" once the deadline has passed.
+        """
+        self.connection._wait_receipt(self.receipt_id, max(0.0, self.deadline - time.monotonic()),
+                                      stated=self.timeout)
 
 
-def send_all_async(groups: Iterable[Tuple[BrokerConnection, Sequence[Outgoing]]]) -> List[Receipt]:
+def send_all_async(groups: Iterable[Tuple[BrokerConnection, Sequence[Outgoing]]],
+                   timeout: float = 30.0) -> List[Receipt]:
     """Write several batches, each on its own connection, as persistent messages with a receipt
-    requested on the last of each; return the :class:`Receipt` objects without waiting.
+    requested on the last of each; return the :class:`Receipt` objects (each due within
+    ``timeout`` seconds of now) without waiting.
 
     :raises BrokerError: a frame could not be written.
     """
-    return [Receipt(connection, connection._write(messages)) for connection, messages in groups if messages]
+    return [Receipt(connection, connection._write(messages), timeout)
+            for connection, messages in groups if messages]
 
 
 def send_all_confirmed(groups: Iterable[Tuple[BrokerConnection, Sequence[Outgoing]]],
@@ -410,5 +432,5 @@ def send_all_confirmed(groups: Iterable[Tuple[BrokerConnection, Sequence[Outgoin
     All frames are written first, then every receipt is awaited, so that N brokers cost one round
     trip rather than N. :raises BrokerError: as :meth:`BrokerConnection.send_confirmed`.
     """
-    for receipt in send_all_async(groups):
-        receipt.wait(timeout)
+    for receipt in send_all_async(groups, timeout):
+        receipt.wait()

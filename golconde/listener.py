@@ -538,7 +538,7 @@ class QueueConsumer(Listener):
     def close(self) -> None:
         if self._pending and self.inbound.connected:
             try:
-                self.settle(block=True)       # ack what the broker confirmed before leaving
+                self.settle(keep=0)           # ack what the broker confirmed before leaving
             except GolcondeError as exc:
                 LOGGER.warning("[%s] unconfirmed sends at stop (redelivered later): %s", self.name, exc)
         self._pending.clear()
@@ -585,7 +585,10 @@ class QueueConsumer(Listener):
     def cycle(self) -> None:
         batch = self.collect()
         if not batch:
-            self.settle(block=True)
+            # idle: ack what the broker confirmed, without waiting for the rest (collect() polls
+            # every 5 ms while batches are pending), so that a slow receipt does not hold back
+            # the packets arriving meanwhile
+            self.settle(keep=len(self._pending))
             self._maybe_prune()
             return
         self._in_flight = True
@@ -608,20 +611,21 @@ class QueueConsumer(Listener):
         self.after_commit(batch, items, outcomes)
         # Pipelined: the ack waits for the broker's receipts of this batch's sends, but the next
         # batch is applied meanwhile; acks are cumulative, so batches are acked in order.
-        self._pending.add(self.pending_receipts, deliveries[-1])
+        self._pending.add(self.pending_receipts, deliveries[-1].ack_only())
         self.pending_receipts = []
-        self.settle(block=False)
+        self.settle(keep=self.max_pipeline)
         self._maybe_prune()                    # under steady load too, not only when idle
 
-    def settle(self, block: bool) -> None:
-        """Ack the committed batches whose sends the broker confirmed, oldest first. Without
-        ``block``, waits only when more than :attr:`max_pipeline` batches are pending.
+    def settle(self, keep: int) -> None:
+        """Ack the committed batches whose sends the broker confirmed, oldest first, waiting for
+        the oldest while more than ``keep`` batches are pending (0: wait for all). A receipt
+        overdue (30 s after its send) raises at once.
 
         :raises BrokerError: a send was refused or not confirmed in time (nothing more is acked;
             the supervising loop closes the connection, so the broker redelivers).
         """
         # 'client' ack mode: acking a batch's last delivery acks the batch
-        self._pending.settle(0 if block else self.max_pipeline, self.inbound.ack)
+        self._pending.settle(keep, self.inbound.ack)
         self._in_flight = bool(self._pending)
 
 
