@@ -211,6 +211,7 @@ def latency_run(env: Env, mode: Any, watcher: Watcher, max_rate: float, state: A
     figures = {"rate_per_s": round(rate), "rows": rows, "measured": len(latencies),
                "fixed_rate": bool(getattr(args, "latency_rate", None))}
     figures.update(percentiles(latencies))
+    figures.update(probe.gap_percentiles())
     if canonical:
         figures.update({"canonical_" + k: v for k, v in
                         percentiles(probe.latencies(enqueued, labels=["src"])).items()})

@@ -5,7 +5,9 @@ replication apply sessions too, which run with ``session_replication_role = repl
 new row's key into an unlogged table ``bench_applied``; that copy commits with the row. A probe
 thread empties ``bench_applied`` with ``DELETE ... RETURNING`` every 5 ms on each target and gives
 each returned key the wall-clock time taken just before that statement: the row was committed
-after the previous poll and before this one, so the figure is late by at most one poll interval.
+after the previous poll and before this one, so the figure is late by at most the gap between two
+polls of that database, which the probe reports (``probe_gap_*``: 5 ms of sleep, three statements,
+and the interpreter lock, shared with the client flow's producer threads).
 (Commit timestamps cannot serve on the targets: logical replication's apply worker records the
 *origin's* commit time.) The enqueue time is read at the source afterwards: the commit timestamp
 of the source row (``track_commit_timestamp``) for pgbench-driven modes, the ``ts`` the client put
@@ -18,6 +20,8 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 import psycopg2
+
+from .workload import percentiles
 
 SETUP = (
     "CREATE UNLOGGED TABLE public.bench_applied (friend_id int, user_id int)",
@@ -54,6 +58,8 @@ class Probe:
                     cur.execute(statement)
             self.conns[label] = conn
         self.seen: Dict[str, Dict[Key, float]] = {label: {} for label in dsns}
+        #: seconds between the starts of consecutive polls of one database
+        self.gaps: List[float] = []
         self._stop = threading.Event()
         self._error: List[BaseException] = []
         self._thread = threading.Thread(target=self._loop, name="latency-probe", daemon=True)
@@ -63,9 +69,13 @@ class Probe:
 
     def _loop(self) -> None:
         try:
+            last: Dict[str, float] = {}
             while not self._stop.is_set():
                 for label, conn in self.conns.items():
                     before = time.time()
+                    if label in last:
+                        self.gaps.append(before - last[label])
+                    last[label] = before
                     with conn.cursor() as cur:
                         cur.execute("DELETE FROM public.bench_applied RETURNING friend_id, user_id")
                         rows = cur.fetchall()
@@ -99,6 +109,11 @@ class Probe:
                         cur.execute(statement)
             finally:
                 conn.close()
+
+    def gap_percentiles(self) -> Dict[str, Optional[float]]:
+        """The probe's resolution: p50 / p99 / max in ms of the gaps between polls of a database,
+        as ``probe_gap_p50_ms``..."""
+        return {"probe_gap_" + k: v for k, v in percentiles(self.gaps).items()}
 
     def latencies(self, enqueued: Dict[Key, float], labels: Optional[List[str]] = None) -> List[float]:
         """Seconds from enqueue to visible on the last of ``labels`` (default: the targets), for

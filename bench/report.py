@@ -11,7 +11,8 @@ from typing import Any, Dict, List, Optional
 
 FIGURES = ("rows_per_s", "source_per_s", "intake_per_s", "lag_s", "db_cpu_src_s", "db_cpu_tgt_s",
            "db_cpu_s", "worker_cpu_s", "worker_rss_mb", "seconds")
-LATENCY = ("p50_ms", "p99_ms", "max_ms", "rate_per_s", "canonical_p50_ms", "canonical_p99_ms")
+LATENCY = ("p50_ms", "p99_ms", "max_ms", "rate_per_s", "canonical_p50_ms", "canonical_p99_ms",
+           "probe_gap_p50_ms", "probe_gap_p99_ms", "probe_gap_max_ms")
 PHASE_ORDER = ("insert", "update", "delete", "total", "intake")
 BASELINE = "logical"
 
@@ -97,6 +98,11 @@ def table(summary: Dict[str, Any], raw: Dict[str, Any]) -> str:
                              _fmt(lat["rate_per_s"]), _fmt(lat["p50_ms"], 1), _x(lat["p50_ms_x_lr"]),
                              _fmt(lat["p99_ms"], 1), _x(lat["p99_ms_x_lr"]), _fmt(lat["max_ms"], 1),
                              _x(lat["max_ms_x_lr"])))
+            if lat.get("probe_gap_p99_ms") is not None:
+                lines.append("  (late by at most the gap between the probe's polls: p50 %s ms, p99 %s ms,"
+                             " max %s ms)" % (_fmt(lat["probe_gap_p50_ms"], 1),
+                                              _fmt(lat["probe_gap_p99_ms"], 1),
+                                              _fmt(lat["probe_gap_max_ms"], 1)))
             if lat.get("canonical_p99_ms") is not None:
                 lines.append("  of which enqueue -> committed on the canonical table: p50 %s ms, p99 %s ms"
                              % (_fmt(lat["canonical_p50_ms"], 1), _fmt(lat["canonical_p99_ms"], 1)))

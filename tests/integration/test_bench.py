@@ -49,6 +49,9 @@ def test_quick_run_prints_figures_for_each_mode_and_exits_0(tmp_path):
     assert data["runs"][0]["modes"]["golconde-trigger"]["phases"]["total"]["rows"] == 800 + 800 + 400
     latency = trigger["latency"]
     assert 0 < latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"], latency
+    # the probe's own resolution: polls come about every 5 ms per database, in its own process
+    assert 0 < latency["probe_gap_p50_ms"] <= latency["probe_gap_p99_ms"] <= latency["probe_gap_max_ms"]
+    assert "late by at most the gap between the probe's polls" in text
     assert data["raw_broker"]["consume_cumulative_per_s"] > 0
     assert data["failed"] == []
     assert "golconded: two processes (--split)" in text
