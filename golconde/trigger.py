@@ -228,17 +228,17 @@ def schema_state(conn: psycopg2.extensions.connection) -> str:
     :raises TriggerError: ``conn`` is inside a transaction.
     """
     with _transaction(conn) as cur:
-        cur.execute("SELECT to_regclass('golconde.queue')::oid,"
+        cur.execute("SELECT to_regclass('golconde.queue') IS NOT NULL,"
                     " to_regprocedure('golconde.schema_version()') IS NOT NULL")
         queue, versioned = cur.fetchone()
         language = capture_language(cur)
-        if queue is None or language is None:
+        if not queue or language is None:
             return "missing"
         version = 0
         if versioned:
             cur.execute("SELECT golconde.schema_version()")
             version = cur.fetchone()[0]
-        if version < SCHEMA_VERSION or _primary_key(cur, queue) != ("destination", "id"):
+        if version < SCHEMA_VERSION or _primary_key(cur, "golconde", "queue") != ("destination", "id"):
             return "old"
         if language != "c":
             return "plpgsql"
@@ -292,7 +292,8 @@ def install(conn: psycopg2.extensions.connection, relation: str, destination: st
     events = _events(actions)
     name = trigger_name(destination)
     with _transaction(conn) as cur:   # refuse before changing anything
-        keys = _primary_key(cur, _table_oid(cur, schema, table, qualified))
+        _require_table(cur, schema, table, qualified)
+        keys = _primary_key(cur, schema, table)
     warning = None
     if not keys and events != ("INSERT",):
         message = ("%s has no primary key: UPDATE and DELETE cannot be captured; only INSERTs"
@@ -309,7 +310,8 @@ def install(conn: psycopg2.extensions.connection, relation: str, destination: st
                 raise
             LOGGER.warning("capture schema golconde (%s) not upgraded: %s", state, _first_line(exc))
     with _transaction(conn) as cur:
-        keys = _primary_key(cur, _table_oid(cur, schema, table, qualified))
+        _require_table(cur, schema, table, qualified)
+        keys = _primary_key(cur, schema, table)
         if not keys and events != ("INSERT",):   # the key was dropped meanwhile
             raise TriggerError("%s has no primary key any more" % qualified)
         ident = sql.Identifier(schema, table)
@@ -375,22 +377,19 @@ def _lookup(cur: Any, schema: str, table: str) -> Optional[Tuple[int, str]]:
     return cur.fetchone()
 
 
-def _table_oid(cur: Any, schema: str, table: str, qualified: str) -> int:
+def _require_table(cur: Any, schema: str, table: str, qualified: str) -> None:
     row = _lookup(cur, schema, table)
     if row is None:
         raise TriggerError("table %s does not exist" % qualified)
     if row[1] not in ("r", "p"):
         raise TriggerError("%s is not a table (relkind %r): only tables can be captured"
                            % (qualified, row[1]))
-    return row[0]
 
 
-def _primary_key(cur: Any, oid: int) -> Tuple[str, ...]:
-    cur.execute("SELECT a.attname FROM pg_index i"
-                " CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)"
-                " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
-                " WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord", (oid,))
-    return tuple(row[0] for row in cur.fetchall())
+def _primary_key(cur: Any, schema: str, table: str) -> Tuple[str, ...]:
+    """The key columns of the table's primary key (not its ``INCLUDE`` columns), as AutoSQL reads
+    them (:func:`golconde.schema.read_schema`); empty without one."""
+    return schema_module.read_schema(cur, schema_module.Relation(schema, table)).primary_key
 
 
 # -- the queue ------------------------------------------------------------------------------------

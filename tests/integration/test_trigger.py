@@ -174,6 +174,19 @@ def test_keyless_table_is_insert_only(db):
     assert [(p.action, dict(p.data)) for p in drain(db)] == [(Action.ADD, {"msg": "one"})]
 
 
+def test_the_key_is_the_primary_key_without_its_include_columns(db):
+    execute(db, "CREATE TABLE covered (id int, region text, note text,"
+                " PRIMARY KEY (id, region) INCLUDE (note))")
+    result = trigger.install(db, "covered", DEST)
+    assert result.key_columns == ("id", "region") and result.warning is None
+    execute(db, "INSERT INTO covered VALUES (1, 'eu', 'a')")
+    execute(db, "UPDATE covered SET note = 'b'")
+    execute(db, "DELETE FROM covered")
+    packets = drain(db)
+    assert [p.action for p in packets] == [Action.ADD, Action.UPDATE, Action.DELETE]
+    assert packets[1].restriction == {"id": 1, "region": "eu"} == packets[2].restriction
+
+
 def test_install_errors(db):
     with pytest.raises(TriggerError, match=r"table public.nope does not exist"):
         trigger.install(db, "nope", DEST)
