@@ -20,6 +20,8 @@ Shape (the 2009 keys, plus those marked NEW)::
         settings: {...}             # free-form, given to the handler
         login, passcode, prefetch, batch_size, batch_bytes, max_retries, ledger_retention,
         poll_interval (s, trigger mode; 0.05)
+        batch_linger (s, trigger mode; 0.02): NEW, how long a batch that was not full may
+            gather more packets before the next fetch (0-1; 0 = fetch again at once)
         Targets: {<name>: {stomp, queue, pgsql, target, function_name | handler, dead_letter_queue,
                            settings, login, passcode, prefetch, batch_size, batch_bytes,
                            max_retries, ledger_retention,
@@ -69,6 +71,7 @@ DEFAULT_BATCH_SIZE = 500
 DEFAULT_BATCH_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_RETRIES = 5
 DEFAULT_POLL_INTERVAL = 0.05
+DEFAULT_BATCH_LINGER = 0.02
 DEFAULT_LEDGER_RETENTION = float(ledger.DEFAULT_RETENTION)
 MODES = ("client", "trigger")
 LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -228,6 +231,8 @@ class DestinationConfig(_SafeRepr):
     max_retries: int = DEFAULT_MAX_RETRIES
     ledger_retention: float = DEFAULT_LEDGER_RETENTION
     poll_interval: float = DEFAULT_POLL_INTERVAL
+    #: trigger mode: seconds a batch that was not full lets packets gather before the next fetch
+    batch_linger: float = DEFAULT_BATCH_LINGER
     targets: Tuple[TargetConfig, ...] = ()
 
     def __post_init__(self) -> None:
@@ -295,7 +300,7 @@ def _listener_view(item: Any) -> Dict[str, Any]:
     if getattr(item, "mapping", None):
         view.update(_public(item.mapping.as_config()))
     if isinstance(item, DestinationConfig):
-        view.update(mode=item.mode, poll_interval=item.poll_interval,
+        view.update(mode=item.mode, poll_interval=item.poll_interval, batch_linger=item.batch_linger,
                     Targets={target.name: _listener_view(target) for target in item.targets})
     return view
 
@@ -351,6 +356,7 @@ def _seconds_check(within: Callable[[float], bool], text: str) -> Callable[[Any]
 
 _seconds = _seconds_check(lambda n: 0 < n <= 3600, "> 0 and <= 3600")
 _lag_seconds = _seconds_check(lambda n: 0 < n <= 604800, "> 0 and <= 604800 (a week)")
+_linger_seconds = _seconds_check(lambda n: 0 <= n <= 1, ">= 0 and <= 1")
 _retention_seconds = _seconds_check(lambda n: 60 <= n <= 31536000, ">= 60 and <= 31536000 (a year)")
 
 
@@ -432,6 +438,7 @@ HostPort, DSN = _field(_host_port, required=True), _field(_dsn, required=True)
 OptString, OptSecret = _field(_text(secret=False)), _field(_text(secret=True))
 OptMapping, RequiredMapping = _field(_mapping), _field(_mapping, required=True)
 Bool, Mode, Seconds = _field(_boolean), _field(_choice(MODES)), _field(_seconds)
+Linger = _field(_linger_seconds)
 Port, Heartbeat = _field(_integer(1, 65535)), _field(_integer(0, 3600000))
 Prefetch, BatchSize = _field(_integer(1, 65535)), _field(_integer(1, 1000000))
 #: at most 256 MiB: a listener's STOMP receiver reads no heart-beat while its inbox is full
@@ -520,6 +527,7 @@ class _RawDestination(_RawTarget):
     filter: TargetOnly = None
     mode: Mode = None
     poll_interval: Seconds = None
+    batch_linger: Linger = None
     Targets: OptMapping = None
 
 
@@ -689,7 +697,7 @@ def _destination(name: Any, data: Any, broker: Any, defaults: Any,
         function_name=function_name, settings=raw.settings or {}, prefetch=prefetch,
         batch_size=batch_size, batch_bytes=batch_bytes, max_retries=max_retries,
         ledger_retention=retention, poll_interval=_pick(raw.poll_interval, DEFAULT_POLL_INTERVAL),
-        targets=targets)
+        batch_linger=_pick(raw.batch_linger, DEFAULT_BATCH_LINGER), targets=targets)
 
 
 def _relation_key(dsn: str, relation: str) -> Tuple[Any, ...]:

@@ -41,9 +41,6 @@ QUEUE_RETRY = 10.0
 BACKLOG_INTERVAL = 5.0
 #: Trigger mode: poll interval (s) while packets flowed within the last BUSY_SECONDS s.
 BUSY_POLL, BUSY_SECONDS = 0.01, 1.0
-#: Trigger mode: after a batch that was not full, the next fetch waits until this many seconds
-#: after the previous one: batches grow with the load, and latency grows by at most this much.
-BATCH_LINGER = 0.02
 #: Header of a client message naming the queue where its outcome is to be sent.
 REPLY_HEADER = "reply-to"
 #: Outcome statuses as written in replies.
@@ -256,10 +253,12 @@ class TriggerDestination(Listener):
             return
         self._settle(keep=self.max_pipeline - 1)
         since = time.monotonic() - self._last_fetch
-        if self._partial and since < BATCH_LINGER:
+        linger = self.config.batch_linger
+        if self._partial and since < linger:
             # the last batch was not full: let packets gather a little (fewer, larger batches
-            # under load, so fewer commits at every target), at most BATCH_LINGER after it
-            self._wait_for_notify(BATCH_LINGER - since)
+            # under load, so fewer commits at every target), at most batch_linger after it:
+            # batches grow with the load, and latency grows by at most this much
+            self._wait_for_notify(linger - since)
         self._last_fetch = time.monotonic()
         in_flight = [row_id for batch in self._in_flight for row_id in batch.ids]
         limit = self._fetch_limit

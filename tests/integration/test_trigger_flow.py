@@ -180,3 +180,35 @@ def test_notify_wakes_the_drain_before_its_poll_interval(make_database, broker):
                  message="row drained after NOTIFY, well before the 60 s poll interval")
     finally:
         daemon.stop()
+
+
+def test_batch_linger_lets_a_partial_batch_gather(make_database, broker):
+    """After a batch that was not full, the drain fetches again only ``batch_linger`` seconds after
+    the previous fetch: rows committed one by one within that time reach the targets together
+    (each target applies one batch message per transaction: distinct xmin = transactions)."""
+    canonical, target = make_database(), make_database()
+    for dsn in (canonical, target):
+        execute(dsn, ACCOUNTS)
+    config = parse_config(make_config(canonical, {"t1": target}, "public.accounts", mode="trigger",
+                                      broker=broker, batch_linger=1.0))
+    assert config.destinations[0].batch_linger == 1.0
+    conn = psycopg2.connect(canonical)
+    trigger.install(conn, "public.accounts", config.destinations[0].name)
+    conn.close()
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        writer = psycopg2.connect(canonical)
+        writer.autocommit = True
+        with writer.cursor() as cur:
+            for aid in range(1, 11):           # ten transactions, 50 ms apart: 0.5 s in all
+                cur.execute("INSERT INTO accounts (aid) VALUES (%s)", (aid,))
+                time.sleep(0.05)
+        writer.close()
+        wait_for(lambda: query(target, "SELECT count(*) FROM accounts")[0][0] == 10,
+                 message="the ten rows at the target")
+        # the first row may go alone; the rest gathered for up to 1 s (without the linger, the
+        # drain polls every 10 ms while rows flow: about ten batches)
+        assert query(target, "SELECT count(DISTINCT xmin::text) FROM accounts")[0][0] <= 3
+    finally:
+        assert daemon.stop()

@@ -250,6 +250,18 @@ def test_wrong_types():
     ]
 
 
+def test_batch_linger_is_seconds_from_0_to_1_with_a_default_of_20_ms():
+    assert config.parse(minimal()).destinations[0].batch_linger == 0.02
+    for value in (0, 0.5, 1):
+        parsed = config.parse(minimal(mode="trigger", queue=None, batch_linger=value))
+        assert parsed.destinations[0].batch_linger == value
+        assert parsed.public_view()["Destinations"]["Test1"]["batch_linger"] == value
+    for value, shown in ((-0.1, "-0.1"), (1.5, "1.5"), ("soon", "'soon'"), (True, "True")):
+        assert problems(minimal(batch_linger=value)) == [
+            "Destinations.Test1.batch_linger: expected a number of seconds >= 0 and <= 1, got "
+            + shown]
+
+
 def test_bad_host_port():
     assert problems(minimal(stomp="localhost")) == [
         "Destinations.Test1.stomp: expected host:port, got 'localhost'"]
