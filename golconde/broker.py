@@ -189,6 +189,8 @@ class BrokerConnection:
         """
         self.close()
         self.generation += 1
+        with self._receipt_cond:
+            self._receipts.clear()     # answers of the old connection (receipts of its sends fail)
         hb = max(0, self.heartbeat_ms)
         conn = stomp.Connection11([(self.host, self.port)], heartbeats=(hb, hb),
                                   reconnect_attempts_max=1, vhost=self.vhost, auto_decode=False,
@@ -391,24 +393,31 @@ class Receipt:
     def __init__(self, connection: BrokerConnection, receipt_id: str, timeout: float = 30.0) -> None:
         self.connection = connection
         self.receipt_id = receipt_id
+        #: the connection's generation when sent: after a reconnect the answer can never come
+        self.generation = connection.generation
         self.timeout = timeout
         #: monotonic time by which the broker must have answered (``timeout`` s after the send)
         self.deadline = time.monotonic() + timeout
 
     def done(self) -> bool:
-        """True once the broker answered, the connection is gone, or the deadline passed (then
-        :meth:`wait` raises at once)."""
+        """True once the broker answered, the connection is gone or was reconnected, or the
+        deadline passed (in those last cases :meth:`wait` raises at once)."""
         owner = self.connection
         with owner._receipt_cond:
             answered = self.receipt_id in owner._receipts or "*" in owner._receipts or not owner._alive
-        return answered or time.monotonic() >= self.deadline
+        return (answered or owner.generation != self.generation
+                or time.monotonic() >= self.deadline)
 
     def wait(self) -> None:
         """Wait until the broker answers, at most until :attr:`deadline`.
 
         :raises BrokerError: as :meth:`BrokerConnection.send_confirmed`; "no receipt within
-            ``timeout`` s" once the deadline has passed.
+            ``timeout`` s" once the deadline has passed; the connection was reconnected since
+            the send (its answer can never come).
         """
+        if self.connection.generation != self.generation:
+            raise BrokerError("connection to %s was reconnected before the send was confirmed"
+                              % self.connection.address)
         self.connection._wait_receipt(self.receipt_id, max(0.0, self.deadline - time.monotonic()),
                                       stated=self.timeout)
 

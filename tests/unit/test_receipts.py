@@ -57,6 +57,18 @@ def test_a_refused_send_raises_with_the_broker_error():
         receipt.wait()
 
 
+def test_a_receipt_of_an_earlier_connection_fails_at_once():
+    broker = live_connection()
+    receipt = Receipt(broker, "r3")
+    broker.generation += 1                  # reconnected: the old connection's answer never comes
+    broker._receipt("r3", None)             # (nor may a same-named one of the new connection count)
+    assert receipt.done()
+    started = time.monotonic()
+    with pytest.raises(BrokerError, match="reconnected before the send was confirmed"):
+        receipt.wait()
+    assert time.monotonic() - started < 1.0
+
+
 def test_an_overdue_receipt_raises_at_settle_even_when_not_waiting():
     broker = live_connection()
     pipeline: Confirmations[str] = Confirmations()
