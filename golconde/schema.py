@@ -244,9 +244,11 @@ SELECT a.attname,
 
 # Key columns only (not INCLUDE columns); partial and expression indexes can be no arbiter of
 # ON CONFLICT, nor can deferrable constraints (not indimmediate) or invalid indexes. A deferrable
-# primary key is still the primary key (its values are back-filled and fanned out).
+# primary key is still the primary key (its values are back-filled and fanned out), and so is one
+# whose index is not valid yet (a partitioned table's key added with ALTER TABLE ONLY, as pg_dump
+# does, until every partition's index is attached).
 _KEYS_SQL = """
-SELECT i.indisprimary, i.indimmediate,
+SELECT i.indisprimary, i.indimmediate AND i.indisvalid,
        ARRAY(SELECT a.attname
                FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k (attnum, ord)
                JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
@@ -254,7 +256,7 @@ SELECT i.indisprimary, i.indimmediate,
               ORDER BY k.ord)
   FROM pg_catalog.pg_index i
   JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
- WHERE i.indrelid = %(oid)s AND i.indisunique AND i.indisvalid
+ WHERE i.indrelid = %(oid)s AND i.indisunique
    AND i.indpred IS NULL AND i.indexprs IS NULL
  ORDER BY i.indisprimary DESC,
           EXISTS (SELECT 1 FROM pg_catalog.pg_constraint con WHERE con.conindid = i.indexrelid
@@ -287,11 +289,11 @@ def read_schema(cursor: Any, relation: Relation) -> TableSchema:
     cursor.execute(_KEYS_SQL, {"oid": oid})
     primary_key: Tuple[str, ...] = ()
     unique_keys: List[Tuple[str, ...]] = []
-    for is_primary, immediate, names in cursor.fetchall():
+    for is_primary, arbiter, names in cursor.fetchall():
         key = tuple(names)
         if is_primary:
             primary_key = key
-        if not key or key in unique_keys or not immediate:
+        if not key or key in unique_keys or not arbiter:
             continue
         unique_keys.append(key)
     LOGGER.debug("read schema of %s: %d columns, primary key %s, %d unique keys",

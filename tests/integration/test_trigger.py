@@ -26,6 +26,12 @@ def execute(conn, query, params=None):
         cur.execute(query, params)
 
 
+def query_one(conn, statement):
+    with conn.cursor() as cur:
+        cur.execute(statement)
+        return cur.fetchone()[0]
+
+
 def drain(conn, destination=DEST, limit=100):
     """Fetch and delete every visible packet of ``destination``; return the parsed packets."""
     with conn.cursor() as cur:
@@ -185,6 +191,19 @@ def test_the_key_is_the_primary_key_without_its_include_columns(db):
     packets = drain(db)
     assert [p.action for p in packets] == [Action.ADD, Action.UPDATE, Action.DELETE]
     assert packets[1].restriction == {"id": 1, "region": "eu"} == packets[2].restriction
+
+
+def test_a_primary_key_whose_index_is_not_valid_yet_is_the_key(db):
+    """A partitioned table's key added with ALTER TABLE ONLY (as pg_dump does) has an index that
+    is not valid until every partition's index is attached: it is still the key to capture."""
+    execute(db, "CREATE TABLE parted (id int NOT NULL, note text) PARTITION BY RANGE (id)")
+    execute(db, "CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (100)")
+    execute(db, "ALTER TABLE ONLY parted ADD PRIMARY KEY (id)")
+    assert query_one(db, "SELECT i.indisvalid FROM pg_index i"
+                         " WHERE i.indrelid = 'parted'::regclass AND i.indisprimary") is False
+    result = trigger.install(db, "parted", DEST)
+    assert result.key_columns == ("id",) and result.warning is None
+    assert result.events == ("INSERT", "UPDATE", "DELETE")
 
 
 def test_install_errors(db):
