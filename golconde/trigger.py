@@ -292,8 +292,7 @@ def install(conn: psycopg2.extensions.connection, relation: str, destination: st
     events = _events(actions)
     name = trigger_name(destination)
     with _transaction(conn) as cur:   # refuse before changing anything
-        _require_table(cur, schema, table, qualified)
-        keys = _primary_key(cur, schema, table)
+        keys = _table_key(cur, schema, table, qualified)
     warning = None
     if not keys and events != ("INSERT",):
         message = ("%s has no primary key: UPDATE and DELETE cannot be captured; only INSERTs"
@@ -310,8 +309,7 @@ def install(conn: psycopg2.extensions.connection, relation: str, destination: st
                 raise
             LOGGER.warning("capture schema golconde (%s) not upgraded: %s", state, _first_line(exc))
     with _transaction(conn) as cur:
-        _require_table(cur, schema, table, qualified)
-        keys = _primary_key(cur, schema, table)
+        keys = _table_key(cur, schema, table, qualified)
         if not keys and events != ("INSERT",):   # the key was dropped meanwhile
             raise TriggerError("%s has no primary key any more" % qualified)
         ident = sql.Identifier(schema, table)
@@ -377,13 +375,16 @@ def _lookup(cur: Any, schema: str, table: str) -> Optional[Tuple[int, str]]:
     return cur.fetchone()
 
 
-def _require_table(cur: Any, schema: str, table: str, qualified: str) -> None:
+def _table_key(cur: Any, schema: str, table: str, qualified: str) -> Tuple[str, ...]:
+    """The primary key of the table to capture (:func:`_primary_key`).
+    :raises TriggerError: it does not exist, or is not a table."""
     row = _lookup(cur, schema, table)
     if row is None:
         raise TriggerError("table %s does not exist" % qualified)
     if row[1] not in ("r", "p"):
         raise TriggerError("%s is not a table (relkind %r): only tables can be captured"
                            % (qualified, row[1]))
+    return _primary_key(cur, schema, table)
 
 
 def _primary_key(cur: Any, schema: str, table: str) -> Tuple[str, ...]:

@@ -92,7 +92,7 @@ class _Inbound:
         return True
 
 
-def idle_consumer(broker: BrokerConnection) -> QueueConsumer:
+def idle_consumer() -> QueueConsumer:
     consumer = QueueConsumer.__new__(QueueConsumer)      # no database, handler or broker
     consumer._inbox = Inbox(100)
     consumer._pending = Confirmations()
@@ -105,7 +105,7 @@ def idle_consumer(broker: BrokerConnection) -> QueueConsumer:
 
 def test_idle_cycle_acks_what_is_confirmed_without_waiting_for_a_late_receipt():
     broker = live_connection()
-    consumer = idle_consumer(broker)
+    consumer = idle_consumer()
     consumer._pending.add([Receipt(broker, "r1")], Delivery(b"", {"message-id": "m1"}, 1))
     consumer._pending.add([Receipt(broker, "late")], Delivery(b"", {"message-id": "m2"}, 1))
     broker._receipt("r1", None)
