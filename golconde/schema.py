@@ -115,7 +115,7 @@ class Column:
     :ivar has_default: ``atthasdef`` (a default or an identity/generated expression).
     :ivar is_array: the type is an array (``typcategory = 'A'``).
     :ivar is_json: the type (or the base of its domain) is ``json`` or ``jsonb``; for an array
-        column, whether its elements are.
+        column, whether its elements are (an array of a domain over jsonb: yes).
     :ivar identity: ``attidentity``: ``""``, ``"a"`` (GENERATED ALWAYS) or ``"d"`` (BY DEFAULT).
     :ivar generated: ``attgenerated == "s"``: a stored generated column, never written.
     :ivar base_type: ``format_type(typid, -1)`` of the base type of a domain (recursively), of the
@@ -126,6 +126,11 @@ class Column:
         ``"char"`` and ``xml``).
     :ivar deterministic: the column's collation (if any) is deterministic: equal strings are
         equal texts (``pg_collation.collisdeterministic``).
+    :ivar structure: what a JSON object means for the base type (for an array column, its element
+        type): ``"composite"`` (``typtype = 'c'``: fields by name), ``"hstore"`` (the extension's
+        type: keys to text values), ``""`` for any other type.
+    :ivar element_type: for an array column, ``format_type`` of its element type, domains resolved
+        (``integer`` for an array of a domain over integer); ``""`` otherwise.
     """
 
     name: str
@@ -139,6 +144,8 @@ class Column:
     base_type: str = ""
     text_input: bool = True
     deterministic: bool = True
+    structure: str = ""
+    element_type: str = ""
 
     @property
     def base(self) -> str:
@@ -174,6 +181,8 @@ class TableSchema:
     primary_key: Tuple[str, ...] = ()
     unique_keys: Tuple[Tuple[str, ...], ...] = ()
     kind: str = "r"
+    #: the unique keys declared ``NULLS NOT DISTINCT`` (PostgreSQL 15): a NULL in them conflicts
+    nulls_not_distinct: Tuple[Tuple[str, ...], ...] = ()
     _folded: Dict[str, Tuple[Column, ...]] = field(default_factory=dict, init=False, repr=False,
                                                     compare=False)
     #: packet key tuple -> AutoSQL's resolution of it (``golconde.handlers.autosql.resolve``)
@@ -219,14 +228,22 @@ WITH RECURSIVE chain (attnum, typid, depth) AS (
      WHERE t.typtype = 'd' AND chain.depth < 32
 ), base AS (
     SELECT DISTINCT ON (attnum) attnum, typid FROM chain ORDER BY attnum, depth DESC
+), element (attnum, typid, depth) AS (     -- the base's element type if an array, through domains
+    SELECT base.attnum, CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE t.oid END, 0
+      FROM base JOIN pg_catalog.pg_type t ON t.oid = base.typid
+    UNION ALL
+    SELECT element.attnum, t.typbasetype, element.depth + 1
+      FROM element JOIN pg_catalog.pg_type t ON t.oid = element.typid
+     WHERE t.typtype = 'd' AND element.depth < 32
+), structure AS (
+    SELECT DISTINCT ON (attnum) attnum, typid FROM element ORDER BY attnum, depth DESC
 )
 SELECT a.attname,
        pg_catalog.format_type(a.atttypid, -1),
        a.attnotnull,
        a.atthasdef,
        bt.typcategory = 'A',
-       CASE WHEN bt.typcategory = 'A' THEN bt.typelem ELSE bt.oid END
-           IN ('pg_catalog.json'::pg_catalog.regtype, 'pg_catalog.jsonb'::pg_catalog.regtype),
+       st.oid IN ('pg_catalog.json'::pg_catalog.regtype, 'pg_catalog.jsonb'::pg_catalog.regtype),
        a.attidentity::text,
        a.attgenerated::text,
        pg_catalog.format_type(base.typid, -1),
@@ -234,10 +251,15 @@ SELECT a.attname,
                     WHERE pc.castsource = 'pg_catalog.text'::pg_catalog.regtype
                       AND pc.casttarget = base.typid AND pc.castmethod = 'f'),
        COALESCE((SELECT co.collisdeterministic FROM pg_catalog.pg_collation co
-                  WHERE co.oid = a.attcollation), true)
+                  WHERE co.oid = a.attcollation), true),
+       CASE WHEN st.typtype = 'c' THEN 'composite'
+            WHEN st.typtype = 'b' AND st.typname = 'hstore' THEN 'hstore' ELSE '' END,
+       CASE WHEN bt.typcategory = 'A' THEN pg_catalog.format_type(st.oid, -1) ELSE '' END
   FROM pg_catalog.pg_attribute a
   JOIN base ON base.attnum = a.attnum
   JOIN pg_catalog.pg_type bt ON bt.oid = base.typid
+  JOIN structure ON structure.attnum = a.attnum
+  JOIN pg_catalog.pg_type st ON st.oid = structure.typid
  WHERE a.attrelid = %(oid)s AND a.attnum > 0 AND NOT a.attisdropped
  ORDER BY a.attnum
 """
@@ -249,6 +271,8 @@ SELECT a.attname,
 # does, until every partition's index is attached).
 _KEYS_SQL = """
 SELECT i.indisprimary, i.indimmediate AND i.indisvalid,
+       -- PostgreSQL 15's NULLS NOT DISTINCT (read through jsonb: no such column before 15)
+       COALESCE((pg_catalog.to_jsonb(i) ->> 'indnullsnotdistinct')::boolean, false),
        ARRAY(SELECT a.attname
                FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k (attnum, ord)
                JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
@@ -280,26 +304,31 @@ def read_schema(cursor: Any, relation: Relation) -> TableSchema:
     cursor.execute(_COLUMNS_SQL, {"oid": oid})
     columns: Dict[str, Column] = {}
     for (name, type_name, not_null, has_default, is_array, is_json, identity, generated,
-         base_type, text_input, deterministic) in cursor.fetchall():
+         base_type, text_input, deterministic, structure, element_type) in cursor.fetchall():
         columns[name] = Column(name=name, type_name=type_name, not_null=bool(not_null),
                                has_default=bool(has_default), is_array=bool(is_array),
                                is_json=bool(is_json), identity=identity or "",
                                generated=(generated == "s"), base_type=base_type,
-                               text_input=bool(text_input), deterministic=bool(deterministic))
+                               text_input=bool(text_input), deterministic=bool(deterministic),
+                               structure=structure or "", element_type=element_type or "")
     cursor.execute(_KEYS_SQL, {"oid": oid})
     primary_key: Tuple[str, ...] = ()
     unique_keys: List[Tuple[str, ...]] = []
-    for is_primary, arbiter, names in cursor.fetchall():
+    nulls_not_distinct: List[Tuple[str, ...]] = []
+    for is_primary, arbiter, not_distinct, names in cursor.fetchall():
         key = tuple(names)
         if is_primary:
             primary_key = key
         if not key or key in unique_keys or not arbiter:
             continue
         unique_keys.append(key)
+        if not_distinct:
+            nulls_not_distinct.append(key)
     LOGGER.debug("read schema of %s: %d columns, primary key %s, %d unique keys",
                  relation, len(columns), primary_key or "none", len(unique_keys))
     return TableSchema(relation=relation, columns=columns, primary_key=primary_key,
-                       unique_keys=tuple(unique_keys), kind=kind)
+                       unique_keys=tuple(unique_keys), kind=kind,
+                       nulls_not_distinct=tuple(nulls_not_distinct))
 
 
 class SchemaCache:

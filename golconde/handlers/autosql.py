@@ -15,8 +15,10 @@ nothing from a packet is ever formatted into SQL text. The column types come fro
 
 Values: ``null`` is NULL (``IS NULL`` in a restriction); json/jsonb columns take any JSON value
 itself; array columns take a JSON array (nested for several dimensions) or PostgreSQL's array text;
-other columns take a string, number or boolean in a form PostgreSQL accepts for the type (ISO 8601
-timestamps, ``"\\x0102"`` for bytea...). Database errors on bad values propagate unchanged.
+composite columns a JSON object of their fields (as ``to_jsonb()`` writes it) or their text form;
+hstore columns a JSON object of strings and nulls or hstore's text form; other columns take a
+string, number or boolean in a form PostgreSQL accepts for the type (ISO 8601 timestamps,
+``"\\x0102"`` for bytea...). Database errors on bad values propagate unchanged.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import uuid
 from decimal import Decimal
 from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
+import psycopg2.extensions
 from psycopg2 import sql
 from psycopg2.extras import Json
 
@@ -61,6 +64,9 @@ class _Plan(NamedTuple):
     keys: Dict[str, str]
     conflict: Tuple[str, ...]
     shape: Tuple[Any, ...]
+    #: a SET's packet keys of its conflict key's columns: a packet with NULL in one resolves in
+    #: full (:func:`conflict_key` passes over keys holding a NULL); NULL elsewhere changes nothing
+    key_values: Tuple[str, ...] = ()
 
 
 class _Identifier(sql.Identifier):
@@ -87,7 +93,28 @@ def _relation(table: TableSchema) -> sql.Identifier:
     return ident(table.relation.schema, table.relation.name)
 
 
+#: A composite column's value, bound as jsonb (:func:`bind`): a JSON object fills the type's
+#: fields by name with ``jsonb_populate_record`` (nested objects and arrays too, as ``to_jsonb()``
+#: writes them; keys that are no field are ignored, absent fields are NULL); any other JSON value
+#: is read as the type's text form (``"(1,x)"``). An array column takes a JSON array of such
+#: elements (one dimension), or its text form.
+_COMPOSITE = (" CASE pg_catalog.jsonb_typeof(g.v) WHEN 'object'"
+              " THEN pg_catalog.jsonb_populate_record(NULL::{type}, g.v)"
+              " ELSE (g.v OPERATOR(pg_catalog.#>>) '{{}}')::{type} END")
+_COMPOSITE_ARRAY = (" CASE pg_catalog.jsonb_typeof(g.v) WHEN 'array' THEN ARRAY("
+                    "SELECT CASE pg_catalog.jsonb_typeof(e.x) WHEN 'null' THEN NULL"
+                    " WHEN 'object' THEN pg_catalog.jsonb_populate_record(NULL::{element}, e.x)"
+                    " ELSE (e.x OPERATOR(pg_catalog.#>>) '{{}}')::{element} END"
+                    " FROM pg_catalog.jsonb_array_elements(g.v) WITH ORDINALITY AS e (x, n) ORDER BY e.n)"
+                    " ELSE (g.v OPERATOR(pg_catalog.#>>) '{{}}')::{type} END")
+
+
 def _cast(column: Column) -> sql.Composed:
+    if column.structure == "composite":
+        base = column.base
+        body = sql.SQL(_COMPOSITE_ARRAY if column.is_array else _COMPOSITE).format(
+            type=_type(column), element=sql.SQL(base[:-2].replace("%", "%%")))
+        return sql.SQL("(SELECT{} FROM (SELECT ({})::pg_catalog.jsonb) AS g (v))").format(body, sql.Placeholder())
     # parenthesized: psycopg2 writes -5 as " -5", and "-5::text" would parse as -('5'::text)
     return sql.SQL("({})::{}").format(sql.Placeholder(), _type(column))
 
@@ -146,14 +173,27 @@ def _resolve_keys(table: TableSchema, keys: Sequence[str],
     return tuple(matched), tuple(unknown)
 
 
-def conflict_key(table: TableSchema, names: Collection[str]) -> Optional[Tuple[str, ...]]:
+def conflict_key(table: TableSchema, names: Collection[str],
+                 nulls: Collection[str] = ()) -> Optional[Tuple[str, ...]]:
     """The ``ON CONFLICT`` arbiter for a SET whose data holds the columns ``names``: the primary key
-    if all its columns are there, else the first unique key whose columns all are; ``None`` if none."""
+    if all its columns are there, else the first unique key whose columns all are; ``None`` if none.
+    A key with a column whose value is NULL (``nulls``) is taken only when no other key fits: a NULL
+    never conflicts (but in a key declared ``NULLS NOT DISTINCT``), so on it the SET would insert a
+    row even where another key's row exists."""
     present = set(names)
+    fallback = None
     for key in table.unique_keys:
         if key and present.issuperset(key):
-            return key
-    return None
+            if (not nulls or not any(name in nulls for name in key)
+                    or key in table.nulls_not_distinct):
+                return key
+            if fallback is None:
+                fallback = key
+    return fallback
+
+
+def _nulls(data: Sequence[Tuple[Column, Any]]) -> List[str]:
+    return [column.name for column, value in data if value is None]
 
 
 def _json_kind(value: Any) -> str:
@@ -176,13 +216,12 @@ def bind(table: TableSchema, column: Column, value: Any) -> Any:
         return None
     kind = type(value)
     if kind is bool or kind in _NUMBERS:
-        base = column.base
-        if kind is bool and base in bulk.NUMERIC_TYPES:
-            raise PacketError("column %s of %s is %s: expected a number, not %s"
-                              % (column.name, table.relation, column.type_name, dumps(value)))
-        if kind is not bool and base == "boolean":
-            raise PacketError("column %s of %s is boolean: expected true or false, not the number %s"
-                              % (column.name, table.relation, dumps(value)))
+        _check_kind(table, column, column.base, value)
+    structure = column.structure
+    if structure == "composite":
+        return Json(value, dumps=dumps)   # the SQL reads it (see _cast)
+    if structure == "hstore":
+        return _hstore(table, column, value)
     if column.is_json and not column.is_array:
         return Json(value, dumps=dumps)
     if column.is_array:
@@ -201,13 +240,62 @@ def bind(table: TableSchema, column: Column, value: Any) -> Any:
     return value
 
 
+def _hstore(table: TableSchema, column: Column, value: Any) -> Any:
+    """An hstore (or hstore array) column's parameter: a JSON object becomes hstore's text form,
+    ``"key"=>"value", "k2"=>NULL`` (keys and values double-quoted, ``"`` and ``\\`` escaped with a
+    backslash: PostgreSQL's hstore documentation, "External Representation"); a string is taken as
+    that text form already; a JSON array (for an array column) is converted element by element.
+
+    :raises PacketError: a value in the object that is neither a string nor null, or an array for
+        a column that is no array.
+    """
+    if isinstance(value, dict):
+        parts = []
+        for key, item in value.items():
+            if item is not None and not isinstance(item, str):
+                raise PacketError("column %s of %s is %s: the value of key %r must be a string or null, not %s"
+                                  % (column.name, table.relation, column.type_name, key, dumps(item)))
+            parts.append('"%s"=>%s' % (_hstore_quote(key), "NULL" if item is None else '"%s"' % _hstore_quote(item)))
+        return ", ".join(parts)
+    if isinstance(value, list):
+        if not column.is_array:
+            raise PacketError("column %s of %s is %s: expected a JSON object or hstore's text form, not an array"
+                              % (column.name, table.relation, column.type_name))
+        return [_hstore(table, column, item) for item in value]
+    return value
+
+
+def _hstore_quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _check_kind(table: TableSchema, column: Column, base: str, value: Any) -> None:
+    """Refuse a boolean for a numeric type and a number for boolean (``base``: the column's base
+    type, or its element type for an array): PostgreSQL assigns neither to the other."""
+    kind = type(value)
+    if kind is bool and base in bulk.NUMERIC_TYPES:
+        raise PacketError("column %s of %s is %s: expected a number, not %s"
+                          % (column.name, table.relation, column.type_name, dumps(value)))
+    if kind is not bool and kind in _NUMBERS and base == "boolean":
+        raise PacketError("column %s of %s is %s: expected true or false, not the number %s"
+                          % (column.name, table.relation, column.type_name, dumps(value)))
+
+
 def _check_elements(table: TableSchema, column: Column, value: List[Any]) -> None:
+    element = column.element_type or column.base[:-2]   # format_type writes <element>[]
+    kinds = bool if element in bulk.NUMERIC_TYPES else _NUMBERS if element == "boolean" else None
+    _check_items(table, column, value, element, kinds)
+
+
+def _check_items(table: TableSchema, column: Column, value: List[Any], element: str, kinds: Any) -> None:
     for item in value:
         if isinstance(item, dict):
             raise PacketError("column %s of %s is %s: its array cannot hold a JSON object"
                               % (column.name, table.relation, column.type_name))
         if isinstance(item, list):
-            _check_elements(table, column, item)
+            _check_items(table, column, item, element, kinds)
+        elif kinds is not None and isinstance(item, kinds):
+            _check_kind(table, column, element, item)
 
 
 def _values(table: TableSchema, items: Sequence[Tuple[Column, Any]]) -> Tuple[sql.Composed, List[Any]]:
@@ -220,7 +308,8 @@ def _values(table: TableSchema, items: Sequence[Tuple[Column, Any]]) -> Tuple[sq
 
 
 def where_clause(table: TableSchema, restriction: Sequence[Tuple[Column, Any]]) -> Tuple[sql.Composed, List[Any]]:
-    """``c1 = %s::t1 AND c2 IS NULL`` and its parameters (json is compared as jsonb).
+    """``c1 = %s::t1 AND c2 IS NULL`` and its parameters (json is compared as jsonb; NULL for a
+    composite column is ``IS NOT DISTINCT FROM NULL``, which a row of NULL fields is not).
 
     :raises PacketError: an empty restriction.
     """
@@ -230,11 +319,13 @@ def where_clause(table: TableSchema, restriction: Sequence[Tuple[Column, Any]]) 
     params: List[Any] = []
     for column, value in restriction:
         if value is None:
-            parts.append(sql.SQL("{} IS NULL").format(ident(column.name)))
+            # a composite whose fields are all NULL "IS NULL" too; only NULL itself is not distinct
+            test = "{} IS NOT DISTINCT FROM NULL" if column.structure == "composite" else "{} IS NULL"
+            parts.append(sql.SQL(test).format(ident(column.name)))
             continue
-        if column.is_json and column.type_name in ("json", "json[]"):
-            # json has no equality operator: compare as jsonb
-            kind = sql.SQL(column.type_name.replace("json", "jsonb"))
+        if column.is_json and column.base in ("json", "json[]"):
+            # json (or a domain over it) has no equality operator: compare as jsonb
+            kind = sql.SQL(column.base.replace("json", "jsonb"))
             parts.append(sql.SQL("{}::{} = ({})::{}").format(ident(column.name), kind, sql.Placeholder(), kind))
         else:
             parts.append(sql.SQL("{} = {}").format(ident(column.name), _cast(column)))
@@ -262,7 +353,7 @@ def upsert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
 
     :raises PacketError: no primary or unique key has all its columns in data.
     """
-    key = conflict_key(table, [column.name for column, _ in data])
+    key = conflict_key(table, [column.name for column, _ in data], _nulls(data))
     if key is None:
         keys = "; ".join("(%s)" % ", ".join(k) for k in table.unique_keys) or "it has none"
         if table.primary_key and table.primary_key not in table.unique_keys:
@@ -282,9 +373,10 @@ def upsert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
 def update_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
                      restriction: Sequence[Tuple[Column, Any]]) -> Tuple[sql.Composed, List[Any]]:
     """``UPDATE rel SET c = %s::t, ... WHERE ...`` and its parameters. A ``GENERATED ALWAYS``
-    identity column whose data value repeats the restriction's for it (the capture trigger's
-    packets carry the whole new row) is left out of SET, as a run's statement leaves it out
-    (:mod:`golconde.handlers.bulk`): it takes no value but ``DEFAULT``, and keeps its own.
+    identity column takes no value but ``DEFAULT`` in an UPDATE, so it is left out of SET (it
+    keeps its own) when it is not in the restriction, or when its data value repeats the
+    restriction's (the capture trigger's packets carry the whole new row), as a run's statement
+    leaves it out (:mod:`golconde.handlers.bulk`). One whose value would change stays (refused).
 
     :raises PacketError: empty data or restriction.
     """
@@ -292,9 +384,9 @@ def update_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
         raise PacketError("update on %s has no column to set" % table.relation)
     restricted = {column.name: value for column, value in restriction}
     kept = [(column, value) for column, value in data
-            if not (column.identity_always and column.name in restricted
-                    and bulk.same_value(value, restricted[column.name]))]
-    data = kept or list(data[:1])    # only the identity key, unchanged: SET it (refused), as a run does
+            if not (column.identity_always and (column.name not in restricted
+                                                or bulk.same_value(value, restricted[column.name])))]
+    data = kept or list(data[:1])    # only identity columns: SET one (refused), as a run does
     assignments = sql.SQL(", ").join(sql.SQL("{} = {}").format(ident(column.name), _cast(column))
                                       for column, _ in data)
     params = [bind(table, column, value) for column, value in data]
@@ -312,11 +404,35 @@ def delete_statement(table: TableSchema, restriction: Sequence[Tuple[Column, Any
     return sql.SQL("DELETE FROM {} WHERE {}").format(_relation(table), where), params
 
 
+def _infinity_kept(base: Any) -> Any:
+    def cast(value: Optional[str], cursor: Any) -> Any:
+        return value if value in ("infinity", "-infinity") else base(value, cursor)
+    return psycopg2.extensions.new_type(base.values, base.name + "_INFINITY", cast)
+
+
+#: Casters of date, timestamp and timestamptz that keep ``infinity`` and ``-infinity`` as text:
+#: psycopg2's own read them as the largest and smallest values, which are real dates too
+#: (9999-12-31 is a common "valid until" key), so a back-filled key could not tell them apart.
+INFINITY_CASTERS = tuple(_infinity_kept(base) for base in (
+    psycopg2.extensions.PYDATE, psycopg2.extensions.PYDATETIME, psycopg2.extensions.PYDATETIMETZ))
+
+
+def keep_infinities(cursor: Any) -> None:
+    """Register :data:`INFINITY_CASTERS` on ``cursor`` (that cursor only), when it is a psycopg2
+    cursor (not a stand-in of a unit test)."""
+    if isinstance(cursor, psycopg2.extensions.cursor):
+        for caster in INFINITY_CASTERS:
+            psycopg2.extensions.register_type(caster, cursor)
+
+
 def jsonable(value: Any) -> Any:
     """A value read from PostgreSQL in a form :func:`golconde.packet.dumps` encodes and PostgreSQL
-    reads back: ISO 8601 for dates and times, text for UUIDs, ``"\\x..."`` hex for bytea."""
-    if value is None or isinstance(value, (bool, int, str, Decimal)):
+    reads back: ISO 8601 for dates and times (``infinity`` / ``-infinity`` as read through
+    :func:`keep_infinities`), text for UUIDs, NaN and infinite numbers, ``"\\x..."`` hex for bytea."""
+    if value is None or isinstance(value, (bool, int, str)):
         return value
+    if isinstance(value, Decimal):
+        return value if value.is_finite() else str(value)   # NaN, Infinity: JSON has no such numbers
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
@@ -421,6 +537,8 @@ class AutoSQL(Handler):
                 continue
             members = [items[j] for j in run]
             table = members[0].table
+            if self._returning(table):
+                keep_infinities(cursor)
             rows = bulk.execute_run(cursor, table, members, ident, _cast, bind, _relation(table),
                                     self._returning(table), _type)
             for j, row in zip(run, rows):
@@ -456,7 +574,7 @@ class AutoSQL(Handler):
             return None
         conflict: Tuple[str, ...] = ()
         if action is Action.SET:
-            key = conflict_key(table, [column.name for column, _ in writable])
+            key = conflict_key(table, [column.name for column, _ in writable], _nulls(writable))
             if key is None:
                 upsert_statement(table, writable)   # raises the PacketError naming the keys
             conflict = tuple(key or ())
@@ -480,18 +598,24 @@ class AutoSQL(Handler):
             plan = table.plans.get(shape)
         except TypeError:        # an unhashable action from a custom handler: no plan
             return self.prepare(cursor, packet)
-        if plan is not None:
-            data, restriction = packet.data, packet.restriction
+        data = packet.data
+        if plan is not None and not (plan.key_values and any(data[key] is None for key in plan.key_values)):
+            restriction = packet.restriction
             return bulk.Prepared(plan.action, packet, [(column, data[key]) for key, column in plan.data],
                                  [(column, restriction[key]) for key, column in plan.restriction],
                                  plan.keys, plan.conflict, table, known_shape=plan.shape)
         item = self.prepare(cursor, packet)
-        if (item is not None and item.table is table
+        if (plan is None and item is not None and item.table is table
                 and (item.action is Action.DELETE or len(item.keys) == len(packet.data))):
+            key_values: Tuple[str, ...] = ()
+            if item.action is Action.SET:
+                if item.conflict != conflict_key(table, [column.name for column, _ in item.data]):
+                    return item     # resolved around a NULL in a key: no plan for the others
+                key_values = tuple(item.keys[name] for name in item.conflict)
             _remember(table.plans, shape, _Plan(
                 item.action, tuple((item.keys[column.name], column) for column, _ in item.data),
                 tuple(zip(packet.restriction, (c for c, _ in item.restriction))),
-                item.keys, item.conflict, item.shape))
+                item.keys, item.conflict, item.shape, key_values))
         return item
 
     def _returning(self, table: TableSchema) -> Tuple[str, ...]:
@@ -508,6 +632,8 @@ class AutoSQL(Handler):
             query, params = upsert_statement(table, item.data, returning=returning)
         else:
             query, params = update_statement(table, item.data, item.restriction)
+        if returning:
+            keep_infinities(cursor)
         cursor.execute(query, params)
         LOGGER.debug("%s: %s on %s: %d rows", self.name, action.value, self.table, cursor.rowcount)
         if action in (Action.ADD, Action.SET) and returning:

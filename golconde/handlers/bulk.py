@@ -213,11 +213,13 @@ def runs(prepared: Sequence[Prepared]) -> List[List[int]]:
 
 def on_conflict(key: Sequence[str], columns: Sequence[Column], returning: Sequence[str],
                 ident: Any) -> sql.Composed:
-    """``ON CONFLICT (key) DO UPDATE SET c = EXCLUDED.c, ...`` for the non-key ``columns``;
+    """``ON CONFLICT (key) DO UPDATE SET c = EXCLUDED.c, ...`` for the non-key ``columns`` (but
+    ``GENERATED ALWAYS`` identity columns, which an existing row keeps);
     ``DO NOTHING`` when there are none, unless ``returning`` names a column absent from
     ``columns`` (a generated primary key to back-fill while the conflict is on another unique key):
     then a no-op ``DO UPDATE SET k = EXCLUDED.k`` so that the existing row is returned too."""
-    others = [c for c in columns if c.name not in key]
+    # a GENERATED ALWAYS identity column takes no value but DEFAULT in an UPDATE: it keeps its own
+    others = [c for c in columns if c.name not in key and not c.identity_always]
     present = {c.name for c in columns}
     if not others and any(name not in present for name in returning):
         others = [c for c in columns if c.name == key[0]]
@@ -345,10 +347,9 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
     data = [c for c, _ in first.data]
     # a run's updates never change a restriction column's value (see Prepared.alone); they still
     # SET it (a numeric 1.0 replaces 1.00, as the packet says), but for a GENERATED ALWAYS identity
-    # column, which takes no value but DEFAULT
-    restricted = {c.name for c in restriction}
-    kept = [i for i, c in enumerate(data) if not (c.name in restricted and c.identity_always)]
-    if data and not kept:   # the data only repeats an identity key: SET it to itself (refused)
+    # column, key or not, which takes no value but DEFAULT (AutoSQL's update_statement alike)
+    kept = [i for i, c in enumerate(data) if not c.identity_always]
+    if data and not kept:   # the data holds only identity columns: SET one (refused)
         kept = [0]
     data = [data[i] for i in kept]
     columns = restriction + data

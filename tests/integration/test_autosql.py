@@ -87,6 +87,131 @@ def test_whole_row_update_leaves_an_unchanged_identity_key_alone(db):
     assert [str(a) for a, in rows(db, "SELECT amount FROM amounts ORDER BY amount")] == ["1.0", "2.0", "3.0"]
 
 
+def test_a_generated_always_identity_column_outside_the_key_keeps_its_value(db):
+    """The capture trigger's whole-row packets name a GENERATED ALWAYS identity column that is not
+    the key: ADD writes it (OVERRIDING SYSTEM VALUE); UPDATE and SET's DO UPDATE leave it out, alone
+    and in runs, where PostgreSQL refused it ("can only be updated to DEFAULT") and every update of
+    such a table was dead-lettered; an update of that column alone is still refused."""
+    ddl(db, "CREATE TABLE tid (code text PRIMARY KEY, seq int GENERATED ALWAYS AS IDENTITY, v text)")
+    h = AutoSQL("tid", role="target")
+    with db.cursor() as cur:
+        h.apply_batch(cur, [parse(dumps({"action": "add", "data": {"code": c, "seq": n, "v": "x"}}))
+                            for c, n in (("a", 11), ("b", 12), ("c", 13))])
+    run(db, h, {"action": "update", "data": {"code": "a", "seq": 11, "v": "y"}, "restriction": {"code": "a"}})
+    run(db, h, {"action": "set", "data": {"code": "b", "seq": 12, "v": "y"}})
+    with db.cursor() as cur:
+        h.apply_batch(cur, [parse(dumps({"action": "update", "data": {"code": c, "seq": n, "v": "z"},
+                                         "restriction": {"code": c}})) for c, n in (("b", 12), ("c", 13))])
+        h.apply_batch(cur, [parse(dumps({"action": "set", "data": {"code": c, "seq": n, "v": "w"}}))
+                            for c, n in (("c", 13), ("d", 14))])
+    assert rows(db, "SELECT code, seq, v FROM tid ORDER BY code") == [
+        ("a", 11, "y"), ("b", 12, "z"), ("c", 13, "w"), ("d", 14, "w")]
+    with pytest.raises(psycopg2.Error, match="DEFAULT"):
+        run(db, h, {"action": "update", "data": {"seq": 5}, "restriction": {"code": "a"}})
+
+
+def test_set_passes_over_a_unique_key_whose_value_is_null(db):
+    """NULL never conflicts: a SET whose data has NULL in one unique key upserts on another that
+    has no NULL (it inserted a row, and failed on the other key); the plan of a shape is not
+    reused for a packet with such a NULL, and a key with a NULL is taken when no other fits."""
+    ddl(db, "CREATE TABLE t2k (a int UNIQUE, b int UNIQUE, name text); INSERT INTO t2k VALUES (NULL, 1, 'old')")
+    for role in ("destination", "target"):
+        h = AutoSQL("t2k", role=role)
+        run(db, h, {"action": "set", "data": {"a": 5, "b": 2, "name": "first"}})        # plans the shape
+        run(db, h, {"action": "set", "data": {"a": None, "b": 1, "name": "new-" + role}})
+        with db.cursor() as cur:
+            h.apply_batch(cur, [parse(dumps({"action": "set", "data": {"a": a, "b": b, "name": n}}))
+                                for a, b, n in ((None, 2, "x"), (5, 3, "y"), (None, 9, "z"))])
+        assert rows(db, "SELECT a, b, name FROM t2k ORDER BY b") == [
+            (None, 1, "new-" + role), (None, 2, "x"), (5, 3, "y"), (None, 9, "z")]
+        run(db, h, {"action": "set", "data": {"a": None, "name": "only-a"}})           # no other key
+        assert rows(db, "SELECT count(*) FROM t2k WHERE name = 'only-a'") == [(1,)]
+        ddl(db, "DELETE FROM t2k; INSERT INTO t2k VALUES (NULL, 1, 'old')")
+
+
+def test_set_on_a_nulls_not_distinct_key_and_plans_of_keys_with_nulls(db):
+    with db.cursor() as cur:
+        cur.execute("SHOW server_version_num")
+        if int(cur.fetchone()[0]) < 150000:
+            pytest.skip("NULLS NOT DISTINCT needs PostgreSQL 15")
+    ddl(db, "CREATE TABLE t1 (a int UNIQUE NULLS NOT DISTINCT, b int UNIQUE, v text);"
+            " INSERT INTO t1 VALUES (NULL, 2, 'old')")
+    h = AutoSQL("t1", role="target")
+    run(db, h, {"action": "set", "data": {"a": None, "b": 1, "v": "new"}})   # a NULL that conflicts
+    assert rows(db, "SELECT a, b, v FROM t1") == [(None, 1, "new")]
+    # a NULL outside the chosen key leaves the shape's plan in use
+    ddl(db, "CREATE TABLE t2 (id int PRIMARY KEY, email text UNIQUE, v text)")
+    h = AutoSQL("t2", role="target")
+    with db.cursor() as cur:
+        h.apply_batch(cur, [parse(dumps({"action": "set", "data": {"id": i, "email": None, "v": "x"}}))
+                            for i in range(5)])
+        assert len(h._schema(cur).plans) == 1
+    assert rows(db, "SELECT count(*) FROM t2 WHERE email IS NULL") == [(5,)]
+
+
+def test_restrictions_on_a_json_domain_and_null_on_a_composite(db):
+    ddl(db, "CREATE DOMAIN jd AS json; CREATE TYPE pr AS (a int, b text)")
+    ddl(db, "CREATE TABLE tj (id int PRIMARY KEY, doc jd, p pr)")
+    ddl(db, """INSERT INTO tj VALUES (1, '{"x": 1}', '(,)'), (2, '[1]', NULL), (3, '{"x": 2}', '(1,a)')""")
+    h = AutoSQL("tj", role="destination")
+    run(db, h, {"action": "update", "data": {"doc": {"x": 9}}, "restriction": {"doc": {"x": 1}}})
+    assert rows(db, "SELECT id FROM tj WHERE doc::jsonb = '{\"x\": 9}'") == [(1,)]
+    # NULL matches the NULL composite only, not one whose fields are all NULL
+    run(db, h, {"action": "delete", "restriction": {"p": None}})
+    assert rows(db, "SELECT id FROM tj ORDER BY id") == [(1,), (3,)]
+    run(db, h, {"action": "delete", "restriction": {"doc": [1]}})    # nothing: row 2 is gone
+    run(db, h, {"action": "delete", "restriction": {"doc": {"x": 2}}})
+    assert rows(db, "SELECT id FROM tj") == [(1,)]
+
+
+def test_an_array_of_a_domain_over_a_composite_takes_objects(db):
+    ddl(db, "CREATE TYPE pr AS (a int, b text); CREATE DOMAIN prd AS pr CHECK ((VALUE).a > 0)")
+    ddl(db, "CREATE TABLE tc (id int PRIMARY KEY, pds prd[])")
+    h = AutoSQL("tc", role="target")
+    run(db, h, {"action": "add", "data": {"id": 1, "pds": [{"a": 1, "b": "x"}, None]}})
+    assert rows(db, "SELECT pds::text FROM tc") == [('{"(1,x)",NULL}',)]
+    with pytest.raises(psycopg2.IntegrityError, match="prd_check"):
+        run(db, h, {"action": "add", "data": {"id": 2, "pds": [{"a": -1}]}})
+
+
+def test_booleans_and_numbers_are_not_taken_for_each_other_in_arrays(db):
+    ddl(db, "CREATE DOMAIN dint AS int; CREATE DOMAIN dbool AS boolean")
+    ddl(db, "CREATE TABLE ta (id int PRIMARY KEY, nums int[], flags boolean[], dn dint[], db dbool[])")
+    h = AutoSQL("ta", role="destination")
+    with pytest.raises(PacketError, match=r"column dn of public\.ta is dint\[\]: expected a number, not false"):
+        run(db, h, {"action": "add", "data": {"id": 1, "dn": [False]}})
+    with pytest.raises(PacketError, match=r"column db of public\.ta is dbool\[\]: expected true or false"):
+        run(db, h, {"action": "add", "data": {"id": 1, "db": [[0]]}})
+    with pytest.raises(PacketError, match=r"column nums of public\.ta is integer\[\]: expected a number, not true"):
+        run(db, h, {"action": "add", "data": {"id": 1, "nums": [1, [True]]}})
+    with pytest.raises(PacketError, match=r"column flags of public\.ta is boolean\[\]: expected true or false, not the number 5"):
+        run(db, h, {"action": "add", "data": {"id": 1, "flags": [True, 5]}})
+    run(db, h, {"action": "add", "data": {"id": 1, "nums": [1, "2", None], "flags": [True, "f", None]}})
+    assert rows(db, "SELECT nums, flags FROM ta") == [([1, 2, None], [True, False, None])]
+
+
+def test_back_filled_keys_keep_infinite_and_nan_values(db):
+    """A destination writes the stored key back into the packet: an infinite timestamp or date
+    stays infinite (psycopg2 reads it as the largest value), a NaN numeric stays NaN (it made the
+    packet unencodable)."""
+    ddl(db, "CREATE TABLE tk (ts timestamp, d date, n numeric, v text, PRIMARY KEY (ts, d, n))")
+    h = AutoSQL("tk", role="destination")
+    for ts, d, n in (("infinity", "-infinity", "NaN"), ("-infinity", "infinity", "Infinity")):
+        packet = run(db, h, {"action": "add", "data": {"ts": ts, "d": d, "n": n, "v": "x"}})
+        assert (packet.data["ts"], packet.data["d"], packet.data["n"]) == (ts, d, n)
+        loads(dumps(dict(packet.data)))
+    # the largest and smallest real values stay themselves (psycopg2 reads infinity as them)
+    ddl(db, "CREATE TABLE tr (d date, tz timestamptz, v text, PRIMARY KEY (d, tz))")
+    h = AutoSQL("tr", role="destination")
+    with db.cursor() as cur:
+        cur.execute("SET TimeZone = 'UTC'")
+        packets = h.apply_batch(cur, [parse(dumps({"action": "set", "data": {"d": d, "tz": tz, "v": "x"}}))
+                                      for d, tz in (("9999-12-31", "9999-12-31 23:59:59.999999+00"),
+                                                    ("0001-01-01", "infinity"))])
+    assert [(p.data["d"], p.data["tz"]) for p in packets] == [
+        ("9999-12-31", "9999-12-31T23:59:59.999999+00:00"), ("0001-01-01", "infinity")]
+
+
 def test_null_stays_null_and_restriction_null_is_is_null(db):
     ddl(db, "CREATE TABLE t (id int PRIMARY KEY, a text, b int)")
     h = AutoSQL("public.t", role="destination")
@@ -146,10 +271,78 @@ def test_array_round_trip(db, type_name, value, expected):
 
 
 def test_jsonb_array_column(db):
-    ddl(db, "CREATE TABLE t (id int PRIMARY KEY, v jsonb[])")
+    ddl(db, "CREATE DOMAIN jd AS jsonb")
+    ddl(db, "CREATE TABLE t (id int PRIMARY KEY, v jsonb[], d jd[])")
     h = AutoSQL("t", role="destination")
-    run(db, h, {"action": "add", "data": {"id": 1, "v": [{"a": 1}, [1, 2], None, "s"]}})
-    assert rows(db, "SELECT v::text FROM t") == [('{"{\\"a\\": 1}","[1, 2]",NULL,"\\"s\\""}',)]
+    run(db, h, {"action": "add", "data": {"id": 1, "v": [{"a": 1}, [1, 2], None, "s"], "d": [{"a": 1}]}})
+    assert rows(db, "SELECT v::text, d::text FROM t") == [
+        ('{"{\\"a\\": 1}","[1, 2]",NULL,"\\"s\\""}', '{"{\\"a\\": 1}"}')]
+
+
+def structured_table(db):
+    ddl(db, "CREATE EXTENSION IF NOT EXISTS hstore")
+    ddl(db, "CREATE TYPE inner_t AS (x int, tags text[])")
+    ddl(db, 'CREATE TYPE "Pair" AS (a int, b text, inn inner_t, j jsonb)')
+    ddl(db, 'CREATE DOMAIN pair_d AS "Pair"')
+    ddl(db, 'CREATE TABLE t (id int PRIMARY KEY, p "Pair", pd pair_d, ps "Pair"[], h hstore, hs hstore[])')
+
+
+def test_composite_and_hstore_values_as_to_jsonb_writes_them(db):
+    """A JSON object for a composite column fills its fields by name (nested composites, arrays,
+    jsonb, a domain over the type), for an hstore column its keys; an array column takes an array
+    of them; the text forms still work; the values work in restrictions and in runs of packets."""
+    structured_table(db)
+    h = AutoSQL("t", role="destination")
+    pair = {"a": 1, "b": 'q"\\', "inn": {"x": 2, "tags": ["a", None]}, "j": {"z": [1]}}
+    store = {"a": "1", "b c": None, 'q"\\=>': 'v"\\', "": ""}
+    run(db, h, {"action": "add", "data": {"id": 1, "p": pair, "pd": {"a": 7}, "ps": [pair, None, {"b": "x"}],
+                                          "h": store, "hs": [store, None, {}]}})
+    run(db, h, {"action": "add", "data": {"id": 2, "p": "(5,y,,)", "pd": None, "ps": '{"(1,x,,)"}',
+                                          "h": "a=>b", "hs": None}})
+    [(row,)] = rows(db, "SELECT to_jsonb(t) FROM t WHERE id = 1")
+    assert row["p"] == pair and row["pd"] == {"a": 7, "b": None, "inn": None, "j": None}
+    assert row["ps"] == [pair, None, {"a": None, "b": "x", "inn": None, "j": None}]
+    assert row["h"] == store and row["hs"] == [store, None, {}]
+    [(row,)] = rows(db, "SELECT to_jsonb(t) FROM t WHERE id = 2")
+    assert row["p"] == {"a": 5, "b": "y", "inn": None, "j": None} and row["h"] == {"a": "b"}
+    # the packets to_jsonb() writes apply back: the capture trigger's packets reach targets
+    ddl(db, "CREATE TABLE copy (LIKE t)")
+    copy = AutoSQL("copy", role="target")
+    for id_ in (1, 2):
+        [(row,)] = rows(db, "SELECT to_jsonb(t) FROM t WHERE id = %s", (id_,))
+        run(db, copy, {"action": "add", "data": row})
+    assert rows(db, "SELECT count(*) FROM t JOIN copy USING (id) WHERE t::text = copy::text") == [(2,)]
+    # restrictions, and a run of several packets (one statement)
+    run(db, h, {"action": "update", "data": {"h": {"k": "v"}}, "restriction": {"p": {"a": 5, "b": "y"}}})
+    assert rows(db, "SELECT h::text FROM t WHERE id = 2") == [('"k"=>"v"',)]
+    with db.cursor() as cur:
+        h.apply_batch(cur, [parse(dumps({"action": "set", "data": {"id": i, "p": {"a": i}, "h": {"n": str(i)},
+                                                                    "ps": [{"a": i}]}}))
+                            for i in (2, 3, 4)])
+    assert rows(db, "SELECT id, (p).a, h -> 'n', (ps[1]).a FROM t WHERE id > 1 ORDER BY id") == [
+        (2, 2, "2", 2), (3, 3, "3", 3), (4, 4, "4", 4)]
+    run(db, h, {"action": "delete", "restriction": {"p": {"a": 3}}})
+    assert rows(db, "SELECT id FROM t ORDER BY id") == [(1,), (2,), (4,)]
+
+
+@pytest.mark.parametrize("column,value,message", [
+    ("h", {"a": 1}, r"column h of public\.t is hstore: the value of key 'a' must be a string or null, not 1"),
+    ("h", ["a=>b"], r"column h of public\.t is hstore: expected a JSON object or hstore's text form, not an array"),
+    ("hs", [{"a": True}], r"the value of key 'a' must be a string or null, not true"),
+])
+def test_hstore_values_that_are_not_text_are_refused(db, column, value, message):
+    structured_table(db)
+    with pytest.raises(PacketError, match=message):
+        run(db, AutoSQL("t", role="destination"), {"action": "add", "data": {"id": 1, column: value}})
+
+
+def test_a_composite_value_of_the_wrong_shape_is_a_database_error(db):
+    structured_table(db)
+    h = AutoSQL("t", role="destination")
+    for value in (5, [{"a": 1}], {"a": "not a number"}):
+        with pytest.raises(psycopg2.DataError):
+            run(db, h, {"action": "add", "data": {"id": 1, "p": value}})
+        db.rollback()
 
 
 def test_scalar_types_round_trip(db):

@@ -15,6 +15,7 @@ from psycopg2 import sql
 
 from golconde import trigger
 from golconde.errors import GolcondeError
+from golconde.handlers.autosql import AutoSQL
 from golconde.packet import Action, dumps, parse
 from golconde.trigger import TriggerError
 
@@ -335,6 +336,30 @@ def test_values_of_many_types_round_trip(db):
             sql.SQL("t.{0}::text IS NOT DISTINCT FROM c.{0}::text").format(sql.Identifier(name))
             for name, kind, _ in TYPES if kind != "point")))
         assert all(cur.fetchone()[0])
+
+
+def test_composite_and_hstore_changes_apply_at_a_target(db):
+    """The capture writes composite and hstore values as JSON objects (arrays of them as arrays);
+    AutoSQL applies those packets, so a target of such a table ends equal to it."""
+    execute(db, "CREATE EXTENSION IF NOT EXISTS hstore")
+    execute(db, "CREATE TYPE inner_t AS (x int, tags text[])")
+    execute(db, "CREATE TYPE pair AS (a int, b text, inn inner_t, j jsonb)")
+    execute(db, "CREATE TABLE rich (id int PRIMARY KEY, p pair, ps pair[], h hstore, hs hstore[])")
+    execute(db, "CREATE TABLE copy (LIKE rich INCLUDING ALL)")
+    trigger.install(db, "rich", DEST)
+    execute(db, r"""INSERT INTO rich VALUES
+        (1, ROW(1, 'q"\', ROW(2, '{a,NULL}'), '{"z": [1]}'), ARRAY[ROW(3, 'x', NULL, NULL)::pair, NULL],
+            'a=>1, "b c"=>NULL, "q\\\""=>"v,=>"', ARRAY['k=>v'::hstore, NULL]),
+        (2, NULL, '{}', '', '{}'), (3, ROW(NULL, NULL, NULL, NULL), NULL, NULL, NULL)""")
+    execute(db, "UPDATE rich SET p.b = 'changed', h = h || 'n=>new' WHERE id = 1")
+    execute(db, "DELETE FROM rich WHERE id = 2")
+    handler = AutoSQL("copy", role="target")
+    with db.cursor() as cur:
+        handler.apply_batch(cur, drain(db))
+    with db.cursor() as cur:
+        cur.execute("SELECT r.id, r::text, c::text FROM rich r FULL JOIN copy c USING (id) ORDER BY 1")
+        found = cur.fetchall()
+    assert [row[0] for row in found] == [1, 3] and all(row[1] == row[2] for row in found), found
 
 
 def test_fetch_batch_limits(orders):

@@ -144,6 +144,23 @@ def test_bind_arrays():
     assert isinstance(docs[0], Json) and docs[1] is None
 
 
+def test_bind_hstore_and_composite():
+    store = Column("h", "hstore", structure="hstore")
+    assert bind(USERS, store, {"a": "1", 'q"\\': None, "": 'v\\"'}) == \
+        r'"a"=>"1", "q\"\\"=>NULL, ""=>"v\\\""'
+    assert bind(USERS, store, "a=>b") == "a=>b"
+    stores = Column("hs", "hstore[]", is_array=True, structure="hstore")
+    assert bind(USERS, stores, [{"k": "v"}, None, [{}]]) == ['"k"=>"v"', None, [""]]
+    pair = Column("p", "pair", structure="composite")
+    for value in ({"a": 1}, "(1,x)", [{"a": 1}]):
+        bound = bind(USERS, pair, value)    # the statement reads the JSON (jsonb_populate_record)
+        assert isinstance(bound, Json) and bound.adapted == value
+    query, _ = insert_statement(USERS, [(pair, {"a": 1})])
+    assert "jsonb_populate_record(NULL::pair, g.v)" in render(query)
+    query, _ = insert_statement(USERS, [(Column("ps", "pair[]", is_array=True, structure="composite"), [])])
+    assert "jsonb_populate_record(NULL::pair, e.x)" in render(query) and ")::pair[] END" in render(query)
+
+
 @pytest.mark.parametrize("name,value,message", [
     ("name", {"a": 1}, r"column name of public\.t is text: an object is accepted only for json"),
     ("id", [1], r"column id of public\.t is integer: an array is accepted only for json"),
