@@ -3,8 +3,8 @@
 Shape (the 2009 keys, plus those marked NEW)::
 
     Locations:  {...}                                # optional, free-form (kept for compatibility)
-    Logging:    {filename, format, level, handler}   # optional, for logging; level debug..critical;
-                                                     # NEW handler: stderr | file | syslog | journald
+    Logging:    {filename, filemode, format, datefmt, level, handler}   # optional, checked;
+                                    # level debug..critical; NEW handler: stderr|file|syslog|journald
     HTTPServer: {enabled: true, listen: 127.0.0.1, port: 8080,            # optional
                  health: {max_backlog: 10000, max_lag: 300}}  # NEW: /health thresholds (packets, s)
     Broker:     {login, passcode, heartbeat: 10000 (ms, 0 = off), vhost}  # NEW, optional
@@ -22,6 +22,7 @@ Shape (the 2009 keys, plus those marked NEW)::
         poll_interval (s, trigger mode; 0.05)
         batch_linger (s, trigger mode; 0.02): NEW, how long a batch that was not full may
             gather more packets before the next fetch (0-1; 0 = fetch again at once)
+        (poll_interval and batch_linger are refused in client mode, where they would do nothing)
         Targets: {<name>: {stomp, queue, pgsql, target, function_name | handler, dead_letter_queue,
                            settings, login, passcode, prefetch, batch_size, batch_bytes,
                            max_retries, ledger_retention,
@@ -44,6 +45,7 @@ one per line, as ``<key path>: <what was wrong>``; the exception also carries ``
 of those lines) and ``source``.
 """
 import difflib
+import logging
 import math
 import os
 import re
@@ -72,6 +74,8 @@ DEFAULT_BATCH_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_RETRIES = 5
 DEFAULT_POLL_INTERVAL = 0.05
 DEFAULT_BATCH_LINGER = 0.02
+#: Destination settings of trigger mode only: a client-mode destination that sets one is refused.
+TRIGGER_ONLY = ("poll_interval", "batch_linger")
 DEFAULT_LEDGER_RETENTION = float(ledger.DEFAULT_RETENTION)
 MODES = ("client", "trigger")
 LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -334,7 +338,10 @@ def _text(secret: bool) -> Callable[[Any], str]:
 def _integer(low: int, high: int) -> Callable[[Any], int]:
     def check(value: Any) -> int:
         if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
-            value = int(value)
+            try:
+                value = int(value)
+            except ValueError:          # more digits than Python converts (sys.int_info)
+                _fail("expected an integer %d-%d, got %s" % (low, high, _show(value)))
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             _fail("expected an integer %d-%d, got %s" % (low, high, _show(value)))
         return value
@@ -346,7 +353,7 @@ def _seconds_check(within: Callable[[float], bool], text: str) -> Callable[[Any]
     def check(value: Any) -> float:
         try:
             number = float(value) if not isinstance(value, bool) else math.nan
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):     # OverflowError: an int beyond float
             number = math.nan
         if not within(number):          # NaN is within nothing
             _fail("expected a number of seconds %s, got %s" % (text, _show(value)))
@@ -546,17 +553,21 @@ def _validate(model: Type[_Raw], data: Any, path: str, problems: List[str]) -> O
         for error in exc.errors(include_url=False):
             where = ".".join([path] * bool(path) + [str(part) for part in error["loc"]])
             if error["type"] == "extra_forbidden":
-                lower = {key.lower(): key for key in accepted}
-                key = str(error["loc"][-1]).lower()
-                close = difflib.get_close_matches(key, list(lower), n=1, cutoff=0.6)
-                message = "unknown key%s; accepted keys: %s" % (
-                    " (did you mean %r?)" % lower[close[0]] if close else "", ", ".join(accepted))
+                message = _unknown_key(error["loc"][-1], accepted)
             elif error["type"] == "missing":
                 message = "missing"
             else:
                 message = error["msg"]
             problems.append("%s: %s" % (where, message))
         return None
+
+
+def _unknown_key(key: Any, accepted: List[str]) -> str:
+    """``unknown key (did you mean 'x'?); accepted keys: ...`` for ``key``, not in ``accepted``."""
+    lower = {name.lower(): name for name in accepted}
+    close = difflib.get_close_matches(str(key).lower(), list(lower), n=1, cutoff=0.6)
+    return "unknown key%s; accepted keys: %s" % (
+        " (did you mean %r?)" % lower[close[0]] if close else "", ", ".join(accepted))
 
 
 def _pick(*values: Any) -> Any:
@@ -665,6 +676,9 @@ def _destination(name: Any, data: Any, broker: Any, defaults: Any,
     if raw is None:
         return None
     mode = raw.mode or "client"
+    if mode == "client":
+        problems.extend("%s.%s: applies to trigger mode only (this destination is in client mode)"
+                        % (path, setting) for setting in TRIGGER_ONLY if getattr(raw, setting) is not None)
     queue = _pick(raw.queue, "/queue/golconde.%s" % str(name).lower())
     function_name = _handler(raw, path, problems)
     credentials = _credentials(raw, _credentials(broker, (None, None)))
@@ -700,6 +714,45 @@ def _destination(name: Any, data: Any, broker: Any, defaults: Any,
         batch_linger=_pick(raw.batch_linger, DEFAULT_BATCH_LINGER), targets=targets)
 
 
+#: Keys of the ``Logging`` section: :func:`logging.basicConfig`'s that apply (the 2009 release
+#: passed the section to the logging module), and ``handler``.
+LOGGING_KEYS = ("filename", "filemode", "format", "datefmt", "level", "handler")
+
+
+def _check_logging(section: Mapping[str, Any], problems: List[str]) -> None:
+    """Problems of the ``Logging`` section's keys, ``format`` and ``filename`` (``level`` and
+    ``handler`` are checked by the caller): what would otherwise fail only when the daemon starts
+    logging (a format :class:`logging.Formatter` refuses or cannot fill, a file in a directory
+    that does not exist, a directory)."""
+    for key in section:
+        if key not in LOGGING_KEYS:
+            problems.append("Logging.%s: %s" % (key, _unknown_key(key, list(LOGGING_KEYS))))
+    fmt = section.get("format")
+    if fmt is not None:
+        try:
+            if not isinstance(fmt, str):
+                raise TypeError("not text")
+            record = logging.LogRecord("golconde", logging.INFO, __file__, 1, "message", None, None)
+            logging.Formatter(fmt).format(record)   # raises on a bad format or an unknown field
+        except (TypeError, ValueError, KeyError) as exc:
+            problems.append("Logging.format: expected a logging format such as '%%(asctime)s"
+                            " %%(message)s', got %s (%s)" % (_show(fmt), exc))
+    if section.get("datefmt") is not None and not isinstance(section["datefmt"], str):
+        problems.append("Logging.datefmt: expected a time.strftime format such as '%%H:%%M:%%S', got %s"
+                        % _show(section["datefmt"]))
+    if section.get("filemode") not in (None, "a", "w"):
+        problems.append("Logging.filemode: expected 'a' (append) or 'w' (truncate at start), got %s"
+                        % _show(section["filemode"]))
+    filename = section.get("filename")
+    if filename is not None:
+        if not isinstance(filename, str) or not filename.strip():
+            problems.append("Logging.filename: expected a file path, got %s" % _show(filename))
+        elif os.path.isdir(filename):
+            problems.append("Logging.filename: %s is a directory" % _show(filename))
+        elif not os.path.isdir(os.path.dirname(os.path.abspath(filename))):
+            problems.append("Logging.filename: the directory of %s does not exist" % _show(filename))
+
+
 def _relation_key(dsn: str, relation: str) -> Tuple[Any, ...]:
     """Identity of a relation in a database: libpq parameters and the normalised relation name."""
     parts = re.findall(r'"((?:[^"]|"")+)"|([^."]+)', relation)
@@ -718,16 +771,17 @@ def _cross_check(destinations: Tuple[DestinationConfig, ...], problems: List[str
     queues: Dict[str, str] = {}
     threads: Dict[str, str] = {}
     for item, path in listeners:
-        if item.queue in queues:
+        key = _queue_key(item.queue)
+        if key in queues:
             problems.append("%s.queue: %r is also the queue of %s; every destination and target "
-                            "needs its own queue" % (path, item.queue, queues[item.queue]))
-        queues.setdefault(item.queue, path)
+                            "needs its own queue" % (path, item.queue, queues[key]))
+        queues.setdefault(key, path)
         if item.thread_name in threads:
             problems.append("%s: its listener name %r is also that of %s"
                             % (path, item.thread_name, threads[item.thread_name]))
         threads.setdefault(item.thread_name, path)
     for item, path in listeners:
-        owner = queues.get(item.dead_letter_queue)
+        owner = queues.get(_queue_key(item.dead_letter_queue))
         if owner is not None:
             problems.append("%s.dead_letter_queue: %r is the queue of %s; a dead-letter queue "
                             "must not be consumed" % (path, item.dead_letter_queue, owner))
@@ -740,6 +794,12 @@ def _cross_check(destinations: Tuple[DestinationConfig, ...], problems: List[str
                 problems.append("%s: pgsql and target name the same relation as %s: its packets "
                                 "would be applied twice" % (path, seen[key]))
             seen.setdefault(key, path)
+
+
+def _queue_key(queue: str) -> str:
+    """The queue a destination names: RabbitMQ reads ``/amq/queue/x`` and ``/queue/x`` as the
+    same queue ``x`` (its STOMP plugin's documentation, "Destinations")."""
+    return "/queue/" + queue[len("/amq/queue/"):] if queue.startswith("/amq/queue/") else queue
 
 
 def _config_error(problems: List[str], source: str) -> ConfigError:
@@ -775,6 +835,7 @@ def parse(mapping: Any, source: str = "<string>") -> Config:
                            or _RawBroker(), "Broker", problems, base_dir)
     defaults = _validate(_RawDefaults, section("Defaults"), "Defaults", problems) or _RawDefaults()
     logging_section = dict(section("Logging") or {})
+    _check_logging(logging_section, problems)
     if logging_section.get("level") is not None:
         level = logging_section["level"]
         if isinstance(level, str) and level.strip().lower() in LEVELS:
@@ -839,9 +900,16 @@ class _Loader(yaml.SafeLoader):
 def loads(text: str, source: str = "<string>") -> Config:
     """Parse and validate YAML text (``source`` names it in messages and :attr:`Config.source`).
 
-    :raises ConfigError: YAML errors and duplicate keys as ``<source>:<line>:<column>: ...``, then
-        everything :func:`parse` raises.
+    :raises ConfigError: YAML errors and duplicate keys as ``<source>:<line>:<column>: ...``, YAML
+        nested too deeply to read, then everything :func:`parse` raises.
     """
+    try:
+        return _loads(text, source)
+    except RecursionError:
+        raise _config_error(["%s: the YAML is nested too deeply" % source], source) from None
+
+
+def _loads(text: str, source: str) -> Config:
     loader = _Loader(text, source)
     try:
         data = loader.get_single_data()
@@ -852,6 +920,8 @@ def loads(text: str, source: str = "<string>") -> Config:
         raise _config_error(["%s: YAML syntax error: %s" % (where, what)], source) from None
     except yaml.YAMLError as exc:
         raise _config_error(["%s: YAML error: %s" % (source, exc)], source) from None
+    except ValueError as exc:   # a scalar PyYAML cannot convert: an integer of over 4300 digits
+        raise _config_error(["%s: YAML value cannot be read: %s" % (source, exc)], source) from None
     finally:
         loader.dispose()
     if loader.duplicates:

@@ -8,12 +8,13 @@ refused and the running one kept.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import threading
 import time
-from typing import Any, Collection, Dict, Optional
+from typing import Any, Callable, Collection, Dict, List, Optional
 
 from . import config as config_module
 from .destination import ClientDestination, TriggerDestination
@@ -32,7 +33,9 @@ def build_listeners(config: Any, registry: Registry,
     spread over several processes). Handlers are imported here, so a bad ``function_name``
     raises :class:`~golconde.errors.ConfigError` before anything connects.
 
-    :raises ConfigError: also when ``only`` names a listener the configuration does not have.
+    :raises ConfigError: every listener's problem (a handler that cannot be loaded or refuses its
+        settings), one line each under its key path; also when ``only`` names a listener the
+        configuration does not have.
     """
     names = [name for destination in config.destinations
              for name in [t.thread_name for t in destination.targets] + [destination.thread_name]]
@@ -44,18 +47,28 @@ def build_listeners(config: Any, registry: Registry,
                                  ", ".join(names)))
     wanted = set(names if only is None else only)
     listeners: Dict[str, Listener] = {}
+    problems: List[str] = []
+
+    def build(name: str, path: str, make: Callable[[], Listener]) -> None:
+        try:
+            listeners[name] = make()
+        except ConfigError as exc:      # every listener's problem, each under its key path
+            problems.extend("%s: %s" % (path, line) for line in str(exc).splitlines())
+
     for destination in config.destinations:
+        path = "Destinations.%s" % destination.name
         for target in destination.targets:
             if target.thread_name in wanted:
                 stats = registry.thread(target.thread_name, "target", destination.name)
-                listeners[target.thread_name] = TargetListener(target, stats)
+                build(target.thread_name, "%s.Targets.%s" % (path, target.name),
+                      functools.partial(TargetListener, target, stats))
         if destination.thread_name not in wanted:
             continue
         stats = registry.thread(destination.thread_name, "destination", destination.name)
-        if destination.mode == "trigger":
-            listeners[destination.thread_name] = TriggerDestination(destination, stats)
-        else:
-            listeners[destination.thread_name] = ClientDestination(destination, stats)
+        kind = TriggerDestination if destination.mode == "trigger" else ClientDestination
+        build(destination.thread_name, path, functools.partial(kind, destination, stats))
+    if problems:
+        raise ConfigError("\n".join(problems))
     return listeners
 
 
@@ -145,7 +158,8 @@ class Daemon:
 
     def reload(self) -> bool:
         """Re-read ``config_path`` and apply the difference. Returns False (and keeps running the
-        old configuration) when the new one is invalid."""
+        old configuration) when the new one is invalid or cannot be read for any other reason
+        (logged)."""
         if not self.config_path:
             LOGGER.warning("reload requested but no configuration file is known")
             return False
@@ -154,6 +168,9 @@ class Daemon:
             candidates = build_listeners(new_config, Registry(), self.only)
         except ConfigError as exc:
             LOGGER.error("reload refused, keeping the running configuration: %s", exc)
+            return False
+        except Exception:   # a defect, not the file's fault: still never the end of the daemon
+            LOGGER.exception("reload failed, keeping the running configuration")
             return False
         old = self.listeners
         stopping = [listener for name, listener in old.items()
@@ -201,5 +218,8 @@ class Daemon:
             self._stop.wait(0.5)
             if self._reload.is_set():
                 self._reload.clear()
-                self.reload()
+                try:
+                    self.reload()
+                except Exception:   # a reload must never end the daemon: log, serve on
+                    LOGGER.exception("reload failed part-way; the listeners that run keep running")
         return 0 if self.stop() else 1

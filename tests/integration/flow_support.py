@@ -66,6 +66,12 @@ def make_config(canonical: str, targets: Dict[str, str], table: str, mode: str =
     }
 
 
+def trigger_settings(mode: str, **settings: Any) -> Dict[str, Any]:
+    """``settings`` (``poll_interval``, ``batch_linger``) in trigger mode; none in client mode,
+    which refuses them."""
+    return settings if mode == "trigger" else {}
+
+
 def parse_config(mapping: Dict[str, Any]) -> Any:
     return config_module.parse(mapping)
 

@@ -26,7 +26,8 @@ from golconde.handlers import examples
 from golconde.handlers.autosql import AutoSQL
 
 from ..conftest import STOMP_LOGIN, STOMP_PASSCODE, stomp_address
-from .flow_support import drain_queue, execute, make_config, parse_config, query, send_raw, wait_for
+from .flow_support import (drain_queue, execute, make_config, parse_config, query, send_raw, trigger_settings,
+                           wait_for)
 
 HERE = __name__
 
@@ -69,7 +70,8 @@ def legacy_rows(dsn: str):
 # --- the example legacy handler ----------------------------------------------------------------------
 
 def legacy_config(canonical: str, legacy: str, mode: str = "client") -> Any:
-    mapping = make_config(canonical, {"legacy": legacy}, "public.users", mode=mode, poll_interval=0.5)
+    mapping = make_config(canonical, {"legacy": legacy}, "public.users", mode=mode,
+                          **trigger_settings(mode, poll_interval=0.5))
     destination = next(iter(mapping["Destinations"].values()))
     destination["Targets"]["legacy"].update(
         target="public.legacy_user", function_name="golconde.handlers.examples.LegacyUsers",

@@ -12,7 +12,8 @@ from golconde.client import Client
 from golconde.daemon import Daemon
 
 from ..conftest import STOMP_LOGIN, STOMP_PASSCODE, stomp_address
-from .flow_support import drain_queue, execute, make_config, parse_config, query, send_raw, wait_for
+from .flow_support import (drain_queue, execute, make_config, parse_config, query, send_raw, trigger_settings,
+                           wait_for)
 
 USERS = """
 CREATE TABLE public.users (
@@ -53,7 +54,7 @@ TARGET_ROWS = "SELECT customer_id, full_name, email, status_id FROM crm.customer
 
 def mapped_config(canonical: str, crm: str, copy: str, mode: str):
     mapping = make_config(canonical, {"crm": crm, "copy": copy}, "public.users", mode=mode,
-                          poll_interval=0.5)
+                          **trigger_settings(mode, poll_interval=0.5))
     destination = next(iter(mapping["Destinations"].values()))
     destination["Targets"]["crm"].update(MAPPING)
     return parse_config(mapping)

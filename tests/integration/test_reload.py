@@ -44,31 +44,47 @@ def free_port() -> int:
 
 class Stream(threading.Thread):
     """Sends ADD packets ``payload = <prefix>-<index>`` for indexes [start, stop), ``batch`` per
-    confirmation, ``pause`` seconds between batches."""
+    confirmation, ``pause`` seconds between batches. With ``stop=None`` it sends until :meth:`end`,
+    so that a test whose steps take long on a slow host still has packets flowing through all of
+    them; :attr:`sent` is then the end of the range."""
 
-    def __init__(self, queue: str, prefix: str, start: int, stop: int, batch: int = 20,
+    def __init__(self, queue: str, prefix: str, start: int, stop: Optional[int], batch: int = 20,
                  pause: float = 0.03) -> None:
         super().__init__(name="reload-stream", daemon=True)
         self.queue, self.prefix, self.start_at, self.stop_at = queue, prefix, start, stop
         self.batch, self.pause = batch, pause
         self.sent = start
         self.error: Optional[BaseException] = None
+        self._halt = threading.Event()
 
     def run(self) -> None:
         host, port = stomp_address()
         client = Client(self.queue, host, port, STOMP_LOGIN, STOMP_PASSCODE, timeout=20)
         try:
-            while self.sent < self.stop_at:
-                upto = min(self.stop_at, self.sent + self.batch)
+            while not self._halt.is_set() and (self.stop_at is None or self.sent < self.stop_at):
+                upto = self.sent + self.batch
+                if self.stop_at is not None:
+                    upto = min(self.stop_at, upto)
                 with client.batch():
                     for index in range(self.sent, upto):
                         client.add({"payload": payload(self.prefix, index), "n": index})
                 self.sent = upto
-                time.sleep(self.pause)
+                self._halt.wait(self.pause)
         except BaseException as exc:  # reported by finish()
             self.error = exc
         finally:
             client.close()
+
+    def halt(self, timeout: float = 60.0) -> None:
+        """Stops the stream after its current batch and waits for it, asserting nothing."""
+        self._halt.set()
+        self.join(timeout)
+
+    def end(self, timeout: float = 60.0) -> int:
+        """Stops the stream after its current batch; returns the packets sent."""
+        self.halt(timeout)
+        self.finish(0)
+        return self.sent
 
     def finish(self, timeout: float = 60.0) -> None:
         self.join(timeout)
@@ -237,7 +253,7 @@ def test_sighup_with_a_bad_configuration_keeps_the_running_one(golconded):
     good = yaml.safe_dump(daemon.mapping)
     threads = {daemon.name, daemon.name + "_target1"}
     prefix = uuid.uuid4().hex[:6]
-    stream = Stream(queue, prefix, 0, 1000, pause=0.05)
+    stream = Stream(queue, prefix, 0, None, pause=0.05)    # flows until every bad reload is done
     stream.start()
     wrong_key = yaml.safe_load(good)
     wrong_key["Destinations"][daemon.name]["stomp"] = "localhost"
@@ -248,6 +264,11 @@ def test_sighup_with_a_bad_configuration_keeps_the_running_one(golconded):
         ("YAML syntax error", good + "\n  : [unclosed\n"),
         ("stomp: expected host:port, got 'localhost'", yaml.safe_dump(wrong_key)),
         ("golconde.no_such_module", yaml.safe_dump(wrong_handler)),
+        # a number no float holds, YAML nested deeper than the interpreter recurses: these ended
+        # the daemon (OverflowError, RecursionError) before they were errors of the file
+        ("ledger_retention: expected a number of seconds", good + "Defaults: {ledger_retention: %s}\n"
+         % ("9" * 400)),
+        ("nested too deeply", good + "Locations: %s%s\n" % ("[" * 5000, "]" * 5000)),
     ]
     try:
         for expected, text in broken:
@@ -260,12 +281,12 @@ def test_sighup_with_a_bad_configuration_keeps_the_running_one(golconded):
             # packets still flow with the old configuration
             wait_for(lambda: counts(target1)[0] > before + 20 or not stream.is_alive(), timeout=20,
                      message="packets flowing after a refused reload")
-        assert stream.sent < 1000, "the stream was over before the last bad reload"
-        stream.finish()
+            assert stream.is_alive(), "the stream ended during a reload: %r" % stream.error
+        total = stream.end()
     finally:
-        stream.join(60)
-    wait_for(lambda: counts(target1)[0] >= 1000, timeout=40, message="all packets at target1")
-    everything = [payload(prefix, i) for i in range(1000)]
+        stream.halt()
+    wait_for(lambda: counts(target1)[0] >= total, timeout=40, message="all packets at target1")
+    everything = [payload(prefix, i) for i in range(total)]
     for dsn in (canonical, target1):
         assert payloads(dsn) == everything
     # the good file again: nothing to restart

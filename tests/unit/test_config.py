@@ -262,6 +262,35 @@ def test_batch_linger_is_seconds_from_0_to_1_with_a_default_of_20_ms():
             + shown]
 
 
+def test_trigger_mode_settings_are_refused_in_client_mode():
+    assert problems(minimal(poll_interval=0.5, batch_linger=0.1)) == [
+        "Destinations.Test1.poll_interval: applies to trigger mode only (this destination is in client mode)",
+        "Destinations.Test1.batch_linger: applies to trigger mode only (this destination is in client mode)"]
+    assert problems(minimal(mode="client", batch_linger=0)) == [
+        "Destinations.Test1.batch_linger: applies to trigger mode only (this destination is in client mode)"]
+    dest = config.parse(minimal(mode="TRIGGER", queue=None, poll_interval=0.5, batch_linger=0.1)).destinations[0]
+    assert (dest.mode, dest.poll_interval, dest.batch_linger) == ("trigger", 0.5, 0.1)
+
+
+def test_numbers_and_nesting_beyond_what_python_converts_are_errors_of_the_file():
+    """These raised OverflowError, ValueError and RecursionError (a reload then ended the daemon)."""
+    huge = "9" * 400
+    good = yaml.safe_dump(minimal())
+    for text, expected in [
+        (good + "Defaults: {ledger_retention: %s}\n" % huge,
+         "Defaults.ledger_retention: expected a number of seconds >= 60"),
+        (yaml.safe_dump(minimal(mode="trigger", queue=None, poll_interval=int(huge))),
+         "Destinations.Test1.poll_interval: expected a number of seconds > 0"),
+        (good + "Defaults: {prefetch: '%s'}\n" % ("9" * 5000), "Defaults.prefetch: expected an integer 1-65535"),
+        (good + "Defaults: {prefetch: %s}\n" % ("9" * 5000), "<string>: YAML value cannot be read: Exceeds the limit"),
+        (good + "Locations: %s%s\n" % ("[" * 5000, "]" * 5000), "<string>: the YAML is nested too deeply"),
+        (good + "Locations: %s1%s\n" % ("{a: " * 3000, "}" * 3000), "<string>: the YAML is nested too deeply"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            config.loads(text)
+        assert str(info.value).startswith(expected), str(info.value)[:300]
+
+
 def test_bad_host_port():
     assert problems(minimal(stomp="localhost")) == [
         "Destinations.Test1.stomp: expected host:port, got 'localhost'"]
@@ -286,11 +315,43 @@ def test_free_form_sections_accept_any_key():
     assert cfg.logging == {"datefmt": "%H:%M"} and cfg.locations == {"whatever": 1}
 
 
+def test_logging_is_checked_before_the_daemon_starts_logging(tmp_path):
+    """Each of these passed the check and then ended golconded at start with a traceback (or, for
+    an unknown field, broke every log line); the 2009 release's format is still accepted."""
+    for section, expected in [
+        ({"filename": str(tmp_path)}, "Logging.filename: %r is a directory" % str(tmp_path)),
+        ({"filename": str(tmp_path / "no" / "x.log")}, "Logging.filename: the directory of"),
+        ({"filename": ["a", "b"]}, "Logging.filename: expected a file path, got a list"),
+        ({"format": "{message}"}, "Logging.format: expected a logging format"),
+        ({"format": 42}, "Logging.format: expected a logging format"),
+        ({"format": "%(nosuch)s"}, "Logging.format: expected a logging format"),
+        ({"datefmt": 5}, "Logging.datefmt: expected a time.strftime format"),
+        ({"filemode": "x"}, "Logging.filemode: expected 'a' (append) or 'w'"),
+        ({"levle": "debug"}, "Logging.levle: unknown key (did you mean 'level'?)"),
+    ]:
+        (line,) = problems({**minimal(), "Logging": section})
+        assert line.startswith(expected), line
+    old = {"filename": str(tmp_path / "log.txt"), "format": "%(levelname) -10s %(asctime)s %(message)s",
+           "level": "debug", "datefmt": "%H:%M", "filemode": "w"}
+    assert config.parse({**minimal(), "Logging": old}).logging["level"] == "DEBUG"
+
+
 def test_duplicate_queue_names_both_paths():
     mapping = minimal(Targets=target("t1", queue="/queue/golconde.test1"))
     assert problems(mapping) == [
         "Destinations.Test1.Targets.t1.queue: '/queue/golconde.test1' is also the queue of "
         "Destinations.Test1; every destination and target needs its own queue"]
+
+
+def test_amq_queue_and_queue_of_one_name_are_one_queue():
+    mapping = minimal(Targets=target("t1", queue="/amq/queue/golconde.test1"))
+    assert problems(mapping) == [
+        "Destinations.Test1.Targets.t1.queue: '/amq/queue/golconde.test1' is also the queue of "
+        "Destinations.Test1; every destination and target needs its own queue"]
+    mapping = minimal(dead_letter_queue="/amq/queue/golconde.t1", Targets=target("t1", queue="/queue/golconde.t1"))
+    assert problems(mapping) == [
+        "Destinations.Test1.dead_letter_queue: '/amq/queue/golconde.t1' is the queue of "
+        "Destinations.Test1.Targets.t1; a dead-letter queue must not be consumed"]
 
 
 def test_dead_letter_queue_must_not_be_consumed():
