@@ -202,7 +202,10 @@ class BrokerConnection:
             conn.connect(self._login, self._passcode, wait=False)
         except (stomp.exception.StompException, OSError) as exc:
             self.close()
-            raise BrokerError("cannot connect to STOMP broker %s: %s" % (self.address, exc or type(exc).__name__)) from None
+            # stomp.py's ConnectFailedException has no message: it logged the socket's error
+            reason = str(exc) or ("no connection accepted (is the broker running there?)"
+                                  if isinstance(exc, stomp.exception.ConnectFailedException) else type(exc).__name__)
+            raise BrokerError("cannot connect to STOMP broker %s: %s" % (self.address, reason)) from None
         _no_delay(conn)
         if not self._connected_event.wait(timeout) or not conn.is_connected():
             error = self.last_error or "no CONNECTED frame within %.0fs" % timeout

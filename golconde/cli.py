@@ -17,7 +17,7 @@ import sys
 from typing import Any, List, Optional
 
 from . import __version__
-from .errors import ConfigError, GolcondeError
+from .errors import ConfigError, GolcondeError, PacketError
 
 LOGGER = logging.getLogger("golconde")
 
@@ -52,8 +52,8 @@ def _syslog_handler(ident: str) -> logging.Handler:
 
 
 def setup_logging(settings: Optional[dict], verbose: bool = False, foreground: bool = True) -> None:
-    """Configure logging from the YAML ``Logging`` section (``filename``, ``format``, ``level``,
-    ``handler``: ``stderr``, ``file`` (the default when ``filename`` is set), ``syslog`` or
+    """Configure logging from the YAML ``Logging`` section (``filename``, ``filemode``, ``format``,
+    ``datefmt``, ``level``, ``handler``: ``stderr``, ``file`` (the default when ``filename`` is set), ``syslog`` or
     ``journald`` - both through :data:`SYSLOG_ADDRESS`, without the time stamp, which syslog adds)."""
     settings = dict(settings or {})
     level_name = "debug" if verbose else str(settings.get("level", "info"))
@@ -69,10 +69,10 @@ def setup_logging(settings: Optional[dict], verbose: bool = False, foreground: b
         if not settings.get("format") and isinstance(handler, logging.handlers.SysLogHandler):
             fmt = "%(levelname)s %(threadName)s %(name)s: %(message)s"
     elif filename:
-        handler = logging.handlers.WatchedFileHandler(filename)
+        handler = logging.handlers.WatchedFileHandler(filename, mode=settings.get("filemode") or "a")
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(logging.Formatter(fmt, settings.get("datefmt")))
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("stomp").setLevel(logging.WARNING if not verbose else logging.INFO)
@@ -135,6 +135,14 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
         print("golconded: already running as pid %d (pid file %s)" % (running, args.pidfile),
               file=sys.stderr)
         return 1
+    filename = (config.logging or {}).get("filename")
+    if filename and (config.logging or {}).get("handler") in (None, "file"):
+        try:        # before daemonizing, which closes stderr: say it here
+            open(filename, "a").close()
+        except OSError as exc:
+            print("golconded: cannot open the log file %s (Logging.filename): %s"
+                  % (filename, exc.strerror or exc), file=sys.stderr)
+            return 2
     if not args.foreground:
         return _daemonize(daemon, config, args)
     setup_logging(config.logging, args.verbose)
@@ -202,7 +210,8 @@ def admin_main(argv: Optional[List[str]] = None) -> int:
     trig.add_argument("operation", choices=["install", "remove"])
     trig.add_argument("--dsn", help="libpq DSN of the canonical database (default: the destination's pgsql)")
     trig.add_argument("--table", action="append", help="[schema.]table (repeatable; default: the destination's target)")
-    trig.add_argument("--destination", required=True, help="destination name (as in the configuration)")
+    trig.add_argument("--destination", required=True, type=_destination_name,
+                      help="destination name (as in the configuration)")
     trig.add_argument("--actions", help="comma-separated subset of insert,update,delete (default: all)")
     trig.add_argument("-c", "--config", help="take --dsn/--table from this configuration")
 
@@ -224,7 +233,7 @@ def admin_main(argv: Optional[List[str]] = None) -> int:
     stat.add_argument("--destination", help="only this destination")
     stat.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     stat.add_argument("--url", help="the daemon's HTTP server (default: from HTTPServer)")
-    stat.add_argument("--management-url", default=None,
+    stat.add_argument("--management-url", type=_http_url, default=None,
                       help="RabbitMQ management API (default http://<broker host>:15672; "
                            "'' = backlog from the daemon only)")
     stat.add_argument("--interval", type=float, default=1.0,
@@ -236,14 +245,15 @@ def admin_main(argv: Optional[List[str]] = None) -> int:
     dlq.add_argument("-c", "--config", default=None)
     dlq.add_argument("--destination", help="use this destination's dead-letter queue")
     dlq.add_argument("--target", help="with --destination: that target's dead-letter queue")
-    dlq.add_argument("--queue", help="the dead-letter queue itself, e.g. /queue/golconde.x.dlq")
-    dlq.add_argument("--limit", type=int, default=None,
+    dlq.add_argument("--queue", type=_queue_name,
+                     help="the dead-letter queue itself, e.g. /queue/golconde.x.dlq")
+    dlq.add_argument("--limit", type=_count, default=None,
                      help="at most N packets (list: default 100; replay, purge: default all)")
     dlq.add_argument("--id", action="append", help="only the packet with this golconde-id (repeatable)")
     dlq.add_argument("--json", action="store_true", help="print JSON")
     dlq.add_argument("--yes", action="store_true", help="purge: confirm dropping the packets")
-    dlq.add_argument("--body-limit", type=int, default=200, help="list: body characters shown")
-    dlq.add_argument("--management-url", default=None,
+    dlq.add_argument("--body-limit", type=_count, default=200, help="list: body characters shown")
+    dlq.add_argument("--management-url", type=_http_url, default=None,
                      help="RabbitMQ management API (default http://<broker host>:15672; "
                           "'' = STOMP only)")
 
@@ -257,6 +267,43 @@ def admin_main(argv: Optional[List[str]] = None) -> int:
     except GolcondeError as exc:
         print("golconde: %s" % exc, file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError("expected an integer >= 0, got %r" % text)
+    return value
+
+
+def _http_url(text: str) -> str:
+    """argparse type: an http(s) URL with a host, or '' (none)."""
+    import urllib.parse
+    parts = urllib.parse.urlsplit(text)
+    if text and (parts.scheme not in ("http", "https") or not parts.hostname):
+        raise argparse.ArgumentTypeError("expected an http:// or https:// URL (or ''), got %r" % text)
+    return text
+
+
+def _queue_name(text: str) -> str:
+    """argparse type: a queue as the configuration names them (``/queue/...``, ``/amq/queue/...``)."""
+    from .config import QUEUE_RE
+    if not QUEUE_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError("expected /queue/<name> or /amq/queue/<name>, got %r" % text)
+    return text
+
+
+def _destination_name(text: str) -> str:
+    """argparse type: a destination name the configuration accepts (so its drain can exist)."""
+    from .config import NAME_RE
+    if not NAME_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError("expected letters, digits, '_', '.' or '-' (a destination name"
+                                         " of the configuration), got %r" % text)
+    return text
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -282,7 +329,11 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
         tables = tables or [matches[0].target]
     actions = [a.strip().lower() for a in args.actions.split(",")] if args.actions else None
     from .progress import echo, progress
-    conn = psycopg2.connect(dsn)
+    try:
+        conn = psycopg2.connect(dsn)
+    except psycopg2.Error as exc:
+        print("golconde: cannot connect to the canonical database: %s" % trigger.first_line(exc), file=sys.stderr)
+        return 1
     status = 0
     try:
         for number, table in enumerate(progress(tables, "trigger " + args.operation, unit="table"), 1):
@@ -293,13 +344,15 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
             else:
                 echo("[%d/%d] %s" % (number, len(tables), trigger.remove(conn, table, args.destination)))
                 conn.commit()
-    except GolcondeError as exc:
+    except (GolcondeError, psycopg2.Error) as exc:
         conn.rollback()
-        print("golconde: %s" % exc, file=sys.stderr)
+        reason = exc if isinstance(exc, GolcondeError) else "database error: " + trigger.first_line(exc)
+        print("golconde: %s" % reason, file=sys.stderr)
         status = 1
     finally:
         conn.close()
     return status
+
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -335,12 +388,31 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
-    from .client import Client
+    from .client import Client, packet_text
+    from .packet import parse
     config = _load_config(args.config or default_config_path(), "golconde")
-    lines = args.packets or [line for line in sys.stdin.read().splitlines() if line.strip()]
+    if args.packets:
+        packets = [("argument %d" % number, text) for number, text in enumerate(args.packets, 1)]
+    else:
+        try:        # bytes, strictly: a text stream may have replaced bytes that are not UTF-8
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PacketError("standard input is not UTF-8 text: %s at byte %d" % (exc.reason, exc.start)) from None
+        # lines end at "\n" only: str.splitlines() also splits at U+2028 and others, which JSON
+        # strings may hold unescaped
+        packets = [("line %d" % number, line.rstrip("\r")) for number, line in enumerate(text.split("\n"), 1)
+                   if line.strip()]
+    parsed = []
+    for where, text in packets:     # all checked before anything is sent
+        try:
+            packet = parse(text)
+            packet_text(packet)
+        except PacketError as exc:
+            raise PacketError("packet of %s: %s" % (where, exc)) from None
+        parsed.append(packet)
     with Client.for_destination(config, args.destination) as client:
         with client.batch():
-            ids = [client.send(line) for line in lines]
+            ids = [client.send(packet) for packet in parsed]
     print("sent %d packet(s) to %s" % (len(ids), args.destination))
     return 0
 

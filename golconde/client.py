@@ -86,6 +86,23 @@ class PacketGroup:
         self.send({"action": "delete", "restriction": dict(restriction)})
 
 
+def packet_text(item: Union[Packet, Group]) -> str:
+    """The JSON text a packet or group travels as.
+
+    :raises PacketError: the text holds a lone surrogate (a JSON ``"\\ud800"`` escape, or bytes
+        that were not UTF-8 read with ``surrogateescape``), which is no Unicode: stomp.py would
+        send it as ``?``.
+    """
+    text = item.to_json()
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PacketError("packet text is not valid Unicode (%s at character %d): %.100s"
+                          % (exc.reason, exc.start, text.encode("utf-8", "backslashreplace")
+                             .decode("ascii", "replace"))) from None
+    return text
+
+
 class Client:
     """A connection to one destination queue.
 
@@ -207,7 +224,7 @@ class Client:
         entries: List[Entry] = []
         created = "%.3f" % time.time()
         for item in items:
-            entries.append((ledger.new_packet_id(), item.to_json(), created))
+            entries.append((ledger.new_packet_id(), packet_text(item), created))
         if self._pending is not None:
             self._pending.extend(entries)
         else:

@@ -251,7 +251,7 @@ def schema_state(conn: psycopg2.extensions.connection) -> str:
             if exc.pgcode == "42501":   # this role may not look: assume it is fine
                 return "current"
             LOGGER.warning("golconde.capture() is in C, but its library cannot be used here: %s",
-                           _first_line(exc))
+                           first_line(exc))
             return "old"
         if loaded != CAPTURE_VERSION:
             LOGGER.warning("golconde.capture() is in C, but its library is version %s, not %d",
@@ -260,7 +260,9 @@ def schema_state(conn: psycopg2.extensions.connection) -> str:
         return "current"
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (psycopg2 adds LINE, DETAIL and HINT lines), or
+    its type's name when it has none."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
 
@@ -307,7 +309,7 @@ def install(conn: psycopg2.extensions.connection, relation: str, destination: st
         except psycopg2.Error as exc:
             if state == "missing":
                 raise
-            LOGGER.warning("capture schema golconde (%s) not upgraded: %s", state, _first_line(exc))
+            LOGGER.warning("capture schema golconde (%s) not upgraded: %s", state, first_line(exc))
     with _transaction(conn) as cur:
         keys = _table_key(cur, schema, table, qualified)
         if not keys and events != ("INSERT",):   # the key was dropped meanwhile

@@ -38,10 +38,15 @@ def test_bad_configuration_is_one_clear_error_before_connecting(tmp_path):
 def test_unknown_handler_is_a_configuration_error(tmp_path):
     mapping = make_config("dbname=x", {"t1": "dbname=y"}, "friendships", name="Test1")
     mapping["Destinations"]["Test1"]["function_name"] = "no_such_module.Handler"
+    mapping["Destinations"]["Test1"]["Targets"]["t1"]["settings"] = {"unknown_columns": "maybe"}
     path = write_config(str(tmp_path / "handler.yaml"), mapping)
     result = run("golconde.daemon_entry", "--check", "-c", path)
     assert result.returncode == 2
-    assert "no_such_module" in result.stderr
+    # every listener's problem, each under its key path (only the first was shown, without one)
+    assert "Destinations.Test1: function_name 'no_such_module.Handler': module no_such_module not found" \
+        in result.stderr
+    assert "Destinations.Test1.Targets.t1: settings.unknown_columns: expected one of error, ignore" \
+        in result.stderr
 
 
 def test_example_configuration_validates():
@@ -87,6 +92,43 @@ def test_send_validates_packets(make_database, tmp_path):
     result = run("golconde.cli", "send", "-c", path, "--destination", name,
                  '{"action": "merge", "data": {"a": 1}}')
     assert result.returncode == 1 and "unknown action" in result.stderr
+
+
+def test_bad_input_to_the_commands_is_a_clear_error_naming_it(make_database, tmp_path):
+    """Each of these was a traceback, a silent "?" in place of the text, or an option taken as
+    it was (from a review); every packet is checked before any is sent."""
+    mapping = make_config("dbname=golconde_no_such_database", {"t1": "dbname=unused2"}, "items")
+    mapping["Destinations"][list(mapping["Destinations"])[0]]["stomp"] = "127.0.0.1:1"   # never reached
+    path = write_config(str(tmp_path / "s.yaml"), mapping)
+    name = list(mapping["Destinations"])[0]
+    send = [sys.executable, "-m", "golconde.cli", "send", "-c", path, "--destination", name]
+    lines = b'{"action": "add", "data": {"a": 1}}\n\n{"action": "add", "data": {"a": "\xff"}}\n'
+    result = subprocess.run(send, input=lines, capture_output=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 1 and b"standard input is not UTF-8 text: invalid start byte" in result.stderr
+    result = run("golconde.cli", *send[3:], stdin='{"action": "add", "data": {"a": 1}}\n\n{"action": "bogus"}\n')
+    assert result.returncode == 1 and "packet of line 3: unknown action 'bogus'" in result.stderr, result.stderr
+    result = run("golconde.cli", *send[3:], '{"action": "add", "data": {"a": "\\ud800"}}')
+    assert result.returncode == 1, result.stderr
+    assert "packet of argument 1: packet text is not valid Unicode (surrogates not allowed" in result.stderr
+    # lines end at "\n" only: U+2028 is a character of a JSON string, so both packets are good
+    result = run("golconde.cli", *send[3:], stdin='{"action": "add", "data": {"a": "x\u2028y"}}\r\n'
+                                                  '{"action": "add", "data": {"a": 1}}\n')
+    assert result.returncode == 1 and "no connection accepted (is the broker running there?)" in result.stderr
+    result = run("golconde.cli", "trigger", "install", "-c", path, "--destination", name)
+    assert result.returncode == 1, result.stderr
+    assert 'cannot connect to the canonical database: connection to server' in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run("golconde.cli", "trigger", "install", "--dsn", "garbage", "--table", "t", "--destination", name)
+    assert result.returncode == 1 and "cannot connect to the canonical database: invalid dsn" in result.stderr
+    canonical = make_database()
+    result = run("golconde.cli", "trigger", "install", "--dsn", canonical, "--table", "t", "--destination", 'x"; drop')
+    assert result.returncode == 2 and "argument --destination: expected letters, digits" in result.stderr
+    for option, value, message in [("--queue", "garbage", "expected /queue/<name> or /amq/queue/<name>"),
+                                   ("--limit", "-3", "expected an integer >= 0, got '-3'"),
+                                   ("--body-limit", "x", "expected an integer >= 0, got 'x'"),
+                                   ("--management-url", "not-a-url", "expected an http:// or https:// URL")]:
+        result = run("golconde.cli", "dlq", "purge", "-c", path, "--destination", name, option, value)
+        assert result.returncode == 2 and message in result.stderr, (option, result.stderr)
 
 
 def test_send_enqueues_confirmed_packets(broker, tmp_path):
