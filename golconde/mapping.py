@@ -381,9 +381,11 @@ def _json_value(value: Any) -> Any:
 
 
 def _is_scalar(value: Any) -> bool:
+    """A string or a finite number (not a boolean, which Python counts as an int: ordered
+    operators would then refuse every packet's value)."""
     if isinstance(value, float):
         return math.isfinite(value)
-    return isinstance(value, (str, int, Decimal))
+    return isinstance(value, (str, int, Decimal)) and not isinstance(value, bool)
 
 
 def _show(value: Any) -> str:

@@ -63,6 +63,8 @@ def test_yaml_dates_become_iso_text():
     ({"columns": {"a": "x", "b": "X"}}, PATH + ".columns.b: renames to 'X', as columns.a already does"),
     ({"filter": {"doc": {"eq": {"k": 1}}}}, PATH + ".filter.doc.eq: expected a string or a number or a boolean, got a mapping"),
     ({"filter": {"tags": {"gt": [1]}}}, PATH + ".filter.tags.gt: expected a string or a number, got a list"),
+    ({"filter": {"z": {"gt": True}}}, PATH + ".filter.z.gt: expected a string or a number, got True"),
+    ({"filter": {"z": {"lte": False}}}, PATH + ".filter.z.lte: expected a string or a number, got False"),
     ({"filter": {"a": {"in": [[1], 2]}}}, PATH + ".filter.a.in: expected strings, numbers or booleans, got a list"),
     ({"filter": {"a": {"in": []}}}, PATH + ".filter.a.in: expected a non-empty list of values, got a list"),
     ({"filter": {"a": {"in": 3}}}, PATH + ".filter.a.in: expected a non-empty list of values, got 3"),
