@@ -148,3 +148,17 @@ def test_apply_path_benchmark_prints_cpu_per_packet_for_each_role_and_batch():
         figures = [float(x) for x in row[2:] if x != "/"]
         assert len(figures) == 6 and all(f > 0 for f in figures), row
         assert all(figures[i] <= figures[i + 1] * 1.05 for i in (0, 2, 4)), row
+
+
+def test_drain_benchmark_prints_the_cluster_cpu_of_each_way_of_draining(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.drain", "--rows", "2000", "--rounds", "1",
+                             "--port", str(PORT + 2), "--workdir", WORKDIR], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("machine: %d cores" % os.cpu_count())
+    runs = [line.split() for line in lines if line.startswith("round ")]
+    assert [(r[1], r[2]) for r in runs] == [("1", "delete"), ("1", "read")]
+    assert runs[0][-1] == "0"               # the deleting drain (golconded's) misses nothing
+    assert all(float(r[5]) > 0 for r in runs), runs
+    assert lines[-1].startswith("median cluster CPU per row: delete ")
