@@ -233,7 +233,8 @@ class Client:
 
     def messages(self, entries: Sequence[Entry]) -> List[Outgoing]:
         """The broker messages for ``entries`` = ``[(packet_id, packet_json_text, created), ...]``:
-        batch messages (:func:`golconde.envelope.encode`, header ``golconde-batch``) when
+        batch messages (:func:`golconde.envelope.encode`, headers ``golconde-batch`` and
+        ``golconde-created-at``, that of its first entry) when
         :attr:`batch_messages` is set and there are several, else one message per packet with its
         ``golconde-id`` and ``golconde-created-at`` headers. Every message is JSON, persistent
         (set by the connection) and carries ``reply-to`` when the client has one."""
@@ -241,8 +242,10 @@ class Client:
         if self.reply_to:
             common["reply-to"] = self.reply_to
         if self.batch_messages and len(entries) > 1:
-            return [(self.queue, body, dict(common, **{envelope.BATCH_HEADER: str(count)}))
-                    for body, count in envelope.encode(entries)]
+            return [(self.queue, body, dict(common, **{envelope.BATCH_HEADER: str(count),
+                                                       CREATED_HEADER: created}))
+                    for body, count, created in envelope.with_created(entries,
+                                                                      envelope.encode(entries))]
         return [(self.queue, text, dict(common, **{ID_HEADER: pid, CREATED_HEADER: created}))
                 for pid, text, created in entries]
 

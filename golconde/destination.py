@@ -9,8 +9,11 @@
   (``sql/triggers/``) write packets into ``golconde.queue`` inside the writing transaction; this
   listener drains that table (polling every ``poll_interval`` seconds while it is empty, at once
   while it is not, or when woken by ``NOTIFY golconde``), sends each batch to
-  every target queue with confirmed persistent sends, and only then deletes exactly the rows it
-  sent, so a change committed late with a smaller id is picked up by the next round.
+  every target queue with confirmed persistent sends, and only then records how far it got
+  (``golconde.drain_position``). It deletes nothing row by row: it reads the queue in windows
+  between transaction snapshots (:class:`golconde.trigger.DrainPosition`), so a change committed
+  late with a smaller id is picked up by the next window, and now and then truncates a partition
+  every destination has sent (:func:`golconde.trigger.rotate_queue`).
 """
 from __future__ import annotations
 
@@ -19,15 +22,16 @@ import re
 import select
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 
 from . import envelope, ledger, trigger
 from .apply import APPLIED, DEAD_LETTER, DUPLICATE, Outcome
-from .broker import (CREATED_HEADER, ID_HEADER, BrokerConnection, Delivery, Outgoing, Receipt,
-                     send_all_async)
+from .broker import (CREATED_HEADER, ID_HEADER, BrokerConnection, BrokerError, Delivery, Outgoing,
+                     Receipt, send_all_async)
 from .errors import GolcondeError, PacketError, StopListener, describe
 from .listener import Confirmations, Listener, QueueConsumer
 from .packet import dumps, parse
@@ -39,6 +43,15 @@ LOGGER = logging.getLogger(__name__)
 QUEUE_RETRY = 10.0
 #: Seconds between backlog counts of the queue table.
 BACKLOG_INTERVAL = 5.0
+#: Seconds between attempts to truncate sent partitions of the queue table.
+ROTATE_INTERVAL = 10.0
+#: Seconds between writes of the drain's confirmed position while batches flow (each write is a
+#: commit on the canonical database; a crash re-sends at most this much more, which the targets'
+#: ledgers recognise). Once idle, the position is written at once.
+SAVE_INTERVAL = 0.25
+#: Seconds a partition may stay untruncated because of another destination's rows before a
+#: drain deletes its own sent rows there (golconde.trigger.delete_sent).
+ROTATE_PATIENCE = 300.0
 #: Trigger mode: poll interval (s) while packets flowed within the last BUSY_SECONDS s.
 BUSY_POLL, BUSY_SECONDS = 0.01, 1.0
 #: Header of a client message naming the queue where its outcome is to be sent.
@@ -66,12 +79,13 @@ class FanOut:
         if not packets or not self.routes:
             return 0, []
         by_connection: Dict[int, Tuple[BrokerConnection, List[Outgoing]]] = {}
-        messages = list(envelope.encode(packets))
+        messages = envelope.with_created(packets, envelope.encode(packets))
         for target, connection in self.routes:
             slot = by_connection.setdefault(id(connection), (connection, []))
-            for body, count in messages:
+            for body, count, created in messages:
                 slot[1].append((target.queue, body, {
                     envelope.BATCH_HEADER: str(count),
+                    CREATED_HEADER: created,
                     "golconde-destination": self.destination.name,
                     "content-type": "application/json"}))
         return len(packets) * len(self.routes), send_all_async(by_connection.values())
@@ -90,6 +104,15 @@ class ClientDestination(QueueConsumer):
     def __init__(self, config: Any, stats: ThreadStats) -> None:
         super().__init__(config, stats, role="destination")
         self.fanout = FanOut(self, config)
+        #: replies go on a connection of their own: a refused reply (a queue declared with other
+        #: arguments, no write permission) makes RabbitMQ close the connection it came on
+        self._replies: Optional[BrokerConnection] = None
+
+    def close(self) -> None:
+        replies, self._replies = self._replies, None
+        if replies is not None:
+            replies.close()
+        super().close()
 
     def after_commit(self, batch: Sequence[Delivery], items: Sequence[Tuple[str, bytes]],
                      outcomes: Sequence[Outcome]) -> None:
@@ -113,8 +136,9 @@ class ClientDestination(QueueConsumer):
 
         A ``reply-to`` that is not a queue, or that names a queue or dead-letter queue of this
         destination or of its targets, is refused (logged): a reply must never be consumed as a
-        packet. :raises BrokerError: the broker did not confirm (nothing is acked; on redelivery
-        the reply is sent again, with status ``duplicate``).
+        packet. Replies are best effort: when the broker refuses or does not confirm them, that
+        is logged and the batch is acked all the same (its packets are applied and fanned out;
+        a reply is not worth their coming back for ever).
         """
         own = {self.config.queue, self.config.dead_letter_queue}
         for target in self.config.targets:
@@ -133,15 +157,38 @@ class ClientDestination(QueueConsumer):
             replies.append((reply_to, dumps(body), {ID_HEADER: pid,
                                                      "golconde-destination": self.config.name,
                                                      "content-type": "application/json"}))
-        if replies:
-            self.dead_letter_broker.send_confirmed(replies)
+        if replies and not self._send_replies(replies, log=len(replies) == 1) and len(replies) > 1:
+            for reply in replies:       # one was refused: the others one by one
+                self._send_replies([reply], log=True)
+
+    def _send_replies(self, replies: List[Outgoing], log: bool) -> bool:
+        """Send ``replies`` confirmed on the replies' connection (opened when needed).
+        :returns: False when the broker refused them or did not answer (logged when ``log``; the
+            connection is closed, to be opened again for the next replies)."""
+        try:
+            if self._replies is None:
+                self._replies = BrokerConnection.from_config(self.config.stomp,
+                                                             name=self.name + ":reply")
+            if not self._replies.connected:
+                self._replies.connect()
+            self._replies.send_confirmed(replies)
+            return True
+        except BrokerError as exc:
+            if log:
+                LOGGER.warning("[%s] reply to %s not sent: %s", self.name,
+                               ", ".join(sorted({reply[0] for reply in replies}))[:300],
+                               describe(exc))
+            if self._replies is not None:
+                self._replies.close()
+            return False
 
 
 @dataclass
 class _InFlight:
     """A batch drained from ``golconde.queue`` and sent, awaiting the broker's confirmation."""
 
-    ids: List[int]                 # queue rows to delete once confirmed (dead letters included)
+    rows: int                      # queue rows sent (dead letters included)
+    after: trigger.DrainPosition   # the drain's position once it is confirmed
     fanned_out: int                # packets sent, counting each target
     packets: List[Any]             # the parsed packets sent (for the per-action counts)
     dead: int                      # rows dead-lettered (already confirmed)
@@ -169,6 +216,14 @@ class TriggerDestination(Listener):
         #: (see :meth:`_next_limit`)
         self._fetch_limit = config.batch_size
         self._in_flight: Confirmations[_InFlight] = Confirmations()
+        #: where the next fetch starts, and what the broker confirmed (saved in the database)
+        self._position = self._confirmed = trigger.DrainPosition()
+        self._saved = True
+        self._last_save = 0.0
+        self._last_rotate = time.monotonic()
+        self._blocked_since: Dict[str, float] = {}
+        self._blocked_warned: Set[str] = set()
+        self._may_truncate = True
 
     def ready(self) -> bool:
         return (super().ready() and self.locked and self.listen_db is not None
@@ -197,21 +252,32 @@ class TriggerDestination(Listener):
                 LOGGER.warning("[%s] another process holds the drain lock; waiting", self.name)
                 self._stopping.wait(self.config.poll_interval)
                 return
+            # the saved position: another process may have drained while this one had no lock
+            with self.db.cursor() as cur:
+                self._position = self._confirmed = trigger.load_position(cur, self.config.name)
+            self._saved = True
         self.stats.set_error(None)
 
     def _require_queue_table(self) -> None:
         """The daemon never runs DDL on the canonical database (it could queue behind the
         application's transactions); ``golconde trigger install`` creates the queue table."""
         with self.db.cursor() as cur:
-            cur.execute("SELECT to_regclass('golconde.queue') IS NOT NULL")
-            present = cur.fetchone()[0]
+            cur.execute("SELECT to_regclass('golconde.queue') IS NOT NULL,"
+                        " to_regclass('golconde.drain_position') IS NOT NULL")
+            present, current = cur.fetchone()
         if not present:
             raise StopListener("golconde.queue does not exist in the canonical database of %s: run"
                                " 'golconde trigger install --destination %s' first"
                                % (self.config.name, self.config.name), retry_after=QUEUE_RETRY)
+        if not current:
+            raise StopListener("the capture schema in the canonical database of %s is older than"
+                               " this golconded (no golconde.drain_position): run 'golconde trigger"
+                               " install --destination %s' to upgrade it"
+                               % (self.config.name, self.config.name), retry_after=QUEUE_RETRY)
 
     def reset(self) -> None:
-        self._in_flight.clear()             # not deleted: fetched and sent again
+        self._in_flight.clear()             # fetched and sent again from the confirmed position
+        self._position = self._confirmed
         super().reset()
         if self.db is None:
             self.locked = False
@@ -224,7 +290,8 @@ class TriggerDestination(Listener):
     def close(self) -> None:
         if self._in_flight and self.db is not None:
             try:
-                self._settle(keep=0)        # delete what the broker confirmed before leaving
+                self._settle(keep=0)        # save what the broker confirmed before leaving
+                self._save()
             except (GolcondeError, psycopg2.Error) as exc:
                 LOGGER.warning("[%s] unconfirmed sends at stop (sent again later): %s", self.name,
                                describe(exc))
@@ -241,17 +308,18 @@ class TriggerDestination(Listener):
                 pass
 
     def cycle(self) -> None:
-        """One round: settle confirmed batches, fetch the next one (skipping the rows in flight),
+        """One round: settle confirmed batches, fetch the next one (after the rows in flight),
         dead-letter what cannot be parsed, send the rest to every target without waiting.
 
         Pipelined like the client flow's acks: up to :attr:`max_pipeline` batches are in flight;
-        a batch's rows are deleted only once the broker confirmed all of its messages, so a
-        crash or a lost connection before that re-sends them (the targets' ledgers drop the
+        the position after a batch is saved only once the broker confirmed all of its messages,
+        so a crash or a lost connection before that re-sends them (the targets' ledgers drop the
         duplicates). Waiting for each confirmation before fetching again cost most of a round.
         """
         if not self.locked:
             return
         self._settle(keep=self.max_pipeline - 1)
+        self._rotate()
         since = time.monotonic() - self._last_fetch
         linger = self.config.batch_linger
         if self._partial and since < linger:
@@ -260,17 +328,19 @@ class TriggerDestination(Listener):
             # batches grow with the load, and latency grows by at most this much
             self._wait_for_notify(linger - since)
         self._last_fetch = time.monotonic()
-        in_flight = [row_id for batch in self._in_flight for row_id in batch.ids]
         limit = self._fetch_limit
         with self.db.cursor() as cur:
-            rows = trigger.fetch_batch(cur, self.config.name, limit,
-                                       max_bytes=self.config.batch_bytes, exclude=in_flight)
+            rows, after = trigger.fetch_window(cur, self.config.name, self._position, limit,
+                                               max_bytes=self.config.batch_bytes)
+        self._position = after
         full = len(rows) >= limit or rows.cut_by_bytes
         self._partial = bool(rows) and not full
         self._fetch_limit = self._next_limit(limit, len(rows), rows.cut_by_bytes)
         if not rows:
             self._settle(keep=len(self._in_flight))     # only what is confirmed: no waiting
             if not self._in_flight:
+                self._save()                # what the last batches confirmed
+                self._confirmed = after     # an empty window: not worth a write of its own
                 self.stats.set_backlog(0)   # nothing committed is waiting: no count(*) needed
                 self.stats.set_lag(0.0)
             # while packets flow, poll every BUSY_POLL s (low lag); once idle, every poll_interval
@@ -293,13 +363,16 @@ class TriggerDestination(Listener):
                    for row, _ in good]
         self.stats.count("received", len(rows))
         if dead:
+            now = "%.3f" % time.time()
             self.dead_letter_broker.send_confirmed([
                 (self.config.dead_letter_queue, _dead_body(row),
                  {ID_HEADER: _queued_id(row), "golconde-reason": reason[:1000],
                   "golconde-original-queue": "golconde.queue", "golconde-consumer": self.name,
+                  "golconde-dead-lettered-at": now,
+                  CREATED_HEADER: "%.3f" % row.created_at.timestamp(),
                   "content-type": "application/json"}) for row, reason in dead])
         count, receipts = self.fanout.send_async(packets)
-        self._in_flight.add(receipts, _InFlight([row.id for row in rows], count,
+        self._in_flight.add(receipts, _InFlight(len(rows), after, count,
                                                 [packet for _, packet in good], len(dead), started,
                                                 rows[-1].created_at.timestamp()))
         if not full:
@@ -321,26 +394,28 @@ class TriggerDestination(Listener):
         return self.config.batch_size
 
     def _settle(self, keep: int) -> None:
-        """Delete the rows of the batches the broker confirmed, oldest first, each in its own
-        transaction; wait for the oldest while more than ``keep`` are in flight.
+        """Save the position after the batches the broker confirmed, oldest first, each in its
+        own transaction; wait for the oldest while more than ``keep`` are in flight.
 
         :raises BrokerError: a send was refused or not confirmed (the supervising loop resets the
-            listener: the rows are still queued and are sent again).
-        :raises psycopg2.Error: a DELETE failed (the rows are still queued, as above).
+            listener: the drain goes back to the confirmed position and sends the rows again).
+        :raises psycopg2.Error: the position could not be saved (sent again, as above).
         """
         self._in_flight.settle(keep, self._finish)
 
     def _finish(self, batch: _InFlight) -> None:
-        """A confirmed batch: delete its rows (one statement, its own transaction) and count it."""
-        with self.db.cursor() as cur:
-            trigger.delete_batch(cur, self.config.name, batch.ids)
+        """A confirmed batch: its position is the confirmed one, saved (one statement, its own
+        transaction) at most every SAVE_INTERVAL s; count it."""
+        self._confirmed, self._saved = batch.after, False
+        if time.monotonic() - self._last_save >= SAVE_INTERVAL:
+            self._save()
         self.stats.count("fanned_out", batch.fanned_out)
         for packet in batch.packets:
             self.stats.count(packet.action.value)
         self.stats.count("applied", len(batch.packets))
         self.stats.count("dead_lettered", batch.dead)
         self.stats.count("errors", batch.dead)
-        self.stats.observe_duration(time.monotonic() - batch.started, packets=len(batch.ids))
+        self.stats.observe_duration(time.monotonic() - batch.started, packets=batch.rows)
         self.stats.set_lag(max(0.0, time.time() - batch.created))
 
     def _update_backlog(self) -> None:
@@ -350,10 +425,71 @@ class TriggerDestination(Listener):
             return
         self._last_backlog = now
         with self.db.cursor() as cur:
-            count, oldest = trigger.backlog(cur, self.config.name)
+            count, oldest = trigger.backlog(cur, self.config.name, self._position)
         self.stats.set_backlog(count)
         if not count:
             self.stats.set_lag(0.0)
+
+    def _save(self) -> None:
+        """Write the confirmed position to ``golconde.drain_position`` if it is not there yet."""
+        if not self._saved:
+            with self.db.cursor() as cur:
+                trigger.save_position(cur, self.config.name, self._confirmed)
+            self._saved, self._last_save = True, time.monotonic()
+
+    def _rotate(self) -> None:
+        """At most every ROTATE_INTERVAL s: truncate the partitions of the queue every destination
+        has sent (:func:`golconde.trigger.rotate_queue`). Where this
+        role may not truncate, or another destination has kept a partition from being truncated
+        for ROTATE_PATIENCE s (a destination no daemon drains any more, say), delete this
+        destination's sent rows instead (:func:`golconde.trigger.delete_sent`)."""
+        now = time.monotonic()
+        if now - self._last_rotate < ROTATE_INTERVAL:
+            return
+        self._last_rotate = now
+        self._save()
+        delete = not self._may_truncate
+        if self._may_truncate:
+            try:
+                rotation = trigger.rotate_queue(self.db)
+            except psycopg2.errors.InsufficientPrivilege as exc:
+                LOGGER.warning("[%s] may not truncate the queue's partitions (%s): deleting the"
+                               " rows it sent instead", self.name, trigger.first_line(exc))
+                self._may_truncate, delete = False, True
+            except psycopg2.Error as exc:
+                if self.db.closed:
+                    raise               # the connection: the listener reconnects
+                # housekeeping: never a reason to stop draining (tried again in ROTATE_INTERVAL)
+                LOGGER.warning("[%s] the queue's partitions could not be rotated: %s", self.name,
+                               trigger.first_line(exc))
+                return
+            else:
+                for name in rotation.truncated:
+                    LOGGER.info("[%s] %s truncated: every destination had sent its rows",
+                                self.name, name)
+                blocked = dict(rotation.blocked)
+                for name in list(self._blocked_since):
+                    if name not in blocked:
+                        del self._blocked_since[name]
+                        self._blocked_warned.discard(name)
+                for name, other in blocked.items():
+                    since = self._blocked_since.setdefault(name, now)
+                    if other != self.config.name and now - since >= ROTATE_PATIENCE:
+                        if name not in self._blocked_warned:     # once per partition and spell
+                            self._blocked_warned.add(name)
+                            LOGGER.warning("[%s] %s has not been truncated for %.0f s: destination"
+                                           " %s has not sent its rows there (is it drained?);"
+                                           " deleting the rows %s sent instead", self.name, name,
+                                           now - since, other, self.config.name)
+                        delete = True
+        if delete:
+            try:
+                trigger.delete_sent(self.db, self.config.name, self._confirmed)
+            except psycopg2.Error as exc:
+                if self.db.closed:
+                    raise
+                LOGGER.warning("[%s] could not delete the rows it sent: %s", self.name,
+                               trigger.first_line(exc))
 
     def _wait_for_notify(self, timeout: float) -> None:
         conn = self.listen_db

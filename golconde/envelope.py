@@ -16,7 +16,7 @@ a plain packet message with its own ``golconde-id``) and, when the batch message
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, List, Mapping, Sequence, Tuple
+from typing import Any, Iterable, Iterator, List, Mapping, Sequence, Tuple
 
 from .errors import PacketError
 from .packet import dumps, loads
@@ -49,6 +49,18 @@ def encode(entries: Sequence[Tuple[str, str, str]]) -> Iterator[Tuple[str, int]]
         yield '{"batch":[' + ",".join(parts) + "]}", len(parts)
 
 
+def with_created(entries: Sequence[Tuple[str, str, str]],
+                 messages: Iterable[Tuple[str, int]]) -> List[Tuple[str, int, str]]:
+    """``(body, count, created)`` for each of ``messages`` (:func:`encode` of ``entries``):
+    ``created`` is that of the message's first entry, which goes in its ``golconde-created-at``
+    header, so that a receiver knows how old a batch message is without decoding it."""
+    result, start = [], 0
+    for body, count in messages:
+        result.append((body, count, str(entries[start][2])))
+        start += count
+    return result
+
+
 def decode(body: bytes) -> List[Tuple[str, Mapping[str, Any], str]]:
     """Unpack a batch message body into ``[(packet_id, packet_object, created), ...]``.
 
@@ -64,3 +76,16 @@ def decode(body: bytes) -> List[Tuple[str, Mapping[str, Any], str]]:
             raise PacketError("batch message entry %d must be {id: string, packet: object}" % index)
         entries.append((entry["id"], entry["packet"], str(entry.get("created", ""))))
     return entries
+
+
+class Malformed(bytes):
+    """The body of a batch message that :func:`decode` refused, with why (``reason``): applied as
+    one item, it is dead-lettered whole with that reason."""
+
+    reason = ""
+
+    @classmethod
+    def of(cls, body: bytes, reason: str) -> "Malformed":
+        item = cls(body)
+        item.reason = reason
+        return item

@@ -27,7 +27,9 @@
 --     An UPDATE that changed nothing (NEW *= OLD, binary image equality,
 --     which works for every type, json and point included) makes no packet.
 --     Values are written by to_jsonb(): numbers exact, timestamps ISO 8601,
---     bytea as "\\x..." hex text, json/jsonb embedded as JSON values.
+--     bytea as "\\x..." hex text, json/jsonb embedded as JSON values, with
+--     IntervalStyle, extra_float_digits and bytea_output at their defaults
+--     whatever the writer's session set (SET clauses below).
 --     TRUNCATE is not captured.
 --
 -- Security:
@@ -41,6 +43,9 @@ RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET IntervalStyle = postgres
+SET extra_float_digits = 1
+SET bytea_output = hex
 AS $$
 DECLARE
     v_destination text;

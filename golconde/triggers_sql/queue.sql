@@ -3,66 +3,130 @@
 --
 --     One row per captured row change, written by golconde.capture() in the
 --     writing transaction, so only committed changes are ever visible here.
---     The drain daemon reads rows of one destination ordered by id, sends
---     them to the broker (confirmed, persistent) and then deletes exactly
---     the ids it sent (never "id <= max": ids are taken at insert time, so a
---     transaction holding a smaller id may commit after a larger one).
+--     The drain daemon never deletes a row it sent: like PgQ (Skytools 3)
+--     it reads the queue in windows between two transaction snapshots and
+--     keeps its position in golconde.drain_position; whole partitions are
+--     emptied with TRUNCATE once every destination has sent all of their
+--     rows (golconde.trigger.rotate_queue). Deleting each sent row cost the
+--     canonical cluster about 73 us of CPU a row (bench/drain.py), more
+--     than the capture itself.
 --
 -- Columns:
---     id           - capture order (bigserial)
+--     id           - capture order (golconde.queue_id_seq)
 --     packet_id    - unique id of the packet, for de-duplication downstream
 --     destination  - Golconde destination name (first trigger argument)
 --     relation     - captured table, as quote_ident(schema).quote_ident(table)
---     txid         - writing transaction id
+--     txid         - writing (top-level) transaction id
 --     created_at   - clock time of the row change
 --     packet       - {"action": add|update|delete, "data": {...},
 --                     "restriction": {...}}
 --
---     The primary key (destination, id) is the only index: the drain reads
---     one destination in id order and deletes by (destination, id). Each
---     index costs every captured row an insert (about 4 us of CPU here);
---     queues installed before had a primary key on id plus an index on
---     (destination, id), and are moved to this layout below: it takes an
---     ACCESS EXCLUSIVE lock on golconde.queue (waiting at most 10 s for it)
---     while it rebuilds the key. Upgrade the drain daemons first: an older
---     one deletes by id alone, which this key does not serve.
+-- Partitions:
+--     golconde.queue_0, _1 and _2, by (id / 500000) % 3: ids 0-499999 go
+--     to _0, the next 500,000 to _1, then _2, then _0 again. A partition
+--     the sequence has left is truncated once every row in it has been
+--     sent; one the drain could not empty in time simply keeps its rows
+--     and takes the new ones too (nothing ever fails for a writer).
+--     Autovacuum is off on them: nothing is ever deleted or updated (a
+--     wraparound vacuum still runs when one is due).
+--
+--     Two indexes: (destination, id), as the drain reads one destination
+--     in id order, and (destination, txid), as it finds a window's rows by
+--     their transaction ids (PgQ's only index is on the transaction id).
+--     Each index costs every captured row an insert (about 4 us of CPU
+--     here).
+--
+-- Upgrade:
+--     A queue of an earlier layout (a plain table) is replaced by this one
+--     with its rows and its sequence: it takes an ACCESS EXCLUSIVE lock on
+--     golconde.queue (waiting at most 10 s for it). Stop the drain daemons
+--     of the database first, and upgrade them with it.
 -- ----------------------------------------------------------------------
-CREATE TABLE IF NOT EXISTS golconde.queue (
-    id          bigserial   NOT NULL,
-    packet_id   uuid        NOT NULL DEFAULT gen_random_uuid(),
-    destination text        NOT NULL,
-    relation    text        NOT NULL,
-    txid        xid8        NOT NULL DEFAULT pg_current_xact_id(),
-    created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
-    packet      jsonb       NOT NULL,
-    CONSTRAINT queue_pkey PRIMARY KEY (destination, id)
-);
+CREATE SEQUENCE IF NOT EXISTS golconde.queue_id_seq;
 
 DO $upgrade$
 DECLARE
-    v_key     text[];
-    v_pk_name name;
+    v_kind  "char";
+    v_txid  boolean;
 BEGIN
     -- wait at most 10 s for a lock: writers of captured tables hold theirs until they commit,
     -- and queue behind this install's lock request while it waits
     PERFORM pg_catalog.set_config('lock_timeout', '10s', true);
-    SELECT c.conname, pg_catalog.array_agg(a.attname::text ORDER BY k.n)
-    INTO v_pk_name, v_key
-    FROM pg_catalog.pg_constraint c
-    CROSS JOIN LATERAL pg_catalog.unnest(c.conkey) WITH ORDINALITY AS k(attnum, n)
-    JOIN pg_catalog.pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
-    WHERE c.conrelid = 'golconde.queue'::regclass AND c.contype = 'p'
-    GROUP BY c.conname;
-    IF v_key IS DISTINCT FROM ARRAY['destination', 'id'] THEN
-        IF v_pk_name IS NOT NULL THEN
-            EXECUTE pg_catalog.format('ALTER TABLE golconde.queue DROP CONSTRAINT %I', v_pk_name);
-        END IF;
-        ALTER TABLE golconde.queue ADD CONSTRAINT queue_pkey PRIMARY KEY (destination, id);
+    SELECT c.relkind INTO v_kind FROM pg_catalog.pg_class c
+    WHERE c.oid = pg_catalog.to_regclass('golconde.queue');
+    IF v_kind = 'p' THEN
+        RETURN;
     END IF;
-    IF pg_catalog.to_regclass('golconde.queue_destination_id_idx') IS NOT NULL THEN
-        DROP INDEX golconde.queue_destination_id_idx;
+    IF v_kind IS NOT NULL THEN
+        LOCK TABLE golconde.queue IN ACCESS EXCLUSIVE MODE;
+        ALTER TABLE golconde.queue RENAME TO queue_before_partitions;
+        ALTER SEQUENCE golconde.queue_id_seq OWNED BY NONE;
+    END IF;
+    CREATE TABLE golconde.queue (
+        id          bigint      NOT NULL DEFAULT pg_catalog.nextval('golconde.queue_id_seq'),
+        packet_id   uuid        NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
+        destination text        NOT NULL,
+        relation    text        NOT NULL,
+        txid        xid8        NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
+        created_at  timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+        packet      jsonb       NOT NULL
+    ) PARTITION BY LIST (((id / 500000) % 3));
+    CREATE TABLE golconde.queue_0 PARTITION OF golconde.queue FOR VALUES IN (0)
+        WITH (autovacuum_enabled = false);
+    CREATE TABLE golconde.queue_1 PARTITION OF golconde.queue FOR VALUES IN (1)
+        WITH (autovacuum_enabled = false);
+    CREATE TABLE golconde.queue_2 PARTITION OF golconde.queue FOR VALUES IN (2)
+        WITH (autovacuum_enabled = false);
+    CREATE INDEX queue_drain_idx ON golconde.queue (destination, id);
+    CREATE INDEX queue_txid_idx ON golconde.queue (destination, txid);
+    ALTER SEQUENCE golconde.queue_id_seq OWNED BY golconde.queue.id;
+    IF v_kind IS NOT NULL THEN
+        SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                       WHERE attrelid = 'golconde.queue_before_partitions'::regclass
+                         AND attname = 'txid' AND NOT attisdropped) INTO v_txid;
+        EXECUTE 'INSERT INTO golconde.queue (id, packet_id, destination, relation, txid,'
+                ' created_at, packet) SELECT id, packet_id, destination, relation, '
+                || CASE WHEN v_txid THEN 'txid' ELSE 'pg_catalog.pg_current_xact_id()' END
+                || ', created_at, packet FROM golconde.queue_before_partitions';
+        DROP TABLE golconde.queue_before_partitions;
     END IF;
 END
 $upgrade$;
 
 COMMENT ON TABLE golconde.queue IS 'Golconde: captured packets waiting to be sent to the broker';
+
+-- ----------------------------------------------------------------------
+-- Table: golconde.drain_position
+--
+--     Where the drain daemon of each destination is in golconde.queue,
+--     written after the broker confirmed what it sent (a crash re-sends
+--     from there: at-least-once; the targets' ledgers drop duplicates).
+--     A row of the destination has been sent when sent_snapshot sees its
+--     transaction, or when window_snapshot sees it and its id is at most
+--     last_id (golconde.trigger.DrainPosition).
+--
+-- Columns:
+--     destination     - Golconde destination name
+--     sent_snapshot   - every row whose transaction it sees has been sent
+--                       (NULL: none yet)
+--     window_snapshot - the window being sent (NULL between windows):
+--                       rows it sees and sent_snapshot does not
+--     window_hi       - the largest id in that window
+--     last_id         - the window's rows up to this id have been sent
+--     updated_at      - when it was written
+--
+--     The drain daemon's role needs SELECT, INSERT, UPDATE here, SELECT on
+--     golconde.queue and golconde.queue_id_seq, and TRUNCATE on the
+--     queue's partitions (without it, the daemon DELETEs the rows it sent
+--     instead, which needs DELETE).
+-- ----------------------------------------------------------------------
+CREATE TABLE IF NOT EXISTS golconde.drain_position (
+    destination     text        PRIMARY KEY,
+    sent_snapshot   pg_snapshot,
+    window_snapshot pg_snapshot,
+    window_hi       bigint      NOT NULL DEFAULT 0,
+    last_id         bigint      NOT NULL DEFAULT 0,
+    updated_at      timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
+);
+
+COMMENT ON TABLE golconde.drain_position IS 'Golconde: how far each destination''s drain has sent golconde.queue';

@@ -4,8 +4,8 @@
 --     Holds the capture queue and the capture trigger function.
 --     Nothing in it is granted to PUBLIC: writers of captured tables need
 --     no rights here (golconde.capture() runs the queue insert as its
---     owner); the drain daemon's role needs USAGE on the schema and SELECT,
---     DELETE on golconde.queue.
+--     owner); the drain daemon's role needs USAGE on the schema and the rights
+--     queue.sql lists.
 --
 --     golconde.schema_version() is the version of these files: golconde
 --     trigger install upgrades a schema whose version is older than its
@@ -19,4 +19,4 @@ COMMENT ON SCHEMA golconde IS 'Golconde: trigger-based capture of row changes as
 CREATE OR REPLACE FUNCTION golconde.schema_version()
 RETURNS integer
 LANGUAGE sql IMMUTABLE
-AS 'SELECT 2';
+AS 'SELECT 3';

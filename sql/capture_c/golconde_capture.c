@@ -53,7 +53,10 @@
 #include "nodes/makefuncs.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
+#include "utils/bytea.h"
+#include "utils/float.h"
 #include "utils/fmgroids.h"
+#include "utils/guc.h"
 #include "utils/json.h"
 #include "utils/lsyscache.h"
 #include "miscadmin.h"
@@ -66,7 +69,7 @@
 
 PG_MODULE_MAGIC;
 
-#define CAPTURE_VERSION 2
+#define CAPTURE_VERSION 3
 
 PG_FUNCTION_INFO_V1(golconde_capture);
 PG_FUNCTION_INFO_V1(golconde_capture_version);
@@ -157,6 +160,36 @@ rows_identical(HeapTuple a, HeapTuple b, TupleDesc desc)
 	return true;
 }
 
+/*
+ * Values are written as PostgreSQL's default settings print them, whatever
+ * the writer's session set: IntervalStyle (sql_standard writes "-1 2:00:00",
+ * which reads back as -1 day +2 hours where IntervalStyle is postgres),
+ * extra_float_digits (0 or less rounds doubles to 15 digits) and
+ * bytea_output (escape).  Checked first, so that only a session that changed
+ * one of them pays for a GUC nest level around the formatting.  Returns the
+ * nest level to pass to AtEOXact_GUC, or -1 when nothing was set.
+ */
+static int
+pin_output_settings(void)
+{
+	int			nest;
+
+	if (IntervalStyle == INTSTYLE_POSTGRES && extra_float_digits > 0 &&
+		bytea_output == BYTEA_OUTPUT_HEX)
+		return -1;
+	nest = NewGUCNestLevel();
+	if (IntervalStyle != INTSTYLE_POSTGRES)
+		(void) set_config_option("intervalstyle", "postgres", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+	if (extra_float_digits <= 0)
+		(void) set_config_option("extra_float_digits", "1", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+	if (bytea_output != BYTEA_OUTPUT_HEX)
+		(void) set_config_option("bytea_output", "hex", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+	return nest;
+}
+
 /* Append row_to_json(tuple) to buf. */
 static void
 append_row(StringInfo buf, HeapTuple tuple, TupleDesc desc)
@@ -233,6 +266,7 @@ golconde_capture(PG_FUNCTION_ARGS)
 	StringInfoData packet;
 	Datum		values[4];
 	int			ret;
+	int			nest;
 	Oid			save_userid;
 	int			save_sec_context;
 
@@ -259,6 +293,7 @@ golconde_capture(PG_FUNCTION_ARGS)
 						trigger->tgname, relation)));
 
 	initStringInfo(&packet);
+	nest = pin_output_settings();
 	if (TRIGGER_FIRED_BY_INSERT(tg->tg_event))
 	{
 		appendStringInfoString(&packet, "{\"action\": \"add\", \"data\": ");
@@ -275,7 +310,11 @@ golconde_capture(PG_FUNCTION_ARGS)
 					 errmsg("golconde.capture(): trigger %s on %s names no key column: %s cannot be captured",
 							trigger->tgname, relation, update ? "UPDATE" : "DELETE")));
 		if (update && rows_identical(tg->tg_newtuple, tg->tg_trigtuple, desc))
+		{
+			if (nest >= 0)
+				AtEOXact_GUC(true, nest);
 			return PointerGetDatum(NULL);
+		}
 		if (update)
 		{
 			appendStringInfoString(&packet, "{\"action\": \"update\", \"data\": ");
@@ -292,6 +331,9 @@ golconde_capture(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("golconde.capture(): TRUNCATE is not captured (trigger %s on %s)",
 						trigger->tgname, relation)));
+
+	if (nest >= 0)
+		AtEOXact_GUC(true, nest);	/* an error before this: the (sub)transaction's abort */
 
 	values[0] = packet_id();
 	values[1] = CStringGetTextDatum(trigger->tgargs[0]);

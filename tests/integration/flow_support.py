@@ -16,6 +16,7 @@ import psycopg2
 import yaml
 
 from golconde import config as config_module
+from golconde import trigger
 from golconde.broker import BrokerConnection, Delivery
 
 from ..conftest import (QUEUE_PREFIX, RABBITMQ, STOMP, STOMP_LOGIN, STOMP_PASSCODE, Broker,  # noqa: F401
@@ -36,6 +37,17 @@ def query(dsn: str, statement: str, params: Any = None) -> List[tuple]:
         with conn.cursor() as cur:
             cur.execute(statement, params)
             return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def queue_backlog(dsn: str, destination: str) -> int:
+    """Rows of ``destination`` in ``golconde.queue`` not sent yet, from the position its drain
+    saved (sent rows stay until their partition is truncated)."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            return trigger.backlog(cur, destination)[0]
     finally:
         conn.close()
 

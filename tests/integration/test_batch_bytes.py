@@ -15,7 +15,7 @@ from golconde import envelope, trigger
 from golconde.daemon import Daemon
 
 from .flow_support import (DaemonProcess, drain_queue, execute, make_config, parse_config, query,
-                           send_raw, wait_for, write_config)
+                           queue_backlog, send_raw, wait_for, write_config)
 
 DOCS = "CREATE TABLE public.docs (id integer PRIMARY KEY, body text NOT NULL)"
 BATCH_BYTES = 8192
@@ -71,7 +71,8 @@ def drain_trigger_queue(docs, bound, rows_query, params):
     execute(canonical, rows_query, params)
     sizes = [size for (size,) in
              query(canonical, "SELECT octet_length(packet::text) FROM golconde.queue")]
-    run_destination_until(config, lambda: count(canonical, "golconde.queue") == 0, "the queue drained")
+    run_destination_until(config, lambda: queue_backlog(canonical, destination.name) == 0,
+                          "the queue drained")
     return destination.targets[0].queue, sizes
 
 

@@ -143,6 +143,31 @@ def test_same_packets_for_toast_domains_casts_composites_partitions_and_generate
 
 
 @needs_c
+def test_the_writers_output_settings_do_not_change_the_packets(both):
+    """A writer whose session prints intervals the SQL-standard way (which reads back with
+    another sign), doubles with 15 digits or bytea escaped: both captures write the values as
+    the default settings print them, the same as for a writer with the defaults, and the
+    writer's settings are as it set them afterwards."""
+    db = both
+    execute(db, "CREATE TABLE vals (id int PRIMARY KEY, iv interval, f float8, b bytea)")
+    attach_both(db, "vals", "v", "id")
+    row = "'-1 day -2 hours', 0.1::float8 + 0.2::float8, '\\x00ff'::bytea"
+    execute(db, "INSERT INTO vals VALUES (1, %s)" % row)
+    execute(db, "SET IntervalStyle = sql_standard; SET extra_float_digits = 0;"
+                " SET bytea_output = escape")
+    execute(db, "INSERT INTO vals VALUES (2, %s)" % row)
+    with db.cursor() as cur:
+        cur.execute("SHOW IntervalStyle")
+        assert cur.fetchone() == ("sql_standard",)
+    execute(db, "RESET ALL")
+    assert_same(db, "v", 2)
+    first, second = [packet for _, packet, _ in queued(db, "Cv")]
+    assert second == first.replace('"id": 1', '"id": 2')
+    assert '"iv": "-1 days -02:00:00"' in second and '"f": 0.30000000000000004' in second
+    assert '"b": "\\\\x00ff"' in second
+
+
+@needs_c
 def test_packet_ids_differ_across_connections(both, database):
     execute(both, "CREATE TABLE t (id int PRIMARY KEY)")
     attach(both, "t", C, "D", "id")
@@ -217,21 +242,23 @@ def test_install_falls_back_to_plpgsql_without_the_library(db):
 
 @needs_c
 def test_a_library_of_another_version_is_not_used(both):
-    expecting_other = capture_sql("capture_c.sql").replace("c_expected CONSTANT integer := 2;",
+    expecting_other = capture_sql("capture_c.sql").replace("c_expected CONSTANT integer := %d;"
+                                                           % trigger.CAPTURE_VERSION,
                                                            "c_expected CONSTANT integer := 999;")
     assert expecting_other != capture_sql("capture_c.sql")
     del both.notices[:]
     execute(both, expecting_other)
     assert language(both) == "plpgsql"
-    assert any("WARNING" in notice and "golconde_capture is version 2, this install expects 999" in notice
-               for notice in both.notices)
+    expected = "golconde_capture is version %d, this install expects 999" % trigger.CAPTURE_VERSION
+    assert any("WARNING" in notice and expected in notice for notice in both.notices)
     trigger.install_schema(both)        # the real install switches back
     assert language(both) == "c"
 
 
 def test_old_queue_layout_is_upgraded_in_place(db):
-    """A queue of the earlier layout (primary key id, index on (destination, id)) keeps its rows
-    and gets the single primary key (destination, id); install() upgrades it."""
+    """A queue of an earlier layout (a plain table: primary key id, index on (destination, id))
+    is replaced by the partitioned one with its rows, their transaction ids and its sequence;
+    install() upgrades it."""
     execute(db, "CREATE SCHEMA golconde")
     execute(db, "CREATE TABLE golconde.queue (id bigserial PRIMARY KEY, packet_id uuid NOT NULL DEFAULT"
                 " gen_random_uuid(), destination text NOT NULL, relation text NOT NULL, txid xid8 NOT NULL"
@@ -243,16 +270,28 @@ def test_old_queue_layout_is_upgraded_in_place(db):
     execute(db, "INSERT INTO golconde.queue (destination, relation, packet) VALUES"
                 " ('D', 'public.t', '{\"action\": \"add\", \"data\": {\"id\": 1}}')")
     assert trigger.schema_state(db) == "old"
+    with db.cursor() as cur:
+        cur.execute("SELECT id, txid::text FROM golconde.queue")
+        [(old_id, old_txid)] = cur.fetchall()
     execute(db, "CREATE TABLE t (id int PRIMARY KEY)")
     trigger.install(db, "t", "D")
     assert trigger.schema_state(db) in ("current", "plpgsql")
     with db.cursor() as cur:
         cur.execute("SELECT indexrelid::regclass::text, indkey::text FROM pg_index"
-                    " WHERE indrelid = 'golconde.queue'::regclass")
-        assert cur.fetchall() == [("golconde.queue_pkey", "3 1")]
+                    " WHERE indrelid = 'golconde.queue'::regclass ORDER BY 1")
+        assert cur.fetchall() == [("golconde.queue_drain_idx", "3 1"), ("golconde.queue_txid_idx", "3 5")]
+        cur.execute("SELECT relkind FROM pg_class WHERE oid = 'golconde.queue'::regclass")
+        assert cur.fetchone() == ("p",)
+        cur.execute("SELECT txid = %s::xid8 FROM golconde.queue", (old_txid,))
+        assert cur.fetchall() == [(True,)]
         batch = trigger.fetch_batch(cur, "D", 10)
         assert [queued.packet for queued in batch] == [{"action": "add", "data": {"id": 1}}]
-        assert trigger.delete_batch(cur, "D", [batch[0].id]) == 1
+        assert [queued.id for queued in batch] == [old_id]
+    execute(db, "INSERT INTO t VALUES (1)")             # the sequence goes on
+    with db.cursor() as cur:
+        cur.execute("SELECT id FROM golconde.queue ORDER BY id")
+        assert cur.fetchall() == [(old_id,), (old_id + 1,)]
+        assert trigger.delete_batch(cur, "D", [old_id]) == 1
 
 
 def test_install_by_a_role_that_does_not_own_the_schema(db, database, caplog):

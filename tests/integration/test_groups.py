@@ -8,6 +8,7 @@ runs on each broker of ``GOLCONDE_TEST_BROKERS`` (RabbitMQ and ActiveMQ).
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from decimal import Decimal
 
@@ -274,3 +275,37 @@ def test_client_packs_packets_into_batch_messages_unless_told_not_to(broker):
     assert [m.headers["golconde-id"] for m in messages] == ids
     assert [json.loads(m.body) for m in messages] == packets and all("golconde-batch" not in m.headers
                                                                      for m in messages)
+
+
+def test_a_refused_reply_does_not_hold_back_its_batch(groups):
+    """A reply the broker refuses (RabbitMQ: the reply queue exists with other arguments,
+    PRECONDITION_FAILED) is logged; the packet stays applied, its batch is acked (not delivered
+    again and again), and the next packets and their replies flow."""
+    if groups["broker"].name != "rabbitmq":
+        pytest.skip("declares a queue through RabbitMQ's management API")
+    import base64
+    import urllib.parse
+    import urllib.request
+
+    from ..conftest import STOMP_LOGIN, STOMP_PASSCODE
+    name = unique_queue("transient.")[len("/queue/"):]
+    auth = "Basic " + base64.b64encode(("%s:%s" % (STOMP_LOGIN, STOMP_PASSCODE)).encode()).decode()
+    request = urllib.request.Request(
+        "http://%s:15672/api/queues/%%2F/%s" % (groups["broker"].host, urllib.parse.quote(name, safe="")),
+        data=json.dumps({"durable": False, "auto_delete": False}).encode(), method="PUT",
+        headers={"Authorization": auth, "content-type": "application/json"})
+    urllib.request.urlopen(request, timeout=10).close()
+    destination = groups["destination"]
+    refused, after = str(uuid.uuid4()), str(uuid.uuid4())
+    send(groups, destination.queue,
+         ['{"action": "add", "data": {"id": 70, "customer": 7, "amount": 70}}',
+          '{"action": "add", "data": {"id": 71, "customer": 7, "amount": 71}}'],
+         [{"golconde-id": refused, "reply-to": "/queue/" + name},
+          {"golconde-id": after, "reply-to": groups["reply_to"]}])
+    assert groups["client"].wait_outcome(after, timeout=30)["status"] == "applied"
+    wait_for(lambda: query(groups["t1"], "SELECT id FROM orders WHERE id >= 70 ORDER BY id") == [(70,), (71,)],
+             message="both packets distributed")
+    time.sleep(2)          # a batch that was not acked would come back within this time
+    stats = groups["daemon"].registry.snapshot()
+    thread = [t[destination.name] for t in stats["threads"] if destination.name in t][0]
+    assert thread["applied"] == 2 and thread["duplicates"] == 0, thread

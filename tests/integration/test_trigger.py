@@ -79,11 +79,23 @@ def test_install_schema_is_idempotent(db):
             if language == "c":
                 assert not secdef and config is None
             else:
-                assert secdef and config == ["search_path=pg_catalog, pg_temp"]
+                assert secdef and config == ["search_path=pg_catalog, pg_temp",
+                                             "IntervalStyle=postgres", "extra_float_digits=1",
+                                             "bytea_output=hex"]
         assert trigger.schema_state(db) in ("current", "plpgsql")
         cur.execute("SELECT indexrelid::regclass::text, indisprimary, indkey::text FROM pg_index"
-                    " WHERE indrelid = 'golconde.queue'::regclass")
-        assert cur.fetchall() == [("golconde.queue_pkey", True, "3 1")]  # (destination, id)
+                    " WHERE indrelid = 'golconde.queue'::regclass ORDER BY 1")
+        assert cur.fetchall() == [("golconde.queue_drain_idx", False, "3 1"),    # (destination, id)
+                                  ("golconde.queue_txid_idx", False, "3 5")]     # (destination, txid)
+        cur.execute("SELECT c.relname, pg_get_expr(c.relpartbound, c.oid), c.reloptions"
+                    " FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                    " WHERE i.inhparent = 'golconde.queue'::regclass ORDER BY 1")
+        assert cur.fetchall() == [("queue_%d" % n, "FOR VALUES IN ('%d')" % n,
+                                   ["autovacuum_enabled=false"]) for n in range(3)]
+        cur.execute("SELECT seqcache FROM pg_sequence WHERE seqrelid = 'golconde.queue_id_seq'::regclass")
+        assert cur.fetchone() == (1,)
+        cur.execute("SELECT to_regclass('golconde.drain_position') IS NOT NULL")
+        assert cur.fetchone() == (True,)
 
 
 def test_insert_update_delete_make_packets_in_order(orders):
@@ -234,6 +246,25 @@ def test_reinstall_and_remove_are_idempotent(orders):
     assert not trigger.remove(orders, "missing_table", DEST).removed
     execute(orders, "INSERT INTO orders (name) VALUES ('not captured')")
     assert drain(orders) == []
+
+
+def test_install_and_remove_give_up_on_a_table_an_open_transaction_holds(orders, database, monkeypatch):
+    """An open writer transaction holds its lock on the table until it ends: the install waits at
+    most LOCK_TIMEOUT (the table's other writers queue behind it meanwhile), then says why."""
+    monkeypatch.setattr(trigger, "LOCK_TIMEOUT", "200ms")
+    writer = psycopg2.connect(database)
+    try:
+        execute(writer, "INSERT INTO orders (name) VALUES ('open')")
+        started = time.monotonic()
+        with pytest.raises(TriggerError, match=r"public.orders stayed locked for 200ms"):
+            trigger.install(orders, "orders", DEST)
+        with pytest.raises(TriggerError, match=r"stayed locked"):
+            trigger.remove(orders, "orders", DEST)
+        assert time.monotonic() - started < 5
+    finally:
+        writer.rollback()
+        writer.close()
+    assert trigger.remove(orders, "orders", DEST).removed       # once it is free
 
 
 def test_install_refuses_open_transaction(database):

@@ -9,11 +9,13 @@ import time
 import psycopg2
 import pytest
 
+from golconde import destination as destination_module
 from golconde import trigger
 from golconde.compare import compare
 from golconde.daemon import Daemon
 
-from .flow_support import drain_queue, execute, make_config, parse_config, query, wait_for
+from .flow_support import (drain_queue, execute, make_config, parse_config, query, queue_backlog,
+                           wait_for)
 
 ACCOUNTS = """
 CREATE TABLE public.accounts (
@@ -70,8 +72,8 @@ def test_changes_are_distributed_and_rollbacks_are_not(trigger_flow):
     for target in trigger_flow["targets"]:
         assert query(target, "SELECT count(*) FROM accounts WHERE owner = 'rolled back'")[0][0] == 0
         assert query(target, "SELECT count(*) FROM accounts")[0][0] == 181
-    # the queue table is drained
-    wait_for(lambda: query(canonical, "SELECT count(*) FROM golconde.queue")[0][0] == 0, timeout=10,
+    # the queue table is drained: every row sent, by the drain's saved position
+    wait_for(lambda: queue_backlog(canonical, trigger_flow["destination"].name) == 0, timeout=10,
              message="queue table drained")
 
 
@@ -89,10 +91,13 @@ def test_a_change_over_the_packet_size_limit_is_dead_lettered_with_its_reason(tr
                           broker=trigger_flow["broker"])
     assert len(letters) == 1
     assert "more than the 4194304 allowed" in letters[0].headers["golconde-reason"]
+    headers = letters[0].headers        # as every dead letter's: when, and when captured
+    assert abs(float(headers["golconde-dead-lettered-at"]) - time.time()) < 120
+    assert float(headers["golconde-created-at"]) <= float(headers["golconde-dead-lettered-at"])
     body = json.loads(letters[0].body)["undecodable"]
     assert body["relation"].endswith("accounts")
     assert body["queue_id"] > 0 and letters[0].headers["golconde-id"].endswith(body["packet_id"])
-    wait_for(lambda: query(canonical, "SELECT count(*) FROM golconde.queue")[0][0] == 0, timeout=10,
+    wait_for(lambda: queue_backlog(canonical, trigger_flow["destination"].name) == 0, timeout=10,
              message="queue table drained")
 
 
@@ -210,5 +215,51 @@ def test_batch_linger_lets_a_partial_batch_gather(make_database, broker):
         # the first row may go alone; the rest gathered for up to 1 s (without the linger, the
         # drain polls every 10 ms while rows flow: about ten batches)
         assert query(target, "SELECT count(DISTINCT xmin::text) FROM accounts")[0][0] <= 3
+    finally:
+        assert daemon.stop()
+
+
+def test_the_drain_truncates_sent_partitions_and_deletes_its_rows_when_another_blocks(
+        make_database, broker, monkeypatch):
+    """Ids cross into the next partition: once the targets have everything, the drain truncates
+    the partition it left. A destination nobody drains keeps a partition from being truncated;
+    after ROTATE_PATIENCE the drain deletes its own sent rows there instead, and leaves the
+    other's."""
+    monkeypatch.setattr(destination_module, "ROTATE_INTERVAL", 0.2)
+    monkeypatch.setattr(destination_module, "ROTATE_PATIENCE", 1.0)
+    canonical, t1 = make_database(), make_database()
+    for dsn in (canonical, t1):
+        execute(dsn, ACCOUNTS)
+    execute(canonical, "CREATE TABLE ghost (id int PRIMARY KEY)")
+    config = parse_config(make_config(canonical, {"t1": t1}, "public.accounts", mode="trigger",
+                                      broker=broker, poll_interval=0.2))
+    name = config.destinations[0].name
+    conn = psycopg2.connect(canonical)
+    trigger.install(conn, "public.accounts", name)
+    trigger.install(conn, "ghost", "Ghost")
+    conn.close()
+    execute(canonical, "SELECT setval('golconde.queue_id_seq', %s)",
+            (trigger.QUEUE_PARTITION_IDS - 100,))
+    execute(canonical, "INSERT INTO accounts (aid) SELECT g FROM generate_series(1, 60) g")
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        execute(canonical, "UPDATE accounts SET owner = 'second' WHERE aid <= 30")  # partition 0
+        execute(canonical, "INSERT INTO accounts (aid) SELECT g FROM generate_series(61, 200) g")
+        wait_for(lambda: equal({"canonical": canonical, "targets": [t1]}), message="targets equal")
+        wait_for(lambda: query(canonical, "SELECT count(*) FROM golconde.queue_0")[0][0] == 0,
+                 timeout=20, message="partition 0 truncated")
+        # ids 499,901 to 500,130: those from 500,000 on are in partition 1, where ids still go
+        assert query(canonical, "SELECT count(*) FROM golconde.queue_1")[0][0] == 131
+        # a destination nobody drains: its row holds partition 1 once ids go on to partition 2
+        execute(canonical, "INSERT INTO ghost VALUES (1)")
+        execute(canonical, "SELECT setval('golconde.queue_id_seq', %s)",
+                (2 * trigger.QUEUE_PARTITION_IDS,))
+        execute(canonical, "INSERT INTO accounts (aid) VALUES (1000)")
+        wait_for(lambda: query(canonical, "SELECT destination, count(*) FROM golconde.queue_1"
+                                          " GROUP BY 1") == [("Ghost", 1)],
+                 timeout=20, message="the drain's own rows deleted, the other's kept")
+        assert query(t1, "SELECT count(*) FROM accounts")[0][0] == 201
+        assert queue_backlog(canonical, name) == 0 and queue_backlog(canonical, "Ghost") == 1
     finally:
         assert daemon.stop()
