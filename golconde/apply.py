@@ -157,6 +157,10 @@ class Applier:
         outcomes: List[Optional[Outcome]] = [None] * len(items)
         packets: List[Optional[Union[Packet, Group]]] = [None] * len(items)
         for index, (_, body) in enumerate(items):
+            malformed = getattr(body, "reason", None)     # golconde.envelope.Malformed
+            if malformed:
+                outcomes[index] = Outcome(DEAD_LETTER, reason=malformed)
+                continue
             try:
                 packets[index] = parse_message(body)
             except PacketError as exc:
@@ -307,17 +311,28 @@ class Applier:
         end of each packet (of each group), in its savepoint (``SET CONSTRAINTS ALL DEFERRED``
         before it, ``SET CONSTRAINTS ALL IMMEDIATE`` after it): the packet that breaks one is then
         dead-lettered alone. Only then, since a packet that relied on a later one to satisfy a
-        check (a child sent before its parent) fails too."""
+        check (a child sent before its parent) fails too. Any error at that COMMIT that is
+        neither a lost connection nor transient goes the same way (a deferred constraint
+        trigger raises what it likes, ``P0001`` say); should the checked COMMIT fail too, no
+        packet alone is to blame and every packet of the batch is dead-lettered with the reason,
+        rather than the batch coming back for ever."""
         for checked in (False, True):
             try:
                 return self._careful_once(connection, items, packets, todo, checked)
             except _CommitFailed as failed:
                 error = failed.error
-                if classify(error) == RECONNECT:
+                fate = classify(error)
+                if fate == RECONNECT:
                     raise ConnectionLost(describe(error)) from error
-                if checked or not (getattr(error, "pgcode", None) or "").startswith("23"):
-                    raise error
-                LOGGER.info("[%s] COMMIT failed on a deferred constraint (%s); applying the batch"
+                if fate == RETRY:
+                    raise error     # transient: the batch is delivered again
+                if checked:
+                    reason = "COMMIT failed: %s" % describe(error)
+                    LOGGER.error("[%s] %s; dead-lettering the %d packet(s) of the batch",
+                                 self.consumer, reason, len(todo))
+                    return {index: Outcome(DEAD_LETTER, packets[index], reason=reason)
+                            for index in todo}
+                LOGGER.info("[%s] COMMIT failed on a deferred check (%s); applying the batch"
                             " again with constraints checked per packet", self.consumer, describe(error))
         raise AssertionError("unreachable")
 

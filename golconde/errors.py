@@ -63,7 +63,14 @@ SCHEMA_SQLSTATES = frozenset({
     "42P01",  # undefined_table
     "42804",  # datatype_mismatch
     "0A000",  # feature_not_supported ("cached plan must not change result type")
+    "428C9",  # generated_always (a column made GENERATED ALWAYS since it was cached)
+    "42P10",  # invalid_column_reference (ON CONFLICT: the key cached is no longer unique)
 })
+#: SQLSTATEs of ``OperationalError`` (besides :data:`TRANSIENT_SQLSTATES` and lost connections)
+#: after which the same packet may succeed later: object in use, and class 58, system errors
+#: (I/O). Other operational errors (54000 program limit exceeded, an index row too large...)
+#: are permanent.
+TRANSIENT_OPERATIONAL = ("55006", "58")
 
 #: Fates returned by :func:`classify`.
 RECONNECT = "reconnect"
@@ -90,7 +97,9 @@ def classify(exc: BaseException) -> str:
             return RETRY
         if code is None or code.startswith("08") or code.startswith("57P"):
             return RECONNECT
-        return RETRY
+        if code.startswith(TRANSIENT_OPERATIONAL):
+            return RETRY
+        return DEAD
     if isinstance(exc, psycopg2.Error):
         code = exc.pgcode or ""
         if code in TRANSIENT_SQLSTATES:
@@ -106,12 +115,14 @@ def classify(exc: BaseException) -> str:
 def describe(exc: BaseException) -> str:
     """One-line description of an exception for logs and dead-letter headers (at most 1000 chars).
 
-    For psycopg2 errors it is ``SQLSTATE <code>: <first line of the message>``.
+    For psycopg2 errors it is ``SQLSTATE <code>: <message>`` (the primary message, without the
+    ``ERROR:`` severity), with `` (<detail>)`` when the server gave one.
     """
     if isinstance(exc, psycopg2.Error) and getattr(exc, "pgcode", None):
-        first = (exc.pgerror or str(exc)).strip().splitlines()
-        text = "SQLSTATE %s: %s" % (exc.pgcode, first[0] if first else type(exc).__name__)
         diag = getattr(exc, "diag", None)
+        primary = getattr(diag, "message_primary", None) if diag is not None else None
+        first = (exc.pgerror or str(exc)).strip().splitlines()
+        text = "SQLSTATE %s: %s" % (exc.pgcode, primary or (first[0] if first else type(exc).__name__))
         detail = getattr(diag, "message_detail", None) if diag is not None else None
         if detail:
             text += " (%s)" % detail

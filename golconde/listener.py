@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import queue
 import threading
 import time
@@ -314,6 +315,15 @@ class Inbox:
             self._cond.notify_all()
         return True
 
+    def oldest_created(self) -> Optional[float]:
+        """The ``golconde-created-at`` time (epoch seconds) of the oldest delivery waiting, if it
+        has one. Does not block (a read of the deque's first item)."""
+        try:
+            delivery = self._items[0][0]
+        except IndexError:
+            return None
+        return _created(delivery)
+
     def take(self, timeout: Optional[float] = None,
              max_bytes: Optional[int] = None) -> Tuple[Delivery, int, int]:
         """The oldest delivery, its count of packets (its batch header, read once by :meth:`put`)
@@ -385,12 +395,23 @@ class BatchEntry:
         return self._headers
 
 
+def _created(delivery: Delivery) -> Optional[float]:
+    """A delivery's ``golconde-created-at`` header as epoch seconds, or None (absent, not a
+    number). A batch message carries its first entry's; each entry its own."""
+    try:
+        value = float(delivery.headers.get(CREATED_HEADER) or "nan")
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
 def expand(deliveries: Sequence[Delivery]) -> Tuple[List[Delivery], List[Tuple[str, Any]]]:
     """One ``(origin, (packet_id, body))`` per packet: a plain message is one packet (id from its
     ``golconde-id`` header, else its body's hash); a batch message (:mod:`golconde.envelope`) gives
     one per entry, with an origin whose body and headers are the entry's own (so that a dead letter
     holds that packet alone, with its id and creation time). A malformed batch message is one item
-    whose body fails to parse: it is dead-lettered whole.
+    (an :class:`golconde.envelope.Malformed` body) dead-lettered whole with what is wrong with it;
+    an empty one gives nothing (it is acked).
     """
     origins: List[Delivery] = []
     items: List[Tuple[str, Any]] = []
@@ -398,13 +419,18 @@ def expand(deliveries: Sequence[Delivery]) -> Tuple[List[Delivery], List[Tuple[s
         if envelope.BATCH_HEADER in delivery.headers:
             try:
                 entries = envelope.decode(delivery.body)
-            except PacketError:
-                entries = None
-            if entries is not None:
-                for pid, packet, created in entries:
-                    origins.append(BatchEntry(delivery, pid, packet, created))  # type: ignore[arg-type]
-                    items.append((pid, packet))
+            except PacketError as exc:
+                reason = "malformed batch message: %s" % exc
+                LOGGER.warning("%s (message %s): dead-lettered whole", reason,
+                               delivery.headers.get("message-id", "?"))
+                origins.append(delivery)
+                items.append((ledger.packet_id(delivery.headers, delivery.body),
+                              envelope.Malformed.of(delivery.body, reason)))
                 continue
+            for pid, packet, created in entries:
+                origins.append(BatchEntry(delivery, pid, packet, created))  # type: ignore[arg-type]
+                items.append((pid, packet))
+            continue
         origins.append(delivery)
         items.append((ledger.packet_id(delivery.headers, delivery.body), delivery.body))
     return origins, items
@@ -412,7 +438,7 @@ def expand(deliveries: Sequence[Delivery]) -> Tuple[List[Delivery], List[Tuple[s
 
 class Confirmations(Generic[T]):
     """Batches sent without waiting, each with the broker receipts that confirm its sends, oldest
-    first, finished in order once confirmed (acked, or their queue rows deleted). Both flows
+    first, finished in order once confirmed (acked, or the drain's position saved). Both flows
     pipeline this way: the next batch is applied or fetched while the broker confirms the last.
     """
 
@@ -492,6 +518,18 @@ class QueueConsumer(Listener):
         #: committed batches waiting for their receipts before their ack (its last delivery)
         self._pending: Confirmations[Delivery] = Confirmations()
         self._next_prune = 0.0      # monotonic time of the next ledger prune (the first: at once)
+        #: ``(packets, created of the oldest)`` of the batch being applied, for the live stats
+        self._applying: Optional[Tuple[int, Optional[float]]] = None
+        self.stats.set_live(self._live_figures)
+
+    def _live_figures(self) -> Tuple[Optional[int], Optional[float]]:
+        """Packets held (waiting in the inbox or being applied) and the creation time of the
+        oldest of them (:meth:`golconde.stats.ThreadStats.set_live`): read by the HTTP thread, so
+        that a listener stuck in a long apply (a lock wait) shows its backlog and a growing lag."""
+        applying = self._applying
+        held = self._inbox.packets + (applying[0] if applying else 0)
+        oldest = applying[1] if applying and applying[1] is not None else None
+        return held, oldest if oldest is not None else self._inbox.oldest_created()
 
     def _inbox_put(self, delivery: Delivery) -> None:
         # on stomp.py's receiver thread: blocks while the inbox is full, the connection held alive
@@ -526,6 +564,7 @@ class QueueConsumer(Listener):
         self.handler.setup(db)
 
     def reset(self) -> None:
+        self._applying = None
         if self._in_flight or not self.inbound.connected:
             # a batch that failed half-way is unacked on a live connection: the broker would keep
             # it until that connection closes; closing makes it redeliver (the ledger de-duplicates)
@@ -589,12 +628,15 @@ class QueueConsumer(Listener):
             # every 5 ms while batches are pending), so that a slow receipt does not hold back
             # the packets arriving meanwhile
             self.settle(keep=len(self._pending))
+            if not self._pending and not self._inbox.packets:
+                self.stats.set_lag(0.0)        # nothing held: nothing is late
             self._maybe_prune()
             return
         self._in_flight = True
         deliveries = batch
         batch, items = expand(deliveries)      # one origin and one item per packet
         self.stats.count("received", len(items))
+        self._applying = (len(items), _created(batch[0]) if batch else None)
         started = time.monotonic()
         while True:
             try:
@@ -606,6 +648,7 @@ class QueueConsumer(Listener):
                 self.stats.set_error(str(exc))
                 if not self.reconnect_database() or deliveries[0].generation != self.inbound.generation:
                     return                 # not acked: the broker redelivers, the ledger de-duplicates
+        self._applying = None
         self._account(batch, outcomes, time.monotonic() - started)   # counts follow the commit
         self.pending_receipts = []
         self.after_commit(batch, items, outcomes)
@@ -655,7 +698,7 @@ class QueueConsumer(Listener):
         self.stats.count("errors", dead)
         if applied:
             self.stats.observe_duration(seconds, packets=len(batch))
-        created = batch[-1].headers.get(CREATED_HEADER)
+        created = batch[-1].headers.get(CREATED_HEADER) if batch else None
         if created:
             try:
                 self.stats.set_lag(max(0.0, time.time() - float(created)))

@@ -39,7 +39,7 @@ import threading
 import time
 from collections import Counter
 from datetime import datetime, timezone
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from . import __version__
 
@@ -96,6 +96,7 @@ class ThreadStats:
         self._database = "disconnected"
         self._backlog: Optional[int] = None
         self._lag: Optional[float] = None
+        self._live: Optional[Callable[[], Tuple[Optional[int], Optional[float]]]] = None
         self._last_error: Optional[str] = None
         self._last_error_at: Optional[str] = None
 
@@ -174,6 +175,16 @@ class ThreadStats:
         with self._lock:
             self._backlog = n
 
+    def set_live(self, source: Optional[Callable[[], Tuple[Optional[int], Optional[float]]]]) -> None:
+        """Give :meth:`snapshot` the figures that move while the thread is busy (applying a
+        batch, waiting on a lock): ``source()`` returns ``(packets held, created)``, the packets
+        the thread holds (waiting or being applied) and the creation time (epoch seconds) of the
+        oldest of them, each ``None`` when unknown. The snapshot's backlog is then at least the
+        packets held, and its lag at least the age of the oldest, so that a stuck thread shows.
+        ``source`` runs on the reader's thread; it must be quick and never block."""
+        with self._lock:
+            self._live = source
+
     def set_lag(self, seconds: Optional[float]) -> None:
         """Set how old, in seconds, the last applied packet was (``None``: unknown). A negative
         value (clock skew between hosts) is recorded as 0.
@@ -190,7 +201,15 @@ class ThreadStats:
 
     def snapshot(self) -> Dict[str, Any]:
         """A consistent copy of this thread's statistics: the inner dict of the module docstring's
-        shape (without the name), JSON-serialisable."""
+        shape (without the name), JSON-serialisable. Backlog and lag take in the live figures of
+        :meth:`set_live`."""
+        held = oldest = None
+        live = self._live
+        if live is not None:
+            try:
+                held, oldest = live()
+            except Exception:  # statistics must never fail a reader
+                held = oldest = None
         with self._lock:
             counts = dict(self._counts)
             total, packets, last = self._duration_total, self._duration_packets, self._duration_last
@@ -206,8 +225,10 @@ class ThreadStats:
                 "destination": self.destination,
                 "broker": self._broker,
                 "database": self._database,
-                "backlog": self._backlog,
-                "lag": self._lag,
+                "backlog": (self._backlog if held is None
+                            else max(int(held), self._backlog or 0)),
+                "lag": (self._lag if oldest is None
+                        else max(self._lag or 0.0, time.time() - float(oldest), 0.0)),
                 "last_error": self._last_error,
                 "last_error_at": self._last_error_at,
             })

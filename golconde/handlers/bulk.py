@@ -54,6 +54,7 @@ from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 from psycopg2 import sql
 from psycopg2.extras import execute_values
 
+from ..errors import GolcondeError
 from ..packet import Action, Packet, dumps
 from ..schema import Column, TableSchema
 
@@ -71,6 +72,13 @@ _INTEGERS = frozenset(("smallint", "integer", "bigint"))
 STRING_TYPES = frozenset(("text", "character varying", "bpchar", "name"))
 #: ... and a boolean ``true`` / ``false`` (``name`` has no cast from boolean: ``t`` / ``f``).
 _BOOLEAN_TEXT = frozenset(("text", "character varying", "bpchar"))
+
+
+class RunNotPaired(GolcondeError):
+    """A run's statement returned fewer rows than it had packets (a ``BEFORE`` trigger skipped
+    some, or ``ON CONFLICT DO NOTHING``) while its packets lack a key column to back-fill: the
+    returned keys cannot be matched to their packets. The caller rolls back and applies the
+    packets one by one (each with its own ``RETURNING``)."""
 
 
 @dataclass
@@ -312,6 +320,7 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
         (``None`` where the row was not returned); otherwise ``[]``.
     :raises psycopg2.Error: the statement failed (the caller replays packet by packet).
     :raises PacketError: a value the column cannot take (from ``bind``).
+    :raises RunNotPaired: rows were skipped where keys are to be back-filled (replay, as above).
     """
     first = items[0]
     action = first.action
@@ -340,8 +349,12 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
                                     fetch=bool(returning))
         if not returning:
             return []
-        if len(result) != len(items):   # DO NOTHING skipped rows: cannot pair them by position
-            return [None] * len(items)
+        if len(result) != len(items):   # rows skipped: cannot pair them by position
+            given = {column.name for column in columns}
+            if all(name in given for name in returning):
+                return [None] * len(items)      # nothing to back-fill: the packets hold the key
+            raise RunNotPaired("%d of %d rows returned by a run of %s packets on %s"
+                               % (len(result), len(items), action.value, table.relation))
         return list(result)
     restriction = [c for c, _ in first.restriction]
     data = [c for c, _ in first.data]

@@ -451,6 +451,36 @@ def test_bad_values_raise_database_errors(db):
         run(db, h, {"action": "add", "data": {"id": 1}})
 
 
+def test_an_index_row_too_large_is_a_permanent_error_described_without_its_severity(db):
+    """54000 comes as an OperationalError; it is no transient failure to retry (the packet is
+    dead-lettered at once), and its reason reads 'SQLSTATE 54000: index row requires...'."""
+    import random
+    import string
+    ddl(db, "CREATE TABLE big (id int PRIMARY KEY, k text UNIQUE)")
+    h = AutoSQL("big", role="target")
+    key = "".join(random.choice(string.ascii_letters) for _ in range(9000))  # not compressible
+    with pytest.raises(psycopg2.OperationalError) as info:
+        run(db, h, {"action": "add", "data": {"id": 1, "k": key}})
+    assert info.value.pgcode == "54000" and errors.classify(info.value) == errors.DEAD
+    assert errors.describe(info.value).startswith("SQLSTATE 54000: index row requires ")
+
+
+def test_a_key_column_made_generated_always_since_it_was_cached_is_read_again(db):
+    """After ALTER ... ADD GENERATED ALWAYS AS IDENTITY, the cached plan's INSERT of the key
+    fails with 428C9: a schema error (re-read, then OVERRIDING SYSTEM VALUE), not a dead letter."""
+    from golconde.apply import Applier
+    from golconde import ledger
+    ddl(db, "CREATE TABLE ident (id int PRIMARY KEY, v text)")
+    ledger.ensure(db)
+    applier = Applier(AutoSQL("ident", role="target"), "ident-target")
+    first = applier.apply_batch(db, [("i1", dumps({"action": "add", "data": {"id": 1, "v": "a"}}).encode())])
+    assert [o.status for o in first] == ["applied"]
+    ddl(db, "ALTER TABLE ident ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY")
+    second = applier.apply_batch(db, [("i2", dumps({"action": "add", "data": {"id": 2, "v": "b"}}).encode())])
+    assert [o.status for o in second] == ["applied"], second
+    assert rows(db, "SELECT id, v FROM ident ORDER BY id") == [(1, "a"), (2, "b")]
+
+
 # --- set --------------------------------------------------------------------------------------------
 
 def test_set_upserts_on_primary_key(db):

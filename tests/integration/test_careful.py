@@ -11,6 +11,8 @@ apart:
   the schema once before the packet is dead-lettered."""
 from __future__ import annotations
 
+import json
+
 import psycopg2
 import pytest
 
@@ -82,6 +84,28 @@ def test_a_packet_breaking_a_deferred_foreign_key_is_dead_lettered_alone(conn, r
 
 
 @pytest.mark.parametrize("role", ["destination", "target"])
+def test_a_deferred_constraint_trigger_raising_its_own_error_dead_letters_only_its_packet(conn, role):
+    """A deferred constraint trigger may raise any error at COMMIT (here P0001): the packet that
+    trips it is dead-lettered alone, the others are applied, and the batch does not come back."""
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE checked (id integer PRIMARY KEY, v integer NOT NULL);"
+                    "CREATE FUNCTION checked_v() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                    " IF NEW.v < 0 THEN RAISE EXCEPTION 'negative v %', NEW.v; END IF;"
+                    " RETURN NULL; END $$;"
+                    "CREATE CONSTRAINT TRIGGER checked_v AFTER INSERT OR UPDATE ON checked"
+                    " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION checked_v()")
+    conn.commit()
+    applier = Applier(AutoSQL("checked", role=role), "trig-" + role, store_fanout=role == "destination")
+    items = [("t1", dumps(packet("add", {"id": 1, "v": 1})).encode()),
+             ("t2", dumps(packet("add", {"id": 2, "v": -1})).encode()),
+             ("t3", dumps(packet("add", {"id": 3, "v": 3})).encode())]
+    outcomes = applier.apply_batch(conn, items)
+    assert [o.status for o in outcomes] == ["applied", "dead", "applied"]
+    assert "negative v -1" in outcomes[1].reason and "P0001" in outcomes[1].reason
+    assert rows(conn, "SELECT id, v FROM checked ORDER BY id") == [(1, 1), (3, 3)]
+
+
+@pytest.mark.parametrize("role", ["destination", "target"])
 def test_packets_relying_on_a_deferred_check_pass_the_careful_path(conn, role):
     """A bad packet sends the batch down the careful path; a node sent before its parent node
     (legal until COMMIT) is still applied there."""
@@ -113,3 +137,26 @@ def test_a_column_type_changed_since_the_schema_was_cached_is_read_again(conn):
     assert [o.status for o in outcomes] == ["applied", "applied", "dead"]
     assert "out of range" in outcomes[2].reason
     assert rows(conn, "SELECT id FROM parent ORDER BY id") == [(1,), (2,), (3,), (3000000000,)]
+
+
+def test_a_row_a_trigger_skips_in_a_run_keeps_the_other_packets_generated_keys(conn):
+    """A BEFORE INSERT trigger returns NULL for one row of a run of adds: the run's RETURNING has
+    fewer rows than packets, so its keys cannot be paired by position; the packets are applied
+    one by one instead, and each inserted row's generated key is still fanned out."""
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE skp (id serial PRIMARY KEY, v integer);"
+                    "CREATE FUNCTION skip_zero() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                    " IF NEW.v = 0 THEN RETURN NULL; END IF; RETURN NEW; END $$;"
+                    "CREATE TRIGGER skip_zero BEFORE INSERT ON skp FOR EACH ROW"
+                    " EXECUTE FUNCTION skip_zero()")
+    conn.commit()
+    applier = Applier(AutoSQL("skp", role="destination"), "skp-destination", store_fanout=True)
+    items = [("s%d" % v, dumps(packet("add", {"v": v})).encode()) for v in (1, 0, 3)]
+    outcomes = applier.apply_batch(conn, items)
+    assert [o.status for o in outcomes] == ["applied"] * 3
+    stored = dict(rows(conn, "SELECT v, id FROM skp"))
+    assert sorted(stored) == [1, 3]
+    fanouts = [json.loads(o.fanout) for o in outcomes]
+    assert fanouts[0]["data"] == {"v": 1, "id": stored[1]}
+    assert fanouts[1]["data"] == {"v": 0}              # not inserted: nothing to back-fill
+    assert fanouts[2]["data"] == {"v": 3, "id": stored[3]}

@@ -33,8 +33,8 @@ from golconde.compare import compare
 from golconde.daemon import Daemon
 
 from ..conftest import STOMP_LOGIN, STOMP_PASSCODE, stomp_address
-from .flow_support import (DaemonProcess, execute, make_config, parse_config, query, wait_for,
-                           write_config)
+from .flow_support import (DaemonProcess, execute, make_config, parse_config, query, queue_backlog,
+                           wait_for, write_config)
 
 pytestmark = [
     pytest.mark.faults,
@@ -563,7 +563,7 @@ def test_trigger_flow_survives_kill_9(make_database, cleanup_queues, tmp_path):
         assert writes["transactions"] == 600
 
         def settled() -> bool:
-            backlog = query(flow.canonical, "SELECT count(*) FROM golconde.queue")[0][0]
+            backlog = queue_backlog(flow.canonical, flow.name)    # by the saved position
             return (backlog == 0 and flow.queues_drained()
                     and all(compare(flow.canonical, "public.items", t, "public.items").equal
                             for t in flow.targets))
@@ -613,6 +613,8 @@ def test_locked_target_does_not_block_the_other(flow):
             assert waiting_on_lock(flow.t1), "target1's session is not waiting on the lock"
             target1 = thread_stats(daemon)["%s_target1" % flow.name]
             assert target1["applied"] == 1 and target1["dead_lettered"] == 0, target1
+            # its stats show it is stuck: what it holds as backlog, the stream's age as lag
+            assert target1["backlog"] > 0 and target1["lag"] > 5.0, target1
         finally:
             locker.rollback()   # releases the lock
             locker.close()
@@ -626,6 +628,9 @@ def test_locked_target_does_not_block_the_other(flow):
             assert [r[0] for r in query(dsn, "SELECT payload FROM ev ORDER BY payload")] == sorted(expected)
         assert compare(flow.canonical, TABLE, flow.t1, TABLE).equal
         assert flow.dead_letters() == {}
+        # caught up and idle: no lag left (it was the stream's age)
+        wait_for(lambda: thread_stats(daemon)["%s_target1" % flow.name]["lag"] == 0.0, timeout=10,
+                 message="target1's lag back to 0")
 
 
 def test_a_full_inbox_during_a_long_apply_keeps_the_broker_connection(flow, caplog):

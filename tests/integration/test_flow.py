@@ -2,6 +2,7 @@
 broker of the ``broker`` fixture (RabbitMQ, ActiveMQ)."""
 from __future__ import annotations
 
+import json
 import uuid
 from decimal import Decimal
 
@@ -144,6 +145,30 @@ def test_bad_packets_dead_lettered_while_good_ones_flow(flow):
     stats = flow["daemon"].registry.snapshot()
     thread = [t[destination.name] for t in stats["threads"] if destination.name in t][0]
     assert thread["dead_lettered"] == len(bad) and thread["applied"] == 5
+
+
+def test_malformed_and_empty_batch_messages_at_a_target(flow):
+    """At a target: a batch message whose body is not a batch is dead-lettered whole, with what is
+    wrong with it (not a packet error about the key 'batch'); an empty batch is acked; the
+    listener goes on with the next message."""
+    target = flow["destination"].targets[0]
+    good = json.dumps({"batch": [{"id": str(uuid.uuid4()), "packet": {
+        "action": "add", "data": {"friend_id": 7, "user_id": 7}}}]})
+    bad = json.dumps({"batch": [{"id": "x1", "packet": {"action": "add", "data": {"friend_id": 8,
+                                                                                 "user_id": 8}}},
+                                {"packet": {"action": "add", "data": {"friend_id": 9, "user_id": 9}}}]})
+    send_raw(target.queue, [json.dumps({"batch": []}), bad, good],
+             [{"golconde-batch": "0"}, {"golconde-batch": "2"}, {"golconde-batch": "1"}],
+             broker=flow["broker"])
+    wait_for(lambda: query(flow["targets"][0], "SELECT friend_id FROM friendships") == [(7,)],
+             message="the good batch applied after the bad ones")
+    dead = drain_queue(target.dead_letter_queue, wait=1.0, broker=flow["broker"])
+    assert [d.body for d in dead] == [bad.encode()]
+    assert dead[0].headers["golconde-reason"] == (
+        "malformed batch message: batch message entry 1 must be {id: string, packet: object}")
+    stats = flow["daemon"].registry.snapshot()
+    thread = [t[target.thread_name] for t in stats["threads"] if target.thread_name in t][0]
+    assert thread["dead_lettered"] == 1 and thread["applied"] == 1
 
 
 def test_redelivered_packet_is_not_applied_twice(make_database, broker):

@@ -168,11 +168,15 @@ def test_nagios_plugin_against_the_daemon(ops):
     port, destination = ops["port"], ops["destination"]
     state = str(ops["tmp"] / "check.state")
     base = ["-H", "127.0.0.1", "-p", str(port), "--state-file", state]
+    names = [destination.name, destination.name + "_t1", destination.name + "_t2"]
+    wait_for(lambda: all(thread_stats(port, name)["lag"] == 0.0 for name in names), timeout=30,
+             message="every listener idle once")
     result = check(*base)
     assert result.returncode == 0, result.stdout + result.stderr
     line, _, perfdata = result.stdout.strip().partition(" | ")
     assert result.stdout.count("\n") == 1
-    assert line == "GOLCONDE OK - 3 listeners connected, 0 new errors"
+    # idle listeners: nothing held, so nothing late (lag 0) and nothing waiting (backlog 0)
+    assert line == "GOLCONDE OK - 3 listeners connected, max lag 0s, max backlog 0, 0 new errors"
     assert "'%s_t1 errors'=0;0;10;0" % destination.name in perfdata
 
     pump_some(ops, seconds=1.0)

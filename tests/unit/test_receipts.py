@@ -8,6 +8,7 @@ import pytest
 
 from golconde.broker import BrokerConnection, BrokerError, Delivery, Receipt
 from golconde.listener import Confirmations, Inbox, QueueConsumer
+from golconde.stats import ThreadStats
 
 
 def live_connection() -> BrokerConnection:
@@ -99,7 +100,8 @@ def idle_consumer() -> QueueConsumer:
     consumer._in_flight = False
     consumer._next_prune = float("inf")
     consumer.inbound = _Inbound()
-    consumer.stats = None
+    consumer.stats = ThreadStats("c", "target", "d")
+    consumer._applying = None
     return consumer
 
 
@@ -116,9 +118,11 @@ def test_idle_cycle_acks_what_is_confirmed_without_waiting_for_a_late_receipt():
     assert time.monotonic() - started < 1.0
     assert consumer.inbound.acked == ["m1"] and len(consumer._pending) == 1
     assert consumer._in_flight                              # m2 still awaits its ack
+    consumer.stats.set_lag(7.5)                             # the last batch's
     broker._receipt("late", None)
     consumer.cycle()
     assert consumer.inbound.acked == ["m1", "m2"] and not consumer._in_flight
+    assert consumer.stats.snapshot()["lag"] == 0.0          # nothing held any more: not late
 
 
 def test_pending_acks_keep_no_message_body():

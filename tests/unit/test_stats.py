@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 
 import pytest
 
@@ -115,6 +116,27 @@ def test_backlog_and_lag():
         stats.set_backlog(-1)
     with pytest.raises(ValueError):
         stats.set_lag(float("nan"))
+
+
+def test_live_figures_raise_backlog_and_lag_while_the_thread_is_busy():
+    """A thread stuck applying a batch (a lock wait) reports what it holds and how old the oldest
+    packet is, though it set neither; a failing source does not fail the snapshot."""
+    stats = ThreadStats("Test1", "target", "Test1")
+    stats.set_backlog(0)
+    stats.set_lag(0.5)
+    held = {"value": (40, time.time() - 30.0)}
+    stats.set_live(lambda: held["value"])
+    snap = stats.snapshot()
+    assert snap["backlog"] == 40 and 29.0 < snap["lag"] < 40.0
+    held["value"] = (0, None)                      # nothing held: the figures it set
+    assert stats.snapshot()["backlog"] == 0 and stats.snapshot()["lag"] == 0.5
+    held["value"] = (3, None)                      # packets without a creation time
+    assert stats.snapshot()["backlog"] == 3 and stats.snapshot()["lag"] == 0.5
+
+    def broken():
+        raise RuntimeError("boom")
+    stats.set_live(broken)
+    assert stats.snapshot()["backlog"] == 0
 
 
 def test_registry_get_or_create_and_remove():
