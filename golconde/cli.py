@@ -14,7 +14,7 @@ import logging
 import logging.handlers
 import os
 import sys
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 from . import __version__
 from .errors import ConfigError, GolcondeError, PacketError
@@ -61,8 +61,6 @@ def setup_logging(settings: Optional[dict], verbose: bool = False, foreground: b
     fmt = settings.get("format") or "%(asctime)s %(levelname)-8s %(threadName)s %(name)s: %(message)s"
     filename = settings.get("filename")
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
     kind = settings.get("handler") or ("file" if filename else "stderr")
     if kind in ("syslog", "journald"):
         handler: logging.Handler = _syslog_handler("golconded")
@@ -73,6 +71,9 @@ def setup_logging(settings: Optional[dict], verbose: bool = False, foreground: b
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(fmt, settings.get("datefmt")))
+    for old in list(root.handlers):     # only once the new one exists (a reload keeps the old
+        root.removeHandler(old)         # ones when the file cannot be opened)
+        old.close()
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("stomp").setLevel(logging.WARNING if not verbose else logging.INFO)
@@ -146,6 +147,7 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
     if not args.foreground:
         return _daemonize(daemon, config, args)
     setup_logging(config.logging, args.verbose)
+    daemon.on_logging_change = lambda settings: setup_logging(settings, args.verbose)
     _write_pidfile(args.pidfile)
     try:
         return daemon.run()
@@ -161,7 +163,11 @@ def _daemonize(daemon: Any, config: Any, args: argparse.Namespace) -> int:
         # Build the listeners again in the daemon process: threading marks every Thread object
         # created before a fork as stopped in the child (is_alive() stays False once started), so
         # stop would not wait for them and a reload would start a second copy of each.
-        daemon = type(daemon)(config, config_path=daemon.config_path)
+        daemon = type(daemon)(config, config_path=daemon.config_path,
+                              stop_timeout=daemon.stop_timeout, only=daemon.only,
+                              http_port=daemon.http_port)
+        daemon.on_logging_change = lambda changed: setup_logging(changed, args.verbose,
+                                                                 foreground=False)
         _write_pidfile(args.pidfile)
         try:
             return daemon.run()
@@ -316,6 +322,26 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_trigger_mismatch(destination: Any, tables: Sequence[str]) -> None:
+    """Warn (stderr) when the configuration will not drain what is being captured as one might
+    expect: a destination in client mode drains no queue table; a table other than the
+    destination's has its changes sent to that destination's targets all the same."""
+    from .schema import parse_relation
+    if getattr(destination, "mode", "trigger") != "trigger":
+        print("golconde: warning: destination %s is in %s mode: no daemon drains the changes the"
+              " trigger captures until its mode is trigger" % (destination.name, destination.mode),
+              file=sys.stderr)
+    try:
+        own = parse_relation(destination.target)
+        others = [table for table in tables if parse_relation(table) != own]
+    except GolcondeError:
+        return
+    for table in others:
+        print("golconde: warning: %s is not destination %s's relation (%s): its changes go to"
+              " that destination's targets all the same, applied to their relations (fine for a"
+              " partition of it)" % (table, destination.name, destination.target), file=sys.stderr)
+
+
 def _cmd_trigger(args: argparse.Namespace) -> int:
     import psycopg2
     from . import trigger
@@ -327,6 +353,8 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
             raise ConfigError("Destinations.%s: no such destination" % args.destination)
         dsn = dsn or matches[0].pgsql
         tables = tables or [matches[0].target]
+        if args.operation == "install":
+            _warn_trigger_mismatch(matches[0], tables)
     actions = [a.strip().lower() for a in args.actions.split(",")] if args.actions else None
     from .progress import echo, progress
     try:

@@ -96,6 +96,9 @@ class Daemon:
         self.registry = Registry()
         self.listeners: Dict[str, Listener] = build_listeners(config, self.registry, self.only)
         self.http: Any = None
+        #: called with the new ``Logging`` section when a reload changes it (set by golconded's
+        #: command line, which configured logging; may raise, e.g. OSError on a log file)
+        self.on_logging_change: Optional[Callable[[Any], None]] = None
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._signals = 0
@@ -179,8 +182,11 @@ class Daemon:
         self._stop_listeners(stopping)
         kept = {name: listener for name, listener in old.items() if listener not in stopping}
         for name in old:
-            if name not in candidates:
-                self.registry.remove(name)
+            current = self.registry.get(name)
+            if name not in candidates or (current is not None and (
+                    current.role, current.destination) != (candidates[name].stats.role,
+                                                            candidates[name].stats.destination)):
+                self.registry.remove(name)  # gone, or the name now has another role: new counters
         fresh = build_listeners(new_config, self.registry, self.only)
         started = 0
         for name, listener in fresh.items():
@@ -189,6 +195,16 @@ class Daemon:
                 listener.start()
                 started += 1
         self.listeners = kept
+        if new_config.logging != self.config.logging:
+            if self.on_logging_change is None:
+                LOGGER.warning("the Logging section changed: it applies at the next start")
+            else:
+                try:
+                    self.on_logging_change(new_config.logging)
+                    LOGGER.info("logging set up again from the new Logging section")
+                except Exception as exc:   # the old logging stays as it was
+                    LOGGER.error("the new Logging section could not be applied (%s): logging"
+                                 " goes on as before", exc)
         self._stop_http()               # its /config page shows the configuration: restart it
         self.config = new_config
         self._start_http()

@@ -288,52 +288,65 @@ class DeadLetterQueue:
         return self._drain(limit, ids, replay=False)
 
     def _drain(self, limit: Optional[int], ids: Optional[Iterable[str]], replay: bool) -> Result:
+        """Read the queue once (at most its depth, when known), replaying or purging up to
+        ``limit`` packets among those selected (all, or those whose id is in ``ids``). Each id
+        asked for and not found is reported in ``skipped``, with how many packets were read: a
+        selection holds the packets it passes over unacknowledged, so it sees at most
+        :data:`SELECT_WINDOW` of them at a time."""
         wanted = set(ids) if ids is not None else None
         depth = self.depth()
-        known = [count for count in (limit, depth) if count is not None]
-        budget: Optional[int] = min(known) if known else None
         result = Result()
-        if budget == 0:
-            return result
+        seen: set = set()
+        scanned = 0
         # skipped packets stay unacked and hold prefetch slots: a selection needs a wider window
         window = SELECT_WINDOW if wanted is not None else REPLAY_BATCH
-        connection, inbox = self._consume(prefetch=min(budget or window, window))
-        seen: set = set()
-        taken = 0
-        try:
-            while budget is None or taken < budget:
-                batch: List[Delivery] = []
-                while len(batch) < REPLAY_BATCH and (budget is None or taken < budget):
-                    delivery = self._next(inbox, wait=not batch)
-                    if delivery is None:
+        if limit != 0 and depth != 0:
+            bounds = [count for count in (window, depth, None if wanted else limit) if count]
+            connection, inbox = self._consume(prefetch=min(bounds))
+            try:
+                while limit is None or result.done < limit:
+                    batch: List[Delivery] = []
+                    while (len(batch) < REPLAY_BATCH
+                           and (limit is None or result.done + len(batch) < limit)
+                           and (depth is None or scanned < depth)):
+                        delivery = self._next(inbox, wait=not batch)
+                        if delivery is None:
+                            break
+                        pid = delivery.headers.get(ID_HEADER)
+                        if depth is None and pid is not None and pid in seen:
+                            # dead-lettered again during this run: stop before looping over it
+                            result.skipped.append((pid, "dead-lettered again during this run"))
+                            depth = scanned
+                            break
+                        scanned += 1
+                        why = self._skip_reason(delivery, wanted, replay)
+                        if why:
+                            result.skipped.append((pid, why))
+                            continue
+                        seen.add(pid)
+                        batch.append(delivery)
+                    if not batch:
                         break
-                    pid = delivery.headers.get(ID_HEADER)
-                    if budget is None and pid is not None and pid in seen:
-                        # dead-lettered again during this run: stop before looping over it
-                        result.skipped.append((pid, "dead-lettered again during this run"))
-                        budget = taken
-                        break
-                    taken += 1
-                    why = self._skip_reason(delivery, wanted, replay)
-                    if why:
-                        result.skipped.append((pid, why))
-                        continue
-                    seen.add(pid)
-                    batch.append(delivery)
-                if not batch:
-                    break
-                if replay:
-                    self._send_back(connection, batch)
-                for delivery in batch:
-                    connection.ack(delivery)
-                result.done += len(batch)
-                LOGGER.info("%s %d packet(s) from %s", "replayed" if replay else "purged",
-                            len(batch), self.queue)
-        except GolcondeError as exc:
-            raise DeadLetterError("%s of %s stopped after %d packet(s): %s" % (
-                "replay" if replay else "purge", self.queue, result.done, exc)) from None
-        finally:
-            connection.close()          # skipped (unacked) packets go back to the queue
+                    if replay:
+                        self._send_back(connection, batch)
+                    for delivery in batch:
+                        connection.ack(delivery)
+                    result.done += len(batch)
+                    LOGGER.info("%s %d packet(s) from %s", "replayed" if replay else "purged",
+                                len(batch), self.queue)
+            except GolcondeError as exc:
+                raise DeadLetterError("%s of %s stopped after %d packet(s): %s" % (
+                    "replay" if replay else "purge", self.queue, result.done, exc)) from None
+            finally:
+                connection.close()          # skipped (unacked) packets go back to the queue
+        if wanted is not None:
+            reached = limit is not None and result.done >= limit
+            for pid in sorted(wanted - seen):
+                result.skipped.append((pid, (
+                    "not reached: --limit %d was reached first" % limit if reached else
+                    "not found among the %d packet(s) read%s" % (scanned, (
+                        " (a selection reads at most %d at a time: replay or purge others"
+                        " first)" % SELECT_WINDOW) if scanned >= SELECT_WINDOW else ""))))
         return result
 
     @staticmethod
@@ -381,13 +394,20 @@ class DeadLetterQueue:
 
 # -- choosing the queue from a configuration ------------------------------------------------------
 
+def _queue_name(queue: str) -> str:
+    """A queue's name without its STOMP prefix (``/queue/x``, ``/amq/queue/x`` and ``x`` name one
+    queue)."""
+    return amqp_queue_name(queue) or queue
+
+
 def locate(config: Any, destination: Optional[str] = None, target: Optional[str] = None,
            queue: Optional[str] = None) -> Tuple[Any, str]:
     """``(broker config, dead-letter queue)`` of the destination (or of its target) named, or of
     the listener whose dead-letter queue is ``queue`` (any queue on the first destination's broker
     if none is).
 
-    :raises ConfigError: no such destination or target, or neither a destination nor a queue.
+    :raises ConfigError: no such destination or target, neither a destination nor a queue, or a
+        queue a listener consumes (a purge there would drop live packets).
     """
     listeners = []
     for dest in config.destinations:
@@ -411,6 +431,11 @@ def locate(config: Any, destination: Optional[str] = None, target: Optional[str]
         raise ConfigError("--target needs --destination")
     if queue is None:
         raise ConfigError("give --destination NAME [--target NAME] or --queue /queue/...")
+    consumers = [item for item in listeners if _queue_name(item.queue) == _queue_name(queue)]
+    if consumers:
+        raise ConfigError("--queue %s is the queue %s consumes, not a dead-letter queue (its"
+                          " dead-letter queue is %s)" % (queue, consumers[0].thread_name,
+                                                         consumers[0].dead_letter_queue))
     owners = [item for item in listeners if item.dead_letter_queue == queue]
     return (owners[0] if owners else config.destinations[0]).stomp, queue
 

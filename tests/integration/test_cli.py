@@ -83,6 +83,13 @@ def test_trigger_install_remove_and_compare(make_database, tmp_path):
     execute(target, "INSERT INTO items VALUES (1, 'a'), (2, 'b')")
     result = run("golconde.cli", "compare", "-c", path)
     assert result.returncode == 0 and "all targets equal" in result.stdout, result.stdout
+    # with the configuration: a client-mode destination drains no queue table; another table's
+    # changes go to the destination's targets all the same; both installed, with warnings
+    result = run("golconde.cli", "trigger", "install", "-c", path, "--destination", "Items",
+                 "--table", "log")
+    assert result.returncode == 0, result.stderr
+    assert "destination Items is in client mode" in result.stderr
+    assert "log is not destination Items's relation (items)" in result.stderr
 
 
 def test_send_validates_packets(make_database, tmp_path):

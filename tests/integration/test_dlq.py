@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import pytest
 
@@ -206,15 +206,21 @@ def test_purge_needs_yes_and_empties_the_queue(flow, capsys):
     assert all(rows(dsn) == [] for dsn in flow["dbs"])
 
 
+def two_dead_letters(state) -> Tuple[str, str]:
+    """Two packets naming a column the table lacks, dead-lettered: their ids."""
+    first = send(state, '{"action": "add", "data": {"n": 1, "later": "x"}}')
+    second = send(state, '{"action": "add", "data": {"n": 2, "later": "y"}}')
+    wait_for(lambda: stats_of(state["daemon"], state["destination"].name)["dead_lettered"] == 2,
+             timeout=30, message="two dead letters")
+    return first, second
+
+
 def test_replay_selected_ids_and_leaves_what_it_cannot_replay(flow, capsys):
     """--id picks packets; a trigger-mode dead letter (original queue golconde.queue) and a packet
     without golconde-id are left in the queue and reported (exit status 1)."""
     destination = flow["destination"]
     name = destination.name
-    first = send(flow, '{"action": "add", "data": {"n": 1, "later": "x"}}')
-    second = send(flow, '{"action": "add", "data": {"n": 2, "later": "y"}}')
-    wait_for(lambda: stats_of(flow["daemon"], name)["dead_lettered"] == 2, timeout=30,
-             message="two dead letters")
+    first, second = two_dead_letters(flow)
     send_raw(destination.dead_letter_queue,
              ['{"action": "add", "data": {"n": 3}}', '{"action": "add", "data": {"n": 4}}'],
              [{"golconde-id": "from-trigger", "golconde-original-queue": "golconde.queue",
@@ -250,3 +256,31 @@ def test_usage_errors(flow, capsys):
     assert status == 2 and "Targets.zz: no such target" in capsys.readouterr().err
     status = admin_main(["dlq", "list", "-c", path, "--destination", name, "--queue", "/queue/x"])
     assert status == 2 and "is not the dead-letter queue of" in capsys.readouterr().err
+    # a queue a listener consumes is no dead-letter queue: a purge there would drop live packets
+    for queue in (flow["destination"].queue, flow["destination"].targets[0].queue,
+                  "/amq/queue/" + flow["destination"].queue[len("/queue/"):]):
+        status = admin_main(["dlq", "purge", "-c", path, "--queue", queue, "--yes"])
+        assert status == 2 and "consumes, not a dead-letter queue" in capsys.readouterr().err
+
+
+def test_ids_not_found_or_past_the_limit_are_reported(flow, capsys):
+    """--id naming nothing in the queue, or a packet --limit did not reach (the limit counts the
+    packets selected, not those read), exits 1 and says which."""
+    destination = flow["destination"]
+    name = destination.name
+    first, second = two_dead_letters(flow)
+    status, out = cli(capsys, "dlq", "purge", "-c", flow["path"], "--destination", name,
+                      "--id", "no-such-id", "--yes")
+    assert status == 1 and "left no-such-id" in out and "not found among the 2 packet(s) read" in out
+    assert "purged 0 packet(s)" in out
+    # the second packet with --limit 1: selected, though the first is read before it
+    status, out = cli(capsys, "dlq", "purge", "-c", flow["path"], "--destination", name,
+                      "--id", second, "--limit", "1", "--yes")
+    assert status == 0 and "purged 1 packet(s)" in out
+    status, out = cli(capsys, "dlq", "purge", "-c", flow["path"], "--destination", name,
+                      "--id", first, "--id", "other", "--limit", "1", "--yes", "--json")
+    assert status == 1 and json.loads(out) == {
+        "queue": destination.dead_letter_queue, "purged": 1,
+        "skipped": [{"golconde_id": "other", "why": "not reached: --limit 1 was reached first"}]}
+    assert dlq_list(capsys, flow) == []
+

@@ -295,3 +295,42 @@ def test_sighup_with_a_bad_configuration_keeps_the_running_one(golconded):
     assert "0 listeners stopped, 0 started" in line, line
     assert daemon.process.proc.pid == pid and daemon.process.proc.poll() is None
     assert "did not stop" not in daemon.log()
+
+
+def test_a_reload_giving_a_thread_name_another_role_and_a_new_logging_section(make_database, tmp_path):
+    """In process: target t1 of D goes and a client-mode destination named D_t1 (t1's thread
+    name) comes: the reload stops the one and starts the other with its own counters, instead of
+    failing half-way with both stopped. A changed Logging section is handed to the daemon's
+    logging set-up."""
+    from golconde.config import load
+    from golconde.daemon import Daemon
+
+    canonical, t1, t2 = make_database(), make_database(), make_database()
+    for dsn in (canonical, t1, t2):
+        execute(dsn, "CREATE TABLE items (id integer PRIMARY KEY, v text)")
+    mapping = make_config(canonical, {"t1": t1, "t2": t2}, "public.items")
+    name = next(iter(mapping["Destinations"]))
+    path = write_config(str(tmp_path / "golconde.yaml"), mapping)
+    daemon = Daemon(load(path), config_path=path)
+    logging_sections: List[Any] = []
+    daemon.on_logging_change = logging_sections.append
+    daemon.start()
+    try:
+        wait_for(lambda: all(listener.ready() for listener in daemon.listeners.values()), timeout=30,
+                 message="listeners connected")
+        assert daemon.registry.get(name + "_t1").role == "target"
+        other = make_config(t1, {"u1": t2}, "public.items", name=name + "_t1")
+        del mapping["Destinations"][name]["Targets"]["t1"]
+        mapping["Destinations"].update(other["Destinations"])
+        mapping["Logging"] = {"level": "debug"}
+        write_config(path, mapping)
+        assert daemon.reload()
+        assert sorted(daemon.listeners) == sorted([name, name + "_t2", name + "_t1", name + "_t1_u1"])
+        assert all(listener.is_alive() for listener in daemon.listeners.values())
+        stats = daemon.registry.get(name + "_t1")
+        assert (stats.role, stats.destination) == ("destination", name + "_t1")
+        assert [str(section.get("level")).lower() for section in logging_sections] == ["debug"]
+        wait_for(lambda: all(listener.ready() for listener in daemon.listeners.values()), timeout=30,
+                 message="listeners connected after the reload")
+    finally:
+        assert daemon.stop()
