@@ -331,6 +331,32 @@ def read_schema(cursor: Any, relation: Relation) -> TableSchema:
                        nulls_not_distinct=tuple(nulls_not_distinct))
 
 
+@dataclass
+class _Entry:
+    schema: TableSchema
+    read_at: float                  # clock time of the read
+    natts: Optional[int]            # pg_class.relnatts then
+    signature: Optional[str]        # _SIGNATURE_SQL then
+    checked_at: float               # clock time the signature was last compared
+
+
+#: What a cached schema depends on, as one md5: each column's name, type, typmod, identity,
+#: generation, NOT NULL and dropped flag, and each index's columns and kind. Any ALTER TABLE that
+#: changes what AutoSQL builds changes it (a type changed without an error, as integer to numeric,
+#: would otherwise have its values cast to the old type: 1.5 stored as 2).
+_SIGNATURE_SQL = (
+    "SELECT md5(coalesce((SELECT string_agg(a.attname || ' ' || a.atttypid || ' ' || a.atttypmod"
+    "  || ' ' || a.attidentity::text || a.attgenerated::text || a.attnotnull::text"
+    "  || a.attisdropped::text, ','"
+    "  ORDER BY a.attnum) FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0), '')"
+    " || '|' || coalesce((SELECT string_agg(i.indexrelid::text || ' ' || i.indkey::text || ' '"
+    "  || i.indisunique::text || i.indisprimary::text || i.indisvalid::text || i.indimmediate::text,"
+    "  ',' ORDER BY i.indexrelid) FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid), '')"
+    " || '|' || c.relkind::text)"
+    " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE n.nspname = %s AND c.relname = %s")
+
+
 class SchemaCache:
     """:class:`TableSchema` per :class:`Relation`, shared safely between listener threads.
 
@@ -340,7 +366,7 @@ class SchemaCache:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._entries: Dict[Relation, Tuple[TableSchema, float, Optional[int]]] = {}
+        self._entries: Dict[Relation, _Entry] = {}
 
     def get(self, cursor: Any, relation: Relation) -> TableSchema:
         """The cached schema of ``relation``, read with ``cursor`` if not cached.
@@ -350,8 +376,28 @@ class SchemaCache:
         with self._lock:
             entry = self._entries.get(relation)
         if entry is not None:
-            return entry[0]
+            return entry.schema
         return self._read(cursor, relation)
+
+    def revalidate(self, cursor: Any, relation: Relation, interval: float = 1.0) -> None:
+        """At most every ``interval`` seconds per relation, compare the catalog's signature of
+        ``relation`` (:data:`_SIGNATURE_SQL`, one small query) with the cached schema's, and
+        forget the schema when they differ (the next :meth:`get` reads it again). So an ALTER
+        TABLE that makes no statement fail (a column's type widened) is seen within
+        ``interval`` seconds. Nothing is done for a relation not cached.
+
+        :raises psycopg2.Error: the query failed (the caller's transaction is then aborted).
+        """
+        with self._lock:
+            entry = self._entries.get(relation)
+            if entry is None or self._clock() - entry.checked_at < interval:
+                return
+            entry.checked_at = self._clock()
+        if _signature(cursor, relation) != entry.signature:
+            LOGGER.info("the schema of %s changed since it was read: reading it again", relation)
+            with self._lock:
+                if self._entries.get(relation) is entry:
+                    del self._entries[relation]
 
     def refresh_if_stale(self, cursor: Any, relation: Relation, min_age_seconds: float = 1.0,
                          check_catalog: bool = False) -> TableSchema:
@@ -364,9 +410,9 @@ class SchemaCache:
         """
         with self._lock:
             entry = self._entries.get(relation)
-        if entry is not None and self._clock() - entry[1] < min_age_seconds:
-            if not check_catalog or _relnatts(cursor, relation) == entry[2]:
-                return entry[0]
+        if entry is not None and self._clock() - entry.read_at < min_age_seconds:
+            if not check_catalog or _relnatts(cursor, relation) == entry.natts:
+                return entry.schema
         LOGGER.debug("re-reading the schema of %s (a packet names a column it does not know)", relation)
         return self._read(cursor, relation)
 
@@ -381,10 +427,19 @@ class SchemaCache:
 
     def _read(self, cursor: Any, relation: Relation) -> TableSchema:
         natts = _relnatts(cursor, relation)        # first: a column added meanwhile shows later
+        signature = _signature(cursor, relation)   # likewise: a change meanwhile reads again
         schema = read_schema(cursor, relation)
+        now = self._clock()
         with self._lock:
-            self._entries[relation] = (schema, self._clock(), natts)
+            self._entries[relation] = _Entry(schema, now, natts, signature, now)
         return schema
+
+
+def _signature(cursor: Any, relation: Relation) -> Optional[str]:
+    """:data:`_SIGNATURE_SQL` of ``relation`` (``None`` when it does not exist)."""
+    cursor.execute(_SIGNATURE_SQL, (relation.schema, relation.name))
+    row = cursor.fetchone()
+    return row[0] if row else None
 
 
 def _relnatts(cursor: Any, relation: Relation) -> Optional[int]:

@@ -490,6 +490,7 @@ class AutoSQL(Handler):
         :returns: ``packet`` when mapped (targets fan nothing out), else as :meth:`apply_one`.
         :raises: as :meth:`apply_one` and :meth:`~golconde.mapping.TargetMapping.transform`.
         """
+        self.cache.revalidate(cursor, self.table)
         if not self.mapping:
             return self.apply_one(cursor, packet)
         key = self._schema(cursor).primary_key
@@ -523,6 +524,7 @@ class AutoSQL(Handler):
         """
         if self.mapping or type(self).apply is not AutoSQL.apply:
             return super().apply_batch(cursor, packets)
+        self.cache.revalidate(cursor, self.table)   # an ALTER TABLE since (at most once a second)
         results = list(packets)
         # a subclass that resolves packets its own way gets every packet through its prepare()
         own = type(self).prepare is AutoSQL.prepare and type(self)._resolve is AutoSQL._resolve

@@ -12,6 +12,8 @@ apart:
 from __future__ import annotations
 
 import json
+import time
+from decimal import Decimal
 
 import psycopg2
 import pytest
@@ -160,3 +162,25 @@ def test_a_row_a_trigger_skips_in_a_run_keeps_the_other_packets_generated_keys(c
     assert fanouts[0]["data"] == {"v": 1, "id": stored[1]}
     assert fanouts[1]["data"] == {"v": 0}              # not inserted: nothing to back-fill
     assert fanouts[2]["data"] == {"v": 3, "id": stored[3]}
+
+
+@pytest.mark.parametrize("role", ["destination", "target"])
+def test_a_type_widened_without_any_error_is_read_again_within_a_second(conn, role):
+    """integer -> numeric(10,2) since the schema was cached: the cached cast would round 1.5 to
+    2 without an error; the listener compares the catalog's signature at most once a second and
+    reads the schema again."""
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE prices (id integer PRIMARY KEY, price integer)")
+    conn.commit()
+    applier = Applier(AutoSQL("prices", role=role), "prices-" + role, store_fanout=role == "destination")
+    first = applier.apply_batch(conn, [("p1", dumps(packet("add", {"id": 1, "price": 1})).encode())])
+    assert [o.status for o in first] == ["applied"]
+    with conn.cursor() as cur:
+        cur.execute("ALTER TABLE prices ALTER COLUMN price TYPE numeric(10,2)")
+    conn.commit()
+    time.sleep(1.1)
+    items = [("p2", dumps(packet("add", {"id": 2, "price": Decimal("1.5")})).encode()),
+             ("p3", dumps(packet("add", {"id": 3, "price": Decimal("2.25")})).encode())]
+    assert [o.status for o in applier.apply_batch(conn, items)] == ["applied", "applied"]
+    assert rows(conn, "SELECT id, price FROM prices ORDER BY id") == [
+        (1, Decimal("1.00")), (2, Decimal("1.50")), (3, Decimal("2.25"))]
