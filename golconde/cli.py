@@ -145,6 +145,11 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
                   % (filename, exc.strerror or exc), file=sys.stderr)
             return 2
     if not args.foreground:
+        settings = config.logging or {}
+        if (settings.get("handler") or ("file" if settings.get("filename") else "stderr")) == "stderr":
+            print("golconded: warning: Logging sets no filename and no syslog handler: once"
+                  " detached, the daemon's log goes nowhere (set Logging.filename or handler:"
+                  " syslog, or run with -f)", file=sys.stderr)
         return _daemonize(daemon, config, args)
     setup_logging(config.logging, args.verbose)
     daemon.on_logging_change = lambda settings: setup_logging(settings, args.verbose)

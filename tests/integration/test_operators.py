@@ -316,14 +316,18 @@ def test_daemon_mode_pidfile_and_sigterm(make_database, tmp_path):
     canonical = make_database()
     execute(canonical, ITEMS)
     port = free_port()
-    mapping = make_config(canonical, {}, "public.items", http_port=port)
+    # the configuration's port is not the one served: --http-port, like --only, survives the
+    # daemon's rebuild after the fork
+    mapping = make_config(canonical, {}, "public.items", http_port=free_port())
     log = tmp_path / "golconded.log"
     mapping["Logging"] = {"level": "info", "filename": str(log)}
     path = write_config(str(tmp_path / "golconde.yaml"), mapping)
     pidfile = tmp_path / "golconded.pid"
-    command = [sys.executable, "-m", "golconde.daemon_entry", "-c", path, "--pidfile", str(pidfile)]
+    command = [sys.executable, "-m", "golconde.daemon_entry", "-c", path, "--pidfile", str(pidfile),
+               "--http-port", str(port)]
     parent = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert parent.returncode == 0, parent.stderr          # the parent returns once detached
+    assert "log goes nowhere" not in parent.stderr
     wait_for(pidfile.exists, timeout=20, message="pid file")
     pid = int(pidfile.read_text().strip())
     try:
@@ -345,6 +349,21 @@ def test_daemon_mode_pidfile_and_sigterm(make_database, tmp_path):
     text = log.read_text()
     assert "signal %d: stopping" % signal.SIGTERM in text
     assert "[%s] destination listener stopped" % mapping_name(mapping) in text
+
+    # without a log file or syslog, a detached daemon's log goes nowhere: said before detaching
+    mapping["Logging"] = {"level": "info"}
+    write_config(path, mapping)
+    parent = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert parent.returncode == 0 and "the daemon's log goes nowhere" in parent.stderr
+    wait_for(pidfile.exists, timeout=20, message="pid file")
+    pid = int(pidfile.read_text().strip())
+    try:
+        wait_for(lambda: health_code(port) == 200, timeout=60, message="daemon healthy")
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not _alive(pid), timeout=20, message="process gone")
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def mapping_name(mapping):
