@@ -51,6 +51,15 @@ def _syslog_handler(ident: str) -> logging.Handler:
     return logging.StreamHandler(sys.stderr)
 
 
+def _log_destination(settings: Optional[dict]) -> str:
+    """Where :func:`setup_logging` sends the log for a ``Logging`` section: ``"syslog"`` (handler
+    ``syslog`` or ``journald``), ``"file"`` (a ``filename`` otherwise) or ``"stderr"``."""
+    settings = settings or {}
+    if settings.get("handler") in ("syslog", "journald"):
+        return "syslog"
+    return "file" if settings.get("filename") else "stderr"
+
+
 def setup_logging(settings: Optional[dict], verbose: bool = False, foreground: bool = True) -> None:
     """Configure logging from the YAML ``Logging`` section (``filename``, ``filemode``, ``format``,
     ``datefmt``, ``level``, ``handler``: ``stderr``, ``file`` (the default when ``filename`` is set), ``syslog`` or
@@ -61,12 +70,12 @@ def setup_logging(settings: Optional[dict], verbose: bool = False, foreground: b
     fmt = settings.get("format") or "%(asctime)s %(levelname)-8s %(threadName)s %(name)s: %(message)s"
     filename = settings.get("filename")
     root = logging.getLogger()
-    kind = settings.get("handler") or ("file" if filename else "stderr")
-    if kind in ("syslog", "journald"):
+    destination = _log_destination(settings)
+    if destination == "syslog":
         handler: logging.Handler = _syslog_handler("golconded")
         if not settings.get("format") and isinstance(handler, logging.handlers.SysLogHandler):
             fmt = "%(levelname)s %(threadName)s %(name)s: %(message)s"
-    elif filename:
+    elif destination == "file":
         handler = logging.handlers.WatchedFileHandler(filename, mode=settings.get("filemode") or "a")
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -137,7 +146,7 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 1
     filename = (config.logging or {}).get("filename")
-    if filename and (config.logging or {}).get("handler") in (None, "file"):
+    if _log_destination(config.logging) == "file":
         try:        # before daemonizing, which closes stderr: say it here
             open(filename, "a").close()
         except OSError as exc:
@@ -145,8 +154,7 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
                   % (filename, exc.strerror or exc), file=sys.stderr)
             return 2
     if not args.foreground:
-        settings = config.logging or {}
-        if (settings.get("handler") or ("file" if settings.get("filename") else "stderr")) == "stderr":
+        if _log_destination(config.logging) == "stderr":
             print("golconded: warning: Logging sets no filename and no syslog handler: once"
                   " detached, the daemon's log goes nowhere (set Logging.filename or handler:"
                   " syslog, or run with -f)", file=sys.stderr)

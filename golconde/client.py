@@ -244,8 +244,7 @@ class Client:
         if self.batch_messages and len(entries) > 1:
             return [(self.queue, body, dict(common, **{envelope.BATCH_HEADER: str(count),
                                                        CREATED_HEADER: created}))
-                    for body, count, created in envelope.with_created(entries,
-                                                                      envelope.encode(entries))]
+                    for body, count, created in envelope.with_created(entries)]
         return [(self.queue, text, dict(common, **{ID_HEADER: pid, CREATED_HEADER: created}))
                 for pid, text, created in entries]
 

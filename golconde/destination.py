@@ -79,7 +79,7 @@ class FanOut:
         if not packets or not self.routes:
             return 0, []
         by_connection: Dict[int, Tuple[BrokerConnection, List[Outgoing]]] = {}
-        messages = envelope.with_created(packets, envelope.encode(packets))
+        messages = envelope.with_created(packets)
         for target, connection in self.routes:
             slot = by_connection.setdefault(id(connection), (connection, []))
             for body, count, created in messages:
@@ -439,10 +439,10 @@ class TriggerDestination(Listener):
 
     def _rotate(self) -> None:
         """At most every ROTATE_INTERVAL s: truncate the partitions of the queue every destination
-        has sent (:func:`golconde.trigger.rotate_queue`). Where this
-        role may not truncate, or another destination has kept a partition from being truncated
-        for ROTATE_PATIENCE s (a destination no daemon drains any more, say), delete this
-        destination's sent rows instead (:func:`golconde.trigger.delete_sent`)."""
+        has sent (:func:`golconde.trigger.rotate_queue`). Where this role may not truncate, or
+        another destination has kept a partition from being truncated for ROTATE_PATIENCE s (a
+        destination no daemon drains any more, say), delete this destination's sent rows instead
+        (:func:`golconde.trigger.delete_sent`)."""
         now = time.monotonic()
         if now - self._last_rotate < ROTATE_INTERVAL:
             return
@@ -467,21 +467,7 @@ class TriggerDestination(Listener):
                 for name in rotation.truncated:
                     LOGGER.info("[%s] %s truncated: every destination had sent its rows",
                                 self.name, name)
-                blocked = dict(rotation.blocked)
-                for name in list(self._blocked_since):
-                    if name not in blocked:
-                        del self._blocked_since[name]
-                        self._blocked_warned.discard(name)
-                for name, other in blocked.items():
-                    since = self._blocked_since.setdefault(name, now)
-                    if other != self.config.name and now - since >= ROTATE_PATIENCE:
-                        if name not in self._blocked_warned:     # once per partition and spell
-                            self._blocked_warned.add(name)
-                            LOGGER.warning("[%s] %s has not been truncated for %.0f s: destination"
-                                           " %s has not sent its rows there (is it drained?);"
-                                           " deleting the rows %s sent instead", self.name, name,
-                                           now - since, other, self.config.name)
-                        delete = True
+                delete = self._held_by_others(rotation.blocked, now)
         if delete:
             try:
                 trigger.delete_sent(self.db, self.config.name, self._confirmed)
@@ -490,6 +476,28 @@ class TriggerDestination(Listener):
                     raise
                 LOGGER.warning("[%s] could not delete the rows it sent: %s", self.name,
                                trigger.first_line(exc))
+
+    def _held_by_others(self, blocked: Sequence[Tuple[str, str]], now: float) -> bool:
+        """Whether another destination has kept a partition from being truncated for
+        ROTATE_PATIENCE s (``blocked``: ``(partition, destination)`` of this rotation; warned once
+        per partition and spell)."""
+        holders = dict(blocked)
+        for name in list(self._blocked_since):
+            if name not in holders:
+                del self._blocked_since[name]
+                self._blocked_warned.discard(name)
+        held = False
+        for name, other in holders.items():
+            since = self._blocked_since.setdefault(name, now)
+            if other == self.config.name or now - since < ROTATE_PATIENCE:
+                continue
+            held = True
+            if name not in self._blocked_warned:
+                self._blocked_warned.add(name)
+                LOGGER.warning("[%s] %s has not been truncated for %.0f s: destination %s has not"
+                               " sent its rows there (is it drained?); deleting the rows %s sent"
+                               " instead", self.name, name, now - since, other, self.config.name)
+        return held
 
     def _wait_for_notify(self, timeout: float) -> None:
         conn = self.listen_db

@@ -298,47 +298,8 @@ class DeadLetterQueue:
         result = Result()
         seen: set = set()
         scanned = 0
-        # skipped packets stay unacked and hold prefetch slots: a selection needs a wider window
-        window = SELECT_WINDOW if wanted is not None else REPLAY_BATCH
         if limit != 0 and depth != 0:
-            bounds = [count for count in (window, depth, None if wanted else limit) if count]
-            connection, inbox = self._consume(prefetch=min(bounds))
-            try:
-                while limit is None or result.done < limit:
-                    batch: List[Delivery] = []
-                    while (len(batch) < REPLAY_BATCH
-                           and (limit is None or result.done + len(batch) < limit)
-                           and (depth is None or scanned < depth)):
-                        delivery = self._next(inbox, wait=not batch)
-                        if delivery is None:
-                            break
-                        pid = delivery.headers.get(ID_HEADER)
-                        if depth is None and pid is not None and pid in seen:
-                            # dead-lettered again during this run: stop before looping over it
-                            result.skipped.append((pid, "dead-lettered again during this run"))
-                            depth = scanned
-                            break
-                        scanned += 1
-                        why = self._skip_reason(delivery, wanted, replay)
-                        if why:
-                            result.skipped.append((pid, why))
-                            continue
-                        seen.add(pid)
-                        batch.append(delivery)
-                    if not batch:
-                        break
-                    if replay:
-                        self._send_back(connection, batch)
-                    for delivery in batch:
-                        connection.ack(delivery)
-                    result.done += len(batch)
-                    LOGGER.info("%s %d packet(s) from %s", "replayed" if replay else "purged",
-                                len(batch), self.queue)
-            except GolcondeError as exc:
-                raise DeadLetterError("%s of %s stopped after %d packet(s): %s" % (
-                    "replay" if replay else "purge", self.queue, result.done, exc)) from None
-            finally:
-                connection.close()          # skipped (unacked) packets go back to the queue
+            scanned = self._take(limit, depth, wanted, replay, result, seen)
         if wanted is not None:
             reached = limit is not None and result.done >= limit
             for pid in sorted(wanted - seen):
@@ -348,6 +309,53 @@ class DeadLetterQueue:
                         " (a selection reads at most %d at a time: replay or purge others"
                         " first)" % SELECT_WINDOW) if scanned >= SELECT_WINDOW else ""))))
         return result
+
+    def _take(self, limit: Optional[int], depth: Optional[int], wanted: Optional[set],
+              replay: bool, result: Result, seen: set) -> int:
+        """:meth:`_drain`'s reading: replay or purge the selected packets by batches, counting
+        them in ``result`` and their ids in ``seen``. :returns: the packets read."""
+        # skipped packets stay unacked and hold prefetch slots: a selection needs a wider window
+        window = SELECT_WINDOW if wanted is not None else REPLAY_BATCH
+        bounds = [count for count in (window, depth, None if wanted else limit) if count]
+        connection, inbox = self._consume(prefetch=min(bounds))
+        scanned = 0
+        try:
+            while limit is None or result.done < limit:
+                batch: List[Delivery] = []
+                while (len(batch) < REPLAY_BATCH
+                       and (limit is None or result.done + len(batch) < limit)
+                       and (depth is None or scanned < depth)):
+                    delivery = self._next(inbox, wait=not batch)
+                    if delivery is None:
+                        break
+                    pid = delivery.headers.get(ID_HEADER)
+                    if depth is None and pid is not None and pid in seen:
+                        # dead-lettered again during this run: stop before looping over it
+                        result.skipped.append((pid, "dead-lettered again during this run"))
+                        depth = scanned
+                        break
+                    scanned += 1
+                    why = self._skip_reason(delivery, wanted, replay)
+                    if why:
+                        result.skipped.append((pid, why))
+                        continue
+                    seen.add(pid)
+                    batch.append(delivery)
+                if not batch:
+                    break
+                if replay:
+                    self._send_back(connection, batch)
+                for delivery in batch:
+                    connection.ack(delivery)
+                result.done += len(batch)
+                LOGGER.info("%s %d packet(s) from %s", "replayed" if replay else "purged",
+                            len(batch), self.queue)
+        except GolcondeError as exc:
+            raise DeadLetterError("%s of %s stopped after %d packet(s): %s" % (
+                "replay" if replay else "purge", self.queue, result.done, exc)) from None
+        finally:
+            connection.close()          # skipped (unacked) packets go back to the queue
+        return scanned
 
     @staticmethod
     def _skip_reason(delivery: Delivery, wanted: Optional[set], replay: bool) -> Optional[str]:

@@ -16,7 +16,7 @@ a plain packet message with its own ``golconde-id``) and, when the batch message
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, List, Mapping, Sequence, Tuple
+from typing import Any, Iterator, List, Mapping, Sequence, Tuple
 
 from .errors import PacketError
 from .packet import dumps, loads
@@ -49,13 +49,12 @@ def encode(entries: Sequence[Tuple[str, str, str]]) -> Iterator[Tuple[str, int]]
         yield '{"batch":[' + ",".join(parts) + "]}", len(parts)
 
 
-def with_created(entries: Sequence[Tuple[str, str, str]],
-                 messages: Iterable[Tuple[str, int]]) -> List[Tuple[str, int, str]]:
-    """``(body, count, created)`` for each of ``messages`` (:func:`encode` of ``entries``):
-    ``created`` is that of the message's first entry, which goes in its ``golconde-created-at``
-    header, so that a receiver knows how old a batch message is without decoding it."""
+def with_created(entries: Sequence[Tuple[str, str, str]]) -> List[Tuple[str, int, str]]:
+    """:func:`encode` of ``entries``, as ``(body, count, created)`` for each message: ``created``
+    is that of the message's first entry, which goes in its ``golconde-created-at`` header, so
+    that a receiver knows how old a batch message is without decoding it."""
     result, start = [], 0
-    for body, count in messages:
+    for body, count in encode(entries):
         result.append((body, count, str(entries[start][2])))
         start += count
     return result

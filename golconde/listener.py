@@ -528,7 +528,7 @@ class QueueConsumer(Listener):
         that a listener stuck in a long apply (a lock wait) shows its backlog and a growing lag."""
         applying = self._applying
         held = self._inbox.packets + (applying[0] if applying else 0)
-        oldest = applying[1] if applying and applying[1] is not None else None
+        oldest = applying[1] if applying else None
         return held, oldest if oldest is not None else self._inbox.oldest_created()
 
     def _inbox_put(self, delivery: Delivery) -> None:
@@ -698,12 +698,9 @@ class QueueConsumer(Listener):
         self.stats.count("errors", dead)
         if applied:
             self.stats.observe_duration(seconds, packets=len(batch))
-        created = batch[-1].headers.get(CREATED_HEADER) if batch else None
-        if created:
-            try:
-                self.stats.set_lag(max(0.0, time.time() - float(created)))
-            except ValueError:
-                pass
+        created = _created(batch[-1]) if batch else None
+        if created is not None:
+            self.stats.set_lag(max(0.0, time.time() - created))
 
     def _maybe_prune(self) -> None:
         """Prune the ledger (:func:`golconde.ledger.prune`) when it is due, idle or not: at most

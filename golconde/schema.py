@@ -335,7 +335,6 @@ def read_schema(cursor: Any, relation: Relation) -> TableSchema:
 class _Entry:
     schema: TableSchema
     read_at: float                  # clock time of the read
-    natts: Optional[int]            # pg_class.relnatts then
     signature: Optional[str]        # _SIGNATURE_SQL then
     checked_at: float               # clock time the signature was last compared
 
@@ -402,16 +401,17 @@ class SchemaCache:
     def refresh_if_stale(self, cursor: Any, relation: Relation, min_age_seconds: float = 1.0,
                          check_catalog: bool = False) -> TableSchema:
         """Re-read ``relation`` if its cached schema is at least ``min_age_seconds`` old (or absent),
-        or, with ``check_catalog``, if ``pg_class.relnatts`` changed since it was read (one small
-        query: catches a column added less than ``min_age_seconds`` ago); otherwise return the cached
-        one. Used when a packet names a column the cache does not know.
+        or, with ``check_catalog``, if the catalog's signature of it changed since it was read
+        (:data:`_SIGNATURE_SQL`, one small query: catches a column added less than
+        ``min_age_seconds`` ago); otherwise return the cached one. Used when a packet names a
+        column the cache does not know.
 
         :raises SchemaError: as :func:`read_schema`.
         """
         with self._lock:
             entry = self._entries.get(relation)
         if entry is not None and self._clock() - entry.read_at < min_age_seconds:
-            if not check_catalog or _relnatts(cursor, relation) == entry.natts:
+            if not check_catalog or _signature(cursor, relation) == entry.signature:
                 return entry.schema
         LOGGER.debug("re-reading the schema of %s (a packet names a column it does not know)", relation)
         return self._read(cursor, relation)
@@ -426,26 +426,16 @@ class SchemaCache:
         LOGGER.debug("schema cache invalidated for %s", relation if relation is not None else "all relations")
 
     def _read(self, cursor: Any, relation: Relation) -> TableSchema:
-        natts = _relnatts(cursor, relation)        # first: a column added meanwhile shows later
-        signature = _signature(cursor, relation)   # likewise: a change meanwhile reads again
+        signature = _signature(cursor, relation)   # first: a change meanwhile shows later
         schema = read_schema(cursor, relation)
         now = self._clock()
         with self._lock:
-            self._entries[relation] = _Entry(schema, now, natts, signature, now)
+            self._entries[relation] = _Entry(schema, now, signature, now)
         return schema
 
 
 def _signature(cursor: Any, relation: Relation) -> Optional[str]:
     """:data:`_SIGNATURE_SQL` of ``relation`` (``None`` when it does not exist)."""
     cursor.execute(_SIGNATURE_SQL, (relation.schema, relation.name))
-    row = cursor.fetchone()
-    return row[0] if row else None
-
-
-def _relnatts(cursor: Any, relation: Relation) -> Optional[int]:
-    """``pg_class.relnatts`` of ``relation`` (attributes ever added, dropped ones included)."""
-    cursor.execute("SELECT c.relnatts FROM pg_catalog.pg_class c"
-                   " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
-                   " WHERE n.nspname = %s AND c.relname = %s", (relation.schema, relation.name))
     row = cursor.fetchone()
     return row[0] if row else None

@@ -235,8 +235,11 @@ def schema_state(conn: psycopg2.extensions.connection) -> str:
     """
     with _transaction(conn) as cur:
         cur.execute("SELECT to_regclass('golconde.queue') IS NOT NULL,"
-                    " to_regprocedure('golconde.schema_version()') IS NOT NULL")
-        queue, versioned = cur.fetchone()
+                    " to_regprocedure('golconde.schema_version()') IS NOT NULL,"
+                    " coalesce((SELECT relkind = 'p' FROM pg_class"
+                    "           WHERE oid = to_regclass('golconde.queue')), false)"
+                    " AND to_regclass('golconde.drain_position') IS NOT NULL")
+        queue, versioned, partitioned = cur.fetchone()
         language = capture_language(cur)
         if not queue or language is None:
             return "missing"
@@ -244,10 +247,7 @@ def schema_state(conn: psycopg2.extensions.connection) -> str:
         if versioned:
             cur.execute("SELECT golconde.schema_version()")
             version = cur.fetchone()[0]
-        cur.execute("SELECT relkind = 'p' FROM pg_class WHERE oid = 'golconde.queue'::regclass")
-        partitioned = cur.fetchone()[0]
-        cur.execute("SELECT to_regclass('golconde.drain_position') IS NOT NULL")
-        if version < SCHEMA_VERSION or not partitioned or not cur.fetchone()[0]:
+        if version < SCHEMA_VERSION or not partitioned:
             return "old"
         if language != "c":
             return "plpgsql"
@@ -320,8 +320,7 @@ def install(conn: psycopg2.extensions.connection, relation: str, destination: st
             if state == "missing":
                 raise
             LOGGER.warning("capture schema golconde (%s) not upgraded: %s", state, first_line(exc))
-    with _transaction(conn) as cur, _lock_wait(qualified):
-        cur.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
+    with _transaction(conn) as cur, _lock_wait(cur, qualified):
         keys = _table_key(cur, schema, table, qualified)
         if not keys and events != ("INSERT",):   # the key was dropped meanwhile
             raise TriggerError("%s has no primary key any more" % qualified)
@@ -350,8 +349,7 @@ def remove(conn: psycopg2.extensions.connection, relation: str, destination: str
     schema, table = parse_relation(relation)
     qualified = quote_relation(schema, table)
     name = trigger_name(destination)
-    with _transaction(conn) as cur, _lock_wait(qualified):
-        cur.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_TIMEOUT,))
+    with _transaction(conn) as cur, _lock_wait(cur, qualified):
         row = _lookup(cur, schema, table)
         cur.execute("SELECT 1 FROM pg_trigger WHERE tgrelid = %s AND tgname = %s AND NOT tgisinternal",
                     (row[0] if row else 0, name))
@@ -373,9 +371,16 @@ def remove(conn: psycopg2.extensions.connection, relation: str, destination: str
 LOCK_TIMEOUT = "10s"
 
 
+def _set_lock_timeout(cur: Any, timeout: str) -> None:
+    """``lock_timeout`` for the rest of ``cur``'s transaction (``SET LOCAL``)."""
+    cur.execute("SELECT set_config('lock_timeout', %s, true)", (timeout,))
+
+
 @contextlib.contextmanager
-def _lock_wait(qualified: str) -> Iterator[None]:
-    """Turn a lock timeout on ``qualified`` into a :class:`TriggerError` that says why."""
+def _lock_wait(cur: Any, qualified: str) -> Iterator[None]:
+    """Wait at most :data:`LOCK_TIMEOUT` for locks in ``cur``'s transaction, and turn a lock
+    timeout on ``qualified`` into a :class:`TriggerError` that says why."""
+    _set_lock_timeout(cur, LOCK_TIMEOUT)
     try:
         yield
     except psycopg2.errors.LockNotAvailable:
@@ -591,7 +596,7 @@ class DrainPosition:
     ticks (Skytools 3, ``pgq.batch_event_sql``). A window holds the rows whose transaction
     ``window`` sees and ``sent`` does not: those of the transactions ``sent`` lists as running
     (``xip``) or that have an id from its ``xmax`` on, found through the index on ``(destination,
-    txid)``. They are sent in id order, ``window_lo`` to ``window_hi``: a later change of a row
+    txid)``. They are sent in id order, up to ``window_hi``: a later change of a row
     waited for the earlier one's lock, so took a larger id, and windows follow each other in
     commit order, so each key's changes stay in order.
 
@@ -661,8 +666,8 @@ _NEW_WINDOW = ("WITH w AS MATERIALIZED (SELECT pg_current_snapshot() AS snap),"
                " ON true")
 
 
-#: Statements prepared on each connection (:func:`_execute_prepared`), by name.
-_PREPARED: "weakref.WeakKeyDictionary[Any, Dict[str, Tuple[str, List[str]]]]" = weakref.WeakKeyDictionary()
+#: Statements prepared on each connection (:func:`_execute_prepared`): name -> parameter names.
+_PREPARED: "weakref.WeakKeyDictionary[Any, Dict[str, List[str]]]" = weakref.WeakKeyDictionary()
 
 
 def _execute_prepared(cursor: Any, name: str, query: str, params: Dict[str, Any],
@@ -687,8 +692,8 @@ def _execute_prepared(cursor: Any, name: str, query: str, params: Dict[str, Any]
 
         text = re.sub(r"%\((\w+)\)s", number, query)
         cursor.execute(settings + "PREPARE " + name + " AS " + text.replace("%%", "%"))
-        prepared[name] = (text, names)
-    names = prepared[name][1]
+        prepared[name] = names
+    names = prepared[name]
     statement = settings + "EXECUTE " + name + (
         "(" + ", ".join(["%s"] * len(names)) + ")" if names else "")
     try:
@@ -715,26 +720,25 @@ def fetch_window(cursor: Any, destination: str, position: DrainPosition, limit: 
     _check_bounds(limit, max_bytes)
     params = dict(position.params(), destination=destination, limit=limit, max_bytes=max_bytes)
     bounded = max_bytes is not None
+    new = position.window is None
+    if new:     # the new window's bounds and snapshot are columns of the statement
+        rows_sql = _WINDOW_ROWS.format(after="b.lo - 1", hi="b.hi", window="w.snap")
+    else:
+        rows_sql = _WINDOW_ROWS.format(after="%(last_id)s", hi="%(window_hi)s",
+                                       window="%(window)s::pg_snapshot")
+    if bounded:
+        rows_sql = _by_bytes(rows_sql)
+    name = ("golconde_new_window" if new else "golconde_window") + ("_bytes" if bounded else "")
     with _bytes_cursor(cursor) as cur:
-        if position.window is None:
-            rows_sql = _WINDOW_ROWS.format(after="b.lo - 1", hi="b.hi", window="w.snap")
-            if bounded:
-                rows_sql = _by_bytes(rows_sql)
-            _execute_prepared(cur, "golconde_new_window" + ("_bytes" if bounded else ""),
-                              _NEW_WINDOW.format(rows=rows_sql), params, _INDEX_ORDER)
-            result = cur.fetchall()
-            window = Snapshot.parse(_text(result[0][0]))
-            rows = sorted((row[2:] for row in result if row[2] is not None), key=lambda row: row[0])
-            current = DrainPosition(position.sent, window, result[0][1] or 0, 0)
-        else:
-            rows_sql = _WINDOW_ROWS.format(after="%(last_id)s", hi="%(window_hi)s",
-                                           window="%(window)s::pg_snapshot")
-            if bounded:
-                rows_sql = _by_bytes(rows_sql)
-            _execute_prepared(cur, "golconde_window" + ("_bytes" if bounded else ""), rows_sql,
-                              params, _INDEX_ORDER)
-            rows = cur.fetchall()
-            current = position
+        _execute_prepared(cur, name, _NEW_WINDOW.format(rows=rows_sql) if new else rows_sql,
+                          params, _INDEX_ORDER)
+        result = cur.fetchall()
+    if new:
+        window = Snapshot.parse(_text(result[0][0]))
+        rows = sorted((row[2:] for row in result if row[2] is not None), key=lambda row: row[0])
+        current = DrainPosition(position.sent, window, result[0][1] or 0, 0)
+    else:
+        rows, current = result, position
     batch = _decode_rows(destination, rows, bounded)
     if len(batch) < limit and not batch.cut_by_bytes:
         return batch, current.closed()
@@ -861,7 +865,7 @@ def rotate_queue(conn: psycopg2.extensions.connection, lock_timeout_ms: int = 50
             continue
         try:
             with _transaction(conn) as cur:
-                cur.execute("SELECT set_config('lock_timeout', %s, true)", ("%dms" % lock_timeout_ms,))
+                _set_lock_timeout(cur, "%dms" % lock_timeout_ms)
                 cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(part))
                 cur.execute(_INDEX_ORDER)
                 cur.execute(check)

@@ -692,7 +692,7 @@ def test_added_column_is_picked_up(db):
     h = AutoSQL("t", role="destination", cache=SchemaCache(clock=clock))
     run(db, h, {"action": "add", "data": {"id": 1}})
     ddl(db, "ALTER TABLE t ADD COLUMN fresh text")
-    clock.now += 0.5  # younger than the 1 s re-read period, but pg_class.relnatts changed
+    clock.now += 0.5  # younger than the 1 s re-read period, but the catalog's signature changed
     run(db, h, {"action": "add", "data": {"id": 2, "fresh": "x"}})
     clock.now += 0.1  # an unknown name within the period, nothing changed: dead-lettered
     with pytest.raises(PacketError, match="stale"):
