@@ -45,6 +45,10 @@ QUEUE_RETRY = 10.0
 BACKLOG_INTERVAL = 5.0
 #: Seconds between attempts to truncate sent partitions of the queue table.
 ROTATE_INTERVAL = 10.0
+#: Seconds between checks that the destination's capture triggers name their tables' primary keys
+#: (golconde.trigger.key_mismatches): a primary key changed after the install goes unnoticed by
+#: the trigger, whose key columns are its arguments.
+KEY_CHECK_INTERVAL = 60.0
 #: Seconds between writes of the drain's confirmed position while batches flow (each write is a
 #: commit on the canonical database; a crash re-sends at most this much more, which the targets'
 #: ledgers recognise). Once idle, the position is written at once.
@@ -221,6 +225,8 @@ class TriggerDestination(Listener):
         self._saved = True
         self._last_save = 0.0
         self._last_rotate = time.monotonic()
+        self._next_key_check = 0.0
+        self._key_problem: Optional[str] = None
         self._blocked_since: Dict[str, float] = {}
         self._blocked_warned: Set[str] = set()
         self._may_truncate = True
@@ -320,6 +326,7 @@ class TriggerDestination(Listener):
             return
         self._settle(keep=self.max_pipeline - 1)
         self._rotate()
+        self._check_keys()
         since = time.monotonic() - self._last_fetch
         linger = self.config.batch_linger
         if self._partial and since < linger:
@@ -476,6 +483,36 @@ class TriggerDestination(Listener):
                     raise
                 LOGGER.warning("[%s] could not delete the rows it sent: %s", self.name,
                                trigger.first_line(exc))
+
+    def _check_keys(self) -> None:
+        """At most every KEY_CHECK_INTERVAL s (and at the first cycle): report each capture
+        trigger of this destination whose key columns are not its table's primary key any more
+        (:func:`golconde.trigger.key_mismatches`) as a standing problem of this listener (in
+        /stats and /health, failing the health check), logged as an error and counted once
+        when it appears; cleared once the trigger is installed again. The drain goes on: the
+        packets are captured already."""
+        now = time.monotonic()
+        if now < self._next_key_check:
+            return
+        self._next_key_check = now + KEY_CHECK_INTERVAL
+        try:
+            with self.db.cursor() as cur:
+                mismatches = trigger.key_mismatches(cur, self.config.name)
+        except psycopg2.Error as exc:
+            if self.db.closed:
+                raise
+            LOGGER.warning("[%s] could not check the capture triggers' keys: %s", self.name,
+                           trigger.first_line(exc))
+            return
+        text = "; ".join(str(mismatch) for mismatch in mismatches) or None
+        if text is not None and text != self._key_problem:
+            LOGGER.error("[%s] %s", self.name, text)
+            self.stats.count("errors")
+            self.stats.set_error(text)
+        elif text is None and self._key_problem is not None:
+            LOGGER.info("[%s] the capture triggers name their tables' primary keys again", self.name)
+        self._key_problem = text
+        self.stats.set_problem("capture-keys", text)
 
     def _held_by_others(self, blocked: Sequence[Tuple[str, str]], now: float) -> bool:
         """Whether another destination has kept a partition from being truncated for

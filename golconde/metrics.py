@@ -20,6 +20,7 @@ a broker).
                                 disconnected|stopped"}         gauge: 1 for the current state, else 0
       golconde_up                                              gauge: 1 when both are connected
       golconde_last_error_timestamp_seconds                    gauge (absent when no error)
+      golconde_problems                                        gauge: standing problems reported
       golconde_listeners, golconde_uptime_seconds, golconde_build_info{version}
 
 * :func:`health` judges a snapshot against :class:`~golconde.config.HealthConfig`-like thresholds.
@@ -110,6 +111,9 @@ class RegistryCollector(Collector):
         last_error = GaugeMetricFamily("golconde_last_error_timestamp_seconds",
                                        "Unix time of the listener's last error.",
                                        labels=LABELS, unit="seconds")
+        problems = GaugeMetricFamily("golconde_problems", "Standing problems the listener reports "
+                                     "(e.g. a capture trigger whose key is not the table's primary "
+                                     "key); the texts are in /stats.", labels=LABELS)
         for name, stats in threads:
             labels = list(thread_labels(name, stats))
             for action in ACTION_KEYS:
@@ -131,12 +135,13 @@ class RegistryCollector(Collector):
                     state.add_metric(labels + [connection, value],
                                      1.0 if stats.get(connection) == value else 0.0)
             up.add_metric(labels, 1.0 if _connected(stats) else 0.0)
+            problems.add_metric(labels, len(stats.get("problems") or ()))
             when = _timestamp(stats.get("last_error_at"))
             if when is not None:
                 last_error.add_metric(labels, when)
         yield packets
         yield from counters.values()
-        yield from (duration, backlog, lag, state, up, last_error)
+        yield from (duration, backlog, lag, state, up, last_error, problems)
         yield GaugeMetricFamily("golconde_listeners", "Listener threads of the daemon.",
                                 value=len(threads))
         yield GaugeMetricFamily("golconde_uptime_seconds", "Seconds since the daemon started.",
@@ -182,8 +187,9 @@ def render(collectors: CollectorRegistry, accept: Optional[str] = None) -> Tuple
 
 def health(snapshot: Dict[str, Any], max_backlog: int, max_lag: float) -> Tuple[bool, Dict[str, Any]]:
     """Judge a :meth:`~golconde.stats.Registry.snapshot`: healthy when every listener's broker and
-    database connections are ``connected`` and no backlog (packets) is over ``max_backlog`` nor
-    lag (seconds) over ``max_lag`` (unknown values pass).
+    database connections are ``connected``, no backlog (packets) is over ``max_backlog`` nor
+    lag (seconds) over ``max_lag`` (unknown values pass), and no listener reports a standing
+    problem (:meth:`~golconde.stats.ThreadStats.set_problem`, each one a reason).
 
     :returns: ``(healthy, document)``, the document being JSON-able::
 
@@ -205,6 +211,7 @@ def health(snapshot: Dict[str, Any], max_backlog: int, max_lag: float) -> Tuple[
             own.append("backlog %d > %d" % (backlog, max_backlog))
         if lag is not None and lag > max_lag:
             own.append("lag %.1f s > %g s" % (lag, max_lag))
+        own.extend(stats.get("problems") or ())
         reasons.extend("%s: %s" % (name, reason) for reason in own)
         listeners[name] = {"status": "fail" if own else "ok", "broker": stats.get("broker"),
                            "database": stats.get("database"), "backlog": backlog, "lag": lag}

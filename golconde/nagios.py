@@ -4,6 +4,7 @@ It polls the daemon's ``/stats`` (default) or ``/health`` (``--health``) and jud
 thread (``<destination>`` and ``<destination>_<target>``):
 
 * connection state: a broker or database connection that is not ``connected`` is CRITICAL;
+* problems: each standing problem a listener lists (``problems`` in ``/stats``) is CRITICAL;
 * ``lag`` (seconds) against ``--lag-warning`` / ``--lag-critical``;
 * ``backlog`` (packets) against ``--backlog-warning`` / ``--backlog-critical``;
 * ``errors``: errors counted since the previous check (``/stats`` only; the totals are kept in a
@@ -132,11 +133,14 @@ class Listeners(nagiosplugin.Resource):
     @staticmethod
     def stats_metrics(threads: Sequence[Tuple[str, Dict[str, Any]]],
                       errors: Dict[str, int]) -> Iterator[nagiosplugin.Metric]:
-        """Metrics of ``/stats`` threads: state, lag, backlog (when known) and new errors."""
+        """Metrics of ``/stats`` threads: state, standing problems, lag, backlog (when known) and
+        new errors."""
         if not threads:
             raise ValueError("the daemon reports no listener thread")
         for name, stats in threads:
             yield _state_metric(name, stats.get("broker"), stats.get("database"))
+            for problem in stats.get("problems") or ():
+                yield nagiosplugin.Metric("%s problem" % name, problem, context="problem")
             if stats.get("lag") is not None:
                 yield nagiosplugin.Metric("%s lag" % name, round(float(stats["lag"]), 3), "s",
                                           min=0, context="lag")
@@ -185,6 +189,18 @@ class ConnectionContext(nagiosplugin.Context):
         if metric.value == "connected":
             return self.result_cls(nagiosplugin.Ok, None, metric)
         return self.result_cls(nagiosplugin.Critical, "%s: %s" % (listener, metric.value))
+
+
+class ProblemContext(nagiosplugin.Context):
+    """CRITICAL for each standing problem a listener lists in ``/stats`` (the metric's value is
+    its text; :meth:`golconde.stats.ThreadStats.set_problem`)."""
+
+    def __init__(self) -> None:
+        super().__init__("problem")
+
+    def evaluate(self, metric: nagiosplugin.Metric, resource: Any) -> nagiosplugin.Result:
+        return self.result_cls(nagiosplugin.Critical, "%s: %s" % (metric.name[:-len(" problem")],
+                                                                  metric.value))
 
 
 class DaemonContext(nagiosplugin.Context):
@@ -315,7 +331,7 @@ def make_check(args: argparse.Namespace) -> nagiosplugin.Check:
         nagiosplugin.ScalarContext("lag", *thresholds["lag"], fmt_metric="{name} {valueunit}"),
         nagiosplugin.ScalarContext("backlog", *thresholds["backlog"], fmt_metric="{name} {value}"),
         nagiosplugin.ScalarContext("errors", *thresholds["errors"], fmt_metric="{name} {value} new"),
-        ConnectionContext(), HealthContext(), DaemonContext(), Summary())
+        ConnectionContext(), ProblemContext(), HealthContext(), DaemonContext(), Summary())
 
 
 @nagiosplugin.guarded(verbose=0)

@@ -21,7 +21,8 @@ Shape of :meth:`Registry.snapshot` (a superset of Golconde 0.6's ``/stats``)::
                              "broker": "<state>", "database": "<state>",
                              "backlog": 12 | null, "lag": 0.5 | null,
                              "last_error": "<text>" | null,
-                             "last_error_at": "2024-01-01T00:00:00.000+00:00" | null}},
+                             "last_error_at": "2024-01-01T00:00:00.000+00:00" | null,
+                             "problems": ["<text>", ...]}},   # standing conditions, see set_problem
                  ...],
      "uptime": 12.5,            # seconds since the registry was created
      "version": "1.0.0"}
@@ -99,6 +100,7 @@ class ThreadStats:
         self._live: Optional[Callable[[], Tuple[Optional[int], Optional[float]]]] = None
         self._last_error: Optional[str] = None
         self._last_error_at: Optional[str] = None
+        self._problems: Dict[str, str] = {}
 
     def count(self, key: str, n: int = 1) -> None:
         """Add ``n`` (>= 0) to the counter ``key``, one of :data:`COUNTER_KEYS`.
@@ -166,6 +168,18 @@ class ThreadStats:
                 self._last_error = str(message)
                 self._last_error_at = _now_iso()
 
+    def set_problem(self, key: str, message: Optional[str]) -> None:
+        """Set (``message``) or clear (``None``) the standing problem ``key``: a condition that
+        holds until the listener sees it gone (a capture trigger whose key columns are not the
+        table's primary key, say), unlike ``last_error``, which the next error replaces. The
+        snapshot lists the problems' texts under ``problems``; the health check
+        (:func:`golconde.metrics.health`) fails while there is one."""
+        with self._lock:
+            if message is None:
+                self._problems.pop(key, None)
+            else:
+                self._problems[key] = str(message)
+
     def set_backlog(self, n: Optional[int]) -> None:
         """Set the number of packets waiting in the thread's queue (``None``: unknown)."""
         if n is not None:
@@ -231,6 +245,7 @@ class ThreadStats:
                         else max(self._lag or 0.0, time.time() - float(oldest), 0.0)),
                 "last_error": self._last_error,
                 "last_error_at": self._last_error_at,
+                "problems": [self._problems[key] for key in sorted(self._problems)],
             })
         return result
 

@@ -147,7 +147,8 @@ def collect(config: Any, url: Optional[str] = None, management: Optional[Managem
         ``unknown``), ``broker``, ``database``, ``backlog``, ``backlog_source`` (``broker``,
         ``daemon`` or null), ``dead_letters`` (packets in its dead-letter queue, or null), ``lag``
         (seconds), ``rate`` (packets applied per second), ``received_rate``, ``applied``,
-        ``errors``, ``dead_lettered``, ``last_error``, ``last_error_at``.
+        ``errors``, ``dead_lettered``, ``last_error``, ``last_error_at``, ``problems`` (texts of
+        its standing problems, :meth:`golconde.stats.ThreadStats.set_problem`).
     """
     url = url or daemon_url(config)
     daemon: Dict[str, Any] = {"url": url, "reachable": False, "error": None, "version": None,
@@ -193,6 +194,7 @@ def collect(config: Any, url: Optional[str] = None, management: Optional[Managem
         }
         for key in ("applied", "errors", "dead_lettered", "last_error", "last_error_at"):
             entry[key] = current.get(key) if current else None
+        entry["problems"] = list(current.get("problems") or ()) if current else []
         consumes_queue = target is not None or dest.mode == "client"
         if management is not None and consumes_queue:
             depth, why = management.depth(item.stomp, item.queue)
@@ -215,10 +217,11 @@ def collect(config: Any, url: Optional[str] = None, management: Optional[Managem
 
 
 def healthy(document: Dict[str, Any]) -> bool:
-    """True when the daemon answered and every listener is up."""
+    """True when the daemon answered and every listener is up with no standing problem."""
     listeners = [d for d in document["destinations"]] + [
         t for d in document["destinations"] for t in d["targets"]]
-    return document["daemon"]["reachable"] and all(item["state"] == "up" for item in listeners)
+    return document["daemon"]["reachable"] and all(
+        item["state"] == "up" and not item.get("problems") for item in listeners)
 
 
 def _seconds(value: Optional[float]) -> str:
@@ -248,6 +251,7 @@ def _lines(entry: Dict[str, Any]) -> List[str]:
     lines = ["broker %s, database %s" % (entry["broker"] or "?", entry["database"] or "?"), figures]
     if entry["last_error"]:
         lines.append("last error (%s): %s" % (entry["last_error_at"], entry["last_error"]))
+    lines.extend("problem: %s" % problem for problem in entry.get("problems") or ())
     return lines
 
 

@@ -340,6 +340,62 @@ def install(conn: psycopg2.extensions.connection, relation: str, destination: st
                          warning, language)
 
 
+@dataclass(frozen=True)
+class KeyMismatch:
+    """A capture trigger whose key columns are not the table's primary key any more.
+
+    The trigger restricts its UPDATE and DELETE packets by the key columns it was given at its
+    install (its arguments after the destination); a primary key changed since then (columns
+    added, dropped or replaced) makes those restrictions name the wrong columns, and the targets
+    then update or delete other rows than the canonical table did.
+
+    :ivar relation: the table, quoted and qualified.
+    :ivar trigger: the trigger's name.
+    :ivar captured: the key columns in the trigger's arguments.
+    :ivar primary_key: the table's primary-key columns now (empty: it has none).
+    """
+
+    relation: str
+    trigger: str
+    captured: Tuple[str, ...]
+    primary_key: Tuple[str, ...]
+
+    def __str__(self) -> str:
+        now = ("(%s)" % ", ".join(self.primary_key)) if self.primary_key else "none"
+        return ("capture trigger %s on %s restricts its UPDATE and DELETE packets by (%s), but the"
+                " table's primary key is now %s: run 'golconde trigger install' for this table"
+                " again" % (self.trigger, self.relation, ", ".join(self.captured), now))
+
+
+def key_mismatches(cursor: Any, destination: str) -> List[KeyMismatch]:
+    """The capture triggers of ``destination`` (on any table of ``cursor``'s database) whose key
+    columns differ from their table's primary key (as sets: the restriction is a JSON object).
+    A trigger installed for INSERTs only (no key columns) is not checked; a trigger a partition
+    inherited from its partitioned table is checked once, on that table. One catalog query, and
+    one schema read per trigger found.
+
+    :returns: one :class:`KeyMismatch` per such trigger, by table name.
+    """
+    cursor.execute(
+        "SELECT n.nspname, c.relname, t.tgname, t.tgnargs, t.tgargs"
+        "  FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+        "  JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE t.tgname = %s AND NOT t.tgisinternal AND t.tgparentid = 0"
+        "   AND t.tgfoid = to_regprocedure('golconde.capture()')"
+        " ORDER BY 1, 2", (trigger_name(destination),))
+    found = []
+    for schema, table, name, nargs, raw in cursor.fetchall():
+        arguments = [bytes(item).decode("utf-8", "replace")
+                     for item in bytes(raw).split(b"\0")[:nargs]]
+        captured = tuple(arguments[1:])
+        if arguments[:1] != [destination] or not captured:
+            continue
+        key = _primary_key(cursor, schema, table)
+        if set(key) != set(captured):
+            found.append(KeyMismatch(quote_relation(schema, table), name, captured, key))
+    return found
+
+
 def remove(conn: psycopg2.extensions.connection, relation: str, destination: str) -> RemoveResult:
     """Drop the capture trigger of ``destination`` from ``relation``. Idempotent: an absent trigger
     or table is reported in the result, not raised. Committed. Packets already queued stay queued.

@@ -180,8 +180,10 @@
     card.figures.errors.textContent = String(stats.errors);
     card.figures.dead.textContent = String(stats.dead_lettered);
     card.figures.retried.textContent = String(stats.retried);
-    card.error.textContent = stats.last_error ?
-      "last error (" + stats.last_error_at + "): " + stats.last_error : "";
+    card.error.textContent = (stats.problems || []).map(function (problem) {
+      return "problem: " + problem + "\n";
+    }).join("") + (stats.last_error ?
+      "last error (" + stats.last_error_at + "): " + stats.last_error : "");
     showConfig(card, name, stats);
     var t = now / 1000;
     push(card.samples.rates, [t].concat(ACTIONS.map(rate)));

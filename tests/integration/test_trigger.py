@@ -477,3 +477,48 @@ def test_partitioned_table_and_odd_destination(db):
         batch = trigger.fetch_batch(cur, destination, 10)
     assert [queued.relation for queued in batch] == ["public.events_2024"] * 2
     assert parse(batch[1].packet).restriction == {"id": 1, "day": "2024-05-01"}
+
+
+def test_key_mismatches_report_a_primary_key_changed_after_the_install(db):
+    """The trigger's key columns are its arguments: a primary key changed since the install is
+    reported (columns added, replaced, or the key dropped), an insert-only trigger and a
+    partition's inherited trigger are not checked, and a reinstall clears the report."""
+    execute(db, "CREATE TABLE accounts (id int PRIMARY KEY, region text NOT NULL, code text)")
+    execute(db, "CREATE TABLE log (id int, line text)")           # no key: insert-only
+    execute(db, "CREATE TABLE events (id int, day date, PRIMARY KEY (id, day))"
+                " PARTITION BY RANGE (day)")
+    execute(db, "CREATE TABLE events_2024 PARTITION OF events"
+                " FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')")
+    for table in ("accounts", "log", "events"):
+        trigger.install(db, table, DEST)
+    trigger.install(db, "accounts", "Other")
+    with db.cursor() as cur:
+        assert trigger.key_mismatches(cur, DEST) == []
+    execute(db, "ALTER TABLE accounts DROP CONSTRAINT accounts_pkey,"
+                " ADD PRIMARY KEY (region, id)")
+    execute(db, "ALTER TABLE log ADD PRIMARY KEY (id)")
+    with db.cursor() as cur:
+        found = trigger.key_mismatches(cur, DEST)
+        assert [(m.relation, m.captured, m.primary_key) for m in found] == [
+            ("public.accounts", ("id",), ("region", "id"))]
+        assert "primary key is now (region, id)" in str(found[0])
+        assert "golconde trigger install" in str(found[0])
+        # each destination's own triggers only
+        assert [m.trigger for m in trigger.key_mismatches(cur, "Other")] == ["golconde_capture_Other"]
+    execute(db, "ALTER TABLE events DROP CONSTRAINT events_pkey")
+    execute(db, "ALTER TABLE accounts DROP CONSTRAINT accounts_pkey, ADD PRIMARY KEY (id)")
+    with db.cursor() as cur:
+        found = trigger.key_mismatches(cur, DEST)
+    assert [(m.relation, m.captured, m.primary_key) for m in found] == [
+        ("public.events", ("id", "day"), ())]
+    assert "primary key is now none" in str(found[0])
+    execute(db, "ALTER TABLE events ADD PRIMARY KEY (day, id)")   # the same columns: no report
+    with db.cursor() as cur:
+        assert trigger.key_mismatches(cur, DEST) == []
+    execute(db, "ALTER TABLE accounts ALTER code SET NOT NULL,"
+                " DROP CONSTRAINT accounts_pkey, ADD PRIMARY KEY (code, id)")
+    with db.cursor() as cur:
+        assert [m.relation for m in trigger.key_mismatches(cur, DEST)] == ["public.accounts"]
+    trigger.install(db, "accounts", DEST)
+    with db.cursor() as cur:
+        assert trigger.key_mismatches(cur, DEST) == []

@@ -263,3 +263,47 @@ def test_the_drain_truncates_sent_partitions_and_deletes_its_rows_when_another_b
         assert queue_backlog(canonical, name) == 0 and queue_backlog(canonical, "Ghost") == 1
     finally:
         assert daemon.stop()
+
+
+def test_a_primary_key_changed_after_the_install_is_a_standing_problem(make_database, broker,
+                                                                        monkeypatch):
+    """The capture trigger's key columns are fixed at its install: after the table's primary key
+    changed, the drain reports it (logged, counted once, in /stats and failing /health) and goes
+    on draining; a reinstall clears it."""
+    from golconde.metrics import health
+
+    monkeypatch.setattr(destination_module, "KEY_CHECK_INTERVAL", 0.2)
+    canonical, t1 = make_database(), make_database()
+    for dsn in (canonical, t1):
+        execute(dsn, ACCOUNTS)
+        execute(dsn, "ALTER TABLE accounts ADD region text NOT NULL DEFAULT 'eu'")
+    config = parse_config(make_config(canonical, {"t1": t1}, "public.accounts", mode="trigger",
+                                      broker=broker, poll_interval=0.2))
+    name = config.destinations[0].name
+    conn = psycopg2.connect(canonical)
+    conn.autocommit = True
+    trigger.install(conn, "public.accounts", name)
+    execute(canonical, "ALTER TABLE accounts DROP CONSTRAINT accounts_pkey,"
+                       " ADD PRIMARY KEY (aid, region)")
+    daemon = Daemon(config)
+    daemon.start()
+    stats = daemon.registry.get(config.destinations[0].thread_name)
+    try:
+        wait_for(lambda: stats.snapshot()["problems"], timeout=20, message="the problem reported")
+        snapshot = stats.snapshot()
+        assert snapshot["problems"] == [
+            "capture trigger %s on public.accounts restricts its UPDATE and DELETE packets by"
+            " (aid), but the table's primary key is now (aid, region): run 'golconde trigger"
+            " install' for this table again" % trigger.trigger_name(name)]
+        ok, document = health(daemon.registry.snapshot(), max_backlog=10000, max_lag=300.0)
+        assert not ok and any("primary key is now (aid, region)" in r for r in document["reasons"])
+        execute(canonical, "INSERT INTO accounts (aid) SELECT g FROM generate_series(1, 20) g")
+        wait_for(lambda: equal({"canonical": canonical, "targets": [t1]}), message="still drained")
+        time.sleep(0.5)                 # several checks: the same problem is counted once
+        assert stats.snapshot()["errors"] == 1
+        trigger.install(conn, "public.accounts", name)
+        wait_for(lambda: not stats.snapshot()["problems"], timeout=20, message="the problem cleared")
+        assert health(daemon.registry.snapshot(), max_backlog=10000, max_lag=300.0)[0]
+    finally:
+        conn.close()
+        assert daemon.stop()

@@ -119,3 +119,12 @@ def test_default_state_file_is_per_url(tmp_path, monkeypatch):
 def test_performance_labels_are_nagios_safe():
     perf = nagiosplugin.Performance("D_t1 lag", 1.5, "s", 30, 300, 0)
     assert str(perf) == "'D_t1 lag'=1.5s;30;300;0"
+
+
+def test_a_standing_problem_is_critical_and_named():
+    problem = "capture trigger t on public.a restricts by (id), but the primary key is now (id, x)"
+    check = run(Fixed([("D", dict(stats(), problems=[problem])), ("D_t1", stats())]))
+    assert check.exitcode == 2
+    assert check.summary_str == "D: " + problem
+    check = run(Fixed([("D", dict(stats(), problems=[])), ("D_t1", stats())]))
+    assert check.exitcode == 0
