@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 
 import psycopg2
 import pytest
+from psycopg2 import sql
 
 from golconde import destination as destination_module
 from golconde import trigger
@@ -307,3 +309,66 @@ def test_a_primary_key_changed_after_the_install_is_a_standing_problem(make_data
     finally:
         conn.close()
         assert daemon.stop()
+
+
+def test_a_drain_role_that_may_not_truncate_deletes_the_rows_it_sent(make_database, broker,
+                                                                      monkeypatch, caplog):
+    """The drain's role with only the rights the README lists (no TRUNCATE): the rotation is
+    refused, logged once, and the drain deletes the rows it sent from the partitions ids left
+    instead; everything reaches the target."""
+    monkeypatch.setattr(destination_module, "ROTATE_INTERVAL", 0.2)
+    canonical, t1 = make_database(), make_database()
+    for dsn in (canonical, t1):
+        execute(dsn, ACCOUNTS)
+    role = "golconde_drain_%s" % uuid.uuid4().hex[:8]
+    conn = psycopg2.connect(canonical)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        config = parse_config(make_config(canonical, {"t1": t1}, "public.accounts", mode="trigger",
+                                          broker=broker, poll_interval=0.2))
+        name = config.destinations[0].name
+        trigger.install(conn, "public.accounts", name)
+        with conn.cursor() as cur:
+            for grant in ("GRANT USAGE ON SCHEMA golconde TO {}",
+                          "GRANT SELECT, INSERT, UPDATE ON golconde.drain_position TO {}",
+                          "GRANT SELECT, DELETE ON golconde.queue TO {}",
+                          "GRANT SELECT ON golconde.queue_id_seq TO {}"):
+                cur.execute(sql.SQL(grant).format(sql.Identifier(role)))
+        params = psycopg2.extensions.parse_dsn(canonical)
+        params["user"] = role
+        mapping = make_config(canonical, {"t1": t1}, "public.accounts", mode="trigger",
+                              name=name, broker=broker, poll_interval=0.2)
+        mapping["Destinations"][name]["pgsql"] = psycopg2.extensions.make_dsn(**params)
+        config = parse_config(mapping)
+        execute(canonical, "SELECT setval('golconde.queue_id_seq', %s)",
+                (trigger.QUEUE_PARTITION_IDS - 100,))
+        execute(canonical, "INSERT INTO accounts (aid) SELECT g FROM generate_series(1, 60) g")
+        daemon = Daemon(config)
+        with caplog.at_level("INFO", logger="golconde.destination"):
+            daemon.start()
+            try:
+                execute(canonical, "UPDATE accounts SET owner = 'x' WHERE aid <= 30")
+                execute(canonical, "INSERT INTO accounts (aid) SELECT g FROM generate_series(61, 200) g")
+                wait_for(lambda: equal({"canonical": canonical, "targets": [t1]}),
+                         message="target equal")
+                # ids 499,901 to 500,130, in partitions 0 and 1: the sent rows deleted from both
+                wait_for(lambda: query(canonical, "SELECT count(*) FROM golconde.queue")[0][0] == 0,
+                         timeout=20, message="the sent rows deleted")
+                execute(canonical, "DELETE FROM accounts WHERE aid > 150")
+                wait_for(lambda: equal({"canonical": canonical, "targets": [t1]}),
+                         message="target equal after the deletes")
+                wait_for(lambda: queue_backlog(canonical, name) == 0, timeout=10,
+                         message="the position saved")
+            finally:
+                assert daemon.stop()
+        refused = [r for r in caplog.records if "may not truncate" in r.getMessage()]
+        assert len(refused) == 1, [r.getMessage() for r in caplog.records]
+        assert not [r for r in caplog.records if "could not delete" in r.getMessage()
+                    or "truncated" in r.getMessage()]
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            cur.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+        conn.close()
