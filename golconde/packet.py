@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections.abc
 import enum
+import sys
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -132,6 +133,20 @@ def _reject_constant(name: str) -> Any:
 _DECODER = simplejson.JSONDecoder(parse_float=Decimal, parse_constant=_reject_constant)
 
 
+def _wide_int(text: str) -> Any:
+    """An integer as ``int``, or as ``Decimal`` past Python's limit on the digits of an int read
+    from text (``sys.get_int_max_str_digits()``, 4300 by default since 3.11; 0: no limit), which
+    PostgreSQL's numeric is not held to (131072 digits before the point)."""
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()
+    return Decimal(text) if limit and len(text.lstrip("-")) > limit else int(text)
+
+
+#: The decoder for a packet :data:`_DECODER` refused: integers of any length (:func:`_wide_int`;
+#: a Python call per integer, so not the decoder of every packet).
+_WIDE_DECODER = simplejson.JSONDecoder(parse_float=Decimal, parse_int=_wide_int,
+                                       parse_constant=_reject_constant)
+
+
 def _check_value(value: Any, where: str, depth: int = 0) -> None:
     if depth > MAX_DEPTH:
         raise PacketError("%s is nested deeper than %d levels" % (where, MAX_DEPTH))
@@ -206,7 +221,11 @@ def loads(body: Union[bytes, str]) -> Any:
     elif len(body) > MAX_PACKET_BYTES:
         raise PacketError("packet is %d characters, more than the %d allowed" % (len(body), MAX_PACKET_BYTES))
     try:
-        return _DECODER.decode(body)
+        try:
+            return _DECODER.decode(body)
+        except ValueError:
+            # an integer over Python's digit limit, or invalid JSON (then refused again here)
+            return _WIDE_DECODER.decode(body)
     except PacketError:
         raise
     except RecursionError:

@@ -3,7 +3,7 @@
 SQL produced (``rel`` the relation, ``cN`` columns, each value bound as ``%s::<column type>``)::
 
     add     INSERT INTO rel (c1, c2) [OVERRIDING SYSTEM VALUE] VALUES (%s::t1, %s::t2)
-                RETURNING <primary key columns>       -- none without a pk, and none at a target
+                RETURNING to_jsonb(<pk column>)::text, ...   -- none without a pk, none at a target
     set     INSERT INTO rel (k, c2) [OVERRIDING SYSTEM VALUE] VALUES (%s::tk, %s::t2)
                 ON CONFLICT (k) DO UPDATE SET c2 = EXCLUDED.c2        -- DO NOTHING if only keys
     update  UPDATE rel SET c1 = %s::t1 WHERE k = %s::tk AND c3 IS NULL
@@ -22,19 +22,15 @@ string, number or boolean in a form PostgreSQL accepts for the type (ISO 8601 ti
 """
 from __future__ import annotations
 
-import datetime
 import logging
-import math
-import uuid
 from decimal import Decimal
 from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-import psycopg2.extensions
 from psycopg2 import sql
 from psycopg2.extras import Json
 
 from ..errors import ConfigError, PacketError, StopListener
-from ..packet import Action, Packet, dumps
+from ..packet import Action, Packet, dumps, loads
 from ..schema import Column, Relation, SchemaCache, SchemaError, TableSchema, parse_relation
 from . import bulk
 from .base import Handler
@@ -339,7 +335,7 @@ def insert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
     values, params = _values(table, data)
     query = sql.SQL("INSERT INTO {} {}").format(_relation(table), values)
     if returning:
-        query = sql.SQL("{} RETURNING {}").format(query, sql.SQL(", ").join(ident(name) for name in returning))
+        query = sql.SQL("{}{}").format(query, bulk.returning_clause(returning, ident))
     return query, params
 
 
@@ -366,7 +362,7 @@ def upsert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
     query = sql.SQL("INSERT INTO {} {} {}").format(
         _relation(table), values, bulk.on_conflict(key, [column for column, _ in data], returning, ident))
     if returning:
-        query = sql.SQL("{} RETURNING {}").format(query, sql.SQL(", ").join(ident(name) for name in returning))
+        query = sql.SQL("{}{}").format(query, bulk.returning_clause(returning, ident))
     return query, params
 
 
@@ -402,52 +398,6 @@ def delete_statement(table: TableSchema, restriction: Sequence[Tuple[Column, Any
     """
     where, params = where_clause(table, restriction)
     return sql.SQL("DELETE FROM {} WHERE {}").format(_relation(table), where), params
-
-
-def _infinity_kept(base: Any) -> Any:
-    def cast(value: Optional[str], cursor: Any) -> Any:
-        return value if value in ("infinity", "-infinity") else base(value, cursor)
-    return psycopg2.extensions.new_type(base.values, base.name + "_INFINITY", cast)
-
-
-#: Casters of date, timestamp and timestamptz that keep ``infinity`` and ``-infinity`` as text:
-#: psycopg2's own read them as the largest and smallest values, which are real dates too
-#: (9999-12-31 is a common "valid until" key), so a back-filled key could not tell them apart.
-INFINITY_CASTERS = tuple(_infinity_kept(base) for base in (
-    psycopg2.extensions.PYDATE, psycopg2.extensions.PYDATETIME, psycopg2.extensions.PYDATETIMETZ))
-
-
-def keep_infinities(cursor: Any) -> None:
-    """Register :data:`INFINITY_CASTERS` on ``cursor`` (that cursor only), when it is a psycopg2
-    cursor (not a stand-in of a unit test)."""
-    if isinstance(cursor, psycopg2.extensions.cursor):
-        for caster in INFINITY_CASTERS:
-            psycopg2.extensions.register_type(caster, cursor)
-
-
-def jsonable(value: Any) -> Any:
-    """A value read from PostgreSQL in a form :func:`golconde.packet.dumps` encodes and PostgreSQL
-    reads back: ISO 8601 for dates and times (``infinity`` / ``-infinity`` as read through
-    :func:`keep_infinities`), text for UUIDs, NaN and infinite numbers, ``"\\x..."`` hex for bytea."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, Decimal):
-        return value if value.is_finite() else str(value)   # NaN, Infinity: JSON has no such numbers
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
-        return value.isoformat()
-    if isinstance(value, datetime.timedelta):
-        return "P%dDT%d.%06dS" % (value.days, value.seconds, value.microseconds)
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return "\\x" + bytes(value).hex()
-    if isinstance(value, (list, tuple)):
-        return [jsonable(item) for item in value]
-    if isinstance(value, dict):
-        return {str(key): jsonable(item) for key, item in value.items()}
-    return str(value)
 
 
 class AutoSQL(Handler):
@@ -539,8 +489,6 @@ class AutoSQL(Handler):
                 continue
             members = [items[j] for j in run]
             table = members[0].table
-            if self._returning(table):
-                keep_infinities(cursor)
             rows = bulk.execute_run(cursor, table, members, ident, _cast, bind, _relation(table),
                                     self._returning(table), _type)
             for j, row in zip(run, rows):
@@ -634,8 +582,6 @@ class AutoSQL(Handler):
             query, params = upsert_statement(table, item.data, returning=returning)
         else:
             query, params = update_statement(table, item.data, item.restriction)
-        if returning:
-            keep_infinities(cursor)
         cursor.execute(query, params)
         LOGGER.debug("%s: %s on %s: %d rows", self.name, action.value, self.table, cursor.rowcount)
         if action in (Action.ADD, Action.SET) and returning:
@@ -644,12 +590,13 @@ class AutoSQL(Handler):
         return item.packet
 
     def _fill(self, item: bulk.Prepared, row: Sequence[Any]) -> Packet:
-        """Write the returned primary key values into the packet's data (under its own keys); the
-        packet itself when it already held every one of them (same value, same JSON type)."""
+        """Write the returned primary key values (JSON text, :func:`bulk.returning_clause`) into the
+        packet's data (under its own keys); the packet itself when it already held every one of
+        them (same value, same JSON type)."""
         data = item.packet.data
         changed: Dict[str, Any] = {}
-        for name, value in zip(item.table.primary_key, row):
-            key, value = item.keys.get(name, name), jsonable(value)
+        for name, text in zip(item.table.primary_key, row):
+            key, value = item.keys.get(name, name), None if text is None else loads(text)
             old = data.get(key, _MISSING)
             if type(old) is not type(value) or old != value:
                 changed[key] = value

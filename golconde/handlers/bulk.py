@@ -307,6 +307,16 @@ def _execute_json(cursor: Any, query: sql.Composed, values: Sequence[Sequence[An
     return result
 
 
+def returning_clause(names: Sequence[str], ident: Any) -> sql.Composed:
+    """`` RETURNING pg_catalog.to_jsonb(c)::pg_catalog.text, ...`` for the columns ``names``: each
+    value as JSON text in the server's own spelling, which every PostgreSQL reads back as the same
+    value (an interval's months, a BC or year-12000 date, ``24:00``, ``infinity``), where
+    psycopg2's conversions to Python change some (a month read as 30 days) or fail (years outside
+    1-9999). Decode each with :func:`golconde.packet.loads`; NULL stays NULL."""
+    return sql.SQL(" RETURNING {}").format(sql.SQL(", ").join(
+        sql.SQL("pg_catalog.to_jsonb({})::pg_catalog.text").format(ident(name)) for name in names))
+
+
 def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], ident: Any, cast: Any,
                 bind: Any, relation: sql.Composable, returning: Sequence[str],
                 type_of: Any) -> List[Optional[tuple]]:
@@ -316,8 +326,9 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
         binding, relation and column type helpers (so both paths quote and bind the same way).
     :param returning: for add/set, the columns to return (a destination's primary key, to
         back-fill generated keys; ``()`` at a target, which fans nothing out).
-    :returns: for add/set with columns to return, the returned row of each packet in order
-        (``None`` where the row was not returned); otherwise ``[]``.
+    :returns: for add/set with columns to return, the returned row of each packet in order, its
+        values JSON text (:func:`returning_clause`; ``None`` where the row was not returned);
+        otherwise ``[]``.
     :raises psycopg2.Error: the statement failed (the caller replays packet by packet).
     :raises PacketError: a value the column cannot take (from ``bind``).
     :raises RunNotPaired: rows were skipped where keys are to be back-filled (replay, as above).
@@ -334,8 +345,7 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
         if action is Action.SET:
             tail = sql.SQL(" {}").format(on_conflict(first.conflict, columns, returning, ident))
         if returning:
-            tail = sql.SQL("{} RETURNING {}").format(
-                tail, sql.SQL(", ").join(ident(name) for name in returning))
+            tail = sql.SQL("{}{}").format(tail, returning_clause(returning, ident))
         if _fits_json(columns, values):
             query = sql.SQL("{}SELECT {} FROM {}{}").format(
                 head, sql.SQL(", ").join(_element(i, c, type_of) for i, c in enumerate(columns)),

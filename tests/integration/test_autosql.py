@@ -212,6 +212,52 @@ def test_back_filled_keys_keep_infinite_and_nan_values(db):
         ("9999-12-31", "9999-12-31T23:59:59.999999+00:00"), ("0001-01-01", "infinity")]
 
 
+def test_back_filled_keys_are_the_stored_values_as_the_server_prints_them(db):
+    """The keys written back into packets are read as JSON text of the stored values, not through
+    psycopg2's conversions: an interval keeps its months (not 30 days), 24:00 stays 24:00 (not
+    00:00), BC dates and years after 9999 come back (they raised in Python), one packet at a
+    time and in a run; applied at a target from the written-back packets, the rows are equal."""
+    ddl(db, "CREATE TABLE keys (i interval, t time, d date, tz timestamptz, v text,"
+            " PRIMARY KEY (i, t, d, tz))")
+    ddl(db, "CREATE TABLE copy (LIKE keys INCLUDING ALL)")
+    ddl(db, "SET TimeZone = 'UTC'")
+    h, target = AutoSQL("keys", role="destination"), AutoSQL("copy", role="target")
+    values = [("1 mon", "24:00:00", "0044-03-15 BC", "0001-01-01 00:00:00+00 BC"),
+              ("1 year 2 mons 3 days", "23:59:59.999999", "12000-01-01", "infinity"),
+              ("-1 days +02:00:00", "00:00:00", "2024-02-29", "2024-02-29 12:00:00+00")]
+    i, t, d, tz = values[0]
+    one = run(db, h, {"action": "add", "data": dict(i=i, t=t, d=d, tz=tz, v="one")})
+    with db.cursor() as cur:
+        batch = h.apply_batch(cur, [parse(dumps({"action": "set", "data": dict(
+            i=i, t=t, d=d, tz=tz, v="run")})) for i, t, d, tz in values[1:]])
+    packets = [one] + list(batch)
+    for packet in packets:
+        loads(dumps(dict(packet.data)))
+    assert [(p.data["i"], p.data["t"], p.data["d"]) for p in packets] == [
+        ("1 mon", "24:00:00", "0044-03-15 BC"), ("1 year 2 mons 3 days", "23:59:59.999999", "12000-01-01"),
+        ("-1 days +02:00:00", "00:00:00", "2024-02-29")]
+    assert packets[0].data["tz"] == "0001-01-01T00:00:00+00:00 BC"
+    with db.cursor() as cur:
+        target.apply_batch(cur, [parse(dumps({"action": "set", "data": dict(p.data)})) for p in packets])
+    assert rows(db, "SELECT * FROM keys EXCEPT SELECT * FROM copy") == []
+    assert rows(db, "SELECT count(*) FROM copy") == [(3,)]
+
+
+def test_numbers_of_any_length_numeric_takes(db):
+    """Integers past Python's 4300 digits (numeric takes 131,072 before the point) are read, kept
+    exact and applied, in data and restrictions."""
+    ddl(db, "CREATE TABLE big (id int PRIMARY KEY, n numeric)")
+    h = AutoSQL("big", role="destination")
+    digits = "9" * 5000
+    text = '{"action": "add", "data": {"id": 1, "n": %s}}' % digits
+    packet = parse(text)
+    assert packet.data["n"] == Decimal(digits) and dumps(dict(packet.data)).count("9") == 5000
+    h.apply_batch(db.cursor(), [packet])
+    h.apply_batch(db.cursor(), [parse('{"action": "update", "data": {"n": -%s}, "restriction":'
+                                      ' {"id": 1, "n": %s}}' % (digits, digits))])
+    assert rows(db, "SELECT n = -(%s)::numeric FROM big" % digits) == [(True,)]
+
+
 def test_null_stays_null_and_restriction_null_is_is_null(db):
     ddl(db, "CREATE TABLE t (id int PRIMARY KEY, a text, b int)")
     h = AutoSQL("public.t", role="destination")
