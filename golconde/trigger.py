@@ -46,10 +46,10 @@ SQL_DIRECTORY = "triggers_sql"
 SQL_INSTALL_FILE = "install.sql"
 #: What ``golconde.schema_version()`` returns once this version's SQL files are installed
 #: (``schema.sql``; bump both together).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: What ``golconde.capture_version()`` of the C library must return (``CAPTURE_VERSION`` in
 #: ``golconde_capture.c``, ``c_expected`` in ``capture_c.sql``; bump all three together).
-CAPTURE_VERSION = 3
+CAPTURE_VERSION = 4
 #: Channel notified (payload: destination name) when packets are captured.
 NOTIFY_CHANNEL = "golconde"
 #: Trigger name prefix; the destination name follows.

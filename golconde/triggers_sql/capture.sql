@@ -28,6 +28,7 @@
 --     which works for every type, json and point included) makes no packet.
 --     Values are written by to_jsonb(): numbers exact, timestamps ISO 8601,
 --     bytea as "\\x..." hex text, json/jsonb embedded as JSON values, with
+--     DateStyle (ISO: a range of dates is printed by its output function),
 --     IntervalStyle, extra_float_digits and bytea_output at their defaults
 --     whatever the writer's session set (SET clauses below).
 --     TRUNCATE is not captured.
@@ -43,6 +44,7 @@ RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET DateStyle = 'ISO, MDY'
 SET IntervalStyle = postgres
 SET extra_float_digits = 1
 SET bytea_output = hex

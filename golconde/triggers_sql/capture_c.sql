@@ -35,7 +35,7 @@
 -- ----------------------------------------------------------------------
 DO $install$
 DECLARE
-    c_expected CONSTANT integer := 3;
+    c_expected CONSTANT integer := 4;
     v_current  text := (SELECT l.lanname FROM pg_catalog.pg_proc p
                         JOIN pg_catalog.pg_language l ON l.oid = p.prolang
                         WHERE p.oid = pg_catalog.to_regprocedure('golconde.capture()'));
@@ -76,7 +76,8 @@ BEGIN
     IF v_reason IS NOT NULL THEN
         EXECUTE pg_catalog.format(
             'CREATE OR REPLACE FUNCTION golconde.capture() RETURNS trigger LANGUAGE plpgsql'
-            ' SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET IntervalStyle = postgres'
+            ' SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET DateStyle = ''ISO, MDY'''
+            ' SET IntervalStyle = postgres'
             ' SET extra_float_digits = 1 SET bytea_output = hex AS %L',
             (SELECT prosrc FROM pg_catalog.pg_proc
              WHERE oid = 'golconde.capture_plpgsql()'::pg_catalog.regprocedure));

@@ -69,7 +69,7 @@
 
 PG_MODULE_MAGIC;
 
-#define CAPTURE_VERSION 3
+#define CAPTURE_VERSION 4
 
 PG_FUNCTION_INFO_V1(golconde_capture);
 PG_FUNCTION_INFO_V1(golconde_capture_version);
@@ -162,10 +162,13 @@ rows_identical(HeapTuple a, HeapTuple b, TupleDesc desc)
 
 /*
  * Values are written as PostgreSQL's default settings print them, whatever
- * the writer's session set: IntervalStyle (sql_standard writes "-1 2:00:00",
- * which reads back as -1 day +2 hours where IntervalStyle is postgres),
- * extra_float_digits (0 or less rounds doubles to 15 digits) and
- * bytea_output (escape).  Checked first, so that only a session that changed
+ * the writer's session set: DateStyle (a range of dates or timestamps is
+ * printed by its output function: 'SQL, DMY' writes 01/02/2020 for
+ * February 1st, which reads back as January 2nd where DateStyle is MDY;
+ * ISO is read the same under every DateStyle), IntervalStyle (sql_standard
+ * writes "-1 2:00:00", which reads back as -1 day +2 hours where
+ * IntervalStyle is postgres), extra_float_digits (0 or less rounds doubles
+ * to 15 digits) and bytea_output (escape).  Checked first, so that only a session that changed
  * one of them pays for a GUC nest level around the formatting.  Returns the
  * nest level to pass to AtEOXact_GUC, or -1 when nothing was set.
  */
@@ -174,10 +177,13 @@ pin_output_settings(void)
 {
 	int			nest;
 
-	if (IntervalStyle == INTSTYLE_POSTGRES && extra_float_digits > 0 &&
-		bytea_output == BYTEA_OUTPUT_HEX)
+	if (DateStyle == USE_ISO_DATES && IntervalStyle == INTSTYLE_POSTGRES &&
+		extra_float_digits > 0 && bytea_output == BYTEA_OUTPUT_HEX)
 		return -1;
 	nest = NewGUCNestLevel();
+	if (DateStyle != USE_ISO_DATES)
+		(void) set_config_option("datestyle", "ISO", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
 	if (IntervalStyle != INTSTYLE_POSTGRES)
 		(void) set_config_option("intervalstyle", "postgres", PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_SAVE, true, 0, false);

@@ -144,27 +144,35 @@ def test_same_packets_for_toast_domains_casts_composites_partitions_and_generate
 
 @needs_c
 def test_the_writers_output_settings_do_not_change_the_packets(both):
-    """A writer whose session prints intervals the SQL-standard way (which reads back with
+    """A writer whose session prints dates day first (a range's bounds, printed by its output
+    function, read back month first), intervals the SQL-standard way (which reads back with
     another sign), doubles with 15 digits or bytea escaped: both captures write the values as
     the default settings print them, the same as for a writer with the defaults, and the
     writer's settings are as it set them afterwards."""
     db = both
-    execute(db, "CREATE TABLE vals (id int PRIMARY KEY, iv interval, f float8, b bytea)")
+    execute(db, "CREATE TABLE vals (id int PRIMARY KEY, iv interval, f float8, b bytea,"
+                " dr daterange, tr tstzrange)")
     attach_both(db, "vals", "v", "id")
-    row = "'-1 day -2 hours', 0.1::float8 + 0.2::float8, '\\x00ff'::bytea"
+    row = ("'-1 day -2 hours', 0.1::float8 + 0.2::float8, '\\x00ff'::bytea,"
+           " '[2020-02-01,2020-03-05)', '[2020-02-01 00:00+00,2020-03-05 00:00+00)'")
+    execute(db, "SET TimeZone = 'UTC'")
     execute(db, "INSERT INTO vals VALUES (1, %s)" % row)
-    execute(db, "SET IntervalStyle = sql_standard; SET extra_float_digits = 0;"
-                " SET bytea_output = escape")
+    execute(db, "SET DateStyle = 'SQL, DMY'; SET IntervalStyle = sql_standard;"
+                " SET extra_float_digits = 0; SET bytea_output = escape")
     execute(db, "INSERT INTO vals VALUES (2, %s)" % row)
     with db.cursor() as cur:
         cur.execute("SHOW IntervalStyle")
         assert cur.fetchone() == ("sql_standard",)
+        cur.execute("SHOW DateStyle")
+        assert cur.fetchone() == ("SQL, DMY",)
     execute(db, "RESET ALL")
     assert_same(db, "v", 2)
     first, second = [packet for _, packet, _ in queued(db, "Cv")]
     assert second == first.replace('"id": 1', '"id": 2')
     assert '"iv": "-1 days -02:00:00"' in second and '"f": 0.30000000000000004' in second
     assert '"b": "\\\\x00ff"' in second
+    assert '"dr": "[2020-02-01,2020-03-05)"' in second
+    assert '"tr": "[\\"2020-02-01 00:00:00+00\\",\\"2020-03-05 00:00:00+00\\")"' in second
 
 
 @needs_c

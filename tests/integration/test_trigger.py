@@ -80,7 +80,7 @@ def test_install_schema_is_idempotent(db):
                 assert not secdef and config is None
             else:
                 assert secdef and config == ["search_path=pg_catalog, pg_temp",
-                                             "IntervalStyle=postgres", "extra_float_digits=1",
+                                             "DateStyle=ISO, MDY", "IntervalStyle=postgres", "extra_float_digits=1",
                                              "bytea_output=hex"]
         assert trigger.schema_state(db) in ("current", "plpgsql")
         cur.execute("SELECT indexrelid::regclass::text, indisprimary, indkey::text FROM pg_index"

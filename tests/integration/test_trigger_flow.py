@@ -162,6 +162,31 @@ def test_keyless_table_distributes_inserts(make_database, broker):
         daemon.stop()
 
 
+def test_values_a_writer_prints_its_own_way_and_integers_of_any_length(make_database, broker):
+    """A writer with DateStyle 'SQL, DMY' (ranges are printed by their output function) and
+    integers past Python's 4300 digits: the targets get the canonical table's values."""
+    canonical, t1 = make_database(), make_database()
+    for dsn in (canonical, t1):
+        execute(dsn, "CREATE TABLE vals (id int PRIMARY KEY, n numeric, dr daterange, tr tstzrange)")
+    config = parse_config(make_config(canonical, {"t1": t1}, "vals", mode="trigger", broker=broker))
+    conn = psycopg2.connect(canonical)
+    trigger.install(conn, "vals", config.destinations[0].name)
+    conn.close()
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        execute(canonical, "SET DateStyle = 'SQL, DMY';"
+                           " INSERT INTO vals VALUES (1, repeat('9', 5000)::numeric, '[2020-02-01,2020-03-05)',"
+                           " '[2020-02-01 00:00+00,2020-03-05 00:00+00)'), (2, 6, NULL, NULL);"
+                           " UPDATE vals SET n = -n WHERE id = 1")
+        wait_for(lambda: compare(canonical, "vals", t1, "vals").equal
+                 and query(t1, "SELECT count(*) FROM vals")[0][0] == 2, message="vals distributed")
+        assert query(t1, "SELECT lower(dr)::text, length(n::text) FROM vals WHERE id = 1") == [
+            ("2020-02-01", 5001)]
+    finally:
+        assert daemon.stop()
+
+
 def test_notify_wakes_the_drain_before_its_poll_interval(make_database, broker):
     """The capture trigger does not NOTIFY (it would serialize commits); the daemon polls every
     poll_interval while the queue is empty, and an application's NOTIFY wakes it at once."""
