@@ -44,7 +44,7 @@ import psycopg2.extensions
 
 from . import ledger
 from .errors import (DEAD, RECONNECT, RETRY, SCHEMA, GolcondeError, PacketError, StopListener,
-                     classify, describe)
+                     classify, describe, lone_surrogate)
 from .handlers.base import Handler
 from .packet import dumps, Group, Packet, parse_message
 
@@ -407,7 +407,7 @@ class Applier:
                                                                        reason)
                 if fate == RETRY:
                     reason = "gave up after %d attempts: %s" % (attempts + 1, reason)
-                if not isinstance(exc, (GolcondeError, psycopg2.Error)):
+                if not isinstance(exc, (GolcondeError, psycopg2.Error)) and not lone_surrogate(exc):
                     LOGGER.error("[%s] handler error (a bug?) on packet %s: %s", self.consumer, pid,
                                  reason, exc_info=exc)
                 LOGGER.warning("[%s] packet %s dead-lettered: %s", self.consumer, pid, reason)

@@ -112,6 +112,13 @@ def classify(exc: BaseException) -> str:
     return DEAD
 
 
+def lone_surrogate(exc: BaseException) -> bool:
+    """Whether ``exc`` is the UnicodeEncodeError of a string holding a lone UTF-16 surrogate (a
+    JSON ``"\\ud800"`` escape decodes to one): bad input, not a bug of the handler."""
+    return (isinstance(exc, UnicodeEncodeError) and isinstance(exc.object, str)
+            and 0 <= exc.start < len(exc.object) and 0xD800 <= ord(exc.object[exc.start]) <= 0xDFFF)
+
+
 def describe(exc: BaseException) -> str:
     """One-line description of an exception for logs and dead-letter headers (at most 1000 chars).
 
@@ -126,6 +133,11 @@ def describe(exc: BaseException) -> str:
         detail = getattr(diag, "message_detail", None) if diag is not None else None
         if detail:
             text += " (%s)" % detail
+    elif lone_surrogate(exc):
+        assert isinstance(exc, UnicodeEncodeError)
+        text = ("a string holds a lone UTF-16 surrogate (U+%04X, from a JSON \\u escape not in a"
+                " pair), which is not Unicode text: no database can store it"
+                % ord(exc.object[exc.start]))
     else:
         text = "%s: %s" % (type(exc).__name__, exc) if not isinstance(exc, GolcondeError) else str(exc)
     text = " ".join(text.split())

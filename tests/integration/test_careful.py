@@ -184,3 +184,26 @@ def test_a_type_widened_without_any_error_is_read_again_within_a_second(conn, ro
     assert [o.status for o in applier.apply_batch(conn, items)] == ["applied", "applied"]
     assert rows(conn, "SELECT id, price FROM prices ORDER BY id") == [
         (1, Decimal("1.00")), (2, Decimal("1.50")), (3, Decimal("2.25"))]
+
+
+@pytest.mark.parametrize("role", ["destination", "target"])
+def test_a_lone_surrogate_is_dead_lettered_alone_as_bad_input(conn, role, caplog):
+    """A JSON escape of half a UTF-16 pair decodes to a string no encoding can write: the packet
+    is dead-lettered alone with a reason that says so, as bad input (no "a bug?" error with a
+    traceback), in a run of its own shape and alone."""
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+    conn.commit()
+    applier = Applier(AutoSQL("notes", role=role), "c-" + role, store_fanout=role == "destination")
+    bodies = [b'{"action": "add", "data": {"id": 1, "body": "ok"}}',
+              b'{"action": "add", "data": {"id": 2, "body": "half \\ud800 a pair"}}',
+              b'{"action": "add", "data": {"id": 3, "body": "pair \\ud83d\\ude00"}}',
+              b'{"action": "update", "data": {"body": "\\udfff"}, "restriction": {"id": 1}}']
+    with caplog.at_level("WARNING", logger="golconde.apply"):
+        outcomes = applier.apply_batch(conn, [("p%d" % i, body) for i, body in enumerate(bodies)])
+    assert [o.status for o in outcomes] == ["applied", "dead", "applied", "dead"]
+    reason = ("a string holds a lone UTF-16 surrogate (U+%s, from a JSON \\u escape not in a"
+              " pair), which is not Unicode text: no database can store it")
+    assert (outcomes[1].reason, outcomes[3].reason) == (reason % "D800", reason % "DFFF")
+    assert rows(conn, "SELECT id, body FROM notes ORDER BY id") == [(1, "ok"), (3, "pair \U0001F600")]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
