@@ -43,6 +43,7 @@ import psycopg2
 import psycopg2.extensions
 
 from . import ledger
+from . import schema as schema_module
 from .errors import (DEAD, RECONNECT, RETRY, SCHEMA, GolcondeError, PacketError, StopListener,
                      classify, describe, lone_surrogate)
 from .handlers.base import Handler
@@ -53,6 +54,13 @@ LOGGER = logging.getLogger(__name__)
 APPLIED = "applied"
 DUPLICATE = "duplicate"
 DEAD_LETTER = "dead"
+
+
+#: Seconds a listener pauses when its role lacks a privilege every packet needs (see
+#: :meth:`Applier._pause_without_privileges`).
+PRIVILEGE_RETRY = 30.0
+#: The ledger's table (golconde.ledger).
+LEDGER_RELATION = schema_module.Relation("golconde", "applied")
 
 
 class ConnectionLost(GolcondeError):
@@ -220,6 +228,31 @@ class Applier:
             results.append(self.handler.apply(cur, member))
         self._member = None
         return Group(tuple(results))
+
+    def _pause_without_privileges(self, cur: Any, item: Union[Packet, Group],
+                                  exc: BaseException) -> None:
+        """After ``item`` failed with SQLSTATE 42501: when the role lacks, on nothing at all, a
+        privilege every such packet needs (on the ledger, or on the handler's relation,
+        :meth:`~golconde.handlers.base.Handler.missing_privileges`), raise :class:`StopListener`
+        so that the listener pauses :data:`PRIVILEGE_RETRY` s with the packets left queued, rather
+        than dead-letter each one; otherwise return (the refusal is this packet's: a row-level
+        security policy, a column not granted), and it is dead-lettered."""
+        try:
+            lacking = schema_module.missing_privileges(cur, LEDGER_RELATION, ("SELECT", "INSERT"))
+            for packet in members(item):
+                lacking += [p for p in self.handler.missing_privileges(cur, packet) if p not in lacking]
+        except psycopg2.Error as check:
+            LOGGER.warning("[%s] could not check this role's privileges: %s", self.consumer,
+                           describe(check))
+            return
+        except Exception:   # a handler bug must not escape: the packet is dead-lettered
+            LOGGER.exception("[%s] handler missing_privileges() failed", self.consumer)
+            return
+        if lacking:
+            raise StopListener("this role lacks %s (%s): every packet would be refused; the packets"
+                               " stay queued until it is granted (tried again every %.0f s)"
+                               % (", ".join(lacking), describe(exc), PRIVILEGE_RETRY),
+                               retry_after=PRIVILEGE_RETRY)
 
     def _stale_types(self, exc: BaseException) -> bool:
         """A data error (SQLSTATE class 22: out of range, too long...) may come of a column type
@@ -392,6 +425,8 @@ class Applier:
                     cur.execute("ROLLBACK TO SAVEPOINT golconde_packet")
                 except Exception as exc2:
                     raise ConnectionLost(describe(exc2)) from exc2
+                if getattr(exc, "pgcode", None) == "42501":
+                    self._pause_without_privileges(cur, packet, exc)
                 if not schema_refreshed and (fate == SCHEMA or (fate == DEAD and self._stale_types(exc))):
                     schema_refreshed = True
                     self._schema_error()

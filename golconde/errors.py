@@ -57,6 +57,11 @@ TRANSIENT_SQLSTATES = frozenset({
     "57014",  # query_canceled (statement_timeout)
     "53000", "53100", "53200", "53300",  # insufficient resources, disk full, out of memory, too many connections
 })
+#: SQLSTATEs after which the session itself must go: a new one may succeed. 25006
+#: (read_only_sql_transaction): the database was made read-only (``default_transaction_read_only``,
+#: which a session reads when it starts) or the server is a standby (a failover under way, or a
+#: DSN listing several hosts that reaches the new primary on reconnecting).
+SESSION_SQLSTATES = frozenset({"25006"})
 #: SQLSTATEs meaning the cached schema of a relation may be stale (the table changed under us).
 SCHEMA_SQLSTATES = frozenset({
     "42703",  # undefined_column
@@ -82,8 +87,8 @@ DEAD = "dead"
 def classify(exc: BaseException) -> str:
     """Decide what a database exception means for the packet being applied.
 
-    Returns one of :data:`RECONNECT` (the connection is unusable: reconnect and retry the whole batch,
-    without limit), :data:`RETRY` (transient: retry with backoff, bounded), :data:`SCHEMA` (the
+    Returns one of :data:`RECONNECT` (the connection is unusable, or its session cannot write
+    (:data:`SESSION_SQLSTATES`): reconnect and retry the whole batch, without limit), :data:`RETRY` (transient: retry with backoff, bounded), :data:`SCHEMA` (the
     relation changed: refresh the schema cache and retry once) or :data:`DEAD` (permanent:
     dead-letter the packet).
     """
@@ -102,6 +107,8 @@ def classify(exc: BaseException) -> str:
         return DEAD
     if isinstance(exc, psycopg2.Error):
         code = exc.pgcode or ""
+        if code in SESSION_SQLSTATES:
+            return RECONNECT
         if code in TRANSIENT_SQLSTATES:
             return RETRY
         if code in SCHEMA_SQLSTATES:

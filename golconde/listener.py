@@ -26,7 +26,7 @@ import psycopg2
 from . import envelope, ledger
 from .apply import APPLIED, DEAD_LETTER, DUPLICATE, Applier, ConnectionLost, Outcome, backoff, members
 from .broker import CREATED_HEADER, ID_HEADER, BrokerConnection, Delivery, Outgoing, Receipt
-from .errors import ConfigError, GolcondeError, PacketError, StopListener, describe
+from .errors import RECONNECT, ConfigError, GolcondeError, PacketError, StopListener, classify, describe
 from .handlers import load_handler
 from .packet import dumps
 from .stats import ThreadStats
@@ -105,6 +105,8 @@ class Listener(threading.Thread):
                     else:
                         LOGGER.exception("[%s] unexpected error: %s", self.name, message)
                     self.stats.set_error(message)
+                    if classify(exc) == RECONNECT:
+                        self._close_db()    # a session that cannot write (25006) stays so: a new one
                     self.reset()
                     self._stopping.wait(backoff(self._failures, self.backoff_base, self.backoff_cap)
                                         + (self.backoff_base if self._failures == 1 else 0))
@@ -638,14 +640,19 @@ class QueueConsumer(Listener):
         self.stats.count("received", len(items))
         self._applying = (len(items), _created(batch[0]) if batch else None)
         started = time.monotonic()
+        lost = 0
         while True:
             try:
                 outcomes = self.applier.apply_batch(self.db, items,
                                                     any(d.redelivered for d in deliveries))
                 break
             except ConnectionLost as exc:
-                LOGGER.warning("[%s] database connection lost: %s", self.name, exc)
+                lost += 1
+                LOGGER.warning("[%s] database connection lost or unusable: %s", self.name, exc)
                 self.stats.set_error(str(exc))
+                if lost > 1:
+                    # it failed again on a new session (a read-only database): back off
+                    self._stopping.wait(backoff(lost - 1, self.backoff_base, self.backoff_cap))
                 if not self.reconnect_database() or deliveries[0].generation != self.inbound.generation:
                     return                 # not acked: the broker redelivers, the ledger de-duplicates
         self._applying = None

@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import ConfigError, GolcondeError
 
@@ -287,6 +287,35 @@ SELECT i.indisprimary, i.indimmediate AND i.indisvalid,
                      AND con.conrelid = i.indrelid) DESC,
           ic.relname
 """
+
+
+#: The privileges a statement of each action needs (on some column, for INSERT, UPDATE and
+#: SELECT: column grants count; DELETE is granted on the table only). ``set`` is INSERT ... ON
+#: CONFLICT DO UPDATE; ``update`` and ``delete`` read their WHERE columns; RETURNING reads too.
+ACTION_PRIVILEGES = {"add": ("INSERT",), "set": ("INSERT", "UPDATE"), "update": ("UPDATE", "SELECT"),
+                     "delete": ("DELETE", "SELECT")}
+
+
+def missing_privileges(cursor: Any, relation: Relation, privileges: Sequence[str]) -> List[str]:
+    """What the current role lacks to use ``relation`` at all: ``USAGE on schema s``, and each of
+    ``privileges`` (``INSERT``, ``UPDATE``, ``SELECT``, ``DELETE``...) held on no column of it,
+    e.g. ``["INSERT on public.items"]``; ``[]`` when it has them all, or when the relation does
+    not exist (another error says so). One catalog query; for telling a role's missing grant,
+    which fails every packet, from a packet refused by a row-level security policy (SQLSTATE
+    42501 both).
+    """
+    cursor.execute(
+        "SELECT has_schema_privilege(n.oid, 'USAGE'), ARRAY(SELECT p FROM unnest(%s::text[]) p"
+        "  WHERE NOT CASE WHEN p IN ('SELECT', 'INSERT', 'UPDATE', 'REFERENCES')"
+        "   THEN has_any_column_privilege(c.oid, p) ELSE has_table_privilege(c.oid, p) END)"
+        " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s", (list(privileges), relation.schema, relation.name))
+    row = cursor.fetchone()
+    if row is None:
+        return []
+    usage, lacking = row
+    return ((["USAGE on schema %s" % quote_name(relation.schema)] if not usage else [])
+            + ["%s on %s" % (privilege, relation) for privilege in lacking])
 
 
 def read_schema(cursor: Any, relation: Relation) -> TableSchema:

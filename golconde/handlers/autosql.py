@@ -31,7 +31,8 @@ from psycopg2.extras import Json
 
 from ..errors import ConfigError, PacketError, StopListener
 from ..packet import Action, Packet, dumps, loads
-from ..schema import Column, Relation, SchemaCache, SchemaError, TableSchema, parse_relation
+from ..schema import (ACTION_PRIVILEGES, Column, Relation, SchemaCache, SchemaError, TableSchema,
+                      missing_privileges, parse_relation)
 from . import bulk
 from .base import Handler
 
@@ -619,6 +620,15 @@ class AutoSQL(Handler):
         except ValueError:
             raise PacketError("unknown action %r for %s (expected one of add, set, update, delete)"
                               % (str(raw)[:100], self.table)) from None
+
+    def missing_privileges(self, cursor: Any, packet: Packet) -> List[str]:
+        """What the role lacks on the relation for ``packet``'s action, on no column at all
+        (:func:`golconde.schema.missing_privileges`); ``[]`` for an unknown action."""
+        try:
+            action = self._action(packet)
+        except PacketError:
+            return []
+        return missing_privileges(cursor, self.table, ACTION_PRIVILEGES[action.value])
 
     def _schema(self, cursor: Any, refresh: bool = False, check_catalog: bool = False) -> TableSchema:
         try:

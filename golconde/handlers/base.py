@@ -110,6 +110,15 @@ class Handler:
         """
         return [self.apply(cursor, packet) for packet in packets]
 
+    def missing_privileges(self, cursor: Any, packet: Packet) -> List[str]:
+        """Called after ``packet`` failed with SQLSTATE 42501 (insufficient privilege): the
+        privileges the current role lacks on this handler's relations for that packet's action,
+        held on nothing at all, e.g. ``["INSERT on public.items"]``, so that every packet would
+        fail the same way and the listener pauses instead of dead-lettering them; ``[]`` (the
+        default, for a handler that cannot tell) when the refusal may be this packet's own (a
+        row-level security policy), which is then dead-lettered."""
+        return []
+
     def on_schema_error(self) -> None:
         """The database reported that the relation changed (SQLSTATE 42703, 42P01...): forget any
         cached schema so that the retried packet reads the catalog again."""

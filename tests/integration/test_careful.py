@@ -207,3 +207,65 @@ def test_a_lone_surrogate_is_dead_lettered_alone_as_bad_input(conn, role, caplog
     assert (outcomes[1].reason, outcomes[3].reason) == (reason % "D800", reason % "DFFF")
     assert rows(conn, "SELECT id, body FROM notes ORDER BY id") == [(1, "ok"), (3, "pair \U0001F600")]
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+@pytest.fixture
+def restricted(database):
+    """A role of its own on ``database`` with USAGE on golconde and the ledger's rights, and
+    ``notes`` (id, n) it may SELECT but nothing else; dropped at the end."""
+    import uuid
+    from psycopg2 import sql
+
+    role = "golconde_r_%s" % uuid.uuid4().hex[:8]
+    admin = psycopg2.connect(database)
+    admin.autocommit = True
+    ledger.ensure(admin)
+    with admin.cursor() as cur:
+        cur.execute("CREATE TABLE notes (id int PRIMARY KEY, n int)")
+        for statement in ("CREATE ROLE {} LOGIN", "GRANT USAGE ON SCHEMA golconde TO {}",
+                          "GRANT SELECT, INSERT, DELETE ON golconde.applied TO {}",
+                          "GRANT SELECT ON notes TO {}"):
+            cur.execute(sql.SQL(statement).format(sql.Identifier(role)))
+    params = psycopg2.extensions.parse_dsn(database)
+    params["user"] = role
+    conn = psycopg2.connect(psycopg2.extensions.make_dsn(**params))
+    yield admin, conn, role
+    conn.close()
+    with admin.cursor() as cur:
+        cur.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        cur.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    admin.close()
+
+
+def test_a_role_without_the_privilege_pauses_and_a_refusing_policy_dead_letters(restricted, caplog):
+    """SQLSTATE 42501 either way: a role that lacks INSERT on the table (or the ledger's rights)
+    would see every packet refused, so the applier stops the listener for a while, packets
+    queued, rather than dead-letter them; once granted, a row-level security policy's refusal is
+    that packet's own, and it is dead-lettered alone."""
+    from psycopg2 import sql
+
+    from golconde.errors import StopListener
+
+    admin, conn, role = restricted
+    applier = Applier(AutoSQL("notes", role="target"), "c-r")
+    bodies = [("p%d" % n, dumps(packet("add", {"id": n, "n": n})).encode()) for n in range(1, 5)]
+    with pytest.raises(StopListener) as info:
+        applier.apply_batch(conn, bodies)
+    assert "this role lacks INSERT on public.notes" in str(info.value)
+    assert "SQLSTATE 42501" in str(info.value) and info.value.retry_after == 30.0
+    with admin.cursor() as cur:
+        cur.execute(sql.SQL("GRANT INSERT ON notes TO {}").format(sql.Identifier(role)))
+        cur.execute(sql.SQL("REVOKE INSERT ON golconde.applied FROM {}").format(sql.Identifier(role)))
+    conn.rollback()
+    with pytest.raises(StopListener, match='this role lacks INSERT on golconde.applied'):
+        applier.apply_batch(conn, bodies)
+    with admin.cursor() as cur:
+        cur.execute(sql.SQL("GRANT INSERT ON golconde.applied TO {}").format(sql.Identifier(role)))
+        cur.execute("ALTER TABLE notes ENABLE ROW LEVEL SECURITY")
+        cur.execute(sql.SQL("CREATE POLICY even ON notes FOR ALL TO {} USING (true)"
+                            " WITH CHECK (n % 2 = 0)").format(sql.Identifier(role)))
+    conn.rollback()
+    outcomes = applier.apply_batch(conn, bodies)
+    assert [o.status for o in outcomes] == ["dead", "applied", "dead", "applied"]
+    assert "SQLSTATE 42501: new row violates row-level security policy" in outcomes[0].reason
+    assert rows(admin, "SELECT id FROM notes ORDER BY id") == [(2,), (4,)]

@@ -509,7 +509,8 @@ def test_sigterm_mid_stream_exits_cleanly(flow, tmp_path):
 ITEMS = "CREATE TABLE public.items (id integer PRIMARY KEY, n integer NOT NULL, note text)"
 
 
-def test_trigger_flow_survives_kill_9(make_database, cleanup_queues, tmp_path):
+def items_trigger_flow(make_database: Any, cleanup_queues: List[Any]) -> Flow:
+    """A trigger-mode flow of ``public.items``, its capture trigger installed."""
     flow = Flow(make_database, table_sql=ITEMS, table="public.items", mode="trigger")
     cleanup_queues.append(flow)
     conn = psycopg2.connect(flow.canonical)
@@ -517,6 +518,11 @@ def test_trigger_flow_survives_kill_9(make_database, cleanup_queues, tmp_path):
         trigger.install(conn, "public.items", flow.name)
     finally:
         conn.close()
+    return flow
+
+
+def test_trigger_flow_survives_kill_9(make_database, cleanup_queues, tmp_path):
+    flow = items_trigger_flow(make_database, cleanup_queues)
     rng = random.Random()
     writes = {"transactions": 0}
     errors: List[BaseException] = []
@@ -662,3 +668,110 @@ def test_a_full_inbox_during_a_long_apply_keeps_the_broker_connection(flow, capl
         target1 = thread_stats(daemon)["%s_target1" % flow.name]
         assert target1["reconnects"] == 0, target1
     assert "heart-beat timeout" not in caplog.text and "lost STOMP connection" not in caplog.text
+
+
+# -- 6. a database made read-only for a while (a standby during a failover) ---------------------------
+
+def _read_only(dsn: str, on: bool) -> None:
+    dbname = psycopg2.extensions.parse_dsn(dsn)["dbname"]
+    execute(dsn.replace("dbname=" + dbname, "dbname=postgres"), "ALTER DATABASE %s %s" % (dbname, "SET default_transaction_read_only = on" if on
+                                            else "RESET default_transaction_read_only"))
+
+
+def test_a_target_database_read_only_for_a_while_dead_letters_nothing(flow):
+    """Its sessions, reopened read-only (25006 on every write), are replaced with backoff until the
+    database is writable again: nothing is dead-lettered, everything arrives."""
+    with running(flow.config()) as daemon:
+        target = "%s_target1" % flow.name
+        wait_for(lambda: thread_stats(daemon)[target]["database"] == "connected", timeout=15,
+                 message="target1 connected")
+        _read_only(flow.t1, True)
+        try:
+            assert terminate_golconde_sessions(flow.t1) >= 1
+            stream = Stream(flow.queue, 200, batch=25, pause=0.02)
+            stream.start()
+            stream.finish()
+            wait_for(lambda: count_rows(flow.t2) == 200, timeout=20, message="target2 applied")
+            wait_for(lambda: "25006" in (thread_stats(daemon)[target]["last_error"] or ""),
+                     timeout=20, message="target1 refused")
+            time.sleep(2.0)        # several reconnections with backoff, every batch refused
+            assert count_rows(flow.t1) == 0
+            assert thread_stats(daemon)[target]["dead_lettered"] == 0
+        finally:
+            _read_only(flow.t1, False)
+        flow.wait_complete(stream, describe=lambda: thread_stats(daemon))
+        stats = thread_stats(daemon)
+        assert stats[target]["dead_lettered"] == 0 and stats[target]["reconnects"] >= 2, stats[target]
+
+
+def test_a_canonical_database_read_only_for_a_while_holds_the_drain(make_database, cleanup_queues):
+    """Trigger flow: the drain's session reopened read-only cannot save its position (25006): it
+    is replaced until the database is writable again, and the drain goes on from there."""
+    flow = items_trigger_flow(make_database, cleanup_queues)
+    with running(flow.config()) as daemon:
+        wait_for(lambda: thread_stats(daemon)[flow.name]["database"] == "connected", timeout=15,
+                 message="the drain connected")
+        _read_only(flow.canonical, True)
+        try:
+            assert terminate_golconde_sessions(flow.canonical) >= 1
+            # the application's own session overrides the database's default
+            writer = psycopg2.connect(flow.canonical, options="-c default_transaction_read_only=off")
+            with writer, writer.cursor() as cur:
+                cur.execute("INSERT INTO items SELECT g, g, 'x' FROM generate_series(1, 300) g")
+            writer.close()
+            wait_for(lambda: "25006" in (thread_stats(daemon)[flow.name]["last_error"] or ""),
+                     timeout=20, message="the drain refused")
+        finally:
+            _read_only(flow.canonical, False)
+        execute(flow.canonical, "UPDATE items SET note = 'y' WHERE id <= 100")
+        wait_for(lambda: all(compare(flow.canonical, "public.items", t, "public.items").equal
+                             for t in (flow.t1, flow.t2)), timeout=40, message="targets equal")
+        wait_for(lambda: queue_backlog(flow.canonical, flow.name) == 0, timeout=20,
+                 message="the position saved")
+        assert thread_stats(daemon)[flow.name]["dead_lettered"] == 0
+
+
+def test_a_target_role_without_insert_pauses_until_granted(flow, monkeypatch):
+    """Target1's role may not INSERT into its table: target1 pauses (its packets stay queued, its
+    error says what to grant) instead of dead-lettering them; once granted, everything arrives."""
+    from psycopg2 import sql
+
+    from golconde import apply as apply_module
+    from golconde import ledger
+
+    monkeypatch.setattr(apply_module, "PRIVILEGE_RETRY", 1.0)
+    role = "golconde_r_%s" % uuid.uuid4().hex[:8]
+    admin = psycopg2.connect(flow.t1)
+    admin.autocommit = True
+    ledger.ensure(admin)
+    with admin.cursor() as cur:
+        for statement in ("CREATE ROLE {} LOGIN", "GRANT USAGE ON SCHEMA golconde TO {}",
+                          "GRANT SELECT, INSERT, DELETE ON golconde.applied TO {}",
+                          "GRANT SELECT ON ev TO {}"):
+            cur.execute(sql.SQL(statement).format(sql.Identifier(role)))
+    try:
+        params = psycopg2.extensions.parse_dsn(flow.t1)
+        params["user"] = role
+        flow.mapping["Destinations"][flow.name]["Targets"]["target1"]["pgsql"] = \
+            psycopg2.extensions.make_dsn(**params)
+        with running(flow.config()) as daemon:
+            target = "%s_target1" % flow.name
+            stream = Stream(flow.queue, 300, batch=25, pause=0.01)
+            stream.start()
+            stream.finish()
+            wait_for(lambda: count_rows(flow.t2) == 300, timeout=20, message="target2 applied")
+            wait_for(lambda: "this role lacks INSERT on public.ev" in (
+                thread_stats(daemon)[target]["last_error"] or ""), timeout=20,
+                message="target1 paused for want of INSERT")
+            time.sleep(1.5)
+            assert count_rows(flow.t1) == 0 and thread_stats(daemon)[target]["dead_lettered"] == 0
+            with admin.cursor() as cur:
+                cur.execute(sql.SQL("GRANT INSERT ON ev TO {}").format(sql.Identifier(role)))
+            flow.wait_complete(stream, describe=lambda: thread_stats(daemon))
+            assert thread_stats(daemon)[target]["dead_lettered"] == 0
+    finally:
+        terminate_golconde_sessions(flow.t1)
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            cur.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+        admin.close()
