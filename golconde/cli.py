@@ -241,6 +241,9 @@ def admin_main(argv: Optional[List[str]] = None) -> int:
     send = sub.add_parser("send", help="enqueue packets (JSON arguments, or one per line on stdin)")
     send.add_argument("-c", "--config", default=None)
     send.add_argument("--destination", required=True)
+    send.add_argument("--to-targets", action="store_true",
+                      help="send to each target's queue instead (the canonical relation is not"
+                           " written: a repair, or a trigger-mode destination's dead letters)")
     send.add_argument("packets", nargs="*", help="JSON packets; none = read lines from stdin")
 
     check = sub.add_parser("check-config", help="validate a configuration file")
@@ -451,6 +454,15 @@ def _cmd_send(args: argparse.Namespace) -> int:
         except PacketError as exc:
             raise PacketError("packet of %s: %s" % (where, exc)) from None
         parsed.append(packet)
+    if args.to_targets:
+        clients = Client.for_targets(config, args.destination)
+        for client in clients:
+            with client, client.batch():
+                for packet in parsed:
+                    client.send(packet)
+        print("sent %d packet(s) to each of the %d targets of %s: %s" % (
+            len(parsed), len(clients), args.destination, ", ".join(c.queue for c in clients)))
+        return 0
     with Client.for_destination(config, args.destination) as client:
         with client.batch():
             ids = [client.send(packet) for packet in parsed]

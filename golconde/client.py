@@ -86,6 +86,13 @@ class PacketGroup:
         self.send({"action": "delete", "restriction": dict(restriction)})
 
 
+def _destination(config: Any, name: str) -> Any:
+    for destination in config.destinations:
+        if destination.name == name:
+            return destination
+    raise ConfigError("Destinations.%s: no such destination" % name)
+
+
 def packet_text(item: Union[Packet, Group]) -> str:
     """The JSON text a packet or group travels as.
 
@@ -137,13 +144,34 @@ class Client:
     def for_destination(cls, config: Any, name: str, timeout: float = 30.0,
                         reply_to: Optional[str] = None) -> "Client":
         """A client for destination ``name`` of a :class:`golconde.config.Config`.
-        :raises ConfigError: no such destination."""
-        for destination in config.destinations:
-            if destination.name == name:
-                broker = destination.stomp
-                return cls(destination.queue, broker.host, broker.port, broker.login,
-                           broker.passcode, broker.vhost, timeout, reply_to=reply_to)
-        raise ConfigError("Destinations.%s: no such destination" % name)
+
+        :raises ConfigError: no such destination, or it is in trigger mode: its daemon drains
+            ``golconde.queue`` and consumes no broker queue, so packets sent there would wait
+            unread (write the canonical table, or send to its targets: :meth:`for_targets`)."""
+        destination = _destination(config, name)
+        if destination.mode == "trigger":
+            raise ConfigError("Destinations.%s is in trigger mode: golconded reads its changes from"
+                              " golconde.queue, not from %s, so packets sent there would wait"
+                              " unread; write the canonical table (its capture trigger queues the"
+                              " change), or send the packets to its targets (golconde send"
+                              " --to-targets)" % (name, destination.queue))
+        broker = destination.stomp
+        return cls(destination.queue, broker.host, broker.port, broker.login, broker.passcode,
+                   broker.vhost, timeout, reply_to=reply_to)
+
+    @classmethod
+    def for_targets(cls, config: Any, name: str, timeout: float = 30.0) -> List["Client"]:
+        """One client per target of destination ``name``, on the target's queue: packets sent
+        with them skip the canonical relation (a repair, or a trigger-mode destination's dead
+        letters once fixed), as if the destination had fanned them out.
+
+        :raises ConfigError: no such destination, or it has no target."""
+        destination = _destination(config, name)
+        if not destination.targets:
+            raise ConfigError("Destinations.%s has no target" % name)
+        return [cls(target.queue, target.stomp.host, target.stomp.port, target.stomp.login,
+                    target.stomp.passcode, target.stomp.vhost, timeout)
+                for target in destination.targets]
 
     def __enter__(self) -> "Client":
         self.connect()

@@ -369,7 +369,7 @@ class DeadLetterQueue:
         original = delivery.headers.get(ORIGINAL_QUEUE_HEADER, "")
         if not original.startswith("/"):
             return ("original queue %r is not a STOMP queue (a trigger-mode dead letter): fix the "
-                    "packet and send it with 'golconde send'" % original)
+                    "packet and send it to the targets with 'golconde send --to-targets'" % original)
         return None
 
     def _send_back(self, connection: BrokerConnection, batch: Sequence[Delivery]) -> None:

@@ -158,6 +158,30 @@ def test_send_enqueues_confirmed_packets(broker, tmp_path):
     assert len({entry["id"] for entry in entries}) == 4
 
 
+def test_send_refuses_a_trigger_mode_destination_and_sends_to_targets(broker, tmp_path):
+    """A trigger-mode destination consumes no broker queue: ``golconde send`` refuses it (the
+    packets would wait unread) and names the way out; ``--to-targets`` puts the packets on every
+    target's queue, for either mode."""
+    mapping = make_config("dbname=unused", {"t1": "dbname=u1", "t2": "dbname=u2"}, "items",
+                          mode="trigger", broker=broker)
+    path = write_config(str(tmp_path / "send.yaml"), mapping)
+    name = list(mapping["Destinations"])[0]
+    destination = mapping["Destinations"][name]
+    packet = '{"action": "set", "data": {"id": 1}}'
+    result = run("golconde.cli", "send", "-c", path, "--destination", name, packet)
+    assert result.returncode == 2 and "is in trigger mode" in result.stderr, result.stderr
+    assert "--to-targets" in result.stderr
+    assert drain_queue(destination["queue"], wait=0.5, broker=broker) == []
+    result = run("golconde.cli", "send", "-c", path, "--destination", name, "--to-targets",
+                 packet, '{"action": "delete", "restriction": {"id": 2}}')
+    assert result.returncode == 0 and "sent 2 packet(s) to each of the 2 targets" in result.stdout, \
+        result.stderr
+    for target in destination["Targets"].values():
+        received = drain_queue(target["queue"], wait=1.0, broker=broker)
+        entries = [entry for d in received for entry in json.loads(d.body)["batch"]]
+        assert [entry["packet"]["action"] for entry in entries] == ["set", "delete"]
+
+
 def test_only_names_listeners_of_the_configuration(tmp_path):
     mapping = make_config("dbname=x", {"t1": "dbname=y", "t2": "dbname=z"}, "items", name="Split")
     path = write_config(str(tmp_path / "split.yaml"), mapping)
