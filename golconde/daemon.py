@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Collection, Dict, List, Optional
+from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
 from . import config as config_module
 from .destination import ClientDestination, TriggerDestination
@@ -95,6 +95,12 @@ class Daemon:
         self.only = None if only is None else frozenset(only)
         self.registry = Registry()
         self.listeners: Dict[str, Listener] = build_listeners(config, self.registry, self.only)
+        #: guards :attr:`listeners` and :attr:`_waiting` against the threads that start a
+        #: replacement once the listener it replaces has stopped
+        self._lock = threading.RLock()
+        #: thread name -> (listener still stopping, its replacement not started yet)
+        self._waiting: Dict[str, Tuple[Listener, Listener]] = {}
+        self._stopped = False
         self.http: Any = None
         #: called with the new ``Logging`` section when a reload changes it (set by golconded's
         #: command line, which configured logging; may raise, e.g. OSError on a log file)
@@ -129,6 +135,26 @@ class Daemon:
                          http_config.listen, port, exc)
             self.http = None
 
+    def _restart_http(self) -> None:
+        """Serve the (reloaded) configuration: a new stats server on the new address started
+        before the old one stops, so that when it cannot listen (the port taken) the old one
+        keeps serving, with a logged error; on the same address, stopped then started."""
+        running, http_config = self.http, self.config.http
+        port = http_config.port if self.http_port is None else self.http_port
+        if running is None or not http_config.enabled or (running.host, running.port) == (
+                http_config.listen, port):
+            self._stop_http()
+            self._start_http()
+            return
+        self.http = None
+        self._start_http()
+        if self.http is None:
+            self.http = running
+            LOGGER.error("the stats server stays on http://%s:%d/ (the reloaded HTTPServer"
+                         " address could not be used)", running.host, running.port)
+        else:
+            running.stop()
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -136,9 +162,14 @@ class Daemon:
         self._reload.set()
 
     def stop(self) -> bool:
-        """Stop every listener, waiting at most ``stop_timeout`` seconds in all.
-        Returns True when all stopped in time."""
-        return self._stop_listeners(list(self.listeners.values())) and self._stop_http()
+        """Stop every listener, waiting at most ``stop_timeout`` seconds in all (a replacement
+        still waiting for the listener it replaces is not started). Returns True when all
+        stopped in time."""
+        with self._lock:
+            self._stopped = True
+            self._waiting.clear()
+            listeners = list(self.listeners.values())
+        return self._stop_listeners(listeners) and self._stop_http()
 
     def _stop_http(self) -> bool:
         if self.http is not None:
@@ -189,12 +220,25 @@ class Daemon:
                 self.registry.remove(name)  # gone, or the name now has another role: new counters
         fresh = build_listeners(new_config, self.registry, self.only)
         started = 0
-        for name, listener in fresh.items():
-            if name not in kept:
+        with self._lock:
+            self._waiting = {}          # this reload decides again for every name
+            for name, listener in fresh.items():
+                if name in kept:
+                    continue
+                previous = old.get(name)
+                if previous is not None and previous.is_alive():
+                    # it did not stop in time (stuck on a lock, say): two consumers of one queue
+                    # could apply its packets out of order, and its end would mark the
+                    # replacement's statistics stopped; it stays listed until it has stopped
+                    kept[name] = previous
+                    self._waiting[name] = (previous, listener)
+                    self._start_when_stopped(name, previous, listener)
+                    LOGGER.warning("[%s] its replacement starts once it has stopped", name)
+                    continue
                 kept[name] = listener
                 listener.start()
                 started += 1
-        self.listeners = kept
+            self.listeners = kept
         if new_config.logging != self.config.logging:
             if self.on_logging_change is None:
                 LOGGER.warning("the Logging section changed: it applies at the next start")
@@ -205,11 +249,25 @@ class Daemon:
                 except Exception as exc:   # the old logging stays as it was
                     LOGGER.error("the new Logging section could not be applied (%s): logging"
                                  " goes on as before", exc)
-        self._stop_http()               # its /config page shows the configuration: restart it
         self.config = new_config
-        self._start_http()
+        self._restart_http()            # its /config page shows the configuration
         LOGGER.info("configuration reloaded: %d listeners stopped, %d started", len(stopping), started)
         return True
+
+    def _start_when_stopped(self, name: str, previous: Listener, replacement: Listener) -> None:
+        """Start ``replacement`` once ``previous`` has stopped, unless the daemon stopped or a
+        later reload decided otherwise meanwhile (a thread of its own that waits)."""
+        def wait() -> None:
+            previous.join()
+            with self._lock:
+                if self._stopped or self._waiting.get(name) != (previous, replacement):
+                    return
+                del self._waiting[name]
+                self.listeners[name] = replacement
+                replacement.start()
+            LOGGER.info("[%s] started: the listener it replaces has stopped", name)
+
+        threading.Thread(target=wait, name="golconde-replace-%s" % name, daemon=True).start()
 
     # -- main loop -----------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:

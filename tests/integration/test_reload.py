@@ -334,3 +334,98 @@ def test_a_reload_giving_a_thread_name_another_role_and_a_new_logging_section(ma
                  message="listeners connected after the reload")
     finally:
         assert daemon.stop()
+
+
+def test_a_reload_waits_for_a_stuck_listener_before_starting_its_replacement(make_database, tmp_path):
+    """Target t1 is stuck on a locked table when a reload changes it: the reload does not start a
+    second consumer of t1's queue beside it; once the lock goes and the old listener has stopped,
+    its replacement starts, and the statistics show it connected (the old one's end no longer
+    marks them stopped)."""
+    import psycopg2
+
+    from golconde.config import load
+    from golconde.daemon import Daemon
+    from golconde.metrics import health
+
+    canonical, t1, t2 = make_database(), make_database(), make_database()
+    for dsn in (canonical, t1, t2):
+        execute(dsn, "CREATE TABLE items (id integer PRIMARY KEY, v text)")
+    mapping = make_config(canonical, {"t1": t1, "t2": t2}, "public.items")
+    name = next(iter(mapping["Destinations"]))
+    thread = name + "_t1"
+    path = write_config(str(tmp_path / "golconde.yaml"), mapping)
+    daemon = Daemon(load(path), config_path=path, stop_timeout=1.0)
+    daemon.start()
+    locker = psycopg2.connect(t1)
+    try:
+        wait_for(lambda: all(listener.ready() for listener in daemon.listeners.values()), timeout=30,
+                 message="listeners connected")
+        with locker.cursor() as cur:
+            cur.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        host, port = stomp_address()
+        with Client(mapping["Destinations"][name]["queue"], host, port, STOMP_LOGIN,
+                    STOMP_PASSCODE) as client:
+            client.send_many([{"action": "add", "data": {"id": i, "v": "x"}} for i in range(200)])
+        wait_for(lambda: query(t2, "SELECT count(*) FROM items")[0][0] == 200, message="t2 applied")
+        wait_for(lambda: (daemon.registry.get(thread).snapshot()["backlog"] or 0) > 0,
+                 message="t1 stuck on the lock")
+        stuck = daemon.listeners[thread]
+        mapping["Destinations"][name]["Targets"]["t1"]["batch_size"] = 100
+        write_config(path, mapping)
+        assert daemon.reload()
+        assert daemon.listeners[thread] is stuck and stuck.is_alive()
+        assert sum(1 for t in threading.enumerate() if t.name == thread) == 1
+        time.sleep(1.0)
+        assert daemon.listeners[thread] is stuck      # still waiting for it
+        locker.rollback()
+        wait_for(lambda: daemon.listeners[thread] is not stuck, timeout=30,
+                 message="the replacement started")
+        assert not stuck.is_alive() and daemon.listeners[thread].config.batch_size == 100
+        wait_for(lambda: query(t1, "SELECT count(*) FROM items")[0][0] == 200, message="t1 applied")
+        wait_for(lambda: daemon.registry.get(thread).snapshot()["database"] == "connected",
+                 timeout=20, message="t1 reported connected")
+        time.sleep(0.5)
+        snapshot = daemon.registry.get(thread).snapshot()
+        assert (snapshot["broker"], snapshot["database"]) == ("connected", "connected")
+        assert health(daemon.registry.snapshot(), max_backlog=10000, max_lag=300.0)[0]
+        assert compare(canonical, "public.items", t1, "public.items").equal
+    finally:
+        locker.close()
+        assert daemon.stop()
+
+
+def test_a_reload_to_a_taken_http_port_keeps_the_stats_server(tmp_path):
+    """The reloaded HTTPServer.port is taken: the stats server stays where it was (monitoring
+    keeps its answers) instead of none serving; a free port is taken up, the old one let go."""
+    from golconde.config import load
+    from golconde.daemon import Daemon
+
+    first, taken, third = free_port(), socket.socket(), free_port()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    mapping = make_config("dbname=unused", {"t1": "dbname=unused_t1"}, "public.items")
+    mapping["HTTPServer"].update(enabled=True, port=first)
+    path = write_config(str(tmp_path / "golconde.yaml"), mapping)
+    daemon = Daemon(load(path), config_path=path)
+    daemon._start_http()            # the stats server only: no listener is needed here
+
+    def answers(port: int) -> bool:
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:%d/stats" % port, timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    try:
+        assert answers(first)
+        mapping["HTTPServer"]["port"] = taken.getsockname()[1]
+        write_config(path, mapping)
+        assert daemon.reload()
+        assert answers(first)
+        mapping["HTTPServer"]["port"] = third
+        write_config(path, mapping)
+        assert daemon.reload()
+        assert answers(third) and not answers(first)
+    finally:
+        taken.close()
+        daemon.stop()
