@@ -403,17 +403,39 @@ def _host_port(value: Any) -> Tuple[str, int]:
     return host, int(port)
 
 
+#: libpq connection parameters whose values libpq checks only when it connects (Source: the
+#: PostgreSQL documentation, "Parameter Key Words", 34.1.2), checked here instead so that a wrong
+#: file is refused before anything connects: whole numbers (a port: a list, one per host), and
+#: the choices of the enumerated ones.
+_DSN_NUMBERS = {"port": r"(\d{1,5})?(,(\d{1,5})?)*", "connect_timeout": r"-?\d+", "keepalives": r"\d+",
+                "keepalives_idle": r"\d+", "keepalives_interval": r"\d+",
+                "keepalives_count": r"\d+", "tcp_user_timeout": r"\d+"}
+_DSN_CHOICES = {"sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+                "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby",
+                                         "prefer-standby"),
+                "gssencmode": ("disable", "prefer", "require")}
+
+
 def _dsn(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         _fail("expected a libpq DSN string ('host=... dbname=...' or a postgresql:// URI)")
     try:
-        psycopg2.extensions.parse_dsn(value)
+        params = psycopg2.extensions.parse_dsn(value)
     except psycopg2.Error as exc:
         # libpq quotes part of the string in its message: keep it only for key=value strings,
         # a URI would be echoed whole, password included.
         reason = "" if "://" in value else ": " + str(exc).strip().splitlines()[0]
         _fail("expected a libpq DSN ('host=... dbname=...' or a postgresql:// URI), "
               "could not parse it" + reason)
+    for key, pattern in _DSN_NUMBERS.items():
+        if key in params and not re.fullmatch(pattern, params[key].strip()):
+            _fail("DSN parameter %s must be a whole number%s, got %s"
+                  % (key, " (or one per host, comma-separated)" if key == "port" else "",
+                     _show(params[key])))
+    for key, choices in _DSN_CHOICES.items():
+        if key in params and params[key] not in choices:
+            _fail("DSN parameter %s must be one of %s, got %s"
+                  % (key, ", ".join(choices), _show(params[key])))
     return value.strip()
 
 

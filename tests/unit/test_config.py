@@ -401,6 +401,26 @@ def test_bad_names_relation_and_dsn():
         "'_', '.' or '-'"]
 
 
+@pytest.mark.parametrize("dsn, problem", [
+    ('host=127.0.0.1 port= ="', "port must be a whole number (or one per host, comma-separated),"
+                                " got '=\"'"),
+    ("postgresql://u:secret@h/db?connect_timeout=ten", "connect_timeout must be a whole number, got 'ten'"),
+    ("host=x sslmode=bogus", "sslmode must be one of disable, allow, prefer, require, verify-ca,"
+                             " verify-full, got 'bogus'"),
+    ("host=x target_session_attrs=primary-only", "target_session_attrs must be one of any,"
+     " read-write, read-only, primary, standby, prefer-standby, got 'primary-only'"),
+])
+def test_dsn_values_libpq_checks_only_when_connecting_are_checked_first(dsn, problem):
+    assert problems(minimal(pgsql=dsn)) == ["Destinations.Test1.pgsql: DSN parameter " + problem]
+
+
+@pytest.mark.parametrize("dsn", ["host=a,b port=5432,5433 dbname=x", "host=a,b port=,5433",
+                                 "postgresql://u@h:5432/db?sslmode=require&connect_timeout=5",
+                                 "host=x keepalives=1 keepalives_idle=30 target_session_attrs=read-write"])
+def test_good_dsn_values_pass(dsn):
+    assert config.parse(minimal(pgsql=dsn)).destinations[0].pgsql == dsn
+
+
 def test_thread_names_must_be_unique():
     mapping = minimal(Targets=target("t1"))
     mapping["Destinations"]["Test1_t1"] = {
