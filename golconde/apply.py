@@ -47,7 +47,7 @@ from . import schema as schema_module
 from .errors import (DEAD, RECONNECT, RETRY, SCHEMA, GolcondeError, PacketError, StopListener,
                      classify, describe, lone_surrogate)
 from .handlers.base import Handler
-from .packet import dumps, Group, Packet, parse_message
+from .packet import dumps, fanout_text, Group, Packet, parse_message
 
 LOGGER = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ class Applier:
             if self.store_fanout:
                 part = results[position:position + count]
                 result = Group(tuple(part)) if isinstance(packet, Group) else part[0]
-                outcome.fanout = result.to_json()
+                outcome.fanout = fanout_text(result)
                 fanouts[items[index][0]] = outcome.fanout
             position += count
             done[index] = outcome
@@ -333,8 +333,9 @@ class Applier:
         for index, outcome in done.items():
             if outcome.status == DUPLICATE:
                 pid = items[index][0]
-                text = fanouts.get(pid) or stored.get(pid)
-                outcome.fanout = text if text else _text(items[index][1])
+                text = fanouts[pid] if pid in fanouts else stored.get(pid)
+                # "": applied without changing a row, not fanned out (Packet.matched)
+                outcome.fanout = text if text is not None else _text(items[index][1])
 
     def _careful(self, connection: Any, items: Sequence[Tuple[str, bytes]],
                  packets: Sequence[Optional[Union[Packet, Group]]], todo: Sequence[int]) -> dict:
@@ -410,7 +411,7 @@ class Applier:
                 result = self._apply_item(cur, packet)
                 outcome = Outcome(APPLIED, packet)
                 if self.store_fanout:
-                    outcome.fanout = result.to_json()
+                    outcome.fanout = fanout_text(result)
                     ledger.store_packets(cur, self.consumer, {pid: outcome.fanout})
                     fanouts[pid] = outcome.fanout
                 cur.execute(release)

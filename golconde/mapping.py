@@ -51,8 +51,10 @@ Transformation of a packet
   moving a row *into* the filter must carry the filter's columns and the whole row (or be sent as a
   ``set``), else the row inserted holds only what the update carried.
 
-Comparisons: numbers numerically (a numeric string against a number filter value too); strings as
-text (so ISO 8601 timestamps written in the same time zone order correctly); ``eq``/``ne``/``in``
+Comparisons: numbers numerically (a numeric string against a number filter value too); two
+ISO 8601 timestamps with UTC offsets as points in time (the capture trigger writes a timestamptz
+in the writer's time zone); other strings as text (so timestamps without an offset order
+correctly only when written in the same time zone); ``eq``/``ne``/``in``
 between values of different kinds are simply unequal; ``gt``/``gte``/``lt``/``lte`` between a number
 and a non-numeric string, or on a JSON object or array, raise
 :class:`~golconde.errors.PacketError`.
@@ -132,13 +134,38 @@ def _number(value: Any) -> Optional[Decimal]:
     return None
 
 
+def _instant(text: str) -> Optional[datetime.datetime]:
+    """``text`` as a point in time when it is an ISO 8601 timestamp with a UTC offset
+    (``2026-01-01T09:00:00+09:00``, ``2026-01-01 00:00:00+00``: what PostgreSQL prints for a
+    timestamptz, in the writer's time zone), else ``None``."""
+    if len(text) < 19 or text[4:5] != "-" or not text[:4].isdigit():
+        return None
+    try:
+        value = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return value if value.tzinfo is not None else None
+
+
+def _texts(value: str, expected: str) -> Tuple[Any, Any]:
+    """Two strings as they compare: as points in time when both are timestamps with offsets
+    (the same instant written in two time zones is equal), else as text."""
+    left, right = _instant(value), _instant(expected)
+    if left is not None and right is not None:
+        return left, right
+    return value, expected
+
+
 def _equal(value: Any, expected: Any) -> bool:
     if isinstance(expected, bool) or isinstance(value, bool):
         return isinstance(value, bool) and isinstance(expected, bool) and value == expected
     if isinstance(expected, (int, float, Decimal)):
         number = _number(value)
         return number is not None and number == _number(expected)
-    return isinstance(value, str) and value == expected
+    if not isinstance(value, str) or not isinstance(expected, str):
+        return False
+    left, right = _texts(value, expected)
+    return bool(left == right)
 
 
 def _compare(value: Any, expected: Any) -> Optional[int]:
@@ -146,7 +173,7 @@ def _compare(value: Any, expected: Any) -> Optional[int]:
     if isinstance(expected, (int, float, Decimal)) and not isinstance(expected, bool):
         left, right = _number(value), _number(expected)
     elif isinstance(expected, str) and isinstance(value, str):
-        left, right = value, expected        # type: ignore[assignment]
+        left, right = _texts(value, expected)
     else:
         return None
     if left is None or right is None:
@@ -318,27 +345,32 @@ class TargetMapping:
         return out
 
     # -- the whole ---------------------------------------------------------------------------------
-    def transform(self, packet: Packet, key: Sequence[str] = ()) -> List[Packet]:
+    def transform(self, packet: Packet, key: Sequence[Any] = ()) -> List[Packet]:
         """The packets to apply to the target for the canonical ``packet``, in order (may be empty).
 
-        :param key: the target relation's primary key columns (target names), used to delete a
-            ``set`` row that left the filter and to turn a matching ``update`` into an upsert;
-            empty when unknown or when the relation has none.
+        :param key: the target relation's keys (target column names), used to delete a ``set``
+            row that left the filter and to turn a matching ``update`` into an upsert: its unique
+            keys, primary key first (``TableSchema.unique_keys``), the first one whose columns
+            the row holds (constants included) without a NULL identifying the row; a single key
+            as a sequence of names is accepted too. Empty when unknown or when it has none.
         :raises PacketError: see :meth:`map_data`, :meth:`map_restriction`, :meth:`verdict`.
         """
+        keys = _keys(key)
         action = packet.action
-        restriction = self.map_restriction(packet.restriction)
+        # the constants scope updates and deletes to the rows this target's packets wrote (a
+        # table several sources share, each with its constant)
+        restriction = self.with_constants(self.map_restriction(packet.restriction))
         if action is Action.DELETE:
             return [Packet(Action.DELETE, {}, restriction)]
         verdict = self.verdict(packet.data)
         data = self.map_data(packet.data)
         if action in (Action.ADD, Action.SET):
+            written = self.with_constants(data)
             if verdict is Verdict.NO_MATCH:
                 if action is Action.SET:
-                    where = _key_values(data, key)
+                    where = _key_values(written, keys)
                     return [Packet(Action.DELETE, {}, where)] if where else []
                 return []
-            written = self.with_constants(data)
             return [Packet(action, written)] if written else []
         if verdict is Verdict.NO_MATCH:
             return [Packet(Action.DELETE, {}, restriction)]
@@ -348,7 +380,7 @@ class TargetMapping:
                 for other in [other for other in row if other.lower() == name.lower()]:
                     del row[other]
                 row[name] = value
-            if _key_values(row, key):
+            if _key_values(row, keys):
                 # the update keeps a row already there (under its old or new key) whole; the upsert
                 # then inserts the row if it was not (it moves into the filter)
                 update = [Packet(Action.UPDATE, data, restriction)] if data else []
@@ -356,15 +388,28 @@ class TargetMapping:
         return [Packet(Action.UPDATE, data, restriction)] if data else []
 
 
-def _key_values(values: Mapping[str, Any], key: Sequence[str]) -> Dict[str, Any]:
-    """``{column: value}`` of every ``key`` column in ``values``; empty if one is missing."""
-    out = {}
-    for name in key:
-        present, value = _get(values, name)
-        if not present:
-            return {}
-        out[name] = value
-    return out
+def _keys(key: Sequence[Any]) -> Tuple[Tuple[str, ...], ...]:
+    """``transform``'s ``key`` as a tuple of keys: one key given as names, or several."""
+    if not key:
+        return ()
+    if all(isinstance(name, str) for name in key):
+        return (tuple(key),)
+    return tuple(tuple(names) for names in key if names)
+
+
+def _key_values(values: Mapping[str, Any], keys: Sequence[Sequence[str]]) -> Dict[str, Any]:
+    """``{column: value}`` of the columns of the first of ``keys`` that ``values`` holds whole,
+    without a NULL (a NULL identifies no row); empty if none."""
+    for key in keys:
+        out = {}
+        for name in key:
+            present, value = _get(values, name)
+            if not present or value is None:
+                break
+            out[name] = value
+        else:
+            return out
+    return {}
 
 
 # --- configuration ---------------------------------------------------------------------------------

@@ -67,10 +67,18 @@ class Packet:
     action: Action
     data: Mapping[str, Any] = field(default_factory=dict)
     restriction: Mapping[str, Any] = field(default_factory=dict)
+    #: False for what a destination applied without changing a row (an ``update`` whose
+    #: restriction matched none): not fanned out (a target's filter would turn it into an upsert
+    #: of a row the canonical relation does not hold). Not part of the JSON.
+    matched: bool = field(default=True, compare=False)
 
     def with_data(self, data: Mapping[str, Any]) -> "Packet":
         """Return a copy of this packet with ``data`` replaced (e.g. keys back-filled by ADD)."""
         return replace(self, data=dict(data))
+
+    def unmatched(self) -> "Packet":
+        """A copy marked as having changed no row (:attr:`matched` False)."""
+        return replace(self, matched=False)
 
     def as_dict(self) -> Dict[str, Any]:
         """The packet as a plain dict in the canonical lower-case form."""
@@ -113,6 +121,17 @@ class Group:
 #: encoder per call; one built once encodes the same (NaN and Infinity refused: allow_nan=False).
 _ENCODER = simplejson.JSONEncoder(use_decimal=True, ensure_ascii=False, separators=(",", ":"),
                                   allow_nan=False)
+
+
+def fanout_text(item: Union[Packet, "Group"]) -> str:
+    """The JSON text a destination fans out for what it applied: the packet, or the group of
+    its members that changed a row; ``""`` when nothing did (:attr:`Packet.matched`)."""
+    if isinstance(item, Group):
+        members = [packet for packet in item.packets if packet.matched]
+        if not members:
+            return ""
+        return item.to_json() if len(members) == len(item.packets) else Group(tuple(members)).to_json()
+    return item.to_json() if item.matched else ""
 
 
 def dumps(obj: Any) -> str:

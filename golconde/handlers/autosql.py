@@ -444,8 +444,10 @@ class AutoSQL(Handler):
         self.cache.revalidate(cursor, self.table)
         if not self.mapping:
             return self.apply_one(cursor, packet)
-        key = self._schema(cursor).primary_key
-        for mapped in self.mapping.transform(packet, key=key):
+        table = self._schema(cursor)
+        keys = ((table.primary_key,) if table.primary_key else ()) + tuple(
+            key for key in table.unique_keys if key != table.primary_key)
+        for mapped in self.mapping.transform(packet, key=keys):
             self.apply_one(cursor, mapped)
         return packet
 
@@ -454,7 +456,9 @@ class AutoSQL(Handler):
 
         :returns: ``packet``; at a destination, for ``add`` and ``set`` on a relation with a primary
             key, a copy whose data holds the key values the database stored (generated
-            serial/identity values included), so that targets get the canonical keys.
+            serial/identity values included), so that targets get the canonical keys, and for an
+            ``update`` that changed no row, a copy marked so (:meth:`Packet.unmatched`), which
+            is not fanned out.
         :raises PacketError: unknown action; empty data or restriction; a restriction key that is not
             a column; a data key that is not a column when ``unknown_columns`` is ``"error"``; an
             ambiguous key; a value of the wrong JSON kind; ``set`` without a usable key.
@@ -470,7 +474,8 @@ class AutoSQL(Handler):
         With a mapping, or in a subclass that overrides :meth:`apply`, packets go through
         :meth:`apply` one by one.
 
-        :returns: one packet per packet given (keys back-filled as by :meth:`apply_one`).
+        :returns: one packet per packet given (keys back-filled, and an update that changed no
+            row marked, as by :meth:`apply_one`).
         :raises: as :meth:`apply_one`; the caller then replays the batch packet by packet.
         """
         if self.mapping or type(self).apply is not AutoSQL.apply:
@@ -491,10 +496,13 @@ class AutoSQL(Handler):
             members = [items[j] for j in run]
             table = members[0].table
             rows = bulk.execute_run(cursor, table, members, ident, _cast, bind, _relation(table),
-                                    self._returning(table), _type)
+                                    self._returning(table), _type, matches=self.back_fill)
             for j, row in zip(run, rows):
-                if row is not None:
-                    index, item = todo[j]
+                index, item = todo[j]
+                if item.action is Action.UPDATE:
+                    if row is None:             # () when it changed a row
+                        results[index] = item.packet.unmatched()
+                elif row is not None:
                     results[index] = self._fill(item, row)
         return results
 
@@ -588,6 +596,8 @@ class AutoSQL(Handler):
         if action in (Action.ADD, Action.SET) and returning:
             row = cursor.fetchone()
             return item.packet if row is None else self._fill(item, row)
+        if action is Action.UPDATE and self.back_fill and cursor.rowcount == 0:
+            return item.packet.unmatched()      # the targets' copies hold no such row either
         return item.packet
 
     def _fill(self, item: bulk.Prepared, row: Sequence[Any]) -> Packet:

@@ -291,6 +291,11 @@ def _fits_json(columns: Sequence[Column], values: Sequence[Sequence[Any]]) -> bo
 _ELEMENTS = sql.SQL("pg_catalog.json_array_elements(%s::pg_catalog.json) AS v (e)")
 
 
+#: The number a run's packet carries at the end of its JSON array (an update run at a
+#: destination, :func:`execute_run`'s ``matches``).
+_NUMBER = sql.SQL("(v.e ->> -1)::pg_catalog.int4")
+
+
 def _element(index: int, column: Column, type_of: Any) -> sql.Composed:
     return sql.SQL("(v.e ->> {})::{}").format(sql.Literal(index), type_of(column))
 
@@ -319,15 +324,18 @@ def returning_clause(names: Sequence[str], ident: Any) -> sql.Composed:
 
 def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], ident: Any, cast: Any,
                 bind: Any, relation: sql.Composable, returning: Sequence[str],
-                type_of: Any) -> List[Optional[tuple]]:
+                type_of: Any, matches: bool = False) -> List[Optional[tuple]]:
     """Apply a run of two or more packets of the same shape with one statement per page.
 
     :param ident, cast, bind, relation, type_of: AutoSQL's identifier, ``%s::type``, value
         binding, relation and column type helpers (so both paths quote and bind the same way).
     :param returning: for add/set, the columns to return (a destination's primary key, to
         back-fill generated keys; ``()`` at a target, which fans nothing out).
+    :param matches: for update, tell which packets changed a row (at a destination: one that
+        changed none is not fanned out).
     :returns: for add/set with columns to return, the returned row of each packet in order, its
         values JSON text (:func:`returning_clause`; ``None`` where the row was not returned);
+        for update with ``matches``, per packet ``()`` when it changed a row, else ``None``;
         otherwise ``[]``.
     :raises psycopg2.Error: the statement failed (the caller replays packet by packet).
     :raises PacketError: a value the column cannot take (from ``bind``).
@@ -388,6 +396,13 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
         source = sql.SQL("(VALUES %s) AS v ({})").format(sql.SQL(", ").join(names))
     match = sql.SQL(" AND ").join(sql.SQL("t.{} = {}").format(ident(c.name), ref)
                                   for c, ref in zip(restriction, refs))
+    numbered = matches and action is Action.UPDATE
+    if numbered:
+        # each row of v carries its packet's number: RETURNING it tells which packets matched
+        values = [row + [number] for number, row in enumerate(values)]
+        if source is not _ELEMENTS:
+            source = sql.SQL("(VALUES %s) AS v ({})").format(sql.SQL(", ").join(
+                names + [sql.Identifier("n")]))
     if action is Action.UPDATE:
         query = sql.SQL("UPDATE {} AS t SET {} FROM {} WHERE {}").format(
             relation,
@@ -396,10 +411,19 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
             source, match)
     else:
         query = sql.SQL("DELETE FROM {} AS t USING {} WHERE {}").format(relation, source, match)
+    if numbered:
+        query = sql.SQL("{} RETURNING {}").format(
+            query, _NUMBER if source is _ELEMENTS else sql.SQL("v.{}").format(sql.Identifier("n")))
     if source is _ELEMENTS:
-        _execute_json(cursor, query, values, False)
+        result = _execute_json(cursor, query, values, numbered)
+    else:
+        rows = [[bind(table, c, v) for c, v in zip(columns, row)] + row[len(columns):]
+                for row in values]
+        template = _template([cast(c) for c in columns]
+                             + ([sql.SQL("%s::pg_catalog.int4")] if numbered else []))
+        result = execute_values(cursor, query, rows, template=template.as_string(cursor),
+                                page_size=PAGE_SIZE, fetch=numbered)
+    if not numbered:
         return []
-    rows = [[bind(table, c, v) for c, v in zip(columns, row)] for row in values]
-    template = _template([cast(c) for c in columns])
-    execute_values(cursor, query, rows, template=template.as_string(cursor), page_size=PAGE_SIZE)
-    return []
+    matched = {int(row[0]) for row in result}
+    return [() if number in matched else None for number in range(len(items))]

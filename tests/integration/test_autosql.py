@@ -806,3 +806,24 @@ def test_shared_cache_serves_two_handlers(db):
         assert second.cache.get(cur, second.table) is schema
         first.on_schema_error()
         assert second.cache.get(cur, second.table) is not schema
+
+
+@pytest.mark.parametrize("note", ["text", {"a": 1}])    # a run's values as JSON, or bound (jsonb)
+def test_a_destination_marks_the_updates_that_changed_no_row(db, note):
+    """At a destination an update that changed no row is marked (not fanned out), one at a time
+    and inside a run of updates; a target marks nothing."""
+    from golconde.packet import fanout_text
+
+    ddl(db, "CREATE TABLE tu (id int PRIMARY KEY, note jsonb, n int)")
+    ddl(db, "INSERT INTO tu VALUES (1, NULL, 0), (3, NULL, 0)")
+    h = AutoSQL("tu", role="destination")
+    packets = [parse(dumps({"action": "update", "data": {"note": note, "n": i},
+                            "restriction": {"id": i}})) for i in range(1, 5)]
+    with db.cursor() as cur:
+        results = h.apply_batch(cur, packets)
+        alone = h.apply(cur, packets[1])
+    assert [p.matched for p in results] == [True, False, True, False] and not alone.matched
+    assert [bool(fanout_text(p)) for p in results] == [True, False, True, False]
+    assert rows(db, "SELECT id, n FROM tu ORDER BY id") == [(1, 1), (3, 3)]
+    with db.cursor() as cur:
+        assert all(p.matched for p in AutoSQL("tu", role="target").apply_batch(cur, packets))

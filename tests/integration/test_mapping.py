@@ -171,3 +171,96 @@ def test_trigger_flow_filter_moves_rows_in_and_out(databases):
                  == query(canonical, "SELECT id, name, status_id FROM users ORDER BY id"), message="copy")
     finally:
         assert daemon.stop()
+
+
+# a table two sources share, keyed by (source, customer_id), and one keyed by a serial with the
+# customer id a unique key: the filter's moves in and out go by whichever key the row holds
+SHARED = """
+CREATE TABLE public.shared (source text NOT NULL, customer_id integer, full_name text,
+                            status_id integer, PRIMARY KEY (source, customer_id));
+CREATE TABLE public.serial (sid serial PRIMARY KEY, customer_id integer UNIQUE, full_name text,
+                            status_id integer);
+INSERT INTO public.shared VALUES ('erp', 1, 'ERP row', 1), ('erp', 2, 'ERP row', 1);
+"""
+OTHER_KEYS = {"columns": {"id": "customer_id", "name": "full_name"}, "exclude": ["email", "password_hash", "source"],
+              "constants": {"source": "canonical"}, "filter": {"status_id": {"in": [1, 2]}}}
+
+
+def other_keys_config(canonical: str, other: str, mode: str):
+    mapping = make_config(canonical, {"shared": other, "serial": other}, "public.users", mode=mode,
+                          **trigger_settings(mode, poll_interval=0.5))
+    destination = next(iter(mapping["Destinations"].values()))
+    destination["Targets"]["shared"].update(OTHER_KEYS, target="public.shared")
+    destination["Targets"]["serial"].update(
+        dict(OTHER_KEYS, target="public.serial", constants={}, exclude=["email", "password_hash",
+                                                                        "source", "created"]))
+    return parse_config(mapping)
+
+
+OURS = "SELECT customer_id, full_name, status_id FROM public.shared WHERE source = 'canonical' ORDER BY 1"
+SERIAL = "SELECT customer_id, full_name, status_id FROM public.serial ORDER BY 1"
+FILTERED = "SELECT id, name, status_id FROM users WHERE status_id IN (1, 2) ORDER BY id"
+
+
+@pytest.mark.parametrize("mode", ["client", "trigger"])
+def test_filtered_targets_keyed_otherwise_and_updates_that_change_nothing(make_database, mode):
+    """Rows move in and out of the filter at targets keyed by (constant, id) or by a serial with
+    the id unique; a constant scopes updates and deletes to the rows of this source; an update
+    that changed no canonical row is not fanned out (a filtered target made it an upsert: a
+    phantom row, or a deleted row back)."""
+    canonical, other = make_database(), make_database()
+    execute(canonical, USERS)
+    execute(other, SHARED)
+    config = other_keys_config(canonical, other, mode)
+    destination = config.destinations[0]
+    if mode == "trigger":
+        conn = psycopg2.connect(canonical)
+        trigger.install(conn, "public.users", destination.name)
+        conn.commit()
+        conn.close()
+    daemon = start(config)
+    host, port = stomp_address()
+    client = Client(destination.queue, host, port, STOMP_LOGIN, STOMP_PASSCODE)
+    try:
+        def write(*packets):
+            if mode == "client":
+                for packet in packets:
+                    client.send(packet)
+                return
+            for packet in packets:      # the same changes, as SQL on the canonical table
+                if packet["action"] in ("add", "set"):
+                    data = packet["data"]
+                    execute(canonical, "INSERT INTO users (id, name, status_id) VALUES (%s, %s, %s)"
+                                       " ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name,"
+                                       " status_id = EXCLUDED.status_id",
+                            (data["id"], data.get("name"), data.get("status_id")))
+                elif packet["action"] == "update":
+                    sets = ", ".join("%s = %%s" % column for column in packet["data"])
+                    wheres = " AND ".join("%s = %%s" % column for column in packet["restriction"])
+                    execute(canonical, "UPDATE users SET %s WHERE %s" % (sets, wheres),
+                            list(packet["data"].values()) + list(packet["restriction"].values()))
+                else:
+                    execute(canonical, "DELETE FROM users WHERE id = %s", (packet["restriction"]["id"],))
+
+        write({"action": "add", "data": {"id": 1, "name": "A", "status_id": 1}},
+              {"action": "add", "data": {"id": 2, "name": "B", "status_id": 3}},
+              {"action": "add", "data": {"id": 3, "name": "C", "status_id": 1}})
+        # 1 moves out (set), 2 moves in (a whole-row update), 3 renamed (in place)
+        write({"action": "set", "data": {"id": 1, "name": "A", "status_id": 5}},
+              {"action": "update", "data": {"id": 2, "name": "B", "status_id": 2}, "restriction": {"id": 2}},
+              {"action": "update", "data": {"name": "C2"}, "restriction": {"id": 3}})
+        # updates that change no canonical row: a key nobody has, a row deleted before
+        write({"action": "update", "data": {"status_id": 1}, "restriction": {"id": 99}},
+              {"action": "delete", "restriction": {"id": 3}},
+              {"action": "update", "data": {"id": 3, "name": "C3", "status_id": 1}, "restriction": {"id": 3}},
+              {"action": "add", "data": {"id": 1000, "name": "sentinel", "status_id": 1}})
+        expected = [(2, "B", 2), (1000, "sentinel", 1)]
+        wait_for(lambda: query(canonical, FILTERED) == expected, message="the canonical table")
+        wait_for(lambda: query(other, OURS) == expected and query(other, SERIAL) == expected,
+                 timeout=30, message="both targets hold the filtered rows")
+        # the other source's rows were not touched (no update or delete of theirs by id)
+        assert query(other, "SELECT customer_id, full_name FROM public.shared WHERE source = 'erp'"
+                            " ORDER BY 1") == [(1, "ERP row"), (2, "ERP row")]
+    finally:
+        client.close()
+        assert daemon.stop()

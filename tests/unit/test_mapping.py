@@ -150,9 +150,9 @@ def test_data_and_restriction_are_renamed_and_trimmed():
     assert out == [Packet(Action.ADD, {"user_id": 1, "full_name": "a", "email": "e", "source": "canonical"})]
     out = mapping.transform(pk('{"action": "update", "data": {"name": "b", "password": "y"},'
                                ' "restriction": {"id": 1}}'))
-    assert out == [Packet(Action.UPDATE, {"full_name": "b"}, {"user_id": 1})]   # no constants on update
+    assert out == [Packet(Action.UPDATE, {"full_name": "b"}, {"user_id": 1, "source": "canonical"})]   # constants scope it, never set
     out = mapping.transform(pk('{"action": "delete", "restriction": {"ID": 1}}'))
-    assert out == [Packet(Action.DELETE, {}, {"user_id": 1})]
+    assert out == [Packet(Action.DELETE, {}, {"user_id": 1, "source": "canonical"})]
 
 
 def test_constants_win_over_packet_values_on_add_and_set():
@@ -161,7 +161,7 @@ def test_constants_win_over_packet_values_on_add_and_set():
     assert out == [Packet(Action.SET, {"id": 1, "source": "canonical"})]
     # an update never writes a constant's column from the packet
     out = mapping.transform(pk('{"action": "update", "data": {"n": 1, "source": null}, "restriction": {"id": 1}}'))
-    assert out == [Packet(Action.UPDATE, {"n": 1}, {"id": 1})]
+    assert out == [Packet(Action.UPDATE, {"n": 1}, {"id": 1, "source": "canonical"})]
 
 
 def test_update_whose_data_maps_to_nothing_is_dropped():
@@ -224,26 +224,26 @@ def test_set_leaving_the_filter_deletes_by_the_target_key(active):
 def test_update_moving_out_deletes(active):
     out = active.transform(pk('{"action": "update", "data": {"status_id": 3},'
                               ' "restriction": {"id": 7}}'), key=("user_id",))
-    assert out == [Packet(Action.DELETE, {}, {"user_id": 7})]
+    assert out == [Packet(Action.DELETE, {}, {"user_id": 7, "origin": "c"})]
 
 
 def test_update_matching_is_followed_by_an_upsert_of_the_row(active):
     # the trigger flow: the whole new row, the old key as restriction
     out = active.transform(pk('{"action": "update", "data": {"id": 7, "status_id": 1, "name": "n"},'
                               ' "restriction": {"id": 7}}'), key=("user_id",))
-    assert out == [Packet(Action.UPDATE, {"user_id": 7, "status_id": 1, "name": "n"}, {"user_id": 7}),
+    assert out == [Packet(Action.UPDATE, {"user_id": 7, "status_id": 1, "name": "n"}, {"user_id": 7, "origin": "c"}),
                    Packet(Action.SET, {"user_id": 7, "status_id": 1, "name": "n", "origin": "c"})]
     # the key is taken from the restriction when data lacks it
     out = active.transform(pk('{"action": "update", "data": {"status_id": 2}, "restriction": {"id": 7}}'),
                            key=("user_id",))
-    assert out == [Packet(Action.UPDATE, {"status_id": 2}, {"user_id": 7}),
+    assert out == [Packet(Action.UPDATE, {"status_id": 2}, {"user_id": 7, "origin": "c"}),
                    Packet(Action.SET, {"user_id": 7, "status_id": 2, "origin": "c"})]
 
 
 def test_update_changing_the_key_updates_then_upserts_the_new_key(active):
     out = active.transform(pk('{"action": "update", "data": {"id": 8, "status_id": 1},'
                               ' "restriction": {"id": 7}}'), key=("user_id",))
-    assert out == [Packet(Action.UPDATE, {"user_id": 8, "status_id": 1}, {"user_id": 7}),
+    assert out == [Packet(Action.UPDATE, {"user_id": 8, "status_id": 1}, {"user_id": 7, "origin": "c"}),
                    Packet(Action.SET, {"user_id": 8, "status_id": 1, "origin": "c"})]
 
 
@@ -257,20 +257,20 @@ def test_update_matching_with_only_excluded_data_upserts_the_key():
 def test_update_matching_without_a_usable_key_stays_an_update(active):
     out = active.transform(pk('{"action": "update", "data": {"status_id": 1}, "restriction": {"email": "e"}}'),
                            key=("user_id",))
-    assert out == [Packet(Action.UPDATE, {"status_id": 1}, {"email": "e"})]
+    assert out == [Packet(Action.UPDATE, {"status_id": 1}, {"email": "e", "origin": "c"})]
     out = active.transform(pk('{"action": "update", "data": {"status_id": 1}, "restriction": {"id": 7}}'), key=())
-    assert out == [Packet(Action.UPDATE, {"status_id": 1}, {"user_id": 7})]
+    assert out == [Packet(Action.UPDATE, {"status_id": 1}, {"user_id": 7, "origin": "c"})]
 
 
 def test_update_without_filter_columns_is_a_plain_update(active):
     out = active.transform(pk('{"action": "update", "data": {"name": "x"}, "restriction": {"id": 7}}'),
                            key=("user_id",))
-    assert out == [Packet(Action.UPDATE, {"name": "x"}, {"user_id": 7})]
+    assert out == [Packet(Action.UPDATE, {"name": "x"}, {"user_id": 7, "origin": "c"})]
 
 
 def test_delete_ignores_the_filter(active):
     assert active.transform(pk('{"action": "delete", "restriction": {"id": 7}}'), key=("user_id",)) == [
-        Packet(Action.DELETE, {}, {"user_id": 7})]
+        Packet(Action.DELETE, {}, {"user_id": 7, "origin": "c"})]
 
 
 def test_without_a_filter_an_update_stays_an_update():
@@ -285,3 +285,42 @@ def test_filter_on_an_excluded_column_still_filters():
     assert mapping.transform(pk('{"action": "add", "data": {"id": 1, "status_id": 1}}')) == [
         Packet(Action.ADD, {"id": 1})]
     assert mapping.transform(pk('{"action": "add", "data": {"id": 2, "status_id": 2}}')) == []
+
+
+def test_moving_in_and_out_uses_a_key_with_constants_or_another_unique_key(active):
+    """The target's key may hold a constant's column (a table several sources share) or be
+    another unique key (a serial primary key the packets do not carry): rows leaving the filter
+    are deleted, and rows entering it upserted, by the first key the row holds whole."""
+    shared = (("origin", "user_id"),)
+    leave = pk('{"action": "set", "data": {"id": 1, "status_id": 5}}')
+    assert active.transform(leave, key=shared) == [Packet(Action.DELETE, {}, {"origin": "c", "user_id": 1})]
+    enter = pk('{"action": "update", "data": {"id": 2, "status_id": 2}, "restriction": {"id": 2}}')
+    assert active.transform(enter, key=shared) == [
+        Packet(Action.UPDATE, {"user_id": 2, "status_id": 2}, {"user_id": 2, "origin": "c"}),
+        Packet(Action.SET, {"user_id": 2, "status_id": 2, "origin": "c"})]
+    serial = (("sid",), ("user_id",))          # primary key first, then the unique keys
+    assert active.transform(leave, key=serial) == [Packet(Action.DELETE, {}, {"user_id": 1})]
+    assert active.transform(enter, key=serial)[1] == Packet(
+        Action.SET, {"user_id": 2, "status_id": 2, "origin": "c"})
+    # a NULL identifies no row: the next key, or none
+    nullable = pk('{"action": "set", "data": {"id": 1, "email": null, "status_id": 5}}')
+    assert active.transform(nullable, key=(("email",), ("user_id",))) == [
+        Packet(Action.DELETE, {}, {"user_id": 1})]
+    assert active.transform(nullable, key=(("email",),)) == []
+
+
+def test_timestamps_with_offsets_compare_as_points_in_time():
+    """The capture trigger writes a timestamptz in the writer's time zone: the filter compares
+    instants, not text, when both sides carry an offset; without one, as text."""
+    since = build(filter={"at": {"gte": "2026-01-01T00:00:00+00:00"}})
+    tokyo = pk('{"action": "add", "data": {"id": 1, "at": "2026-01-01T05:00:00+09:00"}}')  # 20:00 UTC
+    york = pk('{"action": "add", "data": {"id": 2, "at": "2025-12-31T22:00:00-05:00"}}')   # 03:00 UTC
+    assert since.verdict(tokyo.data) is Verdict.NO_MATCH
+    assert since.verdict(york.data) is Verdict.MATCH
+    assert build(filter={"at": {"eq": "2026-01-01 00:00:00+00"}}).verdict(
+        {"at": "2026-01-01T09:00:00+09:00"}) is Verdict.MATCH
+    assert build(filter={"at": {"in": ["2026-01-01T00:00:00Z"]}}).verdict(
+        {"at": "2025-12-31 19:00:00-05"}) is Verdict.MATCH
+    naive = build(filter={"day": {"lt": "2026-01-01"}})
+    assert naive.verdict({"day": "2025-12-31"}) is Verdict.MATCH
+    assert naive.verdict({"day": "infinity"}) is Verdict.NO_MATCH   # as text: "i" > "2"
