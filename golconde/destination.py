@@ -29,6 +29,7 @@ import psycopg2.errors
 import psycopg2.extensions
 
 from . import envelope, ledger, trigger
+from . import schema as schema_module
 from .apply import APPLIED, DEAD_LETTER, DUPLICATE, Outcome
 from .broker import (CREATED_HEADER, ID_HEADER, BrokerConnection, BrokerError, Delivery, Outgoing,
                      Receipt, send_all_async)
@@ -64,6 +65,34 @@ REPLY_HEADER = "reply-to"
 REPLY_STATUS = {APPLIED: "applied", DUPLICATE: "duplicate", DEAD_LETTER: "dead-lettered"}
 #: Destinations a reply may be sent to (queues only: a topic reply would be lost unread).
 REPLY_TO_RE = re.compile(r"/(?:queue|amq/queue|temp-queue|reply-queue)/\S+")
+
+
+def check_mappings(listener: Listener, db: Any) -> None:
+    """Check the canonical-side names of the destination's target mappings against the
+    canonical relation (:meth:`golconde.mapping.TargetMapping.canonical_problems`): a misspelt
+    name would let a column through that was to be renamed or excluded, or every row through a
+    filter. Reported as a standing problem of the destination (logged as an error when it
+    appears; /health fails) until a reconnect finds it fixed; the flow goes on."""
+    config = listener.config
+    mapped = [target for target in config.targets if getattr(target, "mapping", None)]
+    if not mapped:
+        return
+    relation = schema_module.parse_relation(config.target)
+    try:
+        with db.cursor() as cur:
+            table = schema_module.read_schema(cur, relation)
+    except (psycopg2.Error, GolcondeError) as exc:
+        LOGGER.warning("[%s] could not check the targets' mappings: %s", listener.name, describe(exc))
+        return
+    finally:
+        if not db.autocommit:
+            db.rollback()
+    problems = [problem for target in mapped
+                for problem in target.mapping.canonical_problems(list(table.columns), str(relation))]
+    text = "; ".join(problems) or None
+    if text is not None and text not in (listener.stats.snapshot()["problems"] or ()):
+        LOGGER.error("[%s] %s", listener.name, text)
+    listener.stats.set_problem("mappings", text)
 
 
 class FanOut:
@@ -111,6 +140,10 @@ class ClientDestination(QueueConsumer):
         #: replies go on a connection of their own: a refused reply (a queue declared with other
         #: arguments, no write permission) makes RabbitMQ close the connection it came on
         self._replies: Optional[BrokerConnection] = None
+
+    def on_database_open(self, db: Any) -> None:
+        super().on_database_open(db)
+        check_mappings(self, db)
 
     def close(self) -> None:
         replies, self._replies = self._replies, None
@@ -241,6 +274,7 @@ class TriggerDestination(Listener):
         # would add a BEGIN and a COMMIT or ROLLBACK (3 round trips).
         db.autocommit = True
         self.locked = False
+        check_mappings(self, db)
 
     def open(self) -> None:
         super().open()

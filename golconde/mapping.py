@@ -267,6 +267,38 @@ class TargetMapping:
             out["filter"] = conditions
         return out
 
+    # -- against the catalogs ----------------------------------------------------------------------
+    def target_problems(self, columns: Sequence[str], relation: str) -> List[str]:
+        """The target-side names of this mapping that are no column of the target ``relation``
+        (whose columns are ``columns``): renamed-to, constant and default columns. Their values
+        would be dropped without a word (a target ignores unknown data columns).
+
+        :returns: one message per name, with its key path; ``[]`` when all are there.
+        """
+        names = _Names(list(columns))
+        wanted = ([("columns.%s" % canonical, target) for canonical, target in self.columns]
+                  + [("constants.%s" % name, name) for name, _ in self.constants]
+                  + [("defaults", name) for name in self.defaults])
+        return ["%s.%s: %r is no column of %s" % (self.path or "(target)", where, name, relation)
+                for where, name in wanted if names.find(name) is None]
+
+    def canonical_problems(self, columns: Sequence[str], relation: str) -> List[str]:
+        """The canonical-side names of this mapping that are no column of the canonical
+        ``relation``: renamed, excluded and filtered columns. A rename or an exclusion of a
+        misspelt column never applies (the column reaches the target as it is), and a filter on
+        one lets every row through.
+
+        :returns: one message per name, with its key path; ``[]`` when all are there.
+        """
+        names = _Names(list(columns))
+        wanted = ([("columns", canonical) for canonical, _ in self.columns]
+                  + [("exclude", name) for name in self.exclude]
+                  + [("filter", name) for name in
+                     dict.fromkeys(condition.column for condition in self.conditions)])
+        return ["%s.%s: %r is no column of the canonical %s" % (self.path or "(target)", where,
+                                                                 name, relation)
+                for where, name in wanted if names.find(name) is None]
+
     # -- the parts -------------------------------------------------------------------------------
     def rename(self, key: str) -> str:
         """The target column for the canonical packet key ``key``."""

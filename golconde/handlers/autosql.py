@@ -631,6 +631,29 @@ class AutoSQL(Handler):
             raise PacketError("unknown action %r for %s (expected one of add, set, update, delete)"
                               % (str(raw)[:100], self.table)) from None
 
+    def setup(self, connection: Any) -> None:
+        """With a mapping, check it against the target relation
+        (:meth:`golconde.mapping.TargetMapping.target_problems`).
+
+        :raises StopListener: the relation is missing, or the mapping names a column it does not
+            have (the values would be dropped): the listener pauses :data:`RELATION_RETRY` s,
+            its packets queued, and looks again.
+        """
+        super().setup(connection)
+        if not self.mapping:
+            return
+        try:
+            self.cache.invalidate(self.table)      # as it is now: a reconnect may follow an ALTER
+            with connection.cursor() as cursor:
+                table = self._schema(cursor)
+        finally:
+            connection.rollback()
+        problems = self.mapping.target_problems(list(table.columns), str(self.table))
+        if problems:
+            raise StopListener("%s: %s; the target's packets wait until the mapping or the table"
+                               " is fixed" % (self.name, "; ".join(problems)),
+                               retry_after=RELATION_RETRY)
+
     def missing_privileges(self, cursor: Any, packet: Packet) -> List[str]:
         """What the role lacks on the relation for ``packet``'s action, on no column at all
         (:func:`golconde.schema.missing_privileges`); ``[]`` for an unknown action."""

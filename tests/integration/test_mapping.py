@@ -2,6 +2,7 @@
 another relation name), through a real daemon, real PostgreSQL databases and RabbitMQ."""
 from __future__ import annotations
 
+import time
 import uuid
 
 import psycopg2
@@ -261,6 +262,44 @@ def test_filtered_targets_keyed_otherwise_and_updates_that_change_nothing(make_d
         # the other source's rows were not touched (no update or delete of theirs by id)
         assert query(other, "SELECT customer_id, full_name FROM public.shared WHERE source = 'erp'"
                             " ORDER BY 1") == [(1, "ERP row"), (2, "ERP row")]
+    finally:
+        client.close()
+        assert daemon.stop()
+
+
+def test_mapping_names_are_checked_against_both_tables(databases, monkeypatch):
+    """A target-side name its table lacks pauses that target (its packets wait, its error names
+    the key path) until the table has it; a canonical-side name the canonical table lacks is a
+    standing problem of the destination (the health check fails), the flow going on."""
+    from golconde.handlers import autosql
+    from golconde.metrics import health
+
+    monkeypatch.setattr(autosql, "RELATION_RETRY", 0.5)
+    canonical, crm, copy = databases
+    mapping = make_config(canonical, {"crm": crm, "copy": copy}, "public.users")
+    destination = next(iter(mapping["Destinations"].values()))
+    destination["Targets"]["crm"].update(MAPPING, columns={"id": "customer_id", "name": "fullname"},
+                                         exclude=["password_hash", "pasword"])
+    config = parse_config(mapping)
+    name = config.destinations[0].name
+    daemon = start(config)
+    host, port = stomp_address()
+    client = Client(config.destinations[0].queue, host, port, STOMP_LOGIN, STOMP_PASSCODE)
+    try:
+        crm_stats = daemon.registry.get(name + "_crm")
+        wait_for(lambda: "columns.name: 'fullname' is no column of crm.customer" in (
+            crm_stats.snapshot()["last_error"] or ""), timeout=20, message="crm paused")
+        problems = daemon.registry.get(name).snapshot()["problems"]
+        assert problems == ["Destinations.%s.Targets.crm.exclude: 'pasword' is no column of the"
+                            " canonical public.users" % name]
+        assert not health(daemon.registry.snapshot(), max_backlog=10000, max_lag=300.0)[0]
+        client.add({"id": 1, "name": "Ann", "status_id": 1})
+        wait_for(lambda: query(copy, "SELECT count(*) FROM users") == [(1,)], message="copy applied")
+        time.sleep(1.0)
+        assert query(crm, TARGET_ROWS) == [] and crm_stats.snapshot()["dead_lettered"] == 0
+        execute(crm, "ALTER TABLE crm.customer RENAME full_name TO fullname")
+        wait_for(lambda: query(crm, "SELECT customer_id, fullname FROM crm.customer") == [(1, "Ann")],
+                 timeout=20, message="crm applied once its table has the column")
     finally:
         client.close()
         assert daemon.stop()

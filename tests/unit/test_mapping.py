@@ -324,3 +324,16 @@ def test_timestamps_with_offsets_compare_as_points_in_time():
     naive = build(filter={"day": {"lt": "2026-01-01"}})
     assert naive.verdict({"day": "2025-12-31"}) is Verdict.MATCH
     assert naive.verdict({"day": "infinity"}) is Verdict.NO_MATCH   # as text: "i" > "2"
+
+
+def test_names_checked_against_the_catalogs():
+    mapping = build(columns={"id": "user_id", "nmae": "full_name"}, exclude=["pasword"],
+                    constants={"sourc": "x"}, defaults=["created"],
+                    filter={"statusid": {"eq": 1}, "id": {"gt": 0}})
+    assert mapping.target_problems(["user_id", "Full_Name", "created"], "crm.c") == [
+        "Destinations.D.Targets.t.constants.sourc: 'sourc' is no column of crm.c"]
+    assert mapping.canonical_problems(["id", "name", "password", "status_id"], "public.users") == [
+        "Destinations.D.Targets.t.columns: 'nmae' is no column of the canonical public.users",
+        "Destinations.D.Targets.t.exclude: 'pasword' is no column of the canonical public.users",
+        "Destinations.D.Targets.t.filter: 'statusid' is no column of the canonical public.users"]
+    assert build(columns={"id": "user_id"}).canonical_problems(["ID"], "t") == []
