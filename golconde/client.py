@@ -96,11 +96,16 @@ def _destination(config: Any, name: str) -> Any:
 def packet_text(item: Union[Packet, Group]) -> str:
     """The JSON text a packet or group travels as.
 
-    :raises PacketError: the text holds a lone surrogate (a JSON ``"\\ud800"`` escape, or bytes
+    :raises PacketError: a value JSON cannot hold (a ``datetime``, a ``set``, NaN or an
+        infinity), or the text holds a lone surrogate (a JSON ``"\\ud800"`` escape, or bytes
         that were not UTF-8 read with ``surrogateescape``), which is no Unicode: stomp.py would
         send it as ``?``.
     """
-    text = item.to_json()
+    try:
+        text = item.to_json()
+    except (TypeError, ValueError) as exc:     # a datetime, a set, NaN or an infinity
+        raise PacketError("packet cannot be written as JSON: %s (give dates and times as ISO 8601"
+                          " text, numbers as finite int, float or Decimal)" % exc) from None
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:

@@ -197,6 +197,8 @@ def _columns(value: Any, name: str) -> Dict[str, Any]:
     if not isinstance(value, dict):
         raise PacketError("%s must be a JSON object of column: value, not %s" % (name, _json_type(value)))
     for key, item in value.items():
+        if not isinstance(key, str):
+            raise PacketError("%s has a column name that is not a string: %s" % (name, _short_repr(key)))
         if not key.strip():
             raise PacketError("%s has an empty column name" % name)
         if "\x00" in key:
@@ -208,6 +210,11 @@ def _columns(value: Any, name: str) -> Dict[str, Any]:
         elif kind not in _SCALARS:
             _check_value(item, "%s.%s" % (name, key))
     return value
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _json_type(value: Any) -> str:

@@ -83,3 +83,22 @@ def test_with_data_returns_a_copy():
     filled = packet.with_data({"a": 1, "id": 7})
     assert packet.data == {"a": 1} and filled.data == {"a": 1, "id": 7}
     assert dumps({"x": Decimal("1.10")}) == '{"x":1.10}'
+
+
+@pytest.mark.parametrize("data, reason", [
+    ({"id": 1, "t": __import__("datetime").datetime(2026, 1, 1)}, "Object of type datetime"),
+    ({"id": float("nan")}, "nan"),
+    ({"id": Decimal("Infinity")}, "inf"),
+    ({"id": {1, 2}}, "Object of type set"),
+])
+def test_the_client_refuses_values_json_cannot_hold_with_a_packet_error(data, reason):
+    """Nothing is sent (the client is not even connected): the packet is refused first."""
+    from golconde.client import Client
+
+    with pytest.raises(PacketError, match="packet cannot be written as JSON: .*%s" % reason):
+        Client("/queue/golconde.unit").add(data)
+
+
+def test_a_column_name_that_is_not_a_string_is_refused():
+    with pytest.raises(PacketError, match="data has a column name that is not a string: 1"):
+        parse({"action": "add", "data": {1: 2}})
