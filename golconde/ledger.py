@@ -28,6 +28,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Set, Tuple
 
 import psycopg2
 import psycopg2.errors
+import psycopg2.extensions
 
 from .errors import RetryPacket
 
@@ -71,6 +72,30 @@ def packet_id(headers: Mapping[str, str], body: bytes) -> str:
     if value:
         return str(value)[:200]
     return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def advisory_key(name: str) -> int:
+    """The advisory lock key of ``name``: the first 64 bits of ``md5("golconde:<name>")``,
+    signed (``pg_try_advisory_lock(bigint)``)."""
+    digest = hashlib.md5(("golconde:" + name).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def acquire_consumer_lock(connection: Any, queue: str) -> bool:
+    """Try to take the session-level advisory lock ``consume:<queue>`` in ``connection``'s
+    database: one listener at a time applies a queue there, in order (a second golconded started
+    with the same configuration waits instead of taking every other batch). Held until the
+    connection closes; commits the transaction it opens when the connection was idle.
+
+    :returns: True when this connection holds the lock (again), False when another session does.
+    """
+    idle = connection.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_try_advisory_lock(%s)", (advisory_key("consume:" + queue),))
+        held = bool(cur.fetchone()[0])
+    if idle and not connection.autocommit:
+        connection.commit()
+    return held
 
 
 def ensure(connection: Any) -> None:

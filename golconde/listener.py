@@ -40,6 +40,9 @@ LOGGER = logging.getLogger(__name__)
 PRUNE_INTERVAL = 3600.0
 #: Seconds one prune may take (in chunks) before the listener goes back to its packets.
 PRUNE_BUDGET = 1.0
+#: Seconds a queue consumer waits before trying again for the lock another process holds on its
+#: queue in its database (:func:`golconde.ledger.acquire_consumer_lock`).
+CONSUMER_RETRY = 5.0
 #: Seconds until the next prune when the last one ran out of time with old rows left.
 PRUNE_RETRY = 10.0
 
@@ -562,6 +565,13 @@ class QueueConsumer(Listener):
         return self.config.prefetch
 
     def on_database_open(self, db: Any) -> None:
+        # one consumer of the queue per database: two would apply its batches side by side, out
+        # of order (the same configuration started twice); a session lock, freed if this dies
+        if not ledger.acquire_consumer_lock(db, self.config.queue):
+            raise StopListener("another golconded consumes %s into this database (the same"
+                               " configuration started twice?): this listener waits, since two"
+                               " consumers of one queue would apply its packets out of order"
+                               % self.config.queue, retry_after=CONSUMER_RETRY)
         ledger.ensure(db)
         self.handler.setup(db)
 

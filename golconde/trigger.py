@@ -34,6 +34,7 @@ import psycopg2.extensions
 import psycopg2.extras
 from psycopg2 import sql
 
+from . import ledger
 from . import packet as packet_module
 from . import schema as schema_module
 from .errors import ConfigError, GolcondeError, PacketError
@@ -992,8 +993,7 @@ def _advisory(conn: psycopg2.extensions.connection, query: str, destination: str
 
 
 def _lock_key(name: str) -> int:
-    digest = hashlib.md5(("golconde:" + name).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+    return ledger.advisory_key(name)
 
 
 @contextlib.contextmanager

@@ -775,3 +775,48 @@ def test_a_target_role_without_insert_pauses_until_granted(flow, monkeypatch):
             cur.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
             cur.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
         admin.close()
+
+
+# -- 7. the same configuration started twice -----------------------------------------------------------
+
+def test_the_same_configuration_twice_applies_each_queue_once_in_order(make_database, cleanup_queues,
+                                                                       monkeypatch):
+    """A second daemon with the same configuration: its queue consumers wait for the lock the
+    first holds on each queue in its database (its trigger drain, for the drain lock), instead of
+    taking every other batch and applying them out of order; when the first stops, the second
+    takes over, and every target equals the canonical table."""
+    from golconde import listener as listener_module
+
+    monkeypatch.setattr(listener_module, "CONSUMER_RETRY", 0.5)
+    flow = items_trigger_flow(make_database, cleanup_queues)
+    execute(flow.canonical, "INSERT INTO items SELECT g, 0, NULL FROM generate_series(1, 5) g")
+    first, second = Daemon(flow.config()), Daemon(flow.config())
+    first.start()
+    second.start()
+    try:
+        target = "%s_target1" % flow.name
+        wait_for(lambda: "another golconded consumes" in (
+            thread_stats(second)[target]["last_error"] or ""), timeout=20,
+            message="the second daemon's target waits")
+        db = psycopg2.connect(flow.canonical)
+        db.autocommit = True
+        with db.cursor() as cur:
+            for i in range(1500):
+                cur.execute("UPDATE items SET n = n + 1 WHERE id = %s", (i % 5 + 1,))
+        half = query(flow.canonical, "SELECT id, n FROM items ORDER BY id")
+        wait_for(lambda: all(query(t, "SELECT id, n FROM items ORDER BY id") == half
+                             for t in flow.targets), timeout=40, message="targets equal")
+        assert all(thread_stats(second)[name]["applied"] == 0 for name in thread_stats(second))
+        assert first.stop()
+        with db.cursor() as cur:
+            for i in range(500):
+                cur.execute("UPDATE items SET n = n + 1 WHERE id = %s", (i % 5 + 1,))
+        db.close()
+        final = query(flow.canonical, "SELECT id, n FROM items ORDER BY id")
+        assert final == [(i, 400) for i in range(1, 6)]
+        wait_for(lambda: all(query(t, "SELECT id, n FROM items ORDER BY id") == final
+                             for t in flow.targets), timeout=40, message="the second took over")
+        assert all(s["dead_lettered"] == 0 for s in thread_stats(second).values())
+    finally:
+        first.stop()
+        assert second.stop()
