@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Iterator, List, Mapping, Sequence, Tuple
 
 from .errors import PacketError
-from .packet import dumps, loads
+from .packet import MAX_PACKET_BYTES, dumps, loads
 
 #: Header marking a batch message; its value is the number of entries.
 BATCH_HEADER = "golconde-batch"
@@ -27,6 +27,10 @@ BATCH_HEADER = "golconde-batch"
 MAX_ENTRIES = 500
 #: Most body bytes in one batch message (brokers' default frame limit is 4 MiB).
 MAX_BYTES = 1024 * 1024
+#: What a batch message may hold beyond its packets' own limit: a packet of up to
+#: :data:`golconde.packet.MAX_PACKET_BYTES` travels alone, wrapped in the envelope (its id, its
+#: time, about 110 bytes), and must not be refused for the wrapping.
+ENVELOPE_ALLOWANCE = 64 * 1024
 
 
 def encode(entries: Sequence[Tuple[str, str, str]]) -> Iterator[Tuple[str, int]]:
@@ -65,7 +69,7 @@ def decode(body: bytes) -> List[Tuple[str, Mapping[str, Any], str]]:
 
     :raises PacketError: the body is not a well-formed batch message.
     """
-    document = loads(body)
+    document = loads(body, max_bytes=MAX_PACKET_BYTES + ENVELOPE_ALLOWANCE)
     if not isinstance(document, dict) or not isinstance(document.get("batch"), list):
         raise PacketError("batch message must be an object with a 'batch' array")
     entries = []

@@ -231,21 +231,23 @@ def _json_type(value: Any) -> str:
     return "an object"
 
 
-def loads(body: Union[bytes, str]) -> Any:
+def loads(body: Union[bytes, str], max_bytes: int = MAX_PACKET_BYTES) -> Any:
     """Decode JSON text or UTF-8 bytes, numbers with a fraction as ``Decimal``.
 
+    :param max_bytes: the longest body accepted (a batch message's envelope around one packet
+        of :data:`MAX_PACKET_BYTES` takes a little more: :mod:`golconde.envelope`).
     :raises PacketError: invalid UTF-8, invalid JSON, NaN/Infinity, too deep or too large.
     """
     if isinstance(body, (bytes, bytearray, memoryview)):
         body = bytes(body)
-        if len(body) > MAX_PACKET_BYTES:
-            raise PacketError("packet is %d bytes, more than the %d allowed" % (len(body), MAX_PACKET_BYTES))
+        if len(body) > max_bytes:
+            raise PacketError("packet is %d bytes, more than the %d allowed" % (len(body), max_bytes))
         try:
             body = body.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise PacketError("packet is not valid UTF-8: %s" % exc) from None
-    elif len(body) > MAX_PACKET_BYTES:
-        raise PacketError("packet is %d characters, more than the %d allowed" % (len(body), MAX_PACKET_BYTES))
+    elif len(body) > max_bytes:
+        raise PacketError("packet is %d characters, more than the %d allowed" % (len(body), max_bytes))
     try:
         try:
             return _DECODER.decode(body)

@@ -15,6 +15,7 @@ from golconde import destination as destination_module
 from golconde import trigger
 from golconde.compare import compare
 from golconde.daemon import Daemon
+from golconde.packet import MAX_PACKET_BYTES
 
 from .flow_support import (drain_queue, execute, make_config, parse_config, query, queue_backlog,
                            wait_for)
@@ -101,6 +102,28 @@ def test_a_change_over_the_packet_size_limit_is_dead_lettered_with_its_reason(tr
     assert body["queue_id"] > 0 and letters[0].headers["golconde-id"].endswith(body["packet_id"])
     wait_for(lambda: queue_backlog(canonical, trigger_flow["destination"].name) == 0, timeout=10,
              message="queue table drained")
+
+
+def test_a_change_of_exactly_the_packet_size_limit_is_applied(trigger_flow):
+    """A packet of exactly MAX_PACKET_BYTES passes the drain and travels alone in a batch
+    message a little larger (its envelope): the targets apply it."""
+    canonical = trigger_flow["canonical"]
+    conn = psycopg2.connect(canonical)
+    try:     # the packet's size for a known length of the text, in a transaction rolled back
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO accounts (aid, owner) VALUES (3, repeat('y', 4000000))")
+            cur.execute("SELECT octet_length(packet::text) FROM golconde.queue")
+            overhead = cur.fetchone()[0] - 4000000
+        conn.rollback()
+    finally:
+        conn.close()
+    execute(canonical, "INSERT INTO accounts (aid, owner) VALUES (3, repeat('y', %s))",
+            (MAX_PACKET_BYTES - overhead,))
+    assert query(canonical, "SELECT octet_length(packet::text) FROM golconde.queue"
+                            " ORDER BY id DESC LIMIT 1") == [(MAX_PACKET_BYTES,)]
+    for target in trigger_flow["targets"]:
+        wait_for(lambda target=target: query(target, "SELECT aid, length(owner) FROM accounts")
+                 == [(3, MAX_PACKET_BYTES - overhead)], message="the largest packet applied")
 
 
 def test_out_of_order_commits_are_not_skipped(trigger_flow):
