@@ -407,9 +407,11 @@ def _host_port(value: Any) -> Tuple[str, int]:
 #: PostgreSQL documentation, "Parameter Key Words", 34.1.2), checked here instead so that a wrong
 #: file is refused before anything connects: whole numbers (a port: a list, one per host), and
 #: the choices of the enumerated ones.
-_DSN_NUMBERS = {"port": r"(\d{1,5})?(,(\d{1,5})?)*", "connect_timeout": r"-?\d+", "keepalives": r"\d+",
-                "keepalives_idle": r"\d+", "keepalives_interval": r"\d+",
-                "keepalives_count": r"\d+", "tcp_user_timeout": r"\d+"}
+_DSN_NUMBER = r"\s*[+-]?\d+\s*"        # as libpq reads them (strtol: spaces and a sign)
+_DSN_NUMBERS = {"port": r"\s*(\d{1,5})?\s*(,\s*(\d{1,5})?\s*)*", "connect_timeout": _DSN_NUMBER,
+                "keepalives": _DSN_NUMBER, "keepalives_idle": _DSN_NUMBER,
+                "keepalives_interval": _DSN_NUMBER, "keepalives_count": _DSN_NUMBER,
+                "tcp_user_timeout": _DSN_NUMBER}
 _DSN_CHOICES = {"sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
                 "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby",
                                          "prefer-standby"),
@@ -428,7 +430,7 @@ def _dsn(value: Any) -> str:
         _fail("expected a libpq DSN ('host=... dbname=...' or a postgresql:// URI), "
               "could not parse it" + reason)
     for key, pattern in _DSN_NUMBERS.items():
-        if key in params and not re.fullmatch(pattern, params[key].strip()):
+        if key in params and not re.fullmatch(pattern, params[key]):
             _fail("DSN parameter %s must be a whole number%s, got %s"
                   % (key, " (or one per host, comma-separated)" if key == "port" else "",
                      _show(params[key])))

@@ -136,24 +136,38 @@ class Daemon:
             self.http = None
 
     def _restart_http(self) -> None:
-        """Serve the (reloaded) configuration: a new stats server on the new address started
-        before the old one stops, so that when it cannot listen (the port taken) the old one
-        keeps serving, with a logged error; on the same address, stopped then started."""
+        """Serve the (reloaded) configuration: on another port, a new stats server started before
+        the old one stops, so that when it cannot listen (the port taken) the old one keeps
+        serving, with a logged error; on the same port (the listen address may differ, and
+        overlap), the old one stopped first, and started again should the new one fail."""
         running, http_config = self.http, self.config.http
         port = http_config.port if self.http_port is None else self.http_port
-        if running is None or not http_config.enabled or (running.host, running.port) == (
-                http_config.listen, port):
+        if running is None or not http_config.enabled:
             self._stop_http()
             self._start_http()
             return
         self.http = None
-        self._start_http()
-        if self.http is None:
-            self.http = running
+        if port == running.port:
+            # the same port (another listen address may overlap the old one): stopped first,
+            # started again where it was should the new address fail
+            running.stop()
+            self._start_http()
+            if self.http is None:
+                try:
+                    running.start()
+                    self.http = running
+                except OSError as exc:
+                    LOGGER.error("the stats server could not listen again on %s:%d: %s",
+                                 running.host, running.port, exc)
+        else:
+            self._start_http()
+            if self.http is None:
+                self.http = running
+            else:
+                running.stop()
+        if self.http is running:
             LOGGER.error("the stats server stays on http://%s:%d/ (the reloaded HTTPServer"
                          " address could not be used)", running.host, running.port)
-        else:
-            running.stop()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -206,10 +220,15 @@ class Daemon:
         except Exception:   # a defect, not the file's fault: still never the end of the daemon
             LOGGER.exception("reload failed, keeping the running configuration")
             return False
-        old = self.listeners
+        with self._lock:
+            # replacements still waiting for a stuck listener are this reload's to decide again
+            # (their threads, finding them gone, start nothing); a copy, which they no longer touch
+            self._waiting = {}
+            old = dict(self.listeners)
         stopping = [listener for name, listener in old.items()
                     if name not in candidates or candidates[name].config != listener.config
-                    or not listener.is_alive()]     # a listener that stopped is restarted
+                    or not listener.is_alive()      # a listener that stopped is restarted
+                    or listener.stopping]           # one told to stop (stuck) is not kept
         self._stop_listeners(stopping)
         kept = {name: listener for name, listener in old.items() if listener not in stopping}
         for name in old:
@@ -221,7 +240,6 @@ class Daemon:
         fresh = build_listeners(new_config, self.registry, self.only)
         started = 0
         with self._lock:
-            self._waiting = {}          # this reload decides again for every name
             for name, listener in fresh.items():
                 if name in kept:
                     continue

@@ -656,12 +656,16 @@ class AutoSQL(Handler):
 
     def missing_privileges(self, cursor: Any, packet: Packet) -> List[str]:
         """What the role lacks on the relation for ``packet``'s action, on no column at all
-        (:func:`golconde.schema.missing_privileges`); ``[]`` for an unknown action."""
+        (:func:`golconde.schema.missing_privileges`; at a destination, ``add`` and ``set`` read
+        the key back, so SELECT too); ``[]`` for an unknown action."""
         try:
             action = self._action(packet)
         except PacketError:
             return []
-        return missing_privileges(cursor, self.table, ACTION_PRIVILEGES[action.value])
+        needed = ACTION_PRIVILEGES[action.value]
+        if self.back_fill and action in (Action.ADD, Action.SET):
+            needed += ("SELECT",)           # a destination's RETURNING of the key reads it
+        return missing_privileges(cursor, self.table, needed)
 
     def _schema(self, cursor: Any, refresh: bool = False, check_catalog: bool = False) -> TableSchema:
         try:

@@ -314,10 +314,13 @@ def _execute_json(cursor: Any, query: sql.Composed, values: Sequence[Sequence[An
 
 def returning_clause(names: Sequence[str], ident: Any) -> sql.Composed:
     """`` RETURNING pg_catalog.to_jsonb(c)::pg_catalog.text, ...`` for the columns ``names``: each
-    value as JSON text in the server's own spelling, which every PostgreSQL reads back as the same
-    value (an interval's months, a BC or year-12000 date, ``24:00``, ``infinity``), where
-    psycopg2's conversions to Python change some (a month read as 30 days) or fail (years outside
-    1-9999). Decode each with :func:`golconde.packet.loads`; NULL stays NULL."""
+    value as JSON text in the server's own spelling (an interval's months, a BC or year-12000
+    date, ``24:00``, ``infinity``), where psycopg2's conversions to Python change some (a month
+    read as 30 days) or fail (years outside 1-9999). Intervals and ranges are printed in the
+    session's ``IntervalStyle`` and ``DateStyle``: a database whose defaults are not
+    PostgreSQL's (``postgres``, ``ISO``) may print a negative interval or a range of dates in a
+    form targets with the defaults read otherwise. Decode each with
+    :func:`golconde.packet.loads`; NULL stays NULL."""
     return sql.SQL(" RETURNING {}").format(sql.SQL(", ").join(
         sql.SQL("pg_catalog.to_jsonb({})::pg_catalog.text").format(ident(name)) for name in names))
 

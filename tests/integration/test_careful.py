@@ -269,3 +269,19 @@ def test_a_role_without_the_privilege_pauses_and_a_refusing_policy_dead_letters(
     assert [o.status for o in outcomes] == ["dead", "applied", "dead", "applied"]
     assert "SQLSTATE 42501: new row violates row-level security policy" in outcomes[0].reason
     assert rows(admin, "SELECT id FROM notes ORDER BY id") == [(2,), (4,)]
+
+
+def test_a_destination_role_that_may_not_read_the_key_back_pauses(restricted):
+    """At a destination, add and set read the stored key back (RETURNING): without SELECT on the
+    table every one is refused, so the listener pauses rather than dead-letter them."""
+    from psycopg2 import sql
+
+    from golconde.errors import StopListener
+
+    admin, conn, role = restricted
+    with admin.cursor() as cur:
+        cur.execute(sql.SQL("GRANT INSERT ON notes TO {}").format(sql.Identifier(role)))
+        cur.execute(sql.SQL("REVOKE SELECT ON notes FROM {}").format(sql.Identifier(role)))
+    applier = Applier(AutoSQL("notes", role="destination"), "c-d", store_fanout=True)
+    with pytest.raises(StopListener, match="this role lacks SELECT on public.notes"):
+        applier.apply_batch(conn, [("p1", dumps(packet("add", {"id": 1, "n": 1})).encode())])

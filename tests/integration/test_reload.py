@@ -377,10 +377,20 @@ def test_a_reload_waits_for_a_stuck_listener_before_starting_its_replacement(mak
         assert sum(1 for t in threading.enumerate() if t.name == thread) == 1
         time.sleep(1.0)
         assert daemon.listeners[thread] is stuck      # still waiting for it
+        # back to the first configuration: the stuck one, told to stop, is not kept for it
+        del mapping["Destinations"][name]["Targets"]["t1"]["batch_size"]
+        write_config(path, mapping)
+        assert daemon.reload()
+        assert daemon.listeners[thread] is stuck and stuck.stopping
+        mapping["Destinations"][name]["Targets"]["t1"]["batch_size"] = 100
+        write_config(path, mapping)
+        assert daemon.reload()
         locker.rollback()
         wait_for(lambda: daemon.listeners[thread] is not stuck, timeout=30,
                  message="the replacement started")
         assert not stuck.is_alive() and daemon.listeners[thread].config.batch_size == 100
+        assert daemon.listeners[thread].is_alive()
+        assert sum(1 for t in threading.enumerate() if t.name == thread) == 1
         wait_for(lambda: query(t1, "SELECT count(*) FROM items")[0][0] == 200, message="t1 applied")
         wait_for(lambda: daemon.registry.get(thread).snapshot()["database"] == "connected",
                  timeout=20, message="t1 reported connected")
@@ -426,6 +436,10 @@ def test_a_reload_to_a_taken_http_port_keeps_the_stats_server(tmp_path):
         write_config(path, mapping)
         assert daemon.reload()
         assert answers(third) and not answers(first)
+        mapping["HTTPServer"]["listen"] = "0.0.0.0"      # the same port, an overlapping address
+        write_config(path, mapping)
+        assert daemon.reload()
+        assert answers(third) and daemon.http.host == "0.0.0.0"
     finally:
         taken.close()
         daemon.stop()

@@ -415,6 +415,7 @@ def test_dsn_values_libpq_checks_only_when_connecting_are_checked_first(dsn, pro
 
 
 @pytest.mark.parametrize("dsn", ["host=a,b port=5432,5433 dbname=x", "host=a,b port=,5433",
+                                 "host=a,b port='5432, 5433'", "host=x connect_timeout=+5",
                                  "postgresql://u@h:5432/db?sslmode=require&connect_timeout=5",
                                  "host=x keepalives=1 keepalives_idle=30 target_session_attrs=read-write"])
 def test_good_dsn_values_pass(dsn):
