@@ -81,18 +81,49 @@ def advisory_key(name: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def acquire_consumer_lock(connection: Any, queue: str) -> bool:
+def acquire_consumer_lock(connection: Any, queue: str, stale_holder: Optional[str] = None,
+                          wait: float = 2.0) -> bool:
     """Try to take the session-level advisory lock ``consume:<queue>`` in ``connection``'s
     database: one listener at a time applies a queue there, in order (a second golconded started
     with the same configuration waits instead of taking every other batch). Held until the
     connection closes; commits the transaction it opens when the connection was idle.
 
+    :param stale_holder: the ``application_name`` of this listener's own earlier sessions: one
+        that still holds the lock is a session the server has not seen die (a network cut: its
+        backend lives on until TCP gives up, hours later), so it is terminated
+        (``pg_terminate_backend``, where this role may) and the lock tried again for up to
+        ``wait`` seconds. A holder of another name (another daemon) is left alone.
     :returns: True when this connection holds the lock (again), False when another session does.
     """
+    key = advisory_key("consume:" + queue)
     idle = connection.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
-    with connection.cursor() as cur:
-        cur.execute("SELECT pg_try_advisory_lock(%s)", (advisory_key("consume:" + queue),))
-        held = bool(cur.fetchone()[0])
+    try:
+        with connection.cursor() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+            held = bool(cur.fetchone()[0])
+            if not held and stale_holder:
+                # a bigint advisory lock is (classid, objid) = its high and low 32 bits, objsubid 1
+                cur.execute("SELECT pg_terminate_backend(l.pid) FROM pg_catalog.pg_locks l"
+                            " JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid"
+                            " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+                            "   AND l.classid = %s AND l.objid = %s"
+                            "   AND l.database = (SELECT oid FROM pg_catalog.pg_database"
+                            "                      WHERE datname = current_database())"
+                            "   AND a.application_name = %s AND l.pid <> pg_backend_pid()",
+                            ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF, stale_holder))
+                if any(row[0] for row in cur.fetchall()):
+                    LOGGER.warning("terminated this listener's own earlier session, which still held"
+                                   " the lock on %s (a connection the server had not seen die)",
+                                   queue)
+                    deadline = time.monotonic() + wait
+                    while not held and time.monotonic() < deadline:
+                        cur.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+                        held = bool(cur.fetchone()[0])
+                        if not held:
+                            time.sleep(0.05)
+    except psycopg2.errors.InsufficientPrivilege:
+        connection.rollback()
+        held = False
     if idle and not connection.autocommit:
         connection.commit()
     return held

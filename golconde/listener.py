@@ -19,6 +19,7 @@ import math
 import queue
 import threading
 import time
+import uuid
 from typing import Any, Callable, Dict, Generic, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import psycopg2
@@ -47,6 +48,11 @@ CONSUMER_RETRY = 5.0
 PRUNE_RETRY = 10.0
 
 
+def session_token() -> str:
+    """A random token for a listener's session names (:attr:`Listener.application_name`)."""
+    return uuid.uuid4().hex[:8]
+
+
 def broker_key(broker: Any) -> Tuple[str, int, Optional[str], Optional[str]]:
     """Connections are shared per (host, port, login, vhost)."""
     return (broker.host, broker.port, broker.login, broker.vhost)
@@ -68,6 +74,8 @@ class Listener(threading.Thread):
         self.config = config
         self.stats = stats
         self.role = role
+        #: in its sessions' application_name: tells them from another daemon's of the same name
+        self.token = session_token()
         self.db: Any = None
         self.outbound: Dict[Tuple[Any, ...], BrokerConnection] = {}
         self._stopping = threading.Event()
@@ -157,7 +165,7 @@ class Listener(threading.Thread):
             return
         self.stats.set_state(database="connecting")
         self.db = psycopg2.connect(self.config.pgsql, connect_timeout=10,
-                                   application_name=("golconde " + self.name)[:63])
+                                   application_name=self.application_name)
         self._note_connected("database")   # even if the set-up below fails: it was a reconnect
         try:
             self.on_database_open(self.db)
@@ -166,6 +174,13 @@ class Listener(threading.Thread):
             raise
         self.stats.set_state(database="connected")
         LOGGER.info("[%s] connected to PostgreSQL", self.name)
+
+    @property
+    def application_name(self) -> str:
+        """The ``application_name`` of this listener's database sessions: ``golconde <name>
+        <token>`` (at most 63 bytes): the token, random per listener (:func:`session_token`),
+        tells its own sessions from those of another daemon of the same configuration."""
+        return ("golconde %s %s" % (self.name, self.token))[:63]
 
     def on_database_open(self, db: Any) -> None:
         """Hook: set up a fresh database connection (ledger, handler)."""
@@ -567,7 +582,8 @@ class QueueConsumer(Listener):
     def on_database_open(self, db: Any) -> None:
         # one consumer of the queue per database: two would apply its batches side by side, out
         # of order (the same configuration started twice); a session lock, freed if this dies
-        if not ledger.acquire_consumer_lock(db, self.config.queue):
+        if not ledger.acquire_consumer_lock(db, self.config.queue,
+                                            stale_holder=self.application_name):
             raise StopListener("another golconded consumes %s into this database (the same"
                                " configuration started twice?): this listener waits, since two"
                                " consumers of one queue would apply its packets out of order"

@@ -820,3 +820,30 @@ def test_the_same_configuration_twice_applies_each_queue_once_in_order(make_data
     finally:
         first.stop()
         assert second.stop()
+
+
+def test_a_listener_ends_its_own_stale_session_that_still_holds_its_lock(flow, monkeypatch):
+    """A session of this very listener that the server has not seen die (a network cut) still
+    holds the queue's lock: it is terminated and the listener goes on, where another daemon's
+    session is waited for."""
+    from golconde import ledger
+    from golconde import listener as listener_module
+
+    monkeypatch.setattr(listener_module, "session_token", lambda: "stale123")
+    target = "%s_target1" % flow.name
+    queue = flow.mapping["Destinations"][flow.name]["Targets"]["target1"]["queue"]
+    stale = psycopg2.connect(flow.t1, application_name=("golconde %s stale123" % target)[:63])
+    stale.autocommit = True
+    assert ledger.acquire_consumer_lock(stale, queue)
+    try:
+        with running(flow.config()) as daemon:
+            stream = Stream(flow.queue, 100, batch=25, pause=0.0)
+            stream.start()
+            stream.finish()
+            flow.wait_complete(stream, describe=lambda: thread_stats(daemon))
+            assert "another golconded" not in (thread_stats(daemon)[target]["last_error"] or "")
+        with pytest.raises(psycopg2.Error):
+            with stale.cursor() as cur:
+                cur.execute("SELECT 1")
+    finally:
+        stale.close()
