@@ -151,17 +151,30 @@ class Applier:
         self._data_refreshed = float("-inf")    # when a data error last re-read the schema
 
     def apply_batch(self, connection: Any, items: Sequence[Tuple[str, Any]],
-                    redelivered: bool = False) -> List[Outcome]:
+                    redelivered: bool = False, replayed: Sequence[str] = ()) -> List[Outcome]:
         """Apply ``items`` = ``[(packet_id, body), ...]`` in order; commits.
 
         :param redelivered: some of the items were delivered before (the broker's ``redelivered``
             header): a target then claims their ids with ``ON CONFLICT`` at once, instead of first
             trying a plain ``INSERT`` that would fail (:func:`golconde.ledger.claim`).
 
+        :param replayed: ids of items sent back from a dead-letter queue (``golconde dlq
+            replay``): their dead-letter records (:func:`golconde.ledger.record_dead`) are
+            dropped first, so that they are applied. Any other item whose id the ledger records as
+            dead-lettered (its batch came back unacknowledged) is dead-lettered again, with its
+            reason, and not applied.
         :returns: one :class:`Outcome` per item, in order.
         :raises ConnectionLost: the connection broke; nothing is known to be committed.
         :raises StopListener: the handler asked the listener to stop.
         """
+        if replayed:
+            try:
+                ledger.forget_dead(connection, self.consumer, replayed)
+            except psycopg2.Error as exc:
+                self._rollback(connection)
+                if classify(exc) == RECONNECT:
+                    raise ConnectionLost(describe(exc)) from exc
+                raise
         outcomes: List[Optional[Outcome]] = [None] * len(items)
         packets: List[Optional[Union[Packet, Group]]] = [None] * len(items)
         for index, (_, body) in enumerate(items):
@@ -318,8 +331,8 @@ class Applier:
                 fanouts[items[index][0]] = outcome.fanout
             position += count
             done[index] = outcome
+        self._fill_duplicates(cur, items, done, fanouts)
         if self.store_fanout:
-            self._fill_duplicates(cur, items, done, fanouts)
             ledger.record(cur, self.consumer, fanouts, commit=True)
         else:
             cur.execute("COMMIT")
@@ -327,13 +340,21 @@ class Applier:
 
     def _fill_duplicates(self, cur: Any, items: Sequence[Tuple[str, bytes]], done: dict,
                          fanouts: dict) -> None:
-        """Duplicates are fanned out again, exactly as first sent (targets de-duplicate)."""
-        missing = [items[i][0] for i, o in done.items() if o.status == DUPLICATE and items[i][0] not in fanouts]
-        stored = ledger.stored_packets(cur, self.consumer, missing)
-        for index, outcome in done.items():
-            if outcome.status == DUPLICATE:
-                pid = items[index][0]
-                text = fanouts[pid] if pid in fanouts else stored.get(pid)
+        """Duplicates: one the ledger records as dead-lettered (:func:`ledger.record_dead`: its
+        batch came back unacknowledged) is dead-lettered again with its reason, not applied; at a
+        destination, the others are fanned out again, exactly as first sent (targets
+        de-duplicate). One ledger read, only when there are duplicates."""
+        duplicates = [index for index, outcome in done.items() if outcome.status == DUPLICATE]
+        if not duplicates:
+            return
+        stored = ledger.stored_packets(cur, self.consumer, [
+            items[index][0] for index in duplicates if items[index][0] not in fanouts])
+        for index in duplicates:
+            outcome, pid = done[index], items[index][0]
+            text = fanouts[pid] if pid in fanouts else stored.get(pid)
+            if text is not None and text.startswith(ledger.DEAD_MARK):
+                done[index] = Outcome(DEAD_LETTER, outcome.packet, reason=text[len(ledger.DEAD_MARK):])
+            elif self.store_fanout:
                 # "": applied without changing a row, not fanned out (Packet.matched)
                 outcome.fanout = text if text is not None else _text(items[index][1])
 
@@ -379,8 +400,7 @@ class Applier:
             for index in todo:
                 done[index] = self._one(connection, cur, items[index][0], packets[index], fanouts,
                                         checked)
-            if self.store_fanout:
-                self._fill_duplicates(cur, items, done, fanouts)
+            self._fill_duplicates(cur, items, done, fanouts)
         try:
             connection.commit()
         except Exception as exc:
@@ -447,6 +467,10 @@ class Applier:
                     LOGGER.error("[%s] handler error (a bug?) on packet %s: %s", self.consumer, pid,
                                  reason, exc_info=exc)
                 LOGGER.warning("[%s] packet %s dead-lettered: %s", self.consumer, pid, reason)
+                try:   # with the batch: should it come back unacked, dead-lettered again
+                    ledger.record_dead(cur, self.consumer, pid, reason)
+                except Exception as exc2:
+                    raise ConnectionLost(describe(exc2)) from exc2
                 return Outcome(DEAD_LETTER, packet, reason=reason)
 
 

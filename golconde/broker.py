@@ -50,6 +50,9 @@ LOGGER = logging.getLogger(__name__)
 ID_HEADER = "golconde-id"
 #: Header carrying when the change was made at the source (seconds since the epoch, float).
 CREATED_HEADER = "golconde-created-at"
+#: Header ``golconde dlq replay`` puts on the packets it sends back (the dead-letter queue they
+#: come from): the consumer applies them even though its ledger records them as dead-lettered.
+REPLAYED_HEADER = "golconde-replayed-from"
 
 
 class BrokerError(GolcondeError):

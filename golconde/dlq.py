@@ -11,10 +11,11 @@ queue:
   puts the packets back). Either way the broker marks them ``redelivered``; a classic RabbitMQ queue
   keeps their order, other brokers may not.
 * :meth:`~DeadLetterQueue.replay` sends each packet back to its ``golconde-original-queue`` with
-  the same ``golconde-id`` (persistent, confirmed by a broker receipt), and only then acks it from
-  the dead-letter queue. A packet that is dead-lettered was never recorded in the consumer's ledger
-  (``golconde.applied``), so a replay applies it once; replaying it again (e.g. after a crash
-  between the send and the ack) is de-duplicated by that ledger.
+  the same ``golconde-id`` and a ``golconde-replayed-from`` header (persistent, confirmed by a
+  broker receipt), and only then acks it from the dead-letter queue. The consumer's ledger
+  (``golconde.applied``) records a dead-lettered packet as such; the header makes the consumer
+  drop that record, so a replay applies it once; replaying it again (e.g. after a crash between
+  the send and the ack) is de-duplicated by that ledger.
 * :meth:`~DeadLetterQueue.purge` acks (drops) packets.
 
 Replay and purge consume over STOMP and take at most the number of packets the queue held when
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .broker import CREATED_HEADER, ID_HEADER, BrokerConnection, Delivery
+from .broker import CREATED_HEADER, ID_HEADER, REPLAYED_HEADER, BrokerConnection, Delivery
 from .errors import ConfigError, GolcondeError
 
 LOGGER = logging.getLogger(__name__)
@@ -376,7 +377,7 @@ class DeadLetterQueue:
         messages = []
         for delivery in batch:
             headers = {key: delivery.headers[key] for key in REPLAY_HEADERS if key in delivery.headers}
-            headers["golconde-replayed-from"] = self.queue
+            headers[REPLAYED_HEADER] = self.queue    # the consumer applies it, dead before or not
             messages.append((delivery.headers[ORIGINAL_QUEUE_HEADER], delivery.body, headers))
         connection.send_confirmed(messages)
 

@@ -10,7 +10,9 @@ Golconde writes to::
 
 ``consumer`` is the listener's name (``Dest`` or ``Dest_target``); ``packet`` holds, for a
 destination, the packet as fanned out (with generated keys), so that a redelivered packet is sent to
-the targets again exactly as the first time. Rows older than the retention (``ledger_retention``,
+the targets again exactly as the first time; for a packet dead-lettered by the database (its
+state), :data:`DEAD_MARK` and the reason, so that a redelivered batch dead-letters it again
+instead of applying it out of order (``golconde dlq replay`` drops the record: :func:`forget_dead`). Rows older than the retention (``ledger_retention``,
 default 7 days) are pruned: a redelivery later than that would be applied again, so the retention
 must outlast any stop of a listener that leaves packets unacknowledged on the broker.
 
@@ -239,6 +241,37 @@ def record(cursor: Any, consumer: str, packets: Mapping[str, Optional[str]], com
             raise                      # a deferred unique constraint of the data, at COMMIT
         raise RetryPacket("a packet id was recorded as applied by another transaction meanwhile: %s"
                           % (exc.diag.message_detail or exc.diag.message_primary)) from exc
+
+
+#: How a ledger row's ``packet`` starts when its packet was dead-lettered, the reason following
+#: (no fanned-out JSON text starts so): its batch may come back unacknowledged (a fan-out or
+#: dead-letter send not confirmed, a crash), and the packet must then be dead-lettered again, not
+#: applied after the packets that followed it. ``golconde dlq replay`` clears it (:func:`forget_dead`).
+DEAD_MARK = "!dead "
+
+
+def record_dead(cursor: Any, consumer: str, packet_id: str, reason: str) -> None:
+    """Record, in the current transaction, that ``consumer`` dead-lettered ``packet_id`` with
+    ``reason`` (:data:`DEAD_MARK`); a row already there is left as it is."""
+    cursor.execute("INSERT INTO golconde.applied (consumer, packet_id, packet) VALUES (%s, %s, %s)"
+                   " ON CONFLICT DO NOTHING", (consumer, packet_id, DEAD_MARK + reason))
+
+
+def forget_dead(connection: Any, consumer: str, ids: Sequence[str]) -> int:
+    """Delete, committed, the dead-letter records (:func:`record_dead`) of ``ids``: these packets
+    come back from the dead-letter queue (``golconde dlq replay``) to be applied.
+
+    :returns: how many records were deleted.
+    """
+    if not ids:
+        return 0
+    with connection.cursor() as cur:
+        cur.execute("DELETE FROM golconde.applied WHERE consumer = %s AND packet_id = ANY(%s)"
+                    " AND packet LIKE %s", (consumer, list(ids), DEAD_MARK + "%"))
+        deleted = cur.rowcount
+    if not connection.autocommit:
+        connection.commit()
+    return deleted
 
 
 def store_packets(cursor: Any, consumer: str, packets: Mapping[str, str]) -> None:

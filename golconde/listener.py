@@ -26,7 +26,8 @@ import psycopg2
 
 from . import envelope, ledger
 from .apply import APPLIED, DEAD_LETTER, DUPLICATE, Applier, ConnectionLost, Outcome, backoff, members
-from .broker import CREATED_HEADER, ID_HEADER, BrokerConnection, Delivery, Outgoing, Receipt
+from .broker import (CREATED_HEADER, ID_HEADER, REPLAYED_HEADER, BrokerConnection, Delivery, Outgoing,
+                     Receipt)
 from .errors import RECONNECT, ConfigError, GolcondeError, PacketError, StopListener, classify, describe
 from .handlers import load_handler
 from .packet import dumps
@@ -666,11 +667,16 @@ class QueueConsumer(Listener):
         self.stats.count("received", len(items))
         self._applying = (len(items), _created(batch[0]) if batch else None)
         started = time.monotonic()
+        # sent back from a dead-letter queue (golconde dlq replay): to be applied this time (not
+        # when redelivered: it may have been dead-lettered again in the batch that came back)
+        replayed = [pid for origin, (pid, _) in zip(batch, items)
+                    if REPLAYED_HEADER in origin.headers and not origin.redelivered]
         lost = 0
         while True:
             try:
                 outcomes = self.applier.apply_batch(self.db, items,
-                                                    any(d.redelivered for d in deliveries))
+                                                    any(d.redelivered for d in deliveries),
+                                                    replayed)
                 break
             except ConnectionLost as exc:
                 lost += 1

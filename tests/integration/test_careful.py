@@ -285,3 +285,25 @@ def test_a_destination_role_that_may_not_read_the_key_back_pauses(restricted):
     applier = Applier(AutoSQL("notes", role="destination"), "c-d", store_fanout=True)
     with pytest.raises(StopListener, match="this role lacks SELECT on public.notes"):
         applier.apply_batch(conn, [("p1", dumps(packet("add", {"id": 1, "n": 1})).encode())])
+
+
+@pytest.mark.parametrize("role", ["destination", "target"])
+def test_a_dead_letter_stays_dead_when_its_batch_comes_back_and_a_replay_applies_it(conn, role):
+    """A packet dead-lettered for the table's state (a duplicate key) is recorded so in the ledger
+    with the batch: the batch delivered again (its ack lost to a broker fault) dead-letters it
+    again rather than apply it after the packets that followed it, which had changed the state
+    it failed on; sent back by ``golconde dlq replay``, it is applied."""
+    applier = Applier(AutoSQL("parent", role=role), "c-dead-" + role, store_fanout=role == "destination")
+    batch = [("p-add", dumps(packet("add", {"id": 1})).encode()),         # parent 1 exists: dead
+             ("p-del", dumps(packet("delete", restriction={"id": 1})).encode())]
+    first = applier.apply_batch(conn, batch)
+    assert [o.status for o in first] == ["dead", "applied"]
+    assert "23505" in first[0].reason
+    again = applier.apply_batch(conn, batch, redelivered=True)
+    assert [o.status for o in again] == ["dead", "duplicate"]
+    assert again[0].reason == first[0].reason and again[0].fanout is None
+    assert rows(conn, "SELECT id FROM parent") == []
+    replay = applier.apply_batch(conn, batch[:1], replayed=["p-add"])
+    assert [o.status for o in replay] == ["applied"]
+    assert rows(conn, "SELECT id FROM parent") == [(1,)]
+    assert [o.status for o in applier.apply_batch(conn, batch[:1], replayed=["p-add"])] == ["duplicate"]

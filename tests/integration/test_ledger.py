@@ -214,8 +214,11 @@ def test_the_fast_path_sends_begin_and_commit_with_its_own_statements(database, 
     with conn.cursor() as cur:
         cur.execute("SELECT id, qty FROM items ORDER BY id")
         assert cur.fetchall() == [(1, 1), (2, 2), (3, 3), (4, 4), (9, 9)]
-        cur.execute("SELECT packet_id FROM golconde.applied WHERE consumer = 'C' ORDER BY 1")
-        assert [r[0] for r in cur.fetchall()] == ["a", "b", "c", "d", "w"]
+        cur.execute("SELECT packet_id, coalesce(packet LIKE '!dead %', false)"
+                    " FROM golconde.applied WHERE consumer = 'C' ORDER BY 1")
+        # the dead-lettered packet is recorded as such (dead again should its batch come back)
+        assert cur.fetchall() == [("a", False), ("b", False), ("c", False), ("d", False),
+                                  ("e", True), ("w", False)]
     conn.rollback()
     counting.close()
 
