@@ -315,7 +315,12 @@ class Client:
                 raise PacketError("not an outcome")
             pid = str(delivery.headers.get(ID_HEADER) or outcome.get("id"))
             with self._outcome_cond:
-                self._outcomes[pid] = outcome
+                # a batch delivered again (its ack lost to a fault) is answered again:
+                # "duplicate" then does not replace what the first delivery did
+                known = self._outcomes.get(pid)
+                if known is None or outcome.get("status") != "duplicate" \
+                        or known.get("status") == "duplicate":
+                    self._outcomes[pid] = outcome
                 self._outcome_cond.notify_all()
         except PacketError as exc:
             LOGGER.warning("ignoring a message on reply queue %s: %s", self.reply_to, exc)

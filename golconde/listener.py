@@ -687,6 +687,12 @@ class QueueConsumer(Listener):
                     self._stopping.wait(backoff(lost - 1, self.backoff_base, self.backoff_cap))
                 if not self.reconnect_database() or deliveries[0].generation != self.inbound.generation:
                     return                 # not acked: the broker redelivers, the ledger de-duplicates
+        if lost:
+            # the lost attempt may have committed (its COMMIT's answer lost): a packet delivered
+            # for the first time that the ledger now knows was applied by this very delivery
+            for origin, outcome in zip(batch, outcomes):
+                if outcome.status == DUPLICATE and not origin.redelivered:
+                    outcome.status = APPLIED
         self._applying = None
         self._account(batch, outcomes, time.monotonic() - started)   # counts follow the commit
         self.pending_receipts = []

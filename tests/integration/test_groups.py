@@ -309,3 +309,27 @@ def test_a_refused_reply_does_not_hold_back_its_batch(groups):
     stats = groups["daemon"].registry.snapshot()
     thread = [t[destination.name] for t in stats["threads"] if destination.name in t][0]
     assert thread["applied"] == 2 and thread["duplicates"] == 0, thread
+
+
+def test_a_lost_commit_answer_is_still_applied_in_the_reply(groups, monkeypatch):
+    """The destination's COMMIT went through but its answer was lost (the connection dropped):
+    the listener reconnects and applies the batch again, which the ledger finds applied; the
+    packet, delivered once, is answered "applied", not "duplicate"."""
+    from golconde.apply import Applier, ConnectionLost
+
+    original = Applier.apply_batch
+    dropped = []
+
+    def commit_then_drop(self, connection, items, *args, **kwargs):
+        outcomes = original(self, connection, items, *args, **kwargs)
+        if self.store_fanout and not dropped:
+            dropped.append(True)
+            connection.close()
+            raise ConnectionLost("the COMMIT's answer was lost (simulated)")
+        return outcomes
+
+    monkeypatch.setattr(Applier, "apply_batch", commit_then_drop)
+    client = groups["client"]
+    pid = client.add({"customer": 7, "amount": 12})
+    assert client.wait_outcome(pid, timeout=30)["status"] == "applied"
+    assert dropped

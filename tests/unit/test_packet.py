@@ -102,3 +102,27 @@ def test_the_client_refuses_values_json_cannot_hold_with_a_packet_error(data, re
 def test_a_column_name_that_is_not_a_string_is_refused():
     with pytest.raises(PacketError, match="data has a column name that is not a string: 1"):
         parse({"action": "add", "data": {1: 2}})
+
+
+def test_a_duplicate_reply_does_not_replace_the_first_outcome():
+    """A batch delivered again after a fault is answered again, "duplicate": the client keeps
+    what the first delivery did."""
+    import json
+    from types import SimpleNamespace
+
+    from golconde.client import Client
+
+    client = Client("/queue/golconde.unit", reply_to="/queue/golconde.unit.replies")
+    client.connection.ack = lambda delivery: None
+
+    def reply(pid, status):
+        body = json.dumps({"id": pid, "status": status, "reason": None}).encode()
+        client._on_reply(SimpleNamespace(body=body, headers={"golconde-id": pid}))
+
+    reply("a", "applied")
+    reply("a", "duplicate")
+    reply("b", "duplicate")
+    reply("c", "dead-lettered")
+    reply("c", "duplicate")
+    assert {pid: o["status"] for pid, o in client._outcomes.items()} == {
+        "a": "applied", "b": "duplicate", "c": "dead-lettered"}
