@@ -90,9 +90,8 @@ def check_mappings(listener: Listener, db: Any) -> None:
     problems = [problem for target in mapped
                 for problem in target.mapping.canonical_problems(list(table.columns), str(relation))]
     text = "; ".join(problems) or None
-    if text is not None and text not in (listener.stats.snapshot()["problems"] or ()):
+    if listener.stats.set_problem("mappings", text) and text is not None:
         LOGGER.error("[%s] %s", listener.name, text)
-    listener.stats.set_problem("mappings", text)
 
 
 class FanOut:
@@ -259,7 +258,6 @@ class TriggerDestination(Listener):
         self._last_save = 0.0
         self._last_rotate = time.monotonic()
         self._next_key_check = 0.0
-        self._key_problem: Optional[str] = None
         self._blocked_since: Dict[str, float] = {}
         self._blocked_warned: Set[str] = set()
         self._may_truncate = True
@@ -539,14 +537,14 @@ class TriggerDestination(Listener):
                            trigger.first_line(exc))
             return
         text = "; ".join(str(mismatch) for mismatch in mismatches) or None
-        if text is not None and text != self._key_problem:
-            LOGGER.error("[%s] %s", self.name, text)
-            self.stats.count("errors")
-            self.stats.set_error(text)
-        elif text is None and self._key_problem is not None:
+        if not self.stats.set_problem("capture-keys", text):
+            return
+        if text is None:
             LOGGER.info("[%s] the capture triggers name their tables' primary keys again", self.name)
-        self._key_problem = text
-        self.stats.set_problem("capture-keys", text)
+            return
+        LOGGER.error("[%s] %s", self.name, text)
+        self.stats.count("errors")
+        self.stats.set_error(text)
 
     def _held_by_others(self, blocked: Sequence[Tuple[str, str]], now: float) -> bool:
         """Whether another destination has kept a partition from being truncated for

@@ -168,17 +168,20 @@ class ThreadStats:
                 self._last_error = str(message)
                 self._last_error_at = _now_iso()
 
-    def set_problem(self, key: str, message: Optional[str]) -> None:
+    def set_problem(self, key: str, message: Optional[str]) -> bool:
         """Set (``message``) or clear (``None``) the standing problem ``key``: a condition that
         holds until the listener sees it gone (a capture trigger whose key columns are not the
         table's primary key, say), unlike ``last_error``, which the next error replaces. The
         snapshot lists the problems' texts under ``problems``; the health check
-        (:func:`golconde.metrics.health`) fails while there is one."""
+        (:func:`golconde.metrics.health`) fails while there is one.
+
+        :returns: True when this changed the problem (a new or other text, or one cleared), so
+            that the caller logs it once, not at every check."""
         with self._lock:
-            if message is None:
-                self._problems.pop(key, None)
-            else:
+            previous = self._problems.pop(key, None)
+            if message is not None:
                 self._problems[key] = str(message)
+            return previous != (None if message is None else str(message))
 
     def set_backlog(self, n: Optional[int]) -> None:
         """Set the number of packets waiting in the thread's queue (``None``: unknown)."""

@@ -234,9 +234,10 @@ def test_standing_problems_are_listed_until_cleared_and_fail_the_health_check():
     stats.set_state(broker="connected", database="connected")
     assert stats.snapshot()["problems"] == []
     assert health(registry.snapshot(), max_backlog=10, max_lag=1.0)[0]
-    stats.set_problem("keys", "trigger t on public.a: key (id) is not the primary key (id, x)")
-    stats.set_problem("other", "second")
-    stats.set_problem("keys", "trigger t on public.a: key (id) is not the primary key (x)")
+    assert stats.set_problem("keys", "trigger t on public.a: key (id) is not the primary key (id, x)")
+    assert stats.set_problem("other", "second")
+    assert not stats.set_problem("other", "second")          # unchanged: not logged again
+    assert stats.set_problem("keys", "trigger t on public.a: key (id) is not the primary key (x)")
     assert stats.snapshot()["problems"] == [
         "trigger t on public.a: key (id) is not the primary key (x)", "second"]
     assert stats.snapshot()["last_error"] is None and stats.snapshot()["errors"] == 0
@@ -244,8 +245,8 @@ def test_standing_problems_are_listed_until_cleared_and_fail_the_health_check():
     assert not ok and document["reasons"] == [
         "Test1: trigger t on public.a: key (id) is not the primary key (x)", "Test1: second"]
     assert document["listeners"]["Test1"]["status"] == "fail"
-    stats.set_problem("keys", None)
+    assert stats.set_problem("keys", None)
     stats.set_problem("other", None)
-    stats.set_problem("never set", None)
+    assert not stats.set_problem("never set", None)
     assert stats.snapshot()["problems"] == []
     assert health(registry.snapshot(), max_backlog=10, max_lag=1.0)[0]
