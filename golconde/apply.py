@@ -37,7 +37,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import psycopg2
 import psycopg2.extensions
@@ -370,7 +370,8 @@ class Applier:
         neither a lost connection nor transient goes the same way (a deferred constraint
         trigger raises what it likes, ``P0001`` say); should the checked COMMIT fail too, no
         packet alone is to blame and every packet of the batch is dead-lettered with the reason,
-        rather than the batch coming back for ever."""
+        recorded so in the ledger (:meth:`_dead_batch`), rather than the batch coming back for
+        ever."""
         for checked in (False, True):
             try:
                 return self._careful_once(connection, items, packets, todo, checked)
@@ -385,11 +386,52 @@ class Applier:
                     reason = "COMMIT failed: %s" % describe(error)
                     LOGGER.error("[%s] %s; dead-lettering the %d packet(s) of the batch",
                                  self.consumer, reason, len(todo))
-                    return {index: Outcome(DEAD_LETTER, packets[index], reason=reason)
-                            for index in todo}
+                    return self._dead_batch(connection, items, packets, todo, reason, failed.done)
                 LOGGER.info("[%s] COMMIT failed on a deferred check (%s); applying the batch"
                             " again with constraints checked per packet", self.consumer, describe(error))
         raise AssertionError("unreachable")
+
+    def _dead_batch(self, connection: Any, items: Sequence[Tuple[str, bytes]],
+                    packets: Sequence[Optional[Union[Packet, Group]]], todo: Sequence[int],
+                    reason: str, tried: Mapping[int, Outcome]) -> dict:
+        """Dead-letter the packets of ``todo``, recorded so in the ledger (committed,
+        :func:`ledger.record_dead_batch`): should the batch come back unacknowledged, they are
+        dead-lettered again, not applied after the packets that followed them. The reason is
+        ``reason`` (the failed COMMIT), or a packet's own when the rolled-back pass ``tried``
+        dead-lettered it for its own fault. A packet the ledger already holds (applied, or
+        dead-lettered, before) is a duplicate as on the other paths.
+
+        :raises ConnectionLost: the connection broke before the records were committed (the batch
+            is then delivered again); any other failure to record them is logged, and the packets
+            are dead-lettered unrecorded, as a COMMIT that always fails would otherwise bring the
+            batch back for ever."""
+        reasons: Dict[str, str] = {}
+        for index in todo:
+            own = tried.get(index)
+            reasons.setdefault(items[index][0], own.reason if own is not None and own.status == DEAD_LETTER
+                               and own.reason else reason)
+        done = {index: Outcome(DEAD_LETTER, packets[index], reason=reasons[items[index][0]])
+                for index in todo}
+        try:
+            with connection.cursor() as cur:
+                recorded = ledger.record_dead_batch(cur, self.consumer, reasons)
+                for index in todo:
+                    pid = items[index][0]
+                    if pid in recorded:
+                        recorded.discard(pid)     # the same id again later in the batch: a duplicate
+                    else:
+                        done[index] = Outcome(DUPLICATE, packets[index])
+                self._fill_duplicates(cur, items, done, {})
+            connection.commit()
+        except psycopg2.Error as exc:
+            self._rollback(connection)
+            if classify(exc) == RECONNECT:
+                raise ConnectionLost("recording the dead-lettered batch: %s" % describe(exc)) from exc
+            LOGGER.error("[%s] could not record the dead-lettered batch in the ledger (%s): its"
+                         " packets are dead-lettered unrecorded", self.consumer, describe(exc))
+            return {index: Outcome(DEAD_LETTER, packets[index], reason=reasons[items[index][0]])
+                    for index in todo}
+        return done
 
     def _careful_once(self, connection: Any, items: Sequence[Tuple[str, bytes]],
                       packets: Sequence[Optional[Union[Packet, Group]]], todo: Sequence[int],
@@ -405,7 +447,7 @@ class Applier:
             connection.commit()
         except Exception as exc:
             self._rollback(connection)
-            raise _CommitFailed(exc) from exc
+            raise _CommitFailed(exc, done) from exc
         return done
 
     def _one(self, connection: Any, cur: Any, pid: str, packet: Optional[Union[Packet, Group]],
@@ -475,11 +517,13 @@ class Applier:
 
 
 class _CommitFailed(Exception):
-    """The careful path's COMMIT failed (rolled back): ``error`` says why."""
+    """The careful path's COMMIT failed (rolled back): ``error`` says why; ``done`` holds the
+    outcomes the pass had reached (``{index: Outcome}``), none of them committed."""
 
-    def __init__(self, error: BaseException) -> None:
+    def __init__(self, error: BaseException, done: Mapping[int, Outcome]) -> None:
         super().__init__(describe(error))
         self.error = error
+        self.done = done
 
 
 #: Least seconds between two schema re-reads caused by data errors (a stream of bad values would

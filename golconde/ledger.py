@@ -257,6 +257,22 @@ def record_dead(cursor: Any, consumer: str, packet_id: str, reason: str) -> None
                    " ON CONFLICT DO NOTHING", (consumer, packet_id, DEAD_MARK + reason))
 
 
+def record_dead_batch(cursor: Any, consumer: str, reasons: Mapping[str, str]) -> Set[str]:
+    """Record, in the current transaction and in one statement, that ``consumer`` dead-lettered
+    each packet id of ``reasons`` (``{packet_id: reason}``, :data:`DEAD_MARK`); rows already there
+    (packets applied or dead-lettered before) are left as they are.
+
+    :returns: the ids recorded now; the others were in the ledger already.
+    """
+    if not reasons:
+        return set()
+    cursor.execute("INSERT INTO golconde.applied (consumer, packet_id, packet)"
+                   " SELECT %s, v.packet_id, v.packet FROM unnest(%s::text[], %s::text[])"
+                   "   AS v (packet_id, packet) ON CONFLICT DO NOTHING RETURNING packet_id",
+                   (consumer, list(reasons.keys()), [DEAD_MARK + r for r in reasons.values()]))
+    return {row[0] for row in cursor.fetchall()}
+
+
 def forget_dead(connection: Any, consumer: str, ids: Sequence[str]) -> int:
     """Delete, committed, the dead-letter records (:func:`record_dead`) of ``ids``: these packets
     come back from the dead-letter queue (``golconde dlq replay``) to be applied.

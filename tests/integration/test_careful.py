@@ -307,3 +307,60 @@ def test_a_dead_letter_stays_dead_when_its_batch_comes_back_and_a_replay_applies
     assert [o.status for o in replay] == ["applied"]
     assert rows(conn, "SELECT id FROM parent") == [(1,)]
     assert [o.status for o in applier.apply_batch(conn, batch[:1], replayed=["p-add"])] == ["duplicate"]
+
+
+class _BrokenCommit(psycopg2.extensions.connection):
+    """A real connection whose next COMMITs fail for no packet's fault: just before each, a row
+    breaking a deferred foreign key is written (as a deferred trigger of another application
+    might), so PostgreSQL refuses the COMMIT (23503) on both careful passes."""
+
+    broken = 0      # how many of the next COMMITs fail
+
+    def commit(self):
+        if self.broken and self.status != psycopg2.extensions.STATUS_READY:
+            self.broken -= 1
+            with self.cursor() as cur:
+                cur.execute("SET CONSTRAINTS ALL DEFERRED;"
+                            " INSERT INTO child VALUES (1000 + (random() * 1e6)::int, 424242)")
+        return super().commit()
+
+
+@pytest.mark.parametrize("role", ["destination", "target"])
+def test_a_batch_whose_checked_commit_fails_is_dead_lettered_and_stays_so(database, role):
+    """When even the checked COMMIT fails, every new packet of the batch is dead-lettered with
+    that reason and recorded so in the ledger: delivered again (its ack lost), the batch is
+    dead-lettered again rather than applied after what followed it. A packet applied before keeps
+    its outcome (duplicate), and a replay applies the dead ones."""
+    conn = psycopg2.connect(database, connection_factory=_BrokenCommit)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(SCHEMA)
+        conn.commit()
+        ledger.ensure(conn)
+        applier = Applier(AutoSQL("parent", role=role), "broken-" + role,
+                          store_fanout=role == "destination")
+        earlier = [("b0", dumps(packet("add", {"id": 10})).encode())]
+        assert [o.status for o in applier.apply_batch(conn, earlier)] == ["applied"]
+        # b3's bad value sends the batch down the careful path, whose COMMITs then fail
+        batch = earlier + [("b1", dumps(packet("add", {"id": 11})).encode()),
+                           ("b2", dumps(packet("delete", restriction={"id": 10})).encode()),
+                           ("b3", dumps(packet("add", {"id": "bad"})).encode())]
+        conn.broken = 2      # the careful path's COMMIT, then its checked COMMIT
+        outcomes = applier.apply_batch(conn, batch)
+        assert [o.status for o in outcomes] == ["duplicate", "dead", "dead", "dead"]
+        assert all("COMMIT failed" in o.reason and "23503" in o.reason for o in outcomes[1:3])
+        assert "COMMIT" not in outcomes[3].reason and "bad" in outcomes[3].reason
+        if role == "destination":
+            assert json.loads(outcomes[0].fanout)["action"] == "add"
+        assert conn.broken == 0
+        assert rows(conn, "SELECT id FROM parent ORDER BY id") == [(1,), (10,)]
+        assert rows(conn, "SELECT count(*) FROM child") == [(0,)]
+        again = applier.apply_batch(conn, batch, redelivered=True)
+        assert [o.status for o in again] == ["duplicate", "dead", "dead", "dead"]
+        assert [o.reason for o in again[1:]] == [o.reason for o in outcomes[1:]]
+        assert rows(conn, "SELECT id FROM parent ORDER BY id") == [(1,), (10,)]
+        replay = applier.apply_batch(conn, batch[1:3], replayed=["b1", "b2"])
+        assert [o.status for o in replay] == ["applied", "applied"]
+        assert rows(conn, "SELECT id FROM parent ORDER BY id") == [(1,), (11,)]
+    finally:
+        conn.close()
