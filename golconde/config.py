@@ -50,7 +50,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field, fields
-from typing import Annotated, Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
+from typing import Annotated, Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Type
 
 import psycopg2
 import psycopg2.extensions
@@ -795,7 +795,7 @@ def _cross_check(destinations: Tuple[DestinationConfig, ...], problems: List[str
     queues: Dict[str, str] = {}
     threads: Dict[str, str] = {}
     for item, path in listeners:
-        key = _queue_key(item.queue)
+        key = queue_key(item.queue)
         if key in queues:
             problems.append("%s.queue: %r is also the queue of %s; every destination and target "
                             "needs its own queue" % (path, item.queue, queues[key]))
@@ -805,7 +805,7 @@ def _cross_check(destinations: Tuple[DestinationConfig, ...], problems: List[str
                             % (path, item.thread_name, threads[item.thread_name]))
         threads.setdefault(item.thread_name, path)
     for item, path in listeners:
-        owner = queues.get(_queue_key(item.dead_letter_queue))
+        owner = queues.get(queue_key(item.dead_letter_queue))
         if owner is not None:
             problems.append("%s.dead_letter_queue: %r is the queue of %s; a dead-letter queue "
                             "must not be consumed" % (path, item.dead_letter_queue, owner))
@@ -820,10 +820,20 @@ def _cross_check(destinations: Tuple[DestinationConfig, ...], problems: List[str
             seen.setdefault(key, path)
 
 
-def _queue_key(queue: str) -> str:
+def queue_key(queue: str) -> str:
     """The queue a destination names: RabbitMQ reads ``/amq/queue/x`` and ``/queue/x`` as the
     same queue ``x`` (its STOMP plugin's documentation, "Destinations")."""
     return "/queue/" + queue[len("/amq/queue/"):] if queue.startswith("/amq/queue/") else queue
+
+
+def consumed_queues(config: Any) -> FrozenSet[str]:
+    """Every queue ``config`` consumes or dead-letters to (each destination's and target's queue
+    and dead-letter queue), as :func:`queue_key` names them: where no reply may go."""
+    queues = set()
+    for dest in config.destinations:
+        for item in (dest,) + tuple(dest.targets):
+            queues.update((queue_key(item.queue), queue_key(item.dead_letter_queue)))
+    return frozenset(queues)
 
 
 def _config_error(problems: List[str], source: str) -> ConfigError:

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, Iterable, List, Optional, Tuple
 
 from . import config as config_module
 from .destination import ClientDestination, TriggerDestination
@@ -69,7 +69,17 @@ def build_listeners(config: Any, registry: Registry,
         build(destination.thread_name, path, functools.partial(kind, destination, stats))
     if problems:
         raise ConfigError("\n".join(problems))
+    share_consumed_queues(listeners.values(), config)
     return listeners
+
+
+def share_consumed_queues(listeners: Iterable[Listener], config: Any) -> None:
+    """Tell each client-flow destination every queue ``config`` consumes, where it must not send
+    a reply (:meth:`ClientDestination.send_replies`)."""
+    queues = config_module.consumed_queues(config)
+    for listener in listeners:
+        if isinstance(listener, ClientDestination):
+            listener.consumed_queues = queues
 
 
 class Daemon:
@@ -257,6 +267,7 @@ class Daemon:
                 listener.start()
                 started += 1
             self.listeners = kept
+            share_consumed_queues(kept.values(), new_config)
         if new_config.logging != self.config.logging:
             if self.on_logging_change is None:
                 LOGGER.warning("the Logging section changed: it applies at the next start")

@@ -22,7 +22,7 @@ import re
 import select
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 import psycopg2
 import psycopg2.errors
@@ -33,6 +33,7 @@ from . import schema as schema_module
 from .apply import APPLIED, DEAD_LETTER, DUPLICATE, Outcome
 from .broker import (CREATED_HEADER, ID_HEADER, BrokerConnection, BrokerError, Delivery, Outgoing,
                      Receipt, send_all_async)
+from .config import queue_key
 from .errors import GolcondeError, PacketError, StopListener, describe
 from .listener import Confirmations, Listener, QueueConsumer
 from .packet import dumps, parse
@@ -128,6 +129,10 @@ class ClientDestination(QueueConsumer):
 
     store_fanout = True
 
+    #: every queue the running configuration consumes or dead-letters to (set by
+    #: :func:`golconde.daemon.build_listeners` and at each reload): no reply goes there
+    consumed_queues: FrozenSet[str] = frozenset()
+
     #: committed batches whose ack may await the fan-out's confirmation while the next one is
     #: applied (QueueConsumer's default is 2; this 4 came with the trigger drain's setting and
     #: every benchmark figure in the README was measured with it)
@@ -170,21 +175,22 @@ class ClientDestination(QueueConsumer):
         "reason": <why it was dead-lettered, else null>}``. ``duplicate`` means the id had been
         applied before (a re-sent or redelivered message; its changes are in).
 
-        A ``reply-to`` that is not a queue, or that names a queue or dead-letter queue of this
-        destination or of its targets, is refused (logged): a reply must never be consumed as a
-        packet. Replies are best effort: when the broker refuses or does not confirm them, that
+        A ``reply-to`` that is not a queue, or that names a queue or dead-letter queue of the
+        running configuration (:attr:`consumed_queues`, this destination's and its targets' at
+        least; ``/amq/queue/x`` is ``/queue/x``), is refused (logged): a reply must never be
+        consumed as a packet. Replies are best effort: when the broker refuses or does not confirm them, that
         is logged and the batch is acked all the same (its packets are applied and fanned out;
         a reply is not worth their coming back for ever).
         """
-        own = {self.config.queue, self.config.dead_letter_queue}
-        for target in self.config.targets:
-            own.update((target.queue, target.dead_letter_queue))
+        own = set(self.consumed_queues)
+        for item in (self.config,) + tuple(self.config.targets):
+            own.update((queue_key(item.queue), queue_key(item.dead_letter_queue)))
         replies: List[Outgoing] = []
         for delivery, (pid, _), outcome in zip(batch, items, outcomes):
             reply_to = str(delivery.headers.get(REPLY_HEADER) or "").strip()
             if not reply_to:
                 continue
-            if not REPLY_TO_RE.fullmatch(reply_to) or reply_to in own:
+            if not REPLY_TO_RE.fullmatch(reply_to) or queue_key(reply_to) in own:
                 LOGGER.warning("[%s] packet %s: not replying to %r (not a queue, or a queue"
                                " Golconde consumes)", self.name, pid, reply_to[:200])
                 continue
@@ -591,9 +597,12 @@ def _queued_id(row: Any) -> str:
 
 
 def _dead_body(row: Any) -> str:
-    """A queued packet's dead-letter body: its JSON text, or, when it could not be decoded (over
-    :data:`golconde.packet.MAX_PACKET_BYTES`, too large for a broker message anyway), what
-    identifies the change: ``{"undecodable": {"queue_id", "packet_id", "relation", "created_at"}}``."""
+    """A queued packet's dead-letter body: its JSON text as queued (JSON that is not an object
+    too), or, when it could not be read (over :data:`golconde.packet.MAX_PACKET_BYTES`, too large
+    for a broker message anyway), what identifies the change:
+    ``{"undecodable": {"queue_id", "packet_id", "relation", "created_at"}}``."""
+    if getattr(row, "text", None) is not None:
+        return row.text
     if row.error is None:
         return packet_text(row.packet)
     return dumps({"undecodable": {"queue_id": row.id, "packet_id": row.packet_id,

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Iterator, List, Mapping, Sequence, Tuple
 
 from .errors import PacketError
+from .ledger import normal_id
 from .packet import MAX_PACKET_BYTES, dumps, loads
 
 #: Header marking a batch message; its value is the number of entries.
@@ -65,7 +66,8 @@ def with_created(entries: Sequence[Tuple[str, str, str]]) -> List[Tuple[str, int
 
 
 def decode(body: bytes) -> List[Tuple[str, Mapping[str, Any], str]]:
-    """Unpack a batch message body into ``[(packet_id, packet_object, created), ...]``.
+    """Unpack a batch message body into ``[(packet_id, packet_object, created), ...]``; each
+    id as the ledger records it (:func:`golconde.ledger.normal_id`).
 
     :raises PacketError: the body is not a well-formed batch message.
     """
@@ -77,7 +79,9 @@ def decode(body: bytes) -> List[Tuple[str, Mapping[str, Any], str]]:
         if (not isinstance(entry, dict) or not isinstance(entry.get("id"), str)
                 or not isinstance(entry.get("packet"), dict)):
             raise PacketError("batch message entry %d must be {id: string, packet: object}" % index)
-        entries.append((entry["id"], entry["packet"], str(entry.get("created", ""))))
+        if not entry["id"]:
+            raise PacketError("batch message entry %d has an empty id" % index)
+        entries.append((normal_id(entry["id"]), entry["packet"], str(entry.get("created", ""))))
     return entries
 
 

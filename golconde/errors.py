@@ -126,6 +126,18 @@ def lone_surrogate(exc: BaseException) -> bool:
             and 0 <= exc.start < len(exc.object) and 0xD800 <= ord(exc.object[exc.start]) <= 0xDFFF)
 
 
+def printable(text: str) -> str:
+    """``text`` as a STOMP header or a PostgreSQL ``text`` can hold it: a NUL written ``\\x00``,
+    a lone UTF-16 surrogate ``\\ud800`` (Python's ``backslashreplace``)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def describe(exc: BaseException) -> str:
     """One-line description of an exception for logs and dead-letter headers (at most 1000 chars).
 
@@ -147,5 +159,5 @@ def describe(exc: BaseException) -> str:
                 % ord(exc.object[exc.start]))
     else:
         text = "%s: %s" % (type(exc).__name__, exc) if not isinstance(exc, GolcondeError) else str(exc)
-    text = " ".join(text.split())
+    text = " ".join(printable(text).split())
     return text[:1000]

@@ -32,7 +32,7 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 
-from .errors import RetryPacket
+from .errors import RetryPacket, printable
 
 LOGGER = logging.getLogger(__name__)
 
@@ -68,11 +68,33 @@ def new_packet_id(created: Optional[float] = None, unique: Optional[str] = None)
     return "%012x-%s" % (int(when * 1000), unique or uuid.uuid4())
 
 
+#: Longest packet id (characters) kept as sent; see :func:`normal_id`.
+MAX_ID_CHARS = 200
+
+
+def normal_id(value: str) -> str:
+    """The packet id the ledger records for ``value`` (a ``golconde-id`` header or a batch
+    entry's id): ``value`` itself, unless it is longer than :data:`MAX_ID_CHARS` or holds what a
+    PostgreSQL ``text`` cannot (a NUL, a lone UTF-16 surrogate); then ``"id-sha256:"`` and the
+    hex SHA-256 of its UTF-8 bytes (surrogates passed through), so that two such ids still differ
+    and the same one is still recognized when it comes back. (Cutting long ids short made two
+    ids sharing their first 200 characters one, and a NUL made the ledger's INSERT fail for
+    ever.)"""
+    if len(value) <= MAX_ID_CHARS and "\x00" not in value:
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            pass
+    return "id-sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def packet_id(headers: Mapping[str, str], body: bytes) -> str:
-    """The identity of a received packet: its ``golconde-id`` header, else the SHA-256 of its body."""
+    """The identity of a received packet: its ``golconde-id`` header (:func:`normal_id`), else the
+    SHA-256 of its body (``"sha256:<hex>"``)."""
     value = headers.get("golconde-id")
     if value:
-        return str(value)[:200]
+        return normal_id(str(value))
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
@@ -254,7 +276,7 @@ def record_dead(cursor: Any, consumer: str, packet_id: str, reason: str) -> None
     """Record, in the current transaction, that ``consumer`` dead-lettered ``packet_id`` with
     ``reason`` (:data:`DEAD_MARK`); a row already there is left as it is."""
     cursor.execute("INSERT INTO golconde.applied (consumer, packet_id, packet) VALUES (%s, %s, %s)"
-                   " ON CONFLICT DO NOTHING", (consumer, packet_id, DEAD_MARK + reason))
+                   " ON CONFLICT DO NOTHING", (consumer, packet_id, DEAD_MARK + printable(reason)))
 
 
 def record_dead_batch(cursor: Any, consumer: str, reasons: Mapping[str, str]) -> Set[str]:
@@ -269,7 +291,7 @@ def record_dead_batch(cursor: Any, consumer: str, reasons: Mapping[str, str]) ->
     cursor.execute("INSERT INTO golconde.applied (consumer, packet_id, packet)"
                    " SELECT %s, v.packet_id, v.packet FROM unnest(%s::text[], %s::text[])"
                    "   AS v (packet_id, packet) ON CONFLICT DO NOTHING RETURNING packet_id",
-                   (consumer, list(reasons.keys()), [DEAD_MARK + r for r in reasons.values()]))
+                   (consumer, list(reasons.keys()), [DEAD_MARK + printable(r) for r in reasons.values()]))
     return {row[0] for row in cursor.fetchall()}
 
 

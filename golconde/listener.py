@@ -28,9 +28,10 @@ from . import envelope, ledger
 from .apply import APPLIED, DEAD_LETTER, DUPLICATE, Applier, ConnectionLost, Outcome, backoff, members
 from .broker import (CREATED_HEADER, ID_HEADER, REPLAYED_HEADER, BrokerConnection, Delivery, Outgoing,
                      Receipt)
-from .errors import RECONNECT, ConfigError, GolcondeError, PacketError, StopListener, classify, describe
+from .errors import (RECONNECT, ConfigError, GolcondeError, PacketError, StopListener, classify,
+                     describe, printable)
 from .handlers import load_handler
-from .packet import dumps
+from .packet import dumps_bytes
 from .stats import ThreadStats
 
 T = TypeVar("T")
@@ -47,6 +48,9 @@ PRUNE_BUDGET = 1.0
 CONSUMER_RETRY = 5.0
 #: Seconds until the next prune when the last one ran out of time with old rows left.
 PRUNE_RETRY = 10.0
+#: Failed attempts in a row (to connect or to get through a cycle) after which a listener reports
+#: the standing problem ``failing`` (/health fails) until a cycle succeeds.
+FAILING_AFTER = 3
 
 
 def session_token() -> str:
@@ -99,8 +103,12 @@ class Listener(threading.Thread):
                 try:
                     if not self.ready():
                         self.open()
-                        self._failures = 0
                     self.cycle()
+                    if self._failures:
+                        # counted until a cycle gets through, not until a reconnect: a message
+                        # that fails every time after a fresh connection must back off too
+                        self._failures = 0
+                        self.stats.set_problem("failing", None)
                 except StopListener as exc:
                     self.stats.set_error(str(exc))
                     if exc.retry_after is None:
@@ -117,6 +125,9 @@ class Listener(threading.Thread):
                     else:
                         LOGGER.exception("[%s] unexpected error: %s", self.name, message)
                     self.stats.set_error(message)
+                    if self._failures >= FAILING_AFTER:
+                        self.stats.set_problem("failing", "%d failed attempts in a row, the last: %s"
+                                               % (self._failures, message))
                     if classify(exc) == RECONNECT:
                         self._close_db()    # a session that cannot write (25006) stays so: a new one
                     self.reset()
@@ -257,7 +268,7 @@ class Listener(threading.Thread):
         for (delivery, pid), reason in zip(items, reasons):
             headers = {
                 ID_HEADER: pid,
-                "golconde-reason": reason[:1000],
+                "golconde-reason": printable(reason)[:1000],
                 "golconde-original-queue": self.config.queue,
                 "golconde-consumer": self.name,
                 "golconde-dead-lettered-at": now,
@@ -402,7 +413,7 @@ class BatchEntry:
 
     @property
     def body(self) -> bytes:
-        return dumps(self.packet).encode("utf-8")
+        return dumps_bytes(self.packet)
 
     @property
     def headers(self) -> Dict[str, str]:

@@ -123,6 +123,26 @@ _ENCODER = simplejson.JSONEncoder(use_decimal=True, ensure_ascii=False, separato
                                   allow_nan=False)
 
 
+#: The same, writing every non-ASCII character as an escape (:func:`dumps_bytes`).
+_ASCII_ENCODER = simplejson.JSONEncoder(use_decimal=True, ensure_ascii=True, separators=(",", ":"),
+                                        allow_nan=False)
+
+
+def dumps_bytes(obj: Any) -> bytes:
+    """:func:`dumps` as UTF-8 bytes; when ``obj`` holds a lone UTF-16 surrogate (``"\\ud800"`` in
+    the JSON received, which UTF-8 cannot encode), every non-ASCII character is written as a
+    ``\\uXXXX`` escape instead (RFC 8259 section 7), so that the packet is still sent as it was
+    received (to a dead-letter queue, say).
+
+    :raises ValueError: NaN or an infinite float. :raises TypeError: a value JSON cannot hold.
+    """
+    text = _ENCODER.encode(obj)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _ASCII_ENCODER.encode(obj).encode("ascii")
+
+
 def fanout_text(item: Union[Packet, "Group"]) -> str:
     """The JSON text a destination fans out for what it applied: the packet, or the group of
     its members that changed a row; ``""`` when nothing did (:attr:`Packet.matched`)."""
@@ -195,7 +215,7 @@ def _columns(value: Any, name: str) -> Dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise PacketError("%s must be a JSON object of column: value, not %s" % (name, _json_type(value)))
+        raise PacketError("%s must be a JSON object of column: value, not %s" % (name, json_type(value)))
     for key, item in value.items():
         if not isinstance(key, str):
             raise PacketError("%s has a column name that is not a string: %s" % (name, _short_repr(key)))
@@ -217,7 +237,8 @@ def _short_repr(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """What JSON value ``value`` (as decoded) is, for error messages: ``"a number"``, ``"null"``..."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -273,7 +294,7 @@ def parse(body: Union[bytes, str, Mapping[str, Any]]) -> Packet:
     """
     document = body if isinstance(body, _MAPPING) else loads(body)
     if not isinstance(document, dict):
-        raise PacketError("packet must be a JSON object, not %s" % _json_type(document))
+        raise PacketError("packet must be a JSON object, not %s" % json_type(document))
     fields: Mapping[str, Any]
     if document.keys() <= _KEYS:     # the usual lower-case keys: nothing to fold
         fields = document
@@ -290,7 +311,7 @@ def parse(body: Union[bytes, str, Mapping[str, Any]]) -> Packet:
     if raw_action is None:
         raise PacketError("packet has no action (expected one of add, set, update, delete)")
     if not isinstance(raw_action, str):
-        raise PacketError("packet action must be a string, not %s" % _json_type(raw_action))
+        raise PacketError("packet action must be a string, not %s" % json_type(raw_action))
     action = _ACTIONS.get(raw_action)
     if action is None:
         try:
@@ -323,7 +344,7 @@ def parse_message(body: Union[bytes, str, Mapping[str, Any]]) -> Union[Packet, G
     """
     document = body if isinstance(body, _MAPPING) else loads(body)
     if not isinstance(document, dict):
-        raise PacketError("packet must be a JSON object, not %s" % _json_type(document))
+        raise PacketError("packet must be a JSON object, not %s" % json_type(document))
     keys = [key.lower() if isinstance(key, str) else key for key in document]
     if "group" not in keys:
         return parse(document)
@@ -332,7 +353,7 @@ def parse_message(body: Union[bytes, str, Mapping[str, Any]]) -> Union[Packet, G
                           % ", ".join(repr(key) for key in document))
     members = next(iter(document.values()))
     if not isinstance(members, list):
-        raise PacketError("group must be a JSON array of packets, not %s" % _json_type(members))
+        raise PacketError("group must be a JSON array of packets, not %s" % json_type(members))
     if not members:
         raise PacketError("group is empty (expected at least one packet)")
     packets = []
@@ -349,4 +370,4 @@ def parse_message(body: Union[bytes, str, Mapping[str, Any]]) -> Union[Packet, G
 
 
 def _not_object(value: Any) -> Any:
-    raise PacketError("packet must be a JSON object, not %s" % _json_type(value))
+    raise PacketError("packet must be a JSON object, not %s" % json_type(value))

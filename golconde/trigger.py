@@ -109,9 +109,11 @@ class QueuedPacket:
         :func:`golconde.packet.parse`; ``{}`` when it could not be decoded (see ``error``).
     :ivar created_at: when the row change happened (timezone-aware).
     :ivar relation: the captured table, quoted and qualified (for a partitioned table, the partition).
-    :ivar error: why the packet could not be decoded (e.g. over the size limit), else ``None``;
-        such a packet can never be sent: dead-letter or log it, then delete it.
-    :ivar text: the packet's JSON text as read from the queue (``None`` if it could not be decoded).
+    :ivar error: why the packet could not be decoded (e.g. over the size limit, or JSON that is
+        not an object), else ``None``; such a packet can never be sent: dead-letter or log it,
+        then delete it.
+    :ivar text: the packet's JSON text as read from the queue (``None`` if it is not JSON or
+        could not be read).
     """
 
     id: int
@@ -548,14 +550,19 @@ def _decode_rows(destination: str, rows: List[Tuple[Any, ...]], bounded: bool) -
     for row_id, packet_id, created_at, relation, body in rows:
         packet_id, relation = _text(packet_id), _text(relation)
         error = None
+        text: Optional[str] = None
         try:
             decoded = packet_module.loads(body)
+            text = _text(body)
+            if not isinstance(decoded, dict):    # a row written into the queue by hand
+                error = "packet must be a JSON object, not %s" % packet_module.json_type(decoded)
+                decoded = {}
         except PacketError as exc:
             decoded, error = {}, str(exc)
+        if error is not None:
             LOGGER.error("destination %s: queued packet %s (id %d) cannot be decoded: %s",
                          destination, packet_id, row_id, error)
-        batch.append(QueuedPacket(row_id, packet_id, decoded, created_at, relation, error,
-                                  None if error else _text(body)))
+        batch.append(QueuedPacket(row_id, packet_id, decoded, created_at, relation, error, text))
     return batch
 
 

@@ -851,3 +851,46 @@ def test_a_listener_ends_its_own_stale_session_that_still_holds_its_lock(flow, m
                 cur.execute("SELECT 1")
     finally:
         stale.close()
+
+
+def test_a_listener_failing_again_and_again_fails_the_health_check_until_it_gets_through(
+        make_database, monkeypatch):
+    """A listener whose every attempt fails (here: its database does not exist yet) reports the
+    standing problem "failing" after FAILING_AFTER attempts in a row, so /health fails on more
+    than a connection state; the first cycle that gets through clears it."""
+    from golconde import listener as listener_module
+    from golconde.metrics import health
+
+    from ..conftest import dsn_for, drop_database
+
+    monkeypatch.setattr(listener_module.Listener, "backoff_cap", 0.5)
+    canonical = make_database()
+    late = dsn_for("golconde_test_late_" + uuid.uuid4().hex[:10])
+    execute(canonical, "CREATE TABLE items (id integer PRIMARY KEY, n integer)")
+    config = parse_config(make_config(canonical, {"t1": late}, "items"))
+    name = config.destinations[0].targets[0].thread_name
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        wait_for(lambda: any("failed attempts in a row" in p for p in thread_stats(daemon)[name]["problems"]),
+                 timeout=30, message="the failing problem")
+        problem = thread_stats(daemon)[name]["problems"][0]
+        assert "does not exist" in problem, problem
+        healthy, document = health(daemon.registry.snapshot(), 10000, 300.0)
+        assert not healthy and any("failed attempts in a row" in r for r in document["reasons"])
+        conn = psycopg2.connect(canonical)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("CREATE DATABASE %s" % psycopg2.extensions.parse_dsn(late)["dbname"])
+        conn.close()
+        try:
+            execute(late, "CREATE TABLE items (id integer PRIMARY KEY, n integer)")
+            wait_for(lambda: thread_stats(daemon)[name]["problems"] == []
+                     and thread_stats(daemon)[name]["database"] == "connected",
+                     timeout=30, message="the problem cleared once connected")
+            assert health(daemon.registry.snapshot(), 10000, 300.0)[0]
+        finally:
+            assert daemon.stop()
+            drop_database(late)
+    finally:
+        daemon.stop()

@@ -171,6 +171,53 @@ def test_malformed_and_empty_batch_messages_at_a_target(flow):
     assert thread["dead_lettered"] == 1 and thread["applied"] == 1
 
 
+def test_odd_packet_ids_and_a_lone_surrogate_in_batch_messages(flow):
+    """Batch entry ids a PostgreSQL text cannot hold (a NUL, a lone surrogate) or longer than 200
+    characters are recorded by their SHA-256: their packets are applied once, even sent twice,
+    and two long ids sharing their first 200 characters stay two packets (as do two such
+    golconde-id headers). An entry with an empty id makes its message malformed, dead-lettered
+    whole. A lone surrogate inside a batch entry's packet dead-letters that packet alone, its
+    body written with \\u escapes. None of it stops the listeners."""
+    destination = flow["destination"]
+
+    def add(n, note=None):
+        data = {"friend_id": n, "user_id": n}
+        if note is not None:
+            data["note"] = note
+        return {"action": "add", "data": data}
+
+    odd_ids = ["nul\x00id", "sur\ud800", "L" * 300 + "-one", "L" * 300 + "-two", "ok-" + str(uuid.uuid4())]
+    batch = json.dumps({"batch": [{"id": pid, "packet": add(n + 1)} for n, pid in enumerate(odd_ids)]
+                        + [{"id": "bad-" + str(uuid.uuid4()), "packet": add(9, "x\ud800y")}]})
+    empty = json.dumps({"batch": [{"id": "", "packet": add(20)}]})
+    long_headers = [{"golconde-id": "H" * 250 + "-1"}, {"golconde-id": "H" * 250 + "-2"}]
+    send_raw(destination.queue, [batch, batch, empty], [{"golconde-batch": "6"}] * 2 + [{"golconde-batch": "1"}],
+             broker=flow["broker"])
+    send_raw(destination.queue, [json.dumps(add(7)), json.dumps(add(8))], long_headers,
+             broker=flow["broker"])
+    wait_for(lambda: query(flow["canonical"], "SELECT friend_id FROM friendships ORDER BY 1")
+             == [(1,), (2,), (3,), (4,), (5,), (7,), (8,)] and targets_equal(flow),
+             timeout=30, message="every packet with an odd id applied everywhere")
+    dead = []
+    wait_for(lambda: dead.extend(drain_queue(destination.dead_letter_queue, wait=0.5,
+                                             broker=flow["broker"])) or len(dead) >= 3,
+             timeout=30, message="dead letters")
+    dead += drain_queue(destination.dead_letter_queue, wait=1.0, broker=flow["broker"])
+    reasons = sorted(d.headers["golconde-reason"] for d in dead)
+    # the surrogate's packet twice (sent twice: dead-lettered again), the empty id's message once
+    assert len(dead) == 3, reasons
+    assert "lone UTF-16 surrogate" in reasons[0] and reasons[0] == reasons[1], reasons
+    assert "empty id" in reasons[2], reasons
+    for letter in dead:
+        if "surrogate" in letter.headers["golconde-reason"]:
+            assert json.loads(letter.body) == add(9, "x\ud800y")
+    for target in destination.targets:
+        assert drain_queue(target.dead_letter_queue, wait=0.5, broker=flow["broker"]) == []
+    stats = flow["daemon"].registry.snapshot()
+    thread = [t[destination.name] for t in stats["threads"] if destination.name in t][0]
+    assert (thread["applied"], thread["duplicates"], thread["dead_lettered"]) == (7, 5, 3), thread
+
+
 def test_redelivered_packet_is_not_applied_twice(make_database, broker):
     """Same packet id delivered twice (as after a crash between commit and ack) -> applied once,
     on a keyless table where a second apply would show as a second row."""

@@ -203,13 +203,24 @@ def test_malformed_groups_are_dead_lettered_and_replies_never_go_to_golconde_que
                        "group member 1 (0-based, of 2): unknown action 'upsert' (expected one of add, set,"
                        " update, delete)"]
     # a reply-to naming a queue Golconde consumes is refused (it would be read as a packet)
-    send(groups, destination.queue, ['{"action": "add", "data": {"id": 5, "customer": 5, "amount": 50}}'],
-             [{"golconde-id": str(uuid.uuid4()), "reply-to": groups["targets"]["t1"].queue}])
-    client.add({"id": 6, "customer": 6, "amount": 60})
-    wait_for(lambda: len(query(groups["t1"], ROWS)) == 2 and in_sync(groups), message="packets applied")
+    # under any of its names (RabbitMQ reads /amq/queue/x as /queue/x)
+    t1_queue = groups["targets"]["t1"].queue
+    t1_dlq = groups["targets"]["t1"].dead_letter_queue
+    refused = [t1_queue, "/amq/queue/" + t1_queue[len("/queue/"):],
+               "/amq/queue/" + destination.queue[len("/queue/"):],
+               "/amq/queue/" + t1_dlq[len("/queue/"):]]
+    send(groups, destination.queue,
+         ['{"action": "add", "data": {"id": %d, "customer": %d, "amount": 50}}' % (5 + n, 5 + n)
+          for n in range(len(refused))],
+         [{"golconde-id": str(uuid.uuid4()), "reply-to": queue} for queue in refused])
+    client.add({"id": 10, "customer": 10, "amount": 60})
+    wait_for(lambda: len(query(groups["t1"], ROWS)) == 5 and in_sync(groups), message="packets applied")
     dead = drain(groups, destination.dead_letter_queue, wait=0.5)
     assert sorted(d.body.decode("utf-8") for d in dead) == sorted(bodies)
-    assert drain(groups, groups["targets"]["t1"].dead_letter_queue, wait=0.5) == []
+    assert drain(groups, t1_dlq, wait=0.5) == []
+    stats = groups["daemon"].registry.snapshot()
+    assert all(thread[name]["dead_lettered"] == 0 for thread in stats["threads"] for name in thread
+               if name != destination.name)
 
 
 def test_client_refuses_empty_and_invalid_groups(groups):

@@ -104,6 +104,44 @@ def test_a_change_over_the_packet_size_limit_is_dead_lettered_with_its_reason(tr
              message="queue table drained")
 
 
+def test_queue_rows_that_are_not_packet_objects_are_dead_lettered_alone(trigger_flow):
+    """A row written into golconde.queue by hand whose packet is JSON but not an object (a
+    number, null, a string holding packet text, an array) is dead-lettered with what it is and
+    its JSON text as queued; the captured changes around it, in the same transaction, flow."""
+    canonical, name = trigger_flow["canonical"], trigger_flow["destination"].name
+    odd = ["5", "null", "true", json.dumps(json.dumps({"action": "add", "data": {"aid": 21}})), "[1, 2]"]
+    conn = psycopg2.connect(canonical)
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO accounts (aid, owner) VALUES (20, 'before')")
+        for text in odd:
+            cur.execute("INSERT INTO golconde.queue (destination, relation, packet)"
+                        " VALUES (%s, 'public.accounts', %s::jsonb)", (name, text))
+        cur.execute("INSERT INTO accounts (aid, owner) VALUES (22, 'after')")
+    conn.commit()
+    conn.close()
+    for target in trigger_flow["targets"]:
+        wait_for(lambda target=target: query(target, "SELECT aid FROM accounts ORDER BY aid") == [(20,), (22,)],
+                 message="the captured changes around the odd rows applied")
+    letters = []
+    wait_for(lambda: letters.extend(drain_queue(trigger_flow["destination"].dead_letter_queue,
+                                                wait=0.5, broker=trigger_flow["broker"]))
+             or len(letters) >= len(odd), timeout=30, message="the odd rows dead-lettered")
+    by_body = {letter.body: letter.headers["golconde-reason"] for letter in letters}
+    assert by_body == {
+        b"5": "packet must be a JSON object, not a number",
+        b"null": "packet must be a JSON object, not null",
+        b"true": "packet must be a JSON object, not a boolean",
+        json.dumps(json.dumps({"action": "add", "data": {"aid": 21}})).encode():
+            "packet must be a JSON object, not a string",
+        b"[1, 2]": "packet must be a JSON object, not an array"}, by_body
+    for target in trigger_flow["destination"].targets:
+        assert drain_queue(target.dead_letter_queue, wait=0.2, broker=trigger_flow["broker"]) == []
+    stats = trigger_flow["daemon"].registry.snapshot()
+    thread = [t[name] for t in stats["threads"] if name in t][0]
+    assert thread["dead_lettered"] == len(odd) and thread["last_error"] is None
+    wait_for(lambda: queue_backlog(canonical, name) == 0, timeout=10, message="queue table drained")
+
+
 def test_a_change_of_exactly_the_packet_size_limit_is_applied(trigger_flow):
     """A packet of exactly MAX_PACKET_BYTES passes the drain and travels alone in a batch
     message a little larger (its envelope): the targets apply it."""
@@ -111,16 +149,26 @@ def test_a_change_of_exactly_the_packet_size_limit_is_applied(trigger_flow):
     conn = psycopg2.connect(canonical)
     try:     # the packet's size for a known length of the text, in a transaction rolled back
         with conn.cursor() as cur:
-            cur.execute("INSERT INTO accounts (aid, owner) VALUES (3, repeat('y', 4000000))")
+            # a fixed time: now()'s text is a character shorter when its microseconds end in 0
+            cur.execute("INSERT INTO accounts (aid, owner, updated)"
+                        " VALUES (3, repeat('y', 4000000), '2026-01-02 03:04:05.123456+00')")
             cur.execute("SELECT octet_length(packet::text) FROM golconde.queue")
             overhead = cur.fetchone()[0] - 4000000
         conn.rollback()
     finally:
         conn.close()
-    execute(canonical, "INSERT INTO accounts (aid, owner) VALUES (3, repeat('y', %s))",
-            (MAX_PACKET_BYTES - overhead,))
-    assert query(canonical, "SELECT octet_length(packet::text) FROM golconde.queue"
-                            " ORDER BY id DESC LIMIT 1") == [(MAX_PACKET_BYTES,)]
+    conn = psycopg2.connect(canonical)
+    try:     # measured before the commit: once committed, the drain may rotate the row away
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO accounts (aid, owner, updated)"
+                        " VALUES (3, repeat('y', %s), '2026-01-02 03:04:05.123456+00')",
+                        (MAX_PACKET_BYTES - overhead,))
+            cur.execute("SELECT octet_length(packet::text) FROM golconde.queue"
+                        " WHERE txid = pg_catalog.pg_current_xact_id()")
+            assert cur.fetchall() == [(MAX_PACKET_BYTES,)]
+        conn.commit()
+    finally:
+        conn.close()
     for target in trigger_flow["targets"]:
         wait_for(lambda target=target: query(target, "SELECT aid, length(owner) FROM accounts")
                  == [(3, MAX_PACKET_BYTES - overhead)], message="the largest packet applied")
