@@ -268,19 +268,33 @@ def _hstore_quote(text: str) -> str:
 
 def _check_kind(table: TableSchema, column: Column, base: str, value: Any) -> None:
     """Refuse a boolean for a numeric type and a number for boolean (``base``: the column's base
-    type, or its element type for an array): PostgreSQL assigns neither to the other."""
+    type, or its element type for an array): PostgreSQL assigns neither to the other. Refuse a
+    number with a fraction for an integer type, which PostgreSQL would round (``1.5`` to 2: a
+    restriction would then name another row), as it refuses the string ``"1.5"``."""
     kind = type(value)
     if kind is bool and base in bulk.NUMERIC_TYPES:
         raise PacketError("column %s of %s is %s: expected a number, not %s"
                           % (column.name, table.relation, column.type_name, dumps(value)))
+    if (kind is Decimal or kind is float) and base in bulk.INTEGER_TYPES and _fraction(value):
+        raise PacketError("column %s of %s is %s: expected an integer, not %s (PostgreSQL would"
+                          " round it)" % (column.name, table.relation, column.type_name, value))
     if kind is not bool and kind in _NUMBERS and base == "boolean":
         raise PacketError("column %s of %s is %s: expected true or false, not the number %s"
                           % (column.name, table.relation, column.type_name, dumps(value)))
 
 
+def _fraction(value: Any) -> bool:
+    """Whether the finite number ``value`` (Decimal or float) has a fractional part."""
+    try:
+        return value == value and abs(value) != float("inf") and value != int(value)
+    except (ArithmeticError, ValueError, OverflowError):
+        return False
+
+
 def _check_elements(table: TableSchema, column: Column, value: List[Any]) -> None:
     element = column.element_type or column.base[:-2]   # format_type writes <element>[]
-    kinds = bool if element in bulk.NUMERIC_TYPES else _NUMBERS if element == "boolean" else None
+    kinds = ((bool, Decimal, float) if element in bulk.INTEGER_TYPES else bool
+             if element in bulk.NUMERIC_TYPES else _NUMBERS if element == "boolean" else None)
     _check_items(table, column, value, element, kinds)
 
 

@@ -22,10 +22,10 @@ A run's values travel in one of two ways:
 
   when every value is of a kind whose text the column's type reads to the value a bound literal
   would give (:func:`json_kinds`): a string for any column but json and arrays, an integer for
-  numeric and string columns, a decimal number for numeric ones, a boolean for boolean and string
-  ones, NULL for any. Where such a value is still refused (``1.5`` for an integer, which a bound
-  literal rounds), the statement fails and the applier replays the batch packet by packet with
-  AutoSQL's single-row statements, so the outcome is the same. One parameter instead of one bound
+  numeric and string columns, a decimal number for ``numeric`` ones, a boolean for boolean and
+  string ones, NULL for any. Where such a value is still refused, the statement fails and the
+  applier replays the batch packet by packet with AutoSQL's single-row statements, so the
+  outcome is the same. One parameter instead of one bound
   literal per value costs about a third of the client's CPU per row and less of the server's
   (measured for workload W's packets, 500 per statement: 3-4 against 7-11 us of Python, 10-22
   against 11-35 us of backend CPU per row);
@@ -68,6 +68,8 @@ NUMERIC_TYPES = frozenset(("smallint", "integer", "bigint", "numeric", "real", "
 _EXACT_NUMBERS = frozenset(("smallint", "integer", "bigint", "numeric"))
 #: Integer types: a bound decimal literal is rounded to them.
 _INTEGERS = frozenset(("smallint", "integer", "bigint"))
+#: The integer types (a fraction given for one is refused: :func:`golconde.handlers.autosql.bind`).
+INTEGER_TYPES = _INTEGERS
 #: Base types whose value is the text itself: an integer cast to them gives its digits.
 STRING_TYPES = frozenset(("text", "character varying", "bpchar", "name"))
 #: ... and a boolean ``true`` / ``false`` (``name`` has no cast from boolean: ``t`` / ``f``).
@@ -254,9 +256,9 @@ def json_kinds(column: Column) -> FrozenSet[type]:
       stands between (:attr:`~golconde.schema.Column.text_input`: ``regclass`` reads digits as a
       table name there, where its input function reads an OID);
     * ``int`` (not ``bool``): for numeric types, the same number; for string types, its digits;
-    * ``Decimal``: for integer and numeric types the same number (``1.5`` for an integer fails as
-      text where the literal rounds: the batch is then replayed packet by packet); not for float
-      types, which read ``-0.0`` as -0 where the literal gives 0;
+    * ``Decimal``: for numeric types the same number; not for integer types (bound, where
+      :func:`golconde.handlers.autosql.bind` refuses a fraction that the cast would round), nor
+      for float types, which read ``-0.0`` as -0 where the literal gives 0;
     * ``bool``: for boolean, the same; for text, varchar and bpchar, ``true`` / ``false``.
     """
     if column.is_array or column.is_json:
@@ -265,8 +267,8 @@ def json_kinds(column: Column) -> FrozenSet[type]:
     kinds = {type(None), str} if column.text_input else {type(None)}
     if base in NUMERIC_TYPES:
         kinds.add(int)
-        if base in _EXACT_NUMBERS:
-            kinds.add(Decimal)
+        if base in _EXACT_NUMBERS and base not in _INTEGERS:
+            kinds.add(Decimal)      # for an integer, bound and checked (a fraction is refused)
     elif base in STRING_TYPES:
         kinds.add(int)
         if base in _BOOLEAN_TEXT:

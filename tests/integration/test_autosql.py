@@ -463,6 +463,29 @@ def test_booleans_and_numbers_are_not_taken_for_each_other(db):
                                                                        (2, False, 3, 1, "false")]
 
 
+def test_a_fraction_for_an_integer_column_is_refused_not_rounded(db):
+    """PostgreSQL rounds a numeric literal into an integer column (7.6 to 8), so a restriction
+    naming order 7.6 would change order 8: a number with a fraction is refused for the integer
+    types, in data, restrictions and arrays, alone or in a run, as the string "7.6" is. Whole
+    numbers written with a fraction (8.0) and numeric columns take them."""
+    ddl(db, "CREATE TABLE o (id int PRIMARY KEY, s smallint, b bigint, ns int[], x numeric, note text)")
+    h = AutoSQL("o", role="target")
+    run(db, h, {"action": "add", "data": {"id": 8, "note": "eight"}})
+    for packet in ({"action": "add", "data": {"id": Decimal("9.5")}},
+                   {"action": "add", "data": {"id": 1, "s": Decimal("1.25")}},
+                   {"action": "add", "data": {"id": 1, "b": 2.5}},
+                   {"action": "add", "data": {"id": 1, "ns": [1, [Decimal("2.5")]]}},
+                   {"action": "update", "data": {"note": "hit"}, "restriction": {"id": Decimal("7.6")}},
+                   {"action": "delete", "restriction": {"id": Decimal("-7.6")}}):
+        with pytest.raises(PacketError, match=r"expected an integer, not -?[0-9.]+ \(PostgreSQL would round it\)"):
+            run(db, h, packet)
+        with db.cursor() as cur, pytest.raises(PacketError, match="expected an integer"):
+            h.apply_batch(cur, [parse(dumps(packet)), parse(dumps(packet))])
+    run(db, h, {"action": "add", "data": {"id": Decimal("9.0"), "ns": [Decimal("1.0")], "x": Decimal("1.5")}})
+    assert rows(db, "SELECT id, ns, x, note FROM o ORDER BY id") == [(8, None, None, "eight"),
+                                                                    (9, [1], Decimal("1.5"), None)]
+
+
 def test_a_deferrable_primary_key_is_still_the_primary_key(db):
     """ON CONFLICT cannot use a DEFERRABLE key, but it is still the primary key: a destination
     back-fills its generated values (targets must get the canonical keys), and a set says why it

@@ -511,10 +511,10 @@ def test_runs_pass_their_values_as_one_json_parameter_when_the_types_read_them_a
         conn.rollback()
 
 
-def test_a_value_the_json_parameter_refuses_is_applied_packet_by_packet_alike(typed_databases):
-    """1.5 for an integer column: as text the integer type refuses it, as a bound literal it is
-    rounded. The run's statement fails, the applier replays the batch packet by packet, and every
-    packet is applied as the single-row statement applies it."""
+def test_a_fraction_for_an_integer_column_in_a_run_is_dead_lettered_packet_by_packet(typed_databases):
+    """1.5 for an integer column: as text the integer type refuses it, as a bound literal it would
+    be rounded, so it is refused (AutoSQL's bind): the run fails, the applier replays the batch
+    packet by packet, and only the packets carrying a fraction are dead-lettered."""
     from golconde import ledger
     from golconde.apply import Applier
     conn = typed_databases[0]
@@ -523,19 +523,22 @@ def test_a_value_the_json_parameter_refuses_is_applied_packet_by_packet_alike(ty
         cur.execute("TRUNCATE typed")
     conn.commit()
     applier = Applier(AutoSQL("typed", role="target"), "typed-json-refused")
-    items = [("typed-json-%d" % i, b'{"action": "add", "data": {"id": %d, "i8": 1.5, "t": 7}}' % i)
-             for i in range(1, 4)]
+    items = [("typed-json-%d" % i, b'{"action": "add", "data": {"id": %d, "i8": %s, "t": 7}}'
+              % (i, b"1.5" if i == 2 else b"2.0")) for i in range(1, 4)]
     outcomes = applier.apply_batch(conn, items)
-    assert [o.status for o in outcomes] == ["applied"] * 3
+    assert [o.status for o in outcomes] == ["applied", "dead", "applied"]
+    assert "expected an integer, not 1.5" in outcomes[1].reason
     with conn.cursor() as cur:
         cur.execute("SELECT id, i8, t FROM typed ORDER BY id")
-        assert cur.fetchall() == [(1, 2, "7"), (2, 2, "7"), (3, 2, "7")]
+        assert cur.fetchall() == [(1, 2, "7"), (3, 2, "7")]
     conn.commit()
 
 
 def test_json_kinds_follow_the_base_type():
     from golconde.schema import Column
-    assert bulk.json_kinds(Column("p", "posint", base_type="integer")) >= {int, Decimal, str}
+    assert bulk.json_kinds(Column("p", "posint", base_type="integer")) >= {int, str}
+    assert Decimal not in bulk.json_kinds(Column("p", "posint", base_type="integer"))
+    assert Decimal in bulk.json_kinds(Column("n", "numeric"))
     assert bool not in bulk.json_kinds(Column("i", "integer"))
     assert bulk.json_kinds(Column("t", "text")) >= {int, bool, str, type(None)}
     assert Decimal not in bulk.json_kinds(Column("t", "character varying"))

@@ -123,7 +123,9 @@ def test_conflict_key_none():
 def test_bind_plain_values():
     assert bind(USERS, col("name"), None) is None
     assert bind(USERS, col("name"), "x") == "x"
-    assert bind(USERS, col("id"), Decimal("1.5")) == Decimal("1.5")
+    assert bind(USERS, col("id"), Decimal("2.0")) == Decimal("2.0")
+    with pytest.raises(PacketError, match=r"expected an integer, not 1.5 \(PostgreSQL would round it\)"):
+        bind(USERS, col("id"), Decimal("1.5"))
     assert bind(USERS, col("name"), True) is True
     with pytest.raises(PacketError, match="expected a number, not true"):
         bind(USERS, col("id"), True)
