@@ -35,7 +35,7 @@ from .broker import (CREATED_HEADER, ID_HEADER, BrokerConnection, BrokerError, D
                      Receipt, send_all_async)
 from .config import queue_key
 from .errors import GolcondeError, PacketError, StopListener, describe
-from .listener import Confirmations, Listener, QueueConsumer
+from .listener import Confirmations, Listener, QueueConsumer, connect
 from .packet import dumps, parse
 from .stats import ThreadStats
 
@@ -283,8 +283,7 @@ class TriggerDestination(Listener):
     def open(self) -> None:
         super().open()
         if self.listen_db is None or self.listen_db.closed:
-            self.listen_db = psycopg2.connect(self.config.pgsql, connect_timeout=10,
-                                              application_name=("golconde listen " + self.name)[:63])
+            self.listen_db = connect(self.config.pgsql, "golconde listen " + self.name)
             self.listen_db.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
             with self.listen_db.cursor() as cur:
                 cur.execute("LISTEN golconde")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -51,6 +52,29 @@ PRUNE_RETRY = 10.0
 #: Failed attempts in a row (to connect or to get through a cycle) after which a listener reports
 #: the standing problem ``failing`` (/health fails) until a cycle succeeds.
 FAILING_AFTER = 3
+
+
+#: libpq settings of the daemon's database sessions where their DSN does not set them: give up
+#: connecting after 10 s; TCP keepalives after 30 s idle, every 10 s, 3 unanswered probes end the
+#: session (libpq's default leaves it to the kernel: about 2 hours); and data unacknowledged for
+#: 60 s ends it (``tcp_user_timeout``, ms). A network cut mid-batch is so noticed within about a
+#: minute instead of blocking the listener for hours (libpq's documentation, "Parameter Key
+#: Words"; Unix-domain sockets ignore them).
+SESSION_DEFAULTS = {"connect_timeout": "10", "keepalives": "1", "keepalives_idle": "30",
+                    "keepalives_interval": "10", "keepalives_count": "3",
+                    "tcp_user_timeout": "60000"}
+
+
+def connect(dsn: str, application_name: str) -> Any:
+    """A psycopg2 connection to ``dsn`` named ``application_name`` (at most 63 characters), with
+    :data:`SESSION_DEFAULTS` for what the DSN leaves unset.
+
+    :raises psycopg2.OperationalError: the connection failed."""
+    given = psycopg2.extensions.parse_dsn(dsn)
+    settings = {key: value for key, value in SESSION_DEFAULTS.items() if key not in given}
+    if "PGCONNECT_TIMEOUT" in os.environ:
+        settings.pop("connect_timeout", None)
+    return psycopg2.connect(dsn, application_name=application_name[:63], **settings)
 
 
 def session_token() -> str:
@@ -176,8 +200,7 @@ class Listener(threading.Thread):
         if self.db is not None and not self.db.closed:
             return
         self.stats.set_state(database="connecting")
-        self.db = psycopg2.connect(self.config.pgsql, connect_timeout=10,
-                                   application_name=self.application_name)
+        self.db = connect(self.config.pgsql, self.application_name)
         self._note_connected("database")   # even if the set-up below fails: it was a reconnect
         try:
             self.on_database_open(self.db)

@@ -894,3 +894,38 @@ def test_a_listener_failing_again_and_again_fails_the_health_check_until_it_gets
             drop_database(late)
     finally:
         daemon.stop()
+
+
+def test_daemon_sessions_notice_a_silent_network_within_a_minute(flow, database):
+    """The daemon's database sessions carry TCP keepalives (30 s idle, 10 s apart, 3 probes) and
+    a 60 s TCP user timeout unless their DSN sets them, so a network cut mid-batch ends the
+    session within about a minute instead of the kernel's two hours; the DSN's own values win."""
+    import os
+    import socket
+
+    from golconde import listener as listener_module
+
+    def options(conn):
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        try:
+            return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0,
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
+        finally:
+            sock.close()
+
+    with running(flow.config()) as daemon:
+        target = daemon.listeners["%s_target1" % flow.name]
+        wait_for(lambda: target.db is not None and not target.db.closed, timeout=20,
+                 message="the target's session")
+        assert options(target.db) == (True, 30, 10, 3, 60000)
+    own = listener_module.connect(database + " keepalives_idle=7 tcp_user_timeout=5000", "t")
+    try:
+        assert options(own) == (True, 7, 10, 3, 5000)
+        with own.cursor() as cur:
+            cur.execute("SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+            assert cur.fetchone() == ("t",)
+    finally:
+        own.close()
