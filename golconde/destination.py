@@ -47,6 +47,8 @@ QUEUE_RETRY = 10.0
 BACKLOG_INTERVAL = 5.0
 #: Seconds between attempts to truncate sent partitions of the queue table.
 ROTATE_INTERVAL = 10.0
+#: Least seconds between tries for the drain lock another process holds (or ``poll_interval``).
+DRAIN_LOCK_RETRY = 1.0
 #: Seconds between checks that the destination's capture triggers name their tables' primary keys
 #: (golconde.trigger.key_mismatches): a primary key changed after the install goes unnoticed by
 #: the trigger, whose key columns are its arguments.
@@ -250,6 +252,7 @@ class TriggerDestination(Listener):
         self.dead_letter_broker = self.outbound_for(config.stomp)
         self.listen_db: Any = None
         self.locked = False
+        self._lock_waiting = False      # waiting for the drain lock another process holds
         self._last_backlog = 0.0
         self._last_rows = 0.0
         self._last_fetch = 0.0
@@ -289,12 +292,18 @@ class TriggerDestination(Listener):
                 cur.execute("LISTEN golconde")
         if not self.locked:
             self._require_queue_table()
-            self.locked = trigger.acquire_drain_lock(self.db, self.config.name)
+            self.locked = trigger.acquire_drain_lock(self.db, self.config.name,
+                                                     stale_holder=self.application_name)
             if not self.locked:
                 self.stats.set_error("another process drains destination %s" % self.config.name)
-                LOGGER.warning("[%s] another process holds the drain lock; waiting", self.name)
-                self._stopping.wait(self.config.poll_interval)
+                if not self._lock_waiting:      # once per wait, not at every try
+                    LOGGER.warning("[%s] another process holds the drain lock; waiting", self.name)
+                self._lock_waiting = True
+                self._stopping.wait(max(self.config.poll_interval, DRAIN_LOCK_RETRY))
                 return
+            if self._lock_waiting:
+                LOGGER.info("[%s] took the drain lock", self.name)
+                self._lock_waiting = False
             # the saved position: another process may have drained while this one had no lock
             with self.db.cursor() as cur:
                 self._position = self._confirmed = trigger.load_position(cur, self.config.name)

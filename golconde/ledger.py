@@ -109,8 +109,17 @@ def acquire_consumer_lock(connection: Any, queue: str, stale_holder: Optional[st
                           wait: float = 2.0) -> bool:
     """Try to take the session-level advisory lock ``consume:<queue>`` in ``connection``'s
     database: one listener at a time applies a queue there, in order (a second golconded started
-    with the same configuration waits instead of taking every other batch). Held until the
-    connection closes; commits the transaction it opens when the connection was idle.
+    with the same configuration waits instead of taking every other batch). See
+    :func:`acquire_session_lock`."""
+    return acquire_session_lock(connection, "consume:" + queue, stale_holder, wait)
+
+
+def acquire_session_lock(connection: Any, name: str, stale_holder: Optional[str] = None,
+                         wait: float = 2.0) -> bool:
+    """Try to take the session-level advisory lock :func:`advisory_key` ``(name)`` in
+    ``connection``'s database. Held until the connection closes (session locks stack: each
+    success needs one ``pg_advisory_unlock``); commits the transaction it opens when the
+    connection was idle.
 
     :param stale_holder: the ``application_name`` of this listener's own earlier sessions: one
         that still holds the lock is a session the server has not seen die (a network cut: its
@@ -119,7 +128,7 @@ def acquire_consumer_lock(connection: Any, queue: str, stale_holder: Optional[st
         ``wait`` seconds. A holder of another name (another daemon) is left alone.
     :returns: True when this connection holds the lock (again), False when another session does.
     """
-    key = advisory_key("consume:" + queue)
+    key = advisory_key(name)
     idle = connection.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
     try:
         with connection.cursor() as cur:
@@ -137,8 +146,7 @@ def acquire_consumer_lock(connection: Any, queue: str, stale_holder: Optional[st
                             ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF, stale_holder))
                 if any(row[0] for row in cur.fetchall()):
                     LOGGER.warning("terminated this listener's own earlier session, which still held"
-                                   " the lock on %s (a connection the server had not seen die)",
-                                   queue)
+                                   " the lock %s (a connection the server had not seen die)", name)
                     deadline = time.monotonic() + wait
                     while not held and time.monotonic() < deadline:
                         cur.execute("SELECT pg_try_advisory_lock(%s)", (key,))

@@ -968,17 +968,21 @@ def delete_sent(conn: psycopg2.extensions.connection, destination: str,
 
 # -- the drain lock -------------------------------------------------------------------------------
 
-def acquire_drain_lock(conn: psycopg2.extensions.connection, destination: str) -> bool:
+def acquire_drain_lock(conn: psycopg2.extensions.connection, destination: str,
+                       stale_holder: Optional[str] = None) -> bool:
     """Try to take the session-level advisory lock that lets one daemon drain ``destination``.
 
     The lock key is the first 64 bits of ``md5("golconde:drain:<destination>")``. It is held by the
     connection until :func:`release_drain_lock` or until the connection closes (a crashed daemon
     frees it). Session locks stack: each successful call on a connection needs one release. When
     ``conn`` was idle outside autocommit, the transaction this opens is committed (the lock stays).
+    With ``stale_holder`` (the drain's own sessions' ``application_name``), an earlier session of
+    this drain that still holds the lock (cut, not yet seen dead by the server) is terminated
+    (:func:`golconde.ledger.acquire_session_lock`).
 
     :returns: True when this connection holds the lock, False when another session does.
     """
-    return _advisory(conn, "SELECT pg_try_advisory_lock(%s)", destination)
+    return ledger.acquire_session_lock(conn, "drain:" + destination, stale_holder)
 
 
 def release_drain_lock(conn: psycopg2.extensions.connection, destination: str) -> bool:

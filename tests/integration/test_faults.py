@@ -929,3 +929,30 @@ def test_daemon_sessions_notice_a_silent_network_within_a_minute(flow, database)
             assert cur.fetchone() == ("t",)
     finally:
         own.close()
+
+
+def test_a_drain_ends_its_own_stale_session_that_still_holds_the_drain_lock(make_database,
+                                                                              cleanup_queues,
+                                                                              monkeypatch):
+    """The trigger drain's own earlier session, cut and not yet seen dead by the server, still
+    holds the drain lock: it is terminated and the drain goes on, where it had waited (and
+    warned at every poll) until TCP gave up, hours later."""
+    from golconde import listener as listener_module
+
+    monkeypatch.setattr(listener_module, "session_token", lambda: "stale456")
+    flow = items_trigger_flow(make_database, cleanup_queues)
+    stale = psycopg2.connect(flow.canonical, application_name=("golconde %s stale456" % flow.name)[:63])
+    stale.autocommit = True
+    assert trigger.acquire_drain_lock(stale, flow.name)
+    try:
+        execute(flow.canonical, "INSERT INTO items SELECT g, g, NULL FROM generate_series(1, 50) g")
+        with running(flow.config()) as daemon:
+            rows = query(flow.canonical, "SELECT id, n FROM items ORDER BY id")
+            wait_for(lambda: all(query(t, "SELECT id, n FROM items ORDER BY id") == rows
+                                 for t in flow.targets), timeout=30, message="drained past the stale lock")
+            assert "another process" not in (thread_stats(daemon)[flow.name]["last_error"] or "")
+        with pytest.raises(psycopg2.Error):
+            with stale.cursor() as cur:
+                cur.execute("SELECT 1")
+    finally:
+        stale.close()
