@@ -38,6 +38,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .broker import CREATED_HEADER, ID_HEADER, REPLAYED_HEADER, BrokerConnection, Delivery
 from .errors import ConfigError, GolcondeError
+from .status import management_serves
 
 LOGGER = logging.getLogger(__name__)
 
@@ -214,7 +215,8 @@ class DeadLetterQueue:
     :param broker: a :class:`golconde.config.BrokerConfig` (address, login, passcode, vhost).
     :param queue: the dead-letter queue, e.g. ``/queue/golconde.friendships.dlq``.
     :param management_url: the RabbitMQ management API's base URL; ``None``: port
-        :data:`MANAGEMENT_PORT` of the broker's host; ``""``: never use it (STOMP only).
+        :data:`MANAGEMENT_PORT` of the broker's host where that API is the broker's
+        (:func:`golconde.status.management_serves`); ``""``: never use it (STOMP only).
     :param idle: seconds without a new packet after which a STOMP read ends.
     """
 
@@ -224,11 +226,18 @@ class DeadLetterQueue:
         self.queue = queue
         self.idle = idle
         name = amqp_queue_name(queue)
-        if management_url is None:
+        guessed = management_url is None
+        if guessed:
             host = "[%s]" % broker.host if ":" in broker.host else broker.host
             management_url = "http://%s:%d" % (host, MANAGEMENT_PORT)
         self.management = (ManagementAPI(management_url, broker.login, broker.passcode,
                                          broker.vhost) if management_url and name else None)
+        if self.management is not None and guessed:
+            # the default URL: only if that RabbitMQ is this broker (not one beside an ActiveMQ)
+            why_not = management_serves(self.management.url, broker)
+            if why_not is not None:
+                LOGGER.info("%s; reading %s over STOMP", why_not, queue)
+                self.management = None
         self._amqp_name = name
         #: how the last :meth:`list` read the queue: ``"management API"`` or ``"STOMP"``
         self.read_via: Optional[str] = None

@@ -284,3 +284,31 @@ def test_ids_not_found_or_past_the_limit_are_reported(flow, capsys):
         "skipped": [{"golconde_id": "other", "why": "not reached: --limit 1 was reached first"}]}
     assert dlq_list(capsys, flow) == []
 
+
+
+def test_the_default_management_url_is_used_only_for_its_own_broker(make_database, broker):
+    """With both brokers on one host (as the set-up installs them), RabbitMQ's management API
+    answers for any queue name, "none here", also for an ActiveMQ queue: the default URL is used
+    only when that RabbitMQ's STOMP port is the broker's, so an ActiveMQ dead-letter queue is
+    read over STOMP and counted by nobody, not listed or counted as empty."""
+    from golconde.status import Management
+
+    canonical = make_database()
+    config = parse_config(make_config(canonical, {"t1": make_database()}, "public.items", broker=broker))
+    stomp, queue = config.destinations[0].stomp, config.destinations[0].dead_letter_queue
+    body = '{"action": "add", "data": {"n": 1}}'
+    send_raw(queue, [body], [{"golconde-id": "dl-1", "golconde-reason": "for the test"}], broker=broker)
+    dlq = dlq_module.DeadLetterQueue(stomp, queue)
+    try:
+        listed = dlq.list()
+        assert [(d.packet_id, d.body.decode("utf-8")) for d in listed] == [("dl-1", body)]
+        depth, why = Management().depth(stomp, queue)
+        if broker.name == "rabbitmq":
+            assert dlq.read_via == "management API" and dlq.depth() == 1
+            # its statistics are refreshed every few seconds: a new queue may have none yet
+            assert (depth, why) == (1, None) or "no statistics yet" in why, (depth, why)
+        else:
+            assert dlq.read_via == "STOMP" and dlq.depth() is None
+            assert depth is None and "not this broker's" in why, why
+    finally:
+        dlq.purge()
