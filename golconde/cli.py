@@ -402,11 +402,11 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare_config
     config = _load_config(args.config or default_config_path(), "golconde")
+    if args.destination and args.destination not in [d.name for d in config.destinations]:
+        raise ConfigError("Destinations.%s: no such destination" % args.destination)
     differences = 0
     relations = {d.name: (d.target, {t.name: t.target for t in d.targets}) for d in config.destinations}
-    for destination, target, result in compare_config(config):
-        if args.destination and destination != args.destination:
-            continue
+    for destination, target, result in compare_config(config, args.destination or None):
         differences += 0 if result.equal else 1
         canonical_relation, targets = relations[destination]
         print("%s %s -> %s %s: %s" % (destination, canonical_relation, target,

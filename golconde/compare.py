@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import psycopg2
 from psycopg2 import sql
 
 from .errors import ConfigError, GolcondeError, describe
+from .packet import dumps
 from .schema import Relation, parse_relation
 
 LOGGER = logging.getLogger(__name__)
@@ -89,28 +90,38 @@ class CompareResult:
 
 
 def compare(canonical_dsn: str, canonical_relation: str, target_dsn: str,
-            target_relation: str) -> CompareResult:
+            target_relation: str, mapping: Any = None) -> CompareResult:
     """Compare ``canonical_relation`` in database ``canonical_dsn`` with ``target_relation`` in
     ``target_dsn`` (see the module documentation for the algorithm). Opens and closes its own
     read-only connections.
 
     :param canonical_relation: ``[schema.]table`` (a missing schema means ``public``).
+    :param mapping: the target's :class:`~golconde.mapping.TargetMapping`, if any: each canonical
+        column is compared with the target column it is renamed to; excluded columns, constants'
+        and ``defaults`` columns are not compared; the canonical side counts only the rows its
+        filter lets through, evaluated by PostgreSQL on the canonical row (each value cast to
+        the column's type).
     :returns: a :class:`CompareResult`.
     :raises CompareError: a relation does not exist or cannot be parsed, or no column in common.
-    :raises psycopg2.Error: connection or query failure.
+    :raises psycopg2.Error: connection or query failure (a filter value the column's type cannot
+        read, too).
     """
     canonical = _parse(canonical_relation)
     target = _parse(target_relation)
     with _connect(canonical_dsn) as canonical_conn, _connect(target_dsn) as target_conn:
-        canonical_columns = _columns(canonical_conn, canonical)
-        target_columns = _columns(target_conn, target)
-        common = tuple(name for name in canonical_columns if name in target_columns)
-        ignored = tuple([name for name in canonical_columns if name not in target_columns]
-                        + [name for name in target_columns if name not in canonical_columns])
+        canonical_types = _columns(canonical_conn, canonical)
+        canonical_columns = tuple(canonical_types)
+        target_columns = tuple(_columns(target_conn, target))
+        pairs = _pairs(canonical_columns, target_columns, mapping)
+        common = tuple(name for name, _ in pairs)
+        compared_targets = {name for _, name in pairs}
+        ignored = tuple([name for name in canonical_columns if name not in common]
+                        + [name for name in target_columns if name not in compared_targets])
         if not common:
             raise CompareError("%s and %s have no column in common" % (canonical, target))
-        canonical_count, canonical_hash = _digest(canonical_conn, canonical, common)
-        target_count, target_hash = _digest(target_conn, target, common)
+        where = _filter(mapping, canonical_types) if mapping else None
+        canonical_count, canonical_hash = _digest(canonical_conn, canonical, common, where)
+        target_count, target_hash = _digest(target_conn, target, tuple(name for _, name in pairs))
     equal = canonical_count == target_count and canonical_hash == target_hash
     result = CompareResult(equal, canonical_count, target_count, canonical_hash, target_hash,
                            common, ignored)
@@ -118,8 +129,10 @@ def compare(canonical_dsn: str, canonical_relation: str, target_dsn: str,
     return result
 
 
-def compare_config(config: Any) -> List[Tuple[str, str, CompareResult]]:
-    """Compare every destination's canonical relation with each of its targets.
+def compare_config(config: Any, destination_name: Optional[str] = None,
+                   ) -> List[Tuple[str, str, CompareResult]]:
+    """Compare every destination's canonical relation (or only ``destination_name``'s) with each
+    of its targets, through each target's mapping where it has one.
 
     :param config: an object with ``.destinations`` (a sequence, or a mapping of name to
         destination); each destination has ``.name``, ``.pgsql`` (DSN), ``.target`` (relation) and
@@ -131,9 +144,12 @@ def compare_config(config: Any) -> List[Tuple[str, str, CompareResult]]:
     """
     results = []
     for destination in _values(config.destinations):
+        if destination_name is not None and destination.name != destination_name:
+            continue
         for target in _values(getattr(destination, "targets", None)):
             try:
-                result = compare(destination.pgsql, destination.target, target.pgsql, target.target)
+                result = compare(destination.pgsql, destination.target, target.pgsql, target.target,
+                                 getattr(target, "mapping", None) or None)
             except (GolcondeError, psycopg2.Error) as exc:
                 LOGGER.error("destination %s, target %s: cannot compare: %s", destination.name,
                              target.name, describe(exc))
@@ -178,8 +194,70 @@ class _connect:
         self.conn.close()
 
 
-def _columns(conn: Any, relation: Relation) -> Tuple[str, ...]:
-    """Column names of ``relation`` in order (dropped and system columns excluded)."""
+def _pairs(canonical: Sequence[str], target: Sequence[str],
+           mapping: Any) -> List[Tuple[str, str]]:
+    """``[(canonical column, target column), ...]`` to compare, in canonical order: the same
+    name, or, with a mapping, the name it is renamed to (matched exactly, else
+    case-insensitively), leaving out excluded columns and the target's constant and default
+    columns."""
+    exact = set(target)
+    folded: Dict[str, str] = {}
+    for name in target:
+        folded.setdefault(name.lower(), name)
+    pairs = []
+    for name in canonical:
+        if mapping is None:
+            if name in exact:
+                pairs.append((name, name))
+            continue
+        if mapping.excluded(name):
+            continue
+        wanted = mapping.rename(name)
+        found = wanted if wanted in exact else folded.get(wanted.lower())
+        if found is not None and not mapping.written_by_mapping(found):
+            pairs.append((name, found))
+    return pairs
+
+
+def _filter(mapping: Any, types: Mapping[str, str]) -> Optional[sql.Composed]:
+    """The mapping's filter as a WHERE condition on the canonical relation (values bound, cast to
+    the column's type), or None without one."""
+    parts = []
+    for condition in mapping.conditions:
+        column = condition.column if condition.column in types else next(
+            (name for name in types if name.lower() == condition.column.lower()), None)
+        if column is None:
+            raise CompareError("the filter's column %r is no column of the canonical relation"
+                               % condition.column)
+        ident, kind = sql.Identifier(column), sql.SQL(types[column])
+        if condition.operator == "is_null":
+            parts.append(sql.SQL("{} IS NULL" if condition.value else "{} IS NOT NULL").format(ident))
+            continue
+        values = condition.value if condition.operator == "in" else (condition.value,)
+        if any(value is None for value in values):        # SQL: = NULL is never true
+            parts.append(sql.SQL("false"))
+            continue
+        casts = sql.SQL(", ").join(sql.SQL("CAST({} AS {})").format(sql.Literal(_text(value)), kind)
+                                   for value in values)
+        operator = {"eq": "=", "ne": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<=",
+                    "in": "IN"}[condition.operator]
+        template = "{} IN ({})" if operator == "IN" else "{} %s {}" % operator
+        parts.append(sql.SQL(template).format(ident, casts))
+    return sql.SQL(" AND ").join(parts) if parts else None
+
+
+def _text(value: Any) -> str:
+    """A filter value (as decoded from JSON) as the text its column's type reads."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    return dumps(value)
+
+
+def _columns(conn: Any, relation: Relation) -> Dict[str, str]:
+    """``{column name: type}`` of ``relation`` in order (dropped and system columns excluded;
+    the type as ``format_type`` writes it)."""
     with conn.cursor() as cur:
         cur.execute("SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
                     " WHERE n.nspname = %s AND c.relname = %s"
@@ -189,18 +267,22 @@ def _columns(conn: Any, relation: Relation) -> Tuple[str, ...]:
         if row is None:
             raise CompareError("relation %s does not exist (database %s)"
                                % (relation, conn.info.dbname))
-        cur.execute("SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0"
-                    " AND NOT attisdropped ORDER BY attnum", (row[0],))
-        return tuple(name for (name,) in cur.fetchall())
+        cur.execute("SELECT attname, pg_catalog.format_type(atttypid, atttypmod) FROM pg_attribute"
+                    " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                    (row[0],))
+        return dict(cur.fetchall())
 
 
-def _digest(conn: Any, relation: Relation, columns: Tuple[str, ...]) -> Tuple[int, int]:
-    """``(count, sum of 60-bit row hashes)`` of ``columns`` of ``relation``."""
+def _digest(conn: Any, relation: Relation, columns: Tuple[str, ...],
+            where: Optional[sql.Composed] = None) -> Tuple[int, int]:
+    """``(count, sum of 60-bit row hashes)`` of ``columns`` of ``relation`` (of its rows where
+    ``where`` holds, when given)."""
     row_text = sql.SQL("ROW({})::text").format(
         sql.SQL(", ").join(sql.Identifier(name) for name in columns))
     query = sql.SQL("SELECT count(*), coalesce(sum(('x' || substr(md5({}), 1, 15))::bit(60)"
-                    "::bigint::numeric), 0) FROM {}").format(
-                        row_text, sql.Identifier(relation.schema, relation.name))
+                    "::bigint::numeric), 0) FROM {}{}").format(
+                        row_text, sql.Identifier(relation.schema, relation.name),
+                        sql.SQL(" WHERE ") + where if where is not None else sql.SQL(""))
     with conn.cursor() as cur:
         cur.execute(query)
         count, total = cur.fetchone()

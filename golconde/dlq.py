@@ -48,6 +48,8 @@ CONSUMER_HEADER = "golconde-consumer"
 DEAD_LETTERED_AT_HEADER = "golconde-dead-lettered-at"
 #: Headers a replayed packet keeps (besides ``persistent``, which every send sets).
 REPLAY_HEADERS = (ID_HEADER, CREATED_HEADER, "golconde-destination", "content-type")
+#: Most packets ``golconde dlq list --id`` reads to find them, unless ``--limit`` says otherwise.
+LIST_ID_LIMIT = 10000
 #: Port of RabbitMQ's management API, used when no URL is given.
 MANAGEMENT_PORT = 15672
 #: Packets per confirmed batch when replaying.
@@ -482,16 +484,24 @@ def run(args: Any, config: Any, out: Any) -> int:
     """``golconde dlq list|replay|purge`` (``args`` from the argparse sub-command: ``operation``,
     ``destination``, ``target``, ``queue``, ``limit``, ``json``, ``yes``, ``id``,
     ``management_url``, ``body_limit``). Returns the exit status: 0 done, 1 some packets were
-    skipped, 2 usage error.
+    skipped (``list --id``: some id not found), 2 usage error.
 
     :raises ConfigError: see :func:`locate`. :raises DeadLetterError: the broker failed.
     """
     broker, queue = locate(config, args.destination, args.target, args.queue)
     dlq = DeadLetterQueue(broker, queue, management_url=args.management_url)
     if args.operation == "list":
-        _print_list(dlq, dlq.list(args.limit if args.limit is not None else 100, args.body_limit),
-                    args.body_limit, args.json, out)
-        return 0
+        wanted = set(args.id or ())
+        # with --id, the packets are looked for further than the 100 listed by default
+        limit = args.limit if args.limit is not None else (LIST_ID_LIMIT if wanted else 100)
+        letters = dlq.list(limit, args.body_limit)
+        if wanted:
+            letters = [letter for letter in letters if letter.packet_id in wanted]
+        _print_list(dlq, letters, args.body_limit, args.json, out)
+        missing = sorted(wanted - {letter.packet_id for letter in letters})
+        for pid in missing:
+            LOGGER.error("no packet with golconde-id %s among the first %d of %s", pid, limit, queue)
+        return 1 if missing else 0
     if args.operation == "purge" and not args.yes:
         out.write("golconde: purge drops dead-lettered packets for good: add --yes to confirm\n")
         return 2

@@ -299,6 +299,15 @@ class TargetMapping:
                                                                  name, relation)
                 for where, name in wanted if names.find(name) is None]
 
+    def excluded(self, canonical: str) -> bool:
+        """Whether canonical column ``canonical`` is never written to the target (``exclude``)."""
+        return self._dropped[0].find(canonical) is not None
+
+    def written_by_mapping(self, target: str) -> bool:
+        """Whether target column ``target`` is a constant's or left to its DEFAULT, never a
+        canonical column's value."""
+        return self._dropped[1].find(target) is not None
+
     # -- the parts -------------------------------------------------------------------------------
     def rename(self, key: str) -> str:
         """The target column for the canonical packet key ``key``."""

@@ -83,6 +83,10 @@ def test_trigger_install_remove_and_compare(make_database, tmp_path):
     execute(target, "INSERT INTO items VALUES (1, 'a'), (2, 'b')")
     result = run("golconde.cli", "compare", "-c", path)
     assert result.returncode == 0 and "all targets equal" in result.stdout, result.stdout
+    result = run("golconde.cli", "compare", "-c", path, "--destination", "Items")
+    assert result.returncode == 0 and "Items items -> t1 items: equal: 2 rows" in result.stdout
+    result = run("golconde.cli", "compare", "-c", path, "--destination", "Itemz")   # misspelt
+    assert result.returncode != 0 and "Destinations.Itemz: no such destination" in result.stderr
     # with the configuration: a client-mode destination drains no queue table; another table's
     # changes go to the destination's targets all the same; both installed, with warnings
     result = run("golconde.cli", "trigger", "install", "-c", path, "--destination", "Items",

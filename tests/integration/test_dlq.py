@@ -234,6 +234,11 @@ def test_replay_selected_ids_and_leaves_what_it_cannot_replay(flow, capsys):
     for dsn in flow["dbs"]:
         wait_for(lambda dsn=dsn: rows(dsn) == [(2, None, "y")], timeout=30, message="second applied")
     assert [p["golconde_id"] for p in dlq_list(capsys, flow)] == [first, "from-trigger", None]
+    # list --id lists those packets only, and says which it did not find (exit status 1)
+    assert [p["golconde_id"] for p in dlq_list(capsys, flow, "--id", "from-trigger")] == ["from-trigger"]
+    status, out = cli(capsys, "dlq", "list", "-c", flow["path"], "--destination", name, "--json",
+                      "--id", first, "--id", "nonexistent")
+    assert status == 1 and [p["golconde_id"] for p in json.loads(out)["packets"]] == [first]
 
     status, out = cli(capsys, "dlq", "replay", "-c", flow["path"], "--destination", name)
     assert status == 1

@@ -10,6 +10,7 @@ import pytest
 
 from golconde import trigger
 from golconde.client import Client
+from golconde.compare import compare_config
 from golconde.daemon import Daemon
 
 from ..conftest import STOMP_LOGIN, STOMP_PASSCODE, stomp_address
@@ -170,6 +171,14 @@ def test_trigger_flow_filter_moves_rows_in_and_out(databases):
                           " OR source <> 'canonical' OR created <> '2000-01-01 00:00:00+00'") == [(0,)]
         wait_for(lambda: query(copy, "SELECT id, name, status_id FROM users ORDER BY id")
                  == query(canonical, "SELECT id, name, status_id FROM users ORDER BY id"), message="copy")
+        # golconde compare goes through the mapping: renamed columns, the filter, and neither
+        # the excluded column nor the constant's and the default's
+        results = {target: result for _, target, result in compare_config(config)}
+        assert results["crm"].equal and results["copy"].equal, results
+        assert results["crm"].canonical_count == len(query(canonical, PROJECTION))
+        assert set(results["crm"].ignored) == {"password_hash", "source", "created"}, results["crm"]
+        execute(crm, "UPDATE crm.customer SET email = 'changed' WHERE customer_id = 1000")
+        assert not compare_config(config)[0][2].equal
     finally:
         assert daemon.stop()
 
