@@ -53,6 +53,8 @@ DRAIN_LOCK_RETRY = 1.0
 #: (golconde.trigger.key_mismatches): a primary key changed after the install goes unnoticed by
 #: the trigger, whose key columns are its arguments.
 KEY_CHECK_INTERVAL = 60.0
+#: Seconds between checks of the target mappings' canonical-side names (:func:`check_mappings`).
+MAPPING_CHECK_INTERVAL = 60.0
 #: Seconds between writes of the drain's confirmed position while batches flow (each write is a
 #: commit on the canonical database; a crash re-sends at most this much more, which the targets'
 #: ledgers recognise). Once idle, the position is written at once.
@@ -75,7 +77,8 @@ def check_mappings(listener: Listener, db: Any) -> None:
     canonical relation (:meth:`golconde.mapping.TargetMapping.canonical_problems`): a misspelt
     name would let a column through that was to be renamed or excluded, or every row through a
     filter. Reported as a standing problem of the destination (logged as an error when it
-    appears; /health fails) until a reconnect finds it fixed; the flow goes on."""
+    appears; /health fails) until a check finds it fixed (at each connect, and every
+    :data:`MAPPING_CHECK_INTERVAL` seconds: :class:`MappingCheck`); the flow goes on."""
     config = listener.config
     mapped = [target for target in config.targets if getattr(target, "mapping", None)]
     if not mapped:
@@ -95,6 +98,24 @@ def check_mappings(listener: Listener, db: Any) -> None:
     text = "; ".join(problems) or None
     if listener.stats.set_problem("mappings", text) and text is not None:
         LOGGER.error("[%s] %s", listener.name, text)
+
+
+class MappingCheck:
+    """:func:`check_mappings` again every :data:`MAPPING_CHECK_INTERVAL` seconds (a column added
+    to the canonical table clears the problem without a reconnect)."""
+
+    def __init__(self) -> None:
+        self.next = time.monotonic() + MAPPING_CHECK_INTERVAL
+
+    def connected(self) -> None:
+        """A check ran at connect: the next one is an interval away."""
+        self.next = time.monotonic() + MAPPING_CHECK_INTERVAL
+
+    def when_due(self, listener: Listener, db: Any) -> None:
+        now = time.monotonic()
+        if now >= self.next and db is not None and not db.closed:
+            self.next = now + MAPPING_CHECK_INTERVAL
+            check_mappings(listener, db)
 
 
 class FanOut:
@@ -146,10 +167,16 @@ class ClientDestination(QueueConsumer):
         #: replies go on a connection of their own: a refused reply (a queue declared with other
         #: arguments, no write permission) makes RabbitMQ close the connection it came on
         self._replies: Optional[BrokerConnection] = None
+        self._mapping_check = MappingCheck()
 
     def on_database_open(self, db: Any) -> None:
         super().on_database_open(db)
         check_mappings(self, db)
+        self._mapping_check.connected()
+
+    def cycle(self) -> None:
+        super().cycle()
+        self._mapping_check.when_due(self, self.db)
 
     def close(self) -> None:
         replies, self._replies = self._replies, None
@@ -253,6 +280,7 @@ class TriggerDestination(Listener):
         self.listen_db: Any = None
         self.locked = False
         self._lock_waiting = False      # waiting for the drain lock another process holds
+        self._mapping_check = MappingCheck()
         self._last_backlog = 0.0
         self._last_rows = 0.0
         self._last_fetch = 0.0
@@ -282,6 +310,7 @@ class TriggerDestination(Listener):
         db.autocommit = True
         self.locked = False
         check_mappings(self, db)
+        self._mapping_check.connected()
 
     def open(self) -> None:
         super().open()
@@ -372,6 +401,7 @@ class TriggerDestination(Listener):
             return
         self._settle(keep=self.max_pipeline - 1)
         self._rotate()
+        self._mapping_check.when_due(self, self.db)
         self._check_keys()
         since = time.monotonic() - self._last_fetch
         linger = self.config.batch_linger

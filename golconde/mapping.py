@@ -51,7 +51,8 @@ Transformation of a packet
   moving a row *into* the filter must carry the filter's columns and the whole row (or be sent as a
   ``set``), else the row inserted holds only what the update carried.
 
-Comparisons: numbers numerically (a numeric string against a number filter value too); two
+Comparisons: numbers numerically (a numeric string against a number filter value too); a boolean
+filter value with the strings PostgreSQL reads as booleans (``"t"``, ``"on"``, ``"1"``...); two
 ISO 8601 timestamps with UTC offsets as points in time (the capture trigger writes a timestamptz
 in the writer's time zone); other strings as text (so timestamps without an offset order
 correctly only when written in the same time zone); ``eq``/``ne``/``in``
@@ -156,9 +157,28 @@ def _texts(value: str, expected: str) -> Tuple[Any, Any]:
     return value, expected
 
 
+def _boolean(value: Any) -> Optional[bool]:
+    """``value`` as PostgreSQL's boolean input reads it (``boolin``: ``true``/``false``,
+    ``yes``/``no``, ``on``/``off``, ``1``/``0`` and any unique prefix, in any case, blanks around
+    ignored; the packet may send a boolean column so), else ``None``."""
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        return None
+    word = value.strip().lower()
+    if not word:
+        return None
+    if "true".startswith(word) or "yes".startswith(word) or word == "on" or word == "1":
+        return True
+    if "false".startswith(word) or "no".startswith(word) or word in ("of", "off", "0"):
+        return False
+    return None
+
+
 def _equal(value: Any, expected: Any) -> bool:
     if isinstance(expected, bool) or isinstance(value, bool):
-        return isinstance(value, bool) and isinstance(expected, bool) and value == expected
+        left, right = _boolean(value), _boolean(expected)
+        return left is not None and left == right
     if isinstance(expected, (int, float, Decimal)):
         number = _number(value)
         return number is not None and number == _number(expected)

@@ -8,6 +8,7 @@ import uuid
 import psycopg2
 import pytest
 
+from golconde import destination as destination_module
 from golconde import trigger
 from golconde.client import Client
 from golconde.compare import compare_config
@@ -284,6 +285,7 @@ def test_mapping_names_are_checked_against_both_tables(databases, monkeypatch):
     from golconde.metrics import health
 
     monkeypatch.setattr(autosql, "RELATION_RETRY", 0.5)
+    monkeypatch.setattr(destination_module, "MAPPING_CHECK_INTERVAL", 0.5)
     canonical, crm, copy = databases
     mapping = make_config(canonical, {"crm": crm, "copy": copy}, "public.users")
     destination = next(iter(mapping["Destinations"].values()))
@@ -309,6 +311,13 @@ def test_mapping_names_are_checked_against_both_tables(databases, monkeypatch):
         execute(crm, "ALTER TABLE crm.customer RENAME full_name TO fullname")
         wait_for(lambda: query(crm, "SELECT customer_id, fullname FROM crm.customer") == [(1, "Ann")],
                  timeout=20, message="crm applied once its table has the column")
+        # the canonical side is checked again while connected: the problem clears
+        reconnects = daemon.registry.get(name).snapshot()["reconnects"]
+        execute(canonical, "ALTER TABLE users ADD COLUMN pasword text")
+        wait_for(lambda: daemon.registry.get(name).snapshot()["problems"] == [], timeout=20,
+                 message="the destination's problem cleared")
+        assert daemon.registry.get(name).snapshot()["reconnects"] == reconnects
+        assert health(daemon.registry.snapshot(), max_backlog=10000, max_lag=300.0)[0]
     finally:
         client.close()
         assert daemon.stop()

@@ -109,6 +109,10 @@ def test_operators_are_case_insensitive_and_listed():
 @pytest.mark.parametrize("operator, expected, value, holds", [
     ("eq", 1, 1, True), ("eq", 1, Decimal("1.0"), True), ("eq", 1, "1", True), ("eq", 1, 2, False),
     ("eq", 1, True, False), ("eq", True, True, True), ("eq", True, 1, False),
+    # a boolean column's value as PostgreSQL reads the strings a packet may send for it
+    ("eq", True, "t", True), ("eq", True, " Yes", True), ("eq", True, "on", True), ("eq", True, "1", True),
+    ("eq", False, "off", True), ("eq", False, "F", True), ("eq", False, "0", True), ("eq", True, "f", False),
+    ("eq", True, "o", False), ("eq", True, "maybe", False), ("ne", True, "t", False), ("in", (True,), "y", True),
     ("eq", "a", "a", True), ("eq", "a", "A", False), ("eq", "1", 1, False),
     ("eq", 1, None, False), ("ne", 1, None, False), ("ne", 1, 2, True), ("ne", 1, 1, False),
     ("ne", 1, {"a": 1}, True), ("eq", 1, [1], False),
