@@ -156,6 +156,12 @@ class Daemon:
             self._stop_http()
             self._start_http()
             return
+        if (running.host, running.port) == (http_config.listen, port):
+            # the same address: the new configuration and thresholds served by the same socket,
+            # so that no request is refused during a reload
+            running.update(self.config.public_view(), http_config.health.max_backlog,
+                           http_config.health.max_lag)
+            return
         self.http = None
         if port == running.port:
             # the same port (another listen address may overlap the old one): stopped first,

@@ -256,6 +256,19 @@ class StatsServer:
         self._thread.start()
         LOGGER.info("HTTP: serving statistics on http://%s:%d/", self.host, self.port)
 
+    def update(self, public_config: Optional[Dict[str, Any]], max_backlog: int,
+               max_lag: float) -> None:
+        """Serve another ``public_config`` and health thresholds from now on, without closing
+        the socket (a reload that keeps the address: no request is refused meanwhile).
+
+        :raises TypeError: if ``public_config`` is not JSON-serialisable."""
+        self._config_json = json.dumps(public_config if public_config is not None else {},
+                                       allow_nan=False).encode("utf-8")
+        self.thresholds = (int(max_backlog), float(max_lag))
+        server = self._server
+        if server is not None:
+            server.config_json, server.thresholds = self._config_json, self.thresholds
+
     def stop(self, timeout: float = 5.0) -> None:
         """Stop serving and close the socket, waiting at most about ``timeout`` seconds. Requests
         being answered are not waited for (their threads are daemons). Idempotent."""

@@ -443,3 +443,57 @@ def test_a_reload_to_a_taken_http_port_keeps_the_stats_server(tmp_path):
     finally:
         taken.close()
         daemon.stop()
+
+
+def test_a_reload_keeping_the_http_address_keeps_its_socket(tmp_path):
+    """A reload that leaves HTTPServer's address as it was serves the new /config and health
+    thresholds from the same socket: the server is not stopped and started again, so a monitor
+    polling /health meanwhile is never refused."""
+    from golconde.config import load
+    from golconde.daemon import Daemon
+
+    port = free_port()
+    mapping = make_config("dbname=unused", {"t1": "dbname=unused_t1"}, "public.items")
+    mapping["HTTPServer"].update(enabled=True, port=port)
+    path = write_config(str(tmp_path / "golconde.yaml"), mapping)
+    daemon = Daemon(load(path), config_path=path)
+    daemon._start_http()
+    refused = []
+    polling = threading.Event()
+
+    def poll() -> None:
+        while not polling.is_set():
+            try:
+                urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=2).close()
+            except urllib.error.HTTPError:
+                pass                 # 503: answered
+            except OSError as exc:
+                refused.append(exc)
+            time.sleep(0.005)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        server = daemon.http
+        target = next(iter(mapping["Destinations"].values()))["Targets"]["t1"]
+        for n in range(5):
+            target["prefetch"] = 100 + n
+            mapping["HTTPServer"]["health"] = {"max_backlog": 1000 + n}
+            write_config(path, mapping)
+            assert daemon.reload()
+        assert daemon.http is server
+        with urllib.request.urlopen("http://127.0.0.1:%d/config" % port, timeout=2) as response:
+            shown = json.loads(response.read())
+        assert next(iter(shown["Destinations"].values()))["Targets"]["t1"]["prefetch"] == 104
+        try:
+            urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=2)
+        except urllib.error.HTTPError as exc:
+            document = json.loads(exc.read())
+        else:
+            raise AssertionError("no listener runs: /health fails")
+        assert document["thresholds"]["max_backlog"] == 1004
+    finally:
+        polling.set()
+        poller.join()
+        daemon.stop()
+    assert refused == []
