@@ -500,6 +500,9 @@ class Applier:
                     self.sleep(backoff(attempts))
                     continue
                 reason = describe(exc)
+                where = self._explain(cur, packet, exc) if fate == DEAD else None
+                if where:
+                    reason = "%s: %s" % (where, reason)
                 if isinstance(packet, Group) and self._member is not None:
                     reason = "group member %d (0-based, of %d): %s" % (self._member, len(packet.packets),
                                                                        reason)
@@ -514,6 +517,23 @@ class Applier:
                 except Exception as exc2:
                     raise ConnectionLost(describe(exc2)) from exc2
                 return Outcome(DEAD_LETTER, packet, reason=reason)
+
+
+    def _explain(self, cur: Any, packet: Union[Packet, Group], exc: BaseException) -> Optional[str]:
+        """The handler's :meth:`~golconde.handlers.base.Handler.explain_error` for the packet (the
+        group member) that failed, or None; its own failure is only logged, unless it broke the
+        connection (the next statement then says so)."""
+        if not isinstance(exc, psycopg2.Error):
+            return None
+        if isinstance(packet, Group):
+            if self._member is None:
+                return None
+            packet = packet.packets[self._member]
+        try:
+            return self.handler.explain_error(cur, packet, exc)
+        except Exception as error:  # an explanation is never worth more than the dead letter
+            LOGGER.debug("[%s] could not tell which value failed: %s", self.consumer, describe(error))
+            return None
 
 
 class _CommitFailed(Exception):

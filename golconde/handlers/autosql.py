@@ -23,9 +23,11 @@ string, number or boolean in a form PostgreSQL accepts for the type (ISO 8601 ti
 from __future__ import annotations
 
 import logging
+import re
 from decimal import Decimal
 from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
+import psycopg2
 from psycopg2 import sql
 from psycopg2.extras import Json
 
@@ -115,6 +117,9 @@ def _cast(column: Column) -> sql.Composed:
     # parenthesized: psycopg2 writes -5 as " -5", and "-5::text" would parse as -('5'::text)
     return sql.SQL("({})::{}").format(sql.Placeholder(), _type(column))
 
+
+#: ``character varying(n)`` and ``character(n)`` as ``format_type`` writes them (n in group 1).
+_LENGTH = re.compile(r"(?:character varying|character)\((\d+)\)")
 
 #: Most packet key tuples whose resolution :func:`resolve` remembers per table schema.
 RESOLVE_MEMO = 256
@@ -667,6 +672,57 @@ class AutoSQL(Handler):
             raise StopListener("%s: %s; the target's packets wait until the mapping or the table"
                                " is fixed" % (self.name, "; ".join(problems)),
                                retry_after=RELATION_RETRY)
+
+    def explain_error(self, cursor: Any, packet: Packet, error: BaseException) -> Optional[str]:
+        """For a data error (SQLSTATE class 22) or a value of a type the column's cannot be cast
+        from (42846, 42804): the first value of ``packet`` (``data``, then ``restriction``; at a
+        mapped target, of the packets its mapping makes, by target column) that its column's type
+        refuses alone, as ``"data.<key>"`` or ``"restriction.<key>"``: each value is cast to its
+        column's type in a savepoint (``SELECT ((%s)::base)::type``, as bound, then to the
+        declared type with its modifier and domain checks); a string too long for a
+        ``varchar(n)`` or ``char(n)``, which an explicit cast would cut, by its length. ``None``
+        when no single value is refused so."""
+        code = getattr(error, "pgcode", None) or ""
+        if not (code.startswith("22") or code in ("42846", "42804")):
+            return None
+        try:
+            packets = self.mapping.transform(packet) if self.mapping else [packet]
+            for one in packets:
+                action = self._action(one)
+                table = self._schema(cursor)
+                for part, values in (("data", one.data if action is not Action.DELETE else {}),
+                                     ("restriction", one.restriction)):
+                    for key, column, value in resolve(table, values, part)[0]:
+                        if self._refuses(cursor, table, column, value, code):
+                            return "%s.%s" % (part, key)
+        except (PacketError, StopListener):
+            return None
+        return None
+
+    def _refuses(self, cursor: Any, table: TableSchema, column: Column, value: Any, code: str) -> bool:
+        """Whether ``column``'s type refuses ``value`` alone with SQLSTATE ``code``."""
+        if value is None:
+            return False
+        cursor.execute("SELECT pg_catalog.format_type(atttypid, atttypmod) FROM pg_catalog.pg_attribute"
+                       " WHERE attrelid = %s::pg_catalog.regclass AND attname = %s",
+                       (sql.Identifier(table.relation.schema, table.relation.name).as_string(cursor),
+                        column.name))
+        found = cursor.fetchone()
+        declared = found[0] if found else column.type_name
+        limit = _LENGTH.fullmatch(declared)
+        if code == "22001" and limit and isinstance(value, str):
+            return len(value.rstrip(" ") if declared.startswith("character(") else value) > int(limit.group(1))
+        cast = _cast(column)
+        if column.structure != "composite":     # then to the declared type: typmod, domain checks
+            cast = sql.SQL("({})::{}").format(cast, sql.SQL(declared.replace("%", "%%")))
+        cursor.execute("SAVEPOINT golconde_explain")
+        try:
+            cursor.execute(sql.SQL("SELECT {}").format(cast), (bind(table, column, value),))
+        except psycopg2.Error as exc:
+            cursor.execute("ROLLBACK TO SAVEPOINT golconde_explain")
+            return exc.pgcode == code
+        cursor.execute("RELEASE SAVEPOINT golconde_explain")
+        return False
 
     def missing_privileges(self, cursor: Any, packet: Packet) -> List[str]:
         """What the role lacks on the relation for ``packet``'s action, on no column at all

@@ -119,6 +119,14 @@ class Handler:
         row-level security policy), which is then dead-lettered."""
         return []
 
+    def explain_error(self, cursor: Any, packet: Packet, error: BaseException) -> Optional[str]:
+        """Called after ``packet`` failed with ``error`` and is to be dead-lettered: which of its
+        values is at fault, e.g. ``"data.amount"`` or ``"restriction.id"``, named in the dead
+        letter's reason before the database's error, which often does not say (``smallint out of
+        range``). ``cursor`` is inside the failed packet's rolled-back savepoint and may run
+        read-only statements in savepoints of its own. ``None`` (the default): cannot tell."""
+        return None
+
     def on_schema_error(self) -> None:
         """The database reported that the relation changed (SQLSTATE 42703, 42P01...): forget any
         cached schema so that the retried packet reads the catalog again."""

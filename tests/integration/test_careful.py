@@ -364,3 +364,36 @@ def test_a_batch_whose_checked_commit_fails_is_dead_lettered_and_stays_so(databa
         assert rows(conn, "SELECT id FROM parent ORDER BY id") == [(1,), (11,)]
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("role", ["destination", "target"])
+def test_a_dead_letter_names_the_value_the_database_refused(database, role):
+    """PostgreSQL's data errors seldom name the column ("smallint out of range"): the reason of a
+    packet dead-lettered for one starts with the value at fault, data.<key> or
+    restriction.<key>, found by casting each value alone to its column's type."""
+    conn = psycopg2.connect(database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE v (id integer PRIMARY KEY, a smallint, b smallint,"
+                        " n numeric(5, 2), code varchar(3), at timestamptz)")
+        conn.commit()
+        ledger.ensure(conn)
+        applier = Applier(AutoSQL("v", role=role), "explain-" + role, store_fanout=role == "destination")
+        cases = [({"action": "add", "data": {"id": 1, "a": 1, "b": 40000}}, "data.b: SQLSTATE 22003"),
+                 ({"action": "add", "data": {"id": 2, "n": 1234.5}}, "data.n: SQLSTATE 22003"),
+                 ({"action": "add", "data": {"id": 3, "code": "abcd"}}, "data.code: SQLSTATE 22001"),
+                 ({"action": "add", "data": {"id": 4, "at": "not a time"}}, "data.at: SQLSTATE 22007"),
+                 ({"action": "update", "data": {"a": 1}, "restriction": {"id": "x"}},
+                  "restriction.id: SQLSTATE 22P02"),
+                 ({"group": [{"action": "add", "data": {"id": 5}},
+                             {"action": "add", "data": {"id": 6, "a": "many"}}]},
+                  "group member 1 (0-based, of 2): data.a: SQLSTATE 22P02")]
+        items = [("x%d" % n, dumps(body).encode()) for n, (body, _) in enumerate(cases)]
+        items.append(("ok", dumps({"action": "add", "data": {"id": 9, "code": "abc"}}).encode()))
+        outcomes = applier.apply_batch(conn, items)
+        assert [o.status for o in outcomes] == ["dead"] * len(cases) + ["applied"]
+        for outcome, (_, expected) in zip(outcomes, cases):
+            assert outcome.reason.startswith(expected), (outcome.reason, expected)
+        assert rows(conn, "SELECT id FROM v") == [(9,)]
+    finally:
+        conn.close()
