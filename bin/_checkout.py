@@ -11,6 +11,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_PYTHON = os.path.join(ROOT, ".venv", "bin", "python")
 
-if os.path.exists(VENV_PYTHON) and os.path.realpath(sys.prefix) != os.path.realpath(os.path.join(ROOT, ".venv")):
+if (os.path.exists(VENV_PYTHON) and os.path.realpath(sys.prefix) != os.path.realpath(os.path.join(ROOT, ".venv"))
+        and not os.environ.get("GOLCONDE_CHECKOUT_EXEC")):     # once: never a loop
+    os.environ["GOLCONDE_CHECKOUT_EXEC"] = "1"
     os.execv(VENV_PYTHON, [VENV_PYTHON] + sys.argv)
 sys.path.insert(0, ROOT)

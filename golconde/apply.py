@@ -91,8 +91,9 @@ def members(item: Union[Packet, Group]) -> Tuple[Packet, ...]:
 
 def backoff(attempt: int, base: float = 0.1, cap: float = 5.0) -> float:
     """Seconds to wait before retry number ``attempt`` (1-based): exponential with full jitter
-    ("Exponential Backoff And Jitter", AWS Architecture Blog, 2015), capped at ``cap``."""
-    return random.uniform(0, min(cap, base * (2 ** attempt)))
+    ("Exponential Backoff And Jitter", AWS Architecture Blog, 2015), capped at ``cap`` (any
+    ``attempt``: the exponent stops growing at 60, where ``2 ** 1024`` would overflow a float)."""
+    return random.uniform(0, min(cap, base * (2.0 ** min(max(attempt, 0), 60))))
 
 
 @contextlib.contextmanager

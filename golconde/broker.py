@@ -104,6 +104,8 @@ class _Listener(stomp.ConnectionListener):
         self.generation = generation
 
     def on_connected(self, frame: Any) -> None:
+        server = (getattr(frame, "headers", None) or {}).get("server")
+        self.owner.server = server.decode("utf-8", "replace") if isinstance(server, bytes) else server
         self.owner._connected_event.set()
 
     def on_message(self, frame: Any) -> None:
@@ -159,6 +161,9 @@ class BrokerConnection:
         self.on_message = on_message
         self.generation = 0
         self.last_error: Optional[str] = None
+        #: the CONNECTED frame's ``server`` header (``RabbitMQ/3.12.1``, ``ActiveMQ/5.17.2``), once
+        #: connected, if the broker sent one
+        self.server: Optional[str] = None
         self._conn: Optional[stomp.Connection11] = None
         self._connected_event = threading.Event()
         self._alive = False
@@ -176,6 +181,21 @@ class BrokerConnection:
     @property
     def address(self) -> str:
         return "%s:%d" % (self.host, self.port)
+
+    @classmethod
+    def product(cls, broker: Any, timeout: float = 5.0) -> Optional[str]:
+        """The ``server`` header of the CONNECTED frame of the broker of ``broker`` (a
+        :class:`golconde.config.BrokerConfig`), e.g. ``RabbitMQ/3.12.1`` (one connection, closed
+        at once); ``None`` when it cannot connect or the broker does not say (STOMP 1.1,
+        "CONNECTED Frame")."""
+        connection = cls.from_config(broker, name="golconde-probe")
+        try:
+            connection.connect(timeout=timeout)
+            return connection.server
+        except BrokerError:
+            return None
+        finally:
+            connection.close()
 
     @property
     def connected(self) -> bool:

@@ -3,8 +3,9 @@
 Algorithm (after Skytools ``londiste compare``, which compares ``count(*)`` and a sum of row
 hashes on both sides):
 
-1. The compared columns are those present in both relations (matched by name), in the canonical
-   relation's column order; columns only on one side are ignored (a target may hold a subset).
+1. The compared columns are those present in both relations (matched by name, or through the
+   target's mapping: see :func:`compare`), in the canonical relation's column order; columns only
+   on one side are ignored (a target may hold a subset).
 2. On each side, in one statement (one snapshot)::
 
        SELECT count(*),
@@ -35,7 +36,8 @@ import psycopg2
 from psycopg2 import sql
 
 from .errors import ConfigError, GolcondeError, describe
-from .packet import dumps
+from .mapping import Verdict
+from .packet import loads
 from .schema import Relation, parse_relation
 
 LOGGER = logging.getLogger(__name__)
@@ -99,12 +101,12 @@ def compare(canonical_dsn: str, canonical_relation: str, target_dsn: str,
     :param mapping: the target's :class:`~golconde.mapping.TargetMapping`, if any: each canonical
         column is compared with the target column it is renamed to; excluded columns, constants'
         and ``defaults`` columns are not compared; the canonical side counts only the rows its
-        filter lets through, evaluated by PostgreSQL on the canonical row (each value cast to
-        the column's type).
+        filter lets through, judged as the daemon judges packets (:func:`_digest_filtered`).
     :returns: a :class:`CompareResult`.
     :raises CompareError: a relation does not exist or cannot be parsed, or no column in common.
-    :raises psycopg2.Error: connection or query failure (a filter value the column's type cannot
-        read, too).
+    :raises psycopg2.Error: connection or query failure.
+    :raises PacketError: the filter cannot order a row's value (as the daemon would dead-letter
+        that row's packet).
     """
     canonical = _parse(canonical_relation)
     target = _parse(target_relation)
@@ -119,8 +121,11 @@ def compare(canonical_dsn: str, canonical_relation: str, target_dsn: str,
                         + [name for name in target_columns if name not in compared_targets])
         if not common:
             raise CompareError("%s and %s have no column in common" % (canonical, target))
-        where = _filter(mapping, canonical_types) if mapping else None
-        canonical_count, canonical_hash = _digest(canonical_conn, canonical, common, where)
+        if mapping is not None and mapping.conditions:
+            canonical_count, canonical_hash = _digest_filtered(canonical_conn, canonical, common,
+                                                               mapping)
+        else:
+            canonical_count, canonical_hash = _digest(canonical_conn, canonical, common)
         target_count, target_hash = _digest(target_conn, target, tuple(name for _, name in pairs))
     equal = canonical_count == target_count and canonical_hash == target_hash
     result = CompareResult(equal, canonical_count, target_count, canonical_hash, target_hash,
@@ -219,42 +224,6 @@ def _pairs(canonical: Sequence[str], target: Sequence[str],
     return pairs
 
 
-def _filter(mapping: Any, types: Mapping[str, str]) -> Optional[sql.Composed]:
-    """The mapping's filter as a WHERE condition on the canonical relation (values bound, cast to
-    the column's type), or None without one."""
-    parts = []
-    for condition in mapping.conditions:
-        column = condition.column if condition.column in types else next(
-            (name for name in types if name.lower() == condition.column.lower()), None)
-        if column is None:
-            raise CompareError("the filter's column %r is no column of the canonical relation"
-                               % condition.column)
-        ident, kind = sql.Identifier(column), sql.SQL(types[column])
-        if condition.operator == "is_null":
-            parts.append(sql.SQL("{} IS NULL" if condition.value else "{} IS NOT NULL").format(ident))
-            continue
-        values = condition.value if condition.operator == "in" else (condition.value,)
-        if any(value is None for value in values):        # SQL: = NULL is never true
-            parts.append(sql.SQL("false"))
-            continue
-        casts = sql.SQL(", ").join(sql.SQL("CAST({} AS {})").format(sql.Literal(_text(value)), kind)
-                                   for value in values)
-        operator = {"eq": "=", "ne": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<=",
-                    "in": "IN"}[condition.operator]
-        template = "{} IN ({})" if operator == "IN" else "{} %s {}" % operator
-        parts.append(sql.SQL(template).format(ident, casts))
-    return sql.SQL(" AND ").join(parts) if parts else None
-
-
-def _text(value: Any) -> str:
-    """A filter value (as decoded from JSON) as the text its column's type reads."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return value
-    return dumps(value)
-
-
 def _columns(conn: Any, relation: Relation) -> Dict[str, str]:
     """``{column name: type}`` of ``relation`` in order (dropped and system columns excluded;
     the type as ``format_type`` writes it)."""
@@ -273,16 +242,53 @@ def _columns(conn: Any, relation: Relation) -> Dict[str, str]:
         return dict(cur.fetchall())
 
 
-def _digest(conn: Any, relation: Relation, columns: Tuple[str, ...],
-            where: Optional[sql.Composed] = None) -> Tuple[int, int]:
-    """``(count, sum of 60-bit row hashes)`` of ``columns`` of ``relation`` (of its rows where
-    ``where`` holds, when given)."""
-    row_text = sql.SQL("ROW({})::text").format(
+def _row_hash(columns: Sequence[str]) -> sql.Composed:
+    """The 60-bit hash of a row's text over ``columns`` (see the module docstring)."""
+    return sql.SQL("('x' || substr(md5(ROW({})::text), 1, 15))::bit(60)::bigint").format(
         sql.SQL(", ").join(sql.Identifier(name) for name in columns))
-    query = sql.SQL("SELECT count(*), coalesce(sum(('x' || substr(md5({}), 1, 15))::bit(60)"
-                    "::bigint::numeric), 0) FROM {}{}").format(
-                        row_text, sql.Identifier(relation.schema, relation.name),
-                        sql.SQL(" WHERE ") + where if where is not None else sql.SQL(""))
+
+
+#: Rows fetched per round trip by :func:`_digest_filtered`.
+FETCH_ROWS = 5000
+
+
+def _digest_filtered(conn: Any, relation: Relation, columns: Tuple[str, ...],
+                     mapping: Any) -> Tuple[int, int]:
+    """``(count, sum of 60-bit row hashes)`` of ``columns`` of the rows of ``relation`` that the
+    target mapping's filter lets through, judged exactly as the daemon judges a packet
+    (:meth:`golconde.mapping.TargetMapping.verdict` on the filter columns' values, as
+    ``to_jsonb`` writes them, as the capture trigger does): each row's hash and those values are
+    read (a server-side cursor, :data:`FETCH_ROWS` at a time) and summed here."""
+    names = {name.lower(): name for name in _columns(conn, relation)}
+    wanted = list(dict.fromkeys(condition.column for condition in mapping.conditions))
+    found = [(name, names.get(name.lower())) for name in wanted]
+    missing = [name for name, column in found if column is None]
+    if missing:
+        raise CompareError("the filter's column %s is no column of %s" % (", ".join(missing), relation))
+    values = sql.SQL("pg_catalog.jsonb_build_object({})::text").format(sql.SQL(", ").join(
+        sql.SQL("{}, {}").format(sql.Literal(name), sql.Identifier(column)) for name, column in found))
+    query = sql.SQL("SELECT {}, {} FROM {}").format(_row_hash(columns), values,
+                                                    sql.Identifier(relation.schema, relation.name))
+    count = total = 0
+    conn.autocommit = False                 # a server-side cursor lives in a transaction
+    try:
+        with conn.cursor(name="golconde_compare") as cur:
+            cur.itersize = FETCH_ROWS
+            cur.execute(query)
+            for row_hash, text in cur:
+                if mapping.verdict(loads(text)) is Verdict.MATCH:
+                    count += 1
+                    total += int(row_hash)
+    finally:
+        conn.rollback()
+        conn.autocommit = True
+    return count, total
+
+
+def _digest(conn: Any, relation: Relation, columns: Tuple[str, ...]) -> Tuple[int, int]:
+    """``(count, sum of 60-bit row hashes)`` of ``columns`` of ``relation``."""
+    query = sql.SQL("SELECT count(*), coalesce(sum({}::numeric), 0) FROM {}").format(
+        _row_hash(columns), sql.Identifier(relation.schema, relation.name))
     with conn.cursor() as cur:
         cur.execute(query)
         count, total = cur.fetchone()

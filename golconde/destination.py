@@ -34,7 +34,7 @@ from .apply import APPLIED, DEAD_LETTER, DUPLICATE, Outcome
 from .broker import (CREATED_HEADER, ID_HEADER, BrokerConnection, BrokerError, Delivery, Outgoing,
                      Receipt, send_all_async)
 from .config import queue_key
-from .errors import GolcondeError, PacketError, StopListener, describe
+from .errors import GolcondeError, PacketError, StopListener, describe, printable
 from .listener import Confirmations, Listener, QueueConsumer, connect
 from .packet import dumps, parse
 from .stats import ThreadStats
@@ -449,7 +449,7 @@ class TriggerDestination(Listener):
             now = "%.3f" % time.time()
             self.dead_letter_broker.send_confirmed([
                 (self.config.dead_letter_queue, _dead_body(row),
-                 {ID_HEADER: _queued_id(row), "golconde-reason": reason[:1000],
+                 {ID_HEADER: _queued_id(row), "golconde-reason": printable(reason)[:1000],
                   "golconde-original-queue": "golconde.queue", "golconde-consumer": self.name,
                   "golconde-dead-lettered-at": now,
                   CREATED_HEADER: "%.3f" % row.created_at.timestamp(),

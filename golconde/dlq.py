@@ -38,6 +38,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .broker import CREATED_HEADER, ID_HEADER, REPLAYED_HEADER, BrokerConnection, Delivery
 from .errors import ConfigError, GolcondeError
+from .ledger import normal_id
 from .status import management_serves
 
 LOGGER = logging.getLogger(__name__)
@@ -490,8 +491,9 @@ def run(args: Any, config: Any, out: Any) -> int:
     """
     broker, queue = locate(config, args.destination, args.target, args.queue)
     dlq = DeadLetterQueue(broker, queue, management_url=args.management_url)
+    given = [normal_id(pid) for pid in args.id or ()]     # as the ledger and headers hold them
     if args.operation == "list":
-        wanted = set(args.id or ())
+        wanted = set(given)
         # with --id, the packets are looked for further than the 100 listed by default
         limit = args.limit if args.limit is not None else (LIST_ID_LIMIT if wanted else 100)
         letters = dlq.list(limit, args.body_limit)
@@ -505,7 +507,7 @@ def run(args: Any, config: Any, out: Any) -> int:
     if args.operation == "purge" and not args.yes:
         out.write("golconde: purge drops dead-lettered packets for good: add --yes to confirm\n")
         return 2
-    ids = args.id or None
+    ids = given or None
     result = dlq.replay(args.limit, ids) if args.operation == "replay" else dlq.purge(args.limit, ids)
     verb = "replayed" if args.operation == "replay" else "purged"
     problems = [(pid, why) for pid, why in result.skipped if why != "not selected"]

@@ -122,6 +122,8 @@ class Listener(threading.Thread):
 
     def run(self) -> None:
         LOGGER.info("[%s] %s listener starting", self.name, self.role)
+        # the statistics outlive a listener a reload replaces: its predecessor's problem is not its
+        self.stats.set_problem("failing", None)
         try:
             while not self.stopping:
                 try:
@@ -212,10 +214,14 @@ class Listener(threading.Thread):
 
     @property
     def application_name(self) -> str:
-        """The ``application_name`` of this listener's database sessions: ``golconde <name>
-        <token>`` (at most 63 bytes): the token, random per listener (:func:`session_token`),
+        """The ``application_name`` of this listener's database sessions: ``golconde <token>
+        <name>`` (at most 63 bytes): the token, random per listener (:func:`session_token`),
         tells its own sessions from those of another daemon of the same configuration."""
-        return ("golconde %s %s" % (self.name, self.token))[:63]
+        # the token first: cut to PostgreSQL's 63 bytes, a long name loses its end, not the token;
+        # printable ASCII only, as PostgreSQL keeps it (it turns other characters into "?"), so
+        # that the name read back from pg_stat_activity is the one given
+        name = "".join(c if " " <= c <= "~" else "?" for c in self.name)
+        return ("golconde %s %s" % (self.token, name))[:63]
 
     def on_database_open(self, db: Any) -> None:
         """Hook: set up a fresh database connection (ledger, handler)."""

@@ -67,33 +67,29 @@ def _get_json(url: str, timeout: float, auth: Optional[Tuple[str, str]] = None) 
 
 
 def management_serves(base: str, broker: Any, timeout: float = 5.0) -> Optional[str]:
-    """Whether the RabbitMQ management API at ``base`` (``http://host:15672``) is that of
-    ``broker`` (a :class:`golconde.config.BrokerConfig`): its ``/api/overview`` lists a STOMP
-    listener on the broker's port. A RabbitMQ on the host of an ActiveMQ broker would otherwise
-    answer for queues it does not hold (none: "0 packets").
+    """Whether the RabbitMQ management API guessed for ``broker`` (a
+    :class:`golconde.config.BrokerConfig`) at ``base`` (its host, port 15672) may be used: the
+    broker says it is RabbitMQ (the ``server`` header of its STOMP CONNECTED frame,
+    :meth:`golconde.broker.BrokerConnection.product`). An ActiveMQ on the host of a RabbitMQ
+    would otherwise be read through that RabbitMQ, which holds none of its queues ("0 packets").
+    A broker that cannot be reached, or does not say, is given the benefit of the doubt.
 
-    :returns: ``None`` when it is, else why not (text).
+    :returns: ``None`` when it may be used, else why not (text).
     """
-    try:
-        document = _get_json(base + "/api/overview", timeout,
-                             (broker.login or "guest", broker.passcode or "guest"))
-        ports = {int(item.get("port")) for item in document.get("listeners") or ()
-                 if str(item.get("protocol", "")).startswith("stomp")}
-    except urllib.error.HTTPError as exc:
-        return "management API %s: HTTP %d" % (base, exc.code)
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
-        return "management API %s: %s" % (base, getattr(exc, "reason", exc))
-    if broker.port not in ports:
-        return ("management API %s is that of a RabbitMQ whose STOMP port is %s, not %d: not this"
-                " broker's" % (base, ", ".join(str(p) for p in sorted(ports)) or "none", broker.port))
-    return None
+    from .broker import BrokerConnection
+    product = BrokerConnection.product(broker, timeout)
+    if product is None or product.lower().startswith("rabbitmq"):
+        return None
+    return ("the broker at %s:%d is %s, not RabbitMQ: the management API at %s is not its own"
+            % (broker.host, broker.port, product, base))
 
 
 class Management:
     """RabbitMQ management API client for queue depths, one base URL per broker host.
 
     :param url: base URL (``http://host:15672``) for every broker; ``None``: each broker's host on
-        :data:`MANAGEMENT_PORT`, used only where it is that broker's (:func:`management_serves`).
+        :data:`MANAGEMENT_PORT`, used only for a broker that says it is RabbitMQ
+        (:func:`management_serves`).
     :param timeout: seconds per request.
     """
 
@@ -101,7 +97,8 @@ class Management:
         self.url = url.rstrip("/") if url else None
         self.timeout = timeout
         self._down: Dict[str, str] = {}     # base URL -> why it is not used any more
-        self._checked: set = set()          # (base URL, STOMP port) found to be one broker
+        #: (host, STOMP port) -> why the guessed URL is not that broker's (None: it may be used)
+        self._verdicts: Dict[Tuple[str, int], Optional[str]] = {}
 
     def base(self, broker: Any) -> str:
         if self.url:
@@ -115,12 +112,12 @@ class Management:
         base = self.base(broker)
         if base in self._down:
             return None, self._down[base]
-        if not self.url and (base, broker.port) not in self._checked:
-            why_not = management_serves(base, broker, self.timeout)
-            if why_not is not None:     # the default URL: another broker's, or none
-                self._down[base] = why_not
-                return None, why_not
-            self._checked.add((base, broker.port))
+        if not self.url:                # the guessed URL: only for a RabbitMQ
+            address = (broker.host, broker.port)
+            if address not in self._verdicts:
+                self._verdicts[address] = management_serves(base, broker, self.timeout)
+            if self._verdicts[address] is not None:
+                return None, self._verdicts[address]
         vhost = broker.vhost or "/"
         url = "%s/api/queues/%s/%s?columns=messages,messages_ready,messages_unacknowledged" % (
             base, urllib.parse.quote(vhost, safe=""), urllib.parse.quote(queue_name(destination), safe=""))

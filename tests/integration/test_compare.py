@@ -124,3 +124,28 @@ def test_compare_config(pair):
     assert results[1][2].target_count == 2
     assert "missing does not exist" in results[2][2].error
     assert results[2][2].summary().startswith("ERROR: ")
+
+
+def test_a_mapped_target_is_compared_as_the_daemon_filters_and_renames(pair):
+    """Through a mapping, compare judges the canonical rows with the daemon's own filter (a
+    number filter value against a text column compares numbers: '10' > 5, although '10' < '5'
+    as text), renames columns and leaves out the excluded and constant ones; a target that
+    differs in a compared column still differs."""
+    from golconde.mapping import parse_mapping
+
+    canonical, target = pair
+    run(canonical, "CREATE TABLE src (id int PRIMARY KEY, code text, flag boolean, secret text)",
+        "INSERT INTO src VALUES (1, '9', true, 'a'), (2, '10', true, 'b'), (3, '4', true, 'c'),"
+        " (4, '12', false, 'd'), (5, '7', NULL, 'e')")
+    run(target, "CREATE TABLE dst (ident int PRIMARY KEY, code text, flag boolean, origin text)",
+        "INSERT INTO dst VALUES (1, '9', true, 'here'), (2, '10', true, 'here')")
+    mapping, problems = parse_mapping({"columns": {"id": "ident"}, "exclude": ["secret"],
+                                       "constants": {"origin": "here"},
+                                       "filter": {"code": {"gt": 5}, "flag": {"eq": True}}},
+                                      "Destinations.D.Targets.t")
+    assert not problems
+    result = compare(canonical, "src", target, "dst", mapping)
+    assert result.equal and result.canonical_count == 2, result
+    assert result.columns == ("id", "code", "flag") and set(result.ignored) == {"secret", "origin"}
+    run(target, "UPDATE dst SET code = '11' WHERE ident = 2")
+    assert not compare(canonical, "src", target, "dst", mapping).equal

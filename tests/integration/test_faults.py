@@ -836,7 +836,7 @@ def test_a_listener_ends_its_own_stale_session_that_still_holds_its_lock(flow, m
     monkeypatch.setattr(listener_module, "session_token", lambda: "stale123")
     target = "%s_target1" % flow.name
     queue = flow.mapping["Destinations"][flow.name]["Targets"]["target1"]["queue"]
-    stale = psycopg2.connect(flow.t1, application_name=("golconde %s stale123" % target)[:63])
+    stale = psycopg2.connect(flow.t1, application_name=("golconde stale123 %s" % target)[:63])
     stale.autocommit = True
     assert ledger.acquire_consumer_lock(stale, queue)
     try:
@@ -941,7 +941,7 @@ def test_a_drain_ends_its_own_stale_session_that_still_holds_the_drain_lock(make
 
     monkeypatch.setattr(listener_module, "session_token", lambda: "stale456")
     flow = items_trigger_flow(make_database, cleanup_queues)
-    stale = psycopg2.connect(flow.canonical, application_name=("golconde %s stale456" % flow.name)[:63])
+    stale = psycopg2.connect(flow.canonical, application_name=("golconde stale456 %s" % flow.name)[:63])
     stale.autocommit = True
     assert trigger.acquire_drain_lock(stale, flow.name)
     try:

@@ -250,3 +250,48 @@ def test_standing_problems_are_listed_until_cleared_and_fail_the_health_check():
     assert not stats.set_problem("never set", None)
     assert stats.snapshot()["problems"] == []
     assert health(registry.snapshot(), max_backlog=10, max_lag=1.0)[0]
+
+
+def test_a_listener_failing_sets_the_problem_and_its_replacement_starts_clear():
+    """Three failed attempts in a row set the standing problem "failing"; a cycle that gets
+    through clears it; a listener that takes over the same statistics (a reload) starts clear."""
+    import types
+
+    from golconde.listener import FAILING_AFTER, Listener
+
+    stats = ThreadStats("D_t1", "target", "D")
+
+    class Flaky(Listener):
+        backoff_base, backoff_cap = 0.0, 0.0
+
+        def __init__(self, failures):
+            super().__init__(types.SimpleNamespace(thread_name="D_t1"), stats, "target")
+            self.failures, self.cycles = failures, 0
+
+        def ready(self):
+            return True
+
+        def close(self):
+            pass
+
+        def reset(self):
+            pass
+
+        def cycle(self):
+            self.cycles += 1
+            if self.cycles <= self.failures:
+                if self.cycles == FAILING_AFTER + 1:
+                    self.seen = list(stats.snapshot()["problems"])
+                raise RuntimeError("attempt %d fails" % self.cycles)
+            self.stop()
+
+    first = Flaky(FAILING_AFTER + 2)
+    first.run()
+    assert first.seen == ["%d failed attempts in a row, the last: RuntimeError: attempt %d fails"
+                          % (FAILING_AFTER, FAILING_AFTER)]
+    assert stats.snapshot()["problems"] == []
+
+    stats.set_problem("failing", "left by a listener a reload replaced")
+    second = Flaky(0)
+    second.run()
+    assert stats.snapshot()["problems"] == []
