@@ -281,8 +281,11 @@ def _check_kind(table: TableSchema, column: Column, base: str, value: Any) -> No
         raise PacketError("column %s of %s is %s: expected a number, not %s"
                           % (column.name, table.relation, column.type_name, dumps(value)))
     if (kind is Decimal or kind is float) and base in bulk.INTEGER_TYPES and _fraction(value):
+        text = str(value)
         raise PacketError("column %s of %s is %s: expected an integer, not %s (PostgreSQL would"
-                          " round it)" % (column.name, table.relation, column.type_name, value))
+                          " round it)" % (column.name, table.relation, column.type_name,
+                                          text if len(text) <= 40 else "%s...%s (%d characters)"
+                                          % (text[:20], text[-10:], len(text))))
     if kind is not bool and kind in _NUMBERS and base == "boolean":
         raise PacketError("column %s of %s is %s: expected true or false, not the number %s"
                           % (column.name, table.relation, column.type_name, dumps(value)))

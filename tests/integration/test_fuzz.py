@@ -416,7 +416,7 @@ REASONS = {
     "wrong value type": r"SQLSTATE (22P02|22003|42846)|accepted only for json|cannot hold a JSON "
                         r"object|expected a JSON array",
     "constraint violation": r"SQLSTATE (23514|23505|23502|22003)|needs a primary key or unique key",
-    "2000-digit number": r"SQLSTATE (22003|42846)",
+    "2000-digit number": r"SQLSTATE (22003|42846)|expected an integer, not [0-9.]+\.\.\.[0-9.]+ \(2\d{3} characters\)",
     "bad group": r"group|SQLSTATE 22P02|unknown packet key",
     "1 MB string": r"SQLSTATE (22001|22P02)",
 }
