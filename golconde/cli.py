@@ -404,15 +404,21 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     config = _load_config(args.config or default_config_path(), "golconde")
     if args.destination and args.destination not in [d.name for d in config.destinations]:
         raise ConfigError("Destinations.%s: no such destination" % args.destination)
-    differences = 0
+    differences = errors = 0
     relations = {d.name: (d.target, {t.name: t.target for t in d.targets}) for d in config.destinations}
     for destination, target, result in compare_config(config, args.destination or None):
-        differences += 0 if result.equal else 1
+        if result.error:
+            errors += 1
+        elif not result.equal:
+            differences += 1
         canonical_relation, targets = relations[destination]
         print("%s %s -> %s %s: %s" % (destination, canonical_relation, target,
                                       targets.get(target, "?"), result.summary()))
-    print("%s" % ("all targets equal" if not differences else "%d target(s) differ" % differences))
-    return 0 if not differences else 1
+    summary = ["%d target(s) differ" % differences] if differences else []
+    if errors:
+        summary.append("%d could not be compared" % errors)
+    print(", ".join(summary) if summary else "all targets equal")
+    return 0 if not (differences or errors) else 1
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -446,6 +452,8 @@ def _cmd_send(args: argparse.Namespace) -> int:
         # strings may hold unescaped
         packets = [("line %d" % number, line.rstrip("\r")) for number, line in enumerate(text.split("\n"), 1)
                    if line.strip()]
+    if not packets:     # an empty pipe (its producer failed?) is not a success
+        raise PacketError("no packet to send (no argument, and no line on standard input)")
     parsed = []
     for where, text in packets:     # all checked before anything is sent
         try:

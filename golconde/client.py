@@ -43,9 +43,10 @@ import time
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .broker import CREATED_HEADER, ID_HEADER, BrokerConnection, BrokerError, Delivery, Outgoing
+from .config import QUEUE_RE
 from .errors import ConfigError, GolcondeError, PacketError
 from . import envelope, ledger
-from .packet import Action, Group, Packet, loads, parse
+from .packet import MAX_PACKET_BYTES, Action, Group, Packet, loads, parse
 
 LOGGER = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ def packet_text(item: Union[Packet, Group]) -> str:
     """The JSON text a packet or group travels as.
 
     :raises PacketError: a value JSON cannot hold (a ``datetime``, a ``set``, NaN or an
-        infinity), or the text holds a lone surrogate (a JSON ``"\\ud800"`` escape, or bytes
+        infinity), a text over :data:`golconde.packet.MAX_PACKET_BYTES` bytes of UTF-8 (the
+        daemon would dead-letter it), or the text holds a lone surrogate (a JSON ``"\\ud800"`` escape, or bytes
         that were not UTF-8 read with ``surrogateescape``), which is no Unicode: stomp.py would
         send it as ``?``.
     """
@@ -107,11 +109,14 @@ def packet_text(item: Union[Packet, Group]) -> str:
         raise PacketError("packet cannot be written as JSON: %s (give dates and times as ISO 8601"
                           " text, numbers as finite int, float or Decimal)" % exc) from None
     try:
-        text.encode("utf-8")
+        size = len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
         raise PacketError("packet text is not valid Unicode (%s at character %d): %.100s"
                           % (exc.reason, exc.start, text.encode("utf-8", "backslashreplace")
                              .decode("ascii", "replace"))) from None
+    if size > MAX_PACKET_BYTES:     # the daemon would dead-letter it
+        raise PacketError("packet is %d bytes of UTF-8, more than the %d allowed"
+                          % (size, MAX_PACKET_BYTES))
     return text
 
 
@@ -123,6 +128,7 @@ class Client:
     :param timeout: seconds to wait for a connection or a confirmation.
     :param reply_to: a queue (``/queue/...``) where the destination sends the outcome of each
         message (see :meth:`wait_outcome`); ``None``: no outcomes.
+    :raises ConfigError: ``queue`` is not a queue name (``/queue/...`` or ``/amq/queue/...``).
     :param batch_messages: the packets of one :meth:`send_many` call or :meth:`batch` block go to
         the broker as batch messages (:mod:`golconde.envelope`: up to 500 packets or 1 MiB per
         message, each packet keeping its own id, outcome and dead letter), which costs the broker
@@ -134,6 +140,10 @@ class Client:
                  login: Optional[str] = None, passcode: Optional[str] = None,
                  vhost: Optional[str] = None, timeout: float = 30.0,
                  reply_to: Optional[str] = None, batch_messages: bool = True) -> None:
+        if not isinstance(queue, str) or not QUEUE_RE.fullmatch(queue):
+            # a topic, or a bare name, would take packets no destination reads
+            raise ConfigError("queue: expected a queue name starting with /queue/ or /amq/queue/"
+                              " (a durable queue: a topic would lose packets), got %r" % (queue,))
         self.queue = queue
         self.batch_messages = batch_messages
         self.timeout = timeout
@@ -226,6 +236,9 @@ class Client:
         :raises PacketError: a packet is invalid (nothing is sent).
         :raises BrokerError: as :meth:`send`.
         """
+        if isinstance(packets, (str, bytes, bytearray, Mapping)):
+            raise PacketError("send_many takes a sequence of packets, not one packet (%s): use"
+                              " send" % type(packets).__name__)
         parsed = [packet if isinstance(packet, Packet) else parse(packet) for packet in packets]
         return self._enqueue(parsed)
 

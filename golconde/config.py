@@ -429,15 +429,18 @@ def _dsn(value: Any) -> str:
         reason = "" if "://" in value else ": " + str(exc).strip().splitlines()[0]
         _fail("expected a libpq DSN ('host=... dbname=...' or a postgresql:// URI), "
               "could not parse it" + reason)
+    wrong = []      # every wrong parameter, not only the first
     for key, pattern in _DSN_NUMBERS.items():
         if key in params and not re.fullmatch(pattern, params[key]):
-            _fail("DSN parameter %s must be a whole number%s, got %s"
-                  % (key, " (or one per host, comma-separated)" if key == "port" else "",
-                     _show(params[key])))
+            wrong.append("DSN parameter %s must be a whole number%s, got %s"
+                         % (key, " (or one per host, comma-separated)" if key == "port" else "",
+                            _show(params[key])))
     for key, choices in _DSN_CHOICES.items():
         if key in params and params[key] not in choices:
-            _fail("DSN parameter %s must be one of %s, got %s"
-                  % (key, ", ".join(choices), _show(params[key])))
+            wrong.append("DSN parameter %s must be one of %s, got %s"
+                         % (key, ", ".join(choices), _show(params[key])))
+    if wrong:
+        _fail("; ".join(wrong))
     return value.strip()
 
 

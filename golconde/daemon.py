@@ -182,6 +182,9 @@ class Daemon:
             else:
                 running.stop()
         if self.http is running:
+            # where it was, but serving the reloaded configuration and health thresholds
+            running.update(self.config.public_view(), http_config.health.max_backlog,
+                           http_config.health.max_lag)
             LOGGER.error("the stats server stays on http://%s:%d/ (the reloaded HTTPServer"
                          " address could not be used)", running.host, running.port)
 

@@ -39,17 +39,19 @@ def encode(entries: Sequence[Tuple[str, str, str]]) -> Iterator[Tuple[str, int]]
 
     ``packet_json_text`` must be valid JSON (it is embedded as is, not re-encoded).
     :returns: an iterator of ``(body, number_of_entries)``, each body within :data:`MAX_ENTRIES`
-        and :data:`MAX_BYTES` (a single larger packet gets a message of its own).
+        and :data:`MAX_BYTES` bytes of UTF-8 (a single larger packet gets a message of its own).
     """
     parts: List[str] = []
     size = 0
     for pid, text, created in entries:
         part = '{"id":%s,"created":%s,"packet":%s}' % (dumps(str(pid)), dumps(str(created)), text)
-        if parts and (len(parts) >= MAX_ENTRIES or size + len(part) > MAX_BYTES):
+        # bytes of UTF-8, as sent (str.isascii is a flag test in CPython: no copy for ASCII)
+        length = len(part) if part.isascii() else len(part.encode("utf-8", "surrogatepass"))
+        if parts and (len(parts) >= MAX_ENTRIES or size + length > MAX_BYTES):
             yield '{"batch":[' + ",".join(parts) + "]}", len(parts)
             parts, size = [], 0
         parts.append(part)
-        size += len(part) + 1
+        size += length + 1
     if parts:
         yield '{"batch":[' + ",".join(parts) + "]}", len(parts)
 

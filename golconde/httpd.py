@@ -116,6 +116,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     server: _Server
     server_version = "Golconde/" + __version__
     sys_version = ""
+
+    def version_string(self) -> str:
+        """``Server`` header: ``Golconde/<version>`` (without the Python version, nor the space
+        BaseHTTPRequestHandler puts before it)."""
+        return self.server_version
     timeout = REQUEST_TIMEOUT
 
     def do_GET(self) -> None:

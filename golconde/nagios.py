@@ -237,7 +237,7 @@ class Summary(nagiosplugin.Summary):
         else:
             parts = ["%d listeners connected" % len(values("connection"))]
         if lags:
-            parts.append("max lag %.3gs" % max(lags))
+            parts.append("max lag %ss" % (("%.3f" % max(lags)).rstrip("0").rstrip(".") or "0"))
         if backlogs:
             parts.append("max backlog %d" % max(backlogs))
         if not values("health"):
@@ -295,6 +295,17 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(status)
 
 
+def _positive(text: str) -> float:
+    """A number of seconds above 0 (0 would make the socket non-blocking: every check fails)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a number of seconds, got %r" % text) from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("expected a number of seconds above 0, got %r" % text)
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="check_golconde", description="Nagios plugin: lag, backlog, errors and connection "
@@ -312,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         for level, index in (("warning", 0), ("critical", 1)):
             parser.add_argument("--%s-%s" % (metric, level), metavar="RANGE",
                                 help="%s %s range (default %s)" % (metric, unit, DEFAULTS[metric][index]))
-    parser.add_argument("-t", "--timeout", type=float, default=10.0,
+    parser.add_argument("-t", "--timeout", type=_positive, default=10.0,
                         help="seconds before giving up, UNKNOWN (default %(default)s)")
     parser.add_argument("--state-file", help="where error totals are kept between checks "
                         "(default: under ~/.cache/check_golconde/)")

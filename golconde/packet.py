@@ -259,6 +259,9 @@ def loads(body: Union[bytes, str], max_bytes: int = MAX_PACKET_BYTES) -> Any:
         of :data:`MAX_PACKET_BYTES` takes a little more: :mod:`golconde.envelope`).
     :raises PacketError: invalid UTF-8, invalid JSON, NaN/Infinity, too deep or too large.
     """
+    if not isinstance(body, (bytes, bytearray, memoryview, str)):
+        raise PacketError("packet must be JSON text, UTF-8 bytes or a JSON object, not %s"
+                          % type(body).__name__)
     if isinstance(body, (bytes, bytearray, memoryview)):
         body = bytes(body)
         if len(body) > max_bytes:
@@ -267,8 +270,10 @@ def loads(body: Union[bytes, str], max_bytes: int = MAX_PACKET_BYTES) -> Any:
             body = body.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise PacketError("packet is not valid UTF-8: %s" % exc) from None
-    elif len(body) > max_bytes:
-        raise PacketError("packet is %d characters, more than the %d allowed" % (len(body), max_bytes))
+    elif len(body) > max_bytes // 4 and len(body.encode("utf-8", "surrogatepass")) > max_bytes:
+        # bytes of UTF-8, as the broker carries it (up to 4 per character)
+        raise PacketError("packet is %d bytes of UTF-8, more than the %d allowed"
+                          % (len(body.encode("utf-8", "surrogatepass")), max_bytes))
     try:
         try:
             return _DECODER.decode(body)

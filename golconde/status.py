@@ -84,6 +84,16 @@ def management_serves(base: str, broker: Any, timeout: float = 5.0) -> Optional[
             % (broker.host, broker.port, product, base))
 
 
+def _not_found(error: urllib.error.HTTPError) -> bool:
+    """Whether a 404 is RabbitMQ's management API saying the queue does not exist
+    (``{"error": "Object Not Found", ...}``), not some other server at that URL."""
+    try:
+        document = json.loads(error.read())
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and document.get("error") == "Object Not Found"
+
+
 class Management:
     """RabbitMQ management API client for queue depths, one base URL per broker host.
 
@@ -128,8 +138,8 @@ class Management:
             # RabbitMQ answers so for a queue whose statistics are not collected yet
             why, permanent = "management API %s: no statistics yet for %s" % (base, destination), False
         except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return 0, None
+            if exc.code == 404 and _not_found(exc):
+                return 0, None      # RabbitMQ's answer for a queue it does not have (yet)
             why = "management API %s: HTTP %d" % (base, exc.code)
             permanent = exc.code in (401, 403)
         except (OSError, ValueError) as exc:

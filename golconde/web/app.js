@@ -21,8 +21,8 @@
   var healthBadge = document.getElementById("health");
   var healthReasons = document.getElementById("health-reasons");
   var config = null;         // GET /config, once loaded
-  var groups = {};           // destination name -> {root, summary, list}
-  var cards = {};            // thread name -> card (see makeCard)
+  var groups = Object.create(null);   // destination name -> {root, summary, list} (no prototype: any name)
+  var cards = Object.create(null);    // thread name -> card (see makeCard; "__proto__" too)
   var page = window.golconde = {cards: cards, polls: 0, errors: 0};
 
   function el(tag, className, text) {
@@ -197,7 +197,7 @@
 
   function renderStats(data) {
     var now = Date.now();
-    var seen = {};
+    var seen = Object.create(null);
     var entries = [];
     data.threads.forEach(function (entry) {
       Object.keys(entry).forEach(function (name) { entries.push([name, entry[name]]); });

@@ -87,6 +87,11 @@ def test_trigger_install_remove_and_compare(make_database, tmp_path):
     assert result.returncode == 0 and "Items items -> t1 items: equal: 2 rows" in result.stdout
     result = run("golconde.cli", "compare", "-c", path, "--destination", "Itemz")   # misspelt
     assert result.returncode != 0 and "Destinations.Itemz: no such destination" in result.stderr
+    # a target that cannot be reached is not counted as one that differs
+    unreachable = make_config(canonical, {"t1": target, "t2": "dbname=golconde_no_such_db host=127.0.0.1"},
+                              "items", name="Items")
+    result = run("golconde.cli", "compare", "-c", write_config(str(tmp_path / "u.yaml"), unreachable))
+    assert result.returncode == 1 and result.stdout.splitlines()[-1] == "1 could not be compared", result.stdout
     # with the configuration: a client-mode destination drains no queue table; another table's
     # changes go to the destination's targets all the same; both installed, with warnings
     result = run("golconde.cli", "trigger", "install", "-c", path, "--destination", "Items",
@@ -118,6 +123,10 @@ def test_bad_input_to_the_commands_is_a_clear_error_naming_it(make_database, tmp
     assert result.returncode == 1 and b"standard input is not UTF-8 text: invalid start byte" in result.stderr
     result = run("golconde.cli", *send[3:], stdin='{"action": "add", "data": {"a": 1}}\n\n{"action": "bogus"}\n')
     assert result.returncode == 1 and "packet of line 3: unknown action 'bogus'" in result.stderr, result.stderr
+    # nothing to send (an empty pipe, or blank lines only) is an error, not "sent 0 packet(s)"
+    for stdin in ("", "\n  \n"):
+        result = run("golconde.cli", *send[3:], stdin=stdin)
+        assert result.returncode == 1 and "no packet to send" in result.stderr, result.stderr
     result = run("golconde.cli", *send[3:], '{"action": "add", "data": {"a": "\\ud800"}}')
     assert result.returncode == 1, result.stderr
     assert "packet of argument 1: packet text is not valid Unicode (surrogates not allowed" in result.stderr

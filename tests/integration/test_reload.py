@@ -429,9 +429,14 @@ def test_a_reload_to_a_taken_http_port_keeps_the_stats_server(tmp_path):
     try:
         assert answers(first)
         mapping["HTTPServer"]["port"] = taken.getsockname()[1]
+        mapping["HTTPServer"]["health"] = {"max_backlog": 77}
         write_config(path, mapping)
         assert daemon.reload()
         assert answers(first)
+        # where it stays, it serves the reloaded configuration and thresholds
+        with urllib.request.urlopen("http://127.0.0.1:%d/config" % first, timeout=2) as response:
+            assert json.loads(response.read())["HTTPServer"]["health"]["max_backlog"] == 77
+        assert daemon.http.thresholds[0] == 77
         mapping["HTTPServer"]["port"] = third
         write_config(path, mapping)
         assert daemon.reload()

@@ -128,3 +128,12 @@ def test_a_standing_problem_is_critical_and_named():
     assert check.summary_str == "D: " + problem
     check = run(Fixed([("D", dict(stats(), problems=[])), ("D_t1", stats())]))
     assert check.exitcode == 0
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_timeout_that_is_no_positive_number_is_a_usage_error(value):
+    """-t 0 made the socket non-blocking: every check failed with "Operation now in progress"."""
+    from golconde.nagios import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["-t", value])

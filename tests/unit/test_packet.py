@@ -99,6 +99,30 @@ def test_the_client_refuses_values_json_cannot_hold_with_a_packet_error(data, re
         Client("/queue/golconde.unit").add(data)
 
 
+def test_the_client_refuses_what_the_daemon_would_dead_letter_or_lose_before_sending():
+    """Nothing is sent (the client is not even connected): a packet over MAX_PACKET_BYTES of
+    UTF-8 (3 Mi characters of 2 bytes each, under the limit in characters), a body that is no
+    packet at all, one packet given to send_many, and a queue that is not a queue."""
+    from golconde.client import Client
+    from golconde.errors import ConfigError
+    from golconde.packet import MAX_PACKET_BYTES, loads
+
+    client = Client("/queue/golconde.unit")
+    with pytest.raises(PacketError, match=r"packet is \d+ bytes of UTF-8, more than the %d allowed"
+                       % MAX_PACKET_BYTES):
+        client.add({"id": 1, "name": "\u00e9" * (3 * 1024 * 1024)})
+    with pytest.raises(PacketError, match="more than the %d allowed" % MAX_PACKET_BYTES):
+        loads('{"name": "%s"}' % ("\u00e9" * (3 * 1024 * 1024)))      # text, counted in bytes
+    for body in (None, 5, 1.5):
+        with pytest.raises(PacketError, match="packet must be JSON text, UTF-8 bytes or a JSON object"):
+            client.send(body)
+    with pytest.raises(PacketError, match="send_many takes a sequence of packets"):
+        client.send_many('{"action": "add", "data": {"id": 1}}')
+    for queue in ("/topic/golconde.unit", "golconde.unit", "/queue/", None):
+        with pytest.raises(ConfigError, match="expected a queue name"):
+            Client(queue)
+
+
 def test_a_column_name_that_is_not_a_string_is_refused():
     with pytest.raises(PacketError, match="data has a column name that is not a string: 1"):
         parse({"action": "add", "data": {1: 2}})

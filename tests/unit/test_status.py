@@ -32,3 +32,39 @@ def test_a_standing_problem_is_shown_and_makes_the_status_unhealthy():
     document = copy.deepcopy(DOCUMENT)
     document["destinations"][0]["targets"][0]["state"] = "down"
     assert not status.healthy(document)
+
+
+def test_a_404_that_is_not_rabbitmq_s_answer_is_no_backlog_of_0():
+    """A --management-url that is not RabbitMQ's API (here a server answering 404 to all) gives no
+    depth and says why, instead of "0 (broker)"; RabbitMQ's own 404 ("Object Not Found") is a
+    queue it does not have yet, 0."""
+    import http.server
+    import json
+    import threading
+    from types import SimpleNamespace
+
+    from golconde.status import Management
+
+    bodies = {"/api/queues/%2F/rabbit": json.dumps({"error": "Object Not Found", "reason": "Not Found"}).encode()}
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.end_headers()
+            self.wfile.write(bodies.get(self.path.split("?")[0], b"<html>not here</html>"))
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        management = Management("http://127.0.0.1:%d" % server.server_address[1])
+        broker = SimpleNamespace(host="127.0.0.1", port=61613, login=None, passcode=None, vhost=None)
+        depth, why = management.depth(broker, "/queue/other")
+        assert depth is None and "HTTP 404" in why
+        assert Management("http://127.0.0.1:%d" % server.server_address[1]).depth(broker, "/queue/rabbit") == (0, None)
+    finally:
+        server.shutdown()
+        server.server_close()
