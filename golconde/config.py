@@ -45,6 +45,7 @@ one per line, as ``<key path>: <what was wrong>``; the exception also carries ``
 of those lines) and ``source``.
 """
 import difflib
+import ipaddress
 import logging
 import math
 import os
@@ -403,6 +404,24 @@ def _host_port(value: Any) -> Tuple[str, int]:
     return host, int(port)
 
 
+def _listen(value: Any) -> str:
+    """An address to listen on: an IP address, or a host name (RFC 1123 labels, the last not all
+    digits: ``1.2.3.4.5`` is neither)."""
+    host = value.strip() if isinstance(value, str) else ""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    if (host and len(host) <= 253 and not labels[-1].isdigit()
+            and all(re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?", label)
+                    for label in labels)):
+        return host
+    _fail("expected an IP address (127.0.0.1, 0.0.0.0, ::1) or a host name, got %s" % _show(value))
+    raise AssertionError("unreachable")
+
+
 #: libpq connection parameters whose values libpq checks only when it connects (Source: the
 #: PostgreSQL documentation, "Parameter Key Words", 34.1.2), checked here instead so that a wrong
 #: file is refused before anything connects: whole numbers (a port: a list, one per host), and
@@ -469,6 +488,7 @@ Queue, RequiredQueue = _field(_queue), _field(_queue, required=True)
 Handler = _field(_pattern(HANDLER_RE, "AutoSQL or a dotted path such as package.module.Handler"))
 Relation = _field(_pattern(RELATION_RE, "[schema.]relation"), required=True)
 HostPort, DSN = _field(_host_port, required=True), _field(_dsn, required=True)
+Listen = _field(_listen)
 OptString, OptSecret = _field(_text(secret=False)), _field(_text(secret=True))
 OptMapping, RequiredMapping = _field(_mapping), _field(_mapping, required=True)
 Bool, Mode, Seconds = _field(_boolean), _field(_choice(MODES)), _field(_seconds)
@@ -498,7 +518,7 @@ class _RawTop(_Raw):
 
 class _RawHTTP(_Raw):
     enabled: Bool = None
-    listen: OptString = None
+    listen: Listen = None
     port: Port = None
     health: OptMapping = None
 

@@ -550,3 +550,20 @@ def test_redact_dsn(dsn, expected):
 
 def test_redact_unparsable_dsn():
     assert config.redact_dsn("password=pw oops") == "<unparsable DSN>"
+
+
+@pytest.mark.parametrize("listen, good", [
+    ("127.0.0.1", True), ("0.0.0.0", True), ("::1", True), ("::", True), ("localhost", True),
+    ("stats.example.org", True), ("db-2.local.", True),
+    ("1.2.3.4.5", False), ("256.1.1.1", False), ("", False), ("a b", False), ("-bad.example", False),
+    ("http://127.0.0.1", False), (8080, False),
+])
+def test_the_stats_server_listen_address_is_checked(listen, good):
+    """A wrong HTTPServer.listen was accepted, and the daemon then started without its stats
+    server (from a review)."""
+    mapping = {**minimal(), "HTTPServer": {"listen": listen}}
+    if good:
+        assert config.parse(mapping).http.listen == listen
+    else:
+        assert problems(mapping) == ["HTTPServer.listen: expected an IP address (127.0.0.1, 0.0.0.0,"
+                                     " ::1) or a host name, got %r" % (listen,)]
