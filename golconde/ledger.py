@@ -22,11 +22,12 @@ body sent twice within the retention is applied once).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
 import uuid
-from typing import Any, Dict, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Set, Tuple
 
 import psycopg2
 import psycopg2.errors
@@ -129,36 +130,64 @@ def acquire_session_lock(connection: Any, name: str, stale_holder: Optional[str]
     :returns: True when this connection holds the lock (again), False when another session does.
     """
     key = advisory_key(name)
-    idle = connection.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
-    try:
-        with connection.cursor() as cur:
+    with _committed_if_idle(connection), connection.cursor() as cur:
+        try:
             cur.execute("SELECT pg_try_advisory_lock(%s)", (key,))
             held = bool(cur.fetchone()[0])
             if not held and stale_holder:
-                # a bigint advisory lock is (classid, objid) = its high and low 32 bits, objsubid 1
-                cur.execute("SELECT pg_terminate_backend(l.pid) FROM pg_catalog.pg_locks l"
-                            " JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid"
-                            " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
-                            "   AND l.classid = %s AND l.objid = %s"
-                            "   AND l.database = (SELECT oid FROM pg_catalog.pg_database"
-                            "                      WHERE datname = current_database())"
-                            "   AND a.application_name = %s AND l.pid <> pg_backend_pid()",
-                            ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF, stale_holder))
-                if any(row[0] for row in cur.fetchall()):
-                    LOGGER.warning("terminated this listener's own earlier session, which still held"
-                                   " the lock %s (a connection the server had not seen die)", name)
-                    deadline = time.monotonic() + wait
-                    while not held and time.monotonic() < deadline:
-                        cur.execute("SELECT pg_try_advisory_lock(%s)", (key,))
-                        held = bool(cur.fetchone()[0])
-                        if not held:
-                            time.sleep(0.05)
-    except psycopg2.errors.InsufficientPrivilege:
-        connection.rollback()
-        held = False
+                held = _end_stale_holder(cur, key, name, stale_holder, wait)
+        except psycopg2.errors.InsufficientPrivilege:
+            connection.rollback()
+            held = False
+    return held
+
+
+def _end_stale_holder(cur: Any, key: int, name: str, stale_holder: str, wait: float) -> bool:
+    """Terminate the session named ``stale_holder`` that holds advisory lock ``key`` in this
+    database, then try the lock again for up to ``wait`` seconds (:func:`acquire_session_lock`).
+    :returns: whether the lock is now held."""
+    # a bigint advisory lock is (classid, objid) = its high and low 32 bits, objsubid 1
+    cur.execute("SELECT pg_terminate_backend(l.pid) FROM pg_catalog.pg_locks l"
+                " JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid"
+                " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+                "   AND l.classid = %s AND l.objid = %s"
+                "   AND l.database = (SELECT oid FROM pg_catalog.pg_database"
+                "                      WHERE datname = current_database())"
+                "   AND a.application_name = %s AND l.pid <> pg_backend_pid()",
+                ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF, stale_holder))
+    if not any(row[0] for row in cur.fetchall()):
+        return False
+    LOGGER.warning("terminated this listener's own earlier session, which still held"
+                   " the lock %s (a connection the server had not seen die)", name)
+    deadline = time.monotonic() + wait
+    while True:
+        cur.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+        if cur.fetchone()[0]:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def release_session_lock(connection: Any, name: str) -> bool:
+    """Release the session-level advisory lock :func:`acquire_session_lock` took (one of them:
+    they stack); commits the transaction it opens when the connection was idle.
+
+    :returns: False (and a PostgreSQL warning) when this connection did not hold it.
+    """
+    with _committed_if_idle(connection), connection.cursor() as cur:
+        cur.execute("SELECT pg_advisory_unlock(%s)", (advisory_key(name),))
+        return bool(cur.fetchone()[0])
+
+
+@contextlib.contextmanager
+def _committed_if_idle(connection: Any) -> Iterator[None]:
+    """Commit, after the block, the transaction the block opened on ``connection`` when it was
+    idle outside autocommit (a session lock outlives it; the caller's own transaction is left)."""
+    idle = connection.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+    yield
     if idle and not connection.autocommit:
         connection.commit()
-    return held
 
 
 def ensure(connection: Any) -> None:

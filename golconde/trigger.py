@@ -203,7 +203,7 @@ def install_schema(conn: psycopg2.extensions.connection) -> None:
     conn.notices = notices = []   # this install's notices only (psycopg2 keeps the last 50)
     try:
         with _transaction(conn) as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key("install"),))
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (ledger.advisory_key("install"),))
             for _, text in sql_files():
                 cur.execute(text)
     finally:
@@ -990,21 +990,7 @@ def release_drain_lock(conn: psycopg2.extensions.connection, destination: str) -
 
     :returns: False (and a PostgreSQL warning) when this connection did not hold it.
     """
-    return _advisory(conn, "SELECT pg_advisory_unlock(%s)", destination)
-
-
-def _advisory(conn: psycopg2.extensions.connection, query: str, destination: str) -> bool:
-    idle = conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
-    with conn.cursor() as cur:
-        cur.execute(query, (_lock_key("drain:" + destination),))
-        held = bool(cur.fetchone()[0])
-    if idle and not conn.autocommit:
-        conn.commit()
-    return held
-
-
-def _lock_key(name: str) -> int:
-    return ledger.advisory_key(name)
+    return ledger.release_session_lock(conn, "drain:" + destination)
 
 
 @contextlib.contextmanager
