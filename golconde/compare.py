@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import psycopg2
 from psycopg2 import sql
@@ -111,9 +111,8 @@ def compare(canonical_dsn: str, canonical_relation: str, target_dsn: str,
     canonical = _parse(canonical_relation)
     target = _parse(target_relation)
     with _connect(canonical_dsn) as canonical_conn, _connect(target_dsn) as target_conn:
-        canonical_types = _columns(canonical_conn, canonical)
-        canonical_columns = tuple(canonical_types)
-        target_columns = tuple(_columns(target_conn, target))
+        canonical_columns = _columns(canonical_conn, canonical)
+        target_columns = _columns(target_conn, target)
         pairs = _pairs(canonical_columns, target_columns, mapping)
         common = tuple(name for name, _ in pairs)
         compared_targets = {name for _, name in pairs}
@@ -123,7 +122,7 @@ def compare(canonical_dsn: str, canonical_relation: str, target_dsn: str,
             raise CompareError("%s and %s have no column in common" % (canonical, target))
         if mapping is not None and mapping.conditions:
             canonical_count, canonical_hash = _digest_filtered(canonical_conn, canonical, common,
-                                                               mapping)
+                                                               canonical_columns, mapping)
         else:
             canonical_count, canonical_hash = _digest(canonical_conn, canonical, common)
         target_count, target_hash = _digest(target_conn, target, tuple(name for _, name in pairs))
@@ -224,9 +223,8 @@ def _pairs(canonical: Sequence[str], target: Sequence[str],
     return pairs
 
 
-def _columns(conn: Any, relation: Relation) -> Dict[str, str]:
-    """``{column name: type}`` of ``relation`` in order (dropped and system columns excluded;
-    the type as ``format_type`` writes it)."""
+def _columns(conn: Any, relation: Relation) -> Tuple[str, ...]:
+    """Column names of ``relation`` in order (dropped and system columns excluded)."""
     with conn.cursor() as cur:
         cur.execute("SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
                     " WHERE n.nspname = %s AND c.relname = %s"
@@ -236,10 +234,9 @@ def _columns(conn: Any, relation: Relation) -> Dict[str, str]:
         if row is None:
             raise CompareError("relation %s does not exist (database %s)"
                                % (relation, conn.info.dbname))
-        cur.execute("SELECT attname, pg_catalog.format_type(atttypid, atttypmod) FROM pg_attribute"
-                    " WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-                    (row[0],))
-        return dict(cur.fetchall())
+        cur.execute("SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0"
+                    " AND NOT attisdropped ORDER BY attnum", (row[0],))
+        return tuple(name for (name,) in cur.fetchall())
 
 
 def _row_hash(columns: Sequence[str]) -> sql.Composed:
@@ -253,13 +250,14 @@ FETCH_ROWS = 5000
 
 
 def _digest_filtered(conn: Any, relation: Relation, columns: Tuple[str, ...],
-                     mapping: Any) -> Tuple[int, int]:
+                     all_columns: Sequence[str], mapping: Any) -> Tuple[int, int]:
     """``(count, sum of 60-bit row hashes)`` of ``columns`` of the rows of ``relation`` that the
     target mapping's filter lets through, judged exactly as the daemon judges a packet
     (:meth:`golconde.mapping.TargetMapping.verdict` on the filter columns' values, as
     ``to_jsonb`` writes them, as the capture trigger does): each row's hash and those values are
-    read (a server-side cursor, :data:`FETCH_ROWS` at a time) and summed here."""
-    names = {name.lower(): name for name in _columns(conn, relation)}
+    read (a server-side cursor, :data:`FETCH_ROWS` at a time) and summed here. ``all_columns``:
+    every column of ``relation``, where the filter's columns are looked for."""
+    names = {name.lower(): name for name in all_columns}
     wanted = list(dict.fromkeys(condition.column for condition in mapping.conditions))
     found = [(name, names.get(name.lower())) for name in wanted]
     missing = [name for name, column in found if column is None]

@@ -690,28 +690,31 @@ class AutoSQL(Handler):
             return None
         try:
             packets = self.mapping.transform(packet) if self.mapping else [packet]
+            table = self._schema(cursor)
+            # the declared types, with their modifiers (the cached schema has the base types)
+            cursor.execute("SELECT attname, pg_catalog.format_type(atttypid, atttypmod)"
+                           " FROM pg_catalog.pg_attribute WHERE attrelid = %s::pg_catalog.regclass"
+                           " AND attnum > 0 AND NOT attisdropped",
+                           (_relation(table).as_string(cursor),))
+            declared = dict(cursor.fetchall())
             for one in packets:
                 action = self._action(one)
-                table = self._schema(cursor)
                 for part, values in (("data", one.data if action is not Action.DELETE else {}),
                                      ("restriction", one.restriction)):
                     for key, column, value in resolve(table, values, part)[0]:
-                        if self._refuses(cursor, table, column, value, code):
+                        if self._refuses(cursor, table, column, value, code,
+                                         declared.get(column.name, column.type_name)):
                             return "%s.%s" % (part, key)
         except (PacketError, StopListener):
             return None
         return None
 
-    def _refuses(self, cursor: Any, table: TableSchema, column: Column, value: Any, code: str) -> bool:
-        """Whether ``column``'s type refuses ``value`` alone with SQLSTATE ``code``."""
+    def _refuses(self, cursor: Any, table: TableSchema, column: Column, value: Any, code: str,
+                 declared: str) -> bool:
+        """Whether ``column``'s type (``declared``, as ``format_type`` writes it) refuses
+        ``value`` alone with SQLSTATE ``code``."""
         if value is None:
             return False
-        cursor.execute("SELECT pg_catalog.format_type(atttypid, atttypmod) FROM pg_catalog.pg_attribute"
-                       " WHERE attrelid = %s::pg_catalog.regclass AND attname = %s",
-                       (sql.Identifier(table.relation.schema, table.relation.name).as_string(cursor),
-                        column.name))
-        found = cursor.fetchone()
-        declared = found[0] if found else column.type_name
         limit = _LENGTH.fullmatch(declared)
         if code == "22001" and limit and isinstance(value, str):
             return len(value.rstrip(" ") if declared.startswith("character(") else value) > int(limit.group(1))
