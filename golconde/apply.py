@@ -411,8 +411,9 @@ class Applier:
             own = tried.get(index)
             reasons.setdefault(items[index][0], own.reason if own is not None and own.status == DEAD_LETTER
                                and own.reason else reason)
-        done = {index: Outcome(DEAD_LETTER, packets[index], reason=reasons[items[index][0]])
+        dead = {index: Outcome(DEAD_LETTER, packets[index], reason=reasons[items[index][0]])
                 for index in todo}
+        done = dict(dead)
         try:
             with connection.cursor() as cur:
                 recorded = ledger.record_dead_batch(cur, self.consumer, reasons)
@@ -430,8 +431,7 @@ class Applier:
                 raise ConnectionLost("recording the dead-lettered batch: %s" % describe(exc)) from exc
             LOGGER.error("[%s] could not record the dead-lettered batch in the ledger (%s): its"
                          " packets are dead-lettered unrecorded", self.consumer, describe(exc))
-            return {index: Outcome(DEAD_LETTER, packets[index], reason=reasons[items[index][0]])
-                    for index in todo}
+            return dead
         return done
 
     def _careful_once(self, connection: Any, items: Sequence[Tuple[str, bytes]],

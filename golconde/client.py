@@ -43,7 +43,7 @@ import time
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .broker import CREATED_HEADER, ID_HEADER, BrokerConnection, BrokerError, Delivery, Outgoing
-from .config import QUEUE_RE
+from .config import QUEUE_RE, QUEUE_TEXT
 from .errors import ConfigError, GolcondeError, PacketError
 from . import envelope, ledger
 from .packet import MAX_PACKET_BYTES, Action, Group, Packet, loads, parse
@@ -142,8 +142,7 @@ class Client:
                  reply_to: Optional[str] = None, batch_messages: bool = True) -> None:
         if not isinstance(queue, str) or not QUEUE_RE.fullmatch(queue):
             # a topic, or a bare name, would take packets no destination reads
-            raise ConfigError("queue: expected a queue name starting with /queue/ or /amq/queue/"
-                              " (a durable queue: a topic would lose packets), got %r" % (queue,))
+            raise ConfigError("queue: expected %s, got %r" % (QUEUE_TEXT, queue))
         self.queue = queue
         self.batch_messages = batch_messages
         self.timeout = timeout

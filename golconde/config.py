@@ -481,9 +481,9 @@ def _field(check: Callable[[Any], Any], required: bool = False) -> Any:
     return Annotated[Any, PlainValidator(run)]
 
 
-_QUEUE_TEXT = ("a queue name starting with /queue/ or /amq/queue/ (a durable queue: "
+QUEUE_TEXT = ("a queue name starting with /queue/ or /amq/queue/ (a durable queue: "
                "a topic would lose packets)")
-_queue = _pattern(QUEUE_RE, _QUEUE_TEXT)
+_queue = _pattern(QUEUE_RE, QUEUE_TEXT)
 Queue, RequiredQueue = _field(_queue), _field(_queue, required=True)
 Handler = _field(_pattern(HANDLER_RE, "AutoSQL or a dotted path such as package.module.Handler"))
 Relation = _field(_pattern(RELATION_RE, "[schema.]relation"), required=True)

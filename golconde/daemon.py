@@ -159,8 +159,7 @@ class Daemon:
         if (running.host, running.port) == (http_config.listen, port):
             # the same address: the new configuration and thresholds served by the same socket,
             # so that no request is refused during a reload
-            running.update(self.config.public_view(), http_config.health.max_backlog,
-                           http_config.health.max_lag)
+            self._serve_config(running)
             return
         self.http = None
         if port == running.port:
@@ -182,11 +181,14 @@ class Daemon:
             else:
                 running.stop()
         if self.http is running:
-            # where it was, but serving the reloaded configuration and health thresholds
-            running.update(self.config.public_view(), http_config.health.max_backlog,
-                           http_config.health.max_lag)
+            self._serve_config(running)     # where it was, but the reloaded configuration
             LOGGER.error("the stats server stays on http://%s:%d/ (the reloaded HTTPServer"
                          " address could not be used)", running.host, running.port)
+
+    def _serve_config(self, server: Any) -> None:
+        """Have the running stats server serve this configuration's /config and thresholds."""
+        health = self.config.http.health
+        server.update(self.config.public_view(), health.max_backlog, health.max_lag)
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -101,21 +101,20 @@ def check_mappings(listener: Listener, db: Any) -> None:
 
 
 class MappingCheck:
-    """:func:`check_mappings` again every :data:`MAPPING_CHECK_INTERVAL` seconds (a column added
-    to the canonical table clears the problem without a reconnect)."""
+    """:func:`check_mappings` at each connect (:meth:`now`) and again every
+    :data:`MAPPING_CHECK_INTERVAL` seconds (:meth:`when_due`: a column added to the canonical
+    table clears the problem without a reconnect)."""
 
     def __init__(self) -> None:
-        self.next = time.monotonic() + MAPPING_CHECK_INTERVAL
+        self.next = 0.0
 
-    def connected(self) -> None:
-        """A check ran at connect: the next one is an interval away."""
+    def now(self, listener: Listener, db: Any) -> None:
         self.next = time.monotonic() + MAPPING_CHECK_INTERVAL
+        check_mappings(listener, db)
 
     def when_due(self, listener: Listener, db: Any) -> None:
-        now = time.monotonic()
-        if now >= self.next and db is not None and not db.closed:
-            self.next = now + MAPPING_CHECK_INTERVAL
-            check_mappings(listener, db)
+        if time.monotonic() >= self.next and db is not None and not db.closed:
+            self.now(listener, db)
 
 
 class FanOut:
@@ -152,9 +151,6 @@ class ClientDestination(QueueConsumer):
 
     store_fanout = True
 
-    #: every queue the running configuration consumes or dead-letters to (set by
-    #: :func:`golconde.daemon.build_listeners` and at each reload): no reply goes there
-    consumed_queues: FrozenSet[str] = frozenset()
 
     #: committed batches whose ack may await the fan-out's confirmation while the next one is
     #: applied (QueueConsumer's default is 2; this 4 came with the trigger drain's setting and
@@ -168,11 +164,16 @@ class ClientDestination(QueueConsumer):
         #: arguments, no write permission) makes RabbitMQ close the connection it came on
         self._replies: Optional[BrokerConnection] = None
         self._mapping_check = MappingCheck()
+        #: every queue (:func:`golconde.config.queue_key`) where no reply goes: this
+        #: destination's and its targets', queues and dead-letter queues; the running
+        #: configuration's all (:func:`golconde.daemon.share_consumed_queues`, at each reload too)
+        self.consumed_queues: FrozenSet[str] = frozenset(
+            queue_key(queue) for item in (config,) + tuple(config.targets)
+            for queue in (item.queue, item.dead_letter_queue))
 
     def on_database_open(self, db: Any) -> None:
         super().on_database_open(db)
-        check_mappings(self, db)
-        self._mapping_check.connected()
+        self._mapping_check.now(self, db)
 
     def cycle(self) -> None:
         super().cycle()
@@ -211,9 +212,7 @@ class ClientDestination(QueueConsumer):
         is logged and the batch is acked all the same (its packets are applied and fanned out;
         a reply is not worth their coming back for ever).
         """
-        own = set(self.consumed_queues)
-        for item in (self.config,) + tuple(self.config.targets):
-            own.update((queue_key(item.queue), queue_key(item.dead_letter_queue)))
+        own = self.consumed_queues
         replies: List[Outgoing] = []
         for delivery, (pid, _), outcome in zip(batch, items, outcomes):
             reply_to = str(delivery.headers.get(REPLY_HEADER) or "").strip()
@@ -309,8 +308,7 @@ class TriggerDestination(Listener):
         # would add a BEGIN and a COMMIT or ROLLBACK (3 round trips).
         db.autocommit = True
         self.locked = False
-        check_mappings(self, db)
-        self._mapping_check.connected()
+        self._mapping_check.now(self, db)
 
     def open(self) -> None:
         super().open()

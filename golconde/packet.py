@@ -270,10 +270,10 @@ def loads(body: Union[bytes, str], max_bytes: int = MAX_PACKET_BYTES) -> Any:
             body = body.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise PacketError("packet is not valid UTF-8: %s" % exc) from None
-    elif len(body) > max_bytes // 4 and len(body.encode("utf-8", "surrogatepass")) > max_bytes:
-        # bytes of UTF-8, as the broker carries it (up to 4 per character)
-        raise PacketError("packet is %d bytes of UTF-8, more than the %d allowed"
-                          % (len(body.encode("utf-8", "surrogatepass")), max_bytes))
+    elif len(body) > max_bytes // 4:     # else within the limit (up to 4 bytes a character)
+        size = len(body.encode("utf-8", "surrogatepass"))    # bytes of UTF-8, as the broker carries it
+        if size > max_bytes:
+            raise PacketError("packet is %d bytes of UTF-8, more than the %d allowed" % (size, max_bytes))
     try:
         try:
             return _DECODER.decode(body)
