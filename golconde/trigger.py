@@ -776,8 +776,11 @@ def fetch_window(cursor: Any, destination: str, position: DrainPosition, limit: 
     ``enable_bitmapscan`` and ``enable_sort`` off for the rest of the current transaction
     (``SET LOCAL``), so that the queue is read in index order.
 
-    :returns: ``(batch, after)``: the packets (possibly none), and the position once they are
-        sent; a batch under both bounds ends its window (``after`` is between windows).
+    :returns: ``(batch, after)``: the packets, and the position once they are sent; a batch
+        under both bounds ends its window (``after`` is between windows). A window whose last
+        rows were sent by the previous call (a batch full by count) ends with no rows: a new
+        window is then read in the same call, so that no batch means nothing committed was
+        waiting when it was read (a second statement).
     :raises ValueError: ``limit`` or ``max_bytes`` below 1.
     :raises psycopg2.Error: e.g. ``golconde.queue`` is missing or not readable by this role.
     """
@@ -804,6 +807,8 @@ def fetch_window(cursor: Any, destination: str, position: DrainPosition, limit: 
     else:
         rows, current = result, position
     batch = _decode_rows(destination, rows, bounded)
+    if not batch and not new:
+        return fetch_window(cursor, destination, current.closed(), limit, max_bytes)
     if len(batch) < limit and not batch.cut_by_bytes:
         return batch, current.closed()
     return batch, dataclasses.replace(current, last_id=batch[-1].id)

@@ -186,6 +186,21 @@ def test_saved_position_resumes_in_the_middle_of_a_window(items):
         assert trigger.backlog(cur, DEST) == (0, None)
 
 
+def test_a_window_ended_by_a_full_batch_reads_the_next_window_in_the_same_call(items):
+    """A batch full by count leaves its window open; when nothing of it is left, the next call
+    reads a new window at once: no rows back means nothing committed is waiting (the drain
+    reported a backlog of 0 and slept while rows committed after the window waited)."""
+    execute(items, "INSERT INTO items SELECT g FROM generate_series(1, 4) g")
+    with items.cursor() as cur:
+        first, position = trigger.fetch_window(cur, DEST, DrainPosition(), 4)
+        assert [queued.id for queued in first] == [1, 2, 3, 4] and position.window is not None
+        execute(items, "INSERT INTO items SELECT g FROM generate_series(5, 6) g")
+        second, position = trigger.fetch_window(cur, DEST, position, 4)
+        assert [queued.id for queued in second] == [5, 6] and position.window is None
+        assert trigger.fetch_window(cur, DEST, position, 4)[0] == []
+        assert trigger.backlog(cur, DEST, position) == (0, None)
+
+
 def test_rotation_truncates_a_partition_once_every_destination_sent_it(db, database):
     """Ids cross from partition 0 into 1: partition 0 is truncated only once no destination has a
     row there it did not send (one without a saved position blocks it) and no writer that took
