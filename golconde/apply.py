@@ -522,19 +522,33 @@ class Applier:
 
     def _explain(self, cur: Any, packet: Union[Packet, Group], exc: BaseException) -> Optional[str]:
         """The handler's :meth:`~golconde.handlers.base.Handler.explain_error` for the packet (the
-        group member) that failed, or None; its own failure is only logged, unless it broke the
-        connection (the next statement then says so)."""
+        group member) that failed, or None. It runs in a savepoint rolled back after it: its own
+        failure is only logged, unless it broke the connection (the next statement then says
+        so)."""
         if not isinstance(exc, psycopg2.Error):
             return None
         if isinstance(packet, Group):
             if self._member is None:
                 return None
             packet = packet.packets[self._member]
+        # in a savepoint of its own, rolled back: a statement of the explanation that fails (a
+        # custom handler's, or a bug) must not abort the transaction the dead letter is recorded
+        # in (it did, and the batch came back for ever)
         try:
-            return self.handler.explain_error(cur, packet, exc)
+            cur.execute("SAVEPOINT golconde_explain_error")
+        except psycopg2.Error:
+            return None         # the connection is gone: the next statement says so
+        try:
+            reason = self.handler.explain_error(cur, packet, exc)
         except Exception as error:  # an explanation is never worth more than the dead letter
             LOGGER.debug("[%s] could not tell which value failed: %s", self.consumer, describe(error))
-            return None
+            reason = None
+        try:
+            cur.execute("ROLLBACK TO SAVEPOINT golconde_explain_error")
+            cur.execute("RELEASE SAVEPOINT golconde_explain_error")
+        except psycopg2.Error as error:
+            LOGGER.debug("[%s] after the explanation: %s", self.consumer, describe(error))
+        return reason
 
 
 class _CommitFailed(Exception):

@@ -695,7 +695,8 @@ class AutoSQL(Handler):
             cursor.execute("SELECT attname, pg_catalog.format_type(atttypid, atttypmod)"
                            " FROM pg_catalog.pg_attribute WHERE attrelid = %s::pg_catalog.regclass"
                            " AND attnum > 0 AND NOT attisdropped",
-                           (_relation(table).as_string(cursor),))
+                           (sql.Identifier(table.relation.schema,
+                                           table.relation.name).as_string(cursor),))
             declared = dict(cursor.fetchall())
             for one in packets:
                 action = self._action(one)

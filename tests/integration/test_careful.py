@@ -367,18 +367,21 @@ def test_a_batch_whose_checked_commit_fails_is_dead_lettered_and_stays_so(databa
 
 
 @pytest.mark.parametrize("role", ["destination", "target"])
-def test_a_dead_letter_names_the_value_the_database_refused(database, role):
+@pytest.mark.parametrize("name", ["v", '"p%c""t"'])
+def test_a_dead_letter_names_the_value_the_database_refused(database, role, name):
     """PostgreSQL's data errors seldom name the column ("smallint out of range"): the reason of a
     packet dead-lettered for one starts with the value at fault, data.<key> or
-    restriction.<key>, found by casting each value alone to its column's type."""
+    restriction.<key>, found by casting each value alone to its column's type. A table named with
+    a % is explained too (its name was bound with the % doubled: the explanation failed and
+    aborted the batch's transaction, which then came back for ever)."""
     conn = psycopg2.connect(database)
     try:
         with conn.cursor() as cur:
-            cur.execute("CREATE TABLE v (id integer PRIMARY KEY, a smallint, b smallint,"
-                        " n numeric(5, 2), code varchar(3), at timestamptz)")
+            cur.execute("CREATE TABLE %s (id integer PRIMARY KEY, a smallint, b smallint,"
+                        " n numeric(5, 2), code varchar(3), at timestamptz)" % name)
         conn.commit()
         ledger.ensure(conn)
-        applier = Applier(AutoSQL("v", role=role), "explain-" + role, store_fanout=role == "destination")
+        applier = Applier(AutoSQL(name, role=role), "explain-" + role, store_fanout=role == "destination")
         cases = [({"action": "add", "data": {"id": 1, "a": 1, "b": 40000}}, "data.b: SQLSTATE 22003"),
                  ({"action": "add", "data": {"id": 2, "n": 1234.5}}, "data.n: SQLSTATE 22003"),
                  ({"action": "add", "data": {"id": 3, "code": "abcd"}}, "data.code: SQLSTATE 22001"),
@@ -394,6 +397,35 @@ def test_a_dead_letter_names_the_value_the_database_refused(database, role):
         assert [o.status for o in outcomes] == ["dead"] * len(cases) + ["applied"]
         for outcome, (_, expected) in zip(outcomes, cases):
             assert outcome.reason.startswith(expected), (outcome.reason, expected)
-        assert rows(conn, "SELECT id FROM v") == [(9,)]
+        assert rows(conn, "SELECT id FROM %s" % name) == [(9,)]
+    finally:
+        conn.close()
+
+
+class _BrokenExplanation(AutoSQL):
+    """A handler whose explanation runs a statement that fails."""
+
+    def explain_error(self, cursor, packet, error):
+        cursor.execute("SELECT * FROM no_such_table")
+
+
+def test_an_explanation_that_fails_does_not_abort_the_batch(database):
+    """A handler's explain_error that fails in the database (a custom handler's, or a bug) runs in
+    a savepoint of its own: the packet is dead-lettered with PostgreSQL's reason and the rest of
+    the batch is applied."""
+    conn = psycopg2.connect(database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE v (id integer PRIMARY KEY, a smallint)")
+        conn.commit()
+        ledger.ensure(conn)
+        applier = Applier(_BrokenExplanation("v"), "broken-explanation")
+        items = [("a", dumps({"action": "add", "data": {"id": 1}}).encode()),
+                 ("b", dumps({"action": "add", "data": {"id": 2, "a": 40000}}).encode()),
+                 ("c", dumps({"action": "add", "data": {"id": 3}}).encode())]
+        outcomes = applier.apply_batch(conn, items)
+        assert [o.status for o in outcomes] == ["applied", "dead", "applied"]
+        assert outcomes[1].reason.startswith("SQLSTATE 22003")
+        assert rows(conn, "SELECT id FROM v ORDER BY id") == [(1,), (3,)]
     finally:
         conn.close()
