@@ -335,6 +335,13 @@ def install(conn: psycopg2.extensions.connection, relation: str, destination: st
             sql.Identifier(name), sql.SQL(" OR ").join(sql.SQL(event) for event in events), ident,
             sql.SQL(", ").join(sql.Literal(argument) for argument in arguments)))
         language = capture_language(cur) or "plpgsql"
+        children = _inheritance_children(cur, ident)
+    if children:
+        message = ("%s has %d inheritance child table(s) (%s): a row trigger is not inherited, so"
+                   " their rows are not captured with it; install a capture trigger on each"
+                   " child to distribute it" % (qualified, len(children), ", ".join(children[:3])
+                                                + (", ..." if len(children) > 3 else "")))
+        warning = message if warning is None else "%s; %s" % (warning, message)
     if warning:
         LOGGER.warning("destination %s: %s", destination, warning)
     LOGGER.info("destination %s: trigger %s installed on %s (%s; key %s; capture in %s)", destination,
@@ -479,6 +486,17 @@ def _table_key(cur: Any, schema: str, table: str, qualified: str) -> Tuple[str, 
         raise TriggerError("%s is not a table (relkind %r): only tables can be captured"
                            % (qualified, row[1]))
     return _primary_key(cur, schema, table)
+
+
+def _inheritance_children(cur: Any, ident: sql.Identifier) -> List[str]:
+    """The tables inheriting from the plain table ``ident`` (``pg_inherits``), qualified, by
+    name; none for a partitioned table, whose row triggers its partitions get too."""
+    cur.execute(sql.SQL("SELECT c.oid::pg_catalog.regclass::text FROM pg_catalog.pg_inherits i"
+                        " JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid"
+                        " JOIN pg_catalog.pg_class p ON p.oid = i.inhparent"
+                        " WHERE i.inhparent = {}::pg_catalog.regclass AND p.relkind = 'r'"
+                        " ORDER BY 1").format(sql.Literal(ident.as_string(cur))))
+    return [row[0] for row in cur.fetchall()]
 
 
 def _primary_key(cur: Any, schema: str, table: str) -> Tuple[str, ...]:

@@ -57,6 +57,27 @@ def test_four_actions(db):
     assert rows(db, "SELECT id, name, n FROM t ORDER BY id") == [(2, "two", 20), (3, "three", None)]
 
 
+def test_updates_and_deletes_of_a_parent_leave_its_inheritance_children_alone(db):
+    """A parent table's packets change its own rows, one at a time and in runs (bulk): its
+    inheritance children are relations of their own (an UPDATE of the parent's row 1 overwrote
+    the child's row 1, a DELETE removed the child's row 2)."""
+    ddl(db, "CREATE TABLE p (id int PRIMARY KEY, v text)")
+    ddl(db, "CREATE TABLE c (extra text, PRIMARY KEY (id)) INHERITS (p)")
+    ddl(db, "INSERT INTO p VALUES (1, 'p1'), (2, 'p2'), (3, 'p3'), (4, 'p4')")
+    ddl(db, "INSERT INTO c VALUES (1, 'c1', 'x'), (2, 'c2', 'y'), (3, 'c3', 'z'), (4, 'c4', 'w')")
+    h = AutoSQL("p")
+    run(db, h, {"action": "update", "data": {"v": "p1!"}, "restriction": {"id": 1}})
+    run(db, h, {"action": "delete", "restriction": {"id": 2}})
+    with db.cursor() as cur:
+        h.apply_batch(cur, [Packet(Action.UPDATE, {"v": "p3!"}, {"id": 3}),
+                            Packet(Action.UPDATE, {"v": "p4!"}, {"id": 4}),
+                            Packet(Action.DELETE, {}, {"id": 3}),
+                            Packet(Action.DELETE, {}, {"id": 4})])
+    assert rows(db, "SELECT id, v FROM ONLY p ORDER BY id") == [(1, "p1!")]
+    assert rows(db, "SELECT id, v, extra FROM c ORDER BY id") == [
+        (1, "c1", "x"), (2, "c2", "y"), (3, "c3", "z"), (4, "c4", "w")]
+
+
 def test_whole_row_update_leaves_an_unchanged_identity_key_alone(db):
     """The capture trigger's UPDATE packet repeats the key in its data. A GENERATED ALWAYS identity
     column takes no value but DEFAULT, so the single-row statement leaves the unchanged key out of

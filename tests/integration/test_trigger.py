@@ -178,6 +178,22 @@ def test_quoted_names(db):
     assert trigger.remove(db, '"My Schema"."we""ird.Tab"', "my-dest.1").removed
 
 
+def test_a_parent_with_inheritance_children_is_installed_with_a_warning(db):
+    """A row trigger is not inherited: the children's rows are not captured with the parent's,
+    and the install says so (a partitioned table's partitions get its trigger: no warning)."""
+    execute(db, "CREATE TABLE p (id int PRIMARY KEY, v text)")
+    execute(db, "CREATE TABLE c1 (extra int) INHERITS (p)")
+    execute(db, 'CREATE TABLE "C 2" () INHERITS (p)')
+    result = trigger.install(db, "p", DEST)
+    assert result.events == ("INSERT", "UPDATE", "DELETE")
+    assert result.warning == ('public.p has 2 inheritance child table(s) ("C 2", c1): a row trigger'
+                              " is not inherited, so their rows are not captured with it; install"
+                              " a capture trigger on each child to distribute it")
+    execute(db, "CREATE TABLE parts (id int PRIMARY KEY) PARTITION BY RANGE (id)")
+    execute(db, "CREATE TABLE parts_0 PARTITION OF parts FOR VALUES FROM (0) TO (10)")
+    assert trigger.install(db, "parts", DEST).warning is None
+
+
 def test_keyless_table_is_insert_only(db):
     execute(db, "CREATE TABLE log (msg text)")
     with pytest.raises(TriggerError, match=r"public.log has no primary key: UPDATE and DELETE"):
