@@ -62,6 +62,7 @@ from pydantic_core import PydanticCustomError
 from . import ledger
 from .errors import ConfigError
 from .mapping import MAPPING_KEYS, TargetMapping, parse_mapping
+from .schema import parse_relation
 
 DEFAULT_HANDLER = "AutoSQL"
 DEFAULT_HTTP_LISTEN = "127.0.0.1"
@@ -802,10 +803,12 @@ def _check_logging(section: Mapping[str, Any], problems: List[str]) -> None:
 
 def _relation_key(dsn: str, relation: str) -> Tuple[Any, ...]:
     """Identity of a relation in a database: libpq parameters and the normalised relation name."""
-    parts = re.findall(r'"((?:[^"]|"")+)"|([^."]+)', relation)
-    names = tuple(quoted.replace('""', '"') if quoted else plain.lower() for quoted, plain in parts)
-    return (frozenset(psycopg2.extensions.parse_dsn(dsn).items()),
-            names if len(names) == 2 else ("public",) + names)
+    try:
+        parsed = parse_relation(relation)
+        names: Tuple[str, ...] = (parsed.schema, parsed.name)
+    except ConfigError:        # reported where the relation is checked
+        names = (relation,)
+    return (frozenset(psycopg2.extensions.parse_dsn(dsn).items()), names)
 
 
 def _cross_check(destinations: Tuple[DestinationConfig, ...], problems: List[str]) -> None:

@@ -52,10 +52,23 @@ class Relation:
         return "%s.%s" % (quote_name(self.schema), quote_name(self.name))
 
 
+#: ASCII upper-case letters to lower case, the only ones PostgreSQL folds in an unquoted identifier
+#: of a multi-byte (UTF-8) database (``downcase_identifier``, src/backend/parser/scansup.c)
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def fold_identifier(name: str) -> str:
+    """An unquoted identifier as PostgreSQL stores it: ``A``-``Z`` folded to lower case, any
+    other letter kept (``Ärger`` stays ``Ärger``; Python's ``str.lower`` would make it
+    ``ärger``, a relation that does not exist)."""
+    return name.translate(_ASCII_LOWER)
+
+
 def parse_relation(text: str) -> Relation:
     """Parse ``[schema.]table`` (the configuration's ``target``) into a :class:`Relation`.
 
-    ``table`` means ``public.table``; unquoted parts are folded to lower case as PostgreSQL does;
+    ``table`` means ``public.table``; unquoted parts are folded to lower case as PostgreSQL does
+    (:func:`fold_identifier`: ASCII letters only);
     double-quoted parts are verbatim, ``""`` standing for one quote: ``"My Schema"."T.1"``.
 
     :raises ConfigError: empty text, an empty part, an unterminated quote, more than two parts or
@@ -89,7 +102,7 @@ def parse_relation(text: str) -> Relation:
             if not match:
                 raise ConfigError("relation %r: invalid identifier at position %d (expected [schema.]table;"
                                   " double-quote names with other characters)" % (text, pos + 1))
-            part = match.group(0).lower()
+            part = fold_identifier(match.group(0))
             pos = match.end()
         parts.append(part)
         if pos == len(source):

@@ -66,6 +66,8 @@ def col(name: str) -> Column:
     ('app."Users"', Relation("app", "Users")),
     ("s$1._x9", Relation("s$1", "_x9")),
     ("\u00e9t\u00e9.t", Relation("\u00e9t\u00e9", "t")),
+    # PostgreSQL folds only A-Z in a UTF-8 database: CREATE TABLE \u00c4rger makes "\u00c4rger"
+    ("\u00c4rger.\u00c9T\u00c9", Relation("\u00c4rger", "\u00c9t\u00c9")),
 ])
 def test_parse_relation(text, expected):
     assert parse_relation(text) == expected
