@@ -137,6 +137,8 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
         print("golconded: configuration error in %s:\n%s" % (path, _indent(str(exc))), file=sys.stderr)
         return 2
     if args.check:
+        from .daemon import discard_listeners
+        discard_listeners(daemon.listeners.values())
         print("%s: configuration OK (%d destinations, %d listener threads)"
               % (path, len(config.destinations), len(daemon.listeners)))
         return 0
@@ -331,9 +333,9 @@ def _destination_name(text: str) -> str:
 def _cmd_check(args: argparse.Namespace) -> int:
     path = args.config or default_config_path()
     config = _load_config(path, "golconde")
-    from .daemon import build_listeners
+    from .daemon import discard_listeners, build_listeners
     from .stats import Registry
-    build_listeners(config, Registry())
+    discard_listeners(build_listeners(config, Registry()).values())   # handlers loaded, set up: none starts
     print("%s: configuration OK" % path)
     return 0
 

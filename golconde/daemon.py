@@ -18,12 +18,22 @@ from typing import Any, Callable, Collection, Dict, Iterable, List, Optional, Tu
 
 from . import config as config_module
 from .destination import ClientDestination, TriggerDestination
-from .errors import ConfigError
+from .errors import ConfigError, describe
 from .listener import Listener
 from .stats import Registry
 from .target import TargetListener
 
 LOGGER = logging.getLogger(__name__)
+
+
+def discard_listeners(listeners: Iterable[Listener]) -> None:
+    """:meth:`Listener.discard` each of ``listeners``, never started (a failure is logged)."""
+    for listener in listeners:
+        try:
+            listener.discard()
+        except Exception as exc:   # noqa: BLE001 - a handler's shutdown: logged, never fatal
+            LOGGER.warning("[%s] discarding a listener built for a check: %s", listener.name,
+                           describe(exc))
 
 
 def build_listeners(config: Any, registry: Registry,
@@ -68,6 +78,7 @@ def build_listeners(config: Any, registry: Registry,
         kind = TriggerDestination if destination.mode == "trigger" else ClientDestination
         build(destination.thread_name, path, functools.partial(kind, destination, stats))
     if problems:
+        discard_listeners(listeners.values())
         raise ConfigError("\n".join(problems))
     share_consumed_queues(listeners.values(), config)
     return listeners
@@ -241,6 +252,7 @@ class Daemon:
         except Exception:   # a defect, not the file's fault: still never the end of the daemon
             LOGGER.exception("reload failed, keeping the running configuration")
             return False
+        discard_listeners(candidates.values())   # built to check and compare the configuration: none starts
         with self._lock:
             # replacements still waiting for a stuck listener are this reload's to decide again
             # (their threads, finding them gone, start nothing); a copy, which they no longer touch
@@ -258,7 +270,9 @@ class Daemon:
                     current.role, current.destination) != (candidates[name].stats.role,
                                                             candidates[name].stats.destination)):
                 self.registry.remove(name)  # gone, or the name now has another role: new counters
-        fresh = build_listeners(new_config, self.registry, self.only)
+        # only those to start (a listener built and dropped kept its handler's resources)
+        wanted = [name for name in candidates if name not in kept]
+        fresh = build_listeners(new_config, self.registry, wanted) if wanted else {}
         started = 0
         with self._lock:
             for name, listener in fresh.items():

@@ -124,6 +124,7 @@ class Listener(threading.Thread):
         LOGGER.info("[%s] %s listener starting", self.name, self.role)
         # the statistics outlive a listener a reload replaces: its predecessor's problem is not its
         self.stats.set_problem("failing", None)
+        self.announce()
         try:
             while not self.stopping:
                 try:
@@ -190,6 +191,14 @@ class Listener(threading.Thread):
 
     def finish(self) -> None:
         """Hook called once when the thread ends, after :meth:`close`."""
+
+    def announce(self) -> None:
+        """Hook called when the thread starts, before it connects: take over the statistics
+        it shares with the listeners of its name before it."""
+
+    def discard(self) -> None:
+        """Release what the constructor took (a handler's :meth:`shutdown`) for a listener that
+        is never started: a reload or a configuration check builds listeners to validate them."""
 
     def close(self) -> None:
         """Close every connection (at stop, or when pausing)."""
@@ -581,7 +590,14 @@ class QueueConsumer(Listener):
         self._next_prune = 0.0      # monotonic time of the next ledger prune (the first: at once)
         #: ``(packets, created of the oldest)`` of the batch being applied, for the live stats
         self._applying: Optional[Tuple[int, Optional[float]]] = None
+
+    def announce(self) -> None:
+        # its live figures from now on: not at construction, as a reload builds listeners it
+        # then discards or starts later (after a stuck predecessor), which share the statistics
         self.stats.set_live(self._live_figures)
+
+    def discard(self) -> None:
+        self.finish()
 
     def _live_figures(self) -> Tuple[Optional[int], Optional[float]]:
         """Packets held (waiting in the inbox or being applied) and the creation time of the

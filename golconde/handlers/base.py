@@ -2,7 +2,9 @@
 
 Life cycle (after gmr/rejected's consumer hooks)::
 
-    handler = HandlerClass(relation, settings, role=..., name=...)   # once, at start and reload
+    handler = HandlerClass(relation, settings, role=..., name=...)   # at start and reload (a
+                                   # reload and a configuration check also build handlers they
+                                   # never start: those get shutdown() at once)
     handler.setup(connection)      # after every (re)connect to the database
     handler.apply_batch(cursor, packets)   # fast path: the new packets of a delivery batch
     handler.apply(cursor, packet)  # per packet (careful path, group members), inside the
@@ -132,4 +134,5 @@ class Handler:
         cached schema so that the retried packet reads the catalog again."""
 
     def shutdown(self) -> None:
-        """Called once when the listener stops."""
+        """Called once when the listener stops, or when it is never started (a handler built
+        to check a configuration or a reload's)."""

@@ -24,6 +24,7 @@ import yaml
 
 from golconde.client import Client
 from golconde.compare import compare
+from golconde.handlers.autosql import AutoSQL
 
 from ..conftest import STOMP_LOGIN, STOMP_PASSCODE, stomp_address
 from .flow_support import DaemonProcess, execute, make_config, query, wait_for, write_config
@@ -402,6 +403,76 @@ def test_a_reload_waits_for_a_stuck_listener_before_starting_its_replacement(mak
     finally:
         locker.close()
         assert daemon.stop()
+
+
+class Counting(AutoSQL):
+    """AutoSQL counting its instances and their shutdowns (a handler holding resources)."""
+
+    made: List[Any] = []
+    shut: List[Any] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        Counting.made.append(self)
+
+    def shutdown(self) -> None:
+        Counting.shut.append(self)
+        super().shutdown()
+
+
+def test_a_reload_keeps_a_stuck_listeners_live_figures_and_shuts_down_the_handlers_it_built(
+        make_database, tmp_path):
+    """A reload that keeps a listener stuck on a lock still shows its backlog and lag (the
+    listener built to compare the configuration took over its live figures: backlog 0, and
+    /health passed); the handlers a reload builds without starting them are shut down."""
+    import psycopg2
+
+    from golconde.config import load
+    from golconde.daemon import Daemon
+
+    canonical, t1 = make_database(), make_database()
+    for dsn in (canonical, t1):
+        execute(dsn, "CREATE TABLE items (id integer PRIMARY KEY, v text)")
+    mapping = make_config(canonical, {"t1": t1}, "public.items")
+    name = next(iter(mapping["Destinations"]))
+    mapping["Destinations"][name]["Targets"]["t1"]["function_name"] = __name__ + ".Counting"
+    thread = name + "_t1"
+    path = write_config(str(tmp_path / "golconde.yaml"), mapping)
+    Counting.made.clear()
+    Counting.shut.clear()
+    daemon = Daemon(load(path), config_path=path, stop_timeout=1.0)
+    daemon.start()
+    locker = psycopg2.connect(t1)
+    try:
+        wait_for(lambda: all(listener.ready() for listener in daemon.listeners.values()), timeout=30,
+                 message="listeners connected")
+        with locker.cursor() as cur:
+            cur.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        host, port = stomp_address()
+        with Client(mapping["Destinations"][name]["queue"], host, port, STOMP_LOGIN,
+                    STOMP_PASSCODE) as client:
+            client.send_many([{"action": "add", "data": {"id": i, "v": "x"}} for i in range(50)])
+        wait_for(lambda: (daemon.registry.get(thread).snapshot()["backlog"] or 0) > 0,
+                 message="t1 stuck on the lock")
+        running = daemon.listeners[thread]
+        assert len(Counting.made) == 1 and Counting.shut == []
+        for level in ("DEBUG", "INFO", "DEBUG"):
+            mapping["Logging"] = dict(mapping.get("Logging") or {}, level=level)
+            write_config(path, mapping)
+            assert daemon.reload()
+        assert daemon.listeners[thread] is running
+        time.sleep(0.5)
+        snapshot = daemon.registry.get(thread).snapshot()
+        assert snapshot["backlog"] >= 50 and snapshot["lag"] > 0, snapshot
+        # one handler running, the three the reloads built to compare shut down
+        assert len(Counting.made) == 4
+        assert Counting.shut == Counting.made[1:]
+        locker.rollback()
+        wait_for(lambda: query(t1, "SELECT count(*) FROM items")[0][0] == 50, message="t1 applied")
+    finally:
+        locker.close()
+        assert daemon.stop()
+    assert Counting.shut[-1] is Counting.made[0]
 
 
 def test_a_reload_to_a_taken_http_port_keeps_the_stats_server(tmp_path):
