@@ -337,6 +337,21 @@ def test_a_reload_giving_a_thread_name_another_role_and_a_new_logging_section(ma
         assert daemon.stop()
 
 
+def _stick(daemon: Any, locker: Any, queue: str, thread: str, count: int) -> None:
+    """Once every listener is connected, lock table ``items`` through ``locker`` (a connection to
+    the target of listener ``thread``), send ``count`` adds to ``queue`` and wait until that
+    listener shows a backlog: stuck on the lock."""
+    wait_for(lambda: all(listener.ready() for listener in daemon.listeners.values()), timeout=30,
+             message="listeners connected")
+    with locker.cursor() as cur:
+        cur.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+    host, port = stomp_address()
+    with Client(queue, host, port, STOMP_LOGIN, STOMP_PASSCODE) as client:
+        client.send_many([{"action": "add", "data": {"id": i, "v": "x"}} for i in range(count)])
+    wait_for(lambda: (daemon.registry.get(thread).snapshot()["backlog"] or 0) > 0,
+             message="%s stuck on the lock" % thread)
+
+
 def test_a_reload_waits_for_a_stuck_listener_before_starting_its_replacement(make_database, tmp_path):
     """Target t1 is stuck on a locked table when a reload changes it: the reload does not start a
     second consumer of t1's queue beside it; once the lock goes and the old listener has stopped,
@@ -359,17 +374,8 @@ def test_a_reload_waits_for_a_stuck_listener_before_starting_its_replacement(mak
     daemon.start()
     locker = psycopg2.connect(t1)
     try:
-        wait_for(lambda: all(listener.ready() for listener in daemon.listeners.values()), timeout=30,
-                 message="listeners connected")
-        with locker.cursor() as cur:
-            cur.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
-        host, port = stomp_address()
-        with Client(mapping["Destinations"][name]["queue"], host, port, STOMP_LOGIN,
-                    STOMP_PASSCODE) as client:
-            client.send_many([{"action": "add", "data": {"id": i, "v": "x"}} for i in range(200)])
+        _stick(daemon, locker, mapping["Destinations"][name]["queue"], thread, 200)
         wait_for(lambda: query(t2, "SELECT count(*) FROM items")[0][0] == 200, message="t2 applied")
-        wait_for(lambda: (daemon.registry.get(thread).snapshot()["backlog"] or 0) > 0,
-                 message="t1 stuck on the lock")
         stuck = daemon.listeners[thread]
         mapping["Destinations"][name]["Targets"]["t1"]["batch_size"] = 100
         write_config(path, mapping)
@@ -444,16 +450,7 @@ def test_a_reload_keeps_a_stuck_listeners_live_figures_and_shuts_down_the_handle
     daemon.start()
     locker = psycopg2.connect(t1)
     try:
-        wait_for(lambda: all(listener.ready() for listener in daemon.listeners.values()), timeout=30,
-                 message="listeners connected")
-        with locker.cursor() as cur:
-            cur.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
-        host, port = stomp_address()
-        with Client(mapping["Destinations"][name]["queue"], host, port, STOMP_LOGIN,
-                    STOMP_PASSCODE) as client:
-            client.send_many([{"action": "add", "data": {"id": i, "v": "x"}} for i in range(50)])
-        wait_for(lambda: (daemon.registry.get(thread).snapshot()["backlog"] or 0) > 0,
-                 message="t1 stuck on the lock")
+        _stick(daemon, locker, mapping["Destinations"][name]["queue"], thread, 50)
         running = daemon.listeners[thread]
         assert len(Counting.made) == 1 and Counting.shut == []
         for level in ("DEBUG", "INFO", "DEBUG"):
