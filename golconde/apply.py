@@ -44,8 +44,8 @@ import psycopg2.extensions
 
 from . import ledger
 from . import schema as schema_module
-from .errors import (DEAD, RECONNECT, RETRY, SCHEMA, GolcondeError, PacketError, StopListener,
-                     classify, describe, lone_surrogate)
+from .errors import (DEAD, RECONNECT, RETRY, SCHEMA, SESSION_SQLSTATES, GolcondeError, PacketError,
+                     StopListener, classify, describe, lone_surrogate)
 from .handlers.base import Handler
 from .packet import dumps, fanout_text, Group, Packet, parse_message
 
@@ -200,7 +200,7 @@ class Applier:
                 raise
             except Exception as exc:  # classified below; nothing escapes unclassified
                 self._rollback(connection)
-                fate = classify(exc)
+                fate = self._classify(connection, exc)
                 if fate == RECONNECT:
                     raise ConnectionLost(describe(exc)) from exc
                 if fate == RETRY and attempt < self.max_retries:
@@ -221,6 +221,50 @@ class Applier:
         return [o if o is not None else Outcome(DEAD_LETTER, reason="not processed") for o in outcomes]
 
     # ----------------------------------------------------------------------------------------------
+    def _classify(self, connection: Any, exc: BaseException) -> str:
+        """:func:`golconde.errors.classify`, but an error that says a connection was lost while
+        this one is not (psycopg2 marks a lost one closed) is the handler's own: a side
+        connection of its, a cursor it closed. That is retried (bounded) and then dead-lettered,
+        not taken for this connection's loss: the batch was replayed on a new session without
+        end, and nothing after it applied."""
+        fate = classify(exc)
+        if (fate == RECONNECT and getattr(exc, "pgcode", None) not in SESSION_SQLSTATES
+                and not connection.closed
+                and connection.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN):
+            return RETRY
+        return fate
+
+    @contextlib.contextmanager
+    def _transaction_kept(self, cur: Any) -> Iterator[None]:
+        """Run the handler's block; when it ended the listener's transaction (a ``COMMIT`` or
+        ``ROLLBACK`` of its own, a ``connection.commit()``...), which a handler never does
+        (:mod:`golconde.handlers.base`), raise :class:`StopListener`: what it committed may
+        include ledger records of packets it did not apply, and what followed ran outside any
+        transaction, so the listener stops (until a reload), its packets left unacknowledged,
+        rather than go on as if the batch were whole."""
+        try:
+            yield
+        except StopListener:
+            raise
+        except BaseException:
+            self._check_transaction(cur)
+            raise
+        self._check_transaction(cur)
+
+    def _check_transaction(self, cur: Any) -> None:
+        if cur.connection.closed or (cur.connection.info.transaction_status
+                                     != psycopg2.extensions.TRANSACTION_STATUS_IDLE):
+            return
+        raise self._transaction_ended()
+
+    def _transaction_ended(self) -> StopListener:
+        return StopListener("handler %s ended the listener's transaction (a COMMIT or ROLLBACK of its"
+                           " own; a handler never commits or rolls back): the listener stops, its"
+                           " packets left queued; part of the batch may have been committed, and"
+                           " recorded in the ledger as applied without being applied: fix the"
+                           " handler, compare the tables (golconde compare), then reload (SIGHUP)"
+                           % type(self.handler).__name__)
+
     def _count_retry(self) -> None:
         self.retries += 1
         if self.on_retry is not None:
@@ -315,7 +359,8 @@ class Applier:
             seen.add(pid)
             fresh.append(index)
         flat = [member for index in fresh for member in members(packets[index])]
-        results = list(self.handler.apply_batch(cur, flat)) if flat else []
+        with self._transaction_kept(cur):
+            results = list(self.handler.apply_batch(cur, flat)) if flat else []
         if len(results) != len(flat):
             raise GolcondeError("handler apply_batch() returned %d packets for %d"
                                 % (len(results), len(flat)))
@@ -471,7 +516,8 @@ class Applier:
                     cur.execute("RELEASE SAVEPOINT golconde_packet")
                     return Outcome(DUPLICATE, packet)
                 self._member = None
-                result = self._apply_item(cur, packet)
+                with self._transaction_kept(cur):
+                    result = self._apply_item(cur, packet)
                 outcome = Outcome(APPLIED, packet)
                 if self.store_fanout:
                     outcome.fanout = fanout_text(result)
@@ -482,12 +528,18 @@ class Applier:
             except StopListener:
                 raise
             except Exception as exc:
-                fate = classify(exc)
+                if getattr(exc, "pgcode", None) == "3B001":
+                    # the packet's savepoint is gone: the handler ended the transaction, and
+                    # psycopg2 began another for its next statement
+                    raise self._transaction_ended() from exc
+                fate = self._classify(connection, exc)
                 if fate == RECONNECT:
                     raise ConnectionLost(describe(exc)) from exc
                 try:
                     cur.execute("ROLLBACK TO SAVEPOINT golconde_packet")
                 except Exception as exc2:
+                    if getattr(exc2, "pgcode", None) == "3B001":
+                        raise self._transaction_ended() from exc
                     raise ConnectionLost(describe(exc2)) from exc2
                 if getattr(exc, "pgcode", None) == "42501":
                     self._pause_without_privileges(cur, packet, exc)

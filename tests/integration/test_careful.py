@@ -20,6 +20,7 @@ import pytest
 
 from golconde import ledger
 from golconde.apply import Applier
+from golconde.errors import StopListener
 from golconde.handlers.autosql import AutoSQL
 from golconde.packet import dumps
 
@@ -427,5 +428,75 @@ def test_an_explanation_that_fails_does_not_abort_the_batch(database):
         assert [o.status for o in outcomes] == ["applied", "dead", "applied"]
         assert outcomes[1].reason.startswith("SQLSTATE 22003")
         assert rows(conn, "SELECT id FROM v ORDER BY id") == [(1,), (3,)]
+    finally:
+        conn.close()
+
+
+class _Unruly(AutoSQL):
+    """AutoSQL doing what a handler must not, by the packet's ``v``: end the listener's
+    transaction, or raise a psycopg2 "lost connection" error of its own (a side connection)."""
+
+    def apply(self, cursor, packet):
+        doing = packet.data.get("v")
+        if doing == "commit":
+            cursor.execute("COMMIT")
+        elif doing == "rollback":
+            cursor.connection.rollback()
+        elif doing == "side":
+            raise psycopg2.OperationalError("lookup service: connection refused")
+        elif doing == "closed":
+            raise psycopg2.InterfaceError("cursor already closed")
+        return super().apply(cursor, packet)
+
+    def apply_batch(self, cursor, packets):
+        return [self.apply(cursor, packet) for packet in packets]
+
+
+def _items(*values):
+    return [("u%d" % n, dumps({"action": "add", "data": {"id": n, "v": v}}).encode())
+            for n, v in enumerate(values)]
+
+
+@pytest.mark.parametrize("values", [
+    ("ok", "commit", "ok"),                 # the fast path
+    ("ok", "bad", "rollback", "ok"),        # the careful path (a bad value sends it there)
+    ("ok", "bad", "commit", "ok"),
+])
+def test_a_handler_that_ends_the_transaction_stops_the_listener(database, values):
+    """A handler that commits or rolls back the listener's transaction (which the contract
+    forbids) stops the listener with an error naming it: its packets were counted applied, or
+    lost with their ledger records committed, as if the batch were whole."""
+    conn = psycopg2.connect(database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE u (id integer PRIMARY KEY, v text CHECK (v <> 'bad'))")
+        conn.commit()
+        ledger.ensure(conn)
+        applier = Applier(_Unruly("u"), "unruly", sleep=lambda seconds: None)
+        with pytest.raises(StopListener, match="handler _Unruly ended the listener's transaction"):
+            applier.apply_batch(conn, _items(*values))
+    finally:
+        conn.close()
+
+
+def test_a_lost_connection_error_of_the_handlers_own_is_retried_then_dead_lettered(database):
+    """psycopg2 errors that mean a lost connection, raised by a handler while the listener's
+    connection is fine (a side connection of its, a cursor it closed), are the packet's: retried
+    max_retries times, then dead-lettered; the others are applied (the batch was replayed on new
+    sessions for ever)."""
+    conn = psycopg2.connect(database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE u (id integer PRIMARY KEY, v text)")
+        conn.commit()
+        ledger.ensure(conn)
+        slept = []
+        applier = Applier(_Unruly("u"), "unruly", max_retries=2, sleep=slept.append)
+        outcomes = applier.apply_batch(conn, _items("ok", "side", "ok", "closed", "ok"))
+        assert [o.status for o in outcomes] == ["applied", "dead", "applied", "dead", "applied"]
+        assert outcomes[1].reason == "gave up after 3 attempts: OperationalError: lookup service: connection refused"
+        assert outcomes[3].reason == "gave up after 3 attempts: InterfaceError: cursor already closed"
+        assert rows(conn, "SELECT id FROM u ORDER BY id") == [(0,), (2,), (4,)]
+        assert slept
     finally:
         conn.close()
