@@ -43,13 +43,19 @@ def packet(action, data=None, restriction=None):
 
 @pytest.fixture
 def conn(database):
-    connection = psycopg2.connect(database)
-    with connection.cursor() as cur:
-        cur.execute(SCHEMA)
-    connection.commit()
-    ledger.ensure(connection)
+    connection = _ledgered(database, SCHEMA)
     yield connection
     connection.close()
+
+
+def _ledgered(database, ddl):
+    """A connection to ``database`` once ``ddl`` is committed there and the ledger is created."""
+    conn = psycopg2.connect(database)
+    with conn.cursor() as cur:
+        cur.execute(ddl)
+    conn.commit()
+    ledger.ensure(conn)
+    return conn
 
 
 def rows(conn, query):
@@ -375,13 +381,9 @@ def test_a_dead_letter_names_the_value_the_database_refused(database, role, name
     restriction.<key>, found by casting each value alone to its column's type. A table named with
     a % is explained too (its name was bound with the % doubled: the explanation failed and
     aborted the batch's transaction, which then came back for ever)."""
-    conn = psycopg2.connect(database)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("CREATE TABLE %s (id integer PRIMARY KEY, a smallint, b smallint,"
+    conn = _ledgered(database, "CREATE TABLE %s (id integer PRIMARY KEY, a smallint, b smallint,"
                         " n numeric(5, 2), code varchar(3), at timestamptz)" % name)
-        conn.commit()
-        ledger.ensure(conn)
+    try:
         applier = Applier(AutoSQL(name, role=role), "explain-" + role, store_fanout=role == "destination")
         cases = [({"action": "add", "data": {"id": 1, "a": 1, "b": 40000}}, "data.b: SQLSTATE 22003"),
                  ({"action": "add", "data": {"id": 2, "n": 1234.5}}, "data.n: SQLSTATE 22003"),
@@ -414,12 +416,8 @@ def test_an_explanation_that_fails_does_not_abort_the_batch(database):
     """A handler's explain_error that fails in the database (a custom handler's, or a bug) runs in
     a savepoint of its own: the packet is dead-lettered with PostgreSQL's reason and the rest of
     the batch is applied."""
-    conn = psycopg2.connect(database)
+    conn = _ledgered(database, "CREATE TABLE v (id integer PRIMARY KEY, a smallint)")
     try:
-        with conn.cursor() as cur:
-            cur.execute("CREATE TABLE v (id integer PRIMARY KEY, a smallint)")
-        conn.commit()
-        ledger.ensure(conn)
         applier = Applier(_BrokenExplanation("v"), "broken-explanation")
         items = [("a", dumps({"action": "add", "data": {"id": 1}}).encode()),
                  ("b", dumps({"action": "add", "data": {"id": 2, "a": 40000}}).encode()),
@@ -466,12 +464,8 @@ def test_a_handler_that_ends_the_transaction_stops_the_listener(database, values
     """A handler that commits or rolls back the listener's transaction (which the contract
     forbids) stops the listener with an error naming it: its packets were counted applied, or
     lost with their ledger records committed, as if the batch were whole."""
-    conn = psycopg2.connect(database)
+    conn = _ledgered(database, "CREATE TABLE u (id integer PRIMARY KEY, v text CHECK (v <> 'bad'))")
     try:
-        with conn.cursor() as cur:
-            cur.execute("CREATE TABLE u (id integer PRIMARY KEY, v text CHECK (v <> 'bad'))")
-        conn.commit()
-        ledger.ensure(conn)
         applier = Applier(_Unruly("u"), "unruly", sleep=lambda seconds: None)
         with pytest.raises(StopListener, match="handler _Unruly ended the listener's transaction"):
             applier.apply_batch(conn, _items(*values))
@@ -484,12 +478,8 @@ def test_a_lost_connection_error_of_the_handlers_own_is_retried_then_dead_letter
     connection is fine (a side connection of its, a cursor it closed), are the packet's: retried
     max_retries times, then dead-lettered; the others are applied (the batch was replayed on new
     sessions for ever)."""
-    conn = psycopg2.connect(database)
+    conn = _ledgered(database, "CREATE TABLE u (id integer PRIMARY KEY, v text)")
     try:
-        with conn.cursor() as cur:
-            cur.execute("CREATE TABLE u (id integer PRIMARY KEY, v text)")
-        conn.commit()
-        ledger.ensure(conn)
         slept = []
         applier = Applier(_Unruly("u"), "unruly", max_retries=2, sleep=slept.append)
         outcomes = applier.apply_batch(conn, _items("ok", "side", "ok", "closed", "ok"))
