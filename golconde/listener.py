@@ -131,11 +131,9 @@ class Listener(threading.Thread):
                     if not self.ready():
                         self.open()
                     self.cycle()
-                    if self._failures:
-                        # counted until a cycle gets through, not until a reconnect: a message
-                        # that fails every time after a fresh connection must back off too
-                        self._failures = 0
-                        self.stats.set_problem("failing", None)
+                    # counted until a cycle gets through, not until a reconnect: a message that
+                    # fails every time after a fresh connection must back off too
+                    self._got_through()
                 except StopListener as exc:
                     self.stats.set_error(str(exc))
                     if exc.retry_after is None:
@@ -145,16 +143,12 @@ class Listener(threading.Thread):
                     self.close()            # releases in-flight packets to the broker
                     self._stopping.wait(exc.retry_after)
                 except Exception as exc:  # supervising loop: log, record, reconnect
-                    self._failures += 1
                     message = describe(exc)
                     if isinstance(exc, GolcondeError) or isinstance(exc, psycopg2.Error):
                         LOGGER.error("[%s] %s", self.name, message)
                     else:
                         LOGGER.exception("[%s] unexpected error: %s", self.name, message)
-                    self.stats.set_error(message)
-                    if self._failures >= FAILING_AFTER:
-                        self.stats.set_problem("failing", "%d failed attempts in a row, the last: %s"
-                                               % (self._failures, message))
+                    self._failed(message)
                     if classify(exc) == RECONNECT:
                         self._close_db()    # a session that cannot write (25006) stays so: a new one
                     self.reset()
@@ -165,6 +159,21 @@ class Listener(threading.Thread):
             self.finish()
             self.stats.set_state(broker="stopped", database="stopped")
             LOGGER.info("[%s] %s listener stopped", self.name, self.role)
+
+    def _failed(self, message: str) -> None:
+        """Count one failed attempt (to connect, or to get a batch through) and record its
+        error; from :data:`FAILING_AFTER` in a row, the standing problem ``failing``."""
+        self._failures += 1
+        self.stats.set_error(message)
+        if self._failures >= FAILING_AFTER:
+            self.stats.set_problem("failing", "%d failed attempts in a row, the last: %s"
+                                   % (self._failures, message))
+
+    def _got_through(self) -> None:
+        """A cycle got through: the failures in a row, and the problem ``failing``, end."""
+        if self._failures:
+            self._failures = 0
+            self.stats.set_problem("failing", None)
 
     def ready(self) -> bool:
         """True when every connection this listener needs is up."""
@@ -737,7 +746,7 @@ class QueueConsumer(Listener):
             except ConnectionLost as exc:
                 lost += 1
                 LOGGER.warning("[%s] database connection lost or unusable: %s", self.name, exc)
-                self.stats.set_error(str(exc))
+                self._failed(str(exc))      # a standing problem if it goes on (a read-only database)
                 if lost > 1:
                     # it failed again on a new session (a read-only database): back off
                     self._stopping.wait(backoff(lost - 1, self.backoff_base, self.backoff_cap))

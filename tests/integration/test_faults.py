@@ -31,6 +31,7 @@ from golconde import trigger
 from golconde.client import Client
 from golconde.compare import compare
 from golconde.daemon import Daemon
+from golconde.metrics import health
 
 from ..conftest import STOMP_LOGIN, STOMP_PASSCODE, stomp_address
 from .flow_support import (DaemonProcess, execute, make_config, parse_config, query, queue_backlog,
@@ -680,7 +681,9 @@ def _read_only(dsn: str, on: bool) -> None:
 
 def test_a_target_database_read_only_for_a_while_dead_letters_nothing(flow):
     """Its sessions, reopened read-only (25006 on every write), are replaced with backoff until the
-    database is writable again: nothing is dead-lettered, everything arrives."""
+    database is writable again: nothing is dead-lettered, everything arrives. Meanwhile the
+    target reports the standing problem "failing" (it showed healthy, its batches refused
+    without end), which clears once a batch gets through."""
     with running(flow.config()) as daemon:
         target = "%s_target1" % flow.name
         wait_for(lambda: thread_stats(daemon)[target]["database"] == "connected", timeout=15,
@@ -694,7 +697,10 @@ def test_a_target_database_read_only_for_a_while_dead_letters_nothing(flow):
             wait_for(lambda: count_rows(flow.t2) == 200, timeout=20, message="target2 applied")
             wait_for(lambda: "25006" in (thread_stats(daemon)[target]["last_error"] or ""),
                      timeout=20, message="target1 refused")
-            time.sleep(2.0)        # several reconnections with backoff, every batch refused
+            wait_for(lambda: any("failed attempts in a row" in p
+                                 for p in thread_stats(daemon)[target]["problems"]),
+                     timeout=30, message="the failing problem")
+            assert not health(daemon.registry.snapshot(), 10000, 300.0)[0]
             assert count_rows(flow.t1) == 0
             assert thread_stats(daemon)[target]["dead_lettered"] == 0
         finally:
@@ -702,6 +708,8 @@ def test_a_target_database_read_only_for_a_while_dead_letters_nothing(flow):
         flow.wait_complete(stream, describe=lambda: thread_stats(daemon))
         stats = thread_stats(daemon)
         assert stats[target]["dead_lettered"] == 0 and stats[target]["reconnects"] >= 2, stats[target]
+        wait_for(lambda: thread_stats(daemon)[target]["problems"] == [], timeout=10,
+                 message="the problem cleared once a batch got through")
 
 
 def test_a_canonical_database_read_only_for_a_while_holds_the_drain(make_database, cleanup_queues):
@@ -859,7 +867,6 @@ def test_a_listener_failing_again_and_again_fails_the_health_check_until_it_gets
     standing problem "failing" after FAILING_AFTER attempts in a row, so /health fails on more
     than a connection state; the first cycle that gets through clears it."""
     from golconde import listener as listener_module
-    from golconde.metrics import health
 
     from ..conftest import dsn_for, drop_database
 
