@@ -241,11 +241,15 @@ class Applier:
         (:mod:`golconde.handlers.base`), raise :class:`StopListener`: what it committed may
         include ledger records of packets it did not apply, and what followed ran outside any
         transaction, so the listener stops (until a reload), its packets left unacknowledged,
-        rather than go on as if the batch were whole."""
+        rather than go on as if the batch were whole. A ``SystemExit`` the handler raised (which
+        ended the listener's thread without a word) becomes a RuntimeError: a bug, dead-lettered."""
         try:
             yield
         except StopListener:
             raise
+        except SystemExit as exc:   # sys.exit() in a handler: its bug, the packet's dead letter
+            self._check_transaction(cur)
+            raise RuntimeError("the handler raised SystemExit(%r)" % (exc.code,)) from exc
         except BaseException:
             self._check_transaction(cur)
             raise

@@ -14,6 +14,24 @@ LOGGER = logging.getLogger(__name__)
 __all__ = ["Handler", "load_handler"]
 
 
+def _check_apply(path: str, cls: Type[Handler]) -> None:
+    """Refuse a handler class that could apply nothing: no ``apply`` of its own (the base's
+    raises NotImplementedError for every packet), or one that cannot be called as
+    ``apply(cursor, packet)`` (every packet dead-lettered with a TypeError).
+
+    :raises ConfigError: naming the path and what is wrong."""
+    if cls.apply is Handler.apply:
+        raise ConfigError("function_name %r: %s defines no apply(cursor, packet) method"
+                          % (path, cls.__name__))
+    try:
+        inspect.signature(cls.apply).bind(None, None, None)
+    except TypeError as exc:
+        raise ConfigError("function_name %r: %s.apply cannot be called as apply(self, cursor,"
+                          " packet): %s" % (path, cls.__name__, exc)) from None
+    except ValueError:      # no signature to read (a builtin): let it be tried
+        pass
+
+
 def load_handler(function_name: str) -> Type[Handler]:
     """The handler class named by a configuration's ``function_name``.
 
@@ -58,6 +76,7 @@ def load_handler(function_name: str) -> Type[Handler]:
             raise ConfigError("function_name %r: module %s has no attribute %s"
                               % (path, module_name, attribute)) from None
     if inspect.isclass(obj) and issubclass(obj, Handler) and obj is not Handler:
+        _check_apply(path, obj)
         return obj
     if inspect.isclass(obj):
         reason = "class %s is not a subclass of golconde.handlers.base.Handler" % attribute

@@ -444,6 +444,8 @@ class _Unruly(AutoSQL):
             raise psycopg2.OperationalError("lookup service: connection refused")
         elif doing == "closed":
             raise psycopg2.InterfaceError("cursor already closed")
+        elif doing == "exit":
+            raise SystemExit(3)
         return super().apply(cursor, packet)
 
     def apply_batch(self, cursor, packets):
@@ -477,15 +479,17 @@ def test_a_lost_connection_error_of_the_handlers_own_is_retried_then_dead_letter
     """psycopg2 errors that mean a lost connection, raised by a handler while the listener's
     connection is fine (a side connection of its, a cursor it closed), are the packet's: retried
     max_retries times, then dead-lettered; the others are applied (the batch was replayed on new
-    sessions for ever)."""
+    sessions for ever). A SystemExit from the handler is a bug: that packet is dead-lettered
+    (it ended the listener's thread)."""
     conn = _ledgered(database, "CREATE TABLE u (id integer PRIMARY KEY, v text)")
     try:
         slept = []
         applier = Applier(_Unruly("u"), "unruly", max_retries=2, sleep=slept.append)
-        outcomes = applier.apply_batch(conn, _items("ok", "side", "ok", "closed", "ok"))
-        assert [o.status for o in outcomes] == ["applied", "dead", "applied", "dead", "applied"]
+        outcomes = applier.apply_batch(conn, _items("ok", "side", "ok", "closed", "ok", "exit"))
+        assert [o.status for o in outcomes] == ["applied", "dead", "applied", "dead", "applied", "dead"]
         assert outcomes[1].reason == "gave up after 3 attempts: OperationalError: lookup service: connection refused"
         assert outcomes[3].reason == "gave up after 3 attempts: InterfaceError: cursor already closed"
+        assert outcomes[5].reason == "RuntimeError: the handler raised SystemExit(3)"
         assert rows(conn, "SELECT id FROM u ORDER BY id") == [(0,), (2,), (4,)]
         assert slept
     finally:

@@ -14,6 +14,7 @@ from psycopg2.extras import Json
 
 from golconde.errors import ConfigError, PacketError, StopListener
 from golconde.handlers import load_handler
+from golconde.handlers.base import Handler
 from golconde.handlers.autosql import (AutoSQL, bind, conflict_key, delete_statement, ident, insert_statement,
                                        resolve, update_statement, upsert_statement)
 from golconde.packet import Action, Packet, dumps, parse
@@ -373,12 +374,24 @@ def test_load_handler_autosql(path):
     assert load_handler(path) is AutoSQL
 
 
+class NoApply(Handler):
+    """A handler that could apply nothing (the base's apply raises NotImplementedError)."""
+
+
+class OneArgumentApply(Handler):
+    def apply(self, packet):
+        return packet
+
+
 @pytest.mark.parametrize("path,message", [
     ("no_such_package.mod.Class", "module no_such_package.mod not found"),
     ("golconde.handlers.autosql.Missing", "module golconde.handlers.autosql has no attribute Missing"),
     (__name__ + ".not_a_handler", "not_a_handler is a function, not a class"),
     ("golconde.packet.Packet", "class Packet is not a subclass of golconde.handlers.base.Handler"),
     ("golconde.handlers.base.Handler", "abstract base class"),
+    (__name__ + ".NoApply", r"NoApply defines no apply\(cursor, packet\) method"),
+    (__name__ + ".OneArgumentApply", r"OneArgumentApply.apply cannot be called as apply\(self, cursor,"
+                                     r" packet\): too many positional arguments"),
     ("Handler", "expected AutoSQL or a dotted path"),
     ("", "expected AutoSQL or a dotted path"),
 ])
