@@ -45,7 +45,7 @@ import psycopg2.extensions
 from . import ledger
 from . import schema as schema_module
 from .errors import (DEAD, RECONNECT, RETRY, SCHEMA, SESSION_SQLSTATES, GolcondeError, PacketError,
-                     StopListener, classify, describe, lone_surrogate)
+                     StopListener, ValueTypeError, classify, describe, lone_surrogate)
 from .handlers.base import Handler
 from .packet import dumps, fanout_text, Group, Packet, parse_message
 
@@ -317,10 +317,12 @@ class Applier:
                                retry_after=PRIVILEGE_RETRY)
 
     def _stale_types(self, exc: BaseException) -> bool:
-        """A data error (SQLSTATE class 22: out of range, too long...) may come of a column type
-        changed since the schema was cached (``ALTER COLUMN id TYPE bigint``): worth a re-read of
-        the schema and one more try, at most once every :data:`DATA_ERROR_REFRESH` seconds."""
-        if not _data_error(exc):
+        """A data error (SQLSTATE class 22: out of range, too long...), or a value the cached
+        column type refuses (:class:`~golconde.errors.ValueTypeError`: 1.5 for an integer), may
+        come of a column type changed since the schema was cached (``ALTER COLUMN id TYPE
+        bigint``, ``TYPE numeric``: seen within a second otherwise): worth a re-read of the schema
+        and one more try, at most once every :data:`DATA_ERROR_REFRESH` seconds."""
+        if not (_data_error(exc) or isinstance(exc, ValueTypeError)):
             return False
         now = time.monotonic()
         if now - self._data_refreshed < DATA_ERROR_REFRESH:

@@ -32,6 +32,12 @@ class PacketError(GolcondeError):
     its reason."""
 
 
+class ValueTypeError(PacketError):
+    """A value the type of its column, as the cached schema has it, cannot take (a fraction for
+    an integer column, an object for a text one...): the column's type may have changed since
+    the schema was read, which is worth a re-read and one more try before the dead letter."""
+
+
 class RetryPacket(GolcondeError):
     """A transient failure: retry the packet later (bounded, then dead-lettered)."""
 

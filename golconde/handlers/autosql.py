@@ -31,7 +31,7 @@ import psycopg2
 from psycopg2 import sql
 from psycopg2.extras import Json
 
-from ..errors import ConfigError, PacketError, StopListener
+from ..errors import ConfigError, PacketError, StopListener, ValueTypeError
 from ..packet import Action, Packet, dumps, loads
 from ..schema import (ACTION_PRIVILEGES, Column, Relation, SchemaCache, SchemaError, TableSchema,
                       missing_privileges, parse_relation)
@@ -230,14 +230,14 @@ def bind(table: TableSchema, column: Column, value: Any) -> Any:
         if isinstance(value, str):
             return value  # PostgreSQL's array text form, e.g. "{1,2}"
         if not isinstance(value, list):
-            raise PacketError("column %s of %s is %s: expected a JSON array, not %r"
+            raise ValueTypeError("column %s of %s is %s: expected a JSON array, not %r"
                               % (column.name, table.relation, column.type_name, value))
         if column.is_json:
             return [None if item is None else Json(item, dumps=dumps) for item in value]
         _check_elements(table, column, value)
         return value
     if isinstance(value, (dict, list)):
-        raise PacketError("column %s of %s is %s: %s is accepted only for json, jsonb and array columns"
+        raise ValueTypeError("column %s of %s is %s: %s is accepted only for json, jsonb and array columns"
                           % (column.name, table.relation, column.type_name, _json_kind(value)))
     return value
 
@@ -255,13 +255,13 @@ def _hstore(table: TableSchema, column: Column, value: Any) -> Any:
         parts = []
         for key, item in value.items():
             if item is not None and not isinstance(item, str):
-                raise PacketError("column %s of %s is %s: the value of key %r must be a string or null, not %s"
+                raise ValueTypeError("column %s of %s is %s: the value of key %r must be a string or null, not %s"
                                   % (column.name, table.relation, column.type_name, key, dumps(item)))
             parts.append('"%s"=>%s' % (_hstore_quote(key), "NULL" if item is None else '"%s"' % _hstore_quote(item)))
         return ", ".join(parts)
     if isinstance(value, list):
         if not column.is_array:
-            raise PacketError("column %s of %s is %s: expected a JSON object or hstore's text form, not an array"
+            raise ValueTypeError("column %s of %s is %s: expected a JSON object or hstore's text form, not an array"
                               % (column.name, table.relation, column.type_name))
         return [_hstore(table, column, item) for item in value]
     return value
@@ -278,16 +278,16 @@ def _check_kind(table: TableSchema, column: Column, base: str, value: Any) -> No
     restriction would then name another row), as it refuses the string ``"1.5"``."""
     kind = type(value)
     if kind is bool and base in bulk.NUMERIC_TYPES:
-        raise PacketError("column %s of %s is %s: expected a number, not %s"
+        raise ValueTypeError("column %s of %s is %s: expected a number, not %s"
                           % (column.name, table.relation, column.type_name, dumps(value)))
     if (kind is Decimal or kind is float) and base in bulk.INTEGER_TYPES and _fraction(value):
         text = str(value)
-        raise PacketError("column %s of %s is %s: expected an integer, not %s (PostgreSQL would"
+        raise ValueTypeError("column %s of %s is %s: expected an integer, not %s (PostgreSQL would"
                           " round it)" % (column.name, table.relation, column.type_name,
                                           text if len(text) <= 40 else "%s...%s (%d characters)"
                                           % (text[:20], text[-10:], len(text))))
     if kind is not bool and kind in _NUMBERS and base == "boolean":
-        raise PacketError("column %s of %s is %s: expected true or false, not the number %s"
+        raise ValueTypeError("column %s of %s is %s: expected true or false, not the number %s"
                           % (column.name, table.relation, column.type_name, dumps(value)))
 
 
@@ -309,7 +309,7 @@ def _check_elements(table: TableSchema, column: Column, value: List[Any]) -> Non
 def _check_items(table: TableSchema, column: Column, value: List[Any], element: str, kinds: Any) -> None:
     for item in value:
         if isinstance(item, dict):
-            raise PacketError("column %s of %s is %s: its array cannot hold a JSON object"
+            raise ValueTypeError("column %s of %s is %s: its array cannot hold a JSON object"
                               % (column.name, table.relation, column.type_name))
         if isinstance(item, list):
             _check_items(table, column, item, element, kinds)

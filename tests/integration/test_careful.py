@@ -494,3 +494,30 @@ def test_a_lost_connection_error_of_the_handlers_own_is_retried_then_dead_letter
         assert slept
     finally:
         conn.close()
+
+
+def test_a_value_refused_by_a_column_type_changed_since_it_was_cached_is_applied(database):
+    """ALTER COLUMN qty TYPE numeric: a packet with 1.5 that comes before the cached schema is
+    checked again (every second) is not refused as a fraction for an integer column; the schema
+    is read again and the packet applied. A value the new type refuses still is."""
+    from golconde.schema import SchemaCache
+
+    conn = _ledgered(database, "CREATE TABLE q (id integer PRIMARY KEY, qty integer)")
+    try:
+        clock = [1000.0]           # the cache's clock stands still: never checked again
+        applier = Applier(AutoSQL("q", cache=SchemaCache(clock=lambda: clock[0])), "retyped")
+        first = applier.apply_batch(conn, [("a", dumps(packet("add", {"id": 1, "qty": 1})).encode())])
+        assert [o.status for o in first] == ["applied"]
+        with conn.cursor() as cur:
+            cur.execute("ALTER TABLE q ALTER COLUMN qty TYPE numeric(10, 2)")
+        conn.commit()
+        outcomes = applier.apply_batch(conn, [
+            ("b", dumps(packet("add", {"id": 2, "qty": 1.5})).encode()),
+            ("c", dumps(packet("add", {"id": 3, "qty": 2.25})).encode()),
+            ("d", dumps(packet("add", {"id": 4, "qty": {"n": 1}})).encode())])
+        assert [o.status for o in outcomes] == ["applied", "applied", "dead"]
+        assert "is numeric: an object is accepted only for json" in outcomes[2].reason
+        assert rows(conn, "SELECT id, qty::text FROM q ORDER BY id") == [
+            (1, "1.00"), (2, "1.50"), (3, "2.25")]
+    finally:
+        conn.close()
