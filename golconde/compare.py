@@ -266,7 +266,7 @@ def _digest_filtered(conn: Any, relation: Relation, columns: Tuple[str, ...],
     values = sql.SQL("pg_catalog.jsonb_build_object({})::text").format(sql.SQL(", ").join(
         sql.SQL("{}, {}").format(sql.Literal(name), sql.Identifier(column)) for name, column in found))
     query = sql.SQL("SELECT {}, {} FROM {}").format(_row_hash(columns), values,
-                                                    _rows_of(conn, relation))
+                                                    sql.Identifier(relation.schema, relation.name))
     count = total = 0
     conn.autocommit = False                 # a server-side cursor lives in a transaction
     try:
@@ -283,23 +283,10 @@ def _digest_filtered(conn: Any, relation: Relation, columns: Tuple[str, ...],
     return count, total
 
 
-def _rows_of(conn: Any, relation: Relation) -> sql.Composable:
-    """``relation`` in a FROM clause: ``ONLY`` a plain table, whose inheritance children are
-    relations of their own (the daemon's UPDATEs and DELETEs leave them alone too,
-    :func:`golconde.handlers.bulk.rows_of`); a partitioned table, a view... as they are."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT c.relkind FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
-                    " ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
-                    (relation.schema, relation.name))
-        row = cur.fetchone()
-    name = sql.Identifier(relation.schema, relation.name)
-    return sql.SQL("ONLY {}").format(name) if row is not None and row[0] == "r" else name
-
-
 def _digest(conn: Any, relation: Relation, columns: Tuple[str, ...]) -> Tuple[int, int]:
     """``(count, sum of 60-bit row hashes)`` of ``columns`` of ``relation``."""
     query = sql.SQL("SELECT count(*), coalesce(sum({}::numeric), 0) FROM {}").format(
-        _row_hash(columns), _rows_of(conn, relation))
+        _row_hash(columns), sql.Identifier(relation.schema, relation.name))
     with conn.cursor() as cur:
         cur.execute(query)
         count, total = cur.fetchone()

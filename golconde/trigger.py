@@ -338,9 +338,11 @@ def install(conn: psycopg2.extensions.connection, relation: str, destination: st
         children = _inheritance_children(cur, ident)
     if children:
         message = ("%s has %d inheritance child table(s) (%s): a row trigger is not inherited, so"
-                   " their rows are not captured with it; install a capture trigger on each"
-                   " child to distribute it" % (qualified, len(children), ", ".join(children[:3])
-                                                + (", ..." if len(children) > 3 else "")))
+                   " their rows are not captured with it, and the targets' UPDATEs and DELETEs of"
+                   " %s reach their children's rows too (as PostgreSQL's do): install a capture"
+                   " trigger on each child that holds rows of its own"
+                   % (qualified, len(children), ", ".join(children[:3])
+                      + (", ..." if len(children) > 3 else ""), qualified))
         warning = message if warning is None else "%s; %s" % (warning, message)
     if warning:
         LOGGER.warning("destination %s: %s", destination, warning)

@@ -391,8 +391,8 @@ def upsert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
 
 def update_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
                      restriction: Sequence[Tuple[Column, Any]]) -> Tuple[sql.Composed, List[Any]]:
-    """``UPDATE [ONLY] rel SET c = %s::t, ... WHERE ...`` (``ONLY``: :func:`bulk.rows_of`) and its
-    parameters. A ``GENERATED ALWAYS`` identity column takes no value but ``DEFAULT`` in an UPDATE, so it is left out of SET (it
+    """``UPDATE rel SET c = %s::t, ... WHERE ...`` and its parameters. A ``GENERATED ALWAYS``
+    identity column takes no value but ``DEFAULT`` in an UPDATE, so it is left out of SET (it
     keeps its own) when it is not in the restriction, or when its data value repeats the
     restriction's (the capture trigger's packets carry the whole new row), as a run's statement
     leaves it out (:mod:`golconde.handlers.bulk`). One whose value would change stays (refused).
@@ -410,19 +410,17 @@ def update_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
                                       for column, _ in data)
     params = [bind(table, column, value) for column, value in data]
     where, where_params = where_clause(table, restriction)
-    query = sql.SQL("UPDATE {} SET {} WHERE {}").format(bulk.rows_of(table, _relation(table)),
-                                                        assignments, where)
+    query = sql.SQL("UPDATE {} SET {} WHERE {}").format(_relation(table), assignments, where)
     return query, params + where_params
 
 
 def delete_statement(table: TableSchema, restriction: Sequence[Tuple[Column, Any]]) -> Tuple[sql.Composed, List[Any]]:
-    """``DELETE FROM [ONLY] rel WHERE ...`` (:func:`bulk.rows_of`) and its parameters.
+    """``DELETE FROM rel WHERE ...`` and its parameters.
 
     :raises PacketError: an empty restriction.
     """
     where, params = where_clause(table, restriction)
-    return sql.SQL("DELETE FROM {} WHERE {}").format(bulk.rows_of(table, _relation(table)),
-                                                     where), params
+    return sql.SQL("DELETE FROM {} WHERE {}").format(_relation(table), where), params
 
 
 class AutoSQL(Handler):

@@ -327,14 +327,6 @@ def returning_clause(names: Sequence[str], ident: Any) -> sql.Composed:
         sql.SQL("pg_catalog.to_jsonb({})::pg_catalog.text").format(ident(name)) for name in names))
 
 
-def rows_of(table: TableSchema, relation: sql.Composable) -> sql.Composable:
-    """``relation`` as the target of an UPDATE or DELETE: ``ONLY relation`` for a plain table
-    (``relkind`` ``r``), whose inheritance children are relations of their own (distributed by
-    their own destinations, or not at all: a parent's capture trigger does not see their rows);
-    a partitioned table as it is (its partitions hold its rows; ``ONLY`` would reach none)."""
-    return sql.SQL("ONLY {}").format(relation) if table.kind == "r" else relation
-
-
 def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], ident: Any, cast: Any,
                 bind: Any, relation: sql.Composable, returning: Sequence[str],
                 type_of: Any, matches: bool = False) -> List[Optional[tuple]]:
@@ -418,13 +410,12 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
                 names + [sql.Identifier("n")]))
     if action is Action.UPDATE:
         query = sql.SQL("UPDATE {} AS t SET {} FROM {} WHERE {}").format(
-            rows_of(table, relation),
+            relation,
             sql.SQL(", ").join(sql.SQL("{} = {}").format(ident(c.name), ref)
                                for c, ref in zip(data, refs[len(restriction):])),
             source, match)
     else:
-        query = sql.SQL("DELETE FROM {} AS t USING {} WHERE {}").format(rows_of(table, relation),
-                                                                       source, match)
+        query = sql.SQL("DELETE FROM {} AS t USING {} WHERE {}").format(relation, source, match)
     if numbered:
         query = sql.SQL("{} RETURNING {}").format(
             query, _NUMBER if source is _ELEMENTS else sql.SQL("v.{}").format(sql.Identifier("n")))

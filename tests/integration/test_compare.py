@@ -85,22 +85,6 @@ def test_swapped_values_between_rows_differ(make_database):
     assert not compare(canonical, "t", target, "t").equal
 
 
-def test_a_parent_table_is_compared_without_its_inheritance_children(pair):
-    """The rows of a plain table's inheritance children are theirs (the daemon leaves them
-    alone): a child holding other rows on one side only does not make the parents differ; a
-    partitioned table is compared with its partitions' rows."""
-    canonical, target = pair
-    run(canonical, "CREATE TABLE child (extra int) INHERITS (items)",
-        "INSERT INTO child (id, extra) VALUES (10, 1)")
-    run(target, "CREATE TABLE child (extra int) INHERITS (items)")
-    assert compare(canonical, "items", target, "items").summary() == "equal: 3 rows"
-    for dsn, rows in ((canonical, "(1), (2)"), (target, "(1), (3)")):
-        run(dsn, "CREATE TABLE parts (id int PRIMARY KEY) PARTITION BY RANGE (id)",
-            "CREATE TABLE parts_0 PARTITION OF parts FOR VALUES FROM (0) TO (100)",
-            "INSERT INTO parts VALUES %s" % rows)
-    assert compare(canonical, "parts", target, "parts").summary().startswith("DIFFERENT: 2 rows each")
-
-
 def test_column_order_and_extra_columns(pair):
     canonical, target = pair
     run(target, 'CREATE SCHEMA "Other"',

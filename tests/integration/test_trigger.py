@@ -187,8 +187,10 @@ def test_a_parent_with_inheritance_children_is_installed_with_a_warning(db):
     result = trigger.install(db, "p", DEST)
     assert result.events == ("INSERT", "UPDATE", "DELETE")
     assert result.warning == ('public.p has 2 inheritance child table(s) ("C 2", c1): a row trigger'
-                              " is not inherited, so their rows are not captured with it; install"
-                              " a capture trigger on each child to distribute it")
+                              " is not inherited, so their rows are not captured with it, and the"
+                              " targets' UPDATEs and DELETEs of public.p reach their children's"
+                              " rows too (as PostgreSQL's do): install a capture trigger on each"
+                              " child that holds rows of its own")
     execute(db, "CREATE TABLE parts (id int PRIMARY KEY) PARTITION BY RANGE (id)")
     execute(db, "CREATE TABLE parts_0 PARTITION OF parts FOR VALUES FROM (0) TO (10)")
     assert trigger.install(db, "parts", DEST).warning is None

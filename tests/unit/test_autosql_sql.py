@@ -2,8 +2,6 @@
 SQL text produced (rendered from the psycopg2.sql tree with a stand-in for identifier quoting)."""
 from __future__ import annotations
 
-import dataclasses
-
 import datetime
 import uuid
 from decimal import Decimal
@@ -219,7 +217,7 @@ def test_update_with_null_and_json_restriction():
     query, params = update_statement(USERS, [(col("name"), None)],
                                      [(col("id"), 1), (col("email"), None), (col("raw"), {"a": 1}),
                                       (col("doc"), [1])])
-    assert render(query) == ('UPDATE ONLY "public"."t" SET "name" = (%s)::text WHERE "id" = (%s)::integer'
+    assert render(query) == ('UPDATE "public"."t" SET "name" = (%s)::text WHERE "id" = (%s)::integer'
                              ' AND "email" IS NULL AND "raw"::jsonb = (%s)::jsonb AND "doc" = (%s)::jsonb')
     assert params[:2] == [None, 1] and len(params) == 4
 
@@ -235,26 +233,14 @@ def test_update_and_delete_need_restriction():
 
 def test_delete():
     query, params = delete_statement(USERS, [(col("Mixed"), "x")])
-    assert render(query) == 'DELETE FROM ONLY "public"."t" WHERE "Mixed" = (%s)::text'
+    assert render(query) == 'DELETE FROM "public"."t" WHERE "Mixed" = (%s)::text'
     assert params == ["x"]
-
-
-def test_updates_and_deletes_reach_a_plain_tables_own_rows_and_a_partitioned_tables_partitions():
-    """ONLY on a plain table: its inheritance children are relations of their own (an UPDATE of
-    the parent's row overwrote a child's row with the same key); never on a partitioned one."""
-    for kind, only in (("r", "ONLY "), ("p", ""), ("v", ""), ("f", "")):
-        t = dataclasses.replace(table([("id", "integer"), ("v", "text")], primary_key=("id",)),
-                                kind=kind)
-        query, _ = update_statement(t, [(t.columns["v"], "x")], [(t.columns["id"], 1)])
-        assert render(query).startswith('UPDATE %s"public"."t" SET' % only)
-        query, _ = delete_statement(t, [(t.columns["id"], 1)])
-        assert render(query).startswith('DELETE FROM %s"public"."t" WHERE' % only)
 
 
 def test_percent_in_identifiers_is_escaped():
     t = table([("a%sb", "text")], name="p%t")
     query, _ = delete_statement(t, [(t.columns["a%sb"], "x")])
-    assert render(query) == 'DELETE FROM ONLY "public"."p%%t" WHERE "a%%sb" = (%s)::text'
+    assert render(query) == 'DELETE FROM "public"."p%%t" WHERE "a%%sb" = (%s)::text'
 
 
 # --- the handler with a stand-in cursor and cache ------------------------------------------------------
@@ -343,7 +329,7 @@ def test_apply_delete_and_set():
     handler.apply(cursor, parse({"action": "delete", "restriction": {"ID": None}}))
     handler.apply(cursor, parse({"action": "set", "data": {"id": 1, "name": "n"}}))
     assert cursor.executed == [
-        ('DELETE FROM ONLY "public"."t" WHERE "id" IS NULL', []),
+        ('DELETE FROM "public"."t" WHERE "id" IS NULL', []),
         ('INSERT INTO "public"."t" ("id", "name") VALUES ((%s)::integer, (%s)::text)'
          ' ON CONFLICT ("id") DO UPDATE SET "name" = EXCLUDED."name" RETURNING pg_catalog.to_jsonb("id")::pg_catalog.text', [1, "n"])]
 
