@@ -224,7 +224,7 @@ class Applier:
     def _classify(self, connection: Any, exc: BaseException) -> str:
         """:func:`golconde.errors.classify`, but an error that says a connection was lost while
         this one is not (psycopg2 marks a lost one closed) is the handler's own: a side
-        connection of its, a cursor it closed. That is retried (bounded) and then dead-lettered,
+        connection of its. That is retried (bounded) and then dead-lettered,
         not taken for this connection's loss: the batch was replayed on a new session without
         end, and nothing after it applied."""
         fate = classify(exc)
@@ -245,21 +245,24 @@ class Applier:
         ended the listener's thread without a word) becomes a RuntimeError: a bug, dead-lettered."""
         try:
             yield
-        except StopListener:
-            raise
         except SystemExit as exc:   # sys.exit() in a handler: its bug, the packet's dead letter
             self._check_transaction(cur)
             raise RuntimeError("the handler raised SystemExit(%r)" % (exc.code,)) from exc
-        except BaseException:
+        except BaseException:       # StopListener too: a pause would lose what it committed
             self._check_transaction(cur)
             raise
         self._check_transaction(cur)
 
     def _check_transaction(self, cur: Any) -> None:
-        if cur.connection.closed or (cur.connection.info.transaction_status
-                                     != psycopg2.extensions.TRANSACTION_STATUS_IDLE):
-            return
-        raise self._transaction_ended()
+        if cur.connection.closed:
+            return          # a lost connection: the next statement says so
+        if cur.closed:
+            raise StopListener("handler %s closed the listener's cursor (a handler uses the cursor"
+                               " it is given and never closes it): the listener stops, its packets"
+                               " left queued; fix the handler, then reload (SIGHUP)"
+                               % type(self.handler).__name__)
+        if cur.connection.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+            raise self._transaction_ended()
 
     def _transaction_ended(self) -> StopListener:
         return StopListener("handler %s ended the listener's transaction (a COMMIT or ROLLBACK of its"
@@ -277,7 +280,7 @@ class Applier:
     def _schema_error(self) -> None:
         try:
             self.handler.on_schema_error()
-        except Exception:  # a handler bug must not escape: the retry reads the catalog or fails
+        except (Exception, SystemExit):  # a handler bug must not escape: the retry reads the catalog or fails
             LOGGER.exception("[%s] handler on_schema_error() failed", self.consumer)
 
     def _apply_item(self, cur: Any, item: Union[Packet, Group]) -> Union[Packet, Group]:
@@ -307,7 +310,7 @@ class Applier:
             LOGGER.warning("[%s] could not check this role's privileges: %s", self.consumer,
                            describe(check))
             return
-        except Exception:   # a handler bug must not escape: the packet is dead-lettered
+        except (Exception, SystemExit):   # a handler bug must not escape: the packet is dead-lettered
             LOGGER.exception("[%s] handler missing_privileges() failed", self.consumer)
             return
         if lacking:
@@ -534,10 +537,6 @@ class Applier:
             except StopListener:
                 raise
             except Exception as exc:
-                if getattr(exc, "pgcode", None) == "3B001":
-                    # the packet's savepoint is gone: the handler ended the transaction, and
-                    # psycopg2 began another for its next statement
-                    raise self._transaction_ended() from exc
                 fate = self._classify(connection, exc)
                 if fate == RECONNECT:
                     raise ConnectionLost(describe(exc)) from exc
@@ -545,6 +544,8 @@ class Applier:
                     cur.execute("ROLLBACK TO SAVEPOINT golconde_packet")
                 except Exception as exc2:
                     if getattr(exc2, "pgcode", None) == "3B001":
+                        # the packet's savepoint is gone: the handler ended the transaction (and
+                        # after connection.commit(), psycopg2 began another for its next statement)
                         raise self._transaction_ended() from exc
                     raise ConnectionLost(describe(exc2)) from exc2
                 if getattr(exc, "pgcode", None) == "42501":
@@ -597,7 +598,10 @@ class Applier:
         except psycopg2.Error:
             return None         # the connection is gone: the next statement says so
         try:
-            reason = self.handler.explain_error(cur, packet, exc)
+            with self._transaction_kept(cur):
+                reason = self.handler.explain_error(cur, packet, exc)
+        except StopListener:
+            raise               # it ended the transaction or closed the cursor
         except Exception as error:  # an explanation is never worth more than the dead letter
             LOGGER.debug("[%s] could not tell which value failed: %s", self.consumer, describe(error))
             reason = None
@@ -605,6 +609,8 @@ class Applier:
             cur.execute("ROLLBACK TO SAVEPOINT golconde_explain_error")
             cur.execute("RELEASE SAVEPOINT golconde_explain_error")
         except psycopg2.Error as error:
+            if error.pgcode == "3B001":
+                raise self._transaction_ended() from error
             LOGGER.debug("[%s] after the explanation: %s", self.consumer, describe(error))
         return reason
 

@@ -315,6 +315,7 @@ class Daemon:
             previous.join()
             with self._lock:
                 if self._stopped or self._waiting.get(name) != (previous, replacement):
+                    discard_listeners([replacement])    # superseded: it never starts
                     return
                 del self._waiting[name]
                 self.listeners[name] = replacement

@@ -142,7 +142,8 @@ class Listener(threading.Thread):
                     LOGGER.error("[%s] pausing %.0fs: %s", self.name, exc.retry_after, exc)
                     self.close()            # releases in-flight packets to the broker
                     self._stopping.wait(exc.retry_after)
-                except Exception as exc:  # supervising loop: log, record, reconnect
+                except (Exception, SystemExit) as exc:  # supervising loop: log, record, reconnect
+                    # (a SystemExit, from a handler's setup say, ended the thread without a word)
                     message = describe(exc)
                     if isinstance(exc, GolcondeError) or isinstance(exc, psycopg2.Error):
                         LOGGER.error("[%s] %s", self.name, message)

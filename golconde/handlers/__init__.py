@@ -23,8 +23,10 @@ def _check_apply(path: str, cls: Type[Handler]) -> None:
     if cls.apply is Handler.apply:
         raise ConfigError("function_name %r: %s defines no apply(cursor, packet) method"
                           % (path, cls.__name__))
+    # a staticmethod or a classmethod takes (cursor, packet) once looked up; a function, self too
+    bound = isinstance(inspect.getattr_static(cls, "apply"), (staticmethod, classmethod))
     try:
-        inspect.signature(cls.apply).bind(None, None, None)
+        inspect.signature(cls.apply).bind(*(None,) * (2 if bound else 3))
     except TypeError as exc:
         raise ConfigError("function_name %r: %s.apply cannot be called as apply(self, cursor,"
                           " packet): %s" % (path, cls.__name__, exc)) from None

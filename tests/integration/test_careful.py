@@ -446,6 +446,13 @@ class _Unruly(AutoSQL):
             raise psycopg2.InterfaceError("cursor already closed")
         elif doing == "exit":
             raise SystemExit(3)
+        elif doing == "close":
+            cursor.close()
+        elif doing == "pause":
+            cursor.execute("COMMIT")
+            raise StopListener("pausing", retry_after=5)
+        elif doing == "own savepoint":      # its own savepoint misused: its packet's error
+            cursor.execute("SAVEPOINT mine; RELEASE SAVEPOINT mine; RELEASE SAVEPOINT mine")
         return super().apply(cursor, packet)
 
     def apply_batch(self, cursor, packets):
@@ -457,20 +464,25 @@ def _items(*values):
             for n, v in enumerate(values)]
 
 
-@pytest.mark.parametrize("values", [
-    ("ok", "commit", "ok"),                 # the fast path
-    ("ok", "bad", "rollback", "ok"),        # the careful path (a bad value sends it there)
-    ("ok", "bad", "commit", "ok"),
+@pytest.mark.parametrize("values,stop", [
+    (("ok", "commit", "ok"), "ended the listener's transaction"),           # the fast path
+    (("ok", "bad", "rollback", "ok"), "ended the listener's transaction"),  # the careful path
+    (("ok", "bad", "commit", "ok"), "ended the listener's transaction"),
+    (("ok", "pause", "ok"), "ended the listener's transaction"),  # not a pause: it committed
+    (("ok", "close", "ok"), "closed the listener's cursor"),
+    (("ok", "bad", "close", "ok"), "closed the listener's cursor"),
 ])
-def test_a_handler_that_ends_the_transaction_stops_the_listener(database, values):
-    """A handler that commits or rolls back the listener's transaction (which the contract
-    forbids) stops the listener with an error naming it: its packets were counted applied, or
-    lost with their ledger records committed, as if the batch were whole."""
+def test_a_handler_that_ends_the_transaction_stops_the_listener(database, values, stop):
+    """A handler that commits or rolls back the listener's transaction, or closes its cursor
+    (which the contract forbids), stops the listener with an error naming it: its packets were
+    counted applied, or lost with their ledger records committed, as if the batch were whole,
+    or the batch came back for ever."""
     conn = _ledgered(database, "CREATE TABLE u (id integer PRIMARY KEY, v text CHECK (v <> 'bad'))")
     try:
         applier = Applier(_Unruly("u"), "unruly", sleep=lambda seconds: None)
-        with pytest.raises(StopListener, match="handler _Unruly ended the listener's transaction"):
+        with pytest.raises(StopListener, match="handler _Unruly " + stop) as info:
             applier.apply_batch(conn, _items(*values))
+        assert info.value.retry_after is None
     finally:
         conn.close()
 
@@ -480,13 +492,17 @@ def test_a_lost_connection_error_of_the_handlers_own_is_retried_then_dead_letter
     connection is fine (a side connection of its, a cursor it closed), are the packet's: retried
     max_retries times, then dead-lettered; the others are applied (the batch was replayed on new
     sessions for ever). A SystemExit from the handler is a bug: that packet is dead-lettered
-    (it ended the listener's thread)."""
+    (it ended the listener's thread); so is an error with its own savepoints (3B001, taken for
+    the end of the listener's transaction)."""
     conn = _ledgered(database, "CREATE TABLE u (id integer PRIMARY KEY, v text)")
     try:
         slept = []
         applier = Applier(_Unruly("u"), "unruly", max_retries=2, sleep=slept.append)
-        outcomes = applier.apply_batch(conn, _items("ok", "side", "ok", "closed", "ok", "exit"))
-        assert [o.status for o in outcomes] == ["applied", "dead", "applied", "dead", "applied", "dead"]
+        outcomes = applier.apply_batch(conn, _items("ok", "side", "ok", "closed", "ok", "exit",
+                                                    "own savepoint"))
+        assert [o.status for o in outcomes] == ["applied", "dead", "applied", "dead", "applied", "dead",
+                                                "dead"]
+        assert outcomes[6].reason.startswith("SQLSTATE 3B001")
         assert outcomes[1].reason == "gave up after 3 attempts: OperationalError: lookup service: connection refused"
         assert outcomes[3].reason == "gave up after 3 attempts: InterfaceError: cursor already closed"
         assert outcomes[5].reason == "RuntimeError: the handler raised SystemExit(3)"
@@ -519,5 +535,22 @@ def test_a_value_refused_by_a_column_type_changed_since_it_was_cached_is_applied
         assert "is numeric: an object is accepted only for json" in outcomes[2].reason
         assert rows(conn, "SELECT id, qty::text FROM q ORDER BY id") == [
             (1, "1.00"), (2, "1.50"), (3, "2.25")]
+    finally:
+        conn.close()
+
+
+class _EndsInExplanation(AutoSQL):
+    def explain_error(self, cursor, packet, error):
+        cursor.connection.rollback()
+
+
+def test_an_explanation_that_ends_the_transaction_stops_the_listener(database):
+    """explain_error runs under the same watch as apply: ending the transaction there looped
+    (the dead letter's ledger record failed, taken for a lost connection)."""
+    conn = _ledgered(database, "CREATE TABLE v (id integer PRIMARY KEY, a smallint)")
+    try:
+        applier = Applier(_EndsInExplanation("v"), "ends-in-explanation")
+        with pytest.raises(StopListener, match="ended the listener's transaction"):
+            applier.apply_batch(conn, [("a", dumps({"action": "add", "data": {"id": 1, "a": 40000}}).encode())])
     finally:
         conn.close()

@@ -204,14 +204,17 @@ class BuggyApply(AutoSQL):
 
 
 class FlakySetup(AutoSQL):
-    """setup() fails with a Python error the first two times (per listener)."""
+    """setup() fails with a Python error the first time, a SystemExit the second (per
+    listener): the listener goes on (a SystemExit ended its thread)."""
 
     calls: Dict[str, int] = {}
 
     def setup(self, connection):
         FlakySetup.calls[self.name] = FlakySetup.calls.get(self.name, 0) + 1
-        if FlakySetup.calls[self.name] <= 2:
-            raise RuntimeError("set-up attempt %d failed" % FlakySetup.calls[self.name])
+        if FlakySetup.calls[self.name] == 1:
+            raise RuntimeError("set-up attempt 1 failed")
+        if FlakySetup.calls[self.name] == 2:
+            raise SystemExit("set-up attempt 2 exits")
         super().setup(connection)
 
 

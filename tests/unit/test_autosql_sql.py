@@ -369,6 +369,28 @@ class OneArgumentApply(Handler):
         return packet
 
 
+class StaticApply(Handler):
+    @staticmethod
+    def apply(cursor, packet):
+        return packet
+
+
+class ClassApply(Handler):
+    @classmethod
+    def apply(cls, cursor, packet):
+        return packet
+
+
+class StarApply(Handler):
+    def apply(self, *args):
+        return args[-1]
+
+
+@pytest.mark.parametrize("name", ["StaticApply", "ClassApply", "StarApply"])
+def test_load_handler_takes_any_apply_callable_as_apply_cursor_packet(name):
+    assert load_handler(__name__ + "." + name).__name__ == name
+
+
 @pytest.mark.parametrize("path,message", [
     ("no_such_package.mod.Class", "module no_such_package.mod not found"),
     ("golconde.handlers.autosql.Missing", "module golconde.handlers.autosql has no attribute Missing"),
