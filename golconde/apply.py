@@ -47,7 +47,7 @@ from . import schema as schema_module
 from .errors import (DEAD, RECONNECT, RETRY, SCHEMA, SESSION_SQLSTATES, GolcondeError, PacketError,
                      StopListener, ValueTypeError, classify, describe, lone_surrogate)
 from .handlers.base import Handler
-from .packet import dumps, fanout_text, Group, Packet, parse_message
+from .packet import MAX_PACKET_BYTES, dumps, fanout_text, Group, Packet, parse_message, utf8_size_over
 
 LOGGER = logging.getLogger(__name__)
 
@@ -382,7 +382,7 @@ class Applier:
             if self.store_fanout:
                 part = results[position:position + count]
                 result = Group(tuple(part)) if isinstance(packet, Group) else part[0]
-                outcome.fanout = fanout_text(result)
+                outcome.fanout = _fanout(result)
                 fanouts[items[index][0]] = outcome.fanout
             position += count
             done[index] = outcome
@@ -529,7 +529,7 @@ class Applier:
                     result = self._apply_item(cur, packet)
                 outcome = Outcome(APPLIED, packet)
                 if self.store_fanout:
-                    outcome.fanout = fanout_text(result)
+                    outcome.fanout = _fanout(result)
                     ledger.store_packets(cur, self.consumer, {pid: outcome.fanout})
                     fanouts[pid] = outcome.fanout
                 cur.execute(release)
@@ -628,6 +628,23 @@ class _CommitFailed(Exception):
 #: Least seconds between two schema re-reads caused by data errors (a stream of bad values would
 #: otherwise re-read the catalog and apply each of them twice).
 DATA_ERROR_REFRESH = 1.0
+
+
+def _fanout(result: Union[Packet, Group]) -> str:
+    """:func:`golconde.packet.fanout_text`, refused when over :data:`MAX_PACKET_BYTES` of UTF-8:
+    the keys a destination fills in make a packet longer than it was sent (a group of thousands of
+    adds with uuid keys: 44 bytes each), and no target takes a packet over that size; the
+    packet is then dead-lettered at the destination, its changes rolled back, rather than
+    applied there and dead-lettered at every target.
+
+    :raises PacketError: over the size."""
+    text = fanout_text(result)
+    size = utf8_size_over(text, MAX_PACKET_BYTES)
+    if size is not None:
+        raise PacketError("the packet with its generated keys filled in is %d bytes of UTF-8, more"
+                          " than the %d a target takes: send it in smaller parts"
+                          % (size, MAX_PACKET_BYTES))
+    return text
 
 
 def _data_error(exc: BaseException) -> bool:

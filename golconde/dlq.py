@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .broker import CREATED_HEADER, ID_HEADER, REPLAYED_HEADER, BrokerConnection, Delivery
+from .envelope import BATCH_HEADER
 from .errors import ConfigError, GolcondeError
 from .ledger import normal_id
 from .status import management_serves
@@ -48,7 +49,8 @@ ORIGINAL_QUEUE_HEADER = "golconde-original-queue"
 CONSUMER_HEADER = "golconde-consumer"
 DEAD_LETTERED_AT_HEADER = "golconde-dead-lettered-at"
 #: Headers a replayed packet keeps (besides ``persistent``, which every send sets).
-REPLAY_HEADERS = (ID_HEADER, CREATED_HEADER, "golconde-destination", "content-type")
+REPLAY_HEADERS = (ID_HEADER, CREATED_HEADER, "golconde-destination", "content-type",
+                  BATCH_HEADER)   # a malformed batch message dead-lettered whole
 #: Most packets ``golconde dlq list --id`` reads to find them, unless ``--limit`` says otherwise.
 LIST_ID_LIMIT = 10000
 #: Port of RabbitMQ's management API, used when no URL is given.

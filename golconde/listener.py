@@ -324,6 +324,9 @@ class Listener(threading.Thread):
             }
             if CREATED_HEADER in delivery.headers:
                 headers[CREATED_HEADER] = delivery.headers[CREATED_HEADER]
+            if envelope.BATCH_HEADER in delivery.headers:
+                # a malformed batch message, dead-lettered whole: a replay must read it as one
+                headers[envelope.BATCH_HEADER] = delivery.headers[envelope.BATCH_HEADER]
             out.append((self.config.dead_letter_queue, delivery.body, headers))
         return out
 

@@ -252,6 +252,15 @@ def json_type(value: Any) -> str:
     return "an object"
 
 
+def utf8_size_over(text: str, max_bytes: int) -> Optional[int]:
+    """The size of ``text`` in bytes of UTF-8 (as the broker carries it) when it is over
+    ``max_bytes``, else None; encoded only when it may be (up to 4 bytes a character)."""
+    if len(text) <= max_bytes // 4:
+        return None
+    size = len(text.encode("utf-8", "surrogatepass"))
+    return size if size > max_bytes else None
+
+
 def loads(body: Union[bytes, str], max_bytes: int = MAX_PACKET_BYTES) -> Any:
     """Decode JSON text or UTF-8 bytes, numbers with a fraction as ``Decimal``.
 
@@ -270,9 +279,9 @@ def loads(body: Union[bytes, str], max_bytes: int = MAX_PACKET_BYTES) -> Any:
             body = body.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise PacketError("packet is not valid UTF-8: %s" % exc) from None
-    elif len(body) > max_bytes // 4:     # else within the limit (up to 4 bytes a character)
-        size = len(body.encode("utf-8", "surrogatepass"))    # bytes of UTF-8, as the broker carries it
-        if size > max_bytes:
+    else:
+        size = utf8_size_over(body, max_bytes)
+        if size is not None:
             raise PacketError("packet is %d bytes of UTF-8, more than the %d allowed" % (size, max_bytes))
     try:
         try:

@@ -554,3 +554,30 @@ def test_an_explanation_that_ends_the_transaction_stops_the_listener(database):
             applier.apply_batch(conn, [("a", dumps({"action": "add", "data": {"id": 1, "a": 40000}}).encode())])
     finally:
         conn.close()
+
+
+def test_a_packet_too_long_once_its_keys_are_filled_in_is_dead_lettered_at_the_destination(
+        database, monkeypatch):
+    """The keys a destination fills in lengthen a packet (a group of adds with uuid keys): one
+    that no target would take any more is dead-lettered at the destination, its changes rolled
+    back, instead of being applied there and dead-lettered at every target."""
+    from golconde import apply as apply_module
+
+    monkeypatch.setattr(apply_module, "MAX_PACKET_BYTES", 2000)
+    conn = _ledgered(database, "CREATE TABLE g (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),"
+                               " v text)")
+    try:
+        applier = Applier(AutoSQL("g", role="destination"), "grown", store_fanout=True)
+        group = {"group": [{"action": "add", "data": {"v": "x"}} for _ in range(40)]}
+        body = dumps(group).encode()
+        assert len(body) < 2000
+        outcomes = applier.apply_batch(conn, [
+            ("a", dumps(packet("add", {"v": "before"})).encode()), ("big", body),
+            ("b", dumps(packet("add", {"v": "after"})).encode())])
+        assert [o.status for o in outcomes] == ["applied", "dead", "applied"]
+        assert outcomes[1].reason.startswith("the packet with its generated keys filled in is")
+        assert "more than the 2000 a target takes" in outcomes[1].reason
+        assert len(json.loads(outcomes[0].fanout)["data"]["id"]) == 36
+        assert rows(conn, "SELECT v FROM g ORDER BY v") == [("after",), ("before",)]
+    finally:
+        conn.close()

@@ -166,6 +166,8 @@ def test_malformed_and_empty_batch_messages_at_a_target(flow):
     assert [d.body for d in dead] == [bad.encode()]
     assert dead[0].headers["golconde-reason"] == (
         "malformed batch message: batch message entry 1 must be {id: string, packet: object}")
+    # still a batch message, so that golconde dlq replay sends it back as one
+    assert dead[0].headers["golconde-batch"] == "2"
     stats = flow["daemon"].registry.snapshot()
     thread = [t[target.thread_name] for t in stats["threads"] if target.thread_name in t][0]
     assert thread["dead_lettered"] == 1 and thread["applied"] == 1
