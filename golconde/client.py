@@ -49,6 +49,9 @@ from . import envelope, ledger
 from .packet import MAX_PACKET_BYTES, Action, Group, Packet, loads, parse
 
 LOGGER = logging.getLogger(__name__)
+#: Outcomes kept for :meth:`Client.wait_outcome` at most; beyond, the oldest are dropped (a
+#: reply no one waits for, or one that came after its wait timed out, stayed for ever).
+MAX_KEPT_OUTCOMES = 100000
 
 PacketLike = Union[Packet, Mapping[str, Any], str]
 #: One packet to send: ``(packet_id, packet_json_text, created)`` (epoch seconds, as text).
@@ -298,7 +301,8 @@ class Client:
 
         :param timeout: seconds (default: the client's ``timeout``).
         :returns: ``{"id": packet_id, "status": "applied" | "duplicate" | "dead-lettered",
-            "reason": None | str}``; ``duplicate`` means applied before (a re-send).
+            "reason": None | str}``; ``duplicate`` means applied before (a re-send). Replies are
+            kept until waited for, at most :data:`MAX_KEPT_OUTCOMES` (then the oldest go).
         :raises GolcondeError: the client has no ``reply_to``.
         :raises OutcomeTimeout: nothing arrived in time.
         :raises BrokerError: the broker connection failed.
@@ -333,6 +337,10 @@ class Client:
                 if known is None or outcome.get("status") != "duplicate" \
                         or known.get("status") == "duplicate":
                     self._outcomes[pid] = outcome
+                while len(self._outcomes) > MAX_KEPT_OUTCOMES:     # the oldest first
+                    dropped = next(iter(self._outcomes))
+                    del self._outcomes[dropped]
+                    LOGGER.debug("outcome of %s dropped: no one waited for it", dropped)
                 self._outcome_cond.notify_all()
         except PacketError as exc:
             LOGGER.warning("ignoring a message on reply queue %s: %s", self.reply_to, exc)

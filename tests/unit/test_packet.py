@@ -150,3 +150,21 @@ def test_a_duplicate_reply_does_not_replace_the_first_outcome():
     reply("c", "duplicate")
     assert {pid: o["status"] for pid, o in client._outcomes.items()} == {
         "a": "applied", "b": "duplicate", "c": "dead-lettered"}
+
+
+def test_the_client_keeps_at_most_max_kept_outcomes(monkeypatch):
+    """Replies no one waits for (or that came after their wait timed out) no longer pile up: the
+    oldest are dropped beyond MAX_KEPT_OUTCOMES; a later 'duplicate' does not replace an outcome."""
+    import json
+
+    from golconde import client as client_module
+    from golconde.broker import Delivery
+
+    monkeypatch.setattr(client_module, "MAX_KEPT_OUTCOMES", 3)
+    client = client_module.Client("/queue/golconde.unit", reply_to="/queue/golconde.unit.replies")
+    for n in range(5):
+        body = json.dumps({"id": "p%d" % n, "status": "applied", "reason": None}).encode()
+        client._on_reply(Delivery(body, {"golconde-id": "p%d" % n}, -1))   # an old generation: no ack sent
+    client._on_reply(Delivery(b'{"id": "p4", "status": "duplicate"}', {"golconde-id": "p4"}, -1))
+    assert list(client._outcomes) == ["p2", "p3", "p4"]
+    assert client._outcomes["p4"]["status"] == "applied"
