@@ -62,6 +62,9 @@ SAVE_INTERVAL = 0.25
 #: Seconds a partition may stay untruncated because of another destination's rows before a
 #: drain deletes its own sent rows there (golconde.trigger.delete_sent).
 ROTATE_PATIENCE = 300.0
+#: Seconds the drain spends at most, every ROTATE_INTERVAL, deleting the rows it sent where it
+#: does not truncate (golconde.trigger.delete_sent), in batches of 10,000.
+DELETE_BUDGET = 1.0
 #: Trigger mode: poll interval (s) while packets flowed within the last BUSY_SECONDS s.
 BUSY_POLL, BUSY_SECONDS = 0.01, 1.0
 #: Header of a client message naming the queue where its outcome is to be sent.
@@ -551,7 +554,8 @@ class TriggerDestination(Listener):
                 delete = self._held_by_others(rotation.blocked, now)
         if delete:
             try:
-                trigger.delete_sent(self.db, self.config.name, self._confirmed)
+                trigger.delete_sent(self.db, self.config.name, self._confirmed,
+                                    budget=DELETE_BUDGET)
             except psycopg2.Error as exc:
                 if self.db.closed:
                     raise

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import logging
 import re
+import time
 import weakref
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,7 +48,7 @@ SQL_DIRECTORY = "triggers_sql"
 SQL_INSTALL_FILE = "install.sql"
 #: What ``golconde.schema_version()`` returns once this version's SQL files are installed
 #: (``schema.sql``; bump both together).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: What ``golconde.capture_version()`` of the C library must return (``CAPTURE_VERSION`` in
 #: ``golconde_capture.c``, ``c_expected`` in ``capture_c.sql``; bump all three together).
 CAPTURE_VERSION = 4
@@ -972,23 +973,34 @@ def rotate_queue(conn: psycopg2.extensions.connection, lock_timeout_ms: int = 50
 
 
 def delete_sent(conn: psycopg2.extensions.connection, destination: str,
-                position: DrainPosition, limit: int = 50000) -> int:
-    """Delete up to ``limit`` queued rows of ``destination`` that it has sent (those of
-    transactions older than ``position.sent``'s xmin), in a transaction of their own: what a
-    drain does instead of :func:`rotate_queue` when it may not truncate, or when another
-    destination keeps a partition from being truncated.
+                position: DrainPosition, limit: int = 10000, budget: float = 0.0) -> int:
+    """Delete the queued rows of ``destination`` that it has sent (those whose transaction
+    ``position.sent`` sees), ``limit`` at a time, each batch in a transaction of its own, until
+    one deletes fewer or ``budget`` seconds have passed (one batch at least): what a drain does
+    instead of :func:`rotate_queue` when it may not truncate, or when another destination keeps
+    a partition from being truncated. (The rows of transactions older than the snapshot's xmin
+    only, before: a long transaction anywhere in the cluster held every delete back, and one
+    batch of 50,000 every 10 s fell behind a faster capture.)
 
     :returns: the number of rows deleted.
     :raises TriggerError: ``conn`` is inside a transaction.
     """
     if position.sent is None:
         return 0
-    with _transaction(conn) as cur:
-        cur.execute("DELETE FROM golconde.queue WHERE destination = %(d)s AND id IN ("
-                    " SELECT id FROM golconde.queue WHERE destination = %(d)s"
-                    " AND txid < %(xmin)s::text::xid8 LIMIT %(limit)s)",
-                    {"d": destination, "xmin": position.sent.xmin, "limit": limit})
-        return cur.rowcount
+    total, started = 0, time.monotonic()
+    while True:
+        with _transaction(conn) as cur:
+            cur.execute(_INDEX_ORDER)
+            cur.execute("DELETE FROM golconde.queue WHERE destination = %(d)s AND id IN ("
+                        " SELECT id FROM golconde.queue WHERE destination = %(d)s"
+                        " AND txid < pg_snapshot_xmax(%(sent)s::pg_snapshot)"
+                        " AND pg_visible_in_snapshot(txid, %(sent)s::pg_snapshot)"
+                        " ORDER BY txid LIMIT %(limit)s)",
+                        {"d": destination, "sent": str(position.sent), "limit": limit})
+            count = cur.rowcount
+        total += count
+        if count < limit or time.monotonic() - started >= budget:
+            return total
 
 
 # -- the drain lock -------------------------------------------------------------------------------

@@ -27,8 +27,12 @@
 --     the sequence has left is truncated once every row in it has been
 --     sent; one the drain could not empty in time simply keeps its rows
 --     and takes the new ones too (nothing ever fails for a writer).
---     Autovacuum is off on them: nothing is ever deleted or updated (a
---     wraparound vacuum still runs when one is due).
+--     Autovacuum never runs for their inserts or to ANALYZE them (the drain
+--     reads them in index order whatever their statistics): a truncated
+--     partition leaves nothing to vacuum. It does vacuum the rows a drain
+--     deletes where it does not truncate (golconde.trigger.delete_sent),
+--     whose space was otherwise never reused: the queue grew with every row
+--     ever captured. (A wraparound vacuum runs when one is due.)
 --
 --     Two indexes: (destination, id), as the drain reads one destination
 --     in id order, and (destination, txid), as it finds a window's rows by
@@ -71,12 +75,9 @@ BEGIN
         created_at  timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
         packet      jsonb       NOT NULL
     ) PARTITION BY LIST (((id / 500000) % 3));
-    CREATE TABLE golconde.queue_0 PARTITION OF golconde.queue FOR VALUES IN (0)
-        WITH (autovacuum_enabled = false);
-    CREATE TABLE golconde.queue_1 PARTITION OF golconde.queue FOR VALUES IN (1)
-        WITH (autovacuum_enabled = false);
-    CREATE TABLE golconde.queue_2 PARTITION OF golconde.queue FOR VALUES IN (2)
-        WITH (autovacuum_enabled = false);
+    CREATE TABLE golconde.queue_0 PARTITION OF golconde.queue FOR VALUES IN (0);
+    CREATE TABLE golconde.queue_1 PARTITION OF golconde.queue FOR VALUES IN (1);
+    CREATE TABLE golconde.queue_2 PARTITION OF golconde.queue FOR VALUES IN (2);
     CREATE INDEX queue_drain_idx ON golconde.queue (destination, id);
     CREATE INDEX queue_txid_idx ON golconde.queue (destination, txid);
     ALTER SEQUENCE golconde.queue_id_seq OWNED BY golconde.queue.id;
@@ -92,6 +93,15 @@ BEGIN
     END IF;
 END
 $upgrade$;
+
+-- the partitions' autovacuum (see Partitions above), also on a queue of an earlier version
+-- (SHARE UPDATE EXCLUSIVE: writers are not blocked)
+ALTER TABLE golconde.queue_0 SET (autovacuum_enabled = true, autovacuum_vacuum_insert_threshold = -1,
+                                  autovacuum_analyze_threshold = 2147483647);
+ALTER TABLE golconde.queue_1 SET (autovacuum_enabled = true, autovacuum_vacuum_insert_threshold = -1,
+                                  autovacuum_analyze_threshold = 2147483647);
+ALTER TABLE golconde.queue_2 SET (autovacuum_enabled = true, autovacuum_vacuum_insert_threshold = -1,
+                                  autovacuum_analyze_threshold = 2147483647);
 
 COMMENT ON TABLE golconde.queue IS 'Golconde: captured packets waiting to be sent to the broker';
 

@@ -19,4 +19,4 @@ COMMENT ON SCHEMA golconde IS 'Golconde: trigger-based capture of row changes as
 CREATE OR REPLACE FUNCTION golconde.schema_version()
 RETURNS integer
 LANGUAGE sql IMMUTABLE
-AS 'SELECT 4';
+AS 'SELECT 5';

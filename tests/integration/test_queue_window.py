@@ -244,14 +244,26 @@ def test_rotation_truncates_a_partition_once_every_destination_sent_it(db, datab
     assert drain(db, mine)[0] == [trigger.QUEUE_PARTITION_IDS + 7]
 
 
-def test_delete_sent_deletes_only_what_was_sent(items):
-    execute(items, "INSERT INTO items SELECT g FROM generate_series(1, 5) g")
-    sent, position = drain(items, DrainPosition())
-    execute(items, "INSERT INTO items VALUES (6)")
-    assert trigger.delete_sent(items, DEST, position, limit=3) == 3
-    assert trigger.delete_sent(items, DEST, position) == 2
-    assert query_one(items, "SELECT array_agg(id) FROM golconde.queue") == [6]
-    assert drain(items, position)[0] == [6]
+def test_delete_sent_deletes_only_what_was_sent(items, database):
+    """Batch by batch within its budget; every row the sent snapshot sees, also while a
+    transaction older than those rows still runs (it held every delete back: xmin), and not the
+    rows of that transaction once it commits, nor those after the snapshot."""
+    execute(items, "INSERT INTO items SELECT g FROM generate_series(1, 3) g")
+    older = psycopg2.connect(database)        # running before rows 4 and 5 are written
+    try:
+        with older.cursor() as cur:
+            cur.execute("INSERT INTO items VALUES (100)")
+        execute(items, "INSERT INTO items SELECT g FROM generate_series(4, 5) g")
+        sent, position = drain(items, DrainPosition())
+        assert sorted(sent) == [1, 2, 3, 5, 6]
+        execute(items, "INSERT INTO items VALUES (6)")
+        assert trigger.delete_sent(items, DEST, position, limit=2) == 2       # one batch
+        assert trigger.delete_sent(items, DEST, position, limit=1, budget=10.0) == 3
+        older.commit()
+    finally:
+        older.close()
+    assert query_one(items, "SELECT array_agg(id ORDER BY id) FROM golconde.queue") == [4, 7]
+    assert drain(items, position)[0] == [4, 7]
 
 
 def test_a_row_that_is_not_utf8_fails_alone_in_a_sql_ascii_database():

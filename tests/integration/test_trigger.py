@@ -91,7 +91,9 @@ def test_install_schema_is_idempotent(db):
                     " FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
                     " WHERE i.inhparent = 'golconde.queue'::regclass ORDER BY 1")
         assert cur.fetchall() == [("queue_%d" % n, "FOR VALUES IN ('%d')" % n,
-                                   ["autovacuum_enabled=false"]) for n in range(3)]
+                                   ["autovacuum_enabled=true",
+                                    "autovacuum_vacuum_insert_threshold=-1",
+                                    "autovacuum_analyze_threshold=2147483647"]) for n in range(3)]
         cur.execute("SELECT seqcache FROM pg_sequence WHERE seqrelid = 'golconde.queue_id_seq'::regclass")
         assert cur.fetchone() == (1,)
         cur.execute("SELECT to_regclass('golconde.drain_position') IS NOT NULL")
@@ -194,6 +196,27 @@ def test_a_parent_with_inheritance_children_is_installed_with_a_warning(db):
     execute(db, "CREATE TABLE parts (id int PRIMARY KEY) PARTITION BY RANGE (id)")
     execute(db, "CREATE TABLE parts_0 PARTITION OF parts FOR VALUES FROM (0) TO (10)")
     assert trigger.install(db, "parts", DEST).warning is None
+
+
+def test_an_install_upgrades_a_version_4_queue_to_vacuum_deleted_rows(db):
+    """Version 4 turned autovacuum off on the queue's partitions, so the rows a drain deleted
+    (where it may not truncate) were never vacuumed; installing again upgrades the schema."""
+    execute(db, "CREATE TABLE items (id int PRIMARY KEY)")
+    trigger.install(db, "items", DEST)
+    for n in range(3):
+        execute(db, "ALTER TABLE golconde.queue_%d RESET (autovacuum_vacuum_insert_threshold,"
+                    " autovacuum_analyze_threshold)" % n)
+        execute(db, "ALTER TABLE golconde.queue_%d SET (autovacuum_enabled = false)" % n)
+    execute(db, "CREATE OR REPLACE FUNCTION golconde.schema_version() RETURNS integer"
+                " LANGUAGE sql IMMUTABLE AS 'SELECT 4'")
+    assert trigger.schema_state(db) == "old"
+    trigger.install(db, "items", DEST)
+    assert trigger.schema_state(db) in ("current", "plpgsql")
+    assert query_one(db, "SELECT array_agg(DISTINCT array_to_string(reloptions, ' '))"
+                         " FROM pg_class WHERE relname LIKE 'queue\\__' AND relnamespace ="
+                         " 'golconde'::regnamespace") == [
+        "autovacuum_enabled=true autovacuum_vacuum_insert_threshold=-1"
+        " autovacuum_analyze_threshold=2147483647"]
 
 
 def test_keyless_table_is_insert_only(db):
