@@ -299,6 +299,8 @@ class TriggerDestination(Listener):
         self._next_key_check = 0.0
         self._blocked_since: Dict[str, float] = {}
         self._blocked_warned: Set[str] = set()
+        #: partition -> monotonic time since when a rotation found it stuck (_report_stuck)
+        self._stuck_since: Dict[str, float] = {}
         self._may_truncate = True
 
     def ready(self) -> bool:
@@ -552,6 +554,7 @@ class TriggerDestination(Listener):
                     LOGGER.info("[%s] %s truncated: every destination had sent its rows",
                                 self.name, name)
                 delete = self._held_by_others(rotation.blocked, now)
+                self._report_stuck(rotation, now)
         if delete:
             try:
                 trigger.delete_sent(self.db, self.config.name, self._confirmed,
@@ -613,6 +616,48 @@ class TriggerDestination(Listener):
                                " sent its rows there (is it drained?); deleting the rows %s sent"
                                " instead", self.name, name, now - since, other, self.config.name)
         return held
+
+    def _report_stuck(self, rotation: trigger.Rotation, now: float) -> None:
+        """Report a partition ids have left that stays untruncated ROTATE_PATIENCE s, because a
+        transaction that took one of its ids still runs (idle in transaction, say: its lock
+        is held) or another destination has not sent its rows there, as the standing problem
+        ``queue-rotation`` naming the partition and why (the partition takes the next rows too
+        when ids come back to it: the queue grows while /health said ok); cleared once they are
+        truncated. Its own unsent rows are this destination's backlog, reported as such."""
+        why = {name: "destination %s has not sent its rows there" % other
+               for name, other in rotation.blocked if other != self.config.name}
+        for name in rotation.busy:
+            why[name] = "a transaction that wrote one of its rows still runs (%s)" % self._holders(name)
+        for name in list(self._stuck_since):
+            if name not in why:
+                del self._stuck_since[name]
+        overdue = ["%s not truncated for %.0f s: %s" % (name, now - self._stuck_since.setdefault(name, now),
+                                                        reason)
+                   for name, reason in sorted(why.items())
+                   if now - self._stuck_since.setdefault(name, now) >= ROTATE_PATIENCE]
+        text = "; ".join(overdue) or None
+        if self.stats.set_problem("queue-rotation", text) and text is not None:
+            LOGGER.warning("[%s] %s", self.name, text)
+
+    def _holders(self, partition: str) -> str:
+        """The sessions holding a lock on ``partition`` (pid, state, seconds in their
+        transaction), as far as this role may see them."""
+        try:
+            with self.db.cursor() as cur:
+                cur.execute("SELECT a.pid, a.state, extract(epoch FROM now() - a.xact_start)::int"
+                            " FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a"
+                            " ON a.pid = l.pid WHERE l.relation = to_regclass(%s) AND l.granted"
+                            " AND a.pid <> pg_backend_pid() ORDER BY a.xact_start LIMIT 3",
+                            (partition,))
+                rows = cur.fetchall()
+            self.db.rollback()
+        except psycopg2.Error as exc:
+            if self.db.closed:
+                raise
+            self.db.rollback()
+            return "its sessions could not be read: %s" % trigger.first_line(exc)
+        return ", ".join("pid %s %s for %s s" % (pid, state or "?", age if age is not None else "?")
+                         for pid, state, age in rows) or "no session seen holding it"
 
     def _wait_for_notify(self, timeout: float) -> None:
         conn = self.listen_db

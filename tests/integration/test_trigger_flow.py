@@ -363,6 +363,51 @@ def test_the_drain_truncates_sent_partitions_and_deletes_its_rows_when_another_b
         assert daemon.stop()
 
 
+def test_a_partition_a_running_transaction_keeps_from_being_truncated_is_a_standing_problem(
+        make_database, broker, monkeypatch):
+    """A writer left idle in its transaction after writing a row of a partition that ids then
+    leave keeps it from being truncated (the partition takes the next rows when ids come back):
+    after ROTATE_PATIENCE that is the standing problem queue-rotation, naming the partition and
+    the session (/health fails; it said ok while the queue grew); cleared once it is truncated."""
+    from golconde.metrics import health
+
+    monkeypatch.setattr(destination_module, "ROTATE_INTERVAL", 0.2)
+    monkeypatch.setattr(destination_module, "ROTATE_PATIENCE", 1.0)
+    canonical, t1 = make_database(), make_database()
+    for dsn in (canonical, t1):
+        execute(dsn, ACCOUNTS)
+    config = parse_config(make_config(canonical, {"t1": t1}, "public.accounts", mode="trigger",
+                                      broker=broker, poll_interval=0.2))
+    name = config.destinations[0].name
+    conn = psycopg2.connect(canonical)
+    trigger.install(conn, "public.accounts", name)
+    conn.autocommit = True
+    execute(canonical, "SELECT setval('golconde.queue_id_seq', %s)",
+            (trigger.QUEUE_PARTITION_IDS - 10,))
+    idle = psycopg2.connect(canonical)
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        with idle.cursor() as cur:          # an id of partition 0, and idle in transaction
+            cur.execute("INSERT INTO accounts (aid) VALUES (1)")
+        execute(canonical, "INSERT INTO accounts (aid) SELECT g FROM generate_series(2, 40) g")
+        pid = idle.get_backend_pid()
+        stats = daemon.registry.get(config.destinations[0].thread_name)
+        wait_for(lambda: any(p.startswith("golconde.queue_0 not truncated for ") and
+                             "a transaction that wrote one of its rows still runs (pid %d idle in"
+                             " transaction for " % pid in p for p in stats.snapshot()["problems"]),
+                 timeout=30, message="the stuck partition reported")
+        assert not health(daemon.registry.snapshot(), 10000, 300.0)[0]
+        idle.commit()
+        wait_for(lambda: stats.snapshot()["problems"] == [], timeout=30,
+                 message="the problem cleared once partition 0 was truncated")
+        wait_for(lambda: equal({"canonical": canonical, "targets": [t1]}), message="targets equal")
+    finally:
+        idle.close()
+        conn.close()
+        assert daemon.stop()
+
+
 def test_a_primary_key_changed_after_the_install_is_a_standing_problem(make_database, broker,
                                                                         monkeypatch):
     """The capture trigger's key columns are fixed at its install: after the table's primary key
