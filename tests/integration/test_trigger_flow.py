@@ -258,18 +258,27 @@ def test_values_a_writer_prints_its_own_way_and_integers_of_any_length(make_data
         assert daemon.stop()
 
 
-def test_notify_wakes_the_drain_before_its_poll_interval(make_database, broker):
-    """The capture trigger does not NOTIFY (it would serialize commits); the daemon polls every
-    poll_interval while the queue is empty, and an application's NOTIFY wakes it at once."""
+def _accounts(make_database, broker, poll_interval):
+    """A canonical and a target database with table accounts, captured by the trigger of the
+    configuration's one destination: ``(canonical, target, config)``."""
     canonical, t1 = make_database(), make_database()
     for dsn in (canonical, t1):
         execute(dsn, ACCOUNTS)
     config = parse_config(make_config(canonical, {"t1": t1}, "public.accounts", mode="trigger",
-                                      broker=broker, poll_interval=60))
-    destination = config.destinations[0].name
+                                      broker=broker, poll_interval=poll_interval))
     conn = psycopg2.connect(canonical)
-    trigger.install(conn, "public.accounts", destination)
-    conn.close()
+    try:
+        trigger.install(conn, "public.accounts", config.destinations[0].name)
+    finally:
+        conn.close()
+    return canonical, t1, config
+
+
+def test_notify_wakes_the_drain_before_its_poll_interval(make_database, broker):
+    """The capture trigger does not NOTIFY (it would serialize commits); the daemon polls every
+    poll_interval while the queue is empty, and an application's NOTIFY wakes it at once."""
+    canonical, t1, config = _accounts(make_database, broker, poll_interval=60)
+    destination = config.destinations[0].name
     daemon = Daemon(config)
     daemon.start()
     try:
@@ -373,15 +382,7 @@ def test_a_partition_a_running_transaction_keeps_from_being_truncated_is_a_stand
 
     monkeypatch.setattr(destination_module, "ROTATE_INTERVAL", 0.2)
     monkeypatch.setattr(destination_module, "ROTATE_PATIENCE", 1.0)
-    canonical, t1 = make_database(), make_database()
-    for dsn in (canonical, t1):
-        execute(dsn, ACCOUNTS)
-    config = parse_config(make_config(canonical, {"t1": t1}, "public.accounts", mode="trigger",
-                                      broker=broker, poll_interval=0.2))
-    name = config.destinations[0].name
-    conn = psycopg2.connect(canonical)
-    trigger.install(conn, "public.accounts", name)
-    conn.autocommit = True
+    canonical, t1, config = _accounts(make_database, broker, poll_interval=0.2)
     execute(canonical, "SELECT setval('golconde.queue_id_seq', %s)",
             (trigger.QUEUE_PARTITION_IDS - 10,))
     idle = psycopg2.connect(canonical)
@@ -404,7 +405,6 @@ def test_a_partition_a_running_transaction_keeps_from_being_truncated_is_a_stand
         wait_for(lambda: equal({"canonical": canonical, "targets": [t1]}), message="targets equal")
     finally:
         idle.close()
-        conn.close()
         assert daemon.stop()
 
 
