@@ -738,15 +738,21 @@ _NOT_SENT_IDS = (" SELECT q.id, q.txid, q.created_at FROM golconde.queue q"
                  "  SELECT q.id, q.txid, q.created_at FROM golconde.queue q"
                  "  WHERE q.destination = %(destination)s AND q.txid = x.xid"
                  "  ORDER BY q.txid OFFSET 0) q"
-                 " WHERE %(running)s::int > 0"
+                 " WHERE %(running)s::int > 0 AND pg_visible_in_snapshot(x.xid, {now})"
                  " UNION ALL SELECT * FROM (SELECT q.id, q.txid, q.created_at FROM golconde.queue q"
                  "  WHERE q.destination = %(destination)s"
                  "  AND q.txid >= pg_snapshot_xmax(%(sent)s::pg_snapshot)"
+                 "  AND q.txid < pg_snapshot_xmax({now})"
                  "  ORDER BY q.txid OFFSET 0) t")
+#: ``{now}`` of :data:`_NOT_SENT_IDS` in a statement of its own: its snapshot. A transaction
+#: still running then is not probed (its rows are invisible: one of a million rows open for
+#: minutes had every window read all of them), nor are ids from its xmax on.
+_NOW = "pg_current_snapshot()"
 #: A new window: its snapshot (the statement's) and the first and last ids of its rows (those of
 #: :data:`_NOT_SENT_IDS` the statement sees), then its first rows.
 _NEW_WINDOW = ("WITH w AS MATERIALIZED (SELECT pg_current_snapshot() AS snap),"
-               " b AS (SELECT min(n.id) AS lo, max(n.id) AS hi FROM (" + _NOT_SENT_IDS + ") n)"
+               " b AS (SELECT min(n.id) AS lo, max(n.id) AS hi FROM ("
+               + _NOT_SENT_IDS.replace("{now}", "(SELECT snap FROM w)") + ") n)"
                " SELECT w.snap::text, b.hi, r.* FROM w CROSS JOIN b LEFT JOIN LATERAL ({rows}) r"
                " ON true")
 
@@ -865,7 +871,7 @@ def save_position(cursor: Any, destination: str, position: DrainPosition) -> Non
 
 
 #: The rows of :data:`_NOT_SENT_IDS` the window has not sent (``%(window)s``, ``%(last_id)s``).
-_WAITING = (" FROM (" + _NOT_SENT_IDS + ") n WHERE NOT (n.id <= %(last_id)s AND"
+_WAITING = (" FROM (" + _NOT_SENT_IDS.replace("{now}", _NOW) + ") n WHERE NOT (n.id <= %(last_id)s AND"
             " %(window)s::pg_snapshot IS NOT NULL AND pg_visible_in_snapshot(n.txid, %(window)s::pg_snapshot))")
 
 
