@@ -571,7 +571,8 @@ class TriggerDestination(Listener):
         (:func:`golconde.trigger.key_mismatches`) as a standing problem of this listener (in
         /stats and /health, failing the health check), logged as an error and counted once
         when it appears; cleared once the trigger is installed again. The drain goes on: the
-        packets are captured already."""
+        packets are captured already. Likewise a queue id sequence with a cache
+        (:func:`golconde.trigger.sequence_problem`)."""
         now = time.monotonic()
         if now < self._next_key_check:
             return
@@ -579,12 +580,15 @@ class TriggerDestination(Listener):
         try:
             with self.db.cursor() as cur:
                 mismatches = trigger.key_mismatches(cur, self.config.name)
+                sequence = trigger.sequence_problem(cur)
         except psycopg2.Error as exc:
             if self.db.closed:
                 raise
             LOGGER.warning("[%s] could not check the capture triggers' keys: %s", self.name,
                            trigger.first_line(exc))
             return
+        if self.stats.set_problem("queue-sequence", sequence) and sequence is not None:
+            LOGGER.error("[%s] %s", self.name, sequence)
         text = "; ".join(str(mismatch) for mismatch in mismatches) or None
         if not self.stats.set_problem("capture-keys", text):
             return

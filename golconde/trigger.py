@@ -409,6 +409,21 @@ def key_mismatches(cursor: Any, destination: str) -> List[KeyMismatch]:
     return found
 
 
+def sequence_problem(cursor: Any) -> Optional[str]:
+    """What is wrong with ``golconde.queue_id_seq`` for the drain's order, or None: it must hand
+    out ids one at a time (``CACHE 1``, as ``queue.sql`` creates it). With a cache, each session
+    takes ids in blocks, ids no longer follow the order in which writers took a row's lock, and
+    a key's changes committed close together may be sent out of order."""
+    cursor.execute("SELECT seqcache FROM pg_catalog.pg_sequence"
+                   " WHERE seqrelid = to_regclass('golconde.queue_id_seq')")
+    row = cursor.fetchone()
+    if row is None or row[0] == 1:
+        return None
+    return ("golconde.queue_id_seq has CACHE %d: ids no longer follow the order of the writers'"
+            " row locks, so a key's changes may be sent out of order; run ALTER SEQUENCE"
+            " golconde.queue_id_seq CACHE 1" % row[0])
+
+
 def remove(conn: psycopg2.extensions.connection, relation: str, destination: str) -> RemoveResult:
     """Drop the capture trigger of ``destination`` from ``relation``. Idempotent: an absent trigger
     or table is reported in the result, not raised. Committed. Packets already queued stay queued.

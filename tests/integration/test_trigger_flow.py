@@ -408,6 +408,26 @@ def test_a_partition_a_running_transaction_keeps_from_being_truncated_is_a_stand
         assert daemon.stop()
 
 
+def test_a_queue_sequence_with_a_cache_is_a_standing_problem(make_database, broker, monkeypatch):
+    """With CACHE n, ids no longer follow the writers' lock order (a key's changes could be sent
+    out of order): the drain reports it until the sequence hands out ids one at a time again."""
+    monkeypatch.setattr(destination_module, "KEY_CHECK_INTERVAL", 0.2)
+    canonical, _, config = _accounts(make_database, broker, poll_interval=0.2)
+    execute(canonical, "ALTER SEQUENCE golconde.queue_id_seq CACHE 20")
+    daemon = Daemon(config)
+    daemon.start()
+    stats = daemon.registry.get(config.destinations[0].thread_name)
+    try:
+        wait_for(lambda: stats.snapshot()["problems"] == [
+            "golconde.queue_id_seq has CACHE 20: ids no longer follow the order of the writers'"
+            " row locks, so a key's changes may be sent out of order; run ALTER SEQUENCE"
+            " golconde.queue_id_seq CACHE 1"], timeout=20, message="the problem reported")
+        execute(canonical, "ALTER SEQUENCE golconde.queue_id_seq CACHE 1")
+        wait_for(lambda: stats.snapshot()["problems"] == [], timeout=20, message="cleared")
+    finally:
+        assert daemon.stop()
+
+
 def test_a_primary_key_changed_after_the_install_is_a_standing_problem(make_database, broker,
                                                                         monkeypatch):
     """The capture trigger's key columns are fixed at its install: after the table's primary key
