@@ -109,6 +109,8 @@ class Listener(threading.Thread):
         self.outbound: Dict[Tuple[Any, ...], BrokerConnection] = {}
         self._stopping = threading.Event()
         self._failures = 0
+        #: set by a cycle that returned without getting through (its failures keep counting)
+        self._incomplete = False
         self._ever_connected: set = set()    # connections opened at least once (for "reconnects")
 
     # -- life cycle --------------------------------------------------------------------------------
@@ -130,10 +132,12 @@ class Listener(threading.Thread):
                 try:
                     if not self.ready():
                         self.open()
+                    self._incomplete = False
                     self.cycle()
                     # counted until a cycle gets through, not until a reconnect: a message that
                     # fails every time after a fresh connection must back off too
-                    self._got_through()
+                    if not self._incomplete:
+                        self._got_through()
                 except StopListener as exc:
                     self.stats.set_error(str(exc))
                     if exc.retry_after is None:
@@ -755,6 +759,7 @@ class QueueConsumer(Listener):
                     # it failed again on a new session (a read-only database): back off
                     self._stopping.wait(backoff(lost - 1, self.backoff_base, self.backoff_cap))
                 if not self.reconnect_database() or deliveries[0].generation != self.inbound.generation:
+                    self._incomplete = True     # not through: its failures still count
                     return                 # not acked: the broker redelivers, the ledger de-duplicates
         if lost:
             # the lost attempt may have committed (its COMMIT's answer lost): a packet delivered
