@@ -36,6 +36,7 @@ it. Use one reply queue per client process: a reply read by another client is lo
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import threading
@@ -49,9 +50,11 @@ from . import envelope, ledger
 from .packet import MAX_PACKET_BYTES, Action, Group, Packet, loads, parse
 
 LOGGER = logging.getLogger(__name__)
-#: Outcomes kept for :meth:`Client.wait_outcome` at most; beyond, the oldest are dropped (a
-#: reply no one waits for, or one that came after its wait timed out, stayed for ever).
-MAX_KEPT_OUTCOMES = 100000
+#: How long, in seconds, an outcome no one has waited for yet is kept for :meth:`Client.wait_outcome`
+#: (a reply no one waits for, or one that came after its wait timed out, stayed for ever).
+OUTCOME_TTL = 3600.0
+#: Outcomes kept at most, whatever their age; beyond, the oldest are dropped (with a warning).
+MAX_KEPT_OUTCOMES = 1000000
 
 PacketLike = Union[Packet, Mapping[str, Any], str]
 #: One packet to send: ``(packet_id, packet_json_text, created)`` (epoch seconds, as text).
@@ -153,7 +156,9 @@ class Client:
         self.connection = BrokerConnection(host, port, login, passcode, vhost, heartbeat_ms=0,
                                            name="golconde-client", on_message=self._on_reply)
         self._pending: Optional[List[Entry]] = None
-        self._outcomes: Dict[str, Dict[str, Any]] = {}
+        #: packet id -> (monotonic time received, outcome), oldest first
+        self._outcomes: "collections.OrderedDict[str, Tuple[float, Dict[str, Any]]]" = \
+            collections.OrderedDict()
         self._outcome_cond = threading.Condition()
         self._reply_generation: Optional[int] = None
 
@@ -302,7 +307,8 @@ class Client:
         :param timeout: seconds (default: the client's ``timeout``).
         :returns: ``{"id": packet_id, "status": "applied" | "duplicate" | "dead-lettered",
             "reason": None | str}``; ``duplicate`` means applied before (a re-send). Replies are
-            kept until waited for, at most :data:`MAX_KEPT_OUTCOMES` (then the oldest go).
+            kept until waited for, for :data:`OUTCOME_TTL` seconds and at most
+            :data:`MAX_KEPT_OUTCOMES` of them.
         :raises GolcondeError: the client has no ``reply_to``.
         :raises OutcomeTimeout: nothing arrived in time.
         :raises BrokerError: the broker connection failed.
@@ -318,7 +324,7 @@ class Client:
             with self._outcome_cond:
                 remaining = deadline - time.monotonic()
                 if packet_id in self._outcomes:
-                    return self._outcomes.pop(packet_id)
+                    return self._outcomes.pop(packet_id)[1]
                 if remaining <= 0:
                     raise OutcomeTimeout("no outcome for %s on %s" % (packet_id, self.reply_to))
                 self._outcome_cond.wait(min(remaining, 0.5))
@@ -334,13 +340,12 @@ class Client:
                 # a batch delivered again (its ack lost to a fault) is answered again:
                 # "duplicate" then does not replace what the first delivery did
                 known = self._outcomes.get(pid)
+                now = time.monotonic()
                 if known is None or outcome.get("status") != "duplicate" \
-                        or known.get("status") == "duplicate":
-                    self._outcomes[pid] = outcome
-                while len(self._outcomes) > MAX_KEPT_OUTCOMES:     # the oldest first
-                    dropped = next(iter(self._outcomes))
-                    del self._outcomes[dropped]
-                    LOGGER.debug("outcome of %s dropped: no one waited for it", dropped)
+                        or known[1].get("status") == "duplicate":
+                    self._outcomes[pid] = (now, outcome)
+                    self._outcomes.move_to_end(pid)
+                self._forget_outcomes(now)
                 self._outcome_cond.notify_all()
         except PacketError as exc:
             LOGGER.warning("ignoring a message on reply queue %s: %s", self.reply_to, exc)
@@ -348,6 +353,20 @@ class Client:
             self.connection.ack(delivery)
         except BrokerError as exc:
             LOGGER.debug("could not ack a reply: %s", exc)
+
+    def _forget_outcomes(self, now: float) -> None:
+        """Drop the outcomes no one waited for within :data:`OUTCOME_TTL`, and the oldest beyond
+        :data:`MAX_KEPT_OUTCOMES` (warned: a wait for them would time out)."""
+        dropped = 0
+        while self._outcomes:
+            pid, (received, _) = next(iter(self._outcomes.items()))
+            if now - received < OUTCOME_TTL and len(self._outcomes) <= MAX_KEPT_OUTCOMES:
+                break
+            del self._outcomes[pid]
+            dropped += 1
+        if dropped:
+            LOGGER.warning("%d outcome(s) on %s dropped: not waited for within %.0f s, or over %d"
+                           " kept", dropped, self.reply_to, OUTCOME_TTL, MAX_KEPT_OUTCOMES)
 
     @contextlib.contextmanager
     def batch(self) -> Iterator["Client"]:

@@ -301,6 +301,7 @@ class TriggerDestination(Listener):
         self._blocked_warned: Set[str] = set()
         #: partition -> monotonic time since when a rotation found it stuck (_report_stuck)
         self._stuck_since: Dict[str, float] = {}
+        self._stuck_logged: Set[Tuple[str, str]] = set()
         self._may_truncate = True
 
     def ready(self) -> bool:
@@ -542,6 +543,7 @@ class TriggerDestination(Listener):
                 LOGGER.warning("[%s] may not truncate the queue's partitions (%s): deleting the"
                                " rows it sent instead", self.name, trigger.first_line(exc))
                 self._may_truncate, delete = False, True
+                self.stats.set_problem("queue-rotation", None)   # no rotation to report on
             except psycopg2.Error as exc:
                 if self.db.closed:
                     raise               # the connection: the listener reconnects
@@ -623,45 +625,56 @@ class TriggerDestination(Listener):
 
     def _report_stuck(self, rotation: trigger.Rotation, now: float) -> None:
         """Report a partition ids have left that stays untruncated ROTATE_PATIENCE s, because a
-        transaction that took one of its ids still runs (idle in transaction, say: its lock
-        is held) or another destination has not sent its rows there, as the standing problem
-        ``queue-rotation`` naming the partition and why (the partition takes the next rows too
-        when ids come back to it: the queue grows while /health said ok); cleared once they are
-        truncated. Its own unsent rows are this destination's backlog, reported as such."""
+        session holds a lock on it (a writer of one of its rows still running, idle in
+        transaction say; a long reader) or another destination has not sent its rows there, as
+        the standing problem ``queue-rotation`` naming the partition, why and since when (the
+        partition takes the next rows too when ids come back to it: the queue grows while
+        /health said ok). A partition stays reported while ids are back in it, until a later
+        rotation truncates it (or finds it empty). Logged when the partitions or their reasons
+        change. Its own unsent rows are this destination's backlog, reported as such."""
         why = {name: "destination %s has not sent its rows there" % other
                for name, other in rotation.blocked if other != self.config.name}
         for name in rotation.busy:
-            why[name] = "a transaction that wrote one of its rows still runs (%s)" % self._holders(name)
+            why[name] = "its lock is held (%s)" % self._holders(name)
         for name in list(self._stuck_since):
-            if name not in why:
+            if name not in why and name == rotation.current:
+                why[name] = "ids came back to it while it still held rows of the round before"
+            elif name not in why:
                 del self._stuck_since[name]
-        overdue = ["%s not truncated for %.0f s: %s" % (name, now - self._stuck_since.setdefault(name, now),
-                                                        reason)
-                   for name, reason in sorted(why.items())
-                   if now - self._stuck_since.setdefault(name, now) >= ROTATE_PATIENCE]
-        text = "; ".join(overdue) or None
-        if self.stats.set_problem("queue-rotation", text) and text is not None:
-            LOGGER.warning("[%s] %s", self.name, text)
+        overdue = {name: (now - self._stuck_since.setdefault(name, now), reason)
+                   for name, reason in why.items()}
+        overdue = {name: late for name, late in overdue.items() if late[0] >= ROTATE_PATIENCE}
+        text = "; ".join("%s not truncated for %.0f s: %s" % (name, seconds, reason)
+                         for name, (seconds, reason) in sorted(overdue.items())) or None
+        self.stats.set_problem("queue-rotation", text)
+        kinds = {(name, reason.split(" (")[0]) for name, (_, reason) in overdue.items()}
+        if kinds != self._stuck_logged:
+            if text is not None:
+                LOGGER.warning("[%s] %s", self.name, text)
+            else:
+                LOGGER.info("[%s] every partition ids left has been truncated again", self.name)
+            self._stuck_logged = kinds
 
     def _holders(self, partition: str) -> str:
-        """The sessions holding a lock on ``partition`` (pid, state, seconds in their
-        transaction), as far as this role may see them."""
+        """The sessions holding a lock on ``partition``: pid, lock mode (RowExclusiveLock: a
+        writer; AccessShareLock: a reader), state and seconds in their transaction, as far as
+        this role may see them."""
         try:
             with self.db.cursor() as cur:
-                cur.execute("SELECT a.pid, a.state, extract(epoch FROM now() - a.xact_start)::int"
+                cur.execute("SELECT a.pid, l.mode, a.state,"
+                            " extract(epoch FROM now() - a.xact_start)::int"
                             " FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a"
                             " ON a.pid = l.pid WHERE l.relation = to_regclass(%s) AND l.granted"
                             " AND a.pid <> pg_backend_pid() ORDER BY a.xact_start LIMIT 3",
                             (partition,))
                 rows = cur.fetchall()
-            self.db.rollback()
         except psycopg2.Error as exc:
             if self.db.closed:
                 raise
-            self.db.rollback()
             return "its sessions could not be read: %s" % trigger.first_line(exc)
-        return ", ".join("pid %s %s for %s s" % (pid, state or "?", age if age is not None else "?")
-                         for pid, state, age in rows) or "no session seen holding it"
+        return ", ".join("pid %s %s, %s for %s s" % (pid, mode, state or "?",
+                                                      age if age is not None else "?")
+                         for pid, mode, state, age in rows) or "no session seen holding it"
 
     def _wait_for_notify(self, timeout: float) -> None:
         conn = self.listen_db

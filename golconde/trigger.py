@@ -918,6 +918,8 @@ class Rotation:
     truncated: Tuple[str, ...] = ()
     blocked: Tuple[Tuple[str, str], ...] = ()
     busy: Tuple[str, ...] = ()
+    #: the partition new ids go to (never truncated; ``""`` when unknown)
+    current: str = ""
 
 
 #: A row ``q`` the saved position ``p`` has sent within its window.
@@ -926,7 +928,9 @@ _IN_SENT_WINDOW = ("(p.window_snapshot IS NOT NULL AND q.id <= p.last_id"
 #: The first destination of a partition with a row not sent: no saved position, or a row whose
 #: transaction its ``sent_snapshot`` lists as running or has not seen (probes of the index on
 #: ``(destination, txid)``: one per running transaction, one range), unless its window sent it.
-#: Destinations by a loose index scan.
+#: Destinations by a loose index scan. A transaction still running now is not probed (nor ids
+#: from the current snapshot's xmax on): its writer holds the partition's lock, so the partition
+#: is not truncated anyway, and the check runs again once the lock is granted.
 _UNSENT = ("WITH RECURSIVE d(destination) AS ("
            " (SELECT destination FROM {part} ORDER BY destination LIMIT 1)"
            " UNION ALL SELECT (SELECT q.destination FROM {part} q WHERE q.destination > d.destination"
@@ -934,11 +938,13 @@ _UNSENT = ("WITH RECURSIVE d(destination) AS ("
            " SELECT d.destination FROM d LEFT JOIN golconde.drain_position p USING (destination)"
            " WHERE d.destination IS NOT NULL AND (p.sent_snapshot IS NULL"
            "  OR EXISTS (SELECT 1 FROM {part} q WHERE q.destination = d.destination"
-           "   AND q.txid >= pg_snapshot_xmax(p.sent_snapshot) AND NOT " + _IN_SENT_WINDOW +
+           "   AND q.txid >= pg_snapshot_xmax(p.sent_snapshot)"
+           "   AND q.txid < pg_snapshot_xmax(pg_current_snapshot()) AND NOT " + _IN_SENT_WINDOW +
            "   ORDER BY q.txid)"
            "  OR EXISTS (SELECT 1 FROM pg_snapshot_xip(p.sent_snapshot) x(xid)"
            "   CROSS JOIN LATERAL (SELECT 1 FROM {part} q WHERE q.destination = d.destination"
-           "    AND q.txid = x.xid AND NOT " + _IN_SENT_WINDOW + " ORDER BY q.txid OFFSET 0) q))"
+           "    AND q.txid = x.xid AND NOT " + _IN_SENT_WINDOW + " ORDER BY q.txid OFFSET 0) q"
+           "   WHERE pg_visible_in_snapshot(x.xid, pg_current_snapshot())))"
            " LIMIT 1")
 
 
@@ -990,7 +996,7 @@ def rotate_queue(conn: psycopg2.extensions.connection, lock_timeout_ms: int = 50
             truncated.append("golconde." + name)
         else:
             blocked.append(("golconde." + name, row[0]))
-    return Rotation(tuple(truncated), tuple(blocked), tuple(busy))
+    return Rotation(tuple(truncated), tuple(blocked), tuple(busy), "golconde.queue_%d" % current)
 
 
 def delete_sent(conn: psycopg2.extensions.connection, destination: str,

@@ -28,11 +28,12 @@
 --     sent; one the drain could not empty in time simply keeps its rows
 --     and takes the new ones too (nothing ever fails for a writer).
 --     Autovacuum never runs for their inserts or to ANALYZE them (the drain
---     reads them in index order whatever their statistics): a truncated
---     partition leaves nothing to vacuum. It does vacuum the rows a drain
---     deletes where it does not truncate (golconde.trigger.delete_sent),
---     whose space was otherwise never reused: the queue grew with every row
---     ever captured. (A wraparound vacuum runs when one is due.)
+--     reads them in index order whatever their statistics), and vacuums a
+--     partition only once 100,000 of its rows are dead: rows a drain deletes
+--     where it does not truncate (golconde.trigger.delete_sent), whose space
+--     was otherwise never reused (the queue grew with every row ever
+--     captured), or rows of writers that rolled back. A partition is
+--     usually truncated long before. (A wraparound vacuum runs when due.)
 --
 --     Two indexes: (destination, id), as the drain reads one destination
 --     in id order, and (destination, txid), as it finds a window's rows by
@@ -97,10 +98,16 @@ $upgrade$;
 -- the partitions' autovacuum (see Partitions above), also on a queue of an earlier version
 -- (SHARE UPDATE EXCLUSIVE: writers are not blocked)
 ALTER TABLE golconde.queue_0 SET (autovacuum_enabled = true, autovacuum_vacuum_insert_threshold = -1,
+                                  autovacuum_vacuum_threshold = 100000,
+                                  autovacuum_vacuum_scale_factor = 0,
                                   autovacuum_analyze_threshold = 2147483647);
 ALTER TABLE golconde.queue_1 SET (autovacuum_enabled = true, autovacuum_vacuum_insert_threshold = -1,
+                                  autovacuum_vacuum_threshold = 100000,
+                                  autovacuum_vacuum_scale_factor = 0,
                                   autovacuum_analyze_threshold = 2147483647);
 ALTER TABLE golconde.queue_2 SET (autovacuum_enabled = true, autovacuum_vacuum_insert_threshold = -1,
+                                  autovacuum_vacuum_threshold = 100000,
+                                  autovacuum_vacuum_scale_factor = 0,
                                   autovacuum_analyze_threshold = 2147483647);
 
 COMMENT ON TABLE golconde.queue IS 'Golconde: captured packets waiting to be sent to the broker';

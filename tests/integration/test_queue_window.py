@@ -18,6 +18,8 @@ from golconde.trigger import DrainPosition, Snapshot
 from .test_trigger import execute, query_one
 
 DEST = "Win"
+#: the partition ids go to once they crossed from partition 0
+Q1 = "golconde.queue_1"
 
 
 @pytest.fixture
@@ -216,7 +218,7 @@ def test_rotation_truncates_a_partition_once_every_destination_sent_it(db, datab
         execute(open_writer, "INSERT INTO items VALUES (1)")            # id 499997, still running
         execute(db, "INSERT INTO items SELECT g FROM generate_series(2, 10) g")   # up to 500006
         assert query_one(db, "SELECT count(*) FROM golconde.queue_1") == 7
-        assert trigger.rotate_queue(db) == trigger.Rotation((), (("golconde.queue_0", "Other"),))
+        assert trigger.rotate_queue(db) == trigger.Rotation((), (("golconde.queue_0", "Other"),), current=Q1)
         _, other = drain(db, DrainPosition(), "Other")
         with db.cursor() as cur:
             trigger.save_position(cur, "Other", other)
@@ -226,19 +228,19 @@ def test_rotation_truncates_a_partition_once_every_destination_sent_it(db, datab
         with db.cursor() as cur:
             trigger.save_position(cur, DEST, mine)
         # the running writer's row is not visible yet: the check passes, its lock does not
-        assert trigger.rotate_queue(db, lock_timeout_ms=50) == trigger.Rotation(busy=("golconde.queue_0",))
+        assert trigger.rotate_queue(db, lock_timeout_ms=50) == trigger.Rotation(busy=("golconde.queue_0",), current=Q1)
         open_writer.commit()
         assert trigger.rotate_queue(db).blocked == (("golconde.queue_0", DEST),)   # not sent yet
         late, mine = drain(db, mine)
         assert late == [trigger.QUEUE_PARTITION_IDS - 3]
         with db.cursor() as cur:
             trigger.save_position(cur, DEST, mine)
-        assert trigger.rotate_queue(db) == trigger.Rotation(("golconde.queue_0",))
+        assert trigger.rotate_queue(db) == trigger.Rotation(("golconde.queue_0",), current=Q1)
     finally:
         open_writer.close()
     assert query_one(db, "SELECT count(*) FROM golconde.queue_0") == 0
     assert query_one(db, "SELECT count(*) FROM golconde.queue_1") == 7   # where ids go now
-    assert trigger.rotate_queue(db) == trigger.Rotation()
+    assert trigger.rotate_queue(db) == trigger.Rotation(current=Q1)
     assert drain(db, mine)[0] == []
     execute(db, "INSERT INTO items VALUES (11)")
     assert drain(db, mine)[0] == [trigger.QUEUE_PARTITION_IDS + 7]

@@ -93,6 +93,8 @@ def test_install_schema_is_idempotent(db):
         assert cur.fetchall() == [("queue_%d" % n, "FOR VALUES IN ('%d')" % n,
                                    ["autovacuum_enabled=true",
                                     "autovacuum_vacuum_insert_threshold=-1",
+                                    "autovacuum_vacuum_threshold=100000",
+                                    "autovacuum_vacuum_scale_factor=0",
                                     "autovacuum_analyze_threshold=2147483647"]) for n in range(3)]
         cur.execute("SELECT seqcache FROM pg_sequence WHERE seqrelid = 'golconde.queue_id_seq'::regclass")
         assert cur.fetchone() == (1,)
@@ -205,6 +207,7 @@ def test_an_install_upgrades_a_version_4_queue_to_vacuum_deleted_rows(db):
     trigger.install(db, "items", DEST)
     for n in range(3):
         execute(db, "ALTER TABLE golconde.queue_%d RESET (autovacuum_vacuum_insert_threshold,"
+                    " autovacuum_vacuum_threshold, autovacuum_vacuum_scale_factor,"
                     " autovacuum_analyze_threshold)" % n)
         execute(db, "ALTER TABLE golconde.queue_%d SET (autovacuum_enabled = false)" % n)
     execute(db, "CREATE OR REPLACE FUNCTION golconde.schema_version() RETURNS integer"
@@ -216,6 +219,7 @@ def test_an_install_upgrades_a_version_4_queue_to_vacuum_deleted_rows(db):
                          " FROM pg_class WHERE relname LIKE 'queue\\__' AND relnamespace ="
                          " 'golconde'::regnamespace") == [
         "autovacuum_enabled=true autovacuum_vacuum_insert_threshold=-1"
+        " autovacuum_vacuum_threshold=100000 autovacuum_vacuum_scale_factor=0"
         " autovacuum_analyze_threshold=2147483647"]
 
 

@@ -377,7 +377,8 @@ def test_a_partition_a_running_transaction_keeps_from_being_truncated_is_a_stand
     """A writer left idle in its transaction after writing a row of a partition that ids then
     leave keeps it from being truncated (the partition takes the next rows when ids come back):
     after ROTATE_PATIENCE that is the standing problem queue-rotation, naming the partition and
-    the session (/health fails; it said ok while the queue grew); cleared once it is truncated."""
+    the session (/health fails; it said ok while the queue grew), also while ids are back in
+    it; cleared once ids left it again and it was truncated."""
     from golconde.metrics import health
 
     monkeypatch.setattr(destination_module, "ROTATE_INTERVAL", 0.2)
@@ -395,13 +396,27 @@ def test_a_partition_a_running_transaction_keeps_from_being_truncated_is_a_stand
         pid = idle.get_backend_pid()
         stats = daemon.registry.get(config.destinations[0].thread_name)
         wait_for(lambda: any(p.startswith("golconde.queue_0 not truncated for ") and
-                             "a transaction that wrote one of its rows still runs (pid %d idle in"
-                             " transaction for " % pid in p for p in stats.snapshot()["problems"]),
+                             "its lock is held (pid %d RowExclusiveLock, idle in transaction for "
+                             % pid in p for p in stats.snapshot()["problems"]),
                  timeout=30, message="the stuck partition reported")
         assert not health(daemon.registry.snapshot(), 10000, 300.0)[0]
+        # ids come back to partition 0, which still holds its rows: still reported
+        execute(canonical, "SELECT setval('golconde.queue_id_seq', %s)",
+                (3 * trigger.QUEUE_PARTITION_IDS,))
+        execute(canonical, "INSERT INTO accounts (aid) VALUES (41)")
+        wait_for(lambda: any("ids came back to it while it still held rows of the round before"
+                             in p for p in stats.snapshot()["problems"]),
+                 timeout=30, message="still reported with ids back in it")
+        time.sleep(1.0)
+        assert any(p.startswith("golconde.queue_0 not truncated") for p in stats.snapshot()["problems"])
         idle.commit()
+        execute(canonical, "SELECT setval('golconde.queue_id_seq', %s)",
+                (4 * trigger.QUEUE_PARTITION_IDS,))
+        execute(canonical, "INSERT INTO accounts (aid) VALUES (42)")
+        wait_for(lambda: query(canonical, "SELECT count(*) FROM golconde.queue_0")[0][0] == 0,
+                 timeout=30, message="partition 0 truncated")
         wait_for(lambda: stats.snapshot()["problems"] == [], timeout=30,
-                 message="the problem cleared once partition 0 was truncated")
+                 message="the problem cleared")
         wait_for(lambda: equal({"canonical": canonical, "targets": [t1]}), message="targets equal")
     finally:
         idle.close()

@@ -148,23 +148,36 @@ def test_a_duplicate_reply_does_not_replace_the_first_outcome():
     reply("b", "duplicate")
     reply("c", "dead-lettered")
     reply("c", "duplicate")
-    assert {pid: o["status"] for pid, o in client._outcomes.items()} == {
+    assert {pid: o["status"] for pid, (_, o) in client._outcomes.items()} == {
         "a": "applied", "b": "duplicate", "c": "dead-lettered"}
 
 
-def test_the_client_keeps_at_most_max_kept_outcomes(monkeypatch):
-    """Replies no one waits for (or that came after their wait timed out) no longer pile up: the
-    oldest are dropped beyond MAX_KEPT_OUTCOMES; a later 'duplicate' does not replace an outcome."""
+def test_the_client_forgets_outcomes_no_one_waited_for(monkeypatch):
+    """Replies no one waits for (or that came after their wait timed out) no longer pile up: those
+    older than OUTCOME_TTL go, and the oldest beyond MAX_KEPT_OUTCOMES; a later 'duplicate' does
+    not replace an outcome kept."""
     import json
 
     from golconde import client as client_module
     from golconde.broker import Delivery
 
+    clock = [1000.0]
+    monkeypatch.setattr(client_module.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(client_module, "MAX_KEPT_OUTCOMES", 3)
+    monkeypatch.setattr(client_module, "OUTCOME_TTL", 60.0)
     client = client_module.Client("/queue/golconde.unit", reply_to="/queue/golconde.unit.replies")
+
+    def reply(pid, status="applied"):
+        body = json.dumps({"id": pid, "status": status, "reason": None}).encode()
+        client._on_reply(Delivery(body, {"golconde-id": pid}, -1))   # an old generation: no ack sent
+
     for n in range(5):
-        body = json.dumps({"id": "p%d" % n, "status": "applied", "reason": None}).encode()
-        client._on_reply(Delivery(body, {"golconde-id": "p%d" % n}, -1))   # an old generation: no ack sent
-    client._on_reply(Delivery(b'{"id": "p4", "status": "duplicate"}', {"golconde-id": "p4"}, -1))
+        reply("p%d" % n)
+    reply("p4", "duplicate")
     assert list(client._outcomes) == ["p2", "p3", "p4"]
-    assert client._outcomes["p4"]["status"] == "applied"
+    assert client._outcomes["p4"][1]["status"] == "applied"
+    clock[0] += 30
+    reply("p5")
+    clock[0] += 31               # p2..p4 are 61 s old, p5 31 s
+    reply("p6")
+    assert list(client._outcomes) == ["p5", "p6"]
