@@ -90,14 +90,25 @@ class InstallResult:
     warning: Optional[str] = None
     capture: str = "plpgsql"
 
+    def __str__(self) -> str:
+        """For the operator: ``trigger <name> on <table> captures INSERT, UPDATE, DELETE for
+        destination <d> (key: id; capture in c)``, then the warning, if any."""
+        text = "trigger %s on %s captures %s for destination %s (key: %s; capture in %s)" % (
+            self.trigger, self.relation, ", ".join(self.events), self.destination,
+            ", ".join(self.key_columns) or "none", self.capture)
+        return text + ("; warning: %s" % self.warning if self.warning else "")
+
 
 @dataclass(frozen=True)
 class RemoveResult:
     """What :func:`remove` did: ``removed`` is False when there was nothing to remove;
-    ``message`` says what happened, for the operator."""
+    ``message`` says what happened, for the operator (also its ``str()``)."""
 
     removed: bool
     message: str
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass(frozen=True)

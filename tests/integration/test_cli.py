@@ -64,6 +64,15 @@ def test_trigger_install_remove_and_compare(make_database, tmp_path):
                  "--table", "log", "--destination", "Items")
     assert result.returncode == 0, result.stderr
     assert "no primary key" in result.stdout          # log: only INSERTs are captured
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[")]
+    assert lines[0] == ("[1/2] trigger golconde_capture_Items on public.items captures INSERT,"
+                        " UPDATE, DELETE for destination Items (key: id; capture in %s)"
+                        % query(canonical, "SELECT l.lanname FROM pg_proc p JOIN pg_language l"
+                                           " ON l.oid = p.prolang"
+                                           " WHERE p.oid = 'golconde.capture()'::regprocedure")[0][0])
+    assert lines[1].startswith("[2/2] trigger golconde_capture_Items on public.log captures INSERT"
+                               " for destination Items (key: none; capture in ")
+    assert "; warning: public.log has no primary key" in lines[1]
     execute(canonical, "INSERT INTO items VALUES (1, 'a')")
     execute(canonical, "INSERT INTO log VALUES ('x')")
     assert query(canonical, "SELECT count(*) FROM golconde.queue")[0][0] == 2
@@ -73,6 +82,7 @@ def test_trigger_install_remove_and_compare(make_database, tmp_path):
     result = run("golconde.cli", "trigger", "remove", "--dsn", canonical, "--table", "items",
                  "--destination", "Items")
     assert result.returncode == 0, result.stderr
+    assert "RemoveResult" not in result.stdout and "[1/1] " in result.stdout, result.stdout
     execute(canonical, "INSERT INTO items VALUES (2, 'b')")
     assert query(canonical, "SELECT count(*) FROM golconde.queue")[0][0] == 2
 
