@@ -635,19 +635,21 @@ class TriggerDestination(Listener):
         why = {name: "destination %s has not sent its rows there" % other
                for name, other in rotation.blocked if other != self.config.name}
         for name in rotation.busy:
-            why[name] = "its lock is held (%s)" % self._holders(name)
+            why[name] = "its lock is held"
         for name in list(self._stuck_since):
             if name not in why and name == rotation.current:
                 why[name] = "ids came back to it while it still held rows of the round before"
             elif name not in why:
                 del self._stuck_since[name]
-        overdue = {name: (now - self._stuck_since.setdefault(name, now), reason)
-                   for name, reason in why.items()}
-        overdue = {name: late for name, late in overdue.items() if late[0] >= ROTATE_PATIENCE}
-        text = "; ".join("%s not truncated for %.0f s: %s" % (name, seconds, reason)
-                         for name, (seconds, reason) in sorted(overdue.items())) or None
+        overdue = sorted((name, now - self._stuck_since.setdefault(name, now)) for name in why)
+        overdue = [(name, seconds) for name, seconds in overdue if seconds >= ROTATE_PATIENCE]
+        # the sessions holding a lock are read only for a partition to report
+        text = "; ".join("%s not truncated for %.0f s: %s%s"
+                         % (name, seconds, why[name],
+                            " (%s)" % self._holders(name) if name in rotation.busy else "")
+                         for name, seconds in overdue) or None
         self.stats.set_problem("queue-rotation", text)
-        kinds = {(name, reason.split(" (")[0]) for name, (_, reason) in overdue.items()}
+        kinds = {(name, why[name]) for name, _ in overdue}
         if kinds != self._stuck_logged:
             if text is not None:
                 LOGGER.warning("[%s] %s", self.name, text)
