@@ -574,7 +574,8 @@ class TriggerDestination(Listener):
         /stats and /health, failing the health check), logged as an error and counted once
         when it appears; cleared once the trigger is installed again. The drain goes on: the
         packets are captured already. Likewise a queue id sequence with a cache
-        (:func:`golconde.trigger.sequence_problem`)."""
+        (:func:`golconde.trigger.sequence_problem`), and a destination without a capture
+        trigger that fires (:func:`golconde.trigger.capture_problem`: nothing is captured)."""
         now = time.monotonic()
         if now < self._next_key_check:
             return
@@ -583,6 +584,7 @@ class TriggerDestination(Listener):
             with self.db.cursor() as cur:
                 mismatches = trigger.key_mismatches(cur, self.config.name)
                 sequence = trigger.sequence_problem(cur)
+                capture = trigger.capture_problem(cur, self.config.name)
         except psycopg2.Error as exc:
             if self.db.closed:
                 raise
@@ -591,6 +593,11 @@ class TriggerDestination(Listener):
             return
         if self.stats.set_problem("queue-sequence", sequence) and sequence is not None:
             LOGGER.error("[%s] %s", self.name, sequence)
+        if self.stats.set_problem("capture-trigger", capture):
+            if capture is None:
+                LOGGER.info("[%s] a capture trigger of this destination fires again", self.name)
+            else:
+                LOGGER.error("[%s] %s", self.name, capture)
         text = "; ".join(str(mismatch) for mismatch in mismatches) or None
         if not self.stats.set_problem("capture-keys", text):
             return

@@ -409,8 +409,7 @@ def key_mismatches(cursor: Any, destination: str) -> List[KeyMismatch]:
         " ORDER BY 1, 2", (trigger_name(destination),))
     found = []
     for schema, table, name, nargs, raw in cursor.fetchall():
-        arguments = [bytes(item).decode("utf-8", "replace")
-                     for item in bytes(raw).split(b"\0")[:nargs]]
+        arguments = _trigger_arguments(nargs, raw)
         captured = tuple(arguments[1:])
         if arguments[:1] != [destination] or not captured:
             continue
@@ -418,6 +417,59 @@ def key_mismatches(cursor: Any, destination: str) -> List[KeyMismatch]:
         if set(key) != set(captured):
             found.append(KeyMismatch(quote_relation(schema, table), name, captured, key))
     return found
+
+
+def _trigger_arguments(nargs: int, raw: Any) -> List[str]:
+    """A trigger's arguments from ``pg_trigger.tgnargs`` and ``tgargs`` (NUL-terminated)."""
+    return [bytes(item).decode("utf-8", "replace") for item in bytes(raw).split(b"\0")[:nargs]]
+
+
+def capture_problem(cursor: Any, destination: str) -> Optional[str]:
+    """What keeps ``destination``'s changes from being captured in ``cursor``'s database, or
+    None: no capture trigger of its on any table (never installed, removed, or the destination
+    renamed in the configuration: the drain then has nothing to send, whatever is written), or
+    only triggers that do not fire for ordinary writes (``ALTER TABLE ... DISABLE TRIGGER``, or
+    ``ENABLE REPLICA TRIGGER``). One catalog query."""
+    cursor.execute(
+        "SELECT n.nspname, c.relname, t.tgname, t.tgenabled, t.tgnargs, t.tgargs"
+        "  FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+        "  JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE t.tgname = %s AND NOT t.tgisinternal AND t.tgparentid = 0"
+        "   AND t.tgfoid = to_regprocedure('golconde.capture()')"
+        " ORDER BY 1, 2", (trigger_name(destination),))
+    found = [(quote_relation(schema, table), name, str(enabled))
+             for schema, table, name, enabled, nargs, raw in cursor.fetchall()
+             if _trigger_arguments(nargs, raw)[:1] == [destination]]
+    if not found:
+        return ("no capture trigger of destination %s in its canonical database: nothing written"
+                " there is captured for it (run 'golconde trigger install --destination %s')"
+                % (destination, destination))
+    if any(enabled in ("O", "A") for _, _, enabled in found):
+        return None
+    return "; ".join(
+        "capture trigger %s on %s %s: its changes are not captured (ALTER TABLE %s ENABLE TRIGGER"
+        " %s)" % (name, relation, "is disabled" if enabled == "D" else
+                  "fires only in sessions with session_replication_role = replica", relation,
+                  schema_module.quote_name(name))
+        for relation, name, enabled in found)
+
+
+def capturing_destinations(cursor: Any, relation: str) -> List[str]:
+    """The destinations whose capture trigger fires when ``cursor``'s session writes
+    ``relation`` (a quoted, qualified name; its own triggers, those a partition inherited
+    included, that fire under the session's ``session_replication_role``), by name; ``[]``
+    where the relation or the capture schema does not exist. A target writing such a relation
+    feeds those destinations: what it applies is captured and sent on again."""
+    cursor.execute(
+        "SELECT DISTINCT t.tgnargs, t.tgargs FROM pg_trigger t"
+        " WHERE t.tgrelid = to_regclass(%s) AND NOT t.tgisinternal"
+        "   AND t.tgfoid = to_regprocedure('golconde.capture()')"
+        "   AND t.tgenabled = ANY (CASE current_setting('session_replication_role')"
+        "                          WHEN 'replica' THEN ARRAY['R', 'A']::\"char\"[]"
+        "                          ELSE ARRAY['O', 'A']::\"char\"[] END)", (relation,))
+    names = {arguments[0] for arguments in (_trigger_arguments(nargs, raw)
+                                            for nargs, raw in cursor.fetchall()) if arguments}
+    return sorted(names)
 
 
 def sequence_problem(cursor: Any) -> Optional[str]:

@@ -1,0 +1,164 @@
+"""Configurations beyond one destination and its targets, on RabbitMQ: a trigger-mode destination
+that nothing captures for, chains (a target writing a table another destination captures) and
+cycles (a change that would come back to the destination that sent it)."""
+from __future__ import annotations
+
+import time
+
+import psycopg2
+import pytest
+
+from golconde import destination as destination_module
+from golconde import target as target_module
+from golconde import trigger
+from golconde.daemon import Daemon
+from golconde.metrics import health
+
+from .flow_support import execute, make_config, parse_config, query, wait_for
+
+TABLE = "CREATE TABLE public.u (id integer PRIMARY KEY, v text)"
+
+
+def _install(dsn: str, destination: str, table: str = "public.u") -> None:
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    try:
+        trigger.install(conn, table, destination)
+    finally:
+        conn.close()
+
+
+def _merge(*mappings):
+    merged = mappings[0]
+    for mapping in mappings[1:]:
+        merged["Destinations"].update(mapping["Destinations"])
+    return parse_config(merged)
+
+
+def test_a_trigger_destination_without_a_capture_trigger_that_fires_is_a_standing_problem(
+        make_database, monkeypatch):
+    """Renamed in the configuration, never installed, or its trigger disabled: nothing is
+    captured for the destination. Reported (in /stats, failing /health) until a trigger fires."""
+    monkeypatch.setattr(destination_module, "KEY_CHECK_INTERVAL", 0.2)
+    canonical, t1 = make_database(), make_database()
+    for dsn in (canonical, t1):
+        execute(dsn, TABLE)
+    config = parse_config(make_config(canonical, {"t1": t1}, "public.u", mode="trigger",
+                                      poll_interval=0.2))
+    name = config.destinations[0].name
+    _install(canonical, "Other" + name)         # the capture schema, a trigger of another name
+    daemon = Daemon(config)
+    daemon.start()
+    stats = daemon.registry.get(config.destinations[0].thread_name)
+    try:
+        wait_for(lambda: stats.snapshot()["problems"], timeout=20, message="the problem")
+        assert stats.snapshot()["problems"] == [
+            "no capture trigger of destination %s in its canonical database: nothing written"
+            " there is captured for it (run 'golconde trigger install --destination %s')"
+            % (name, name)]
+        ok, document = health(daemon.registry.snapshot(), max_backlog=10000, max_lag=300.0)
+        assert not ok and any("no capture trigger of destination" in r for r in document["reasons"])
+        _install(canonical, name)
+        wait_for(lambda: not stats.snapshot()["problems"], timeout=20, message="cleared")
+        quoted = '"%s"' % trigger.trigger_name(name)
+        execute(canonical, "ALTER TABLE public.u DISABLE TRIGGER %s" % quoted)
+        wait_for(lambda: stats.snapshot()["problems"], timeout=20, message="disabled reported")
+        assert stats.snapshot()["problems"] == [
+            "capture trigger %s on public.u is disabled: its changes are not captured (ALTER TABLE"
+            " public.u ENABLE TRIGGER %s)" % (trigger.trigger_name(name), quoted)]
+        execute(canonical, "ALTER TABLE public.u ENABLE REPLICA TRIGGER %s" % quoted)
+        wait_for(lambda: "session_replication_role = replica" in " ".join(stats.snapshot()["problems"]),
+                 timeout=20, message="replica-only reported")
+        execute(canonical, "ALTER TABLE public.u ENABLE TRIGGER %s" % quoted)
+        wait_for(lambda: not stats.snapshot()["problems"], timeout=20, message="cleared again")
+        execute(canonical, "INSERT INTO public.u VALUES (1, 'a')")
+        wait_for(lambda: query(t1, "SELECT v FROM public.u") == [("a",)], message="distributed")
+    finally:
+        assert daemon.stop()
+
+
+def test_a_target_writing_its_own_destinations_captured_table_waits(make_database, monkeypatch):
+    """A trigger-mode destination whose target is its canonical table under another spelling
+    of the DSN (which the configuration check cannot tell): every change it applied would be
+    captured again. The target pauses, naming the cycle, and nothing goes round."""
+    monkeypatch.setattr(target_module, "FEED_CHECK_INTERVAL", 0.5)
+    canonical = make_database()
+    execute(canonical, TABLE)
+    config = parse_config(make_config(canonical, {"self": canonical + " application_name=other"},
+                                      "public.u", mode="trigger", poll_interval=0.2))
+    destination = config.destinations[0]
+    _install(canonical, destination.name)
+    daemon = Daemon(config)
+    daemon.start()
+    target = daemon.registry.get(destination.targets[0].thread_name)
+    drain = daemon.registry.get(destination.thread_name)
+    try:
+        wait_for(lambda: "a cycle" in (target.snapshot()["last_error"] or ""), timeout=20,
+                 message="the target paused")
+        assert ("writes public.u, whose capture trigger of destination %s sends what it applies"
+                " on again: a cycle (%s -> %s)" % (destination.name, destination.name,
+                                                   destination.name)
+                in target.snapshot()["last_error"])
+        execute(canonical, "INSERT INTO public.u VALUES (1, 'a')")
+        execute(canonical, "BEGIN; UPDATE public.u SET v = 'b'; UPDATE public.u SET v = 'c'; COMMIT")
+        wait_for(lambda: drain.snapshot()["received"] == 3, message="the changes drained")
+        time.sleep(2)                   # several checks of the target: still waiting
+        assert drain.snapshot()["received"] == 3 and target.snapshot()["applied"] == 0
+        assert not health(daemon.registry.snapshot(), max_backlog=10000, max_lag=300.0)[0]
+    finally:
+        assert daemon.stop()
+
+
+@pytest.fixture
+def two_ways(make_database):
+    """Destination E1 captures a.u and writes b.u; destination E2 captures b.u: ``(a, b, c,
+    mappings)``, E2's target to be chosen by the test."""
+    a, b, c = make_database(), make_database(), make_database()
+    for dsn in (a, b, c):
+        execute(dsn, TABLE)
+    return a, b, c
+
+
+def test_a_chain_of_destinations_distributes_and_a_cycle_pauses_until_broken(two_ways,
+                                                                             monkeypatch):
+    """E1 (a.u -> b.u) and E2 (b.u -> c.u): a chain, a change goes a -> b -> c. E2's target moved
+    to a.u closes a cycle: the targets wait, naming it, and nothing goes round; once E2's
+    trigger is dropped, E1's target goes on."""
+    monkeypatch.setattr(target_module, "FEED_CHECK_INTERVAL", 0.5)
+    a, b, c = two_ways
+    first = make_config(a, {"x": b}, "public.u", mode="trigger", poll_interval=0.2)
+    e1 = next(iter(first["Destinations"]))
+    second = make_config(b, {"x": c}, "public.u", mode="trigger", poll_interval=0.2)
+    e2 = next(iter(second["Destinations"]))
+    _install(a, e1)
+    _install(b, e2)
+    daemon = Daemon(_merge(first, second))
+    daemon.start()
+    try:
+        execute(a, "INSERT INTO public.u VALUES (1, 'a')")
+        wait_for(lambda: query(c, "SELECT v FROM public.u") == [("a",)], message="a -> b -> c")
+        for name in ("%s_x" % e1, "%s_x" % e2):
+            assert daemon.registry.get(name).snapshot()["last_error"] is None
+    finally:
+        assert daemon.stop()
+
+    second["Destinations"][e2]["Targets"]["x"]["pgsql"] = a
+    daemon = Daemon(_merge(first, second))
+    daemon.start()
+    targets = [daemon.registry.get("%s_x" % e1), daemon.registry.get("%s_x" % e2)]
+    try:
+        wait_for(lambda: all("a cycle" in (t.snapshot()["last_error"] or "") for t in targets),
+                 timeout=20, message="both targets waiting")
+        errors = " ".join(t.snapshot()["last_error"] for t in targets)
+        assert "(%s -> %s -> %s)" % (e1, e2, e1) in errors or "(%s -> %s -> %s)" % (e2, e1, e2) in errors
+        execute(a, "UPDATE public.u SET v = 'b'")
+        execute(b, "UPDATE public.u SET v = 'z'")
+        time.sleep(2)
+        assert all(t.snapshot()["applied"] == 0 for t in targets)
+        assert query(a, "SELECT v FROM public.u") == [("b",)]
+        execute(b, 'DROP TRIGGER "%s" ON public.u' % trigger.trigger_name(e2))
+        wait_for(lambda: query(b, "SELECT v FROM public.u") == [("b",)], timeout=20,
+                 message="E1's target going on")
+        assert targets[0].snapshot()["applied"] == 1
+    finally:
+        assert daemon.stop()
