@@ -256,7 +256,9 @@ def admin_main(argv: Optional[List[str]] = None) -> int:
     stat.add_argument("-c", "--config", default=None)
     stat.add_argument("--destination", help="only this destination")
     stat.add_argument("--json", action="store_true", help="print JSON (for scripts)")
-    stat.add_argument("--url", help="the daemon's HTTP server (default: from HTTPServer)")
+    stat.add_argument("--url", action="append",
+                      help="the daemon's HTTP server (default: from HTTPServer); repeat it for a "
+                           "configuration spread over several daemons (golconded --only)")
     stat.add_argument("--management-url", type=_http_url, default=None,
                       help="RabbitMQ management API (default http://<broker host>:15672; "
                            "'' = backlog from the daemon only)")

@@ -24,7 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from base64 import b64encode
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .metrics import iter_threads
 
@@ -168,18 +168,48 @@ def _state(stats: Optional[Dict[str, Any]]) -> str:
     return "down" if "stopped" in states or "disconnected" in states else "connecting"
 
 
-def collect(config: Any, url: Optional[str] = None, management: Optional[Management] = None,
+def _read_daemon(url: str, interval: float, timeout: float
+                 ) -> Tuple[Dict[str, Any], Dict[str, Dict[str, Any]], Dict[str, Dict[str, Any]], float]:
+    """One daemon's ``/stats``, twice ``interval`` apart: ``(daemon entry, threads now, threads
+    before, seconds between)`` (no threads when it cannot be read: the entry says why)."""
+    daemon: Dict[str, Any] = {"url": url, "reachable": False, "error": None, "version": None,
+                              "uptime": None}
+    try:
+        first = _get_json(url.rstrip("/") + "/stats", timeout)
+        started = time.monotonic()
+        before: Dict[str, Dict[str, Any]] = {}
+        seconds = 0.0
+        if interval > 0:
+            time.sleep(interval)
+            before = dict(iter_threads(first))
+            snapshot = _get_json(url.rstrip("/") + "/stats", timeout)
+            seconds = time.monotonic() - started
+        else:
+            snapshot = first
+        daemon.update(reachable=True, version=snapshot.get("version"), uptime=snapshot.get("uptime"))
+        return daemon, dict(iter_threads(snapshot)), before, seconds
+    except (OSError, ValueError) as exc:
+        daemon["error"] = "cannot read %s/stats: %s" % (url.rstrip("/"), getattr(exc, "reason", exc))
+        return daemon, {}, {}, 0.0
+
+
+def collect(config: Any, url: Union[None, str, Sequence[str]] = None,
+            management: Optional[Management] = None,
             interval: float = 1.0, timeout: float = 5.0, destination: Optional[str] = None,
             progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda items: items,
             ) -> Dict[str, Any]:
     """The status of every listener of ``config`` (or of ``destination`` only).
 
-    :param url: the daemon's base URL (default: :func:`daemon_url`).
+    :param url: the daemon's base URL (default: :func:`daemon_url`), or the URLs of the daemons
+        one configuration is spread over (``golconded --only``): each listener is read from the
+        first daemon that runs it.
     :param management: queue depths from RabbitMQ (``None``: only from the daemon).
     :param interval: seconds between the two ``/stats`` snapshots that give rates (0: no rates).
     :param progress: wraps the iteration over listeners (e.g. a progress bar).
     :returns: ``{"daemon": {"url", "reachable", "error", "version", "uptime"},
-        "destinations": [{..., "targets": [...]}]}``; each destination and target has ``name``,
+        "daemons": [{the same, for each URL}], "destinations": [{..., "targets": [...]}]}``
+        (``daemon``: the first URL's, ``reachable`` only when every one answered, ``error``
+        naming each that did not); each destination and target has ``name``,
         ``thread``, ``role``, ``queue``, ``relation``, ``state`` (``up``, ``down``, ``connecting``,
         ``unknown``), ``broker``, ``database``, ``backlog``, ``backlog_source`` (``broker``,
         ``daemon`` or null), ``dead_letters`` (packets in its dead-letter queue, or null), ``lag``
@@ -187,30 +217,27 @@ def collect(config: Any, url: Optional[str] = None, management: Optional[Managem
         ``errors``, ``dead_lettered``, ``last_error``, ``last_error_at``, ``problems`` (texts of
         its standing problems, :meth:`golconde.stats.ThreadStats.set_problem`).
     """
-    url = url or daemon_url(config)
-    daemon: Dict[str, Any] = {"url": url, "reachable": False, "error": None, "version": None,
-                              "uptime": None}
+    urls = [url] if isinstance(url, str) else list(url or [])
+    urls = urls or [u for u in [daemon_url(config)] if u]
     stats: Dict[str, Dict[str, Any]] = {}
     before: Dict[str, Dict[str, Any]] = {}
-    seconds = 0.0
-    if url is None:
-        daemon["error"] = "HTTPServer disabled in the configuration (give --url)"
+    seconds: Dict[str, float] = {}
+    daemons = []
+    for address in urls:
+        found, now, then, elapsed = _read_daemon(address, interval, timeout)
+        daemons.append(found)
+        for thread, figures in now.items():
+            if thread not in stats:                 # the first daemon that runs it
+                stats[thread] = figures
+                seconds[thread] = elapsed
+                if thread in then:
+                    before[thread] = then[thread]
+    if daemons:
+        errors = [d["error"] for d in daemons if d["error"]]
+        daemon = dict(daemons[0], reachable=not errors, error="; ".join(errors) or None)
     else:
-        try:
-            first = _get_json(url.rstrip("/") + "/stats", timeout)
-            started = time.monotonic()
-            if interval > 0:
-                time.sleep(interval)
-                before = dict(iter_threads(first))
-                snapshot = _get_json(url.rstrip("/") + "/stats", timeout)
-                seconds = time.monotonic() - started
-            else:
-                snapshot = first
-            stats = dict(iter_threads(snapshot))
-            daemon.update(reachable=True, version=snapshot.get("version"),
-                          uptime=snapshot.get("uptime"))
-        except (OSError, ValueError) as exc:
-            daemon["error"] = "cannot read %s/stats: %s" % (url.rstrip("/"), getattr(exc, "reason", exc))
+        daemon = {"url": None, "reachable": False, "version": None, "uptime": None,
+                  "error": "HTTPServer disabled in the configuration (give --url)"}
     destinations = [d for d in config.destinations if destination in (None, d.name)]
     items = [(d, None) for d in destinations] + [(d, t) for d in destinations for t in d.targets]
     entries: Dict[Tuple[str, Optional[str]], Dict[str, Any]] = {}
@@ -220,14 +247,15 @@ def collect(config: Any, url: Optional[str] = None, management: Optional[Managem
         current = stats.get(thread)
         entry: Dict[str, Any] = {
             "name": item.name, "thread": thread, "role": "target" if target else "destination",
-            "queue": item.queue, "relation": item.target, "state": _state(current) if url else "unknown",
+            "queue": item.queue, "relation": item.target, "state": _state(current),
             "broker": current.get("broker") if current else None,
             "database": current.get("database") if current else None,
             "backlog": None, "backlog_source": None, "dead_letters": None,
             "lag": current.get("lag") if current else None,
-            "rate": _rate(current, before.get(thread), "applied", seconds) if current else None,
-            "received_rate": (_rate(current, before.get(thread), "received", seconds)
-                              if current else None),
+            "rate": (_rate(current, before.get(thread), "applied", seconds.get(thread, 0.0))
+                     if current else None),
+            "received_rate": (_rate(current, before.get(thread), "received",
+                                    seconds.get(thread, 0.0)) if current else None),
         }
         for key in ("applied", "errors", "dead_lettered", "last_error", "last_error_at"):
             entry[key] = current.get(key) if current else None
@@ -250,7 +278,7 @@ def collect(config: Any, url: Optional[str] = None, management: Optional[Managem
         entry = dict(entries[(dest.name, None)])
         entry["targets"] = [entries[(dest.name, t.name)] for t in dest.targets]
         result.append(entry)
-    return {"daemon": daemon, "destinations": result}
+    return {"daemon": daemon, "daemons": daemons, "destinations": result}
 
 
 def healthy(document: Dict[str, Any]) -> bool:
@@ -304,12 +332,13 @@ def render(document: Dict[str, Any]) -> str:
         +-- target2  DOWN  ...
                 last error (...): ...
     """
-    daemon = document["daemon"]
-    if daemon["reachable"]:
-        out = ["golconded %s at %s (up %s)" % (daemon["version"], daemon["url"],
-                                                _seconds(daemon["uptime"]))]
-    else:
-        out = ["golconded: %s" % daemon["error"]]
+    out = []
+    for daemon in document.get("daemons") or [document["daemon"]]:
+        if daemon["reachable"]:
+            out.append("golconded %s at %s (up %s)" % (daemon["version"], daemon["url"],
+                                                       _seconds(daemon["uptime"])))
+        else:
+            out.append("golconded: %s" % daemon["error"])
     for dest in document["destinations"]:
         out.append("%s  destination (%s mode)  %s  %s -> %s" % (
             dest["name"], dest["mode"], dest["state"].upper(),

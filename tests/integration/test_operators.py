@@ -317,6 +317,46 @@ def test_status_without_management_api_and_without_daemon(ops, capsys):
     assert "UNKNOWN" in out
 
 
+def test_status_of_a_configuration_spread_over_two_daemons(make_database, tmp_path, capsys):
+    """golconded --only: one process runs the destination, another its targets; `golconde status`
+    with both --url reads each listener from the daemon that runs it (with one, the others are
+    UNKNOWN and the status fails)."""
+    canonical, t1, t2 = make_database(), make_database(), make_database()
+    for dsn in (canonical, t1, t2):
+        execute(dsn, ITEMS)
+    ports = [free_port(), free_port()]
+    mapping = make_config(canonical, {"t1": t1, "t2": t2}, "public.items", http_port=ports[0])
+    path = write_config(str(tmp_path / "golconde.yaml"), mapping)
+    config = parse_config(mapping)
+    destination = config.destinations[0]
+    daemons = [Daemon(config, config_path=path, only=[destination.thread_name]),
+               Daemon(config, config_path=path, only=[t.thread_name for t in destination.targets],
+                      http_port=ports[1])]
+    for daemon in daemons:
+        daemon.start()
+    state = {"path": path}
+    urls = ["http://127.0.0.1:%d" % port for port in ports]
+    try:
+        wait_for(lambda: status(state, capsys, "--url", urls[0], "--url", urls[1])[0] == 0,
+                 timeout=60, message="both daemons' listeners up")
+        code, out = status(state, capsys, "--url", urls[0], "--url", urls[1])
+        lines = out.splitlines()
+        assert [line.split(" at ")[1].split(" (")[0] for line in lines[:2]] == urls
+        assert "UNKNOWN" not in out and "+-- t2  UP" in out
+        doc = json.loads(status(state, capsys, "--json", "--url", urls[0], "--url", urls[1])[1])
+        assert [d["url"] for d in doc["daemons"]] == urls and doc["daemon"]["reachable"]
+        code, out = status(state, capsys, "--url", urls[0])
+        assert code == 1 and "+-- t1  UNKNOWN" in out
+        unreachable = "http://127.0.0.1:%d" % free_port()
+        code, out = status(state, capsys, "--json", "--url", urls[0], "--url", unreachable)
+        doc = json.loads(out)
+        assert code == 1 and not doc["daemon"]["reachable"]
+        assert doc["daemon"]["error"].startswith("cannot read %s/stats" % unreachable)
+    finally:
+        for daemon in daemons:
+            assert daemon.stop()
+
+
 # -- the daemon as a service ---------------------------------------------------------------------
 def test_daemon_mode_pidfile_and_sigterm(make_database, tmp_path):
     canonical = make_database()
