@@ -189,7 +189,7 @@ class Applier:
                 outcomes[index] = Outcome(DEAD_LETTER, reason=str(exc))
         todo = [i for i in range(len(items)) if outcomes[i] is None]
         if not todo:
-            return [o for o in outcomes if o is not None]
+            return self._logged(items, [o for o in outcomes if o is not None])
         attempt = 0
         while True:
             try:
@@ -218,7 +218,17 @@ class Applier:
                 break
         for index, outcome in done.items():
             outcomes[index] = outcome
-        return [o if o is not None else Outcome(DEAD_LETTER, reason="not processed") for o in outcomes]
+        return self._logged(items, [o if o is not None else Outcome(DEAD_LETTER, reason="not processed")
+                                    for o in outcomes])
+
+    def _logged(self, items: Sequence[Tuple[str, Any]], outcomes: List[Outcome]) -> List[Outcome]:
+        """``outcomes``, each dead letter among them logged (a WARNING with its id and reason),
+        whatever refused it: the packet's form, the database, or the ledger (dead-lettered
+        before)."""
+        for (pid, _), outcome in zip(items, outcomes):
+            if outcome.status == DEAD_LETTER:
+                LOGGER.warning("[%s] packet %s dead-lettered: %s", self.consumer, pid, outcome.reason)
+        return outcomes
 
     # ----------------------------------------------------------------------------------------------
     def _classify(self, connection: Any, exc: BaseException) -> str:
@@ -571,7 +581,6 @@ class Applier:
                 if not isinstance(exc, (GolcondeError, psycopg2.Error)) and not lone_surrogate(exc):
                     LOGGER.error("[%s] handler error (a bug?) on packet %s: %s", self.consumer, pid,
                                  reason, exc_info=exc)
-                LOGGER.warning("[%s] packet %s dead-lettered: %s", self.consumer, pid, reason)
                 try:   # with the batch: should it come back unacked, dead-lettered again
                     ledger.record_dead(cur, self.consumer, pid, reason)
                 except Exception as exc2:

@@ -450,6 +450,9 @@ class TriggerDestination(Listener):
                    for row, _ in good]
         self.stats.count("received", len(rows))
         if dead:
+            for row, reason in dead:
+                LOGGER.warning("[%s] queued change %s dead-lettered: %s", self.name, _queued_id(row),
+                               printable(reason)[:1000])
             now = "%.3f" % time.time()
             self.dead_letter_broker.send_confirmed([
                 (self.config.dead_letter_queue, _dead_body(row),

@@ -216,6 +216,29 @@ def test_a_lone_surrogate_is_dead_lettered_alone_as_bad_input(conn, role, caplog
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
+@pytest.mark.parametrize("role", ["destination", "target"])
+def test_every_dead_letter_is_logged_with_its_id_and_reason(conn, role, caplog):
+    """Refused for its form (not JSON, an unknown action), by the database, or again from the
+    ledger when redelivered: each dead letter is a WARNING naming the packet and why (those
+    refused before any SQL had none)."""
+    applier = Applier(AutoSQL("parent", role=role), "l-" + role, store_fanout=role == "destination")
+    bodies = [b'{"action": "add", "data": {"id": 2}}', b'not json', b'{"action": "upsert", "data": {"id": 3}}',
+              b'{"action": "add", "data": {"id": 1}}']
+    items = [("q%d" % i, body) for i, body in enumerate(bodies)]
+    with caplog.at_level("WARNING", logger="golconde.apply"):
+        outcomes = applier.apply_batch(conn, items)
+    assert [o.status for o in outcomes] == ["applied", "dead", "dead", "dead"]
+    logged = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
+    assert logged == ["[l-%s] packet %s dead-lettered: %s" % (role, pid, outcome.reason)
+                      for (pid, _), outcome in zip(items[1:], outcomes[1:])]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="golconde.apply"):
+        again = applier.apply_batch(conn, items[3:], redelivered=True)
+    assert [o.status for o in again] == ["dead"]
+    assert [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()] == [
+        "[l-%s] packet q3 dead-lettered: %s" % (role, outcomes[3].reason)]
+
+
 @pytest.fixture
 def restricted(database):
     """A role of its own on ``database`` with USAGE on golconde and the ledger's rights, and

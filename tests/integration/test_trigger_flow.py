@@ -104,10 +104,12 @@ def test_a_change_over_the_packet_size_limit_is_dead_lettered_with_its_reason(tr
              message="queue table drained")
 
 
-def test_queue_rows_that_are_not_packet_objects_are_dead_lettered_alone(trigger_flow):
+def test_queue_rows_that_are_not_packet_objects_are_dead_lettered_alone(trigger_flow, caplog):
     """A row written into golconde.queue by hand whose packet is JSON but not an object (a
     number, null, a string holding packet text, an array) is dead-lettered with what it is and
-    its JSON text as queued; the captured changes around it, in the same transaction, flow."""
+    its JSON text as queued, and logged; the captured changes around it, in the same
+    transaction, flow."""
+    caplog.set_level("WARNING", logger="golconde.destination")
     canonical, name = trigger_flow["canonical"], trigger_flow["destination"].name
     odd = ["5", "null", "true", json.dumps(json.dumps({"action": "add", "data": {"aid": 21}})), "[1, 2]"]
     conn = psycopg2.connect(canonical)
@@ -139,6 +141,8 @@ def test_queue_rows_that_are_not_packet_objects_are_dead_lettered_alone(trigger_
     stats = trigger_flow["daemon"].registry.snapshot()
     thread = [t[name] for t in stats["threads"] if name in t][0]
     assert thread["dead_lettered"] == len(odd) and thread["last_error"] is None
+    logged = [r.getMessage() for r in caplog.records if "dead-lettered: packet must be" in r.getMessage()]
+    assert sorted(line.split(": ", 1)[1] for line in logged) == sorted(by_body.values()), logged
     wait_for(lambda: queue_backlog(canonical, name) == 0, timeout=10, message="queue table drained")
 
 
