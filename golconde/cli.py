@@ -239,6 +239,9 @@ def admin_main(argv: Optional[List[str]] = None) -> int:
     comp = sub.add_parser("compare", help="compare each target with its canonical relation")
     comp.add_argument("-c", "--config", default=None)
     comp.add_argument("--destination", help="only this destination")
+    comp.add_argument("--handlers", action="store_true",
+                      help="also compare targets with a custom handler, column by column as for"
+                           " AutoSQL (by default they are not compared: a handler writes its own way)")
 
     send = sub.add_parser("send", help="enqueue packets (JSON arguments, or one per line on stdin)")
     send.add_argument("-c", "--config", default=None)
@@ -337,7 +340,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     config = _load_config(path, "golconde")
     from .daemon import discard_listeners, build_listeners
     from .stats import Registry
-    discard_listeners(build_listeners(config, Registry()).values())   # handlers loaded, set up: none starts
+    try:
+        listeners = build_listeners(config, Registry())     # handlers loaded, set up: none starts
+    except ConfigError as exc:     # the same words as a file that does not load, and as golconded
+        print("golconde: configuration error in %s:\n%s" % (path, _indent(str(exc))), file=sys.stderr)
+        return 2
+    discard_listeners(listeners.values())
     print("%s: configuration OK" % path)
     return 0
 
@@ -408,10 +416,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     config = _load_config(args.config or default_config_path(), "golconde")
     if args.destination and args.destination not in [d.name for d in config.destinations]:
         raise ConfigError("Destinations.%s: no such destination" % args.destination)
-    differences = errors = 0
+    differences = errors = skipped = 0
     relations = {d.name: (d.target, {t.name: t.target for t in d.targets}) for d in config.destinations}
-    for destination, target, result in compare_config(config, args.destination or None):
-        if result.error:
+    for destination, target, result in compare_config(config, args.destination or None,
+                                                      handlers=args.handlers):
+        if result.skipped:
+            skipped += 1
+        elif result.error:
             errors += 1
         elif not result.equal:
             differences += 1
@@ -421,7 +432,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     summary = ["%d target(s) differ" % differences] if differences else []
     if errors:
         summary.append("%d could not be compared" % errors)
-    print(", ".join(summary) if summary else "all targets equal")
+    if not summary:
+        summary.append("all targets equal" if not skipped else "all the targets compared equal")
+    if skipped:
+        summary.append("%d with a custom handler not compared" % skipped)
+    print(", ".join(summary))
     return 0 if not (differences or errors) else 1
 
 

@@ -68,6 +68,8 @@ class CompareResult:
     :ivar columns: the compared columns, in canonical order.
     :ivar ignored: columns present in only one of the relations (not compared).
     :ivar error: why the comparison could not be made (only from :func:`compare_config`).
+    :ivar skipped: why the pair was not compared (only from :func:`compare_config`: a target
+        whose custom handler writes it its own way).
     """
 
     equal: bool
@@ -78,9 +80,12 @@ class CompareResult:
     columns: Tuple[str, ...]
     ignored: Tuple[str, ...] = ()
     error: Optional[str] = None
+    skipped: Optional[str] = None
 
     def summary(self) -> str:
         """One line for an operator, e.g. ``equal: 120 rows`` or ``DIFFERENT: 120 vs 119 rows``."""
+        if self.skipped:
+            return "not compared: %s" % self.skipped
         if self.error:
             return "ERROR: %s" % self.error
         if self.equal:
@@ -134,9 +139,12 @@ def compare(canonical_dsn: str, canonical_relation: str, target_dsn: str,
 
 
 def compare_config(config: Any, destination_name: Optional[str] = None,
-                   ) -> List[Tuple[str, str, CompareResult]]:
+                   handlers: bool = False) -> List[Tuple[str, str, CompareResult]]:
     """Compare every destination's canonical relation (or only ``destination_name``'s) with each
-    of its targets, through each target's mapping where it has one.
+    of its targets, through each target's mapping where it has one. A target with a custom
+    handler (``function_name`` other than AutoSQL) writes its relation its own way (other
+    columns, other tables): it is not compared (``skipped``) unless ``handlers`` is true, and
+    then compared as an AutoSQL target would be (for a handler that writes the same rows).
 
     :param config: an object with ``.destinations`` (a sequence, or a mapping of name to
         destination); each destination has ``.name``, ``.pgsql`` (DSN), ``.target`` (relation) and
@@ -151,6 +159,13 @@ def compare_config(config: Any, destination_name: Optional[str] = None,
         if destination_name is not None and destination.name != destination_name:
             continue
         for target in _values(getattr(destination, "targets", None)):
+            handler = getattr(target, "function_name", "AutoSQL")
+            if not handlers and _custom(handler):
+                results.append((destination.name, target.name, CompareResult(
+                    False, None, None, None, None, (), skipped="handler %s writes %s its own way"
+                    " (--handlers compares it column by column all the same)"
+                    % (handler, target.target))))
+                continue
             try:
                 result = compare(destination.pgsql, destination.target, target.pgsql, target.target,
                                  getattr(target, "mapping", None) or None)
@@ -160,6 +175,17 @@ def compare_config(config: Any, destination_name: Optional[str] = None,
                 result = CompareResult(False, None, None, None, None, (), (), describe(exc))
             results.append((destination.name, target.name, result))
     return results
+
+
+def _custom(function_name: str) -> bool:
+    """True for a handler other than AutoSQL itself (a subclass too: it may write other
+    columns or tables); one that cannot be loaded counts as custom."""
+    from .handlers import load_handler
+    from .handlers.autosql import AutoSQL
+    try:
+        return load_handler(function_name) is not AutoSQL
+    except ConfigError:
+        return True
 
 
 def _values(items: Any) -> Iterable[Any]:

@@ -47,6 +47,10 @@ def test_unknown_handler_is_a_configuration_error(tmp_path):
         in result.stderr
     assert "Destinations.Test1.Targets.t1: settings.unknown_columns: expected one of error, ignore" \
         in result.stderr
+    # golconde check-config says it in the same words, under the same heading
+    checked = run("golconde.cli", "check-config", "-c", path)
+    assert checked.returncode == 2
+    assert checked.stderr.replace("golconde:", "golconded:", 1) == result.stderr
 
 
 def test_example_configuration_validates():

@@ -149,3 +149,47 @@ def test_a_mapped_target_is_compared_as_the_daemon_filters_and_renames(pair):
     assert result.columns == ("id", "code", "flag") and set(result.ignored) == {"secret", "origin"}
     run(target, "UPDATE dst SET code = '11' WHERE ident = 2")
     assert not compare(canonical, "src", target, "dst", mapping).equal
+
+
+def test_targets_with_a_custom_handler_are_not_compared_unless_asked(pair, tmp_path, capsys):
+    """A custom handler writes its target its own way (the README's LegacyUsers: other tables,
+    other columns): `golconde compare` says it did not compare it, and does not fail for it;
+    --handlers compares it column by column all the same. An AutoSQL subclass is custom too."""
+    from golconde import cli
+
+    from .flow_support import make_config, write_config
+    canonical, target = pair
+    mapping = make_config(canonical, {"plain": target, "own": target, "sub": target}, "public.items")
+    name = next(iter(mapping["Destinations"]))
+    targets = mapping["Destinations"][name]["Targets"]
+    for label in ("own", "sub"):
+        run(target, "CREATE TABLE items_%s (LIKE items)" % label,
+            "INSERT INTO items_%s SELECT * FROM items" % label)
+        targets[label]["target"] = "public.items_%s" % label
+    targets["own"]["function_name"] = "golconde.handlers.examples.LegacyUsers"
+    targets["sub"]["function_name"] = "tests.integration.test_compare.OwnAutoSQL"
+    path = write_config(str(tmp_path / "golconde.yaml"), mapping)
+    assert cli.admin_main(["compare", "-c", path]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [      # in the configuration's order (the YAML file's keys are sorted)
+        "%s public.items -> own public.items_own: not compared: handler"
+        " golconde.handlers.examples.LegacyUsers writes public.items_own its own way (--handlers"
+        " compares it column by column all the same)" % name,
+        "%s public.items -> plain public.items: equal: 3 rows" % name,
+        "%s public.items -> sub public.items_sub: not compared: handler"
+        " tests.integration.test_compare.OwnAutoSQL writes public.items_sub its own way (--handlers"
+        " compares it column by column all the same)" % name,
+        "all the targets compared equal, 2 with a custom handler not compared"]
+    for table in ("items", "items_own", "items_sub"):
+        run(target, "DELETE FROM %s WHERE id = 3" % table)
+    assert cli.admin_main(["compare", "-c", path, "--handlers"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(": ", 1)[1] for line in out[:3]] == ["DIFFERENT: 3 vs 2 rows"] * 3
+    assert out[3] == "3 target(s) differ"
+
+
+from golconde.handlers.autosql import AutoSQL  # noqa: E402
+
+
+class OwnAutoSQL(AutoSQL):
+    """An AutoSQL subclass, as a user's handler would be."""
