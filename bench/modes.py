@@ -235,8 +235,9 @@ class GolcondeTrigger(_Golconde):
                                  "--destination", self.destination], capture_output=True, text=True)
         if result.returncode:
             raise BenchError("golconde trigger install failed: %s" % (result.stderr or result.stdout))
-        # the install reports the capture function's language (C where the library is installed)
-        found = re.search(r"capture='(\w+)'", result.stdout)
+        # the install reports the capture function's language (C where the library is installed):
+        # "... (key: aid; capture in c)"
+        found = re.search(r"capture in (\w+)", result.stdout)
         self.capture = found.group(1) if found else "unknown"
         self.start_daemon()
 

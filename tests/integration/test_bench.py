@@ -55,6 +55,8 @@ def test_quick_run_prints_figures_for_each_mode_and_exits_0(tmp_path):
     assert data["raw_broker"]["consume_cumulative_per_s"] > 0
     assert data["failed"] == []
     assert "golconded: two processes (--split)" in text
+    # which capture ran, read from `golconde trigger install`'s words
+    assert "capture trigger: C" in text or "capture trigger: PL/pgSQL" in text, text[-3000:]
     backlog = data["backlog"]
     assert backlog["packets"] == 3000 and backlog["equal"] and backlog["error"] is None, backlog
     assert backlog["drain_s"] > 0 and 10 < backlog["peak_rss_mb"] < 400, backlog
