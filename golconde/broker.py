@@ -67,11 +67,13 @@ class Delivery:
     :ivar headers: the frame's headers.
     :ivar generation: the connection generation it arrived on; acking is only possible on the
         same generation (after a reconnect the broker redelivers it anyway).
+    :ivar received: when it arrived (epoch seconds; 0: unknown).
     """
 
     body: bytes
     headers: Mapping[str, str]
     generation: int
+    received: float = 0.0
 
     @property
     def redelivered(self) -> bool:
@@ -80,7 +82,7 @@ class Delivery:
     def ack_only(self) -> "Delivery":
         """This delivery without its body: what an ack needs, kept while a batch awaits its
         receipts (so pending acks do not hold batch bodies of up to 1 MiB each)."""
-        return Delivery(b"", self.headers, self.generation)
+        return Delivery(b"", self.headers, self.generation, self.received)
 
 
 #: One message to send: (queue, body, headers).
@@ -134,6 +136,38 @@ class _Listener(stomp.ConnectionListener):
 
     def on_heartbeat_timeout(self) -> None:
         self.owner._lost(self.generation, "heart-beat timeout")
+
+
+#: How long stomp.py waits for a frame from the broker, as a multiple of the negotiated
+#: heart-beat interval, before it drops the connection (stomp.py's own default: 1.5).
+HEARTBEAT_RECEIVE_SCALE = 2.5
+#: Our heart-beats go out at this fraction of the interval we promised the broker.
+HEARTBEAT_SEND_SCALE = 0.5
+
+
+class _Connection(stomp.Connection11):
+    """stomp.py's STOMP 1.1 connection with heart-beat margins both brokers accept.
+
+    ActiveMQ sends a heart-beat only once it has written nothing for a whole interval, so after
+    a MESSAGE its next frame may come almost two intervals later: stomp.py's default grace of
+    1.5 intervals dropped such connections (:data:`HEARTBEAT_RECEIVE_SCALE`). And ActiveMQ checks
+    at a fixed period equal to the interval we promised that something came in each period, with
+    no grace: heart-beats sent at exactly that interval drift across a period's end, and the broker
+    closes the connection ("Channel was inactive for too (>10000) long"). Ours go out twice as
+    often as promised (:data:`HEARTBEAT_SEND_SCALE`), so every period sees one. (STOMP 1.1,
+    "Heart-beating"; ActiveMQ's StompInactivityMonitor.)"""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("heart_beat_receive_scale", HEARTBEAT_RECEIVE_SCALE)
+        super().__init__(*args, **kwargs)
+
+    def on_connected(self, frame: Any) -> None:
+        super().on_connected(frame)         # negotiates the intervals, starts the heart-beat thread
+        if getattr(self, "running", False) and getattr(self, "send_sleep", 0):
+            self.send_sleep = self.send_sleep * HEARTBEAT_SEND_SCALE
+            due = getattr(self, "next_outbound_heartbeat", None)
+            if due is not None:
+                self.next_outbound_heartbeat = min(due, time.monotonic() + self.send_sleep)
 
 
 class BrokerConnection:
@@ -215,7 +249,7 @@ class BrokerConnection:
         with self._receipt_cond:
             self._receipts.clear()     # answers of the old connection (receipts of its sends fail)
         hb = max(0, self.heartbeat_ms)
-        conn = stomp.Connection11([(self.host, self.port)], heartbeats=(hb, hb),
+        conn = _Connection([(self.host, self.port)], heartbeats=(hb, hb),
                                   reconnect_attempts_max=1, vhost=self.vhost, auto_decode=False,
                                   timeout=timeout, try_loopback_connect=False)
         self._connected_event = threading.Event()
@@ -259,7 +293,8 @@ class BrokerConnection:
     @property
     def hold_interval(self) -> float:
         """Seconds between :meth:`hold` calls: 0.5, or less for heart-beats under 1 s (a third of
-        the 1.5 intervals after which stomp.py gives up on a silent broker), at least 0.01."""
+        1.5 intervals; stomp.py gives up on a silent broker after
+        :data:`HEARTBEAT_RECEIVE_SCALE`), at least 0.01."""
         if self.heartbeat_ms <= 0:
             return 0.5
         return max(0.01, min(0.5, self.heartbeat_ms / 1000.0 * 1.5 / 3))
@@ -319,7 +354,7 @@ class BrokerConnection:
         if self.on_message is None:
             return
         body = frame.body if isinstance(frame.body, bytes) else str(frame.body or "").encode("utf-8")
-        self.on_message(Delivery(body, dict(frame.headers), generation))
+        self.on_message(Delivery(body, dict(frame.headers), generation, time.time()))
 
     def ack(self, delivery: Delivery) -> bool:
         """Acknowledge one delivery. Returns False (and does nothing) when the delivery came on an

@@ -418,8 +418,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError("Destinations.%s: no such destination" % args.destination)
     differences = errors = skipped = 0
     relations = {d.name: (d.target, {t.name: t.target for t in d.targets}) for d in config.destinations}
-    for destination, target, result in compare_config(config, args.destination or None,
-                                                      handlers=args.handlers):
+    results = compare_config(config, args.destination or None, handlers=args.handlers)
+    for destination, target, result in results:
         if result.skipped:
             skipped += 1
         elif result.error:
@@ -433,7 +433,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if errors:
         summary.append("%d could not be compared" % errors)
     if not summary:
-        summary.append("all targets equal" if not skipped else "all the targets compared equal")
+        compared = len(results) - skipped
+        summary.append("all targets equal" if not skipped else
+                       "no target compared" if not compared else "all the targets compared equal")
     if skipped:
         summary.append("%d with a custom handler not compared" % skipped)
     print(", ".join(summary))

@@ -160,7 +160,13 @@ def compare_config(config: Any, destination_name: Optional[str] = None,
             continue
         for target in _values(getattr(destination, "targets", None)):
             handler = getattr(target, "function_name", "AutoSQL")
-            if not handlers and _custom(handler):
+            try:
+                custom = _custom(handler)
+            except ConfigError as exc:
+                results.append((destination.name, target.name, CompareResult(
+                    False, None, None, None, None, (), error=str(exc))))
+                continue
+            if custom and not handlers:
                 results.append((destination.name, target.name, CompareResult(
                     False, None, None, None, None, (), skipped="handler %s writes %s its own way"
                     " (--handlers compares it column by column all the same)"
@@ -179,13 +185,13 @@ def compare_config(config: Any, destination_name: Optional[str] = None,
 
 def _custom(function_name: str) -> bool:
     """True for a handler other than AutoSQL itself (a subclass too: it may write other
-    columns or tables); one that cannot be loaded counts as custom."""
+    columns or tables).
+
+    :raises ConfigError: the handler cannot be loaded.
+    """
     from .handlers import load_handler
     from .handlers.autosql import AutoSQL
-    try:
-        return load_handler(function_name) is not AutoSQL
-    except ConfigError:
-        return True
+    return load_handler(function_name) is not AutoSQL
 
 
 def _values(items: Any) -> Iterable[Any]:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Collection, Dict, Iterable, List, Optional, Tu
 from . import config as config_module
 from .destination import ClientDestination, TriggerDestination
 from .errors import ConfigError, describe
+from .feeds import FeedGraph
 from .listener import Listener
 from .stats import Registry
 from .target import TargetListener
@@ -37,12 +38,15 @@ def discard_listeners(listeners: Iterable[Listener]) -> None:
 
 
 def build_listeners(config: Any, registry: Registry,
-                    only: Optional[Collection[str]] = None) -> Dict[str, Listener]:
+                    only: Optional[Collection[str]] = None,
+                    feeds: Optional[FeedGraph] = None) -> Dict[str, Listener]:
     """One listener per target and per destination, keyed by thread name (``Dest``,
     ``Dest_target``); with ``only``, just the listeners of those names (one configuration
     spread over several processes). Handlers are imported here, so a bad ``function_name``
     raises :class:`~golconde.errors.ConfigError` before anything connects.
 
+    :param feeds: what the daemon's targets feed (:mod:`golconde.feeds`), shared by the
+        listeners it runs (default: a graph of their own).
     :raises ConfigError: every listener's problem (a handler that cannot be loaded or refuses its
         settings), one line each under its key path; also when ``only`` names a listener the
         configuration does not have.
@@ -81,6 +85,9 @@ def build_listeners(config: Any, registry: Registry,
         discard_listeners(listeners.values())
         raise ConfigError("\n".join(problems))
     share_consumed_queues(listeners.values(), config)
+    feeds = feeds or FeedGraph()
+    for listener in listeners.values():
+        listener.feeds = feeds
     return listeners
 
 
@@ -115,7 +122,10 @@ class Daemon:
         self.stop_timeout = stop_timeout
         self.only = None if only is None else frozenset(only)
         self.registry = Registry()
-        self.listeners: Dict[str, Listener] = build_listeners(config, self.registry, self.only)
+        #: this daemon's trigger-mode destinations and what its targets feed (cycles)
+        self.feeds = FeedGraph()
+        self.listeners: Dict[str, Listener] = build_listeners(config, self.registry, self.only,
+                                                              self.feeds)
         #: guards :attr:`listeners` and :attr:`_waiting` against the threads that start a
         #: replacement once the listener it replaces has stopped
         self._lock = threading.RLock()
@@ -272,7 +282,7 @@ class Daemon:
                 self.registry.remove(name)  # gone, or the name now has another role: new counters
         # only those to start (a listener built and dropped kept its handler's resources)
         wanted = [name for name in candidates if name not in kept]
-        fresh = build_listeners(new_config, self.registry, wanted) if wanted else {}
+        fresh = build_listeners(new_config, self.registry, wanted, self.feeds) if wanted else {}
         started = 0
         with self._lock:
             for name, listener in fresh.items():

@@ -35,7 +35,7 @@ from .broker import (CREATED_HEADER, ID_HEADER, BrokerConnection, BrokerError, D
                      Receipt, send_all_async)
 from .config import queue_key
 from .errors import GolcondeError, PacketError, StopListener, describe, printable
-from .listener import Confirmations, Listener, QueueConsumer, connect
+from .listener import Confirmations, Listener, QueueConsumer, _created, connect
 from .packet import dumps, parse
 from .stats import ThreadStats
 
@@ -190,8 +190,10 @@ class ClientDestination(QueueConsumer):
 
     def after_commit(self, batch: Sequence[Delivery], items: Sequence[Tuple[str, bytes]],
                      outcomes: Sequence[Outcome]) -> None:
-        now = "%.3f" % time.time()
-        packets = [(item[0], outcome.fanout, delivery.headers.get(CREATED_HEADER, now))
+        now = time.time()
+        # the packet's creation time, or for a plain client's the broker's or our receipt time
+        packets = [(item[0], outcome.fanout,
+                    delivery.headers.get(CREATED_HEADER) or "%.3f" % (_created(delivery) or now))
                    for delivery, item, outcome in zip(batch, items, outcomes)
                    if outcome.status in (APPLIED, DUPLICATE) and outcome.fanout]
         count, receipts = self.fanout.send_async(packets)
@@ -307,6 +309,13 @@ class TriggerDestination(Listener):
     def ready(self) -> bool:
         return (super().ready() and self.locked and self.listen_db is not None
                 and not self.listen_db.closed)
+
+    def announce(self) -> None:
+        # the daemon's targets look for this drain's sessions in their databases (cycles)
+        self.feeds.drain_started(id(self), self.config.name, self.application_name)
+
+    def finish(self) -> None:
+        self.feeds.drain_stopped(id(self), self.config.name)
 
     def on_database_open(self, db: Any) -> None:
         # Every statement of the drain is a transaction of its own (the fetch, each batch's

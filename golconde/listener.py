@@ -33,6 +33,7 @@ from .errors import (RECONNECT, ConfigError, GolcondeError, PacketError, StopLis
                      describe, printable)
 from .handlers import load_handler
 from .packet import dumps_bytes
+from .feeds import FeedGraph
 from .stats import ThreadStats
 
 T = TypeVar("T")
@@ -112,6 +113,9 @@ class Listener(threading.Thread):
         #: set by a cycle that returned without getting through (its failures keep counting)
         self._incomplete = False
         self._ever_connected: set = set()    # connections opened at least once (for "reconnects")
+        #: the daemon's trigger-mode destinations and what its targets feed (a cycle check);
+        #: its own until the daemon gives it the shared one (build_listeners)
+        self.feeds = FeedGraph()
 
     # -- life cycle --------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -482,14 +486,29 @@ class BatchEntry:
         return self._headers
 
 
+#: ActiveMQ's header on every message: when the broker took it, in milliseconds since the epoch.
+BROKER_TIMESTAMP_HEADER = "timestamp"
+
+
 def _created(delivery: Delivery) -> Optional[float]:
-    """A delivery's ``golconde-created-at`` header as epoch seconds, or None (absent, not a
-    number). A batch message carries its first entry's; each entry its own."""
-    try:
-        value = float(delivery.headers.get(CREATED_HEADER) or "nan")
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
+    """When a delivery's packet was made, epoch seconds: its ``golconde-created-at`` header
+    (golconde's client and daemon stamp it; a batch message carries its first entry's, each
+    entry its own); for a packet without one (a plain STOMP client's), the ``timestamp`` header
+    ActiveMQ gives every message (milliseconds, when the broker took it), else when golconded
+    received it (:attr:`~golconde.broker.Delivery.received`); None if none is known. The lag
+    (and so a stuck listener) then shows for any sender."""
+    headers = delivery.headers
+    for name, scale in ((CREATED_HEADER, 1.0), (BROKER_TIMESTAMP_HEADER, 0.001)):
+        try:
+            value = float(headers.get(name) or "nan") * scale
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(value) and value > 0 and (
+                name == CREATED_HEADER or 1e9 < value < time.time() + 86400):
+            return value                # (a sender's own "timestamp" may be anything)
+    received = getattr(delivery, "received", 0.0) or getattr(getattr(delivery, "parent", None),
+                                                             "received", 0.0)
+    return received or None
 
 
 def expand(deliveries: Sequence[Delivery]) -> Tuple[List[Delivery], List[Tuple[str, Any]]]:

@@ -3,9 +3,8 @@ to the target relation (a distributed copy, possibly with another schema via a c
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any
 
 import psycopg2
 
@@ -22,52 +21,6 @@ MIN_PREFETCH = 16
 #: Seconds between two checks of which destinations' capture triggers a target's writes fire,
 #: and the pause of a target whose writes would close a cycle before it checks again.
 FEED_CHECK_INTERVAL = 60.0
-
-
-class FeedGraph:
-    """Which destinations the targets of this process feed: a target of destination ``D`` whose
-    relation carries a capture trigger of destination ``X`` feeds ``X`` (what it applies is
-    captured and sent on by ``X``: a chain, ``D -> X``). A path from a destination back to
-    itself is a cycle: each change would go round for ever. Thread-safe; one per process
-    (:data:`FEEDS`), each target listener keeping its own entry up to date."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._feeds: Dict[int, Tuple[str, FrozenSet[str]]] = {}
-
-    def update(self, key: int, destination: str, feeds: Sequence[str]) -> Optional[List[str]]:
-        """Record that the target ``key`` (any id unique in the process) of ``destination`` feeds
-        ``feeds``; returns the cycle through it, ``[destination, ..., destination]``, or None."""
-        with self._lock:
-            self._feeds[key] = (destination, frozenset(feeds))
-            graph: Dict[str, set] = {}
-            for source, targets in self._feeds.values():
-                graph.setdefault(source, set()).update(targets)
-        # depth-first from destination's own feeds back to destination (graphs of a few nodes)
-        for first in sorted(feeds):
-            path = self._path(graph, first, destination, [destination, first])
-            if path is not None:
-                return path
-        return None
-
-    def _path(self, graph: Dict[str, set], node: str, goal: str, path: List[str]) -> Optional[List[str]]:
-        if node == goal:
-            return path
-        for after in sorted(graph.get(node, ())):
-            if after == goal or after not in path:
-                found = self._path(graph, after, goal, path + [after])
-                if found is not None:
-                    return found
-        return None
-
-    def forget(self, key: int) -> None:
-        """Drop the entry of target ``key`` (its listener ended)."""
-        with self._lock:
-            self._feeds.pop(key, None)
-
-
-#: The process's :class:`FeedGraph`.
-FEEDS = FeedGraph()
 
 
 class TargetListener(QueueConsumer):
@@ -93,14 +46,16 @@ class TargetListener(QueueConsumer):
         super().cycle()
 
     def finish(self) -> None:
-        FEEDS.forget(id(self))
+        self.feeds.forget(id(self))
         super().finish()
 
     def _check_feeds(self, db: Any) -> None:
-        """At connect and every :data:`FEED_CHECK_INTERVAL` s: which destinations' capture
-        triggers fire on this target's relation (:func:`golconde.trigger.capturing_destinations`).
-        Feeding another destination is a chain; feeding this target's own destination, directly
-        or through other targets of this process, is a cycle.
+        """At connect and every :data:`FEED_CHECK_INTERVAL` s: which trigger-mode destinations of
+        this daemon capture what this target writes, in this very database (their capture
+        trigger fires on its relation or one of its partitions, and their drain's session is
+        connected here: :mod:`golconde.feeds`). Feeding another destination is a chain; feeding
+        this target's own destination, directly or through other targets of the daemon, is a
+        cycle.
 
         :raises StopListener: a cycle: the target pauses (``retry_after``
             :data:`FEED_CHECK_INTERVAL`, its packets left queued) with an error naming it, until
@@ -108,9 +63,12 @@ class TargetListener(QueueConsumer):
         """
         self._next_feed_check = time.monotonic() + FEED_CHECK_INTERVAL
         relation = str(schema_module.parse_relation(self.config.target))
+        drains = self.feeds.drains()
         try:
             with db.cursor() as cur:
-                feeds = trigger.capturing_destinations(cur, relation)
+                named = [name for name in trigger.capturing_destinations(cur, relation)
+                         if name in drains]
+                fed = trigger.draining_here(cur, {name: drains[name] for name in named})
             db.rollback()
         except psycopg2.Error as exc:
             if db.closed:
@@ -119,7 +77,7 @@ class TargetListener(QueueConsumer):
             LOGGER.warning("[%s] could not read the capture triggers of %s: %s", self.name,
                            relation, trigger.first_line(exc))
             return
-        cycle = FEEDS.update(id(self), self.config.destination, feeds)
+        cycle = self.feeds.update(id(self), self.config.destination, fed)
         if cycle is None:
             return
         raise StopListener(

@@ -425,18 +425,21 @@ def _trigger_arguments(nargs: int, raw: Any) -> List[str]:
 
 
 def capture_problem(cursor: Any, destination: str) -> Optional[str]:
-    """What keeps ``destination``'s changes from being captured in ``cursor``'s database, or
+    """What keeps changes from being captured for ``destination`` in ``cursor``'s database, or
     None: no capture trigger of its on any table (never installed, removed, or the destination
     renamed in the configuration: the drain then has nothing to send, whatever is written), or
-    only triggers that do not fire for ordinary writes (``ALTER TABLE ... DISABLE TRIGGER``, or
-    ``ENABLE REPLICA TRIGGER``). One catalog query."""
+    capture triggers of its that are disabled (``ALTER TABLE ... DISABLE TRIGGER``: their
+    tables' changes are not captured). A trigger that fires only for replicated changes
+    (``ENABLE REPLICA TRIGGER``, a canonical database fed by logical replication) fires. Any
+    trigger calling ``golconde.capture()`` for the destination counts, whatever its name. One
+    catalog query."""
     cursor.execute(
         "SELECT n.nspname, c.relname, t.tgname, t.tgenabled, t.tgnargs, t.tgargs"
         "  FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
         "  JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE t.tgname = %s AND NOT t.tgisinternal AND t.tgparentid = 0"
+        " WHERE NOT t.tgisinternal AND t.tgparentid = 0"
         "   AND t.tgfoid = to_regprocedure('golconde.capture()')"
-        " ORDER BY 1, 2", (trigger_name(destination),))
+        " ORDER BY 1, 2, 3")
     found = [(quote_relation(schema, table), name, str(enabled))
              for schema, table, name, enabled, nargs, raw in cursor.fetchall()
              if _trigger_arguments(nargs, raw)[:1] == [destination]]
@@ -444,32 +447,44 @@ def capture_problem(cursor: Any, destination: str) -> Optional[str]:
         return ("no capture trigger of destination %s in its canonical database: nothing written"
                 " there is captured for it (run 'golconde trigger install --destination %s')"
                 % (destination, destination))
-    if any(enabled in ("O", "A") for _, _, enabled in found):
-        return None
+    disabled = [(relation, name) for relation, name, enabled in found if enabled == "D"]
     return "; ".join(
-        "capture trigger %s on %s %s: its changes are not captured (ALTER TABLE %s ENABLE TRIGGER"
-        " %s)" % (name, relation, "is disabled" if enabled == "D" else
-                  "fires only in sessions with session_replication_role = replica", relation,
-                  schema_module.quote_name(name))
-        for relation, name, enabled in found)
+        "capture trigger %s on %s is disabled: its changes are not captured (ALTER TABLE %s"
+        " ENABLE TRIGGER %s)" % (name, relation, relation, schema_module.quote_name(name))
+        for relation, name in disabled) or None
 
 
 def capturing_destinations(cursor: Any, relation: str) -> List[str]:
     """The destinations whose capture trigger fires when ``cursor``'s session writes
-    ``relation`` (a quoted, qualified name; its own triggers, those a partition inherited
-    included, that fire under the session's ``session_replication_role``), by name; ``[]``
-    where the relation or the capture schema does not exist. A target writing such a relation
-    feeds those destinations: what it applies is captured and sent on again."""
+    ``relation`` (a quoted, qualified name): its triggers and those of its partitions, that fire
+    under the session's ``session_replication_role``; by name, ``[]`` where the relation or the
+    capture schema does not exist. Not seen: triggers on the tables behind a view, on
+    inheritance children, or on other tables a custom handler writes."""
     cursor.execute(
         "SELECT DISTINCT t.tgnargs, t.tgargs FROM pg_trigger t"
-        " WHERE t.tgrelid = to_regclass(%s) AND NOT t.tgisinternal"
+        " WHERE (t.tgrelid = to_regclass(%(relation)s)"
+        "        OR t.tgrelid IN (SELECT relid FROM pg_partition_tree(to_regclass(%(relation)s))))"
+        "   AND NOT t.tgisinternal"
         "   AND t.tgfoid = to_regprocedure('golconde.capture()')"
         "   AND t.tgenabled = ANY (CASE current_setting('session_replication_role')"
         "                          WHEN 'replica' THEN ARRAY['R', 'A']::\"char\"[]"
-        "                          ELSE ARRAY['O', 'A']::\"char\"[] END)", (relation,))
+        "                          ELSE ARRAY['O', 'A']::\"char\"[] END)", {"relation": relation})
     names = {arguments[0] for arguments in (_trigger_arguments(nargs, raw)
                                             for nargs, raw in cursor.fetchall()) if arguments}
     return sorted(names)
+
+
+def draining_here(cursor: Any, drains: Dict[str, str]) -> List[str]:
+    """The names of ``drains`` (``{destination: application_name of its drain's session}``)
+    whose session is connected to ``cursor``'s database: the destinations that drain this very
+    database (``pg_stat_activity``, whose ``application_name`` any role may read)."""
+    if not drains:
+        return []
+    cursor.execute("SELECT DISTINCT application_name FROM pg_stat_activity"
+                   " WHERE datname = current_database() AND application_name = ANY(%s)",
+                   (sorted(set(drains.values())),))
+    here = {row[0] for row in cursor.fetchall()}
+    return sorted(name for name, application in drains.items() if application in here)
 
 
 def sequence_problem(cursor: Any) -> Optional[str]:

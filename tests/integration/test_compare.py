@@ -186,6 +186,20 @@ def test_targets_with_a_custom_handler_are_not_compared_unless_asked(pair, tmp_p
     out = capsys.readouterr().out.splitlines()
     assert [line.split(": ", 1)[1] for line in out[:3]] == ["DIFFERENT: 3 vs 2 rows"] * 3
     assert out[3] == "3 target(s) differ"
+    # a handler that cannot be loaded is an error, not a custom handler; nothing compared is said
+    del targets["plain"]
+    targets["sub"]["function_name"] = "no_such_module.Handler"
+    path = write_config(str(tmp_path / "golconde.yaml"), mapping)
+    assert cli.admin_main(["compare", "-c", path]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].endswith("sub public.items_sub: ERROR: function_name 'no_such_module.Handler':"
+                           " module no_such_module not found"), out
+    assert out[2] == "1 could not be compared, 1 with a custom handler not compared"
+    del targets["sub"]
+    path = write_config(str(tmp_path / "golconde.yaml"), mapping)
+    assert cli.admin_main(["compare", "-c", path]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "no target compared, 1 with a custom handler not compared")
 
 
 from golconde.handlers.autosql import AutoSQL  # noqa: E402

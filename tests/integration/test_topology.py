@@ -66,11 +66,30 @@ def test_a_trigger_destination_without_a_capture_trigger_that_fires_is_a_standin
         assert stats.snapshot()["problems"] == [
             "capture trigger %s on public.u is disabled: its changes are not captured (ALTER TABLE"
             " public.u ENABLE TRIGGER %s)" % (trigger.trigger_name(name), quoted)]
+        # fires for replicated changes only: a canonical database fed by logical replication
         execute(canonical, "ALTER TABLE public.u ENABLE REPLICA TRIGGER %s" % quoted)
-        wait_for(lambda: "session_replication_role = replica" in " ".join(stats.snapshot()["problems"]),
-                 timeout=20, message="replica-only reported")
-        execute(canonical, "ALTER TABLE public.u ENABLE TRIGGER %s" % quoted)
         wait_for(lambda: not stats.snapshot()["problems"], timeout=20, message="cleared again")
+        execute(canonical, "ALTER TABLE public.u ENABLE TRIGGER %s" % quoted)
+        # one table's trigger disabled while another table's fires: that table is reported
+        execute(canonical, "CREATE TABLE public.w (id integer PRIMARY KEY)")
+        _install(canonical, name, "public.w")
+        execute(canonical, "ALTER TABLE public.w DISABLE TRIGGER %s" % quoted)
+        wait_for(lambda: stats.snapshot()["problems"], timeout=20, message="w's trigger reported")
+        assert stats.snapshot()["problems"] == [
+            "capture trigger %s on public.w is disabled: its changes are not captured (ALTER TABLE"
+            " public.w ENABLE TRIGGER %s)" % (trigger.trigger_name(name), quoted)]
+        execute(canonical, "DROP TRIGGER %s ON public.w" % quoted)
+        wait_for(lambda: not stats.snapshot()["problems"], timeout=20, message="cleared")
+        # a trigger of another name calling golconde.capture() for the destination counts
+        execute(canonical, "ALTER TABLE public.u DISABLE TRIGGER %s" % quoted)
+        execute(canonical, "CREATE TRIGGER by_hand AFTER INSERT ON public.w FOR EACH ROW"
+                           " EXECUTE FUNCTION golconde.capture('%s')" % name)
+        wait_for(lambda: len(stats.snapshot()["problems"]) == 1
+                 and "on public.u is disabled" in stats.snapshot()["problems"][0], timeout=20,
+                 message="u's reported, w's by_hand counted")
+        execute(canonical, "DROP TRIGGER by_hand ON public.w")
+        execute(canonical, "ALTER TABLE public.u ENABLE TRIGGER %s" % quoted)
+        wait_for(lambda: not stats.snapshot()["problems"], timeout=20, message="cleared at last")
         execute(canonical, "INSERT INTO public.u VALUES (1, 'a')")
         wait_for(lambda: query(t1, "SELECT v FROM public.u") == [("a",)], message="distributed")
     finally:
@@ -162,3 +181,52 @@ def test_a_chain_of_destinations_distributes_and_a_cycle_pauses_until_broken(two
         assert targets[0].snapshot()["applied"] == 1
     finally:
         assert daemon.stop()
+
+
+def test_the_same_destination_name_in_two_configurations_is_a_chain(two_ways, monkeypatch):
+    """Two tiers, each its own configuration (here two daemons of one process), both naming
+    their destination Users: tier 1 captures a.u and writes b.u, tier 2 captures b.u and writes
+    c.u. The capture trigger on b.u is tier 2's Users, not tier 1's (it drains another
+    database): a chain, not a cycle."""
+    monkeypatch.setattr(target_module, "FEED_CHECK_INTERVAL", 0.5)
+    a, b, c = two_ways
+    tiers = [make_config(source, {"x": sink}, "public.u", mode="trigger", poll_interval=0.2,
+                         name="Users") for source, sink in ((a, b), (b, c))]
+    for label, mapping in zip(("one", "two"), tiers):    # queues of their own
+        destination = mapping["Destinations"]["Users"]
+        destination["queue"] += "." + label
+        destination["Targets"]["x"]["queue"] += "." + label
+    _install(a, "Users")
+    _install(b, "Users")
+    daemons = [Daemon(parse_config(mapping)) for mapping in tiers]
+    for daemon in daemons:
+        daemon.start()
+    try:
+        execute(a, "INSERT INTO public.u VALUES (1, 'a')")
+        wait_for(lambda: query(c, "SELECT v FROM public.u") == [("a",)], message="a -> b -> c")
+        time.sleep(1.5)                 # checks of the targets after both drains connected
+        execute(a, "UPDATE public.u SET v = 'b'")
+        wait_for(lambda: query(c, "SELECT v FROM public.u") == [("b",)], message="again")
+        for daemon in daemons:
+            assert daemon.registry.get("Users_x").snapshot()["last_error"] is None
+    finally:
+        for daemon in daemons:
+            assert daemon.stop()
+
+
+def test_a_capture_trigger_on_a_partition_of_the_target_table_is_seen(make_database):
+    """A target writing a partitioned table whose partition carries a capture trigger feeds
+    that trigger's destination (rows routed there are captured)."""
+    dsn = make_database()
+    execute(dsn, "CREATE TABLE public.p (id integer PRIMARY KEY, v text) PARTITION BY RANGE (id);"
+                 " CREATE TABLE public.p_1 PARTITION OF public.p FOR VALUES FROM (0) TO (100);"
+                 " CREATE TABLE public.p_2 PARTITION OF public.p FOR VALUES FROM (100) TO (200)")
+    _install(dsn, "E2", "public.p_1")
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            assert trigger.capturing_destinations(cur, "public.p") == ["E2"]
+            assert trigger.capturing_destinations(cur, "public.p_2") == []
+            assert trigger.capturing_destinations(cur, "public.missing") == []
+    finally:
+        conn.close()

@@ -1,7 +1,7 @@
 """golconde.target.FeedGraph: which destinations the targets of a process feed, and the cycles."""
 from __future__ import annotations
 
-from golconde.target import FeedGraph
+from golconde.feeds import FeedGraph
 
 
 def test_a_target_feeding_its_own_destination_is_a_cycle():
