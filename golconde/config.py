@@ -444,9 +444,11 @@ def _dsn(value: Any) -> str:
     try:
         params = psycopg2.extensions.parse_dsn(value)
     except psycopg2.Error as exc:
-        # libpq quotes part of the string in its message: keep it only for key=value strings,
-        # a URI would be echoed whole, password included.
-        reason = "" if "://" in value else ": " + str(exc).strip().splitlines()[0]
+        # libpq quotes part of the string in its message: keep it only for key=value strings
+        # without a secret (a URI would be echoed whole, and "password=Super Secret" gives
+        # 'missing "=" after "Secret"')
+        reason = ("" if "://" in value or _DSN_SECRET_RE.search(value)
+                  else ": " + str(exc).strip().splitlines()[0])
         _fail("expected a libpq DSN ('host=... dbname=...' or a postgresql:// URI), "
               "could not parse it" + reason)
     wrong = []      # every wrong parameter, not only the first
@@ -846,10 +848,19 @@ def _cross_check(destinations: Tuple[DestinationConfig, ...], problems: List[str
             seen.setdefault(key, path)
 
 
+#: Prefixes under which RabbitMQ's STOMP plugin reaches the queue named by what follows, as
+#: ``/queue/x`` does: ``/amq/queue/x``, and for a SEND ``/reply-queue/x`` (its documentation,
+#: "Destinations").
+_QUEUE_ALIASES = ("/amq/queue/", "/reply-queue/")
+
+
 def queue_key(queue: str) -> str:
-    """The queue a destination names: RabbitMQ reads ``/amq/queue/x`` and ``/queue/x`` as the
-    same queue ``x`` (its STOMP plugin's documentation, "Destinations")."""
-    return "/queue/" + queue[len("/amq/queue/"):] if queue.startswith("/amq/queue/") else queue
+    """The queue a destination names: ``/queue/x`` for each name RabbitMQ reads as queue ``x``
+    (:data:`_QUEUE_ALIASES`)."""
+    for prefix in _QUEUE_ALIASES:
+        if queue.startswith(prefix):
+            return "/queue/" + queue[len(prefix):]
+    return queue
 
 
 def consumed_queues(config: Any) -> FrozenSet[str]:

@@ -16,7 +16,7 @@ a plain packet message with its own ``golconde-id``) and, when the batch message
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, List, Mapping, Sequence, Tuple
+from typing import Any, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import PacketError
 from .ledger import normal_id
@@ -67,15 +67,24 @@ def with_created(entries: Sequence[Tuple[str, str, str]]) -> List[Tuple[str, int
     return result
 
 
-def decode(body: bytes) -> List[Tuple[str, Mapping[str, Any], str]]:
+def decode(body: bytes, count: Optional[str] = None) -> List[Tuple[str, Mapping[str, Any], str]]:
     """Unpack a batch message body into ``[(packet_id, packet_object, created), ...]``; each
     id as the ledger records it (:func:`golconde.ledger.normal_id`).
 
-    :raises PacketError: the body is not a well-formed batch message.
+    :param count: the message's ``golconde-batch`` header, if it must be checked: the number of
+        entries (receivers bound what they hold and apply by it, before decoding).
+    :raises PacketError: the body is not a well-formed batch message, holds more than
+        :data:`MAX_ENTRIES` entries, or not as many as ``count`` says.
     """
     document = loads(body, max_bytes=MAX_PACKET_BYTES + ENVELOPE_ALLOWANCE)
     if not isinstance(document, dict) or not isinstance(document.get("batch"), list):
         raise PacketError("batch message must be an object with a 'batch' array")
+    held = len(document["batch"])
+    if held > MAX_ENTRIES:
+        raise PacketError("batch message holds %d entries, more than %d" % (held, MAX_ENTRIES))
+    if count is not None and count.strip() != str(held):
+        raise PacketError("batch message holds %d entries, but its %s header says %r"
+                          % (held, BATCH_HEADER, count[:40]))
     entries = []
     for index, entry in enumerate(document["batch"]):
         if (not isinstance(entry, dict) or not isinstance(entry.get("id"), str)

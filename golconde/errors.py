@@ -144,11 +144,20 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+#: SQLSTATEs whose DETAIL shows values of the database rather than of the packet: not-null and
+#: check violations (``Failing row contains (...)``: every column of the row, those the packet did
+#: not name included), exclusion violations (the existing row's key).
+ROW_DETAIL_STATES = frozenset({"23502", "23514", "23P01"})
+
+
 def describe(exc: BaseException) -> str:
     """One-line description of an exception for logs and dead-letter headers (at most 1000 chars).
 
     For psycopg2 errors it is ``SQLSTATE <code>: <message>`` (the primary message, without the
-    ``ERROR:`` severity), with `` (<detail>)`` when the server gave one.
+    ``ERROR:`` severity), with `` (<detail>)`` when the server gave one, except where the detail
+    shows values the packet did not carry (:data:`ROW_DETAIL_STATES`: ``Failing row contains
+    (...)``, every column of the row, or another row's key): these texts reach the sender (its
+    outcome), the dead-letter queue, the logs and ``/stats``.
     """
     if isinstance(exc, psycopg2.Error) and getattr(exc, "pgcode", None):
         diag = getattr(exc, "diag", None)
@@ -156,7 +165,7 @@ def describe(exc: BaseException) -> str:
         first = (exc.pgerror or str(exc)).strip().splitlines()
         text = "SQLSTATE %s: %s" % (exc.pgcode, primary or (first[0] if first else type(exc).__name__))
         detail = getattr(diag, "message_detail", None) if diag is not None else None
-        if detail:
+        if detail and exc.pgcode not in ROW_DETAIL_STATES:
             text += " (%s)" % detail
     elif lone_surrogate(exc):
         assert isinstance(exc, UnicodeEncodeError)

@@ -524,7 +524,7 @@ def expand(deliveries: Sequence[Delivery]) -> Tuple[List[Delivery], List[Tuple[s
     for delivery in deliveries:
         if envelope.BATCH_HEADER in delivery.headers:
             try:
-                entries = envelope.decode(delivery.body)
+                entries = envelope.decode(delivery.body, delivery.headers[envelope.BATCH_HEADER])
             except PacketError as exc:
                 reason = "malformed batch message: %s" % exc
                 LOGGER.warning("%s (message %s): dead-lettered whole", reason,

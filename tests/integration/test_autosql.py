@@ -510,6 +510,24 @@ def test_a_fraction_for_an_integer_column_is_refused_not_rounded(db):
                                                                     (9, [1], Decimal("1.5"), None)]
 
 
+def test_a_number_of_a_million_digits_for_an_integer_column_is_refused_at_once(db):
+    """1e999999 is a few bytes of JSON: telling whether it has a fraction with int() took 43 s
+    holding the interpreter lock (every listener and heart-beat of the daemon stalled, and the
+    packet came back after each lost connection). It is refused by the database as out of range,
+    as any too large value."""
+    ddl(db, "CREATE TABLE big (id int PRIMARY KEY, n integer, x numeric)")
+    h = AutoSQL("big", role="destination")
+    started = time.process_time()
+    for value in ("1e999999", "-1e999999999", "1" + "0" * 200000):
+        packet = parse('{"action": "add", "data": {"id": 1, "n": %s}}' % value)
+        with pytest.raises(psycopg2.Error):
+            h.apply_one(db.cursor(), packet)
+        db.rollback()
+    assert time.process_time() - started < 10      # CPU seconds; 43 for the first alone before
+    run(db, h, {"action": "add", "data": {"id": 2, "n": Decimal("1e3")}})
+    assert rows(db, "SELECT id, n FROM big") == [(2, 1000)]
+
+
 def test_a_deferrable_primary_key_is_still_the_primary_key(db):
     """ON CONFLICT cannot use a DEFERRABLE key, but it is still the primary key: a destination
     back-fills its generated values (targets must get the canonical keys), and a set says why it

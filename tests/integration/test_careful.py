@@ -239,6 +239,27 @@ def test_every_dead_letter_is_logged_with_its_id_and_reason(conn, role, caplog):
         "[l-%s] packet q3 dead-lettered: %s" % (role, outcomes[3].reason)]
 
 
+def test_a_dead_letter_reason_shows_no_values_the_packet_did_not_carry(conn):
+    """A check, not-null or exclusion violation's DETAIL shows the whole row (or another row's
+    key): a sender allowed only to write would read through its outcome, the dead-letter queue
+    or /stats any column of any row whose key it knows. The reason names the constraint only."""
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE accounts (id int PRIMARY KEY, qty int CHECK (qty >= 0),"
+                    " note text NOT NULL DEFAULT '', secret text)")
+        cur.execute("INSERT INTO accounts VALUES (1, 5, 'n', 'the-secret')")
+    conn.commit()
+    applier = Applier(AutoSQL("accounts", role="target"), "leak")
+    bodies = [dumps(packet("update", {"qty": -1}, {"id": 1})).encode(),
+              dumps(packet("update", {"note": None}, {"id": 1})).encode(),
+              dumps(packet("add", {"id": 1, "qty": 2})).encode()]
+    outcomes = applier.apply_batch(conn, [("k%d" % i, body) for i, body in enumerate(bodies)])
+    reasons = [o.reason for o in outcomes]
+    assert all(o.status == "dead" for o in outcomes), reasons
+    assert "violates check constraint" in reasons[0] and "null value in column" in reasons[1]
+    assert not any("the-secret" in r or "Failing row" in r for r in reasons), reasons
+    assert "Key (id)=(1) already exists" in reasons[2]      # the packet's own key: kept
+
+
 @pytest.fixture
 def restricted(database):
     """A role of its own on ``database`` with USAGE on golconde and the ledger's rights, and

@@ -148,29 +148,42 @@ def test_bad_packets_dead_lettered_while_good_ones_flow(flow):
 
 
 def test_malformed_and_empty_batch_messages_at_a_target(flow):
-    """At a target: a batch message whose body is not a batch is dead-lettered whole, with what is
-    wrong with it (not a packet error about the key 'batch'); an empty batch is acked; the
-    listener goes on with the next message."""
+    """At a target: a batch message whose body is not a batch, or holds more entries than its
+    header says or than a batch message may, is dead-lettered whole, with what is wrong with it
+    (not a packet error about the key 'batch'); an empty batch is acked; the listener goes on
+    with the next message."""
     target = flow["destination"].targets[0]
     good = json.dumps({"batch": [{"id": str(uuid.uuid4()), "packet": {
         "action": "add", "data": {"friend_id": 7, "user_id": 7}}}]})
     bad = json.dumps({"batch": [{"id": "x1", "packet": {"action": "add", "data": {"friend_id": 8,
                                                                                  "user_id": 8}}},
                                 {"packet": {"action": "add", "data": {"friend_id": 9, "user_id": 9}}}]})
-    send_raw(target.queue, [json.dumps({"batch": []}), bad, good],
-             [{"golconde-batch": "0"}, {"golconde-batch": "2"}, {"golconde-batch": "1"}],
+    def entries(first, n):
+        return [{"id": str(uuid.uuid4()), "packet": {"action": "add", "data": {
+            "friend_id": first + k, "user_id": first + k}}} for k in range(n)]
+
+    # more entries than its header says (a receiver bounds what it holds by the header), and
+    # more than a batch message may hold: each dead-lettered whole, none of its packets applied
+    understated = json.dumps({"batch": entries(100, 3)})
+    oversized = json.dumps({"batch": entries(1000, 501)})
+    send_raw(target.queue, [json.dumps({"batch": []}), bad, understated, oversized, good],
+             [{"golconde-batch": "0"}, {"golconde-batch": "2"}, {"golconde-batch": "1"},
+              {"golconde-batch": "501"}, {"golconde-batch": "1"}],
              broker=flow["broker"])
     wait_for(lambda: query(flow["targets"][0], "SELECT friend_id FROM friendships") == [(7,)],
              message="the good batch applied after the bad ones")
     dead = drain_queue(target.dead_letter_queue, wait=1.0, broker=flow["broker"])
-    assert [d.body for d in dead] == [bad.encode()]
-    assert dead[0].headers["golconde-reason"] == (
-        "malformed batch message: batch message entry 1 must be {id: string, packet: object}")
+    assert [d.body for d in dead] == [bad.encode(), understated.encode(), oversized.encode()]
+    assert [d.headers["golconde-reason"] for d in dead] == [
+        "malformed batch message: batch message entry 1 must be {id: string, packet: object}",
+        "malformed batch message: batch message holds 3 entries, but its golconde-batch header"
+        " says '1'",
+        "malformed batch message: batch message holds 501 entries, more than 500"]
     # still a batch message, so that golconde dlq replay sends it back as one
     assert dead[0].headers["golconde-batch"] == "2"
     stats = flow["daemon"].registry.snapshot()
     thread = [t[target.thread_name] for t in stats["threads"] if target.thread_name in t][0]
-    assert thread["dead_lettered"] == 1 and thread["applied"] == 1
+    assert thread["dead_lettered"] == 3 and thread["applied"] == 1
 
 
 def test_odd_packet_ids_and_a_lone_surrogate_in_batch_messages(flow):

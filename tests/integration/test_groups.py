@@ -203,18 +203,22 @@ def test_malformed_groups_are_dead_lettered_and_replies_never_go_to_golconde_que
                        "group member 1 (0-based, of 2): unknown action 'upsert' (expected one of add, set,"
                        " update, delete)"]
     # a reply-to naming a queue Golconde consumes is refused (it would be read as a packet)
-    # under any of its names (RabbitMQ reads /amq/queue/x as /queue/x)
+    # under any of its names (RabbitMQ reads /amq/queue/x, and /reply-queue/x in a SEND, as
+    # /queue/x)
     t1_queue = groups["targets"]["t1"].queue
     t1_dlq = groups["targets"]["t1"].dead_letter_queue
     refused = [t1_queue, "/amq/queue/" + t1_queue[len("/queue/"):],
                "/amq/queue/" + destination.queue[len("/queue/"):],
-               "/amq/queue/" + t1_dlq[len("/queue/"):]]
+               "/amq/queue/" + t1_dlq[len("/queue/"):],
+               "/reply-queue/" + t1_queue[len("/queue/"):],
+               "/reply-queue/" + destination.queue[len("/queue/"):]]
     send(groups, destination.queue,
          ['{"action": "add", "data": {"id": %d, "customer": %d, "amount": 50}}' % (5 + n, 5 + n)
           for n in range(len(refused))],
          [{"golconde-id": str(uuid.uuid4()), "reply-to": queue} for queue in refused])
-    client.add({"id": 10, "customer": 10, "amount": 60})
-    wait_for(lambda: len(query(groups["t1"], ROWS)) == 5 and in_sync(groups), message="packets applied")
+    client.add({"id": 20, "customer": 20, "amount": 60})
+    wait_for(lambda: len(query(groups["t1"], ROWS)) == len(refused) + 1 and in_sync(groups),
+             message="packets applied")
     dead = drain(groups, destination.dead_letter_queue, wait=0.5)
     assert sorted(d.body.decode("utf-8") for d in dead) == sorted(bodies)
     assert drain(groups, t1_dlq, wait=0.5) == []

@@ -401,6 +401,16 @@ def test_bad_names_relation_and_dsn():
         "'_', '.' or '-'"]
 
 
+def test_an_unparsable_dsn_with_a_password_is_not_quoted():
+    """libpq's message quotes the DSN around what it could not parse: with a password in it
+    ('password=Super SecretPW1'), the error (printed, and logged at a reload) would show part of
+    the password."""
+    mapping = minimal(pgsql="host=x password=Super SecretPW1")
+    assert problems(mapping) == [
+        "Destinations.Test1.pgsql: expected a libpq DSN ('host=... dbname=...' or a postgresql:// "
+        "URI), could not parse it"]
+
+
 @pytest.mark.parametrize("dsn, problem", [
     ('host=127.0.0.1 port= ="', "port must be a whole number (or one per host, comma-separated),"
                                 " got '=\"'"),
