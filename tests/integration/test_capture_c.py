@@ -411,3 +411,48 @@ def test_rights_of_the_writer_and_of_the_owner(both, database):
         execute(db, "ALTER FUNCTION golconde.capture() OWNER TO CURRENT_USER")
         execute(db, sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}; DROP OWNED BY {1}; DROP ROLE {1}").format(
             sql.Identifier(writer), sql.Identifier(owner)))
+
+
+def test_the_plpgsql_capture_runs_as_the_writer_and_its_queue_insert_takes_no_other_caller(
+        db, database):
+    """The PL/pgSQL capture (the reference, and golconde.capture() without the library) formats
+    the row as the writer: a table owner's own cast to json runs as that owner (it ran as the
+    function's owner, a superuser, when the function was SECURITY DEFINER: any owner of a
+    captured table could make itself superuser). Its queue insert, golconde.enqueue(), refuses
+    any caller but the capture trigger: the writer cannot queue packets of its own making."""
+    trigger.install_schema(db)
+    owner = "golconde_tabowner_%s" % uuid.uuid4().hex[:8]
+    execute(db, sql.SQL("CREATE ROLE {0} LOGIN; GRANT CREATE ON SCHEMA public TO {0}").format(
+        sql.Identifier(owner)))
+    conn = psycopg2.connect(database, user=owner)
+    conn.autocommit = True
+    try:
+        execute(conn, "CREATE TABLE t (id int PRIMARY KEY)")
+        attach(db, "t", REFERENCE, "D", "id")                # attached by the installer
+        execute(conn, "CREATE TYPE mood AS ENUM ('a', 'b');"
+                      " CREATE FUNCTION mood_json(mood) RETURNS json LANGUAGE plpgsql AS"
+                      " $$ BEGIN RETURN json_build_object('by', current_user::text,"
+                      " 'super', (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)); END $$;"
+                      " CREATE CAST (mood AS json) WITH FUNCTION mood_json(mood);"
+                      " ALTER TABLE t ADD m mood")
+        execute(conn, "INSERT INTO t VALUES (1, 'a')")
+        assert [row[1] for row in queued(db, "D")] == [
+            '{"data": {"m": {"by": "%s", "super": false}, "id": 1}, "action": "add"}' % owner]
+        for attempt in ("SELECT golconde.enqueue('Other', 'public.x', '{\"action\": \"delete\"}')",
+                        "INSERT INTO golconde.queue (destination, relation, packet)"
+                        " VALUES ('Other', 'public.x', '{}')"):
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                execute(conn, attempt)
+        # the very statement the capture runs, from a function of the writer's own
+        execute(conn, "CREATE FUNCTION capture() RETURNS void LANGUAGE plpgsql AS $$"
+                      " DECLARE v_destination text := 'Other'; v_relation text := 'public.x';"
+                      " v_packet jsonb := '{}'; BEGIN"
+                      " PERFORM golconde.enqueue(v_destination, v_relation, v_packet); END $$")
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege,
+                           match="only takes packets from the golconde.capture"):
+            execute(conn, "SELECT capture()")
+        assert len(queued(db, "D")) == 1 and queued(db, "Other") == []
+    finally:
+        conn.close()
+        execute(db, "DROP TABLE IF EXISTS t; DROP CAST IF EXISTS (mood AS json)")
+        execute(db, sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(sql.Identifier(owner)))
