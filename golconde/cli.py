@@ -434,7 +434,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         summary.append("%d could not be compared" % errors)
     if not summary:
         compared = len(results) - skipped
-        summary.append("all targets equal" if not skipped else
+        summary.append("no target to compare" if not results else
+                       "all targets equal" if not skipped else
                        "no target compared" if not compared else "all the targets compared equal")
     if skipped:
         summary.append("%d with a custom handler not compared" % skipped)

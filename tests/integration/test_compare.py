@@ -200,6 +200,10 @@ def test_targets_with_a_custom_handler_are_not_compared_unless_asked(pair, tmp_p
     assert cli.admin_main(["compare", "-c", path]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (
         "no target compared, 1 with a custom handler not compared")
+    targets.clear()                     # a destination without targets: nothing to compare
+    path = write_config(str(tmp_path / "golconde.yaml"), mapping)
+    assert cli.admin_main(["compare", "-c", path]) == 0
+    assert capsys.readouterr().out.splitlines() == ["no target to compare"]
 
 
 from golconde.handlers.autosql import AutoSQL  # noqa: E402
