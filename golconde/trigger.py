@@ -48,7 +48,7 @@ SQL_DIRECTORY = "triggers_sql"
 SQL_INSTALL_FILE = "install.sql"
 #: What ``golconde.schema_version()`` returns once this version's SQL files are installed
 #: (``schema.sql``; bump both together).
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 5
 #: What ``golconde.capture_version()`` of the C library must return (``CAPTURE_VERSION`` in
 #: ``golconde_capture.c``, ``c_expected`` in ``capture_c.sql``; bump all three together).
 CAPTURE_VERSION = 4

@@ -1,49 +1,4 @@
 -- ----------------------------------------------------------------------
--- Function: golconde.enqueue(destination, relation, packet)
---
---     The queue insert of the PL/pgSQL capture, run as this function's owner
---     (SECURITY DEFINER: writers have no rights on golconde.queue). Anyone
---     may execute it, since the capture runs as the writer; it refuses any
---     caller but the PL/pgSQL capture trigger itself, read from the call
---     stack (GET DIAGNOSTICS ... PG_CONTEXT): its caller must be the
---     statement 'SELECT golconde.enqueue(v_destination, v_relation,
---     v_packet)' of golconde.capture() or golconde.capture_plpgsql(), whose
---     arguments are the trigger's own (TG_ARGV[0], TG_TABLE_*, the row). So a
---     writer cannot queue packets of its own making, for another destination
---     or table, nor can code the row's formatting calls (a cast). Only roles
---     with CREATE on schema golconde could fake that caller.
--- ----------------------------------------------------------------------
-CREATE OR REPLACE FUNCTION golconde.enqueue(p_destination text, p_relation text, p_packet jsonb)
-RETURNS void
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_context text;
-    v_stack   text[];
-BEGIN
-    GET DIAGNOSTICS v_context = PG_CONTEXT;
-    -- line 1: this function; 2: the caller's statement; 3: the caller
-    v_stack := string_to_array(v_context, E'\n');
-    IF coalesce(v_stack[2], '') <> 'SQL statement "SELECT golconde.enqueue(v_destination, v_relation, v_packet)"'
-       OR coalesce(v_stack[3], '') !~ '^PL/pgSQL function golconde\.capture(_plpgsql)?\(\) line [0-9]+ at PERFORM$' THEN
-        RAISE EXCEPTION 'golconde.enqueue() only takes packets from the golconde.capture() trigger'
-            USING ERRCODE = 'insufficient_privilege';
-    END IF;
-    INSERT INTO golconde.queue (destination, relation, packet)
-    VALUES (p_destination, p_relation, p_packet);
-END;
-$$;
-
-REVOKE ALL ON FUNCTION golconde.enqueue(text, text, jsonb) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION golconde.enqueue(text, text, jsonb) TO PUBLIC;
-GRANT USAGE ON SCHEMA golconde TO PUBLIC;
-
-COMMENT ON FUNCTION golconde.enqueue(text, text, jsonb) IS
-    'Golconde: the queue insert of the PL/pgSQL capture; refuses any other caller';
-
--- ----------------------------------------------------------------------
 -- Function: golconde.capture_plpgsql()
 --
 --     The PL/pgSQL capture trigger: the reference, and the body of
@@ -79,23 +34,15 @@ COMMENT ON FUNCTION golconde.enqueue(text, text, jsonb) IS
 --     TRUNCATE is not captured.
 --
 -- Security:
---     SECURITY INVOKER, as the C function: the row is formatted with the
---     writer's rights, so a user-defined cast to json (which to_jsonb()
---     calls, and which any owner of a captured table can create for a type
---     of its own) runs as the writer. When this function was SECURITY
---     DEFINER, such a cast ran as the function's owner: a table owner could
---     make itself superuser. The queue insert goes through
---     golconde.enqueue() (below), SECURITY DEFINER, so writers still need
---     no rights on golconde.queue (USAGE on schema golconde and EXECUTE on
---     golconde.enqueue(), granted to PUBLIC). EXECUTE on this function is
---     revoked from PUBLIC, so only roles granted it can attach it to a table
---     (CREATE TRIGGER checks it). search_path is pinned and every object is
---     schema-qualified.
+--     SECURITY DEFINER, so writers of a captured table need no rights on
+--     golconde.queue; EXECUTE is revoked from PUBLIC, so only roles granted
+--     it can attach this function to a table (CREATE TRIGGER checks it).
+--     search_path is pinned and every object is schema-qualified.
 -- ----------------------------------------------------------------------
 CREATE OR REPLACE FUNCTION golconde.capture_plpgsql()
 RETURNS trigger
 LANGUAGE plpgsql
-SECURITY INVOKER
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET DateStyle = 'ISO, MDY'
 SET IntervalStyle = postgres
@@ -104,7 +51,6 @@ SET bytea_output = hex
 AS $$
 DECLARE
     v_destination text;
-    v_relation    text := quote_ident(TG_TABLE_SCHEMA) || '.' || quote_ident(TG_TABLE_NAME);
     v_old         jsonb;
     v_restriction jsonb := '{}'::jsonb;
     v_packet      jsonb;
@@ -151,8 +97,8 @@ BEGIN
             TG_OP, TG_NAME, quote_ident(TG_TABLE_SCHEMA), quote_ident(TG_TABLE_NAME);
     END IF;
 
-    -- golconde.enqueue() accepts this very statement only (see it)
-    PERFORM golconde.enqueue(v_destination, v_relation, v_packet);
+    INSERT INTO golconde.queue (destination, relation, packet)
+    VALUES (v_destination, quote_ident(TG_TABLE_SCHEMA) || '.' || quote_ident(TG_TABLE_NAME), v_packet);
     RETURN NULL;
 END;
 $$;

@@ -14,9 +14,10 @@
 --     not allowed) names why; other errors (a lock timeout...) abort the
 --     install. Exception: a C golconde.capture() that this role may not
 --     replace (creating a C function needs a superuser) stays as it is,
---     with a WARNING. The PL/pgSQL fallback is SECURITY INVOKER, as the C
---     function: it formats the row with the writer's rights, and inserts
---     into the queue through golconde.enqueue() (capture.sql).
+--     with a WARNING. The PL/pgSQL fallback is SECURITY DEFINER: it formats
+--     the row as the owner of schema golconde's functions, so make that
+--     owner a role without more rights than it needs where user-defined
+--     casts to json exist.
 --
 --     A server process keeps the library it loaded first: after replacing
 --     golconde_capture.so, reconnect (or restart the server) before
@@ -75,7 +76,7 @@ BEGIN
     IF v_reason IS NOT NULL THEN
         EXECUTE pg_catalog.format(
             'CREATE OR REPLACE FUNCTION golconde.capture() RETURNS trigger LANGUAGE plpgsql'
-            ' SECURITY INVOKER SET search_path = pg_catalog, pg_temp SET DateStyle = ''ISO, MDY'''
+            ' SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET DateStyle = ''ISO, MDY'''
             ' SET IntervalStyle = postgres'
             ' SET extra_float_digits = 1 SET bytea_output = hex AS %L',
             (SELECT prosrc FROM pg_catalog.pg_proc
