@@ -15,9 +15,11 @@
 --     install. Exception: a C golconde.capture() that this role may not
 --     replace (creating a C function needs a superuser) stays as it is,
 --     with a WARNING. The PL/pgSQL fallback is SECURITY DEFINER: it formats
---     the row as the owner of schema golconde's functions, so make that
---     owner a role without more rights than it needs where user-defined
---     casts to json exist.
+--     the row as the owner of schema golconde's functions, and a
+--     user-defined cast to json (any owner of a captured table can create
+--     one for a type of its own) then runs as that owner: the install warns
+--     when it is a superuser; give the functions to a role without more
+--     rights than the queue insert needs (README, "Trigger-based flow").
 --
 --     A server process keeps the library it loaded first: after replacing
 --     golconde_capture.so, reconnect (or restart the server) before
@@ -86,6 +88,10 @@ BEGIN
                 v_reason;
         ELSE
             RAISE WARNING 'golconde.capture() is in PL/pgSQL: golconde_capture cannot be used: %', v_reason;
+        END IF;
+        IF (SELECT r.rolsuper FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_roles r ON r.oid = p.proowner
+            WHERE p.oid = 'golconde.capture()'::pg_catalog.regprocedure) THEN
+            RAISE WARNING 'golconde.capture() is in PL/pgSQL, SECURITY DEFINER and owned by a superuser: a user-defined cast to json of a captured column runs as that superuser, and any owner of a captured table can create one for a type of its own; give golconde.capture() and golconde.capture_plpgsql() to a role without superuser (README, "Trigger-based flow")';
         END IF;
     END IF;
     REVOKE ALL ON FUNCTION golconde.capture() FROM PUBLIC;
