@@ -47,7 +47,8 @@ from . import schema as schema_module
 from .errors import (DEAD, RECONNECT, RETRY, SCHEMA, SESSION_SQLSTATES, GolcondeError, PacketError,
                      StopListener, ValueTypeError, classify, describe, lone_surrogate)
 from .handlers.base import Handler
-from .packet import MAX_PACKET_BYTES, dumps, fanout_text, Group, Packet, parse_message, utf8_size_over
+from .packet import (MAX_PACKET_BYTES, Action, dumps, fanout_text, Group, Packet, parse_message,
+                     utf8_size_over)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -569,7 +570,10 @@ class Applier:
                     self._count_retry()
                     self.sleep(backoff(attempts))
                     continue
-                reason = describe(exc)
+                # a key's DETAIL is the packet's own values only when it inserted its own row
+                reason = describe(exc, own_row=all(
+                    getattr(member, "action", None) is Action.ADD
+                    for member in (packet.packets if isinstance(packet, Group) else (packet,))))
                 where = self._explain(cur, packet, exc) if fate == DEAD else None
                 if where:
                     reason = "%s: %s" % (where, reason)

@@ -72,7 +72,9 @@ REPLY_HEADER = "reply-to"
 #: Outcome statuses as written in replies.
 REPLY_STATUS = {APPLIED: "applied", DUPLICATE: "duplicate", DEAD_LETTER: "dead-lettered"}
 #: Destinations a reply may be sent to (queues only: a topic reply would be lost unread).
-REPLY_TO_RE = re.compile(r"/(?:queue|amq/queue|temp-queue|reply-queue)/\S+")
+#: A queue a reply may go to: one name, no comma (ActiveMQ reads "/queue/a,/queue/b" as both
+#: queues: a composite destination could reach one of Golconde's own).
+REPLY_TO_RE = re.compile(r"/(?:queue|amq/queue|temp-queue|reply-queue)/[^\s,]+")
 
 
 def check_mappings(listener: Listener, db: Any) -> None:
@@ -210,7 +212,8 @@ class ClientDestination(QueueConsumer):
         "reason": <why it was dead-lettered, else null>}``. ``duplicate`` means the id had been
         applied before (a re-sent or redelivered message; its changes are in).
 
-        A ``reply-to`` that is not a queue, or that names a queue or dead-letter queue of the
+        A ``reply-to`` that is not one queue (ActiveMQ's composite destinations, comma-separated,
+        are refused), or that names a queue or dead-letter queue of the
         running configuration (:attr:`consumed_queues`, this destination's and its targets' at
         least; ``/amq/queue/x`` is ``/queue/x``), is refused (logged): a reply must never be
         consumed as a packet. Replies are best effort: when the broker refuses or does not confirm them, that

@@ -144,20 +144,28 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-#: SQLSTATEs whose DETAIL shows values of the database rather than of the packet: not-null and
-#: check violations (``Failing row contains (...)``: every column of the row, those the packet did
-#: not name included), exclusion violations (the existing row's key).
-ROW_DETAIL_STATES = frozenset({"23502", "23514", "23P01"})
+#: SQLSTATEs whose DETAIL may show values of the database rather than of the packet: every
+#: integrity constraint violation (class 23: a not-null or check violation's ``Failing row
+#: contains (...)``, every column of the row; a unique or foreign key over several columns, of
+#: which an update names one, shows the row's others; an exclusion violation, the existing row's
+#: key), and a deadlock (the other sessions' statements).
+ROW_DETAIL_STATES = frozenset({"23000", "23001", "23502", "23503", "23505", "23514", "23P01",
+                               "40P01"})
+#: Of those, the ones whose DETAIL shows only the written row's key, which is the packet's own
+#: when the statement inserted a row made of the packet (:func:`describe`'s ``own_row``).
+KEY_DETAIL_STATES = frozenset({"23503", "23505"})
 
 
-def describe(exc: BaseException) -> str:
+def describe(exc: BaseException, own_row: bool = False) -> str:
     """One-line description of an exception for logs and dead-letter headers (at most 1000 chars).
 
     For psycopg2 errors it is ``SQLSTATE <code>: <message>`` (the primary message, without the
     ``ERROR:`` severity), with `` (<detail>)`` when the server gave one, except where the detail
     shows values the packet did not carry (:data:`ROW_DETAIL_STATES`: ``Failing row contains
     (...)``, every column of the row, or another row's key): these texts reach the sender (its
-    outcome), the dead-letter queue, the logs and ``/stats``.
+    outcome), the dead-letter queue, the logs and ``/stats``. With ``own_row`` (the statement
+    inserted rows made of the packet's values: an add), a unique or foreign key's DETAIL
+    (:data:`KEY_DETAIL_STATES`: ``Key (id)=(1) already exists``) is kept.
     """
     if isinstance(exc, psycopg2.Error) and getattr(exc, "pgcode", None):
         diag = getattr(exc, "diag", None)
@@ -165,7 +173,8 @@ def describe(exc: BaseException) -> str:
         first = (exc.pgerror or str(exc)).strip().splitlines()
         text = "SQLSTATE %s: %s" % (exc.pgcode, primary or (first[0] if first else type(exc).__name__))
         detail = getattr(diag, "message_detail", None) if diag is not None else None
-        if detail and exc.pgcode not in ROW_DETAIL_STATES:
+        if detail and (exc.pgcode not in ROW_DETAIL_STATES
+                       or (own_row and exc.pgcode in KEY_DETAIL_STATES)):
             text += " (%s)" % detail
     elif lone_surrogate(exc):
         assert isinstance(exc, UnicodeEncodeError)

@@ -240,24 +240,31 @@ def test_every_dead_letter_is_logged_with_its_id_and_reason(conn, role, caplog):
 
 
 def test_a_dead_letter_reason_shows_no_values_the_packet_did_not_carry(conn):
-    """A check, not-null or exclusion violation's DETAIL shows the whole row (or another row's
-    key): a sender allowed only to write would read through its outcome, the dead-letter queue
-    or /stats any column of any row whose key it knows. The reason names the constraint only."""
+    """A constraint violation's DETAIL may show values the packet did not carry: a check or
+    not-null violation's whole row, a unique or foreign key over several columns of which an
+    update names one (the row's other columns): a sender allowed only to write would read
+    through its outcome, the dead-letter queue or /stats any column of any row whose key it
+    knows. The reason names the constraint only."""
     with conn.cursor() as cur:
         cur.execute("CREATE TABLE accounts (id int PRIMARY KEY, qty int CHECK (qty >= 0),"
-                    " note text NOT NULL DEFAULT '', secret text)")
-        cur.execute("INSERT INTO accounts VALUES (1, 5, 'n', 'the-secret')")
+                    " note text NOT NULL DEFAULT '', login text, secret text,"
+                    " UNIQUE (login, secret))")
+        cur.execute("INSERT INTO accounts VALUES (1, 5, 'n', 'alice', 'the-secret'),"
+                    " (2, 5, 'n', 'bob', 'the-secret')")
     conn.commit()
     applier = Applier(AutoSQL("accounts", role="target"), "leak")
     bodies = [dumps(packet("update", {"qty": -1}, {"id": 1})).encode(),
               dumps(packet("update", {"note": None}, {"id": 1})).encode(),
+              dumps(packet("update", {"login": "alice"}, {"id": 2})).encode(),
               dumps(packet("add", {"id": 1, "qty": 2})).encode()]
     outcomes = applier.apply_batch(conn, [("k%d" % i, body) for i, body in enumerate(bodies)])
     reasons = [o.reason for o in outcomes]
     assert all(o.status == "dead" for o in outcomes), reasons
     assert "violates check constraint" in reasons[0] and "null value in column" in reasons[1]
+    assert "duplicate key value violates unique constraint" in reasons[2]
     assert not any("the-secret" in r or "Failing row" in r for r in reasons), reasons
-    assert "Key (id)=(1) already exists" in reasons[2]      # the packet's own key: kept
+    assert "Key (" not in reasons[2]
+    assert "Key (id)=(1) already exists" in reasons[3]      # an add's row is the packet's own
 
 
 @pytest.fixture
