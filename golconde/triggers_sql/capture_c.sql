@@ -17,11 +17,9 @@
 --     with a WARNING. The PL/pgSQL fallback is SECURITY DEFINER: it formats
 --     the row as the owner of schema golconde's functions, and a
 --     user-defined cast to json (any owner of a captured table can create
---     one for a type of its own) then runs as that owner. When that owner is
---     a superuser, a superuser's install gives both capture functions to
---     role golconde_capture (NOLOGIN, created if missing), which may only
---     insert into the queue; anyone else's install warns (README,
---     "Trigger-based flow").
+--     one for a type of its own) then runs as that owner: the install warns
+--     when it is a superuser; give the functions to a role without more
+--     rights than the queue insert needs (README, "Trigger-based flow").
 --
 --     A server process keeps the library it loaded first: after replacing
 --     golconde_capture.so, reconnect (or restart the server) before
@@ -93,26 +91,7 @@ BEGIN
         END IF;
         IF (SELECT r.rolsuper FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_roles r ON r.oid = p.proowner
             WHERE p.oid = 'golconde.capture()'::pg_catalog.regprocedure) THEN
-            -- SECURITY DEFINER: a user-defined cast to json of a captured column runs as the
-            -- owner. A superuser installing gives both capture functions to golconde_capture,
-            -- a role that may do nothing but the queue insert (created NOLOGIN if missing; one
-            -- of that name with more attributes is not used)
-            IF (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user)
-               AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'golconde_capture'
-                               AND (rolsuper OR rolcanlogin OR rolcreaterole OR rolcreatedb
-                                    OR rolreplication OR rolbypassrls)) THEN
-                IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'golconde_capture') THEN
-                    CREATE ROLE golconde_capture NOLOGIN;
-                END IF;
-                GRANT USAGE ON SCHEMA golconde TO golconde_capture;
-                GRANT INSERT ON golconde.queue TO golconde_capture;
-                GRANT USAGE ON SEQUENCE golconde.queue_id_seq TO golconde_capture;
-                ALTER FUNCTION golconde.capture() OWNER TO golconde_capture;
-                ALTER FUNCTION golconde.capture_plpgsql() OWNER TO golconde_capture;
-                RAISE NOTICE 'golconde.capture() is in PL/pgSQL and SECURITY DEFINER: it now belongs to role golconde_capture, which may only insert into golconde.queue, so that a user-defined cast to json of a captured column does not run as a superuser';
-            ELSE
-                RAISE WARNING 'golconde.capture() is in PL/pgSQL, SECURITY DEFINER and owned by a superuser: a user-defined cast to json of a captured column runs as that superuser, and any owner of a captured table can create one for a type of its own; give golconde.capture() and golconde.capture_plpgsql() to a role without superuser (README, "Trigger-based flow")';
-            END IF;
+            RAISE WARNING 'golconde.capture() is in PL/pgSQL, SECURITY DEFINER and owned by a superuser: a user-defined cast to json of a captured column runs as that superuser, and any owner of a captured table can create one for a type of its own; give golconde.capture() and golconde.capture_plpgsql() to a role without superuser (README, "Trigger-based flow")';
         END IF;
     END IF;
     REVOKE ALL ON FUNCTION golconde.capture() FROM PUBLIC;
