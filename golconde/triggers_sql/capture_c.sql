@@ -16,10 +16,10 @@
 --     replace (creating a C function needs a superuser) stays as it is,
 --     with a WARNING. The PL/pgSQL fallback is SECURITY DEFINER: it formats
 --     the row as the owner of schema golconde's functions, and a
---     user-defined cast to json (any owner of a captured table can create
---     one for a type of its own) then runs as that owner: the install warns
---     when it is a superuser; give the functions to a role without more
---     rights than the queue insert needs (README, "Trigger-based flow").
+--     user-defined cast to json (any owner of a captured table, or of the
+--     type of one of its columns, can create one) then runs as that owner,
+--     who may also alter the function itself and so reach every writer's
+--     session: the install warns (README, "Trigger-based flow").
 --
 --     A server process keeps the library it loaded first: after replacing
 --     golconde_capture.so, reconnect (or restart the server) before
@@ -89,10 +89,9 @@ BEGIN
         ELSE
             RAISE WARNING 'golconde.capture() is in PL/pgSQL: golconde_capture cannot be used: %', v_reason;
         END IF;
-        IF (SELECT r.rolsuper FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_roles r ON r.oid = p.proowner
-            WHERE p.oid = 'golconde.capture()'::pg_catalog.regprocedure) THEN
-            RAISE WARNING 'golconde.capture() is in PL/pgSQL, SECURITY DEFINER and owned by a superuser: a user-defined cast to json of a captured column runs as that superuser, and any owner of a captured table can create one for a type of its own; give golconde.capture() and golconde.capture_plpgsql() to a role without superuser (README, "Trigger-based flow")';
-        END IF;
+        RAISE WARNING 'golconde.capture() is in PL/pgSQL and SECURITY DEFINER: a user-defined cast to json of the type of a captured column runs as its owner, %, and whoever owns a captured table or the type of one of its columns can create one; let only roles you trust as much own them, or install the C capture (README, "Trigger-based flow")',
+            (SELECT p.proowner::pg_catalog.regrole FROM pg_catalog.pg_proc p
+             WHERE p.oid = 'golconde.capture()'::pg_catalog.regprocedure);
     END IF;
     REVOKE ALL ON FUNCTION golconde.capture() FROM PUBLIC;
     COMMENT ON FUNCTION golconde.capture() IS
