@@ -161,20 +161,13 @@ def compare_config(config: Any, destination_name: Optional[str] = None,
         for target in _values(getattr(destination, "targets", None)):
             handler = getattr(target, "function_name", "AutoSQL")
             try:
-                custom = _custom(handler)
-            except ConfigError as exc:
-                results.append((destination.name, target.name, CompareResult(
-                    False, None, None, None, None, (), error=str(exc))))
-                continue
-            if custom and not handlers:
-                results.append((destination.name, target.name, CompareResult(
-                    False, None, None, None, None, (), skipped="handler %s writes %s its own way"
-                    " (--handlers compares it column by column all the same)"
-                    % (handler, target.target))))
-                continue
-            try:
-                result = compare(destination.pgsql, destination.target, target.pgsql, target.target,
-                                 getattr(target, "mapping", None) or None)
+                if _custom(handler) and not handlers:      # ConfigError: it cannot be loaded
+                    result = CompareResult(False, None, None, None, None, (), skipped=(
+                        "handler %s writes %s its own way (--handlers compares it column by"
+                        " column all the same)" % (handler, target.target)))
+                else:
+                    result = compare(destination.pgsql, destination.target, target.pgsql,
+                                     target.target, getattr(target, "mapping", None) or None)
             except (GolcondeError, psycopg2.Error) as exc:
                 LOGGER.error("destination %s, target %s: cannot compare: %s", destination.name,
                              target.name, describe(exc))

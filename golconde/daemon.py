@@ -46,7 +46,7 @@ def build_listeners(config: Any, registry: Registry,
     raises :class:`~golconde.errors.ConfigError` before anything connects.
 
     :param feeds: what the daemon's targets feed (:mod:`golconde.feeds`), shared by the
-        listeners it runs (default: a graph of their own).
+        listeners it runs (default: each listener keeps a graph of its own).
     :raises ConfigError: every listener's problem (a handler that cannot be loaded or refuses its
         settings), one line each under its key path; also when ``only`` names a listener the
         configuration does not have.
@@ -85,9 +85,9 @@ def build_listeners(config: Any, registry: Registry,
         discard_listeners(listeners.values())
         raise ConfigError("\n".join(problems))
     share_consumed_queues(listeners.values(), config)
-    feeds = feeds or FeedGraph()
-    for listener in listeners.values():
-        listener.feeds = feeds
+    if feeds is not None:
+        for listener in listeners.values():
+            listener.feeds = feeds
     return listeners
 
 

@@ -467,6 +467,10 @@ class BatchEntry:
         return self.parent.generation
 
     @property
+    def received(self) -> float:
+        return self.parent.received
+
+    @property
     def redelivered(self) -> bool:
         return self.parent.redelivered
 
@@ -506,9 +510,7 @@ def _created(delivery: Delivery) -> Optional[float]:
         if math.isfinite(value) and value > 0 and (
                 name == CREATED_HEADER or 1e9 < value < time.time() + 86400):
             return value                # (a sender's own "timestamp" may be anything)
-    received = getattr(delivery, "received", 0.0) or getattr(getattr(delivery, "parent", None),
-                                                             "received", 0.0)
-    return received or None
+    return delivery.received or None
 
 
 def expand(deliveries: Sequence[Delivery]) -> Tuple[List[Delivery], List[Tuple[str, Any]]]:

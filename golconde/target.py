@@ -65,11 +65,13 @@ class TargetListener(QueueConsumer):
         relation = str(schema_module.parse_relation(self.config.target))
         drains = self.feeds.drains()
         try:
-            with db.cursor() as cur:
-                named = [name for name in trigger.capturing_destinations(cur, relation)
-                         if name in drains]
-                fed = trigger.draining_here(cur, {name: drains[name] for name in named})
-            db.rollback()
+            fed = []
+            if drains:                  # no trigger-mode destination here: nothing to feed
+                with db.cursor() as cur:
+                    named = [name for name in trigger.capturing_destinations(cur, relation)
+                             if name in drains]
+                    fed = trigger.draining_here(cur, {name: drains[name] for name in named})
+                db.rollback()
         except psycopg2.Error as exc:
             if db.closed:
                 raise

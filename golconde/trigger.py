@@ -400,18 +400,11 @@ def key_mismatches(cursor: Any, destination: str) -> List[KeyMismatch]:
 
     :returns: one :class:`KeyMismatch` per such trigger, by table name.
     """
-    cursor.execute(
-        "SELECT n.nspname, c.relname, t.tgname, t.tgnargs, t.tgargs"
-        "  FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
-        "  JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE t.tgname = %s AND NOT t.tgisinternal AND t.tgparentid = 0"
-        "   AND t.tgfoid = to_regprocedure('golconde.capture()')"
-        " ORDER BY 1, 2", (trigger_name(destination),))
     found = []
-    for schema, table, name, nargs, raw in cursor.fetchall():
-        arguments = _trigger_arguments(nargs, raw)
+    for schema, table, name, _, arguments in _capture_triggers(cursor, destination,
+                                                                trigger_name(destination)):
         captured = tuple(arguments[1:])
-        if arguments[:1] != [destination] or not captured:
+        if not captured:
             continue
         key = _primary_key(cursor, schema, table)
         if set(key) != set(captured):
@@ -424,6 +417,24 @@ def _trigger_arguments(nargs: int, raw: Any) -> List[str]:
     return [bytes(item).decode("utf-8", "replace") for item in bytes(raw).split(b"\0")[:nargs]]
 
 
+def _capture_triggers(cursor: Any, destination: str, name: Optional[str] = None
+                      ) -> List[Tuple[str, str, str, str, List[str]]]:
+    """``(schema, table, trigger name, tgenabled, arguments)`` of each trigger executing
+    ``golconde.capture()`` for ``destination`` (its first argument), named ``name`` if given,
+    in ``cursor``'s database, by table and name; not the copies a partition inherits from its
+    partitioned table (``tgparentid``). One catalog query."""
+    cursor.execute(
+        "SELECT n.nspname, c.relname, t.tgname, t.tgenabled, t.tgnargs, t.tgargs"
+        "  FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+        "  JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE (t.tgname = %(name)s OR %(name)s IS NULL) AND NOT t.tgisinternal"
+        "   AND t.tgparentid = 0 AND t.tgfoid = to_regprocedure('golconde.capture()')"
+        " ORDER BY 1, 2, 3", {"name": name})
+    rows = [(schema, table, trigger, str(enabled), _trigger_arguments(nargs, raw))
+            for schema, table, trigger, enabled, nargs, raw in cursor.fetchall()]
+    return [row for row in rows if row[4][:1] == [destination]]
+
+
 def capture_problem(cursor: Any, destination: str) -> Optional[str]:
     """What keeps changes from being captured for ``destination`` in ``cursor``'s database, or
     None: no capture trigger of its on any table (never installed, removed, or the destination
@@ -433,16 +444,8 @@ def capture_problem(cursor: Any, destination: str) -> Optional[str]:
     (``ENABLE REPLICA TRIGGER``, a canonical database fed by logical replication) fires. Any
     trigger calling ``golconde.capture()`` for the destination counts, whatever its name. One
     catalog query."""
-    cursor.execute(
-        "SELECT n.nspname, c.relname, t.tgname, t.tgenabled, t.tgnargs, t.tgargs"
-        "  FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
-        "  JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE NOT t.tgisinternal AND t.tgparentid = 0"
-        "   AND t.tgfoid = to_regprocedure('golconde.capture()')"
-        " ORDER BY 1, 2, 3")
-    found = [(quote_relation(schema, table), name, str(enabled))
-             for schema, table, name, enabled, nargs, raw in cursor.fetchall()
-             if _trigger_arguments(nargs, raw)[:1] == [destination]]
+    found = [(quote_relation(schema, table), name, enabled)
+             for schema, table, name, enabled, _ in _capture_triggers(cursor, destination)]
     if not found:
         return ("no capture trigger of destination %s in its canonical database: nothing written"
                 " there is captured for it (run 'golconde trigger install --destination %s')"

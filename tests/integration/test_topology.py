@@ -61,11 +61,17 @@ def test_a_trigger_destination_without_a_capture_trigger_that_fires_is_a_standin
         _install(canonical, name)
         wait_for(lambda: not stats.snapshot()["problems"], timeout=20, message="cleared")
         quoted = '"%s"' % trigger.trigger_name(name)
-        execute(canonical, "ALTER TABLE public.u DISABLE TRIGGER %s" % quoted)
-        wait_for(lambda: stats.snapshot()["problems"], timeout=20, message="disabled reported")
-        assert stats.snapshot()["problems"] == [
-            "capture trigger %s on public.u is disabled: its changes are not captured (ALTER TABLE"
-            " public.u ENABLE TRIGGER %s)" % (trigger.trigger_name(name), quoted)]
+
+        def disable(table):
+            """Disable the destination's trigger on ``table``: that table is reported."""
+            execute(canonical, "ALTER TABLE %s DISABLE TRIGGER %s" % (table, quoted))
+            wait_for(lambda: stats.snapshot()["problems"], timeout=20,
+                     message="%s's trigger reported" % table)
+            assert stats.snapshot()["problems"] == [
+                "capture trigger %s on %s is disabled: its changes are not captured (ALTER TABLE"
+                " %s ENABLE TRIGGER %s)" % (trigger.trigger_name(name), table, table, quoted)]
+
+        disable("public.u")
         # fires for replicated changes only: a canonical database fed by logical replication
         execute(canonical, "ALTER TABLE public.u ENABLE REPLICA TRIGGER %s" % quoted)
         wait_for(lambda: not stats.snapshot()["problems"], timeout=20, message="cleared again")
@@ -73,11 +79,7 @@ def test_a_trigger_destination_without_a_capture_trigger_that_fires_is_a_standin
         # one table's trigger disabled while another table's fires: that table is reported
         execute(canonical, "CREATE TABLE public.w (id integer PRIMARY KEY)")
         _install(canonical, name, "public.w")
-        execute(canonical, "ALTER TABLE public.w DISABLE TRIGGER %s" % quoted)
-        wait_for(lambda: stats.snapshot()["problems"], timeout=20, message="w's trigger reported")
-        assert stats.snapshot()["problems"] == [
-            "capture trigger %s on public.w is disabled: its changes are not captured (ALTER TABLE"
-            " public.w ENABLE TRIGGER %s)" % (trigger.trigger_name(name), quoted)]
+        disable("public.w")
         execute(canonical, "DROP TRIGGER %s ON public.w" % quoted)
         wait_for(lambda: not stats.snapshot()["problems"], timeout=20, message="cleared")
         # a trigger of another name calling golconde.capture() for the destination counts
