@@ -272,6 +272,7 @@ class _InFlight:
     dead: int                      # rows dead-lettered (already confirmed)
     started: float                 # time.monotonic() when the batch was fetched
     created: float                 # capture time of its last row (epoch seconds), for the lag
+    first_created: float           # capture time of its first row, for the live lag
 
 
 class TriggerDestination(Listener):
@@ -308,6 +309,9 @@ class TriggerDestination(Listener):
         self._stuck_since: Dict[str, float] = {}
         self._stuck_logged: Set[Tuple[str, str]] = set()
         self._may_truncate = True
+        #: epoch seconds since when the current cycle works (fetch, sends, confirmations,
+        #: statements), None while it waits for changes: for the live lag (_live_figures)
+        self._busy_since: Optional[float] = None
 
     def ready(self) -> bool:
         return (super().ready() and self.locked and self.listen_db is not None
@@ -316,6 +320,26 @@ class TriggerDestination(Listener):
     def announce(self) -> None:
         # the daemon's targets look for this drain's sessions in their databases (cycles)
         self.feeds.drain_started(id(self), self.config.name, self.application_name)
+        # its live figures from now on (not at construction: see QueueConsumer.announce)
+        self.stats.set_live(self._live_figures)
+
+    def _live_figures(self) -> Tuple[Optional[int], Optional[float]]:
+        """Rows sent and not yet confirmed, and the oldest of: the capture time of the first of
+        them, and the start of the cycle in progress (:meth:`golconde.stats.ThreadStats.set_live`).
+        Read by the HTTP thread, so that a drain stuck on a lock (a fetch, a position save) or
+        on a broker that does not confirm shows a growing lag: no change committed meanwhile can
+        be distributed, even when none was waiting as it started. A working cycle lasts
+        milliseconds; waits for new changes (poll, ``batch_linger``) do not count."""
+        try:
+            batches = list(self._in_flight)
+        except RuntimeError:        # changed by the drain's thread while read: unknown this time
+            return None, self._busy_since
+        held = sum(batch.rows for batch in batches)
+        times = [batch.first_created for batch in batches[:1]]
+        busy = self._busy_since
+        if busy is not None:
+            times.append(busy)
+        return held, min(times) if times else None
 
     def finish(self) -> None:
         self.feeds.drain_stopped(id(self), self.config.name)
@@ -415,6 +439,13 @@ class TriggerDestination(Listener):
         """
         if not self.locked:
             return
+        self._busy_since = time.time()
+        try:
+            self._cycle()
+        finally:
+            self._busy_since = None
+
+    def _cycle(self) -> None:
         self._settle(keep=self.max_pipeline - 1)
         self._rotate()
         self._mapping_check.when_due(self, self.db)
@@ -476,7 +507,8 @@ class TriggerDestination(Listener):
         count, receipts = self.fanout.send_async(packets)
         self._in_flight.add(receipts, _InFlight(len(rows), after, count,
                                                 [packet for _, packet in good], len(dead), started,
-                                                rows[-1].created_at.timestamp()))
+                                                rows[-1].created_at.timestamp(),
+                                                rows[0].created_at.timestamp()))
         if not full:
             self.stats.set_backlog(0)   # the fetch took everything committed: nothing was left
         else:
@@ -701,6 +733,16 @@ class TriggerDestination(Listener):
                          for pid, mode, state, age in rows) or "no session seen holding it"
 
     def _wait_for_notify(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for a NOTIFY of the capture (or the stop), not
+        counted as busy for the live lag; the work after it is, from its end."""
+        busy, self._busy_since = self._busy_since, None
+        try:
+            self._wait(timeout)
+        finally:
+            if busy is not None:
+                self._busy_since = time.time()
+
+    def _wait(self, timeout: float) -> None:
         conn = self.listen_db
         if conn is None:
             self._stopping.wait(timeout)

@@ -80,6 +80,37 @@ def test_changes_are_distributed_and_rollbacks_are_not(trigger_flow):
              message="queue table drained")
 
 
+def test_a_drain_stuck_on_a_lock_shows_a_growing_lag(trigger_flow):
+    """A drain whose fetch waits on a lock (here on golconde.queue) showed the lag of its last
+    batch, 0, while nothing could be distributed: /health said ok. The cycle in progress now
+    counts in the live lag, which falls back to 0 once the lock is gone."""
+    from golconde.metrics import health
+    canonical, daemon = trigger_flow["canonical"], trigger_flow["daemon"]
+    name = trigger_flow["destination"].thread_name
+    stats = daemon.registry.get(name)
+    execute(canonical, "INSERT INTO accounts (aid) VALUES (1)")
+    wait_for(lambda: all(query(t, "SELECT count(*) FROM accounts")[0][0] == 1
+                         for t in trigger_flow["targets"]), message="warm-up distributed")
+    wait_for(lambda: stats.snapshot()["lag"] == 0.0, timeout=10, message="idle lag 0")
+    assert health(daemon.registry.snapshot(), max_backlog=10000, max_lag=1.0)[0]
+    locker = psycopg2.connect(canonical)
+    try:
+        with locker.cursor() as cur:
+            cur.execute("LOCK TABLE golconde.queue IN ACCESS EXCLUSIVE MODE")
+        locked = time.time()
+        wait_for(lambda: (stats.snapshot()["lag"] or 0) > 2.0, timeout=20,
+                 message="the stuck drain's lag growing")
+        assert stats.snapshot()["lag"] <= time.time() - locked + 1.0
+        ok, document = health(daemon.registry.snapshot(), max_backlog=10000, max_lag=1.0)
+        assert not ok and any(r.startswith("%s: lag " % name) for r in document["reasons"]), document
+    finally:
+        locker.rollback()
+        locker.close()
+    wait_for(lambda: stats.snapshot()["lag"] == 0.0, timeout=10, message="lag back to 0")
+    execute(canonical, "INSERT INTO accounts (aid) VALUES (2)")
+    wait_for(lambda: equal(trigger_flow), message="distributing again after the lock")
+
+
 def test_a_change_over_the_packet_size_limit_is_dead_lettered_with_its_reason(trigger_flow):
     """A captured row whose packet exceeds MAX_PACKET_BYTES (too large for a broker message) is
     dead-lettered with the reason and what identifies the change (queue id, packet id, table,
