@@ -23,6 +23,9 @@ Shape (the 2009 keys, plus those marked NEW)::
         batch_linger (s, trigger mode; 0.02): NEW, how long a batch that was not full may
             gather more packets before the next fetch (0-1; 0 = fetch again at once)
         (poll_interval and batch_linger are refused in client mode, where they would do nothing)
+        reply_queues: [pattern, ...]: NEW, client mode only: the queues a sender's reply-to may
+            name (fnmatch patterns such as /queue/app.replies.*); default: any queue that is
+            not one of the configuration's (see destination.ClientDestination.send_replies)
         Targets: {<name>: {stomp, queue, pgsql, target, function_name | handler, dead_letter_queue,
                            settings, login, passcode, prefetch, batch_size, batch_bytes,
                            max_retries, ledger_retention,
@@ -45,6 +48,7 @@ one per line, as ``<key path>: <what was wrong>``; the exception also carries ``
 of those lines) and ``source``.
 """
 import difflib
+import fnmatch
 import ipaddress
 import logging
 import math
@@ -78,6 +82,9 @@ DEFAULT_POLL_INTERVAL = 0.05
 DEFAULT_BATCH_LINGER = 0.02
 #: Destination settings of trigger mode only: a client-mode destination that sets one is refused.
 TRIGGER_ONLY = ("poll_interval", "batch_linger")
+#: What a reply-to, and so a ``reply_queues`` pattern, may name: one queue (no comma: ActiveMQ's
+#: composite destinations), under a prefix both brokers read as a queue.
+REPLY_TO_RE = re.compile(r"/(?:queue|amq/queue|temp-queue|reply-queue)/[^\s,]+")
 DEFAULT_LEDGER_RETENTION = float(ledger.DEFAULT_RETENTION)
 MODES = ("client", "trigger")
 LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -240,6 +247,9 @@ class DestinationConfig(_SafeRepr):
     #: trigger mode: seconds a batch that was not full lets packets gather before the next fetch
     batch_linger: float = DEFAULT_BATCH_LINGER
     targets: Tuple[TargetConfig, ...] = ()
+    #: client mode: fnmatch patterns of the queues replies may go to (None: any queue that is
+    #: not one of the configuration's); see :func:`reply_allowed`
+    reply_queues: Optional[Tuple[str, ...]] = None
 
     def __post_init__(self) -> None:
         TargetConfig.__post_init__(self)  # type: ignore[arg-type]
@@ -307,6 +317,7 @@ def _listener_view(item: Any) -> Dict[str, Any]:
         view.update(_public(item.mapping.as_config()))
     if isinstance(item, DestinationConfig):
         view.update(mode=item.mode, poll_interval=item.poll_interval, batch_linger=item.batch_linger,
+                    reply_queues=None if item.reply_queues is None else list(item.reply_queues),
                     Targets={target.name: _listener_view(target) for target in item.targets})
     return view
 
@@ -466,6 +477,19 @@ def _dsn(value: Any) -> str:
     return value.strip()
 
 
+def _reply_queues(value: Any) -> Tuple[str, ...]:
+    """A list of reply queue patterns (:func:`fnmatch.fnmatchcase`), each one queue's name
+    (:data:`REPLY_TO_RE`) where ``*``, ``?`` and ``[...]`` may stand."""
+    expected = ("a list of queue names or patterns such as /queue/app.replies.* (under /queue/,"
+                " /amq/queue/, /temp-queue/ or /reply-queue/, no comma)")
+    if not isinstance(value, (list, tuple)):
+        _fail("expected %s, got %s" % (expected, _show(value)))
+    wrong = [item for item in value if not isinstance(item, str) or not REPLY_TO_RE.fullmatch(item.strip())]
+    if wrong:
+        _fail("expected %s, got %s" % (expected, ", ".join(_show(item) for item in wrong[:5])))
+    return tuple(item.strip() for item in value)
+
+
 def _mapping(value: Any) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         _fail("expected a mapping, got %s" % _show(value))
@@ -496,6 +520,7 @@ OptString, OptSecret = _field(_text(secret=False)), _field(_text(secret=True))
 OptMapping, RequiredMapping = _field(_mapping), _field(_mapping, required=True)
 Bool, Mode, Seconds = _field(_boolean), _field(_choice(MODES)), _field(_seconds)
 Linger = _field(_linger_seconds)
+ReplyQueues = _field(_reply_queues)
 Port, Heartbeat = _field(_integer(1, 65535)), _field(_integer(0, 3600000))
 Prefetch, BatchSize = _field(_integer(1, 65535)), _field(_integer(1, 1000000))
 #: at most 256 MiB: a listener's STOMP receiver reads no heart-beat while its inbox is full
@@ -585,6 +610,7 @@ class _RawDestination(_RawTarget):
     mode: Mode = None
     poll_interval: Seconds = None
     batch_linger: Linger = None
+    reply_queues: ReplyQueues = None
     Targets: OptMapping = None
 
 
@@ -729,6 +755,9 @@ def _destination(name: Any, data: Any, broker: Any, defaults: Any,
     if mode == "client":
         problems.extend("%s.%s: applies to trigger mode only (this destination is in client mode)"
                         % (path, setting) for setting in TRIGGER_ONLY if getattr(raw, setting) is not None)
+    elif raw.reply_queues is not None:
+        problems.append("%s.reply_queues: applies to client mode only (a trigger-mode destination"
+                        " sends no replies)" % path)
     queue = _pick(raw.queue, "/queue/golconde.%s" % str(name).lower())
     function_name = _handler(raw, path, problems)
     credentials = _credentials(raw, _credentials(broker, (None, None)))
@@ -761,7 +790,8 @@ def _destination(name: Any, data: Any, broker: Any, defaults: Any,
         function_name=function_name, settings=raw.settings or {}, prefetch=prefetch,
         batch_size=batch_size, batch_bytes=batch_bytes, max_retries=max_retries,
         ledger_retention=retention, poll_interval=_pick(raw.poll_interval, DEFAULT_POLL_INTERVAL),
-        batch_linger=_pick(raw.batch_linger, DEFAULT_BATCH_LINGER), targets=targets)
+        batch_linger=_pick(raw.batch_linger, DEFAULT_BATCH_LINGER), targets=targets,
+        reply_queues=raw.reply_queues)
 
 
 #: Keys of the ``Logging`` section: :func:`logging.basicConfig`'s that apply (the 2009 release
@@ -861,6 +891,16 @@ def queue_key(queue: str) -> str:
         if queue.startswith(prefix):
             return "/queue/" + queue[len(prefix):]
     return queue
+
+
+def reply_allowed(reply_to: str, patterns: Optional[Tuple[str, ...]]) -> bool:
+    """Whether a ``reply-to`` matches one of ``patterns`` (a destination's ``reply_queues``;
+    ``None``: any queue matches), both read by :func:`queue_key` (``/amq/queue/x`` matches
+    ``/queue/x*``), compared as :func:`fnmatch.fnmatchcase` does (case-sensitive, as queue names are)."""
+    if patterns is None:
+        return True
+    key = queue_key(reply_to)
+    return any(fnmatch.fnmatchcase(key, queue_key(pattern)) for pattern in patterns)
 
 
 def consumed_queues(config: Any) -> FrozenSet[str]:

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import select
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from . import schema as schema_module
 from .apply import APPLIED, DEAD_LETTER, DUPLICATE, Outcome
 from .broker import (CREATED_HEADER, ID_HEADER, BrokerConnection, BrokerError, Delivery, Outgoing,
                      Receipt, send_all_async)
-from .config import queue_key
+from .config import REPLY_TO_RE, queue_key, reply_allowed
 from .errors import GolcondeError, PacketError, StopListener, describe, printable
 from .listener import Confirmations, Listener, QueueConsumer, _created, connect
 from .packet import dumps, parse
@@ -74,7 +73,6 @@ REPLY_STATUS = {APPLIED: "applied", DUPLICATE: "duplicate", DEAD_LETTER: "dead-l
 #: Destinations a reply may be sent to (queues only: a topic reply would be lost unread).
 #: A queue a reply may go to: one name, no comma (ActiveMQ reads "/queue/a,/queue/b" as both
 #: queues: a composite destination could reach one of Golconde's own).
-REPLY_TO_RE = re.compile(r"/(?:queue|amq/queue|temp-queue|reply-queue)/[^\s,]+")
 
 
 def check_mappings(listener: Listener, db: Any) -> None:
@@ -229,6 +227,10 @@ class ClientDestination(QueueConsumer):
             if not REPLY_TO_RE.fullmatch(reply_to) or queue_key(reply_to) in own:
                 LOGGER.warning("[%s] packet %s: not replying to %r (not a queue, or a queue"
                                " Golconde consumes)", self.name, pid, reply_to[:200])
+                continue
+            if not reply_allowed(reply_to, self.config.reply_queues):
+                LOGGER.warning("[%s] packet %s: not replying to %r (not in reply_queues)",
+                               self.name, pid, reply_to[:200])
                 continue
             body = {"id": pid, "status": REPLY_STATUS.get(outcome.status, outcome.status),
                     "reason": outcome.reason}

@@ -355,3 +355,35 @@ def test_a_lost_commit_answer_is_still_applied_in_the_reply(groups, monkeypatch)
     pid = client.add({"customer": 7, "amount": 12})
     assert client.wait_outcome(pid, timeout=30)["status"] == "applied"
     assert dropped
+
+
+def test_reply_queues_restricts_where_outcomes_go(make_database, broker, caplog):
+    """With ``reply_queues``, a reply-to outside its patterns gets no reply (logged); the packet is
+    applied and fanned out all the same; one inside gets its outcome."""
+    canonical, t1 = make_database(), make_database()
+    execute(canonical, ORDERS)
+    execute(t1, ORDERS)
+    allowed, other = unique_queue("replies.ok."), unique_queue("elsewhere.")
+    mapping = make_config(canonical, {"t1": t1}, "public.orders", broker=broker,
+                          reply_queues=[allowed[:-4] + "*"])
+    config = parse_config(mapping)
+    destination = config.destinations[0]
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        ids = [str(uuid.uuid4()), str(uuid.uuid4())]
+        send_raw(destination.queue, ['{"action": "add", "data": {"id": 1, "customer": 1, "amount": 5}}',
+                                     '{"action": "add", "data": {"id": 2, "customer": 2, "amount": 6}}'],
+                 [{"golconde-id": ids[0], "reply-to": allowed}, {"golconde-id": ids[1], "reply-to": other}],
+                 broker=broker)
+        wait_for(lambda: len(query(t1, ROWS)) == 2, message="both applied and fanned out")
+        replies = []
+        wait_for(lambda: replies.extend(drain_queue(allowed, wait=0.3, broker=broker)) or replies,
+                 timeout=20, message="the allowed reply")
+        assert [json.loads(r.body)["id"] for r in replies] == [ids[0]]
+        assert json.loads(replies[0].body)["status"] == "applied"
+        assert drain_queue(other, wait=0.5, broker=broker) == []
+        assert any("not replying to %r (not in reply_queues)" % other in record.getMessage()
+                   for record in caplog.records)
+    finally:
+        assert daemon.stop()

@@ -250,6 +250,37 @@ def test_wrong_types():
     ]
 
 
+def test_reply_queues_lists_queue_patterns_of_a_client_mode_destination():
+    assert config.parse(minimal()).destinations[0].reply_queues is None
+    parsed = config.parse(minimal(reply_queues=["/queue/app.replies.*", " /temp-queue/r "]))
+    assert parsed.destinations[0].reply_queues == ("/queue/app.replies.*", "/temp-queue/r")
+    assert parsed.public_view()["Destinations"]["Test1"]["reply_queues"] == ["/queue/app.replies.*",
+                                                                           "/temp-queue/r"]
+    expected = ("expected a list of queue names or patterns such as /queue/app.replies.* (under"
+                " /queue/, /amq/queue/, /temp-queue/ or /reply-queue/, no comma), got ")
+    assert problems(minimal(reply_queues="/queue/app.replies.*")) == [
+        "Destinations.Test1.reply_queues: " + expected + "'/queue/app.replies.*'"]
+    assert problems(minimal(reply_queues=["/topic/x", "/queue/a,b", 5, "/queue/ok"])) == [
+        "Destinations.Test1.reply_queues: " + expected + "'/topic/x', '/queue/a,b', 5"]
+    assert problems(minimal(mode="trigger", queue=None, reply_queues=["/queue/r"])) == [
+        "Destinations.Test1.reply_queues: applies to client mode only (a trigger-mode destination"
+        " sends no replies)"]
+
+
+def test_reply_allowed_matches_patterns_under_any_name_of_a_queue():
+    assert config.reply_allowed("/queue/anything", None)
+    patterns = ("/queue/app.replies.*", "/temp-queue/mine")
+    assert config.reply_allowed("/queue/app.replies.1", patterns)
+    assert config.reply_allowed("/amq/queue/app.replies.1", patterns)       # the same queue
+    assert config.reply_allowed("/reply-queue/app.replies.x", patterns)
+    assert config.reply_allowed("/temp-queue/mine", patterns)
+    assert not config.reply_allowed("/queue/App.replies.1", patterns)       # case-sensitive
+    assert not config.reply_allowed("/queue/app.orders", patterns)
+    assert not config.reply_allowed("/temp-queue/other", patterns)
+    assert config.reply_allowed("/queue/x", ("/amq/queue/x",))
+    assert not config.reply_allowed("/queue/x", ())
+
+
 def test_batch_linger_is_seconds_from_0_to_1_with_a_default_of_20_ms():
     assert config.parse(minimal()).destinations[0].batch_linger == 0.02
     for value in (0, 0.5, 1):
