@@ -430,7 +430,8 @@ class TargetMapping:
             if verdict is Verdict.NO_MATCH:
                 if action is Action.SET:
                     where = _key_values(written, keys)
-                    return [Packet(Action.DELETE, {}, where)] if where else []
+                    # scoped by the constants too, as every delete (another source's row stays)
+                    return [Packet(Action.DELETE, {}, self.with_constants(where))] if where else []
                 return []
             return [Packet(action, written)] if written else []
         if verdict is Verdict.NO_MATCH:

@@ -330,9 +330,12 @@ def _values(table: TableSchema, items: Sequence[Tuple[Column, Any]]) -> Tuple[sq
     return query, [bind(table, column, value) for column, value in items]
 
 
-def where_clause(table: TableSchema, restriction: Sequence[Tuple[Column, Any]]) -> Tuple[sql.Composed, List[Any]]:
+def where_clause(table: TableSchema, restriction: Sequence[Tuple[Column, Any]],
+                 qualified: bool = False) -> Tuple[sql.Composed, List[Any]]:
     """``c1 = %s::t1 AND c2 IS NULL`` and its parameters (json is compared as jsonb; NULL for a
-    composite column is ``IS NOT DISTINCT FROM NULL``, which a row of NULL fields is not).
+    composite column is ``IS NOT DISTINCT FROM NULL``, which a row of NULL fields is not). With
+    ``qualified``, columns are named ``schema.relation.column`` (in an ``ON CONFLICT ... DO
+    UPDATE ... WHERE``, where a bare name is ambiguous with ``EXCLUDED``'s).
 
     :raises PacketError: an empty restriction.
     """
@@ -341,17 +344,19 @@ def where_clause(table: TableSchema, restriction: Sequence[Tuple[Column, Any]]) 
     parts: List[sql.Composable] = []
     params: List[Any] = []
     for column, value in restriction:
+        name = (ident(table.relation.schema, table.relation.name, column.name) if qualified
+                else ident(column.name))
         if value is None:
             # a composite whose fields are all NULL "IS NULL" too; only NULL itself is not distinct
             test = "{} IS NOT DISTINCT FROM NULL" if column.structure == "composite" else "{} IS NULL"
-            parts.append(sql.SQL(test).format(ident(column.name)))
+            parts.append(sql.SQL(test).format(name))
             continue
         if column.is_json and column.base in ("json", "json[]"):
             # json (or a domain over it) has no equality operator: compare as jsonb
             kind = sql.SQL(column.base.replace("json", "jsonb"))
-            parts.append(sql.SQL("{}::{} = ({})::{}").format(ident(column.name), kind, sql.Placeholder(), kind))
+            parts.append(sql.SQL("{}::{} = ({})::{}").format(name, kind, sql.Placeholder(), kind))
         else:
-            parts.append(sql.SQL("{} = {}").format(ident(column.name), _cast(column)))
+            parts.append(sql.SQL("{} = {}").format(name, _cast(column)))
         params.append(bind(table, column, value))
     return sql.SQL(" AND ").join(parts), params
 
@@ -367,12 +372,15 @@ def insert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
 
 
 def upsert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
-                     returning: Sequence[str] = ()) -> Tuple[sql.Composed, List[Any]]:
-    """``INSERT ... ON CONFLICT (key) DO UPDATE SET c = EXCLUDED.c, ... [RETURNING returning]``, the
-    key chosen by :func:`conflict_key`. When data holds only the key's columns: ``DO NOTHING``, or,
-    if ``returning`` names columns absent from data (a serial primary key to back-fill while the
-    conflict is on another unique key), a no-op ``DO UPDATE SET k = EXCLUDED.k`` so that the
-    existing row's key is returned too.
+                     returning: Sequence[str] = (),
+                     scope: Sequence[Tuple[Column, Any]] = ()) -> Tuple[sql.Composed, List[Any]]:
+    """``INSERT ... ON CONFLICT (key) DO UPDATE SET c = EXCLUDED.c, ... [WHERE scope]
+    [RETURNING returning]``, the key chosen by :func:`conflict_key`. When data holds only the
+    key's columns: ``DO NOTHING``, or, if ``returning`` names columns absent from data (a serial
+    primary key to back-fill while the conflict is on another unique key), a no-op ``DO UPDATE
+    SET k = EXCLUDED.k`` so that the existing row's key is returned too. ``scope`` (column,
+    value pairs: a mapping's constants) limits the update to an existing row holding those
+    values: another row of that key is left as it is, and the statement then changes no row.
 
     :raises PacketError: no primary or unique key has all its columns in data.
     """
@@ -386,8 +394,13 @@ def upsert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
                           " keys: %s; data has: %s"
                           % (table.relation, keys, ", ".join(column.name for column, _ in data)))
     values, params = _values(table, data)
-    query = sql.SQL("INSERT INTO {} {} {}").format(
-        _relation(table), values, bulk.on_conflict(key, [column for column, _ in data], returning, ident))
+    conflict = bulk.on_conflict(key, [column for column, _ in data], returning, ident)
+    query = sql.SQL("INSERT INTO {} {} {}").format(_relation(table), values, conflict)
+    if scope and any(column.name not in key for column, _ in scope):
+        # (a scope inside the key needs no test: a row of that key holds it)
+        where, where_params = where_clause(table, scope, qualified=True)
+        query = sql.SQL("{} WHERE {}").format(query, where)
+        params = params + where_params
     if returning:
         query = sql.SQL("{}{}").format(query, bulk.returning_clause(returning, ident))
     return query, params
@@ -474,8 +487,37 @@ class AutoSQL(Handler):
         keys = ((table.primary_key,) if table.primary_key else ()) + tuple(
             key for key in table.unique_keys if key != table.primary_key)
         for mapped in self.mapping.transform(packet, key=keys):
-            self.apply_one(cursor, mapped)
+            if mapped.action is Action.SET and self.mapping.constants:
+                self._scoped_set(cursor, mapped, self.mapping.constant_values)
+            else:
+                self.apply_one(cursor, mapped)
         return packet
+
+    def _scoped_set(self, cursor: Any, packet: Packet, scope: Mapping[str, Any]) -> None:
+        """A mapped target's ``set`` whose update touches only a row holding the mapping's
+        constants (``scope``, target column -> value): a table several sources share keeps the
+        others' rows, as updates and deletes do (their restriction holds the constants).
+
+        :raises PacketError: a row of that key holds other values in those columns (another
+            source's row): the packet is dead-lettered at this target, the row left as it is.
+        :raises: as :meth:`apply_one`.
+        """
+        prepared = self.prepare(cursor, packet)
+        if prepared is None:
+            return
+        table = prepared.table
+        scoped, unknown = resolve(table, scope, "constants")
+        if unknown:     # checked at connect (target_problems); the table changed since
+            raise PacketError("constants name %s that %s does not have" % (_names(unknown), table.relation))
+        query, params = upsert_statement(table, prepared.data,
+                                         scope=[(column, value) for _, column, value in scoped])
+        cursor.execute(query, params)
+        key = conflict_key(table, [column.name for column, _ in prepared.data], _nulls(prepared.data))
+        # no row changed: a row of that key is outside the scope (within the key, DO NOTHING)
+        if cursor.rowcount == 0 and any(column.name not in (key or ()) for _, column, _ in scoped):
+            raise PacketError("set on %s: the row of that key holds other values in the columns of"
+                              " the mapping's constants (%s): another source's row, left as it is"
+                              % (table.relation, ", ".join(column.name for _, column, _ in scoped)))
 
     def apply_one(self, cursor: Any, packet: Packet) -> Packet:
         """Apply ``packet`` with one statement (see the module docstring).

@@ -117,6 +117,48 @@ def test_client_flow_mapping(databases):
         assert daemon.stop()
 
 
+def test_constants_keep_another_sources_rows_of_a_shared_table(databases):
+    """crm.customer is shared: rows of source 'other' live beside this target's ('canonical').
+    Every statement the mapping writes is scoped by the constants: a set whose key is another
+    source's row (plain, or the upsert of an update moving into the filter) changes nothing and
+    is dead-lettered at crm with its reason; a set leaving the filter deletes only its own row."""
+    canonical, crm, copy = databases
+    execute(crm, "INSERT INTO crm.customer (customer_id, full_name, status_id, source) VALUES"
+                 " (8, 'Other 8', 1, 'other'), (12, 'Other 12', 1, 'other'), (14, 'Other 14', 1, 'other')")
+    others = query(crm, "SELECT * FROM crm.customer ORDER BY 1")
+    config = mapped_config(canonical, crm, copy, "client")
+    destination = config.destinations[0]
+    crm_target = [t for t in destination.targets if t.name == "crm"][0]
+    daemon = start(config)
+    try:
+        bodies = ['{"action": "set", "data": {"id": 8, "name": "Canon 8", "status_id": 1}}',
+                  '{"action": "set", "data": {"id": 12, "name": "Canon 12", "status_id": 9}}',
+                  '{"action": "add", "data": {"id": 14, "name": "Canon 14", "status_id": 9}}',
+                  '{"action": "update", "data": {"id": 14, "name": "Canon 14", "status_id": 1},'
+                  ' "restriction": {"id": 14}}',
+                  '{"action": "set", "data": {"id": 20, "name": "Mine", "status_id": 1}}',
+                  '{"action": "set", "data": {"id": 20, "name": "Mine again", "status_id": 2}}']
+        ids = [str(uuid.uuid4()) for _ in bodies]
+        send_raw(destination.queue, bodies, [{"golconde-id": pid} for pid in ids])
+        wait_for(lambda: query(copy, "SELECT count(*) FROM users") == [(4,)], message="copy target")
+        wait_for(lambda: query(crm, "SELECT customer_id, full_name, source FROM crm.customer"
+                                    " WHERE source = 'canonical'") == [(20, "Mine again", "canonical")],
+                 message="crm's own row")
+        dead = []
+        wait_for(lambda: dead.extend(drain_queue(crm_target.dead_letter_queue, wait=0.3)) or len(dead) >= 2,
+                 timeout=20, message="the sets on other sources' keys dead-lettered at crm")
+        time.sleep(0.5)
+        dead.extend(drain_queue(crm_target.dead_letter_queue, wait=0.3))
+        assert sorted(d.headers["golconde-id"] for d in dead) == sorted([ids[0], ids[3]])
+        assert all(d.headers["golconde-reason"].startswith(
+            "set on crm.customer: the row of that key holds other values in the columns of the"
+            " mapping's constants (source)") for d in dead), [d.headers["golconde-reason"] for d in dead]
+        # the other source's rows are as they were (12 not deleted by the set leaving the filter)
+        assert query(crm, "SELECT * FROM crm.customer WHERE source = 'other' ORDER BY 1") == others
+    finally:
+        assert daemon.stop()
+
+
 def test_restriction_on_an_excluded_column_is_dead_lettered_at_that_target_only(databases):
     canonical, crm, copy = databases
     config = mapped_config(canonical, crm, copy, "client")
