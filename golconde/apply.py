@@ -330,17 +330,28 @@ class Applier:
                                % (", ".join(lacking), describe(exc), PRIVILEGE_RETRY),
                                retry_after=PRIVILEGE_RETRY)
 
-    def _stale_types(self, exc: BaseException) -> bool:
+    def _stale_types(self, cur: Any, exc: BaseException) -> bool:
         """A data error (SQLSTATE class 22: out of range, too long...), or a value the cached
         column type refuses (:class:`~golconde.errors.ValueTypeError`: 1.5 for an integer), may
         come of a column type changed since the schema was cached (``ALTER COLUMN id TYPE
         bigint``, ``TYPE numeric``: seen within a second otherwise): worth a re-read of the schema
-        and one more try, at most once every :data:`DATA_ERROR_REFRESH` seconds."""
+        and one more try, once every :data:`DATA_ERROR_REFRESH` seconds at most; in between, when
+        the handler says the schema changed (:meth:`~golconde.handlers.base.Handler.schema_changed`:
+        a second ALTER within that second, whose packets would otherwise be dead-lettered
+        against the type before it)."""
         if not (_data_error(exc) or isinstance(exc, ValueTypeError)):
             return False
         now = time.monotonic()
         if now - self._data_refreshed < DATA_ERROR_REFRESH:
-            return False
+            try:
+                return bool(self.handler.schema_changed(cur))
+            except (Exception, SystemExit):     # dead-letter as without the check
+                LOGGER.exception("[%s] handler schema_changed() failed", self.consumer)
+                try:    # a failed query aborted the transaction: back to the packet's savepoint
+                    cur.execute("ROLLBACK TO SAVEPOINT golconde_packet")
+                except Exception as exc2:
+                    raise ConnectionLost(describe(exc2)) from exc2
+                return False
         self._data_refreshed = now
         return True
 
@@ -561,7 +572,7 @@ class Applier:
                     raise ConnectionLost(describe(exc2)) from exc2
                 if getattr(exc, "pgcode", None) == "42501":
                     self._pause_without_privileges(cur, packet, exc)
-                if not schema_refreshed and (fate == SCHEMA or (fate == DEAD and self._stale_types(exc))):
+                if not schema_refreshed and (fate == SCHEMA or (fate == DEAD and self._stale_types(cur, exc))):
                     schema_refreshed = True
                     self._schema_error()
                     continue

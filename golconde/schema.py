@@ -420,25 +420,28 @@ class SchemaCache:
             return entry.schema
         return self._read(cursor, relation)
 
-    def revalidate(self, cursor: Any, relation: Relation, interval: float = 1.0) -> None:
+    def revalidate(self, cursor: Any, relation: Relation, interval: float = 1.0) -> bool:
         """At most every ``interval`` seconds per relation, compare the catalog's signature of
         ``relation`` (:data:`_SIGNATURE_SQL`, one small query) with the cached schema's, and
         forget the schema when they differ (the next :meth:`get` reads it again). So an ALTER
         TABLE that makes no statement fail (a column's type widened) is seen within
-        ``interval`` seconds. Nothing is done for a relation not cached.
+        ``interval`` seconds (``interval=0``: now). Nothing is done for a relation not cached.
 
+        :returns: whether the cached schema was forgotten (it differed from the catalog).
         :raises psycopg2.Error: the query failed (the caller's transaction is then aborted).
         """
         with self._lock:
             entry = self._entries.get(relation)
             if entry is None or self._clock() - entry.checked_at < interval:
-                return
+                return False
             entry.checked_at = self._clock()
         if _signature(cursor, relation) != entry.signature:
             LOGGER.info("the schema of %s changed since it was read: reading it again", relation)
             with self._lock:
                 if self._entries.get(relation) is entry:
                     del self._entries[relation]
+            return True
+        return False
 
     def refresh_if_stale(self, cursor: Any, relation: Relation, min_age_seconds: float = 1.0,
                          check_catalog: bool = False) -> TableSchema:

@@ -689,6 +689,12 @@ class AutoSQL(Handler):
         """Forget the cached schema of this handler's relation."""
         self.cache.invalidate(self.table)
 
+    def schema_changed(self, cursor: Any) -> bool:
+        """Whether the catalog's signature of the relation differs from the cached schema's
+        (:meth:`golconde.schema.SchemaCache.revalidate`, one small query; the cache is then
+        forgotten)."""
+        return self.cache.revalidate(cursor, self.table, interval=0)
+
     def _action(self, packet: Packet) -> Action:
         if type(packet.action) is Action:
             return packet.action

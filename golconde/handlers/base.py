@@ -133,6 +133,14 @@ class Handler:
         """The database reported that the relation changed (SQLSTATE 42703, 42P01...): forget any
         cached schema so that the retried packet reads the catalog again."""
 
+    def schema_changed(self, cursor: Any) -> bool:
+        """Called after a packet failed with a data error (SQLSTATE class 22, or a value the
+        cached type refuses) that is to be dead-lettered: whether the relation's schema changed
+        since the handler cached it (then the packet is tried once more, after
+        :meth:`on_schema_error`). ``cursor`` is inside the failed packet's rolled-back
+        savepoint; a cheap catalog query at most. ``False`` (the default): no cache, or cannot tell."""
+        return False
+
     def shutdown(self) -> None:
         """Called once when the listener stops, or when it is never started (a handler built
         to check a configuration or a reload's)."""

@@ -590,6 +590,45 @@ def test_a_value_refused_by_a_column_type_changed_since_it_was_cached_is_applied
         conn.close()
 
 
+def test_a_second_type_change_within_the_second_is_seen_before_a_dead_letter(database):
+    """Two ALTER COLUMN ... TYPE within a second: the first data error re-reads the schema (once
+    a second at most); the second, in that second, dead-lettered good packets against the type
+    before it (targets then differed from the canonical table). The catalog's signature is now
+    compared first, and the packet applied."""
+    from golconde.schema import SchemaCache
+
+    conn = _ledgered(database, "CREATE TABLE r (id integer PRIMARY KEY, c integer)")
+    try:
+        clock = [1000.0]           # the cache's clock stands still: never checked again by itself
+        applier = Applier(AutoSQL("r", cache=SchemaCache(clock=lambda: clock[0])), "retyped twice")
+        assert [o.status for o in applier.apply_batch(
+            conn, [("a", dumps(packet("add", {"id": 1, "c": 1})).encode())])] == ["applied"]
+        with conn.cursor() as cur:
+            cur.execute("ALTER TABLE r ALTER COLUMN c TYPE numeric(10, 2)")
+        conn.commit()
+        assert [o.status for o in applier.apply_batch(
+            conn, [("b", dumps(packet("add", {"id": 2, "c": 2.25})).encode())])] == ["applied"]
+        with conn.cursor() as cur:
+            cur.execute("ALTER TABLE r ALTER COLUMN c TYPE text")
+        conn.commit()
+        outcomes = applier.apply_batch(conn, [
+            ("c", dumps(packet("update", {"c": "r1-1"}, {"id": 1})).encode()),
+            ("d", dumps(packet("add", {"id": 3, "c": "r1-3"})).encode())])
+        assert [(o.status, o.reason) for o in outcomes] == [("applied", None), ("applied", None)]
+        assert rows(conn, "SELECT id, c FROM r ORDER BY id") == [(1, "r1-1"), (2, "2.25"), (3, "r1-3")]
+        # a value the current type refuses is still dead-lettered, after one look at the catalog
+        with conn.cursor() as cur:
+            cur.execute("ALTER TABLE r ALTER COLUMN c TYPE integer USING 0")
+        conn.commit()
+        outcomes = applier.apply_batch(conn, [("e", dumps(packet("add", {"id": 4, "c": 1})).encode()),
+                                              ("f", dumps(packet("add", {"id": 5, "c": "x"})).encode()),
+                                              ("g", dumps(packet("add", {"id": 6, "c": "y"})).encode())])
+        assert [o.status for o in outcomes] == ["applied", "dead", "dead"]
+        assert rows(conn, "SELECT id, c FROM r ORDER BY id") == [(1, 0), (2, 0), (3, 0), (4, 1)]
+    finally:
+        conn.close()
+
+
 class _EndsInExplanation(AutoSQL):
     def explain_error(self, cursor, packet, error):
         cursor.connection.rollback()
