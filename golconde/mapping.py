@@ -26,7 +26,10 @@ Transformation of a packet
   cannot be applied (dropping it would widen the statement): :class:`~golconde.errors.PacketError`
   naming the key path.
 * ``constants`` are added to the data of every ``add`` and ``set`` written; a packet value for a
-  constant's column is never written (not by an ``update`` either).
+  constant's column is never written (not by an ``update`` either). They also scope what the
+  target's packets change, so that a table several sources share keeps the others' rows: they
+  join every ``update``'s and ``delete``'s restriction, and AutoSQL's ``set`` updates an existing
+  row only if it holds them (else the packet is dead-lettered at that target).
 * The ``filter`` sees the canonical ``data`` (before renaming). Conditions on several columns, or
   several operators on one column, must all hold. Like SQL's ``WHERE``, ``null`` matches only
   ``is_null: true``. When the data match:

@@ -218,8 +218,9 @@ def test_add_without_the_filter_column_is_applied(active):
 
 
 def test_set_leaving_the_filter_deletes_by_the_target_key(active):
+    # scoped by the constants, as every delete: another source's row of that key stays
     assert active.transform(pk('{"action": "set", "data": {"id": 7, "status_id": 3}}'), key=("user_id",)) == [
-        Packet(Action.DELETE, {}, {"user_id": 7})]
+        Packet(Action.DELETE, {}, {"user_id": 7, "origin": "c"})]
     assert active.transform(pk('{"action": "set", "data": {"id": 7, "status_id": 3}}'), key=()) == []
     assert active.transform(pk('{"action": "set", "data": {"id": 7, "status_id": 2}}'), key=("user_id",)) == [
         Packet(Action.SET, {"user_id": 7, "status_id": 2, "origin": "c"})]
@@ -303,13 +304,13 @@ def test_moving_in_and_out_uses_a_key_with_constants_or_another_unique_key(activ
         Packet(Action.UPDATE, {"user_id": 2, "status_id": 2}, {"user_id": 2, "origin": "c"}),
         Packet(Action.SET, {"user_id": 2, "status_id": 2, "origin": "c"})]
     serial = (("sid",), ("user_id",))          # primary key first, then the unique keys
-    assert active.transform(leave, key=serial) == [Packet(Action.DELETE, {}, {"user_id": 1})]
+    assert active.transform(leave, key=serial) == [Packet(Action.DELETE, {}, {"user_id": 1, "origin": "c"})]
     assert active.transform(enter, key=serial)[1] == Packet(
         Action.SET, {"user_id": 2, "status_id": 2, "origin": "c"})
     # a NULL identifies no row: the next key, or none
     nullable = pk('{"action": "set", "data": {"id": 1, "email": null, "status_id": 5}}')
     assert active.transform(nullable, key=(("email",), ("user_id",))) == [
-        Packet(Action.DELETE, {}, {"user_id": 1})]
+        Packet(Action.DELETE, {}, {"user_id": 1, "origin": "c"})]
     assert active.transform(nullable, key=(("email",),)) == []
 
 
