@@ -297,13 +297,27 @@ class Applier:
     def _apply_item(self, cur: Any, item: Union[Packet, Group]) -> Union[Packet, Group]:
         """Apply one packet, or a group member by member (recording which one is being applied)."""
         if not isinstance(item, Group):
-            return self.handler.apply(cur, item)
+            return self._result(item, self.handler.apply(cur, item))
         results = []
         for index, member in enumerate(item.packets):
             self._member = index
-            results.append(self.handler.apply(cur, member))
+            results.append(self._result(member, self.handler.apply(cur, member)))
         self._member = None
         return Group(tuple(results))
+
+    def _result(self, given: Packet, result: Any) -> Packet:
+        """What a handler's ``apply`` returned for ``given``: ``None`` means the packet unchanged
+        (as at a target, where nothing is fanned out).
+
+        :raises GolcondeError: anything else that is no :class:`~golconde.packet.Packet`
+            (dead-lettered with that reason)."""
+        if result is None:
+            return given
+        if not isinstance(result, Packet):
+            raise GolcondeError("handler %s returned %s, not a Packet: return the packet it was given"
+                                " (or None when unchanged)" % (type(self.handler).__name__,
+                                                               type(result).__name__))
+        return result
 
     def _pause_without_privileges(self, cur: Any, item: Union[Packet, Group],
                                   exc: BaseException) -> None:
@@ -402,7 +416,8 @@ class Applier:
             count = len(members(packet))
             outcome = Outcome(APPLIED, packet)
             if self.store_fanout:
-                part = results[position:position + count]
+                part = [self._result(given, result) for given, result in
+                        zip(flat[position:position + count], results[position:position + count])]
                 result = Group(tuple(part)) if isinstance(packet, Group) else part[0]
                 outcome.fanout = _fanout(result)
                 fanouts[items[index][0]] = outcome.fanout

@@ -629,6 +629,38 @@ def test_a_second_type_change_within_the_second_is_seen_before_a_dead_letter(dat
         conn.close()
 
 
+class _ReturnsNothing(AutoSQL):
+    """A custom handler that writes, then returns None (or, for value "dict", a dict)."""
+
+    def apply(self, cursor, packet):
+        super().apply(cursor, packet)
+        return {"not": "a packet"} if packet.data.get("v") == "dict" else None
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_a_destination_handler_returning_none_fans_its_packet_out_unchanged(database, batch):
+    """apply() returning None at a destination dead-lettered the packet with an AttributeError
+    ('NoneType' object has no attribute 'matched'); it now means the packet unchanged, as at a
+    target. Anything else that is no Packet is dead-lettered, its reason naming the handler."""
+    conn = _ledgered(database, "CREATE TABLE n (id integer PRIMARY KEY, v text)")
+    try:
+        applier = Applier(_ReturnsNothing("n", role="destination"), "returns-none", store_fanout=True)
+        bodies = [packet("add", {"id": 1, "v": "a"}), packet("add", {"id": 2, "v": "dict"}),
+                  packet("add", {"id": 3, "v": "c"})]
+        items = [(str(n), dumps(body).encode()) for n, body in enumerate(bodies)]
+        if batch:
+            outcomes = applier.apply_batch(conn, items)
+        else:
+            outcomes = [applier.apply_batch(conn, [item])[0] for item in items]
+        assert [o.status for o in outcomes] == ["applied", "dead", "applied"]
+        assert outcomes[1].reason == ("handler _ReturnsNothing returned dict, not a Packet: return the"
+                                      " packet it was given (or None when unchanged)")
+        assert [json.loads(outcomes[i].fanout) for i in (0, 2)] == [bodies[0], bodies[2]]
+        assert rows(conn, "SELECT id, v FROM n ORDER BY id") == [(1, "a"), (3, "c")]
+    finally:
+        conn.close()
+
+
 class _EndsInExplanation(AutoSQL):
     def explain_error(self, cursor, packet, error):
         cursor.connection.rollback()
