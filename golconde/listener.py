@@ -110,6 +110,7 @@ class Listener(threading.Thread):
         self.outbound: Dict[Tuple[Any, ...], BrokerConnection] = {}
         self._stopping = threading.Event()
         self._failures = 0
+        self._paused = False      # the last cycle ended in a StopListener (problem "paused")
         #: set by a cycle that returned without getting through (its failures keep counting)
         self._incomplete = False
         self._ever_connected: set = set()    # connections opened at least once (for "reconnects")
@@ -130,6 +131,7 @@ class Listener(threading.Thread):
         LOGGER.info("[%s] %s listener starting", self.name, self.role)
         # the statistics outlive a listener a reload replaces: its predecessor's problem is not its
         self.stats.set_problem("failing", None)
+        self.stats.set_problem("paused", None)
         self.announce()
         try:
             while not self.stopping:
@@ -144,6 +146,11 @@ class Listener(threading.Thread):
                         self._got_through()
                 except StopListener as exc:
                     self.stats.set_error(str(exc))
+                    # a standing problem until a cycle gets through: /health names the cause,
+                    # beside the connections the pause closed
+                    self._paused = True
+                    self.stats.set_problem("paused", "%s: %s" % (
+                        "stopped" if exc.retry_after is None else "paused", exc))
                     if exc.retry_after is None:
                         LOGGER.error("[%s] stopping listener: %s", self.name, exc)
                         break
@@ -179,7 +186,11 @@ class Listener(threading.Thread):
                                    % (self._failures, message))
 
     def _got_through(self) -> None:
-        """A cycle got through: the failures in a row, and the problem ``failing``, end."""
+        """A cycle got through: the failures in a row, and the problems ``failing`` and
+        ``paused``, end."""
+        if self._paused:
+            self._paused = False
+            self.stats.set_problem("paused", None)
         if self._failures:
             self._failures = 0
             self.stats.set_problem("failing", None)

@@ -345,7 +345,11 @@ def test_mapping_names_are_checked_against_both_tables(databases, monkeypatch):
         problems = daemon.registry.get(name).snapshot()["problems"]
         assert problems == ["Destinations.%s.Targets.crm.exclude: 'pasword' is no column of the"
                             " canonical public.users" % name]
-        assert not health(daemon.registry.snapshot(), max_backlog=10000, max_lag=300.0)[0]
+        ok, document = health(daemon.registry.snapshot(), max_backlog=10000, max_lag=300.0)
+        assert not ok
+        # the paused target's reasons name the cause, not only the connections the pause closed
+        assert any(reason.startswith("%s_crm: paused: " % name) and "columns.name: 'fullname' is no"
+                   " column of crm.customer" in reason for reason in document["reasons"]), document
         client.add({"id": 1, "name": "Ann", "status_id": 1})
         wait_for(lambda: query(copy, "SELECT count(*) FROM users") == [(1,)], message="copy applied")
         time.sleep(1.0)
@@ -353,6 +357,7 @@ def test_mapping_names_are_checked_against_both_tables(databases, monkeypatch):
         execute(crm, "ALTER TABLE crm.customer RENAME full_name TO fullname")
         wait_for(lambda: query(crm, "SELECT customer_id, fullname FROM crm.customer") == [(1, "Ann")],
                  timeout=20, message="crm applied once its table has the column")
+        wait_for(lambda: crm_stats.snapshot()["problems"] == [], timeout=20, message="crm no longer paused")
         # the canonical side is checked again while connected: the problem clears
         reconnects = daemon.registry.get(name).snapshot()["reconnects"]
         execute(canonical, "ALTER TABLE users ADD COLUMN pasword text")
