@@ -309,7 +309,8 @@ class TargetMapping:
         """The canonical-side names of this mapping that are no column of the canonical
         ``relation``: renamed, excluded and filtered columns. A rename or an exclusion of a
         misspelt column never applies (the column reaches the target as it is), and a filter on
-        one lets every row through.
+        one lets every row through. Also a rename to the name another canonical column keeps
+        (neither renamed nor excluded): both would write that target column.
 
         :returns: one message per name, with its key path; ``[]`` when all are there.
         """
@@ -318,9 +319,23 @@ class TargetMapping:
                   + [("exclude", name) for name in self.exclude]
                   + [("filter", name) for name in
                      dict.fromkeys(condition.column for condition in self.conditions)])
-        return ["%s.%s: %r is no column of the canonical %s" % (self.path or "(target)", where,
-                                                                 name, relation)
-                for where, name in wanted if names.find(name) is None]
+        problems = ["%s.%s: %r is no column of the canonical %s" % (self.path or "(target)", where,
+                                                                     name, relation)
+                    for where, name in wanted if names.find(name) is None]
+        # a canonical column that reaches the target under its own name, which a rename gives
+        # another column too: both write one target column (an update of either alone would
+        # write the wrong value there)
+        renamed = {canonical.lower() for canonical, _ in self.columns}
+        excluded = self._dropped[0]
+        for canonical, target in self.columns:
+            for column in columns:
+                if (column.lower() == target.lower() and column.lower() not in renamed
+                        and excluded.find(column) is None and column.lower() != canonical.lower()):
+                    problems.append("%s.columns.%s: renames it to %r, the name canonical column %r"
+                                    " keeps at the target: both would write it (rename or exclude"
+                                    " %r too)" % (self.path or "(target)", canonical, target,
+                                                  column, column))
+        return problems
 
     def excluded(self, canonical: str) -> bool:
         """Whether canonical column ``canonical`` is never written to the target (``exclude``)."""

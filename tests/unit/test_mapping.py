@@ -342,3 +342,12 @@ def test_names_checked_against_the_catalogs():
         "Destinations.D.Targets.t.exclude: 'pasword' is no column of the canonical public.users",
         "Destinations.D.Targets.t.filter: 'statusid' is no column of the canonical public.users"]
     assert build(columns={"id": "user_id"}).canonical_problems(["ID"], "t") == []
+    # a rename onto the name another canonical column keeps: both would write that column
+    assert build(columns={"id": "customer_id", "name": "email"}).canonical_problems(
+        ["id", "name", "email"], "t") == [
+        "Destinations.D.Targets.t.columns.name: renames it to 'email', the name canonical column 'email' keeps at"
+        " the target: both would write it (rename or exclude 'email' too)"]
+    assert build(columns={"name": "email", "email": "name"}).canonical_problems(
+        ["name", "email"], "t") == []                                       # swapped: fine
+    assert build(columns={"name": "Email"}, exclude=["email"]).canonical_problems(
+        ["name", "email"], "t") == []                                       # excluded: fine
