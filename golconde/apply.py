@@ -306,12 +306,12 @@ class Applier:
         return Group(tuple(results))
 
     def _result(self, given: Packet, result: Any) -> Packet:
-        """What a handler's ``apply`` returned for ``given``: ``None`` means the packet unchanged
-        (as at a target, where nothing is fanned out).
+        """What a handler's ``apply`` returned for ``given``, to fan out: ``None`` means the
+        packet unchanged. At a target, which fans nothing out, the result is not used: ``given``.
 
-        :raises GolcondeError: anything else that is no :class:`~golconde.packet.Packet`
-            (dead-lettered with that reason)."""
-        if result is None:
+        :raises GolcondeError: at a destination, anything else that is no
+            :class:`~golconde.packet.Packet` (dead-lettered with that reason)."""
+        if result is None or not self.store_fanout:
             return given
         if not isinstance(result, Packet):
             raise GolcondeError("handler %s returned %s, not a Packet: return the packet it was given"

@@ -479,15 +479,31 @@ def _dsn(value: Any) -> str:
 
 def _reply_queues(value: Any) -> Tuple[str, ...]:
     """A list of reply queue patterns (:func:`fnmatch.fnmatchcase`), each one queue's name
-    (:data:`REPLY_TO_RE`) where ``*``, ``?`` and ``[...]`` may stand."""
+    (:data:`REPLY_TO_RE`) where ``*``, ``?`` and ``[...]`` may stand after a literal start.
+    Refused: a pattern whose name starts with a wildcard (``/queue/*``, and ``/reply-queue/*``,
+    which RabbitMQ reads as ``/queue/*``: every queue), and ``/temp-queue/`` ones, which no
+    reply-to holds once the broker has rewritten it (RabbitMQ to ``/reply-queue/amq.gen-...``,
+    ActiveMQ to ``/remote-temp-queue/...``)."""
     expected = ("a list of queue names or patterns such as /queue/app.replies.* (under /queue/,"
-                " /amq/queue/, /temp-queue/ or /reply-queue/, no comma)")
+                " /amq/queue/ or /reply-queue/, no comma)")
     if not isinstance(value, (list, tuple)):
         _fail("expected %s, got %s" % (expected, _show(value)))
     wrong = [item for item in value if not isinstance(item, str) or not REPLY_TO_RE.fullmatch(item.strip())]
     if wrong:
         _fail("expected %s, got %s" % (expected, ", ".join(_show(item) for item in wrong[:5])))
-    return tuple(item.strip() for item in value)
+    patterns = tuple(item.strip() for item in value)
+    for pattern in patterns:
+        prefix, name = pattern[1:].split("/", 1) if not pattern.startswith("/amq/queue/") \
+            else ("amq/queue", pattern[len("/amq/queue/"):])
+        if prefix == "temp-queue":
+            _fail("%r: the broker rewrites a /temp-queue/ reply-to before golconded reads it"
+                  " (RabbitMQ to /reply-queue/amq.gen-..., ActiveMQ to /remote-temp-queue/...):"
+                  " for RabbitMQ's temporary queues list /reply-queue/amq.gen-*" % pattern)
+        if name[:1] in "*?[":
+            _fail("%r matches any queue name%s: start it with a literal part (/queue/app.replies.*)"
+                  % (pattern, " (RabbitMQ reads /reply-queue/x as /queue/x)"
+                     if prefix == "reply-queue" else ""))
+    return patterns
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:

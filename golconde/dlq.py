@@ -522,8 +522,8 @@ def run(args: Any, config: Any, out: Any) -> int:
         for pid, why in problems:
             out.write("left %s in %s: %s\n" % (pid or "a packet without golconde-id", queue, why))
         out.write("%s %d packet(s) from %s\n" % (verb, result.done, queue))
-        if args.operation == "replay" and result.done and getattr(args, "target", None):
+        if args.operation == "replay" and result.done:
             # applied after the packets that followed them, which replay does not repeat
             out.write("a replayed packet is applied after the packets that followed it: check the"
-                      " target with 'golconde compare' (README, Dead-letter queues)\n")
+                      " targets with 'golconde compare' (README, Dead-letter queues)\n")
     return 1 if problems else 0

@@ -47,11 +47,15 @@ class StopListener(GolcondeError):
 
     :param retry_after: ``None`` to stop for good (until a reload, SIGHUP, restarts it); a number of
         seconds to pause instead and then try again (e.g. the relation does not exist yet).
+    :param problem: whether the pause is a standing problem (``paused: ...`` in the statistics,
+        failing the health check) until a cycle gets through; False for a designed wait (a
+        standby daemon waiting for another to release a queue).
     """
 
-    def __init__(self, message: str, retry_after: Optional[float] = None) -> None:
+    def __init__(self, message: str, retry_after: Optional[float] = None, problem: bool = True) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.problem = problem
 
 
 #: SQLSTATE classes/codes after which retrying the same packet may succeed.

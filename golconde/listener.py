@@ -148,9 +148,10 @@ class Listener(threading.Thread):
                     self.stats.set_error(str(exc))
                     # a standing problem until a cycle gets through: /health names the cause,
                     # beside the connections the pause closed
-                    self._paused = True
-                    self.stats.set_problem("paused", "%s: %s" % (
-                        "stopped" if exc.retry_after is None else "paused", exc))
+                    if exc.problem:
+                        self._paused = True
+                        self.stats.set_problem("paused", "%s: %s" % (
+                            "stopped" if exc.retry_after is None else "paused", exc))
                     if exc.retry_after is None:
                         LOGGER.error("[%s] stopping listener: %s", self.name, exc)
                         break
@@ -693,7 +694,7 @@ class QueueConsumer(Listener):
             raise StopListener("another golconded consumes %s into this database (the same"
                                " configuration started twice?): this listener waits, since two"
                                " consumers of one queue would apply its packets out of order"
-                               % self.config.queue, retry_after=CONSUMER_RETRY)
+                               % self.config.queue, retry_after=CONSUMER_RETRY, problem=False)
         ledger.ensure(db)
         self.handler.setup(db)
 

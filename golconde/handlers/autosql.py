@@ -330,12 +330,9 @@ def _values(table: TableSchema, items: Sequence[Tuple[Column, Any]]) -> Tuple[sq
     return query, [bind(table, column, value) for column, value in items]
 
 
-def where_clause(table: TableSchema, restriction: Sequence[Tuple[Column, Any]],
-                 qualified: bool = False) -> Tuple[sql.Composed, List[Any]]:
+def where_clause(table: TableSchema, restriction: Sequence[Tuple[Column, Any]]) -> Tuple[sql.Composed, List[Any]]:
     """``c1 = %s::t1 AND c2 IS NULL`` and its parameters (json is compared as jsonb; NULL for a
-    composite column is ``IS NOT DISTINCT FROM NULL``, which a row of NULL fields is not). With
-    ``qualified``, columns are named ``schema.relation.column`` (in an ``ON CONFLICT ... DO
-    UPDATE ... WHERE``, where a bare name is ambiguous with ``EXCLUDED``'s).
+    composite column is ``IS NOT DISTINCT FROM NULL``, which a row of NULL fields is not).
 
     :raises PacketError: an empty restriction.
     """
@@ -344,8 +341,7 @@ def where_clause(table: TableSchema, restriction: Sequence[Tuple[Column, Any]],
     parts: List[sql.Composable] = []
     params: List[Any] = []
     for column, value in restriction:
-        name = (ident(table.relation.schema, table.relation.name, column.name) if qualified
-                else ident(column.name))
+        name = ident(column.name)
         if value is None:
             # a composite whose fields are all NULL "IS NULL" too; only NULL itself is not distinct
             test = "{} IS NOT DISTINCT FROM NULL" if column.structure == "composite" else "{} IS NULL"
@@ -369,6 +365,29 @@ def insert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
     if returning:
         query = sql.SQL("{}{}").format(query, bulk.returning_clause(returning, ident))
     return query, params
+
+
+def scope_clause(table: TableSchema, scope: Sequence[Tuple[Column, Any]]) -> Tuple[sql.Composed, List[Any]]:
+    """``rel.c1::text = (%s::t1)::text AND rel.c2 IS NULL`` and its parameters: whether a row
+    holds a mapping's constants (``scope``), each column named ``schema.relation.column`` (in an
+    ``ON CONFLICT ... DO UPDATE ... WHERE`` a bare name is ambiguous with ``EXCLUDED``'s) and
+    compared as text, since a constant is written by Golconde from the same value and some
+    types (``point``, ``xml``) have no ``=``.
+
+    :raises PacketError: an empty scope.
+    """
+    if not scope:
+        raise PacketError("empty scope on %s" % table.relation)
+    parts: List[sql.Composable] = []
+    params: List[Any] = []
+    for column, value in scope:
+        name = ident(table.relation.schema, table.relation.name, column.name)
+        if value is None:
+            parts.append(sql.SQL("{} IS NULL").format(name))
+            continue
+        parts.append(sql.SQL("({})::pg_catalog.text = ({})::pg_catalog.text").format(name, _cast(column)))
+        params.append(bind(table, column, value))
+    return sql.SQL(" AND ").join(parts), params
 
 
 def upsert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
@@ -398,7 +417,7 @@ def upsert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
     query = sql.SQL("INSERT INTO {} {} {}").format(_relation(table), values, conflict)
     if scope and any(column.name not in key for column, _ in scope):
         # (a scope inside the key needs no test: a row of that key holds it)
-        where, where_params = where_clause(table, scope, qualified=True)
+        where, where_params = scope_clause(table, scope)
         query = sql.SQL("{} WHERE {}").format(query, where)
         params = params + where_params
     if returning:
@@ -509,12 +528,20 @@ class AutoSQL(Handler):
         scoped, unknown = resolve(table, scope, "constants")
         if unknown:     # checked at connect (target_problems); the table changed since
             raise PacketError("constants name %s that %s does not have" % (_names(unknown), table.relation))
-        query, params = upsert_statement(table, prepared.data,
-                                         scope=[(column, value) for _, column, value in scoped])
+        scope_items = [(column, value) for _, column, value in scoped]
+        query, params = upsert_statement(table, prepared.data, scope=scope_items)
         cursor.execute(query, params)
         key = conflict_key(table, [column.name for column, _ in prepared.data], _nulls(prepared.data))
-        # no row changed: a row of that key is outside the scope (within the key, DO NOTHING)
-        if cursor.rowcount == 0 and any(column.name not in (key or ()) for _, column, _ in scoped):
+        if cursor.rowcount or key is None or all(column.name in key for column, _ in scope_items):
+            return
+        # no row written: a row of that key outside the scope, or a BEFORE trigger that skipped
+        # the row (returned NULL: a "skip" rule, a redirect to an inheritance child)
+        where, where_params = where_clause(table, [(column, value) for column, value in prepared.data
+                                                   if column.name in key])
+        scoped_where, scope_params = scope_clause(table, scope_items)
+        cursor.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {} AND ({}) IS NOT TRUE)").format(
+            _relation(table), where, scoped_where), where_params + scope_params)
+        if cursor.fetchone()[0]:
             raise PacketError("set on %s: the row of that key holds other values in the columns of"
                               " the mapping's constants (%s): another source's row, left as it is"
                               % (table.relation, ", ".join(column.name for _, column, _ in scoped)))

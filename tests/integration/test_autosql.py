@@ -892,3 +892,42 @@ def test_a_destination_marks_the_updates_that_changed_no_row(db, note):
     assert rows(db, "SELECT id, n FROM tu ORDER BY id") == [(1, 1), (3, 3)]
     with db.cursor() as cur:
         assert all(p.matched for p in AutoSQL("tu", role="target").apply_batch(cur, packets))
+
+
+# --- a mapped target's constants scope its sets ------------------------------------------------------
+
+def _mapped(relation, **raw):
+    from golconde.mapping import parse_mapping
+    mapping, problems = parse_mapping(raw, "Destinations.D.Targets.t")
+    assert problems == []
+    return AutoSQL(relation, role="target", mapping=mapping)
+
+
+def test_a_scoped_set_skipped_by_a_before_trigger_is_applied_as_without_constants(db):
+    """A BEFORE trigger returning NULL (an inheritance child taking the row, a "skip" rule)
+    writes no row: that is not another source's row, and the set is not dead-lettered."""
+    ddl(db, "CREATE TABLE ih (id int PRIMARY KEY, v text, src text);"
+            " CREATE TABLE ih_child () INHERITS (ih);"
+            " CREATE FUNCTION ih_route() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$BEGIN INSERT INTO ih_child SELECT NEW.*; RETURN NULL; END$$;"
+            " CREATE TRIGGER ih_route BEFORE INSERT ON ih FOR EACH ROW EXECUTE FUNCTION ih_route()")
+    h = _mapped("ih", constants={"src": "mine"})
+    run(db, h, {"action": "set", "data": {"id": 1, "v": "a"}})
+    assert rows(db, "SELECT id, v, src FROM ih") == [(1, "a", "mine")]
+    # another source's row of a key is still refused
+    ddl(db, "INSERT INTO ih_child VALUES (2, 'theirs', 'other')")
+    with pytest.raises(PacketError, match="another source's row"):
+        run(db, h, {"action": "set", "data": {"id": 2, "v": "b"}})
+
+
+def test_a_scoped_set_with_a_constant_of_a_type_without_equality(db):
+    """A point (or xml) constant: the type has no = operator; the scope compares text."""
+    ddl(db, "CREATE TABLE pt (id int PRIMARY KEY, v text, src point)")
+    h = _mapped("pt", constants={"src": "(1,2)"})
+    run(db, h, {"action": "set", "data": {"id": 1, "v": "a"}})
+    run(db, h, {"action": "set", "data": {"id": 1, "v": "b"}})
+    assert rows(db, "SELECT id, v, src::text FROM pt") == [(1, "b", "(1,2)")]
+    ddl(db, "INSERT INTO pt VALUES (2, 'theirs', '(3,4)')")
+    with pytest.raises(PacketError, match="another source's row"):
+        run(db, h, {"action": "set", "data": {"id": 2, "v": "c"}})
+    assert rows(db, "SELECT v FROM pt WHERE id = 2") == [("theirs",)]

@@ -661,6 +661,30 @@ def test_a_destination_handler_returning_none_fans_its_packet_out_unchanged(data
         conn.close()
 
 
+class _ReturnsRowcount(AutoSQL):
+    def apply(self, cursor, packet):
+        super().apply(cursor, packet)
+        return cursor.rowcount
+
+
+def test_a_target_ignores_what_its_handler_returns(database):
+    """A target fans nothing out: what apply() returns is not used there, in a batch that goes
+    through whole or one replayed packet by packet (a good packet was dead-lettered in the
+    latter when its handler returned no Packet)."""
+    conn = _ledgered(database, "CREATE TABLE rt (id integer PRIMARY KEY, v text)")
+    try:
+        applier = Applier(_ReturnsRowcount("rt", role="target"), "returns-rowcount")
+        first = applier.apply_batch(conn, [("a", dumps(packet("add", {"id": 1})).encode()),
+                                           ("b", dumps(packet("add", {"id": 2})).encode())])
+        assert [o.status for o in first] == ["applied", "applied"]
+        second = applier.apply_batch(conn, [("c", dumps(packet("add", {"id": 3})).encode()),
+                                            ("d", dumps(packet("add", {"id": 1})).encode())])
+        assert [o.status for o in second] == ["applied", "dead"]
+        assert rows(conn, "SELECT id FROM rt ORDER BY id") == [(1,), (2,), (3,)]
+    finally:
+        conn.close()
+
+
 class _EndsInExplanation(AutoSQL):
     def explain_error(self, cursor, packet, error):
         cursor.connection.rollback()

@@ -161,7 +161,7 @@ def test_target_dead_letter_replayed_to_that_target_only(flow, capsys):
     status, out = cli(capsys, "dlq", "replay", "-c", flow["path"], "--destination", name,
                       "--target", "t1")
     assert status == 0 and "replayed 1 packet(s)" in out
-    assert "check the target with 'golconde compare'" in out     # applied late: later packets
+    assert "check the targets with 'golconde compare'" in out    # applied late: later packets
     wait_for(lambda: rows(t1) == [(500, "big")], timeout=30, message="t1 applied")
     send(flow, '{"action": "add", "data": {"n": 7, "name": "sentinel"}}')
     for dsn in flow["dbs"]:

@@ -809,6 +809,8 @@ def test_the_same_configuration_twice_applies_each_queue_once_in_order(make_data
         wait_for(lambda: "another golconded consumes" in (
             thread_stats(second)[target]["last_error"] or ""), timeout=20,
             message="the second daemon's target waits")
+        # a designed wait (a standby), not a standing problem as a pause is
+        assert thread_stats(second)[target]["problems"] == []
         db = psycopg2.connect(flow.canonical)
         db.autocommit = True
         with db.cursor() as cur:

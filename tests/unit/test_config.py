@@ -252,16 +252,26 @@ def test_wrong_types():
 
 def test_reply_queues_lists_queue_patterns_of_a_client_mode_destination():
     assert config.parse(minimal()).destinations[0].reply_queues is None
-    parsed = config.parse(minimal(reply_queues=["/queue/app.replies.*", " /temp-queue/r "]))
-    assert parsed.destinations[0].reply_queues == ("/queue/app.replies.*", "/temp-queue/r")
+    parsed = config.parse(minimal(reply_queues=["/queue/app.replies.*", " /reply-queue/amq.gen-* "]))
+    assert parsed.destinations[0].reply_queues == ("/queue/app.replies.*", "/reply-queue/amq.gen-*")
     assert parsed.public_view()["Destinations"]["Test1"]["reply_queues"] == ["/queue/app.replies.*",
-                                                                           "/temp-queue/r"]
+                                                                           "/reply-queue/amq.gen-*"]
     expected = ("expected a list of queue names or patterns such as /queue/app.replies.* (under"
-                " /queue/, /amq/queue/, /temp-queue/ or /reply-queue/, no comma), got ")
+                " /queue/, /amq/queue/ or /reply-queue/, no comma), got ")
     assert problems(minimal(reply_queues="/queue/app.replies.*")) == [
         "Destinations.Test1.reply_queues: " + expected + "'/queue/app.replies.*'"]
     assert problems(minimal(reply_queues=["/topic/x", "/queue/a,b", 5, "/queue/ok"])) == [
         "Destinations.Test1.reply_queues: " + expected + "'/topic/x', '/queue/a,b', 5"]
+    # patterns that would let every queue through, or never match
+    assert problems(minimal(reply_queues=["/reply-queue/*"])) == [
+        "Destinations.Test1.reply_queues: '/reply-queue/*' matches any queue name (RabbitMQ reads"
+        " /reply-queue/x as /queue/x): start it with a literal part (/queue/app.replies.*)"]
+    assert problems(minimal(reply_queues=["/queue/ok", "/amq/queue/?x"]))[0].startswith(
+        "Destinations.Test1.reply_queues: '/amq/queue/?x' matches any queue name: start it")
+    assert problems(minimal(reply_queues=["/temp-queue/mine"])) == [
+        "Destinations.Test1.reply_queues: '/temp-queue/mine': the broker rewrites a /temp-queue/"
+        " reply-to before golconded reads it (RabbitMQ to /reply-queue/amq.gen-..., ActiveMQ to"
+        " /remote-temp-queue/...): for RabbitMQ's temporary queues list /reply-queue/amq.gen-*"]
     assert problems(minimal(mode="trigger", queue=None, reply_queues=["/queue/r"])) == [
         "Destinations.Test1.reply_queues: applies to client mode only (a trigger-mode destination"
         " sends no replies)"]
@@ -269,14 +279,14 @@ def test_reply_queues_lists_queue_patterns_of_a_client_mode_destination():
 
 def test_reply_allowed_matches_patterns_under_any_name_of_a_queue():
     assert config.reply_allowed("/queue/anything", None)
-    patterns = ("/queue/app.replies.*", "/temp-queue/mine")
+    patterns = ("/queue/app.replies.*", "/reply-queue/amq.gen-*")
     assert config.reply_allowed("/queue/app.replies.1", patterns)
     assert config.reply_allowed("/amq/queue/app.replies.1", patterns)       # the same queue
     assert config.reply_allowed("/reply-queue/app.replies.x", patterns)
-    assert config.reply_allowed("/temp-queue/mine", patterns)
+    assert config.reply_allowed("/reply-queue/amq.gen-Xy0Z", patterns)      # RabbitMQ's temporary
     assert not config.reply_allowed("/queue/App.replies.1", patterns)       # case-sensitive
     assert not config.reply_allowed("/queue/app.orders", patterns)
-    assert not config.reply_allowed("/temp-queue/other", patterns)
+    assert not config.reply_allowed("/reply-queue/app.orders", patterns)
     assert config.reply_allowed("/queue/x", ("/amq/queue/x",))
     assert not config.reply_allowed("/queue/x", ())
 
