@@ -265,9 +265,12 @@ class BrokerConnection:
             raise BrokerError("cannot connect to STOMP broker %s: %s" % (self.address, reason)) from None
         _no_delay(conn)
         if not self._connected_event.wait(timeout) or not conn.is_connected():
-            error = self.last_error or "no CONNECTED frame within %.0fs" % timeout
+            refused = self.last_error       # an ERROR frame: the broker said no
             self.close()
-            raise BrokerError("STOMP broker %s refused the connection: %s" % (self.address, error))
+            if refused:
+                raise BrokerError("STOMP broker %s refused the connection: %s" % (self.address, refused))
+            raise BrokerError("STOMP broker %s did not answer: no CONNECTED frame within %.0fs"
+                              % (self.address, timeout))
         self._alive = True
         self.last_error = None
         LOGGER.info("[%s] connected to STOMP broker %s", self.name, self.address)

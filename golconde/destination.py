@@ -314,6 +314,8 @@ class TriggerDestination(Listener):
         #: epoch seconds since when the current cycle works (fetch, sends, confirmations,
         #: statements), None while it waits for changes: for the live lag (_live_figures)
         self._busy_since: Optional[float] = None
+        #: set by a cycle that saved the position, or found nothing to send with nothing in flight
+        self._progress = False
 
     def ready(self) -> bool:
         return (super().ready() and self.locked and self.listen_db is not None
@@ -327,21 +329,25 @@ class TriggerDestination(Listener):
 
     def _live_figures(self) -> Tuple[Optional[int], Optional[float]]:
         """Rows sent and not yet confirmed, and the oldest of: the capture time of the first of
-        them, and the start of the cycle in progress (:meth:`golconde.stats.ThreadStats.set_live`).
-        Read by the HTTP thread, so that a drain stuck on a lock (a fetch, a position save) or
-        on a broker that does not confirm shows a growing lag: no change committed meanwhile can
-        be distributed, even when none was waiting as it started. A working cycle lasts
+        them, the start of the cycle in progress, and the first of the failed attempts in a row
+        (:meth:`golconde.stats.ThreadStats.set_live`). Read by the HTTP thread, so that a drain
+        stuck on a lock (a fetch, a position save), on a broker that does not confirm, or that
+        cannot connect or save its position, shows a growing lag: no change committed meanwhile
+        can be distributed, even when none was waiting as it started. A working cycle lasts
         milliseconds; waits for new changes (poll, ``batch_linger``) do not count."""
+        times = [moment for moment in (self._busy_since, self.failing_since) if moment is not None]
         try:
             batches = list(self._in_flight)
         except RuntimeError:        # changed by the drain's thread while read: unknown this time
-            return None, self._busy_since
+            return None, min(times) if times else None
         held = sum(batch.rows for batch in batches)
-        times = [batch.first_created for batch in batches[:1]]
-        busy = self._busy_since
-        if busy is not None:
-            times.append(busy)
-        return held, min(times) if times else None
+        times.extend(batch.first_created for batch in batches[:1])
+        # none in flight: the backlog is the last count alone (unknown after a failure, not 0)
+        return held or None, min(times) if times else None
+
+    def _failed(self, message: str) -> None:
+        super()._failed(message)
+        self.stats.set_backlog(None)    # unknown until a fetch or a count reads the queue again
 
     def finish(self) -> None:
         self.feeds.drain_stopped(id(self), self.config.name)
@@ -442,10 +448,16 @@ class TriggerDestination(Listener):
         if not self.locked:
             return
         self._busy_since = time.time()
+        self._progress = False
         try:
             self._cycle()
         finally:
             self._busy_since = None
+        if not self._progress:
+            # it only sent, or finished batches whose position it has not saved yet: it has not
+            # got through (a save that fails every time, the database read-only, must count
+            # its failures in a row)
+            self._incomplete = True
 
     def _cycle(self) -> None:
         self._settle(keep=self.max_pipeline - 1)
@@ -472,6 +484,7 @@ class TriggerDestination(Listener):
             self._settle(keep=len(self._in_flight))     # only what is confirmed: no waiting
             if not self._in_flight:
                 self._save()                # what the last batches confirmed
+                self._progress = True
                 self._confirmed = after     # an empty window: not worth a write of its own
                 self.stats.set_backlog(0)   # nothing committed is waiting: no count(*) needed
                 self.stats.set_lag(0.0)
@@ -572,6 +585,7 @@ class TriggerDestination(Listener):
             with self.db.cursor() as cur:
                 trigger.save_position(cur, self.config.name, self._confirmed)
             self._saved, self._last_save = True, time.monotonic()
+            self._progress = True
 
     def _rotate(self) -> None:
         """At most every ROTATE_INTERVAL s: truncate the partitions of the queue every destination

@@ -110,6 +110,8 @@ class Listener(threading.Thread):
         self.outbound: Dict[Tuple[Any, ...], BrokerConnection] = {}
         self._stopping = threading.Event()
         self._failures = 0
+        #: epoch seconds of the first of the failures in a row (None: the last cycle got through)
+        self.failing_since: Optional[float] = None
         self._paused = False      # the last cycle ended in a StopListener (problem "paused")
         #: set by a cycle that returned without getting through (its failures keep counting)
         self._incomplete = False
@@ -181,6 +183,8 @@ class Listener(threading.Thread):
         """Count one failed attempt (to connect, or to get a batch through) and record its
         error; from :data:`FAILING_AFTER` in a row, the standing problem ``failing``."""
         self._failures += 1
+        if self.failing_since is None:
+            self.failing_since = time.time()
         self.stats.set_error(message)
         if self._failures >= FAILING_AFTER:
             self.stats.set_problem("failing", "%d failed attempts in a row, the last: %s"
@@ -192,6 +196,7 @@ class Listener(threading.Thread):
         if self._paused:
             self._paused = False
             self.stats.set_problem("paused", None)
+        self.failing_since = None
         if self._failures:
             self._failures = 0
             self.stats.set_problem("failing", None)
@@ -301,7 +306,9 @@ class Listener(threading.Thread):
                 return True
             except psycopg2.Error as exc:
                 attempt += 1
-                self.stats.set_error(describe(exc))
+                # a failed attempt as the supervising loop's are (the problem "failing" from
+                # the third in a row), also when the connection was lost in the middle of a batch
+                self._failed(describe(exc))
                 LOGGER.warning("[%s] PostgreSQL unavailable (%s); retrying", self.name, describe(exc))
                 self._stopping.wait(backoff(attempt, self.backoff_base, self.backoff_cap) + 0.1)
         return False

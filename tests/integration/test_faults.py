@@ -454,6 +454,38 @@ def test_target_sessions_terminated_mid_stream(flow):
         assert stats[target]["dead_lettered"] == 0
 
 
+def test_a_target_that_cannot_reconnect_mid_stream_lists_its_failures(flow):
+    """A target whose database is lost in the middle of the stream and then refuses new sessions
+    reconnects with backoff; its failed attempts count as the supervising loop's do (the problem
+    'failing' from the third), which they did not on that path. It catches up once allowed."""
+    stream = Stream(flow.queue, 600, batch=20, pause=0.02)
+    dbname = re.search(r"dbname=(\S+)", flow.t1).group(1)
+    admin = flow.t1.replace("dbname=" + dbname, "dbname=postgres")
+    with running(flow.config()) as daemon:
+        target = "%s_target1" % flow.name
+        wait_for(lambda: thread_stats(daemon)[target]["database"] == "connected", timeout=15,
+                 message="target1 connected")
+        stream.start()
+        try:
+            wait_for(lambda: count_rows(flow.t1) >= 100 or not stream.is_alive(), timeout=20,
+                     message="target1 applying")
+            execute(admin, "ALTER DATABASE %s ALLOW_CONNECTIONS false" % dbname)
+            try:
+                assert terminate_golconde_sessions(flow.t1) >= 1
+                wait_for(lambda: any("failed attempts in a row" in problem
+                                     for problem in thread_stats(daemon)[target]["problems"]),
+                         timeout=30, message="target1's standing problem")
+            finally:
+                execute(admin, "ALTER DATABASE %s ALLOW_CONNECTIONS true" % dbname)
+            stream.finish()
+        finally:
+            stream.abort()
+        flow.wait_complete(stream, describe=lambda: thread_stats(daemon))
+        wait_for(lambda: thread_stats(daemon)[target]["problems"] == [], timeout=20,
+                 message="the problem cleared")
+        assert thread_stats(daemon)[target]["dead_lettered"] == 0
+
+
 # -- 3. kill -9 of golconded, three times ------------------------------------------------------------
 
 def test_kill_9_three_times_mid_stream(flow, tmp_path):
@@ -729,6 +761,14 @@ def test_a_canonical_database_read_only_for_a_while_holds_the_drain(make_databas
             writer.close()
             wait_for(lambda: "25006" in (thread_stats(daemon)[flow.name]["last_error"] or ""),
                      timeout=20, message="the drain refused")
+            # each try sends a window and fails to save the position: failures in a row (the
+            # cycles that sent did not get through), a lag growing from the first, the backlog
+            # unknown (it said 0 and lag 0 while the rows waited)
+            wait_for(lambda: any("failed attempts in a row" in problem
+                                 for problem in thread_stats(daemon)[flow.name]["problems"]),
+                     timeout=30, message="the drain's standing problem")
+            stats = thread_stats(daemon)[flow.name]
+            assert stats["lag"] > 1.0 and stats["backlog"] is None, stats
         finally:
             _read_only(flow.canonical, False)
         execute(flow.canonical, "UPDATE items SET note = 'y' WHERE id <= 100")
@@ -736,6 +776,9 @@ def test_a_canonical_database_read_only_for_a_while_holds_the_drain(make_databas
                              for t in (flow.t1, flow.t2)), timeout=40, message="targets equal")
         wait_for(lambda: queue_backlog(flow.canonical, flow.name) == 0, timeout=20,
                  message="the position saved")
+        wait_for(lambda: thread_stats(daemon)[flow.name]["lag"] == 0.0
+                 and thread_stats(daemon)[flow.name]["problems"] == [], timeout=20,
+                 message="lag and problems cleared")
         assert thread_stats(daemon)[flow.name]["dead_lettered"] == 0
 
 
