@@ -151,6 +151,9 @@ class Applier:
         self.on_retry = on_retry
         self._member: Optional[int] = None   # index of the group member being applied
         self._data_refreshed = float("-inf")    # when a data error last re-read the schema
+        #: retries of the batch after a transient error, for the first packet that fails so
+        #: when the batch is then applied packet by packet (:meth:`_one`)
+        self._batch_retries = 0
 
     def apply_batch(self, connection: Any, items: Sequence[Tuple[str, Any]],
                     redelivered: bool = False, replayed: Sequence[str] = ()) -> List[Outcome]:
@@ -215,6 +218,10 @@ class Applier:
                     self._schema_error()
                 LOGGER.debug("[%s] batch failed (%s), applying packet by packet", self.consumer,
                              describe(exc))
+                # after a transient error, the batch's retries count against the packet that
+                # fails so first, one by one (it was retried max_retries times again, twice the
+                # wait, twice the count)
+                self._batch_retries = attempt if fate == RETRY else 0
                 done = self._careful(connection, items, packets, todo)
                 break
         for index, outcome in done.items():
@@ -551,6 +558,7 @@ class Applier:
                    else "RELEASE SAVEPOINT golconde_packet")
         assert packet is not None
         attempts = 0
+        prior = 0        # the batch's retries, when this packet is the first to fail so here
         schema_refreshed = False
         while True:
             try:
@@ -591,7 +599,9 @@ class Applier:
                     schema_refreshed = True
                     self._schema_error()
                     continue
-                if fate == RETRY and attempts < self.max_retries:
+                if fate == RETRY and not attempts and self._batch_retries:
+                    prior, self._batch_retries = self._batch_retries, 0
+                if fate == RETRY and prior + attempts < self.max_retries:
                     attempts += 1
                     self._count_retry()
                     self.sleep(backoff(attempts))
@@ -606,8 +616,9 @@ class Applier:
                 if isinstance(packet, Group) and self._member is not None:
                     reason = "group member %d (0-based, of %d): %s" % (self._member, len(packet.packets),
                                                                        reason)
-                if fate == RETRY:
-                    reason = "gave up after %d attempts: %s" % (attempts + 1, reason)
+                if fate == RETRY:       # with the batch's attempts (its first and its retries)
+                    tries = attempts + 1 + (prior + 1 if prior else 0)
+                    reason = "gave up after %d attempts: %s" % (tries, reason)
                 if not isinstance(exc, (GolcondeError, psycopg2.Error)) and not lone_surrogate(exc):
                     LOGGER.error("[%s] handler error (a bug?) on packet %s: %s", self.consumer, pid,
                                  reason, exc_info=exc)

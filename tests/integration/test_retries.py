@@ -235,3 +235,23 @@ def test_permanent_errors_are_dead_lettered_at_once(flows, caplog):
     dead = drain_queue(flow.destination.targets[0].dead_letter_queue, wait=0.5)
     assert [(d.headers["golconde-id"], "23514" in d.headers["golconde-reason"]) for d in dead] == [
         (too_big, True)]
+
+
+def test_a_lock_held_past_max_retries_dead_letters_after_max_retries(flows):
+    """A packet still blocked after max_retries retries of its batch is then tried once alone
+    (the batch applied packet by packet), not max_retries times more: it was retried twice as
+    often as configured, `retried` counting both rounds and the reason half the attempts."""
+    flow = flows("-c lock_timeout=100", max_retries=2)
+    other = blocker(flow.t1)
+    try:
+        with other.cursor() as cur:
+            cur.execute("SELECT * FROM accounts WHERE id = 1 FOR UPDATE")
+        pid = flow.send('{"action": "update", "data": {"balance": 7}, "restriction": {"id": 1}}')
+        wait_for(lambda: flow.t1_stats()["dead_lettered"] == 1, timeout=30, message="dead-lettered at t1")
+    finally:
+        other.rollback()
+        other.close()
+    assert flow.t1_stats()["retried"] == 2
+    dead = drain_queue(flow.destination.targets[0].dead_letter_queue, wait=0.5)
+    assert [d.headers["golconde-id"] for d in dead] == [pid]
+    assert dead[0].headers["golconde-reason"].startswith("gave up after 4 attempts: SQLSTATE 55P03")
