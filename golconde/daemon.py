@@ -160,6 +160,7 @@ class Daemon:
                                 max_lag=http_config.health.max_lag)
         try:
             self.http.start()
+            self._serve_config(self.http)       # its actual address (a port given as 0...)
             LOGGER.info("stats server on http://%s:%d/", http_config.listen, self.http.port)
         except OSError as exc:
             LOGGER.error("stats server cannot listen on %s:%d: %s (continuing without it)",
@@ -207,9 +208,13 @@ class Daemon:
                          " address could not be used)", running.host, running.port)
 
     def _serve_config(self, server: Any) -> None:
-        """Have the running stats server serve this configuration's /config and thresholds."""
+        """Have the running stats server serve this configuration's /config and thresholds,
+        with the address it listens on (a reload whose new address could not be used leaves it
+        on the old one: /config showed the new port)."""
         health = self.config.http.health
-        server.update(self.config.public_view(), health.max_backlog, health.max_lag)
+        view = self.config.public_view()
+        view["HTTPServer"].update(listen=server.host, port=server.port)
+        server.update(view, health.max_backlog, health.max_lag)
 
     def request_stop(self) -> None:
         self._stop.set()

@@ -88,6 +88,9 @@ class _Server(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    #: the listen backlog (socketserver's default is 5: about ten clients at once, dashboards,
+    #: Prometheus and Nagios polling together, had connections dropped and retried for seconds)
+    request_queue_size = 128
 
     def __init__(self, address: Tuple[str, int], registry: Registry, config_json: bytes,
                  page: Tuple[bytes, str], thresholds: Tuple[int, float]) -> None:

@@ -717,6 +717,7 @@ class QueueConsumer(Listener):
         super().reset()
 
     def close(self) -> None:
+        self._applying = None             # its packets go back to the broker: no longer held
         if self._pending and self.inbound.connected:
             try:
                 self.settle(keep=0)           # ack what the broker confirmed before leaving

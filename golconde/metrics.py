@@ -100,7 +100,9 @@ class RegistryCollector(Collector):
                                     "Packets waiting for the listener (prefetched, or in the "
                                     "queue table for a trigger-mode destination).", labels=LABELS)
         lag = GaugeMetricFamily("golconde_lag_seconds",
-                                "Age of the last applied packet when it was applied.",
+                                "Age of the last applied packet when it was applied, or of "
+                                "the oldest packet held if older (a stuck listener's grows); "
+                                "0 once nothing is held.",
                                 labels=LABELS, unit="seconds")
         state = GaugeMetricFamily("golconde_connection_state",
                                   "1 for the current state of the listener's broker or database "

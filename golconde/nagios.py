@@ -253,6 +253,10 @@ class Summary(nagiosplugin.Summary):
 def _thresholds(args: argparse.Namespace) -> Dict[str, Tuple[str, str]]:
     """(warning, critical) range per metric: explicit options, then -w/-c parts, then defaults."""
     result = {}
+    for level, combined in (("warning", args.warning), ("critical", args.critical)):
+        if combined and len(combined.split(",")) > len(METRICS):
+            raise ValueError("invalid %s ranges %r: at most %d, comma-separated (%s)"
+                             % (level, combined, len(METRICS), ",".join(m.upper() for m in METRICS)))
     for index, metric in enumerate(METRICS):
         pair = []
         for level, combined in ((0, args.warning), (1, args.critical)):
@@ -295,6 +299,17 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(status)
 
 
+def _port(text: str) -> int:
+    """A TCP port, 1-65535 (0 or 99999 read as a daemon that is down: CRITICAL)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a TCP port, got %r" % text) from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError("expected a TCP port 1-65535, got %r" % text)
+    return value
+
+
 def _positive(text: str) -> float:
     """A number of seconds above 0 (0 would make the socket non-blocking: every check fails)."""
     try:
@@ -313,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Thresholds are Nagios ranges. Exit status: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.")
     parser.add_argument("-H", "--host", default="127.0.0.1",
                         help="daemon's HTTP address (default %(default)s)")
-    parser.add_argument("-p", "--port", type=int, default=8080,
+    parser.add_argument("-p", "--port", type=_port, default=8080,
                         help="daemon's HTTP port (default %(default)s)")
     parser.add_argument("-u", "--url", help="base URL instead of -H/-p, e.g. http://db1:8080")
     parser.add_argument("--health", action="store_true", help="poll /health instead of /stats")

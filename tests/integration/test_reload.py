@@ -503,7 +503,9 @@ def test_a_reload_to_a_taken_http_port_keeps_the_stats_server(tmp_path):
         assert answers(first)
         # where it stays, it serves the reloaded configuration and thresholds
         with urllib.request.urlopen("http://127.0.0.1:%d/config" % first, timeout=2) as response:
-            assert json.loads(response.read())["HTTPServer"]["health"]["max_backlog"] == 77
+            served = json.loads(response.read())["HTTPServer"]
+        assert served["health"]["max_backlog"] == 77
+        assert served["port"] == first        # where it listens, not the port it could not take
         assert daemon.http.thresholds[0] == 77
         mapping["HTTPServer"]["port"] = third
         write_config(path, mapping)

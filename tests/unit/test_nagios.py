@@ -137,3 +137,22 @@ def test_a_timeout_that_is_no_positive_number_is_a_usage_error(value):
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["-t", value])
+
+
+@pytest.mark.parametrize("value", ["0", "99999", "-1", "http"])
+def test_a_port_outside_1_to_65535_is_a_usage_error(value, capsys):
+    """-p 0 or 99999 was read as a daemon that is down: CRITICAL, where it is a usage error."""
+    with pytest.raises(SystemExit) as info:
+        nagios.build_parser().parse_args(["-p", value])
+    assert info.value.code == 3
+    assert capsys.readouterr().out.startswith("GOLCONDE UNKNOWN - argument -p/--port: expected a TCP port")
+
+
+def test_more_ranges_than_metrics_are_refused():
+    """-w 1,2,3,4 (or ,,,,) was accepted, its extra parts ignored."""
+    for combined in ("1,2,3,4", ",,,,"):
+        args = nagios.build_parser().parse_args(["-w", combined])
+        with pytest.raises(ValueError, match="invalid warning ranges %r: at most 3, comma-separated"
+                                             r" \(LAG,BACKLOG,ERRORS\)" % combined):
+            nagios.make_check(args)
+    assert nagios.make_check(nagios.build_parser().parse_args(["-c", "300,10000,10"]))
