@@ -221,7 +221,20 @@ def _remove_pidfile(path: Optional[str]) -> None:
 
 # -- golconde ---------------------------------------------------------------------------------------
 def admin_main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``golconde``."""
+    """Entry point of ``golconde``. Its output read by a command that stops early
+    (``golconde compare | head -1``) ends it quietly, exit status 1, as the Python documentation
+    advises ("Note on SIGPIPE", module signal), not with a BrokenPipeError traceback."""
+    try:
+        status = _admin_main(argv)
+        sys.stdout.flush()          # here, not at exit: a closed pipe is caught below
+        return status
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())     # Python flushes stdout again at exit
+        return 1
+
+
+def _admin_main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="golconde", description="Golconde administration")
     parser.add_argument("--version", action="version", version="golconde " + __version__)
     parser.add_argument("-v", "--verbose", action="store_true")

@@ -310,6 +310,8 @@ class TriggerDestination(Listener):
         #: partition -> monotonic time since when a rotation found it stuck (_report_stuck)
         self._stuck_since: Dict[str, float] = {}
         self._stuck_logged: Set[Tuple[str, str]] = set()
+        #: partition -> epoch seconds since when ids are back in it while it was stuck
+        self._came_back: Dict[str, float] = {}
         self._may_truncate = True
         #: epoch seconds since when the current cycle works (fetch, sends, confirmations,
         #: statements), None while it waits for changes: for the live lag (_live_figures)
@@ -708,15 +710,28 @@ class TriggerDestination(Listener):
             why[name] = "its lock is held"
         for name in list(self._stuck_since):
             if name not in why and name == rotation.current:
-                why[name] = "ids came back to it while it still held rows of the round before"
-            elif name not in why:
+                # stuck until ids move on, but a problem only while rows of the round before
+                # wait: a writer of theirs still running, or rows not sent (once all are sent,
+                # the next rotation after ids move on empties it)
+                came_back = self._came_back.setdefault(name, time.time())
+                holders = self._holders(name, before=came_back)
+                other = None if holders else trigger.unsent_below(self.db, name,
+                                                                  rotation.current_start)
+                if holders or other is not None:
+                    why[name] = ("ids came back to it while it still held rows of the round"
+                                 " before (%s)" % (holders or "destination %s has not sent them"
+                                                   % other))
+                    continue
+            self._came_back.pop(name, None)
+            if name not in why:
                 del self._stuck_since[name]
         overdue = sorted((name, now - self._stuck_since.setdefault(name, now)) for name in why)
         overdue = [(name, seconds) for name, seconds in overdue if seconds >= ROTATE_PATIENCE]
         # the sessions holding a lock are read only for a partition to report
         text = "; ".join("%s not truncated for %.0f s: %s%s"
                          % (name, seconds, why[name],
-                            " (%s)" % self._holders(name) if name in rotation.busy else "")
+                            " (%s)" % (self._holders(name) or "no session seen holding it")
+                            if name in rotation.busy else "")
                          for name, seconds in overdue) or None
         self.stats.set_problem("queue-rotation", text)
         kinds = {(name, why[name]) for name, _ in overdue}
@@ -727,26 +742,23 @@ class TriggerDestination(Listener):
                 LOGGER.info("[%s] every partition ids left has been truncated again", self.name)
             self._stuck_logged = kinds
 
-    def _holders(self, partition: str) -> str:
-        """The sessions holding a lock on ``partition``: pid, lock mode (RowExclusiveLock: a
-        writer; AccessShareLock: a reader), state and seconds in their transaction, as far as
-        this role may see them."""
+    def _holders(self, partition: str, before: Optional[float] = None) -> str:
+        """The sessions, and prepared transactions (``PREPARE TRANSACTION``: no session, their
+        locks held until ``COMMIT PREPARED``), holding a lock on ``partition``: pid or gid, lock
+        mode (RowExclusiveLock: a writer; AccessShareLock: a reader), state and seconds in their
+        transaction, as far as this role may see them; with ``before`` (epoch seconds), only
+        those whose transaction began before it. ``""`` when there is none."""
         try:
             with self.db.cursor() as cur:
-                cur.execute("SELECT a.pid, l.mode, a.state,"
-                            " extract(epoch FROM now() - a.xact_start)::int"
-                            " FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a"
-                            " ON a.pid = l.pid WHERE l.relation = to_regclass(%s) AND l.granted"
-                            " AND a.pid <> pg_backend_pid() ORDER BY a.xact_start LIMIT 3",
-                            (partition,))
+                cur.execute(_HOLDERS, {"partition": partition, "before": before})
                 rows = cur.fetchall()
         except psycopg2.Error as exc:
             if self.db.closed:
                 raise
             return "its sessions could not be read: %s" % trigger.first_line(exc)
-        return ", ".join("pid %s %s, %s for %s s" % (pid, mode, state or "?",
-                                                      age if age is not None else "?")
-                         for pid, mode, state, age in rows) or "no session seen holding it"
+        return ", ".join("%s %s, %s for %s s" % (who, mode, state or "?",
+                                                  age if age is not None else "?")
+                         for who, mode, state, age in rows)
 
     def _wait_for_notify(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for a NOTIFY of the capture (or the stop), not
@@ -772,6 +784,27 @@ class TriggerDestination(Listener):
             LOGGER.warning("[%s] LISTEN connection lost (%s); polling until it is back", self.name,
                            describe(exc))
             self._close_listen()
+
+
+#: The holders of a lock on a partition (parameters ``partition``, ``before``: epoch seconds or
+#: NULL): sessions, and prepared transactions, whose locks no session holds (their pg_locks rows
+#: have no pid; the transaction's own lock row, of the same virtual transaction, names its xid).
+_HOLDERS = (
+    "SELECT who, mode, state, age FROM ("
+    " SELECT 'pid ' || a.pid AS who, l.mode, a.state,"
+    "  extract(epoch FROM now() - a.xact_start)::int AS age, a.xact_start AS began"
+    " FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.relation = pg_catalog.to_regclass(%(partition)s) AND l.granted"
+    "  AND a.pid <> pg_catalog.pg_backend_pid()"
+    " UNION ALL"
+    " SELECT 'prepared transaction ' || pg_catalog.quote_literal(p.gid), l.mode, 'prepared',"
+    "  extract(epoch FROM now() - p.prepared)::int, p.prepared"
+    " FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_locks t"
+    "  ON t.virtualtransaction = l.virtualtransaction AND t.locktype = 'transactionid'"
+    " JOIN pg_catalog.pg_prepared_xacts p ON p.transaction = t.transactionid"
+    " WHERE l.relation = pg_catalog.to_regclass(%(partition)s) AND l.granted AND l.pid IS NULL"
+    ") h WHERE %(before)s::float8 IS NULL OR h.began < pg_catalog.to_timestamp(%(before)s::float8)"
+    " ORDER BY h.began LIMIT 3")
 
 
 def _queued_id(row: Any) -> str:

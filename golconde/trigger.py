@@ -25,7 +25,7 @@ import logging
 import re
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -549,8 +549,10 @@ def _lock_wait(cur: Any, qualified: str) -> Iterator[None]:
     try:
         yield
     except psycopg2.errors.LockNotAvailable:
-        raise TriggerError("%s stayed locked for %s (a transaction using it is still open; the"
-                           " table's writers waited behind this request meanwhile): try again"
+        raise TriggerError("%s stayed locked for %s (a transaction using it is still open: a"
+                           " session's, see pg_stat_activity, or one prepared for two-phase commit"
+                           " and not committed yet, see pg_prepared_xacts; the table's writers"
+                           " waited behind this request meanwhile): try again"
                            % (qualified, LOCK_TIMEOUT)) from None
 
 
@@ -1001,6 +1003,8 @@ class Rotation:
     busy: Tuple[str, ...] = ()
     #: the partition new ids go to (never truncated; ``""`` when unknown)
     current: str = ""
+    #: the first id of the current round in that partition (its rows below it: the round before)
+    current_start: int = field(default=0, compare=False)
 
 
 #: A row ``q`` the saved position ``p`` has sent within its window.
@@ -1044,7 +1048,9 @@ def rotate_queue(conn: psycopg2.extensions.connection, lock_timeout_ms: int = 50
     truncated, blocked, busy = [], [], []
     with _transaction(conn) as cur:
         cur.execute("SELECT " + _LAST_ID + " FROM golconde.queue_id_seq s")
-        current = (cur.fetchone()[0] // QUEUE_PARTITION_IDS) % QUEUE_PARTITIONS
+        last = cur.fetchone()[0]
+        current = (last // QUEUE_PARTITION_IDS) % QUEUE_PARTITIONS
+        current_start = last // QUEUE_PARTITION_IDS * QUEUE_PARTITION_IDS
     for number in range(QUEUE_PARTITIONS):
         if number == current:
             continue
@@ -1077,7 +1083,39 @@ def rotate_queue(conn: psycopg2.extensions.connection, lock_timeout_ms: int = 50
             truncated.append("golconde." + name)
         else:
             blocked.append(("golconde." + name, row[0]))
-    return Rotation(tuple(truncated), tuple(blocked), tuple(busy), "golconde.queue_%d" % current)
+    return Rotation(tuple(truncated), tuple(blocked), tuple(busy), "golconde.queue_%d" % current,
+                    current_start)
+
+
+def _below(query: str) -> str:
+    """:data:`_UNSENT` for the rows of a partition with ids below ``%(below)s`` only: each of
+    its scans of the partition so restricted."""
+    for scan in ("SELECT destination FROM {part} ORDER BY", "WHERE q.destination > d.destination",
+                 "WHERE q.destination = d.destination"):
+        assert scan in query, scan
+        restricted = (scan.replace("{part} ORDER BY", "{part} WHERE id < %(below)s ORDER BY")
+                      if scan.endswith("ORDER BY") else scan + " AND q.id < %(below)s")
+        query = query.replace(scan, restricted)
+    return query
+
+
+_UNSENT_BELOW = _below(_UNSENT)
+
+
+def unsent_below(conn: psycopg2.extensions.connection, partition: str, below: int) -> Optional[str]:
+    """The first destination with a row not sent among the rows of ``partition``
+    (``golconde.queue_N``) whose ids are below ``below``, or None: for the partition ids came
+    back to, whether the rows of the round before are all sent (then it waits only for ids to
+    move on to be truncated).
+
+    :raises TriggerError: ``conn`` is inside a transaction.
+    """
+    schema, name = partition.split(".", 1)
+    with _transaction(conn) as cur:
+        cur.execute(_INDEX_ORDER)
+        cur.execute(sql.SQL(_UNSENT_BELOW).format(part=sql.Identifier(schema, name)), {"below": below})
+        row = cur.fetchone()
+    return None if row is None else row[0]
 
 
 def delete_sent(conn: psycopg2.extensions.connection, destination: str,

@@ -259,3 +259,14 @@ def test_one_configuration_split_over_two_processes(make_database, tmp_path):
             daemon.terminate()
         for daemon in daemons:
             daemon.wait(30)
+
+
+def test_output_to_a_reader_that_stops_early_ends_quietly():
+    """golconde ... | head -1: the closed pipe ended the command with a BrokenPipeError traceback."""
+    command = [sys.executable, "-m", "golconde.cli", "check-config", "-c",
+               os.path.join(ROOT, "etc", "golconde.yaml")]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()                       # the reader is gone before anything is written
+    error = process.stderr.read().decode("utf-8")
+    assert process.wait(timeout=60) == 1
+    assert "Traceback" not in error and "BrokenPipeError" not in error, error

@@ -219,6 +219,10 @@ def test_rotation_truncates_a_partition_once_every_destination_sent_it(db, datab
         execute(db, "INSERT INTO items SELECT g FROM generate_series(2, 10) g")   # up to 500006
         assert query_one(db, "SELECT count(*) FROM golconde.queue_1") == 7
         assert trigger.rotate_queue(db) == trigger.Rotation((), (("golconde.queue_0", "Other"),), current=Q1)
+        # the same check, for the rows below an id only (those of a round before)
+        assert trigger.unsent_below(db, "golconde.queue_0", trigger.QUEUE_PARTITION_IDS) == "Other"
+        assert trigger.unsent_below(db, "golconde.queue_0", trigger.QUEUE_PARTITION_IDS - 4) is None
+        assert trigger.rotate_queue(db).current_start == trigger.QUEUE_PARTITION_IDS
         _, other = drain(db, DrainPosition(), "Other")
         with db.cursor() as cur:
             trigger.save_position(cur, "Other", other)
