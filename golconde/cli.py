@@ -252,6 +252,9 @@ def _admin_main(argv: Optional[List[str]] = None) -> int:
     comp = sub.add_parser("compare", help="compare each target with its canonical relation")
     comp.add_argument("-c", "--config", default=None)
     comp.add_argument("--destination", help="only this destination")
+    comp.add_argument("--rows", type=_count, default=0, metavar="N",
+                      help="for a target that differs, list at most N differing rows by the"
+                           " canonical primary key (it reads both tables whole, in key order)")
     comp.add_argument("--handlers", action="store_true",
                       help="also compare targets with a custom handler, column by column as for"
                            " AutoSQL (by default they are not compared: a handler writes its own way)")
@@ -431,7 +434,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise ConfigError("Destinations.%s: no such destination" % args.destination)
     differences = errors = skipped = 0
     relations = {d.name: (d.target, {t.name: t.target for t in d.targets}) for d in config.destinations}
-    results = compare_config(config, args.destination or None, handlers=args.handlers)
+    results = compare_config(config, args.destination or None, handlers=args.handlers,
+                             rows=args.rows)
     for destination, target, result in results:
         if result.skipped:
             skipped += 1
@@ -442,6 +446,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         canonical_relation, targets = relations[destination]
         print("%s %s -> %s %s: %s" % (destination, canonical_relation, target,
                                       targets.get(target, "?"), result.summary()))
+        for what, key in result.rows:
+            print("  (%s)=(%s): %s" % (", ".join(key), ", ".join(key.values()), what))
+        if result.rows_note:
+            print("  %s" % result.rows_note)
     summary = ["%d target(s) differ" % differences] if differences else []
     if errors:
         summary.append("%d could not be compared" % errors)

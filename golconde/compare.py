@@ -18,6 +18,10 @@ hashes on both sides):
    A sum is independent of row order and of physical layout. The row text form quotes its fields,
    so NULL (``()``) differs from an empty string (``("")``).
 3. The relations are equal when both counts and both sums are equal.
+4. When they are not, and ``rows`` asks for it, the differing rows are found by key
+   (:func:`_differing`): on each side the canonical primary key's values as text and each row's
+   hash, ordered by those texts under the ``C`` collation (the same order on both sides, whatever
+   their collations), merged: a key whose hashes differ, or that one side lacks, is listed.
 
 Both sessions first set ``TimeZone = UTC``, ``DateStyle = ISO, YMD``, ``IntervalStyle = postgres``,
 ``extra_float_digits = 1`` and ``bytea_output = hex``, so that a row's text does not depend on
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import psycopg2
 from psycopg2 import sql
@@ -70,6 +74,11 @@ class CompareResult:
     :ivar error: why the comparison could not be made (only from :func:`compare_config`).
     :ivar skipped: why the pair was not compared (only from :func:`compare_config`: a target
         whose custom handler writes it its own way).
+    :ivar rows: the differing rows found (at most the ``rows`` asked of :func:`compare`), each
+        ``(what, {canonical key column: value as text})``, ``what`` being ``"differs"``,
+        ``"missing at the target"`` or ``"only at the target"``.
+    :ivar rows_note: why the differing rows were not listed (no primary key...), or that there
+        are more than those listed.
     """
 
     equal: bool
@@ -81,6 +90,8 @@ class CompareResult:
     ignored: Tuple[str, ...] = ()
     error: Optional[str] = None
     skipped: Optional[str] = None
+    rows: Tuple[Tuple[str, Dict[str, str]], ...] = ()
+    rows_note: Optional[str] = None
 
     def summary(self) -> str:
         """One line for an operator, e.g. ``equal: 120 rows`` or ``DIFFERENT: 120 vs 119 rows``."""
@@ -97,7 +108,7 @@ class CompareResult:
 
 
 def compare(canonical_dsn: str, canonical_relation: str, target_dsn: str,
-            target_relation: str, mapping: Any = None) -> CompareResult:
+            target_relation: str, mapping: Any = None, rows: int = 0) -> CompareResult:
     """Compare ``canonical_relation`` in database ``canonical_dsn`` with ``target_relation`` in
     ``target_dsn`` (see the module documentation for the algorithm). Opens and closes its own
     read-only connections.
@@ -107,6 +118,8 @@ def compare(canonical_dsn: str, canonical_relation: str, target_dsn: str,
         column is compared with the target column it is renamed to; excluded columns, constants'
         and ``defaults`` columns are not compared; the canonical side counts only the rows its
         filter lets through, judged as the daemon judges packets (:func:`_digest_filtered`).
+    :param rows: when the relations differ, list at most this many differing rows by the
+        canonical relation's primary key (:attr:`CompareResult.rows`; 0: none).
     :returns: a :class:`CompareResult`.
     :raises CompareError: a relation does not exist or cannot be parsed, or no column in common.
     :raises psycopg2.Error: connection or query failure.
@@ -131,15 +144,20 @@ def compare(canonical_dsn: str, canonical_relation: str, target_dsn: str,
         else:
             canonical_count, canonical_hash = _digest(canonical_conn, canonical, common)
         target_count, target_hash = _digest(target_conn, target, tuple(name for _, name in pairs))
-    equal = canonical_count == target_count and canonical_hash == target_hash
+        equal = canonical_count == target_count and canonical_hash == target_hash
+        listed: Tuple[Tuple[str, Dict[str, str]], ...] = ()
+        note = None
+        if not equal and rows > 0:
+            listed, note = _differing(canonical_conn, canonical, canonical_columns, target_conn,
+                                      target, pairs, mapping, rows)
     result = CompareResult(equal, canonical_count, target_count, canonical_hash, target_hash,
-                           common, ignored)
+                           common, ignored, rows=listed, rows_note=note)
     LOGGER.info("compare %s with %s: %s", canonical, target, result.summary())
     return result
 
 
 def compare_config(config: Any, destination_name: Optional[str] = None,
-                   handlers: bool = False) -> List[Tuple[str, str, CompareResult]]:
+                   handlers: bool = False, rows: int = 0) -> List[Tuple[str, str, CompareResult]]:
     """Compare every destination's canonical relation (or only ``destination_name``'s) with each
     of its targets, through each target's mapping where it has one. A target with a custom
     handler (``function_name`` other than AutoSQL) writes its relation its own way (other
@@ -150,6 +168,7 @@ def compare_config(config: Any, destination_name: Optional[str] = None,
         destination); each destination has ``.name``, ``.pgsql`` (DSN), ``.target`` (relation) and
         ``.targets`` (sequence or mapping; may be empty), each target ``.name``, ``.pgsql``,
         ``.target``.
+    :param rows: as for :func:`compare`.
     :returns: ``[(destination name, target name, CompareResult), ...]`` in configuration order.
         A pair that cannot be compared (database unreachable, relation missing...) is reported
         with ``equal=False`` and ``error`` set, and the other pairs are still compared.
@@ -167,7 +186,8 @@ def compare_config(config: Any, destination_name: Optional[str] = None,
                         " column all the same)" % (handler, target.target)))
                 else:
                     result = compare(destination.pgsql, destination.target, target.pgsql,
-                                     target.target, getattr(target, "mapping", None) or None)
+                                     target.target, getattr(target, "mapping", None) or None,
+                                     rows=rows)
             except (GolcondeError, psycopg2.Error) as exc:
                 LOGGER.error("destination %s, target %s: cannot compare: %s", destination.name,
                              target.name, describe(exc))
@@ -306,6 +326,87 @@ def _digest_filtered(conn: Any, relation: Relation, columns: Tuple[str, ...],
         conn.rollback()
         conn.autocommit = True
     return count, total
+
+
+def _primary_key(conn: Any, relation: Relation) -> Tuple[str, ...]:
+    """The primary key's column names of ``relation``, in key order (``()`` without one)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT a.attname FROM pg_catalog.pg_index i"
+                    " CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k (attnum, n)"
+                    " JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+                    " WHERE i.indrelid = pg_catalog.to_regclass(%s) AND i.indisprimary ORDER BY k.n",
+                    (sql.Identifier(relation.schema, relation.name).as_string(conn),))
+        return tuple(name for (name,) in cur.fetchall())
+
+
+def _keyed(conn: Any, relation: Relation, keys: Sequence[str], columns: Sequence[str],
+           filter_columns: Sequence[str] = ()) -> Iterator[Tuple[Any, ...]]:
+    """``(key texts, row hash, filter values as JSON text or None)`` of each row of
+    ``relation``, ordered by the key texts under the ``C`` collation (a server-side cursor,
+    :data:`FETCH_ROWS` at a time; the caller's connection, in a transaction it rolls back)."""
+    texts = sql.SQL(", ").join(sql.SQL("{}::pg_catalog.text").format(sql.Identifier(name))
+                               for name in keys)
+    order = sql.SQL(", ").join(sql.SQL('{}::pg_catalog.text COLLATE "C"').format(sql.Identifier(name))
+                               for name in keys)
+    values = (sql.SQL("pg_catalog.jsonb_build_object({})::text").format(sql.SQL(", ").join(
+        sql.SQL("{}, {}").format(sql.Literal(name), sql.Identifier(name)) for name in filter_columns))
+        if filter_columns else sql.SQL("NULL"))
+    query = sql.SQL("SELECT ARRAY[{}], {}, {} FROM {} ORDER BY {}").format(
+        texts, _row_hash(columns), values, sql.Identifier(relation.schema, relation.name), order)
+    with conn.cursor(name="golconde_compare_rows") as cur:
+        cur.itersize = FETCH_ROWS
+        cur.execute(query)
+        for key, row_hash, filtered in cur:
+            yield tuple(key), row_hash, filtered
+
+
+def _differing(canonical_conn: Any, canonical: Relation, canonical_columns: Sequence[str],
+               target_conn: Any, target: Relation, pairs: Sequence[Tuple[str, str]], mapping: Any,
+               limit: int) -> Tuple[Tuple[Tuple[str, Dict[str, str]], ...], Optional[str]]:
+    """At most ``limit`` differing rows, by the canonical primary key (see the module
+    documentation, step 4), and a note: why none could be listed, or that there are more."""
+    keys = _primary_key(canonical_conn, canonical)
+    if not keys:
+        return (), "rows not listed: %s has no primary key" % canonical
+    renamed = dict(pairs)
+    if any(key not in renamed for key in keys):
+        return (), "rows not listed: the target does not hold the whole primary key (%s)" % ", ".join(keys)
+    filter_columns: List[str] = []
+    if mapping is not None and mapping.conditions:
+        names = {name.lower(): name for name in canonical_columns}
+        filter_columns = [names[c.lower()] for c in dict.fromkeys(
+            condition.column for condition in mapping.conditions) if c.lower() in names]
+    common = tuple(name for name, _ in pairs)
+    found: List[Tuple[str, Dict[str, str]]] = []
+    more = False
+    for conn in (canonical_conn, target_conn):
+        conn.autocommit = False             # server-side cursors live in a transaction
+    try:
+        left = (row for row in _keyed(canonical_conn, canonical, keys, common, filter_columns)
+                if not filter_columns or mapping.verdict(loads(row[2])) is Verdict.MATCH)
+        right = _keyed(target_conn, target, [renamed[key] for key in keys],
+                       [name for _, name in pairs])
+        a, b = next(left, None), next(right, None)
+        while a is not None or b is not None:
+            if b is None or (a is not None and a[0] < b[0]):
+                what, key, a = "missing at the target", a[0], next(left, None)
+            elif a is None or b[0] < a[0]:
+                what, key, b = "only at the target", b[0], next(right, None)
+            else:
+                what, key = "differs", a[0]
+                same = a[1] == b[1]
+                a, b = next(left, None), next(right, None)
+                if same:
+                    continue
+            if len(found) == limit:
+                more = True
+                break
+            found.append((what, dict(zip(keys, key))))
+    finally:
+        for conn in (canonical_conn, target_conn):
+            conn.rollback()
+            conn.autocommit = True
+    return tuple(found), ("more rows differ than the %d listed" % limit if more else None)
 
 
 def _digest(conn: Any, relation: Relation, columns: Tuple[str, ...]) -> Tuple[int, int]:

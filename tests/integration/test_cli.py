@@ -94,6 +94,11 @@ def test_trigger_install_remove_and_compare(make_database, tmp_path):
     path = write_config(str(tmp_path / "c.yaml"), mapping)
     result = run("golconde.cli", "compare", "-c", path)
     assert result.returncode == 1 and "DIFFERENT" in result.stdout
+    execute(target, "INSERT INTO items VALUES (1, 'b')")
+    result = run("golconde.cli", "compare", "-c", path, "--rows", "5")      # which rows
+    assert result.returncode == 1 and result.stdout.splitlines()[1:3] == [
+        "  (id)=(1): differs", "  (id)=(2): missing at the target"], result.stdout
+    execute(target, "DELETE FROM items")
     execute(target, "INSERT INTO items VALUES (1, 'a'), (2, 'b')")
     result = run("golconde.cli", "compare", "-c", path)
     assert result.returncode == 0 and "all targets equal" in result.stdout, result.stdout

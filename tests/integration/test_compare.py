@@ -211,3 +211,31 @@ from golconde.handlers.autosql import AutoSQL  # noqa: E402
 
 class OwnAutoSQL(AutoSQL):
     """An AutoSQL subclass, as a user's handler would be."""
+
+
+def test_rows_lists_the_differing_rows_by_key(make_database):
+    """--rows: which rows differ, by the canonical primary key (a composite one, text values
+    ordered alike whatever each database's collation), each side read in key order; at most
+    that many, saying so when there are more."""
+    from golconde.mapping import parse_mapping
+
+    canonical, target = make_database(), make_database()
+    run(canonical, "CREATE TABLE k (a text, b int, v text, PRIMARY KEY (a, b))",
+        "INSERT INTO k SELECT chr(65 + g % 30) || 'é', g, 'v' FROM generate_series(1, 300) g")
+    run(target, "CREATE TABLE k (a text, bb int, v text, PRIMARY KEY (a, bb))",
+        "INSERT INTO k SELECT chr(65 + g % 30) || 'é', g, 'v' FROM generate_series(1, 300) g",
+        "UPDATE k SET v = 'changed' WHERE bb = 7", "DELETE FROM k WHERE bb = 200",
+        "INSERT INTO k VALUES ('zz', 1, 'extra')")
+    mapping, problems = parse_mapping({"columns": {"b": "bb"}}, "Destinations.D.Targets.t")
+    assert problems == []
+    result = compare(canonical, "k", target, "k", mapping, rows=10)
+    assert not result.equal and result.rows_note is None
+    assert sorted(result.rows, key=str) == sorted([
+        ("differs", {"a": "Hé", "b": "7"}), ("missing at the target", {"a": "Ué", "b": "200"}),
+        ("only at the target", {"a": "zz", "b": "1"})], key=str)
+    few = compare(canonical, "k", target, "k", mapping, rows=2)
+    assert len(few.rows) == 2 and few.rows_note == "more rows differ than the 2 listed"
+    assert compare(canonical, "k", target, "k", mapping).rows == ()        # not asked
+    run(canonical, "ALTER TABLE k DROP CONSTRAINT k_pkey")
+    assert compare(canonical, "k", target, "k", mapping, rows=5).rows_note == (
+        "rows not listed: public.k has no primary key")
