@@ -151,8 +151,8 @@ class Applier:
         self.on_retry = on_retry
         self._member: Optional[int] = None   # index of the group member being applied
         self._data_refreshed = float("-inf")    # when a data error last re-read the schema
-        #: retries of the batch after a transient error, for the first packet that fails so
-        #: when the batch is then applied packet by packet (:meth:`_one`)
+        #: retries of the batch after a transient error, before it was applied packet by packet
+        #: (named in the reasons of :meth:`_one`)
         self._batch_retries = 0
 
     def apply_batch(self, connection: Any, items: Sequence[Tuple[str, Any]],
@@ -218,9 +218,9 @@ class Applier:
                     self._schema_error()
                 LOGGER.debug("[%s] batch failed (%s), applying packet by packet", self.consumer,
                              describe(exc))
-                # after a transient error, the batch's retries count against the packet that
-                # fails so first, one by one (it was retried max_retries times again, twice the
-                # wait, twice the count)
+                # after a transient error its batch outlasted: each packet then has its own
+                # retries, alone (which packet held the batch back is not known: giving one of
+                # them the batch's retries dead-lettered another too soon); said in the reasons
                 self._batch_retries = attempt if fate == RETRY else 0
                 done = self._careful(connection, items, packets, todo)
                 break
@@ -558,7 +558,6 @@ class Applier:
                    else "RELEASE SAVEPOINT golconde_packet")
         assert packet is not None
         attempts = 0
-        prior = 0        # the batch's retries, when this packet is the first to fail so here
         schema_refreshed = False
         while True:
             try:
@@ -599,9 +598,7 @@ class Applier:
                     schema_refreshed = True
                     self._schema_error()
                     continue
-                if fate == RETRY and not attempts and self._batch_retries:
-                    prior, self._batch_retries = self._batch_retries, 0
-                if fate == RETRY and prior + attempts < self.max_retries:
+                if fate == RETRY and attempts < self.max_retries:
                     attempts += 1
                     self._count_retry()
                     self.sleep(backoff(attempts))
@@ -616,9 +613,10 @@ class Applier:
                 if isinstance(packet, Group) and self._member is not None:
                     reason = "group member %d (0-based, of %d): %s" % (self._member, len(packet.packets),
                                                                        reason)
-                if fate == RETRY:       # with the batch's attempts (its first and its retries)
-                    tries = attempts + 1 + (prior + 1 if prior else 0)
-                    reason = "gave up after %d attempts: %s" % (tries, reason)
+                if fate == RETRY:
+                    reason = "gave up after %d attempts%s: %s" % (
+                        attempts + 1, " alone, after %d of its whole batch" % (self._batch_retries + 1)
+                        if self._batch_retries else "", reason)
                 if not isinstance(exc, (GolcondeError, psycopg2.Error)) and not lone_surrogate(exc):
                     LOGGER.error("[%s] handler error (a bug?) on packet %s: %s", self.consumer, pid,
                                  reason, exc_info=exc)

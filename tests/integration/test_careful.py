@@ -554,9 +554,11 @@ def test_a_lost_connection_error_of_the_handlers_own_is_retried_then_dead_letter
         assert [o.status for o in outcomes] == ["applied", "dead", "applied", "dead", "applied", "dead",
                                                 "dead"]
         assert outcomes[6].reason.startswith("SQLSTATE 3B001")
-        # the batch tried "side" 3 times (its first try, 2 retries), then once alone
-        assert outcomes[1].reason == "gave up after 4 attempts: OperationalError: lookup service: connection refused"
-        assert outcomes[3].reason == "gave up after 3 attempts: InterfaceError: cursor already closed"
+        # the whole batch was tried 3 times (its first try, 2 retries), then each packet alone
+        assert outcomes[1].reason == ("gave up after 3 attempts alone, after 3 of its whole batch:"
+                                      " OperationalError: lookup service: connection refused")
+        assert outcomes[3].reason == ("gave up after 3 attempts alone, after 3 of its whole batch:"
+                                      " InterfaceError: cursor already closed")
         assert outcomes[5].reason == "RuntimeError: the handler raised SystemExit(3)"
         assert rows(conn, "SELECT id FROM u ORDER BY id") == [(0,), (2,), (4,)]
         assert slept
