@@ -9,19 +9,21 @@ hashes on both sides):
 2. On each side, in one statement (one snapshot)::
 
        SELECT count(*),
-              coalesce(sum(('x' || substr(md5(ROW(c1, c2, ...)::text), 1, 15))::bit(60)::bigint
-                           ::numeric), 0)
+              coalesce(sum(('x' || substr(md5(convert_to(ROW(c1, c2, ...)::text, 'UTF8')),
+                                          1, 15))::bit(60)::bigint::numeric), 0)
        FROM relation
 
-   i.e. each row's text form (columns in the canonical order) is hashed with md5, its first
+   i.e. each row's text form (columns in the canonical order), as UTF-8 whatever the database's
+   encoding, is hashed with md5, its first
    60 bits are read as a non-negative integer, and these are summed as ``numeric`` (no overflow).
    A sum is independent of row order and of physical layout. The row text form quotes its fields,
    so NULL (``()``) differs from an empty string (``("")``).
 3. The relations are equal when both counts and both sums are equal.
 4. When they are not, and ``rows`` asks for it, the differing rows are found by key
    (:func:`_differing`): on each side the canonical primary key's values as text and each row's
-   hash, ordered by those texts under the ``C`` collation (the same order on both sides, whatever
-   their collations), merged: a key whose hashes differ, or that one side lacks, is listed.
+   hash, ordered by those texts' UTF-8 bytes (``convert_to(text, 'UTF8')``: the same order on both
+   sides whatever their collations and encodings, and Python's order of the strings), NULL last,
+   merged: a key whose hashes differ, or that one side lacks, is listed.
 
 Both sessions first set ``TimeZone = UTC``, ``DateStyle = ISO, YMD``, ``IntervalStyle = postgres``,
 ``extra_float_digits = 1`` and ``bytea_output = hex``, so that a row's text does not depend on
@@ -192,6 +194,11 @@ def compare_config(config: Any, destination_name: Optional[str] = None,
                 LOGGER.error("destination %s, target %s: cannot compare: %s", destination.name,
                              target.name, describe(exc))
                 result = CompareResult(False, None, None, None, None, (), (), describe(exc))
+            except Exception as exc:    # a bug: this pair's error, the other pairs compared
+                LOGGER.exception("destination %s, target %s: cannot compare", destination.name,
+                                 target.name)
+                result = CompareResult(False, None, None, None, None, (), (),
+                                       "internal error: %s" % describe(exc))
             results.append((destination.name, target.name, result))
     return results
 
@@ -286,7 +293,8 @@ def _columns(conn: Any, relation: Relation) -> Tuple[str, ...]:
 
 def _row_hash(columns: Sequence[str]) -> sql.Composed:
     """The 60-bit hash of a row's text over ``columns`` (see the module docstring)."""
-    return sql.SQL("('x' || substr(md5(ROW({})::text), 1, 15))::bit(60)::bigint").format(
+    return sql.SQL("('x' || substr(md5(pg_catalog.convert_to(ROW({})::text, 'UTF8')), 1, 15))"
+                   "::bit(60)::bigint").format(
         sql.SQL(", ").join(sql.Identifier(name) for name in columns))
 
 
@@ -341,13 +349,15 @@ def _primary_key(conn: Any, relation: Relation) -> Tuple[str, ...]:
 
 def _keyed(conn: Any, relation: Relation, keys: Sequence[str], columns: Sequence[str],
            filter_columns: Sequence[str] = ()) -> Iterator[Tuple[Any, ...]]:
-    """``(key texts, row hash, filter values as JSON text or None)`` of each row of
-    ``relation``, ordered by the key texts under the ``C`` collation (a server-side cursor,
-    :data:`FETCH_ROWS` at a time; the caller's connection, in a transaction it rolls back)."""
+    """``(key, row hash, filter values as JSON text or None)`` of each row of ``relation``, the
+    key a tuple of ``(0, text)``, or ``(1, "")`` for NULL, ordered by the texts' UTF-8 bytes,
+    NULL last, as Python orders those tuples (a server-side cursor, :data:`FETCH_ROWS` at a
+    time; the caller's connection, in a transaction it rolls back)."""
     texts = sql.SQL(", ").join(sql.SQL("{}::pg_catalog.text").format(sql.Identifier(name))
                                for name in keys)
-    order = sql.SQL(", ").join(sql.SQL('{}::pg_catalog.text COLLATE "C"').format(sql.Identifier(name))
-                               for name in keys)
+    order = sql.SQL(", ").join(
+        sql.SQL("pg_catalog.convert_to({}::pg_catalog.text, 'UTF8') NULLS LAST").format(
+            sql.Identifier(name)) for name in keys)
     values = (sql.SQL("pg_catalog.jsonb_build_object({})::text").format(sql.SQL(", ").join(
         sql.SQL("{}, {}").format(sql.Literal(name), sql.Identifier(name)) for name in filter_columns))
         if filter_columns else sql.SQL("NULL"))
@@ -357,7 +367,7 @@ def _keyed(conn: Any, relation: Relation, keys: Sequence[str], columns: Sequence
         cur.itersize = FETCH_ROWS
         cur.execute(query)
         for key, row_hash, filtered in cur:
-            yield tuple(key), row_hash, filtered
+            yield tuple((1, "") if text is None else (0, text) for text in key), row_hash, filtered
 
 
 def _differing(canonical_conn: Any, canonical: Relation, canonical_columns: Sequence[str],
@@ -369,6 +379,9 @@ def _differing(canonical_conn: Any, canonical: Relation, canonical_columns: Sequ
     if not keys:
         return (), "rows not listed: %s has no primary key" % canonical
     renamed = dict(pairs)
+    if mapping is not None and mapping.constants:
+        return (), ("rows not listed: the target is shared through constants (%s), its other"
+                    " sources' rows would be listed" % ", ".join(name for name, _ in mapping.constants))
     if any(key not in renamed for key in keys):
         return (), "rows not listed: the target does not hold the whole primary key (%s)" % ", ".join(keys)
     filter_columns: List[str] = []
@@ -401,7 +414,8 @@ def _differing(canonical_conn: Any, canonical: Relation, canonical_columns: Sequ
             if len(found) == limit:
                 more = True
                 break
-            found.append((what, dict(zip(keys, key))))
+            found.append((what, {name: "NULL" if null else text
+                                 for name, (null, text) in zip(keys, key)}))
     finally:
         for conn in (canonical_conn, target_conn):
             conn.rollback()

@@ -1,6 +1,7 @@
 """golconde.compare against two real PostgreSQL databases."""
 from __future__ import annotations
 
+import uuid
 from types import SimpleNamespace
 
 import psycopg2
@@ -239,3 +240,46 @@ def test_rows_lists_the_differing_rows_by_key(make_database):
     run(canonical, "ALTER TABLE k DROP CONSTRAINT k_pkey")
     assert compare(canonical, "k", target, "k", mapping, rows=5).rows_note == (
         "rows not listed: public.k has no primary key")
+
+
+def test_rows_with_null_keys_at_the_target_and_a_shared_target(make_database):
+    """A target without the primary key may hold NULL in a key column (it crashed the listing);
+    a target shared through constants is not listed (other sources' rows would be)."""
+    from golconde.mapping import parse_mapping
+
+    canonical, target = make_database(), make_database()
+    run(canonical, "CREATE TABLE n (id int PRIMARY KEY, v text)", "INSERT INTO n VALUES (1, 'a'), (2, 'b')")
+    run(target, "CREATE TABLE n (id int, v text)", "INSERT INTO n VALUES (1, 'a'), (NULL, 'b')")
+    result = compare(canonical, "n", target, "n", rows=5)
+    assert result.rows == (("missing at the target", {"id": "2"}), ("only at the target", {"id": "NULL"}))
+    shared, problems = parse_mapping({"constants": {"src": "A"}}, "Destinations.D.Targets.t")
+    assert problems == []
+    run(target, "ALTER TABLE n ADD COLUMN src text")
+    assert compare(canonical, "n", target, "n", shared, rows=5).rows_note.startswith(
+        "rows not listed: the target is shared through constants (src)")
+
+
+def test_rows_merge_in_one_order_whatever_the_encodings(make_database):
+    """A UTF8 canonical database against a WIN1252 target: ordered by each side's bytes (the C
+    collation), '€' and 'é' came in another order on each side, and a changed row was listed
+    as missing and as only at the target; and each row's hash, of its text in the database's
+    encoding, differed for any non-ASCII text (hashed as UTF-8 now)."""
+    from ..conftest import PG_DSN, drop_database, dsn_for
+
+    canonical = make_database()
+    name = "golconde_test_w1252_" + uuid.uuid4().hex[:8]
+    admin = psycopg2.connect(PG_DSN)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute('CREATE DATABASE "%s" ENCODING \'WIN1252\' LC_COLLATE \'C\' LC_CTYPE \'C\''
+                    ' TEMPLATE template0' % name)
+    admin.close()
+    target = dsn_for(name)
+    try:
+        for dsn in (canonical, target):
+            run(dsn, "CREATE TABLE e (k text PRIMARY KEY, v text)",
+                "INSERT INTO e VALUES ('€', 'a'), ('é', 'b'), ('z', 'c')")
+        run(target, "UPDATE e SET v = 'changed' WHERE k = 'é'")
+        assert compare(canonical, "e", target, "e", rows=5).rows == (("differs", {"k": "é"}),)
+    finally:
+        drop_database(target)
