@@ -500,7 +500,8 @@ def _reply_queues(value: Any) -> Tuple[str, ...]:
                   " (RabbitMQ to /reply-queue/amq.gen-..., ActiveMQ to /remote-temp-queue/...):"
                   " for RabbitMQ's temporary queues list /reply-queue/amq.gen-*" % pattern)
         if name[:1] in "*?[":
-            _fail("%r matches any queue name%s: start it with a literal part (/queue/app.replies.*)"
+            _fail("%r starts with a wildcard, so it may match any application's queues%s: start"
+                  " it with a literal part (/queue/app.replies.*)"
                   % (pattern, " (RabbitMQ reads /reply-queue/x as /queue/x)"
                      if prefix == "reply-queue" else ""))
     return patterns

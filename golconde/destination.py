@@ -747,7 +747,9 @@ class TriggerDestination(Listener):
         locks held until ``COMMIT PREPARED``), holding a lock on ``partition``: pid or gid, lock
         mode (RowExclusiveLock: a writer; AccessShareLock: a reader), state and seconds in their
         transaction, as far as this role may see them; with ``before`` (epoch seconds), only
-        those whose transaction began before it. ``""`` when there is none."""
+        the sessions whose transaction began before it, and every prepared transaction (whose
+        start is not known: it may have written before and prepared after). ``""`` when there
+        is none."""
         try:
             with self.db.cursor() as cur:
                 cur.execute(_HOLDERS, {"partition": partition, "before": before})
@@ -804,6 +806,7 @@ _HOLDERS = (
     " JOIN pg_catalog.pg_prepared_xacts p ON p.transaction = t.transactionid"
     " WHERE l.relation = pg_catalog.to_regclass(%(partition)s) AND l.granted AND l.pid IS NULL"
     ") h WHERE %(before)s::float8 IS NULL OR h.began < pg_catalog.to_timestamp(%(before)s::float8)"
+    "  OR h.state = 'prepared'"
     " ORDER BY h.began LIMIT 3")
 
 

@@ -310,6 +310,20 @@ def _port(text: str) -> int:
     return value
 
 
+def _url(text: str) -> str:
+    """A base URL: http or https, with a host and a port (if any) of 1-65535."""
+    import urllib.parse
+    parts = urllib.parse.urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or port == 0:
+        raise argparse.ArgumentTypeError("expected an http:// or https:// URL with a host (and a"
+                                         " port 1-65535), got %r" % text)
+    return text
+
+
 def _positive(text: str) -> float:
     """A number of seconds above 0 (0 would make the socket non-blocking: every check fails)."""
     try:
@@ -330,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="daemon's HTTP address (default %(default)s)")
     parser.add_argument("-p", "--port", type=_port, default=8080,
                         help="daemon's HTTP port (default %(default)s)")
-    parser.add_argument("-u", "--url", help="base URL instead of -H/-p, e.g. http://db1:8080")
+    parser.add_argument("-u", "--url", type=_url,
+                        help="base URL instead of -H/-p, e.g. http://db1:8080")
     parser.add_argument("--health", action="store_true", help="poll /health instead of /stats")
     parser.add_argument("-w", "--warning", help="warning ranges LAG,BACKLOG,ERRORS (e.g. 30,1000,0)")
     parser.add_argument("-c", "--critical", help="critical ranges LAG,BACKLOG,ERRORS (e.g. 300,10000,10)")

@@ -264,10 +264,11 @@ def test_reply_queues_lists_queue_patterns_of_a_client_mode_destination():
         "Destinations.Test1.reply_queues: " + expected + "'/topic/x', '/queue/a,b', 5"]
     # patterns that would let every queue through, or never match
     assert problems(minimal(reply_queues=["/reply-queue/*"])) == [
-        "Destinations.Test1.reply_queues: '/reply-queue/*' matches any queue name (RabbitMQ reads"
-        " /reply-queue/x as /queue/x): start it with a literal part (/queue/app.replies.*)"]
+        "Destinations.Test1.reply_queues: '/reply-queue/*' starts with a wildcard, so it may match"
+        " any application's queues (RabbitMQ reads /reply-queue/x as /queue/x): start it with a"
+        " literal part (/queue/app.replies.*)"]
     assert problems(minimal(reply_queues=["/queue/ok", "/amq/queue/?x"]))[0].startswith(
-        "Destinations.Test1.reply_queues: '/amq/queue/?x' matches any queue name: start it")
+        "Destinations.Test1.reply_queues: '/amq/queue/?x' starts with a wildcard, so it may match")
     assert problems(minimal(reply_queues=["/temp-queue/mine"])) == [
         "Destinations.Test1.reply_queues: '/temp-queue/mine': the broker rewrites a /temp-queue/"
         " reply-to before golconded reads it (RabbitMQ to /reply-queue/amq.gen-..., ActiveMQ to"
