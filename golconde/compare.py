@@ -291,11 +291,19 @@ def _columns(conn: Any, relation: Relation) -> Tuple[str, ...]:
         return tuple(name for (name,) in cur.fetchall())
 
 
-def _row_hash(columns: Sequence[str]) -> sql.Composed:
+def _bytes(conn: Any) -> sql.Literal:
+    """The encoding a text is hashed and ordered in (``convert_to(text, this)``): UTF-8, the same
+    bytes whatever each database's encoding; in a ``SQL_ASCII`` database, which holds bytes in no
+    known encoding (not always valid UTF-8: converting them would fail), its bytes as they are."""
+    encoding = conn.get_parameter_status("server_encoding")
+    return sql.Literal("SQL_ASCII" if encoding == "SQL_ASCII" else "UTF8")
+
+
+def _row_hash(conn: Any, columns: Sequence[str]) -> sql.Composed:
     """The 60-bit hash of a row's text over ``columns`` (see the module docstring)."""
-    return sql.SQL("('x' || substr(md5(pg_catalog.convert_to(ROW({})::text, 'UTF8')), 1, 15))"
+    return sql.SQL("('x' || substr(md5(pg_catalog.convert_to(ROW({})::text, {})), 1, 15))"
                    "::bit(60)::bigint").format(
-        sql.SQL(", ").join(sql.Identifier(name) for name in columns))
+        sql.SQL(", ").join(sql.Identifier(name) for name in columns), _bytes(conn))
 
 
 #: Rows fetched per round trip by :func:`_digest_filtered`.
@@ -318,7 +326,7 @@ def _digest_filtered(conn: Any, relation: Relation, columns: Tuple[str, ...],
         raise CompareError("the filter's column %s is no column of %s" % (", ".join(missing), relation))
     values = sql.SQL("pg_catalog.jsonb_build_object({})::text").format(sql.SQL(", ").join(
         sql.SQL("{}, {}").format(sql.Literal(name), sql.Identifier(column)) for name, column in found))
-    query = sql.SQL("SELECT {}, {} FROM {}").format(_row_hash(columns), values,
+    query = sql.SQL("SELECT {}, {} FROM {}").format(_row_hash(conn, columns), values,
                                                     sql.Identifier(relation.schema, relation.name))
     count = total = 0
     conn.autocommit = False                 # a server-side cursor lives in a transaction
@@ -356,13 +364,13 @@ def _keyed(conn: Any, relation: Relation, keys: Sequence[str], columns: Sequence
     texts = sql.SQL(", ").join(sql.SQL("{}::pg_catalog.text").format(sql.Identifier(name))
                                for name in keys)
     order = sql.SQL(", ").join(
-        sql.SQL("pg_catalog.convert_to({}::pg_catalog.text, 'UTF8') NULLS LAST").format(
-            sql.Identifier(name)) for name in keys)
+        sql.SQL("pg_catalog.convert_to({}::pg_catalog.text, {}) NULLS LAST").format(
+            sql.Identifier(name), _bytes(conn)) for name in keys)
     values = (sql.SQL("pg_catalog.jsonb_build_object({})::text").format(sql.SQL(", ").join(
         sql.SQL("{}, {}").format(sql.Literal(name), sql.Identifier(name)) for name in filter_columns))
         if filter_columns else sql.SQL("NULL"))
     query = sql.SQL("SELECT ARRAY[{}], {}, {} FROM {} ORDER BY {}").format(
-        texts, _row_hash(columns), values, sql.Identifier(relation.schema, relation.name), order)
+        texts, _row_hash(conn, columns), values, sql.Identifier(relation.schema, relation.name), order)
     with conn.cursor(name="golconde_compare_rows") as cur:
         cur.itersize = FETCH_ROWS
         cur.execute(query)
@@ -426,7 +434,7 @@ def _differing(canonical_conn: Any, canonical: Relation, canonical_columns: Sequ
 def _digest(conn: Any, relation: Relation, columns: Tuple[str, ...]) -> Tuple[int, int]:
     """``(count, sum of 60-bit row hashes)`` of ``columns`` of ``relation``."""
     query = sql.SQL("SELECT count(*), coalesce(sum({}::numeric), 0) FROM {}").format(
-        _row_hash(columns), sql.Identifier(relation.schema, relation.name))
+        _row_hash(conn, columns), sql.Identifier(relation.schema, relation.name))
     with conn.cursor() as cur:
         cur.execute(query)
         count, total = cur.fetchone()

@@ -283,3 +283,29 @@ def test_rows_merge_in_one_order_whatever_the_encodings(make_database):
         assert compare(canonical, "e", target, "e", rows=5).rows == (("differs", {"k": "é"}),)
     finally:
         drop_database(target)
+
+
+def test_sql_ascii_databases_holding_bytes_that_are_no_utf8_compare(make_database):
+    """A SQL_ASCII database holds bytes in no known encoding: hashed and ordered as they are (a
+    conversion to UTF-8 failed on 0xe9)."""
+    from ..conftest import PG_DSN, drop_database, dsn_for
+
+    names = ["golconde_test_ascii_" + uuid.uuid4().hex[:8] for _ in range(2)]
+    admin = psycopg2.connect(PG_DSN)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        for name in names:
+            cur.execute('CREATE DATABASE "%s" ENCODING \'SQL_ASCII\' LC_COLLATE \'C\' LC_CTYPE \'C\''
+                        ' TEMPLATE template0' % name)
+    admin.close()
+    canonical, target = (dsn_for(name) for name in names)
+    try:
+        for dsn in (canonical, target):
+            run(dsn, "CREATE TABLE a (k text PRIMARY KEY, v text)",
+                "INSERT INTO a VALUES ('x', convert_from('\\xe9'::bytea, 'SQL_ASCII')), ('y', 'b')")
+        assert compare(canonical, "a", target, "a", rows=5).equal
+        run(target, "UPDATE a SET v = 'c' WHERE k = 'y'")
+        assert compare(canonical, "a", target, "a", rows=5).rows == (("differs", {"k": "y"}),)
+    finally:
+        for dsn in (canonical, target):
+            drop_database(dsn)
