@@ -367,6 +367,15 @@ def insert_statement(table: TableSchema, data: Sequence[Tuple[Column, Any]],
     return query, params
 
 
+def _literal(value: Any) -> str:
+    """A constant's text, to cast to its column's type: JSON text for an object or array."""
+    if isinstance(value, (dict, list)):
+        return dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def scope_clause(table: TableSchema, scope: Sequence[Column]) -> sql.Composed:
     """``rel.c1::text IS NOT DISTINCT FROM EXCLUDED.c1::text AND ...``, for an ``ON CONFLICT ...
     DO UPDATE ... WHERE``: whether the existing row holds, in the ``scope`` columns (a mapping's
@@ -519,33 +528,40 @@ class AutoSQL(Handler):
         if unknown:     # checked at connect (target_problems); the table changed since
             raise PacketError("constants name %s that %s does not have" % (_names(unknown), table.relation))
         present = {column.name for column, _ in prepared.data}
-        scope_columns = [column for _, column, _ in scoped if column.name in present]
+        unwritten = [column.name for _, column, _ in scoped if column.name not in present]
+        if unwritten:       # a generated column: no constant is written there, none scopes
+            raise PacketError("constants name %s, which %s never takes a value for (generated):"
+                              " they cannot scope this target's rows" % (_names(unwritten), table.relation))
+        scope_columns = [column for _, column, _ in scoped]
         query, params = upsert_statement(table, prepared.data, scope=scope_columns)
         cursor.execute(query, params)
         key = conflict_key(table, [column.name for column, _ in prepared.data], _nulls(prepared.data))
         if cursor.rowcount or key is None or all(column.name in key for column in scope_columns):
             return
         # no row written: a row of that key outside the scope, or a BEFORE trigger that skipped
-        # the row (returned NULL: a "skip" rule, a redirect to an inheritance child). The same
-        # insert again, whose conflict updates only a row outside the scope, tells them apart;
-        # rolled back, whatever it did.
-        values, params = _values(table, prepared.data)
-        kept = scope_columns[0].name            # set to its own value: a no-op update
-        probe = sql.SQL("INSERT INTO {} {} ON CONFLICT ({}) DO UPDATE SET {} = {}"
-                        " WHERE ({}) IS NOT TRUE RETURNING 1").format(
-            _relation(table), values, sql.SQL(", ").join(ident(name) for name in key),
-            ident(kept), ident(table.relation.schema, table.relation.name, kept),
-            scope_clause(table, scope_columns))
-        idle = (cursor.connection.info.transaction_status
-                == psycopg2.extensions.TRANSACTION_STATUS_IDLE)     # autocommit, outside the daemon
-        cursor.execute("BEGIN" if idle else "SAVEPOINT golconde_scope")
-        try:
-            cursor.execute(probe, params)
-            outside = cursor.fetchone() is not None
-        finally:
-            cursor.execute("ROLLBACK" if idle else
-                           "ROLLBACK TO SAVEPOINT golconde_scope; RELEASE SAVEPOINT golconde_scope")
-        if outside:
+        # the row (returned NULL: a "skip" rule, a redirect to an inheritance child). Told apart
+        # by a look for such a row (inheritance children too), the constants cast to their
+        # columns' full types (numeric(10,2) stores 1.5 as 1.50) and compared as text.
+        keyed = [(column, value) for column, value in prepared.data if column.name in key]
+        where, where_params = where_clause(table, keyed)
+        cursor.execute("SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod)"
+                       " FROM pg_catalog.pg_attribute a WHERE a.attrelid = %s::regclass"
+                       " AND a.attname = ANY(%s)",
+                       (sql.Identifier(table.relation.schema, table.relation.name).as_string(cursor),
+                        [column.name for column in scope_columns]))
+        types = dict(cursor.fetchall())
+        parts, part_params = [], []
+        for column, value in ((column, value) for _, column, value in scoped):
+            name = ident(column.name)
+            if value is None:
+                parts.append(sql.SQL("{} IS NULL").format(name))
+                continue
+            parts.append(sql.SQL("({})::pg_catalog.text IS NOT DISTINCT FROM (%s::{})::pg_catalog.text")
+                         .format(name, sql.SQL(types[column.name])))
+            part_params.append(_literal(value))
+        cursor.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {} AND ({}) IS NOT TRUE)").format(
+            _relation(table), where, sql.SQL(" AND ").join(parts)), where_params + part_params)
+        if cursor.fetchone()[0]:
             raise PacketError("set on %s: the row of that key holds other values in the columns of"
                               " the mapping's constants (%s): another source's row, left as it is"
                               % (table.relation, ", ".join(column.name for _, column, _ in scoped)))

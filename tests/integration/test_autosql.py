@@ -914,6 +914,25 @@ def test_a_scoped_set_skipped_by_a_before_trigger_is_applied_as_without_constant
     h = _mapped("ih", constants={"src": "mine"})
     run(db, h, {"action": "set", "data": {"id": 1, "v": "a"}})
     assert rows(db, "SELECT id, v, src FROM ih") == [(1, "a", "mine")]
+    # another source's row of a key is still refused (found in the child)
+    ddl(db, "INSERT INTO ih_child VALUES (2, 'theirs', 'other')")
+    with pytest.raises(PacketError, match="another source's row"):
+        run(db, h, {"action": "set", "data": {"id": 2, "v": "b"}})
+    # a BEFORE UPDATE trigger skipping another source's row does not hide it either
+    ddl(db, "CREATE TABLE eu (id int PRIMARY KEY, v text, src text, locked bool DEFAULT false);"
+            " CREATE FUNCTION eu_skip() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$BEGIN IF OLD.locked THEN RETURN NULL; END IF; RETURN NEW; END$$;"
+            " CREATE TRIGGER eu_skip BEFORE UPDATE ON eu FOR EACH ROW EXECUTE FUNCTION eu_skip();"
+            " INSERT INTO eu VALUES (2, 'theirs', 'other', true)")
+    with pytest.raises(PacketError, match="another source's row"):
+        run(db, _mapped("eu", constants={"src": "mine"}), {"action": "set", "data": {"id": 2, "v": "b"}})
+    # a constant on a generated column scopes nothing: refused, not written over another's row
+    ddl(db, "CREATE TABLE cg (id int PRIMARY KEY, v text, kind text,"
+            " src text GENERATED ALWAYS AS (coalesce(kind, 'x')) STORED);"
+            " INSERT INTO cg (id, v, kind) VALUES (2, 'theirs', 'other')")
+    with pytest.raises(PacketError, match="constants name column 'src', which public.cg never takes a value for"):
+        run(db, _mapped("cg", constants={"src": "mine"}), {"action": "set", "data": {"id": 2, "v": "b"}})
+    assert rows(db, "SELECT v FROM cg") == [("theirs",)]
 
 
 def test_a_scoped_set_with_a_constant_of_a_type_without_equality(db):
