@@ -318,9 +318,11 @@ def _url(text: str) -> str:
         port = parts.port
     except ValueError:
         port = -1
-    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or port == 0:
+    if (parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or port == 0
+            or parts.netloc.endswith(":") or parts.query or parts.fragment):
         raise argparse.ArgumentTypeError("expected an http:// or https:// URL with a host (and a"
-                                         " port 1-65535), got %r" % text)
+                                         " port 1-65535; no query or fragment: /stats is"
+                                         " appended), got %r" % text)
     return text
 
 

@@ -158,7 +158,8 @@ def test_more_ranges_than_metrics_are_refused():
     assert nagios.make_check(nagios.build_parser().parse_args(["-c", "300,10000,10"]))
 
 
-@pytest.mark.parametrize("value", ["http://127.0.0.1:0", "http://127.0.0.1:99999", "ftp://h:1", "db1:8080"])
+@pytest.mark.parametrize("value", ["http://127.0.0.1:0", "http://127.0.0.1:99999", "ftp://h:1", "db1:8080",
+                                   "http://h:", "http://h:8080?x", "http://h:8080#f"])
 def test_a_url_without_a_usable_port_or_scheme_is_a_usage_error(value, capsys):
     with pytest.raises(SystemExit) as info:
         nagios.build_parser().parse_args(["-u", value])
