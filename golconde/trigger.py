@@ -1015,20 +1015,22 @@ _IN_SENT_WINDOW = ("(p.window_snapshot IS NOT NULL AND q.id <= p.last_id"
 #: ``(destination, txid)``: one per running transaction, one range), unless its window sent it.
 #: Destinations by a loose index scan. A transaction still running now is not probed (nor ids
 #: from the current snapshot's xmax on): its writer holds the partition's lock, so the partition
-#: is not truncated anyway, and the check runs again once the lock is granted.
+#: is not truncated anyway, and the check runs again once the lock is granted. ``{below}``: a
+#: condition on the partition's rows ``q`` (``q.id < n``: the rows of a round before), or ``true``.
 _UNSENT = ("WITH RECURSIVE d(destination) AS ("
-           " (SELECT destination FROM {part} ORDER BY destination LIMIT 1)"
+           " (SELECT q.destination FROM {part} q WHERE {below} ORDER BY q.destination LIMIT 1)"
            " UNION ALL SELECT (SELECT q.destination FROM {part} q WHERE q.destination > d.destination"
-           "  ORDER BY q.destination LIMIT 1) FROM d WHERE d.destination IS NOT NULL)"
+           "  AND {below} ORDER BY q.destination LIMIT 1) FROM d WHERE d.destination IS NOT NULL)"
            " SELECT d.destination FROM d LEFT JOIN golconde.drain_position p USING (destination)"
            " WHERE d.destination IS NOT NULL AND (p.sent_snapshot IS NULL"
-           "  OR EXISTS (SELECT 1 FROM {part} q WHERE q.destination = d.destination"
+           "  OR EXISTS (SELECT 1 FROM {part} q WHERE q.destination = d.destination AND {below}"
            "   AND q.txid >= pg_snapshot_xmax(p.sent_snapshot)"
            "   AND q.txid < pg_snapshot_xmax(pg_current_snapshot()) AND NOT " + _IN_SENT_WINDOW +
            "   ORDER BY q.txid)"
            "  OR EXISTS (SELECT 1 FROM pg_snapshot_xip(p.sent_snapshot) x(xid)"
            "   CROSS JOIN LATERAL (SELECT 1 FROM {part} q WHERE q.destination = d.destination"
-           "    AND q.txid = x.xid AND NOT " + _IN_SENT_WINDOW + " ORDER BY q.txid OFFSET 0) q"
+           "    AND {below} AND q.txid = x.xid AND NOT " + _IN_SENT_WINDOW +
+           "    ORDER BY q.txid OFFSET 0) q"
            "   WHERE pg_visible_in_snapshot(x.xid, pg_current_snapshot())))"
            " LIMIT 1")
 
@@ -1056,7 +1058,7 @@ def rotate_queue(conn: psycopg2.extensions.connection, lock_timeout_ms: int = 50
             continue
         name = "queue_%d" % number
         part = sql.Identifier("golconde", name)
-        check = sql.SQL(_UNSENT).format(part=part)
+        check = sql.SQL(_UNSENT).format(part=part, below=sql.SQL("true"))
         with _transaction(conn) as cur:
             cur.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(part))
             if not cur.fetchone()[0]:
@@ -1087,21 +1089,6 @@ def rotate_queue(conn: psycopg2.extensions.connection, lock_timeout_ms: int = 50
                     current_start)
 
 
-def _below(query: str) -> str:
-    """:data:`_UNSENT` for the rows of a partition with ids below ``%(below)s`` only: each of
-    its scans of the partition so restricted."""
-    for scan in ("SELECT destination FROM {part} ORDER BY", "WHERE q.destination > d.destination",
-                 "WHERE q.destination = d.destination"):
-        assert scan in query, scan
-        restricted = (scan.replace("{part} ORDER BY", "{part} WHERE id < %(below)s ORDER BY")
-                      if scan.endswith("ORDER BY") else scan + " AND q.id < %(below)s")
-        query = query.replace(scan, restricted)
-    return query
-
-
-_UNSENT_BELOW = _below(_UNSENT)
-
-
 def unsent_below(conn: psycopg2.extensions.connection, partition: str, below: int) -> Optional[str]:
     """The first destination with a row not sent among the rows of ``partition``
     (``golconde.queue_N``) whose ids are below ``below``, or None: for the partition ids came
@@ -1113,7 +1100,8 @@ def unsent_below(conn: psycopg2.extensions.connection, partition: str, below: in
     schema, name = partition.split(".", 1)
     with _transaction(conn) as cur:
         cur.execute(_INDEX_ORDER)
-        cur.execute(sql.SQL(_UNSENT_BELOW).format(part=sql.Identifier(schema, name)), {"below": below})
+        cur.execute(sql.SQL(_UNSENT).format(part=sql.Identifier(schema, name),
+                                            below=sql.SQL("q.id < {}").format(sql.Literal(below))))
         row = cur.fetchone()
     return None if row is None else row[0]
 
