@@ -34,6 +34,7 @@ flight) also show as differences: compare when the queues are drained, or compar
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -318,30 +319,49 @@ def _digest_filtered(conn: Any, relation: Relation, columns: Tuple[str, ...],
     ``to_jsonb`` writes them, as the capture trigger does): each row's hash and those values are
     read (a server-side cursor, :data:`FETCH_ROWS` at a time) and summed here. ``all_columns``:
     every column of ``relation``, where the filter's columns are looked for."""
+    query = sql.SQL("SELECT {}, {} FROM {}").format(
+        _row_hash(conn, columns), _filter_values(relation, all_columns, mapping),
+        sql.Identifier(relation.schema, relation.name))
+    count = total = 0
+    with _read_transaction(conn), conn.cursor(name="golconde_compare") as cur:
+        cur.itersize = FETCH_ROWS
+        cur.execute(query)
+        for row_hash, text in cur:
+            if mapping.verdict(loads(text)) is Verdict.MATCH:
+                count += 1
+                total += int(row_hash)
+    return count, total
+
+
+def _filter_values(relation: Relation, all_columns: Sequence[str], mapping: Any) -> sql.Composed:
+    """``jsonb_build_object('col', col, ...)::text`` of the columns of ``relation`` (among
+    ``all_columns``, matched case-insensitively) that the mapping's filter names, for
+    :meth:`golconde.mapping.TargetMapping.verdict`.
+
+    :raises CompareError: the filter names a column ``relation`` does not have.
+    """
     names = {name.lower(): name for name in all_columns}
     wanted = list(dict.fromkeys(condition.column for condition in mapping.conditions))
     found = [(name, names.get(name.lower())) for name in wanted]
     missing = [name for name, column in found if column is None]
     if missing:
         raise CompareError("the filter's column %s is no column of %s" % (", ".join(missing), relation))
-    values = sql.SQL("pg_catalog.jsonb_build_object({})::text").format(sql.SQL(", ").join(
+    return sql.SQL("pg_catalog.jsonb_build_object({})::text").format(sql.SQL(", ").join(
         sql.SQL("{}, {}").format(sql.Literal(name), sql.Identifier(column)) for name, column in found))
-    query = sql.SQL("SELECT {}, {} FROM {}").format(_row_hash(conn, columns), values,
-                                                    sql.Identifier(relation.schema, relation.name))
-    count = total = 0
-    conn.autocommit = False                 # a server-side cursor lives in a transaction
+
+
+@contextlib.contextmanager
+def _read_transaction(*conns: Any) -> Iterator[None]:
+    """A transaction on each of ``conns`` (autocommit ones: server-side cursors live in a
+    transaction), rolled back at the end, autocommit restored."""
+    for conn in conns:
+        conn.autocommit = False
     try:
-        with conn.cursor(name="golconde_compare") as cur:
-            cur.itersize = FETCH_ROWS
-            cur.execute(query)
-            for row_hash, text in cur:
-                if mapping.verdict(loads(text)) is Verdict.MATCH:
-                    count += 1
-                    total += int(row_hash)
+        yield
     finally:
-        conn.rollback()
-        conn.autocommit = True
-    return count, total
+        for conn in conns:
+            conn.rollback()
+            conn.autocommit = True
 
 
 def _primary_key(conn: Any, relation: Relation) -> Tuple[str, ...]:
@@ -356,8 +376,9 @@ def _primary_key(conn: Any, relation: Relation) -> Tuple[str, ...]:
 
 
 def _keyed(conn: Any, relation: Relation, keys: Sequence[str], columns: Sequence[str],
-           filter_columns: Sequence[str] = ()) -> Iterator[Tuple[Any, ...]]:
-    """``(key, row hash, filter values as JSON text or None)`` of each row of ``relation``, the
+           values: Optional[sql.Composable] = None) -> Iterator[Tuple[Any, ...]]:
+    """``(key, row hash, ``values``: the filter's values as JSON text, or None)`` of each row of
+    ``relation``, the
     key a tuple of ``(0, text)``, or ``(1, "")`` for NULL, ordered by the texts' UTF-8 bytes,
     NULL last, as Python orders those tuples (a server-side cursor, :data:`FETCH_ROWS` at a
     time; the caller's connection, in a transaction it rolls back)."""
@@ -366,11 +387,9 @@ def _keyed(conn: Any, relation: Relation, keys: Sequence[str], columns: Sequence
     order = sql.SQL(", ").join(
         sql.SQL("pg_catalog.convert_to({}::pg_catalog.text, {}) NULLS LAST").format(
             sql.Identifier(name), _bytes(conn)) for name in keys)
-    values = (sql.SQL("pg_catalog.jsonb_build_object({})::text").format(sql.SQL(", ").join(
-        sql.SQL("{}, {}").format(sql.Literal(name), sql.Identifier(name)) for name in filter_columns))
-        if filter_columns else sql.SQL("NULL"))
     query = sql.SQL("SELECT ARRAY[{}], {}, {} FROM {} ORDER BY {}").format(
-        texts, _row_hash(conn, columns), values, sql.Identifier(relation.schema, relation.name), order)
+        texts, _row_hash(conn, columns), values or sql.SQL("NULL"),
+        sql.Identifier(relation.schema, relation.name), order)
     with conn.cursor(name="golconde_compare_rows") as cur:
         cur.itersize = FETCH_ROWS
         cur.execute(query)
@@ -392,19 +411,14 @@ def _differing(canonical_conn: Any, canonical: Relation, canonical_columns: Sequ
                     " sources' rows would be listed" % ", ".join(name for name, _ in mapping.constants))
     if any(key not in renamed for key in keys):
         return (), "rows not listed: the target does not hold the whole primary key (%s)" % ", ".join(keys)
-    filter_columns: List[str] = []
-    if mapping is not None and mapping.conditions:
-        names = {name.lower(): name for name in canonical_columns}
-        filter_columns = [names[c.lower()] for c in dict.fromkeys(
-            condition.column for condition in mapping.conditions) if c.lower() in names]
+    filtered = mapping is not None and bool(mapping.conditions)
+    values = _filter_values(canonical, canonical_columns, mapping) if filtered else None
     common = tuple(name for name, _ in pairs)
     found: List[Tuple[str, Dict[str, str]]] = []
     more = False
-    for conn in (canonical_conn, target_conn):
-        conn.autocommit = False             # server-side cursors live in a transaction
-    try:
-        left = (row for row in _keyed(canonical_conn, canonical, keys, common, filter_columns)
-                if not filter_columns or mapping.verdict(loads(row[2])) is Verdict.MATCH)
+    with _read_transaction(canonical_conn, target_conn):
+        left = (row for row in _keyed(canonical_conn, canonical, keys, common, values)
+                if not filtered or mapping.verdict(loads(row[2])) is Verdict.MATCH)
         right = _keyed(target_conn, target, [renamed[key] for key in keys],
                        [name for _, name in pairs])
         a, b = next(left, None), next(right, None)
@@ -424,10 +438,6 @@ def _differing(canonical_conn: Any, canonical: Relation, canonical_columns: Sequ
                 break
             found.append((what, {name: "NULL" if null else text
                                  for name, (null, text) in zip(keys, key)}))
-    finally:
-        for conn in (canonical_conn, target_conn):
-            conn.rollback()
-            conn.autocommit = True
     return tuple(found), ("more rows differ than the %d listed" % limit if more else None)
 
 
