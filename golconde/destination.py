@@ -70,9 +70,6 @@ BUSY_POLL, BUSY_SECONDS = 0.01, 1.0
 REPLY_HEADER = "reply-to"
 #: Outcome statuses as written in replies.
 REPLY_STATUS = {APPLIED: "applied", DUPLICATE: "duplicate", DEAD_LETTER: "dead-lettered"}
-#: Destinations a reply may be sent to (queues only: a topic reply would be lost unread).
-#: A queue a reply may go to: one name, no comma (ActiveMQ reads "/queue/a,/queue/b" as both
-#: queues: a composite destination could reach one of Golconde's own).
 
 
 def check_mappings(listener: Listener, db: Any) -> None:

@@ -551,7 +551,7 @@ class AutoSQL(Handler):
                         [column.name for column in scope_columns]))
         types = dict(cursor.fetchall())
         parts, part_params = [], []
-        for column, value in ((column, value) for _, column, value in scoped):
+        for _, column, value in scoped:
             name = ident(column.name)
             if value is None:
                 parts.append(sql.SQL("{} IS NULL").format(name))
