@@ -2,7 +2,8 @@
 
 Usage: ``make bench`` or ``bash bench/run.sh [options]`` (= ``.venv/bin/python -m bench``).
 Exit status: 0; 1 when a target differs from the source after a run or a mode failed;
-2 on bad arguments or when the clusters cannot be set up.
+2 on bad arguments or when the clusters cannot be set up; 130 when interrupted (Ctrl-C or SIGTERM,
+after stopping what it started).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -82,7 +84,14 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     return args
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM ends the benchmark as Ctrl-C does: every ``finally`` stops what it started
+    (golconded, Londiste's workers, pgbench, the clusters), which a plain SIGTERM left running."""
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def main(argv: List[str] = None) -> int:
+    signal.signal(signal.SIGTERM, _terminated)
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -194,4 +203,8 @@ def main(argv: List[str] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as exc:    # Ctrl-C or SIGTERM, after every finally has cleaned up
+        print("bench: interrupted%s" % (" (%s)" % exc if str(exc) else ""), file=sys.stderr)
+        sys.exit(130)

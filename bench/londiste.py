@@ -148,3 +148,21 @@ class Londiste(Mode):
                 proc.kill()
                 proc.wait(5)
         self.procs = []
+        self._stop_strays()
+
+    def _stop_strays(self) -> None:
+        """Stop the processes Londiste's workers daemonized themselves (``londiste ... copy -d``,
+        one per table still being synchronized: a run interrupted during ``wait-sync`` left
+        them running), found by this run's configuration files on their command lines."""
+        marker = self.env.workdir.encode() + b"/"
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as handle:
+                    argv = handle.read()
+                if marker not in argv or b"londiste" not in argv:
+                    continue
+                os.kill(int(entry), signal.SIGTERM)
+            except (OSError, ValueError):
+                continue                    # gone meanwhile, or not ours to stop
