@@ -195,6 +195,9 @@ class BrokerConnection:
         self.on_message = on_message
         self.generation = 0
         self.last_error: Optional[str] = None
+        #: why the broker connection was lost (stomp.py saw it close, or heart-beats stop),
+        #: until its owner takes it (:meth:`take_lost`)
+        self.lost: Optional[str] = None
         #: the CONNECTED frame's ``server`` header (``RabbitMQ/3.12.1``, ``ActiveMQ/5.17.2``), once
         #: connected, if the broker sent one
         self.server: Optional[str] = None
@@ -335,9 +338,19 @@ class BrokerConnection:
     def _lost(self, generation: int, why: str) -> None:
         if generation == self.generation and self._alive:
             self._alive = False
-            LOGGER.warning("[%s] lost STOMP connection to %s (%s)", self.name, self.address, why)
+            # a broker closing the connection on purpose says why first, in an ERROR frame
+            self.lost = "lost STOMP connection to %s (%s%s)" % (
+                self.address, why, "; %s" % " ".join(self.last_error.split()) if self.last_error else "")
+            LOGGER.warning("[%s] %s", self.name, self.lost)
         with self._receipt_cond:
             self._receipt_cond.notify_all()
+
+    def take_lost(self) -> Optional[str]:
+        """Why the connection was lost since the last call (``"lost STOMP connection to
+        host:port (disconnected)"``), or ``None``: a loss noticed by stomp.py's threads, which
+        raised in no call of its owner."""
+        lost, self.lost = self.lost, None
+        return lost
 
     def _require(self) -> stomp.Connection11:
         conn = self._conn

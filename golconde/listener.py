@@ -139,6 +139,7 @@ class Listener(threading.Thread):
             while not self.stopping:
                 try:
                     if not self.ready():
+                        self._note_lost()
                         self.open()
                     self._incomplete = False
                     self.cycle()
@@ -163,6 +164,9 @@ class Listener(threading.Thread):
                 except (Exception, SystemExit) as exc:  # supervising loop: log, record, reconnect
                     # (a SystemExit, from a handler's setup say, ended the thread without a word)
                     message = describe(exc)
+                    if isinstance(exc, BrokerError):
+                        for connection in self.all_brokers():
+                            connection.take_lost()  # the error says it better than "lost"
                     if isinstance(exc, GolcondeError) or isinstance(exc, psycopg2.Error):
                         LOGGER.error("[%s] %s", self.name, message)
                     else:
@@ -189,6 +193,15 @@ class Listener(threading.Thread):
         if self._failures >= FAILING_AFTER:
             self.stats.set_problem("failing", "%d failed attempts in a row, the last: %s"
                                    % (self._failures, message))
+
+    def _note_lost(self) -> None:
+        """Record as the last error a broker connection lost between two calls (seen by
+        stomp.py's receiver or heart-beat thread: an idle listener's broker went away). It is
+        no failed attempt: reconnecting is, if it fails."""
+        for connection in self.all_brokers():
+            lost = connection.take_lost()
+            if lost:
+                self.stats.set_error(lost)
 
     def _got_through(self) -> None:
         """A cycle got through: the failures in a row, and the problems ``failing`` and

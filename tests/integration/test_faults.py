@@ -417,6 +417,13 @@ def test_every_listener_counts_its_broker_reconnects(flow, rabbit_user):
         stats = thread_stats(daemon)
         assert {name: s["reconnects"] >= 1 for name, s in stats.items()} == {
             name: True for name in stats}, {name: s["reconnects"] for name, s in stats.items()}
+        # idle listeners saw the loss only through stomp.py's receiver thread: it is their last
+        # error all the same, with the broker's reason, and no failed attempt
+        lost = "lost STOMP connection to %s:%d (disconnected; broker ERROR: " % stomp_address()
+        assert {name: (s["last_error"] or "")[:len(lost)] for name, s in stats.items()} == {
+            name: lost for name in stats}, {name: s["last_error"] for name, s in stats.items()}
+        assert all("\n" not in s["last_error"] for s in stats.values())
+        assert all(s["problems"] == [] for s in stats.values()), stats
 
 
 # -- 2. target database sessions terminated mid-stream -----------------------------------------------
