@@ -176,7 +176,7 @@ class Applier:
             try:
                 ledger.forget_dead(connection, self.consumer, replayed)
             except psycopg2.Error as exc:
-                self._rollback(connection)
+                self._rollback(connection, exc)
                 if classify(exc) == RECONNECT:
                     raise ConnectionLost(describe(exc)) from exc
                 raise
@@ -203,7 +203,7 @@ class Applier:
                 self._rollback(connection)
                 raise
             except Exception as exc:  # classified below; nothing escapes unclassified
-                self._rollback(connection)
+                self._rollback(connection, exc)
                 fate = self._classify(connection, exc)
                 if fate == RECONNECT:
                     raise ConnectionLost(describe(exc)) from exc
@@ -376,11 +376,18 @@ class Applier:
         self._data_refreshed = now
         return True
 
-    def _rollback(self, connection: Any) -> None:
+    def _rollback(self, connection: Any, cause: Optional[BaseException] = None) -> None:
+        """Roll back after ``cause`` (the error that ended the transaction, if any).
+
+        :raises ConnectionLost: the rollback failed too (the session is gone): its message
+            names ``cause`` first, which says why (``terminating connection due to
+            administrator command``), where the rollback's own error only says the connection
+            is closed."""
         try:
             connection.rollback()
         except Exception as exc:
-            raise ConnectionLost("rollback failed: %s" % describe(exc)) from exc
+            raise ConnectionLost("%srollback failed: %s" % (
+                "%s; then " % describe(cause) if cause is not None else "", describe(exc))) from exc
 
     def _fast(self, connection: Any, items: Sequence[Tuple[str, bytes]],
               packets: Sequence[Optional[Union[Packet, Group]]], todo: Sequence[int],
@@ -524,7 +531,7 @@ class Applier:
                 self._fill_duplicates(cur, items, done, {})
             connection.commit()
         except psycopg2.Error as exc:
-            self._rollback(connection)
+            self._rollback(connection, exc)
             if classify(exc) == RECONNECT:
                 raise ConnectionLost("recording the dead-lettered batch: %s" % describe(exc)) from exc
             LOGGER.error("[%s] could not record the dead-lettered batch in the ledger (%s): its"
@@ -545,7 +552,7 @@ class Applier:
         try:
             connection.commit()
         except Exception as exc:
-            self._rollback(connection)
+            self._rollback(connection, exc)
             raise _CommitFailed(exc, done) from exc
         return done
 

@@ -19,7 +19,7 @@ import psycopg2
 import pytest
 
 from golconde import ledger
-from golconde.apply import Applier
+from golconde.apply import Applier, ConnectionLost
 from golconde.errors import StopListener
 from golconde.handlers.autosql import AutoSQL
 from golconde.packet import dumps
@@ -730,3 +730,27 @@ def test_a_packet_too_long_once_its_keys_are_filled_in_is_dead_lettered_at_the_d
         assert rows(conn, "SELECT v FROM g ORDER BY v") == [("after",), ("before",)]
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("role", ["destination", "target"])
+def test_a_session_terminated_mid_batch_is_reported_with_its_cause(database, role):
+    """The rollback after a terminated session fails too ("connection already closed"): the
+    error raised names the statement's error first, which says why."""
+    connection = _ledgered(database, """
+        CREATE TABLE doomed (id integer PRIMARY KEY);
+        CREATE FUNCTION doomed_end() RETURNS trigger LANGUAGE plpgsql AS
+          $$BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NEW; END$$;
+        CREATE TRIGGER doomed_end BEFORE INSERT ON doomed FOR EACH ROW EXECUTE FUNCTION doomed_end();
+    """)
+    applier = Applier(AutoSQL("doomed", role=role), "doomed-" + role, store_fanout=role == "destination")
+    try:
+        with pytest.raises(ConnectionLost) as raised:
+            applier.apply_batch(connection, [("t1", dumps(packet("add", {"id": 1})).encode())])
+        message = str(raised.value)
+        # libpq's words for a session its server ended ("terminating connection due to
+        # administrator command" when it reads the FATAL message in time)
+        assert message.startswith("OperationalError: "), message
+        assert "terminat" in message, message
+        assert message.endswith("; then rollback failed: InterfaceError: connection already closed")
+    finally:
+        connection.close()
