@@ -50,6 +50,10 @@ PRUNE_BUDGET = 1.0
 CONSUMER_RETRY = 5.0
 #: Seconds until the next prune when the last one ran out of time with old rows left.
 PRUNE_RETRY = 10.0
+#: Seconds a queue consumer stays idle before it checks that its database session is still
+#: there (a session ended by the server, or a server gone, showed "connected" until the next
+#: packet, or the TCP keepalives' 30-60 s).
+DB_PROBE_INTERVAL = 10.0
 #: Failed attempts in a row (to connect or to get through a cycle) after which a listener reports
 #: the standing problem ``failing`` (/health fails) until a cycle succeeds.
 FAILING_AFTER = 3
@@ -290,14 +294,19 @@ class Listener(threading.Thread):
         self._ever_connected.add(key)
 
     def _db_alive(self) -> bool:
+        return self._db_problem() is None
+
+    def _db_problem(self) -> Optional[str]:
+        """``None`` when the database session answers ``SELECT 1`` (after a rollback), else the
+        error's text."""
         try:
             self.db.rollback()
             with self.db.cursor() as cur:
                 cur.execute("SELECT 1")
             self.db.rollback()
-            return True
-        except psycopg2.Error:
-            return False
+            return None
+        except psycopg2.Error as exc:
+            return describe(exc)
 
     def _close_db(self) -> None:
         db, self.db = self.db, None
@@ -658,6 +667,7 @@ class QueueConsumer(Listener):
         #: committed batches waiting for their receipts before their ack (its last delivery)
         self._pending: Confirmations[Delivery] = Confirmations()
         self._next_prune = 0.0      # monotonic time of the next ledger prune (the first: at once)
+        self._next_probe = time.monotonic() + DB_PROBE_INTERVAL   # of the idle database check
         #: ``(packets, created of the oldest)`` of the batch being applied, for the live stats
         self._applying: Optional[Tuple[int, Optional[float]]] = None
 
@@ -787,7 +797,9 @@ class QueueConsumer(Listener):
             if not self._pending and not self._inbox.packets:
                 self.stats.set_lag(0.0)        # nothing held: nothing is late
             self._maybe_prune()
+            self._maybe_probe()
             return
+        self._next_probe = time.monotonic() + DB_PROBE_INTERVAL
         self._in_flight = True
         deliveries = batch
         batch, items = expand(deliveries)      # one origin and one item per packet
@@ -874,6 +886,21 @@ class QueueConsumer(Listener):
         created = _created(batch[-1]) if batch else None
         if created is not None:
             self.stats.set_lag(max(0.0, time.time() - created))
+
+    def _maybe_probe(self) -> None:
+        """While idle, every :data:`DB_PROBE_INTERVAL` seconds: check the database session
+        (``SELECT 1``); a session found gone is closed, recorded as the last error, and opened
+        again by the supervising loop (counted in ``reconnects``, or as a failed attempt)."""
+        now = time.monotonic()
+        if now < self._next_probe or self.db is None:
+            return
+        self._next_probe = now + DB_PROBE_INTERVAL
+        problem = "connection closed" if self.db.closed else self._db_problem()
+        if problem:
+            message = "PostgreSQL session lost while idle: %s" % problem
+            LOGGER.warning("[%s] %s; reconnecting", self.name, message)
+            self.stats.set_error(message)
+            self._close_db()
 
     def _maybe_prune(self) -> None:
         """Prune the ledger (:func:`golconde.ledger.prune`) when it is due, idle or not: at most

@@ -461,6 +461,30 @@ def test_target_sessions_terminated_mid_stream(flow):
         assert stats[target]["dead_lettered"] == 0
 
 
+def test_an_idle_listener_notices_its_session_ended_and_reconnects(flow, monkeypatch):
+    """Sessions ended by the server while no packet comes: each queue consumer finds out within
+    DB_PROBE_INTERVAL, says so in last_error and reconnects (before, it showed "connected" until
+    the next packet, and the next packet's batch paid for the reconnect)."""
+    from golconde import listener as listener_module
+    monkeypatch.setattr(listener_module, "DB_PROBE_INTERVAL", 1.0)
+    with running(flow.config()) as daemon:
+        target = "%s_target1" % flow.name
+        wait_for(lambda: thread_stats(daemon)[target]["database"] == "connected", timeout=15,
+                 message="target1 connected")
+        time.sleep(0.5)
+        assert terminate_golconde_sessions(flow.t1) >= 1
+        wait_for(lambda: thread_stats(daemon)[target]["reconnects"] >= 1, timeout=10,
+                 message="target1 reconnected while idle")
+        stats = thread_stats(daemon)[target]
+        assert stats["last_error"].startswith("PostgreSQL session lost while idle: "), stats
+        assert stats["database"] == "connected" and stats["problems"] == [], stats
+        stream = Stream(flow.queue, 50, batch=25, pause=0.01)
+        stream.start()
+        stream.finish()
+        flow.wait_complete(stream, describe=lambda: thread_stats(daemon))
+        assert thread_stats(daemon)[target]["applied"] == 50
+
+
 def test_a_target_that_cannot_reconnect_mid_stream_lists_its_failures(flow):
     """A target whose database is lost in the middle of the stream and then refuses new sessions
     reconnects with backoff; its failed attempts count as the supervising loop's do (the problem
