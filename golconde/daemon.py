@@ -32,7 +32,7 @@ def discard_listeners(listeners: Iterable[Listener]) -> None:
     for listener in listeners:
         try:
             listener.discard()
-        except Exception as exc:   # noqa: BLE001 - a handler's shutdown: logged, never fatal
+        except (Exception, SystemExit) as exc:   # noqa: BLE001 - a handler's shutdown: never fatal
             LOGGER.warning("[%s] discarding a listener built for a check: %s", listener.name,
                            describe(exc))
 
@@ -264,7 +264,7 @@ class Daemon:
         except ConfigError as exc:
             LOGGER.error("reload refused, keeping the running configuration: %s", exc)
             return False
-        except Exception:   # a defect, not the file's fault: still never the end of the daemon
+        except (Exception, SystemExit):   # a defect, not the file's fault: never the daemon's end
             LOGGER.exception("reload failed, keeping the running configuration")
             return False
         discard_listeners(candidates.values())   # built to check and compare the configuration: none starts
@@ -364,6 +364,6 @@ class Daemon:
                 self._reload.clear()
                 try:
                     self.reload()
-                except Exception:   # a reload must never end the daemon: log, serve on
+                except (Exception, SystemExit):   # a reload never ends the daemon: log, serve on
                     LOGGER.exception("reload failed part-way; the listeners that run keep running")
         return 0 if self.stop() else 1

@@ -647,7 +647,8 @@ class QueueConsumer(Listener):
                                          name=config.thread_name, **options)
         except ConfigError:
             raise
-        except Exception as exc:  # a handler's __init__ bug is a configuration problem, not a crash
+        except (Exception, SystemExit) as exc:  # a handler's __init__ bug (or sys.exit) is a
+            # configuration problem, not the end of the daemon (a reload builds it on the main thread)
             LOGGER.error("[%s] handler %s failed to initialize", config.thread_name,
                          config.function_name, exc_info=True)
             raise ConfigError("%s: handler %s failed to initialize: %s"

@@ -66,7 +66,7 @@ def load_handler(function_name: str) -> Type[Handler]:
         else:
             reason = "importing module %s failed: %s" % (module_name, exc)
         raise ConfigError("function_name %r: %s" % (path, reason)) from exc
-    except Exception as exc:  # the module's own code failed: report it, whatever it raised
+    except (Exception, SystemExit) as exc:  # the module's own code failed (sys.exit too)
         reason = "importing module %s failed: %s: %s" % (module_name, type(exc).__name__, exc)
         LOGGER.error("cannot load handler %s: %s", path, reason, exc_info=True)
         raise ConfigError("function_name %r: %s" % (path, reason)) from exc

@@ -11,6 +11,7 @@ The test handlers below are loaded by the daemon by their dotted path in this mo
 """
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any, Dict, List
 
@@ -261,6 +262,11 @@ class FailingInit(AutoSQL):
         raise KeyError("missing_setting")
 
 
+class ExitingInit(AutoSQL):
+    def __init__(self, *args, **kwargs):
+        raise SystemExit(3)
+
+
 def events_config(make_database, handlers: Dict[str, str]):
     canonical = make_database()
     execute(canonical, EVENTS)
@@ -372,7 +378,7 @@ def test_stop_listener_stops_only_that_listener_and_keeps_the_packet(make_databa
         assert daemon.stop()
 
 
-def test_handler_init_error_is_a_configuration_error_also_at_reload(make_database, tmp_path):
+def test_handler_init_error_is_a_configuration_error_also_at_reload(make_database, tmp_path, monkeypatch):
     mapping, canonical, targets = events_config(make_database, {"t": "RecordingBatches"})
     bad = yaml.safe_load(yaml.safe_dump(mapping))
     next(iter(bad["Destinations"].values()))["Targets"]["t"]["function_name"] = HERE + ".FailingInit"
@@ -386,6 +392,20 @@ def test_handler_init_error_is_a_configuration_error_also_at_reload(make_databas
     try:
         path.write_text(yaml.safe_dump(bad))
         assert daemon.reload() is False               # refused; the running configuration is kept
+        # a handler ending the process (sys.exit in its __init__, or when its module is
+        # imported) is refused the same way: a reload runs on the main thread, where a
+        # SystemExit ended the daemon without a word
+        (tmp_path / "golconde_exiting_module.py").write_text(
+            "import sys\nsys.exit('golconde_exiting_module: refusing to load')\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        for handler, reason in ((HERE + ".ExitingInit", "failed to initialize: SystemExit: 3"),
+                                ("golconde_exiting_module.H", "importing module golconde_exiting_module"
+                                 " failed: SystemExit: golconde_exiting_module: refusing to load")):
+            next(iter(bad["Destinations"].values()))["Targets"]["t"]["function_name"] = handler
+            with pytest.raises(ConfigError, match=re.escape(reason)):
+                Daemon(parse_config(bad))
+            path.write_text(yaml.safe_dump(bad))
+            assert daemon.reload() is False
         assert all(listener.is_alive() for listener in daemon.listeners.values())
         client = client_for(daemon.config.destinations[0])
         client.add({"id": 1, "kind": "after reload"})
