@@ -257,6 +257,7 @@ class Listener(threading.Thread):
         for connection in self.outbound.values():
             connection.close()
         self._close_db()
+        self._update_state()                # a paused listener's broker is no longer "connected"
 
     # -- database ----------------------------------------------------------------------------------
     def open_database(self) -> None:
@@ -755,7 +756,7 @@ class QueueConsumer(Listener):
     def finish(self) -> None:
         try:
             self.handler.shutdown()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             LOGGER.warning("[%s] handler shutdown failed: %s", self.name, describe(exc))
 
     # -- the work --------------------------------------------------------------------------------

@@ -821,7 +821,7 @@ def test_a_target_role_without_insert_pauses_until_granted(flow, monkeypatch):
     from golconde import apply as apply_module
     from golconde import ledger
 
-    monkeypatch.setattr(apply_module, "PRIVILEGE_RETRY", 1.0)
+    monkeypatch.setattr(apply_module, "PRIVILEGE_RETRY", 3.0)
     role = "golconde_r_%s" % uuid.uuid4().hex[:8]
     admin = psycopg2.connect(flow.t1)
     admin.autocommit = True
@@ -845,6 +845,9 @@ def test_a_target_role_without_insert_pauses_until_granted(flow, monkeypatch):
             wait_for(lambda: "this role lacks INSERT on public.ev" in (
                 thread_stats(daemon)[target]["last_error"] or ""), timeout=20,
                 message="target1 paused for want of INSERT")
+            # the pause closed its connections, and says so (its broker stayed "connected")
+            wait_for(lambda: thread_stats(daemon)[target]["broker"] == "disconnected", timeout=2,
+                     message="target1's broker reported closed during the pause")
             time.sleep(1.5)
             assert count_rows(flow.t1) == 0 and thread_stats(daemon)[target]["dead_lettered"] == 0
             with admin.cursor() as cur:
