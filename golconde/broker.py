@@ -223,14 +223,13 @@ class BrokerConnection:
     def product(cls, broker: Any, timeout: float = 5.0) -> Optional[str]:
         """The ``server`` header of the CONNECTED frame of the broker of ``broker`` (a
         :class:`golconde.config.BrokerConfig`), e.g. ``RabbitMQ/3.12.1`` (one connection, closed
-        at once); ``None`` when it cannot connect or the broker does not say (STOMP 1.1,
-        "CONNECTED Frame")."""
+        at once); ``None`` when the broker does not say (STOMP 1.1, "CONNECTED Frame").
+
+        :raises BrokerError: it cannot connect (the broker is down, refuses the login...)."""
         connection = cls.from_config(broker, name="golconde-probe")
         try:
             connection.connect(timeout=timeout)
             return connection.server
-        except BrokerError:
-            return None
         finally:
             connection.close()
 

@@ -72,12 +72,16 @@ def management_serves(base: str, broker: Any, timeout: float = 5.0) -> Optional[
     broker says it is RabbitMQ (the ``server`` header of its STOMP CONNECTED frame,
     :meth:`golconde.broker.BrokerConnection.product`). An ActiveMQ on the host of a RabbitMQ
     would otherwise be read through that RabbitMQ, which holds none of its queues ("0 packets").
-    A broker that cannot be reached, or does not say, is given the benefit of the doubt.
+    A broker that does not say is given the benefit of the doubt; one that cannot be reached is
+    not (a RabbitMQ beside a stopped ActiveMQ would answer for it: its queues, or "0 packets").
 
     :returns: ``None`` when it may be used, else why not (text).
     """
-    from .broker import BrokerConnection
-    product = BrokerConnection.product(broker, timeout)
+    from .broker import BrokerConnection, BrokerError
+    try:
+        product = BrokerConnection.product(broker, timeout)
+    except BrokerError as exc:
+        return ("%s: whether the management API at %s is its own cannot be told" % (exc, base))
     if product is None or product.lower().startswith("rabbitmq"):
         return None
     return ("the broker at %s:%d is %s, not RabbitMQ: the management API at %s is not its own"

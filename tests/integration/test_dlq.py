@@ -325,3 +325,36 @@ def test_the_default_management_url_is_used_only_for_its_own_broker(make_databas
             assert why is None or "no statistics yet" in why, why
     finally:
         dlq.purge()
+
+
+def test_a_broker_that_cannot_be_reached_is_not_read_through_a_management_api_beside_it(
+        make_database, tmp_path, capsys):
+    """The default management URL is the broker host's port 15672: with the configured broker
+    down (an ActiveMQ stopped beside a running RabbitMQ, say), that API is not the broker's own.
+    dlq list listed the RabbitMQ queue of that name; it now fails, naming the broker."""
+    import socket
+
+    from golconde.status import Management
+
+    with socket.socket() as probe:          # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mapping = make_config(make_database(), {"t1": make_database()}, "public.items")
+    up = parse_config(mapping)
+    queue = up.destinations[0].dead_letter_queue
+    send_raw(queue, ['{"action": "add", "data": {"n": 1}}'],
+             [{"golconde-id": "dl-1", "golconde-reason": "for the test"}])
+    try:
+        for destination in mapping["Destinations"].values():
+            for entry in [destination] + list(destination["Targets"].values()):
+                entry["stomp"] = "127.0.0.1:%d" % port
+        down = parse_config(mapping)
+        path = write_config(str(tmp_path / "down.yaml"), mapping)
+        status = admin_main(["dlq", "list", "-c", path, "--destination", down.destinations[0].name])
+        out, err = capsys.readouterr()
+        assert status != 0 and "dl-1" not in out, out
+        assert "cannot connect to STOMP broker 127.0.0.1:%d" % port in err, err
+        depth, why = Management().depth(down.destinations[0].stomp, queue)
+        assert depth is None and "127.0.0.1:%d" % port in why and "cannot be told" in why, why
+    finally:
+        purge_queue(up, queue)
