@@ -487,6 +487,8 @@ class AutoSQL(Handler):
                               % (", ".join(UNKNOWN_COLUMNS), unknown))
         self.unknown_columns = unknown.lower()
         self._absent: set = set()      # data keys seen not to be columns (target role)
+        #: whether the catalog was checked for those keys in the batch being applied
+        self._absent_checked = False
         #: True when ADD and SET return the primary key, to back-fill generated keys into the packet
         #: (a destination); a target fans nothing out, so its statements return nothing
         self.back_fill = role == "destination"
@@ -593,6 +595,9 @@ class AutoSQL(Handler):
             row marked, as by :meth:`apply_one`).
         :raises: as :meth:`apply_one`; the caller then replays the batch packet by packet.
         """
+        # packets naming columns seen absent check the catalog again once in each batch: each
+        # batch's packets came after what the target had when they were received
+        self._absent_checked = False
         if self.mapping or type(self).apply is not AutoSQL.apply:
             return super().apply_batch(cursor, packets)
         self.cache.revalidate(cursor, self.table)   # an ALTER TABLE since (at most once a second)
@@ -858,9 +863,11 @@ class AutoSQL(Handler):
         restriction, restriction_unknown = resolve(table, packet.restriction, "restriction")
         if data_unknown or restriction_unknown:
             # a dead letter or a never-seen name is worth one catalog query; names already known to
-            # be absent (a narrower target) are re-checked once a second only
+            # be absent (a narrower target) are checked once per batch (apply_batch): a column
+            # added at the target just before the batch came is not ignored
             check = (restriction_unknown or self.unknown_columns == "error"
-                     or not self._absent.issuperset(data_unknown))
+                     or not self._absent.issuperset(data_unknown) or not self._absent_checked)
+            self._absent_checked = True
             table = self._schema(cursor, refresh=True, check_catalog=bool(check))
             data, data_unknown = resolve(table, data_values, "data")
             restriction, restriction_unknown = resolve(table, packet.restriction, "restriction")
