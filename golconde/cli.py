@@ -446,6 +446,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         canonical_relation, targets = relations[destination]
         print("%s %s -> %s %s: %s" % (destination, canonical_relation, target,
                                       targets.get(target, "?"), result.summary()))
+        # a column on one side only is not compared: a rename on one side shows here only
+        for side, names in (("only in the canonical relation", result.canonical_only),
+                            ("only in the target", result.target_only)):
+            if names:
+                print("  not compared, %s: %s" % (side, ", ".join(names)))
         for what, key in result.rows:
             print("  (%s)=(%s): %s" % (", ".join(key), ", ".join(key.values()), what))
         if result.rows_note:

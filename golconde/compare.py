@@ -73,7 +73,12 @@ class CompareResult:
     :ivar canonical_hash: sum of the 60-bit row hashes, canonical side (``None`` after an error).
     :ivar target_hash: the same on the target side.
     :ivar columns: the compared columns, in canonical order.
-    :ivar ignored: columns present in only one of the relations (not compared).
+    :ivar ignored: columns present in only one of the relations (not compared):
+        :attr:`canonical_only` then :attr:`target_only`.
+    :ivar canonical_only: canonical columns not compared (the target lacks them; with a mapping,
+        also those it excludes).
+    :ivar target_only: target columns not compared (no canonical column is written there; with a
+        mapping, also its constants' and defaults' columns).
     :ivar error: why the comparison could not be made (only from :func:`compare_config`).
     :ivar skipped: why the pair was not compared (only from :func:`compare_config`: a target
         whose custom handler writes it its own way).
@@ -95,6 +100,8 @@ class CompareResult:
     skipped: Optional[str] = None
     rows: Tuple[Tuple[str, Dict[str, str]], ...] = ()
     rows_note: Optional[str] = None
+    canonical_only: Tuple[str, ...] = ()
+    target_only: Tuple[str, ...] = ()
 
     def summary(self) -> str:
         """One line for an operator, e.g. ``equal: 120 rows`` or ``DIFFERENT: 120 vs 119 rows``."""
@@ -137,8 +144,9 @@ def compare(canonical_dsn: str, canonical_relation: str, target_dsn: str,
         pairs = _pairs(canonical_columns, target_columns, mapping)
         common = tuple(name for name, _ in pairs)
         compared_targets = {name for _, name in pairs}
-        ignored = tuple([name for name in canonical_columns if name not in common]
-                        + [name for name in target_columns if name not in compared_targets])
+        canonical_only = tuple(name for name in canonical_columns if name not in common)
+        target_only = tuple(name for name in target_columns if name not in compared_targets)
+        ignored = canonical_only + target_only
         if not common:
             raise CompareError("%s and %s have no column in common" % (canonical, target))
         if mapping is not None and mapping.conditions:
@@ -154,7 +162,8 @@ def compare(canonical_dsn: str, canonical_relation: str, target_dsn: str,
             listed, note = _differing(canonical_conn, canonical, canonical_columns, target_conn,
                                       target, pairs, mapping, rows)
     result = CompareResult(equal, canonical_count, target_count, canonical_hash, target_hash,
-                           common, ignored, rows=listed, rows_note=note)
+                           common, ignored, rows=listed, rows_note=note,
+                           canonical_only=canonical_only, target_only=target_only)
     LOGGER.info("compare %s with %s: %s", canonical, target, result.summary())
     return result
 
@@ -416,11 +425,16 @@ def _differing(canonical_conn: Any, canonical: Relation, canonical_columns: Sequ
     common = tuple(name for name, _ in pairs)
     found: List[Tuple[str, Dict[str, str]]] = []
     more = False
-    with _read_transaction(canonical_conn, target_conn):
-        left = (row for row in _keyed(canonical_conn, canonical, keys, common, values)
+    with _read_transaction(canonical_conn, target_conn), contextlib.ExitStack() as cursors:
+        # the generators' named cursors are closed before the transaction ends (a generator left
+        # suspended, when more rows differ than listed, closed its cursor after the rollback:
+        # "named cursor isn't valid anymore" on stderr)
+        canonical_rows = cursors.enter_context(contextlib.closing(
+            _keyed(canonical_conn, canonical, keys, common, values)))
+        right = cursors.enter_context(contextlib.closing(
+            _keyed(target_conn, target, [renamed[key] for key in keys], [name for _, name in pairs])))
+        left = (row for row in canonical_rows
                 if not filtered or mapping.verdict(loads(row[2])) is Verdict.MATCH)
-        right = _keyed(target_conn, target, [renamed[key] for key in keys],
-                       [name for _, name in pairs])
         a, b = next(left, None), next(right, None)
         while a is not None or b is not None:
             if b is None or (a is not None and a[0] < b[0]):

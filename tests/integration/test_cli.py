@@ -98,12 +98,28 @@ def test_trigger_install_remove_and_compare(make_database, tmp_path):
     result = run("golconde.cli", "compare", "-c", path, "--rows", "5")      # which rows
     assert result.returncode == 1 and result.stdout.splitlines()[1:3] == [
         "  (id)=(1): differs", "  (id)=(2): missing at the target"], result.stdout
+    result = run("golconde.cli", "compare", "-c", path, "--rows", "1")      # more than listed
+    assert result.returncode == 1 and result.stdout.splitlines()[1:3] == [
+        "  (id)=(1): differs", "  more rows differ than the 1 listed"], result.stdout
+    assert "Exception ignored" not in result.stderr, result.stderr
     execute(target, "DELETE FROM items")
     execute(target, "INSERT INTO items VALUES (1, 'a'), (2, 'b')")
     result = run("golconde.cli", "compare", "-c", path)
     assert result.returncode == 0 and "all targets equal" in result.stdout, result.stdout
     result = run("golconde.cli", "compare", "-c", path, "--destination", "Items")
     assert result.returncode == 0 and "Items items -> t1 items: equal: 2 rows" in result.stdout
+    # a column renamed on one side only: equal on the columns both have, and said so
+    execute(target, "ALTER TABLE items RENAME name TO label")
+    execute(target, "ALTER TABLE items ADD COLUMN name text")
+    execute(canonical, "ALTER TABLE items RENAME name TO title")
+    result = run("golconde.cli", "compare", "-c", path)
+    assert result.returncode == 0 and result.stdout.splitlines()[:3] == [
+        "Items items -> t1 items: equal: 2 rows",
+        "  not compared, only in the canonical relation: title",
+        "  not compared, only in the target: label, name"], result.stdout
+    execute(canonical, "ALTER TABLE items RENAME title TO name")
+    execute(target, "ALTER TABLE items DROP COLUMN name")
+    execute(target, "ALTER TABLE items RENAME label TO name")
     result = run("golconde.cli", "compare", "-c", path, "--destination", "Itemz")   # misspelt
     assert result.returncode != 0 and "Destinations.Itemz: no such destination" in result.stderr
     # a target that cannot be reached is not counted as one that differs
