@@ -320,13 +320,18 @@ def install(conn: psycopg2.extensions.connection, relation: str, destination: st
     name = trigger_name(destination)
     with _transaction(conn) as cur:   # refuse before changing anything
         keys = _table_key(cur, schema, table, qualified)
+        unlogged = (_lookup(cur, schema, table) or (0, "", ""))[2] == "u"
     warning = None
+    if unlogged:
+        warning = ("%s is UNLOGGED: a crash of its server empties it, which is not captured (the"
+                   " targets keep its rows, and adds of the same keys are then refused there)"
+                   % qualified)
     if not keys and events != ("INSERT",):
         message = ("%s has no primary key: UPDATE and DELETE cannot be captured; only INSERTs"
                    " are distributed" % qualified)
         if actions is not None:
             raise TriggerError(message)
-        warning, events = message, ("INSERT",)
+        warning, events = message if warning is None else "%s; %s" % (message, warning), ("INSERT",)
     state = schema_state(conn)
     if state != "current":
         try:
@@ -571,8 +576,10 @@ def _events(actions: Optional[Iterable[str]]) -> Tuple[str, ...]:
     return tuple(event for event in _EVENT_ORDER if event in chosen)
 
 
-def _lookup(cur: Any, schema: str, table: str) -> Optional[Tuple[int, str]]:
-    cur.execute("SELECT c.oid, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+def _lookup(cur: Any, schema: str, table: str) -> Optional[Tuple[int, str, str]]:
+    """``(oid, relkind, relpersistence)`` of the relation, or ``None``."""
+    cur.execute("SELECT c.oid, c.relkind, c.relpersistence FROM pg_class c"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
                 " WHERE n.nspname = %s AND c.relname = %s", (schema, table))
     return cur.fetchone()
 
@@ -586,6 +593,9 @@ def _table_key(cur: Any, schema: str, table: str, qualified: str) -> Tuple[str, 
     if row[1] not in ("r", "p"):
         raise TriggerError("%s is not a table (relkind %r): only tables can be captured"
                            % (qualified, row[1]))
+    if row[2] == "t":
+        raise TriggerError("%s is a temporary table: its rows end with the session that made it,"
+                           " which no capture tells the targets" % qualified)
     return _primary_key(cur, schema, table)
 
 

@@ -276,6 +276,17 @@ def test_install_errors(db):
     with pytest.raises(TriggerError):
         trigger.install(db, "a.b.c", DEST)
     assert issubclass(TriggerError, GolcondeError)
+    # a temporary table's rows end with its session, which no capture tells the targets
+    execute(db, "CREATE TEMP TABLE tmp (id int PRIMARY KEY)")
+    temp_schema = query_one(db, "SELECT nspname FROM pg_namespace WHERE oid = pg_my_temp_schema()")
+    with pytest.raises(TriggerError, match=r"is a temporary table"):
+        trigger.install(db, "%s.tmp" % temp_schema, DEST)
+    # an unlogged one is emptied by a crash, not captured either: installed, with a warning
+    execute(db, "CREATE UNLOGGED TABLE ul (id int PRIMARY KEY)")
+    assert "public.ul is UNLOGGED: a crash of its server empties it" in trigger.install(db, "ul", DEST).warning
+    execute(db, "CREATE UNLOGGED TABLE ul_log (line text)")
+    warning = trigger.install(db, "ul_log", DEST).warning
+    assert "has no primary key" in warning and "is UNLOGGED" in warning, warning
 
 
 def test_reinstall_and_remove_are_idempotent(orders):
