@@ -67,9 +67,11 @@ class Packet:
     action: Action
     data: Mapping[str, Any] = field(default_factory=dict)
     restriction: Mapping[str, Any] = field(default_factory=dict)
-    #: False for what a destination applied without changing a row (an ``update`` whose
-    #: restriction matched none): not fanned out (a target's filter would turn it into an upsert
-    #: of a row the canonical relation does not hold). Not part of the JSON.
+    #: False for what a destination applied without changing a row (an ``update`` or
+    #: ``delete`` whose restriction matched none, an ``add`` or ``set`` a trigger refused): not
+    #: fanned out (the targets must hold what the canonical relation holds; a target's filter
+    #: would turn an update into an upsert of a row the canonical relation does not hold). Not
+    #: part of the JSON.
     matched: bool = field(default=True, compare=False)
 
     def with_data(self, data: Mapping[str, Any]) -> "Packet":

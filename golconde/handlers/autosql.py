@@ -619,7 +619,7 @@ class AutoSQL(Handler):
                                     self._returning(table), _type, matches=self.back_fill)
             for j, row in zip(run, rows):
                 index, item = todo[j]
-                if item.action is Action.UPDATE:
+                if item.action in (Action.UPDATE, Action.DELETE):
                     if row is None:             # () when it changed a row
                         results[index] = item.packet.unmatched()
                 elif row is not None:
@@ -715,10 +715,32 @@ class AutoSQL(Handler):
         LOGGER.debug("%s: %s on %s: %d rows", self.name, action.value, self.table, cursor.rowcount)
         if action in (Action.ADD, Action.SET) and returning:
             row = cursor.fetchone()
-            return item.packet if row is None else self._fill(item, row)
-        if action is Action.UPDATE and self.back_fill and cursor.rowcount == 0:
-            return item.packet.unmatched()      # the targets' copies hold no such row either
+            return self._skipped(cursor, item) if row is None else self._fill(item, row)
+        if action in (Action.UPDATE, Action.DELETE) and self.back_fill and cursor.rowcount == 0:
+            # the targets' copies hold no such row either (or a trigger of the canonical
+            # relation kept it: a soft delete): nothing to fan out
+            return item.packet.unmatched()
         return item.packet
+
+    def _skipped(self, cursor: Any, item: bulk.Prepared) -> Packet:
+        """An add or set whose row the canonical relation did not return: a ``BEFORE`` trigger
+        returned NULL. Fanned out only when the packet holds the whole primary key and a row of
+        that key is there (a routing trigger put it into an inheritance child); otherwise the
+        packet is marked :meth:`~golconde.packet.Packet.unmatched` (the trigger refused the row:
+        the targets must not get it, nor take their own key for it)."""
+        table = item.table
+        assert table is not None
+        given = {column.name: value for column, value in item.data}
+        if table.primary_key and all(given.get(name) is not None for name in table.primary_key):
+            where, params = where_clause(table, [(table.columns[name], given[name])
+                                                 for name in table.primary_key])
+            cursor.execute(sql.SQL("SELECT 1 FROM {} WHERE {} LIMIT 1").format(_relation(table), where),
+                           params)
+            if cursor.fetchone() is not None:
+                return item.packet
+        LOGGER.info("%s: a trigger of %s skipped the row of a %s packet: not fanned out",
+                    self.name, self.table, item.action.value)
+        return item.packet.unmatched()
 
     def _fill(self, item: bulk.Prepared, row: Sequence[Any]) -> Packet:
         """Write the returned primary key values (JSON text, :func:`bulk.returning_clause`) into the

@@ -336,15 +336,16 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
         binding, relation and column type helpers (so both paths quote and bind the same way).
     :param returning: for add/set, the columns to return (a destination's primary key, to
         back-fill generated keys; ``()`` at a target, which fans nothing out).
-    :param matches: for update, tell which packets changed a row (at a destination: one that
-        changed none is not fanned out).
+    :param matches: for update and delete, tell which packets changed a row (at a destination:
+        one that changed none is not fanned out).
     :returns: for add/set with columns to return, the returned row of each packet in order, its
-        values JSON text (:func:`returning_clause`; ``None`` where the row was not returned);
-        for update with ``matches``, per packet ``()`` when it changed a row, else ``None``;
-        otherwise ``[]``.
+        values JSON text (:func:`returning_clause`);
+        for update and delete with ``matches``, per packet ``()`` when it changed a row, else
+        ``None``; otherwise ``[]``.
     :raises psycopg2.Error: the statement failed (the caller replays packet by packet).
     :raises PacketError: a value the column cannot take (from ``bind``).
-    :raises RunNotPaired: rows were skipped where keys are to be back-filled (replay, as above).
+    :raises RunNotPaired: rows were returned for fewer packets than given (a trigger skipped
+        some): the caller applies the run packet by packet, telling each skipped one.
     """
     first = items[0]
     action = first.action
@@ -372,10 +373,7 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
                                     fetch=bool(returning))
         if not returning:
             return []
-        if len(result) != len(items):   # rows skipped: cannot pair them by position
-            given = {column.name for column in columns}
-            if all(name in given for name in returning):
-                return [None] * len(items)      # nothing to back-fill: the packets hold the key
+        if len(result) != len(items):   # rows skipped (by a trigger): cannot pair them by position
             raise RunNotPaired("%d of %d rows returned by a run of %s packets on %s"
                                % (len(result), len(items), action.value, table.relation))
         return list(result)
@@ -401,7 +399,7 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
         source = sql.SQL("(VALUES %s) AS v ({})").format(sql.SQL(", ").join(names))
     match = sql.SQL(" AND ").join(sql.SQL("t.{} = {}").format(ident(c.name), ref)
                                   for c, ref in zip(restriction, refs))
-    numbered = matches and action is Action.UPDATE
+    numbered = matches   # an update or delete: which packets changed a row
     if numbered:
         # each row of v carries its packet's number: RETURNING it tells which packets matched
         values = [row + [number] for number, row in enumerate(values)]

@@ -151,7 +151,9 @@ def test_a_column_type_changed_since_the_schema_was_cached_is_read_again(conn):
 def test_a_row_a_trigger_skips_in_a_run_keeps_the_other_packets_generated_keys(conn):
     """A BEFORE INSERT trigger returns NULL for one row of a run of adds: the run's RETURNING has
     fewer rows than packets, so its keys cannot be paired by position; the packets are applied
-    one by one instead, and each inserted row's generated key is still fanned out."""
+    one by one instead, and each inserted row's generated key is still fanned out. The skipped
+    one is not fanned out (review BB: the targets got a row the canonical table refused, under a
+    key of their own)."""
     with conn.cursor() as cur:
         cur.execute("CREATE TABLE skp (id serial PRIMARY KEY, v integer);"
                     "CREATE FUNCTION skip_zero() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
@@ -165,10 +167,52 @@ def test_a_row_a_trigger_skips_in_a_run_keeps_the_other_packets_generated_keys(c
     assert [o.status for o in outcomes] == ["applied"] * 3
     stored = dict(rows(conn, "SELECT v, id FROM skp"))
     assert sorted(stored) == [1, 3]
-    fanouts = [json.loads(o.fanout) for o in outcomes]
+    assert outcomes[1].fanout == ""                   # not inserted: not fanned out
+    fanouts = [json.loads(o.fanout) for o in (outcomes[0], outcomes[2])]
     assert fanouts[0]["data"] == {"v": 1, "id": stored[1]}
-    assert fanouts[1]["data"] == {"v": 0}              # not inserted: nothing to back-fill
-    assert fanouts[2]["data"] == {"v": 3, "id": stored[3]}
+    assert fanouts[1]["data"] == {"v": 3, "id": stored[3]}
+
+
+def test_what_a_trigger_of_the_canonical_relation_skips_is_not_fanned_out(conn):
+    """A BEFORE trigger returning NULL: an add or set it refused, or a delete it turned into a
+    soft delete, changed no row there; the targets must not get them (review BB). A row it
+    routed into an inheritance child is there, under the packet's key: fanned out. In runs
+    (one statement for several packets) as one by one."""
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE sk (id integer PRIMARY KEY, v text, gone boolean DEFAULT false);"
+                    "CREATE TABLE sk_child (PRIMARY KEY (id)) INHERITS (sk);"
+                    "CREATE FUNCTION sk_rules() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                    " IF TG_OP = 'DELETE' AND OLD.v = 'gone' THEN RETURN OLD; END IF;"
+                    " IF TG_OP = 'DELETE' THEN"
+                    "   UPDATE sk SET gone = true WHERE id = OLD.id; RETURN NULL; END IF;"
+                    " IF NEW.v = 'refuse' THEN RETURN NULL; END IF;"
+                    " IF NEW.v = 'route' THEN INSERT INTO sk_child VALUES (NEW.*); RETURN NULL; END IF;"
+                    " RETURN NEW; END $$;"
+                    "CREATE TRIGGER sk_rules BEFORE INSERT OR DELETE ON sk FOR EACH ROW"
+                    " EXECUTE FUNCTION sk_rules()")
+    conn.commit()
+    applier = Applier(AutoSQL("sk", role="destination"), "sk-destination", store_fanout=True)
+    documents = [packet("add", {"id": 1, "v": "keep"}), packet("add", {"id": 2, "v": "refuse"}),
+                 packet("add", {"id": 3, "v": "route"}), packet("add", {"id": 4, "v": "keep"}),
+                 packet("set", {"id": 5, "v": "refuse"}), packet("set", {"id": 6, "v": "route"}),
+                 packet("delete", restriction={"id": 1}), packet("delete", restriction={"id": 4}),
+                 packet("delete", restriction={"id": 99})]
+    items = [("k%d" % n, dumps(d).encode()) for n, d in enumerate(documents)]
+    outcomes = applier.apply_batch(conn, items)
+    assert [o.status for o in outcomes] == ["applied"] * len(items)
+    assert rows(conn, "SELECT id, v, gone FROM sk ORDER BY id") == [
+        (1, "keep", True), (3, "route", False), (4, "keep", True), (6, "route", False)]
+    fanned = [json.loads(o.fanout) if o.fanout else None for o in outcomes]
+    assert fanned == [documents[0], None, documents[2], documents[3], None, documents[5],
+                      None, None, None], fanned
+    # a run of deletes alone (one statement): each tells whether it removed a row
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO sk (id, v) VALUES (10, 'soft'), (11, 'gone'), (12, 'soft')")
+    conn.commit()
+    documents = [packet("delete", restriction={"id": n}) for n in (10, 11, 12, 99)]
+    outcomes = applier.apply_batch(conn, [("d%d" % n, dumps(d).encode()) for n, d in enumerate(documents)])
+    assert [json.loads(o.fanout) if o.fanout else None for o in outcomes] == [None, documents[1], None, None]
+    assert rows(conn, "SELECT id, gone FROM sk WHERE id >= 10 ORDER BY id") == [(10, True), (12, True)]
 
 
 @pytest.mark.parametrize("role", ["destination", "target"])
