@@ -796,6 +796,11 @@ class AutoSQL(Handler):
                 table = self._schema(cursor)
         finally:
             connection.rollback()
+        self._check_mapping(table)
+
+    def _check_mapping(self, table: TableSchema) -> None:
+        """:raises StopListener: the mapping names a column ``table`` does not have
+        (:meth:`golconde.mapping.TargetMapping.target_problems`)."""
         problems = self.mapping.target_problems(list(table.columns), str(self.table))
         if problems:
             raise StopListener("%s: %s; the target's packets wait until the mapping or the table"
@@ -896,6 +901,10 @@ class AutoSQL(Handler):
         if restriction_unknown:
             raise PacketError("restriction names %s that %s does not have"
                               % (_names(restriction_unknown), table.relation))
+        if data_unknown and self.mapping:
+            # a column the mapping writes dropped or renamed since setup() checked: its values
+            # would be ignored as those of a narrower target's, for good
+            self._check_mapping(table)
         if data_unknown:
             if self.unknown_columns == "error":
                 raise PacketError("data names %s that %s does not have" % (_names(data_unknown), table.relation))

@@ -981,3 +981,23 @@ def test_a_scoped_set_with_a_constant_the_column_stores_at_its_own_scale(db):
     with pytest.raises(PacketError, match="another source's row"):
         run(db, h, {"action": "set", "data": {"id": 2, "v": "c"}})
     assert rows(db, "SELECT v FROM sn WHERE id = 2") == [("theirs",)]
+
+
+def test_a_column_the_mapping_writes_dropped_at_the_target_while_running_pauses_it(db):
+    """setup() checks the mapping's target columns at connect; one dropped (or renamed) after
+    that was taken for a narrower target's column and its values ignored for good (review BB):
+    the first packet that names it now pauses the target, its packets waiting."""
+    ddl(db, "CREATE TABLE dc (id int PRIMARY KEY, vv text, n int)")
+    h = _mapped("dc", columns={"v": "vv"})
+    run(db, h, {"action": "add", "data": {"id": 1, "v": "a", "n": 1}})
+    assert rows(db, "SELECT id, vv, n FROM dc") == [(1, "a", 1)]
+    ddl(db, "ALTER TABLE dc DROP COLUMN vv")
+    h.on_schema_error()     # as the Applier does on the statement's "column does not exist"
+    for document in ({"action": "update", "data": {"v": "b"}, "restriction": {"id": 1}},
+                     {"action": "add", "data": {"id": 2, "v": "c", "n": 2}}):
+        with pytest.raises(StopListener, match=r"columns\.v: 'vv' is no column of public\.dc"):
+            run(db, h, document)
+    # a canonical column the target never had is still a narrower target's, not a problem
+    ddl(db, "ALTER TABLE dc ADD COLUMN vv text")
+    run(db, h, {"action": "add", "data": {"id": 3, "v": "d", "n": 3, "extra": 1}})
+    assert rows(db, "SELECT id, vv FROM dc WHERE id = 3") == [(3, "d")]
