@@ -817,39 +817,49 @@ class AutoSQL(Handler):
         ``varchar(n)`` or ``char(n)``, which an explicit cast would cut, by its length. ``None``
         when no single value is refused so."""
         code = getattr(error, "pgcode", None) or ""
-        if not (code.startswith("22") or code in ("42846", "42804")):
+        # 23514 too: a domain's CHECK (a table's CHECK refuses no single value: None)
+        if not (code.startswith("22") or code in ("42846", "42804", "23514")):
             return None
         try:
             packets = self.mapping.transform(packet) if self.mapping else [packet]
             table = self._schema(cursor)
-            # the declared types, with their modifiers (the cached schema has the base types)
-            cursor.execute("SELECT attname, pg_catalog.format_type(atttypid, atttypmod)"
-                           " FROM pg_catalog.pg_attribute WHERE attrelid = %s::pg_catalog.regclass"
-                           " AND attnum > 0 AND NOT attisdropped",
+            # the declared types, with their modifiers (the cached schema has the base types),
+            # and a domain's innermost base type with its modifier (a varchar(4) under it)
+            cursor.execute("SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod),"
+                           " (WITH RECURSIVE d (base, mod, depth) AS ("
+                           "    SELECT t.typbasetype, t.typtypmod, 1 FROM pg_catalog.pg_type t"
+                           "     WHERE t.oid = a.atttypid AND t.typtype = 'd'"
+                           "  UNION ALL"
+                           "    SELECT t.typbasetype, t.typtypmod, d.depth + 1 FROM d"
+                           "      JOIN pg_catalog.pg_type t ON t.oid = d.base AND t.typtype = 'd')"
+                           "  SELECT pg_catalog.format_type(base, mod) FROM d ORDER BY depth DESC LIMIT 1)"
+                           " FROM pg_catalog.pg_attribute a WHERE a.attrelid = %s::pg_catalog.regclass"
+                           " AND a.attnum > 0 AND NOT a.attisdropped",
                            (sql.Identifier(table.relation.schema,
                                            table.relation.name).as_string(cursor),))
-            declared = dict(cursor.fetchall())
+            declared = {name: (text, base or text) for name, text, base in cursor.fetchall()}
             for one in packets:
                 action = self._action(one)
                 for part, values in (("data", one.data if action is not Action.DELETE else {}),
                                      ("restriction", one.restriction)):
                     for key, column, value in resolve(table, values, part)[0]:
                         if self._refuses(cursor, table, column, value, code,
-                                         declared.get(column.name, column.type_name)):
+                                         *declared.get(column.name, (column.type_name,) * 2)):
                             return "%s.%s" % (part, key)
         except (PacketError, StopListener):
             return None
         return None
 
     def _refuses(self, cursor: Any, table: TableSchema, column: Column, value: Any, code: str,
-                 declared: str) -> bool:
-        """Whether ``column``'s type (``declared``, as ``format_type`` writes it) refuses
-        ``value`` alone with SQLSTATE ``code``."""
+                 declared: str, base: str) -> bool:
+        """Whether ``column``'s type (``declared``, as ``format_type`` writes it; ``base``: a
+        domain's innermost base type so, else ``declared``) refuses ``value`` alone with
+        SQLSTATE ``code``."""
         if value is None:
             return False
-        limit = _LENGTH.fullmatch(declared)
+        limit = _LENGTH.fullmatch(base)
         if code == "22001" and limit and isinstance(value, str):
-            return len(value.rstrip(" ") if declared.startswith("character(") else value) > int(limit.group(1))
+            return len(value.rstrip(" ") if base.startswith("character(") else value) > int(limit.group(1))
         cast = _cast(column)
         if column.structure != "composite":     # then to the declared type: typmod, domain checks
             cast = sql.SQL("({})::{}").format(cast, sql.SQL(declared.replace("%", "%%")))

@@ -476,8 +476,11 @@ def test_a_dead_letter_names_the_value_the_database_refused(database, role, name
     restriction.<key>, found by casting each value alone to its column's type. A table named with
     a % is explained too (its name was bound with the % doubled: the explanation failed and
     aborted the batch's transaction, which then came back for ever)."""
-    conn = _ledgered(database, "CREATE TABLE %s (id integer PRIMARY KEY, a smallint, b smallint,"
-                        " n numeric(5, 2), code varchar(3), at timestamptz)" % name)
+    conn = _ledgered(database, "CREATE DOMAIN short4 AS varchar(4); CREATE DOMAIN shorter AS short4;"
+                        " CREATE DOMAIN posint AS integer CHECK (VALUE > 0);"
+                        " CREATE TABLE %s (id integer PRIMARY KEY, a smallint, b smallint,"
+                        " n numeric(5, 2), code varchar(3), at timestamptz, d shorter, p posint,"
+                        " CHECK (a IS NULL OR b IS NULL OR a < b))" % name)
     try:
         applier = Applier(AutoSQL(name, role=role), "explain-" + role, store_fanout=role == "destination")
         cases = [({"action": "add", "data": {"id": 1, "a": 1, "b": 40000}}, "data.b: SQLSTATE 22003"),
@@ -488,7 +491,12 @@ def test_a_dead_letter_names_the_value_the_database_refused(database, role, name
                   "restriction.id: SQLSTATE 22P02"),
                  ({"group": [{"action": "add", "data": {"id": 5}},
                              {"action": "add", "data": {"id": 6, "a": "many"}}]},
-                  "group member 1 (0-based, of 2): data.a: SQLSTATE 22P02")]
+                  "group member 1 (0-based, of 2): data.a: SQLSTATE 22P02"),
+                 # a domain's type modifier and CHECK (review BB: the column was not named)
+                 ({"action": "add", "data": {"id": 7, "d": "abcde"}}, "data.d: SQLSTATE 22001"),
+                 ({"action": "add", "data": {"id": 8, "p": 0}}, "data.p: SQLSTATE 23514"),
+                 # a table's CHECK: no single value at fault, no name
+                 ({"action": "add", "data": {"id": 10, "a": 5, "b": 1}}, "SQLSTATE 23514")]
         items = [("x%d" % n, dumps(body).encode()) for n, (body, _) in enumerate(cases)]
         items.append(("ok", dumps({"action": "add", "data": {"id": 9, "code": "abc"}}).encode()))
         outcomes = applier.apply_batch(conn, items)
