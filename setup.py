@@ -35,7 +35,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "selenium>=4.10"],
+        "test": ["pytest", "hypothesis", "selenium>=4.10", "pyflakes>=3"],
     },
     entry_points={
         "console_scripts": [

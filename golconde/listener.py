@@ -27,8 +27,8 @@ import psycopg2
 
 from . import envelope, ledger
 from .apply import APPLIED, DEAD_LETTER, DUPLICATE, Applier, ConnectionLost, Outcome, backoff, members
-from .broker import (CREATED_HEADER, ID_HEADER, REPLAYED_HEADER, BrokerConnection, Delivery, Outgoing,
-                     Receipt)
+from .broker import (CREATED_HEADER, ID_HEADER, REPLAYED_HEADER, BrokerConnection, BrokerError, Delivery,
+                     Outgoing, Receipt)
 from .errors import (RECONNECT, ConfigError, GolcondeError, PacketError, StopListener, classify,
                      describe, printable)
 from .handlers import load_handler

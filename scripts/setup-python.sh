@@ -60,7 +60,7 @@ step "Installing golconde (editable, with [test] extras)"
 # Editable installs pick up code changes by themselves; reinstall only when the packaging changes.
 want_stamp="$(cat "$ROOT/setup.py" "$ROOT/pyproject.toml" 2>/dev/null | cksum)"
 if [ "${GOLCONDE_FORCE_INSTALL:-0}" != 1 ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want_stamp" ] \
-        && "$VPY" -c 'import golconde, stomp, psycopg2, yaml, pydantic, simplejson, daemon, pytest, hypothesis' >/dev/null 2>&1; then
+        && "$VPY" -c 'import golconde, stomp, psycopg2, yaml, pydantic, simplejson, daemon, pytest, hypothesis, pyflakes' >/dev/null 2>&1; then
     info "up to date"
 else
     rm -f "$STAMP"
