@@ -20,7 +20,7 @@ from . import config as config_module
 from .destination import ClientDestination, TriggerDestination
 from .errors import ConfigError, describe
 from .feeds import FeedGraph
-from .listener import Listener
+from .listener import Listener, QueueConsumer
 from .stats import Registry
 from .target import TargetListener
 
@@ -98,6 +98,31 @@ def share_consumed_queues(listeners: Iterable[Listener], config: Any) -> None:
     for listener in listeners:
         if isinstance(listener, ClientDestination):
             listener.consumed_queues = queues
+
+
+def _carry_queues(name: str, previous: Optional[Listener], listener: Listener) -> None:
+    """A reload that changed the ``queue`` of a queue consumer: its replacement consumes what
+    waits on the old queue first (:attr:`QueueConsumer.previous_queues`; those its predecessor
+    had not emptied yet too), when it is on the same broker. On another broker, the old queue's
+    packets are not consumed: logged as an error."""
+    if not (isinstance(previous, QueueConsumer) and isinstance(listener, QueueConsumer)):
+        return
+    queues = list(previous.previous_queues) + [previous.config.queue]
+    queues = [queue for queue in dict.fromkeys(queues) if queue != listener.config.queue]
+    if not queues:
+        return
+    where = [(b.host, b.port, b.vhost) for b in (previous.config.stomp, listener.config.stomp)]
+    if where[0] != where[1]:
+        LOGGER.error("[%s] its queue moved from %s on %s:%d to %s on %s:%d: packets still waiting"
+                     " on %s there are not consumed (drain it first, or move them)", name,
+                     ", ".join(queues), previous.config.stomp.host, previous.config.stomp.port,
+                     listener.config.queue, listener.config.stomp.host, listener.config.stomp.port,
+                     ", ".join(queues))
+        return
+    listener.previous_queues = queues
+    LOGGER.warning("[%s] its queue changed from %s to %s: it consumes what waits on %s first"
+                   " (a restart would not)", name, ", ".join(queues), listener.config.queue,
+                   ", ".join(queues))
 
 
 class Daemon:
@@ -288,6 +313,8 @@ class Daemon:
         # only those to start (a listener built and dropped kept its handler's resources)
         wanted = [name for name in candidates if name not in kept]
         fresh = build_listeners(new_config, self.registry, wanted, self.feeds) if wanted else {}
+        for name, listener in fresh.items():
+            _carry_queues(name, old.get(name), listener)
         started = 0
         with self._lock:
             for name, listener in fresh.items():

@@ -54,6 +54,9 @@ PRUNE_RETRY = 10.0
 #: there (a session ended by the server, or a server gone, showed "connected" until the next
 #: packet, or the TCP keepalives' 30-60 s).
 DB_PROBE_INTERVAL = 10.0
+#: Seconds without a packet after which a queue consumer takes the queue it consumed before a
+#: reload for empty, and goes on to its new one (:attr:`QueueConsumer.previous_queues`).
+PREVIOUS_QUEUE_IDLE = 3.0
 #: Failed attempts in a row (to connect or to get through a cycle) after which a listener reports
 #: the standing problem ``failing`` (/health fails) until a cycle succeeds.
 FAILING_AFTER = 3
@@ -672,6 +675,14 @@ class QueueConsumer(Listener):
         self._next_probe = time.monotonic() + DB_PROBE_INTERVAL   # of the idle database check
         #: ``(packets, created of the oldest)`` of the batch being applied, for the live stats
         self._applying: Optional[Tuple[int, Optional[float]]] = None
+        #: queues this listener's name consumed before a reload changed its ``queue`` (same
+        #: broker), oldest first: each is consumed until it stays empty for
+        #: :data:`PREVIOUS_QUEUE_IDLE` s, then the next, then ``config.queue``, so that the
+        #: packets that waited there are applied, and before the newer ones (set by the daemon
+        #: before the thread starts)
+        self.previous_queues: List[str] = []
+        self._subscribed: Optional[str] = None
+        self._last_delivery = 0.0           # monotonic time of the last delivery or subscription
 
     def announce(self) -> None:
         # its live figures from now on: not at construction, as a reload builds listeners it
@@ -692,6 +703,7 @@ class QueueConsumer(Listener):
 
     def _inbox_put(self, delivery: Delivery) -> None:
         # on stomp.py's receiver thread: blocks while the inbox is full, the connection held alive
+        self._last_delivery = time.monotonic()
         self._inbox.put(delivery, while_full=self.inbound.hold, every=self.inbound.hold_interval)
 
     def all_brokers(self) -> List[BrokerConnection]:
@@ -708,9 +720,29 @@ class QueueConsumer(Listener):
             self._in_flight = False         # whatever was in flight is redelivered
             self._inbox.reopen()
             prefetch = self.subscription_prefetch()
-            self.inbound.subscribe(self.config.queue, prefetch, ack="client")
-            LOGGER.info("[%s] subscribed to %s (prefetch %d messages)", self.name, self.config.queue,
-                        prefetch)
+            queue = self.previous_queues[0] if self.previous_queues else self.config.queue
+            self.inbound.subscribe(queue, prefetch, ack="client")
+            self._subscribed, self._last_delivery = queue, time.monotonic()
+            LOGGER.info("[%s] subscribed to %s (prefetch %d messages)%s", self.name, queue, prefetch,
+                        "" if queue == self.config.queue else ": the queue it consumed before the"
+                        " reload, until it is empty, then %s" % self.config.queue)
+        self._update_state()
+
+    def _maybe_leave_previous(self) -> None:
+        """While idle on a queue of :attr:`previous_queues`: once nothing came for
+        :data:`PREVIOUS_QUEUE_IDLE` s and nothing waits for its ack, go on to the next queue
+        (the connection is opened again, subscribed there, by the supervising loop)."""
+        if (not self.previous_queues or self._subscribed != self.previous_queues[0]
+                or self._pending or self._inbox.packets
+                or time.monotonic() - self._last_delivery < PREVIOUS_QUEUE_IDLE):
+            return
+        done = self.previous_queues.pop(0)
+        LOGGER.warning("[%s] %s, its queue before the reload, is empty: going on to %s (what is"
+                       " sent to %s from now on is not consumed)", self.name, done,
+                       self.previous_queues[0] if self.previous_queues else self.config.queue, done)
+        self._ever_connected.discard("inbound")     # a change of queue, not a reconnect
+        self._inbox.close()
+        self.inbound.close()
         self._update_state()
 
     def subscription_prefetch(self) -> int:
@@ -800,6 +832,7 @@ class QueueConsumer(Listener):
                 self.stats.set_lag(0.0)        # nothing held: nothing is late
             self._maybe_prune()
             self._maybe_probe()
+            self._maybe_leave_previous()
             return
         self._next_probe = time.monotonic() + DB_PROBE_INTERVAL
         self._in_flight = True

@@ -27,7 +27,7 @@ from golconde.compare import compare
 from golconde.handlers.autosql import AutoSQL
 
 from ..conftest import STOMP_LOGIN, STOMP_PASSCODE, stomp_address
-from .flow_support import DaemonProcess, execute, make_config, query, wait_for, write_config
+from .flow_support import DaemonProcess, drain_queue, execute, make_config, query, wait_for, write_config
 from .test_faults import amqp_name, delete_queues, queue_depths
 
 pytestmark = pytest.mark.skipif(shutil.which("rabbitmqctl") is None,
@@ -572,3 +572,51 @@ def test_a_reload_keeping_the_http_address_keeps_its_socket(tmp_path):
         poller.join()
         daemon.stop()
     assert refused == []
+
+
+def test_a_reload_changing_a_targets_queue_consumes_the_old_queue_first(make_database, tmp_path,
+                                                                        monkeypatch, caplog):
+    """A reload that changes a target's queue: what waits on the old queue (here while the target
+    is paused, its table missing) was left there for ever, /health ok (review CC). Its
+    replacement now consumes the old queue until it stays empty, then the new one: the packets
+    are applied, and in order (the updates sent after the reload find the rows added before)."""
+    from golconde import listener as listener_module
+    from golconde.daemon import Daemon
+    from golconde.handlers import autosql
+
+    from .flow_support import parse_config
+
+    monkeypatch.setattr(autosql, "RELATION_RETRY", 0.5)
+    monkeypatch.setattr(listener_module, "PREVIOUS_QUEUE_IDLE", 1.0)
+    canonical, t1 = make_database(), make_database()
+    execute(canonical, "CREATE TABLE items (id integer PRIMARY KEY, n integer)")
+    mapping = make_config(canonical, {"t1": t1}, "public.items")
+    destination = next(iter(mapping["Destinations"].values()))
+    old_queue = destination["Targets"]["t1"]["queue"]
+    path = write_config(str(tmp_path / "golconde.yaml"), mapping)
+    daemon = Daemon(parse_config(mapping), config_path=path)
+    daemon.start()
+    host, port = stomp_address()
+    client = Client(destination["queue"], host, port, STOMP_LOGIN, STOMP_PASSCODE)
+    try:
+        client.send_many([{"action": "add", "data": {"id": i, "n": 0}} for i in range(50)])
+        wait_for(lambda: query(canonical, "SELECT count(*) FROM items") == [(50,)],
+                 message="canonical applied")
+        destination["Targets"]["t1"]["queue"] = old_queue + ".v2"
+        write_config(path, mapping)
+        with caplog.at_level("WARNING"):
+            assert daemon.reload()
+        assert "its queue changed from %s to %s.v2" % (old_queue, old_queue) in caplog.text
+        execute(t1, "CREATE TABLE items (id integer PRIMARY KEY, n integer)")
+        client.send_many([{"action": "update", "data": {"n": 1}, "restriction": {"id": i}}
+                          for i in range(10)])
+        client.send_many([{"action": "add", "data": {"id": i, "n": 2}} for i in range(50, 60)])
+        wait_for(lambda: compare(canonical, "items", t1, "items").equal, timeout=40,
+                 message="t1 equal to the canonical table")
+        assert query(t1, "SELECT count(*) FILTER (WHERE n = 1) FROM items") == [(10,)]
+        wait_for(lambda: "is empty: going on to %s.v2" % old_queue in caplog.text, timeout=10,
+                 message="t1 left the old queue")
+        assert drain_queue(old_queue, wait=0.5) == []
+    finally:
+        client.close()
+        assert daemon.stop()
