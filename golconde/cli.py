@@ -147,6 +147,10 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
         print("golconded: already running as pid %d (pid file %s)" % (running, args.pidfile),
               file=sys.stderr)
         return 1
+    taken = _stats_port_taken(config, args.http_port)
+    if taken:
+        print("golconded: %s" % taken, file=sys.stderr)
+        return 2
     filename = (config.logging or {}).get("filename")
     if _log_destination(config.logging) == "file":
         try:        # before daemonizing, which closes stderr: say it here
@@ -168,6 +172,30 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
         return daemon.run()
     finally:
         _remove_pidfile(args.pidfile)
+
+
+def _stats_port_taken(config: Any, http_port: Optional[int]) -> Optional[str]:
+    """Why the stats server could not listen where the configuration (or ``--http-port``) says,
+    or ``None``: checked by binding that address once before starting, as the server will (a
+    daemon started without it, its port held by another process, left check_golconde and
+    ``golconde status`` reading that other process)."""
+    import socket
+    http = config.http
+    port = http.port if http_port is None else http_port
+    if not http.enabled or not port:
+        return None
+    family = socket.AF_INET6 if ":" in http.listen else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server does
+            probe.bind((http.listen, port))
+    except OSError as exc:
+        return ("the stats server cannot listen on %s:%d (%s): %s; give another port"
+                " (HTTPServer.port, or --http-port for each process of a configuration spread"
+                " with --only) or disable it (HTTPServer.enabled: false)"
+                % (http.listen, port, "--http-port" if http_port is not None else "HTTPServer.port",
+                   exc.strerror or exc))
+    return None
 
 
 def _daemonize(daemon: Any, config: Any, args: argparse.Namespace) -> int:

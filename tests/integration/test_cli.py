@@ -21,6 +21,25 @@ def run(module: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess
                           cwd=ROOT, input=stdin, timeout=60)
 
 
+def test_a_taken_stats_port_stops_golconded_before_it_starts(tmp_path):
+    """Another process holds the stats port: golconded refused to start no listener, but ran
+    without its stats server, so check_golconde and golconde status read the other process
+    (review CC). It now exits 2 naming the port and the option."""
+    mapping = make_config("dbname=nowhere", {"t1": "dbname=nowhere2"}, "friendships", name="Test1")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        mapping["HTTPServer"].update(enabled=True, port=port)
+        path = write_config(str(tmp_path / "taken.yaml"), mapping)
+        result = run("golconde.daemon_entry", "-f", "-c", path)
+        assert result.returncode == 2, result.stderr
+        assert ("golconded: the stats server cannot listen on 127.0.0.1:%d (HTTPServer.port):"
+                " Address already in use" % port) in result.stderr, result.stderr
+        result = run("golconde.daemon_entry", "-f", "-c", path, "--http-port", str(port))
+        assert result.returncode == 2 and "(--http-port)" in result.stderr, result.stderr
+
+
 def test_bad_configuration_is_one_clear_error_before_connecting(tmp_path):
     mapping = make_config("dbname=nowhere", {"t1": "dbname=nowhere2"}, "friendships", name="Test1")
     del mapping["Destinations"]["Test1"]["Targets"]["t1"]["queue"]
