@@ -215,7 +215,9 @@ class Applier:
                     self.sleep(backoff(attempt))
                     continue
                 if fate == SCHEMA:
-                    self._schema_error()
+                    with connection.cursor() as cur:
+                        self._schema_error(cur)
+                    self._rollback(connection)
                 LOGGER.debug("[%s] batch failed (%s), applying packet by packet", self.consumer,
                              describe(exc))
                 # after a transient error its batch outlasted: each packet then has its own
@@ -295,11 +297,26 @@ class Applier:
         if self.on_retry is not None:
             self.on_retry()      # visible in /stats while a long retry loop runs
 
-    def _schema_error(self) -> None:
+    def _schema_error(self, cur: Any) -> None:
+        """The relation may have changed under the cached schema: the handler forgets it, and
+        the session its cached plans (``DISCARD PLANS``): a PL/pgSQL trigger's plans, fixed at
+        first use, fail after an ``ALTER COLUMN ... TYPE`` with ``type of parameter N ... does
+        not match that when preparing the plan`` (42804) in this session only, which dead-lettered
+        every packet until a restart (``cur``: a cursor of the listener's connection)."""
         try:
             self.handler.on_schema_error()
         except (Exception, SystemExit):  # a handler bug must not escape: the retry reads the catalog or fails
             LOGGER.exception("[%s] handler on_schema_error() failed", self.consumer)
+        try:
+            cur.execute("SAVEPOINT golconde_discard")   # its failure must not abort the transaction
+            try:
+                cur.execute("DISCARD PLANS")
+                cur.execute("RELEASE SAVEPOINT golconde_discard")
+            except psycopg2.Error as exc:
+                cur.execute("ROLLBACK TO SAVEPOINT golconde_discard")
+                LOGGER.debug("[%s] DISCARD PLANS failed: %s", self.consumer, describe(exc))
+        except psycopg2.Error as exc:   # a lost session: the retry fails, and is judged, as before
+            LOGGER.debug("[%s] DISCARD PLANS failed: %s", self.consumer, describe(exc))
 
     def _apply_item(self, cur: Any, item: Union[Packet, Group]) -> Union[Packet, Group]:
         """Apply one packet, or a group member by member (recording which one is being applied)."""
@@ -603,7 +620,7 @@ class Applier:
                     self._pause_without_privileges(cur, packet, exc)
                 if not schema_refreshed and (fate == SCHEMA or (fate == DEAD and self._stale_types(cur, exc))):
                     schema_refreshed = True
-                    self._schema_error()
+                    self._schema_error(cur)
                     continue
                 if fate == RETRY and attempts < self.max_retries:
                     attempts += 1

@@ -806,3 +806,35 @@ def test_a_session_terminated_mid_batch_is_reported_with_its_cause(database, rol
         assert message.endswith("; then rollback failed: InterfaceError: connection already closed")
     finally:
         connection.close()
+
+
+@pytest.mark.parametrize("role", ["destination", "target"])
+def test_a_plpgsql_trigger_planned_before_an_alter_column_type_does_not_dead_letter(database, role):
+    """A PL/pgSQL trigger's plans are fixed at first use in a session: after ALTER COLUMN ...
+    TYPE (by another session) every statement firing it failed in this session only, 'type of
+    parameter N (character varying) does not match that when preparing the plan (text)' (42804),
+    and every packet was dead-lettered until a restart (review DD). The schema path now discards
+    the session's plans too."""
+    conn = _ledgered(database, """
+        CREATE TABLE audited (id integer PRIMARY KEY, tag text);
+        CREATE TABLE audit_log (tag text);
+        CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS
+          $$BEGIN INSERT INTO audit_log VALUES (NEW.tag); IF NEW.tag = 'x' THEN NULL; END IF;
+          RETURN NEW; END$$;
+        CREATE TRIGGER audit AFTER INSERT OR UPDATE ON audited FOR EACH ROW EXECUTE FUNCTION audit();
+    """)
+    other = psycopg2.connect(database)
+    other.autocommit = True
+    try:
+        applier = Applier(AutoSQL("audited", role=role), "audit-" + role, store_fanout=role == "destination")
+        first = applier.apply_batch(conn, [("a0", dumps(packet("add", {"id": 0, "tag": "a"})).encode())])
+        assert [o.status for o in first] == ["applied"]
+        with other.cursor() as cur:
+            cur.execute("ALTER TABLE audited ALTER COLUMN tag TYPE varchar(200)")
+        items = [("a%d" % n, dumps(packet("add", {"id": n, "tag": "t%d" % n})).encode()) for n in range(1, 4)]
+        outcomes = applier.apply_batch(conn, items)
+        assert [o.status for o in outcomes] == ["applied"] * 3, [o.reason for o in outcomes]
+        assert rows(conn, "SELECT count(*) FROM audit_log") == [(4,)]
+    finally:
+        other.close()
+        conn.close()
