@@ -68,6 +68,19 @@ class ConnectionLost(GolcondeError):
     """The database connection broke during a batch: reconnect, then apply the batch again."""
 
 
+class Blocked(ConnectionLost):
+    """A packet still waits for another session's lock after its retries (:data:`WAIT_SQLSTATES`):
+    nothing of the batch is committed; wait (with backoff, the session kept) and apply the batch
+    again, without limit, rather than dead-letter a change that later changes of its rows would
+    then be applied over."""
+
+
+#: SQLSTATEs of waits another session causes, retried without limit once a packet alone has
+#: used its retries: 55P03 (lock_not_available: ``lock_timeout``) and 57014 (query_canceled:
+#: ``statement_timeout``, mostly a lock wait too, or an administrator's cancel).
+WAIT_SQLSTATES = frozenset({"55P03", "57014"})
+
+
 @dataclass
 class Outcome:
     """What became of one packet.
@@ -627,6 +640,11 @@ class Applier:
                     self._count_retry()
                     self.sleep(backoff(attempts))
                     continue
+                if fate == RETRY and getattr(exc, "pgcode", None) in WAIT_SQLSTATES:
+                    self._rollback(connection, exc)
+                    raise Blocked("still waiting after %d attempts%s: %s" % (
+                        attempts + 1, " alone, after %d of its whole batch" % (self._batch_retries + 1)
+                        if self._batch_retries else "", describe(exc))) from exc
                 # a key's DETAIL is the packet's own values only when it inserted its own row
                 reason = describe(exc, own_row=all(
                     getattr(member, "action", None) is Action.ADD

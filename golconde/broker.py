@@ -31,6 +31,7 @@ Both RabbitMQ (STOMP plugin) and Apache ActiveMQ Classic are supported with the 
 """
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
@@ -261,16 +262,24 @@ class BrokerConnection:
             conn.connect(self._login, self._passcode, wait=False)
         except (stomp.exception.StompException, OSError) as exc:
             self.close()
+            if isinstance(exc, OSError) and exc.errno in (errno.EBADF, errno.EPIPE, errno.ECONNRESET):
+                # the peer closed before the CONNECT frame was written (stomp.py closed the socket)
+                raise BrokerError("STOMP broker %s closed the connection without a CONNECTED frame"
+                                  " (is it a STOMP port?)" % self.address) from None
             # stomp.py's ConnectFailedException has no message: it logged the socket's error
             reason = str(exc) or ("no connection accepted (is the broker running there?)"
                                   if isinstance(exc, stomp.exception.ConnectFailedException) else type(exc).__name__)
             raise BrokerError("cannot connect to STOMP broker %s: %s" % (self.address, reason)) from None
         _no_delay(conn)
-        if not self._connected_event.wait(timeout) or not conn.is_connected():
+        answered = self._connected_event.wait(timeout)
+        if not answered or not conn.is_connected():
             refused = self.last_error       # an ERROR frame: the broker said no
             self.close()
             if refused:
                 raise BrokerError("STOMP broker %s refused the connection: %s" % (self.address, refused))
+            if answered:                    # woken by the connection's end, not by CONNECTED
+                raise BrokerError("STOMP broker %s closed the connection without a CONNECTED frame"
+                                  " (is it a STOMP port?)" % self.address)
             raise BrokerError("STOMP broker %s did not answer: no CONNECTED frame within %.0fs"
                               % (self.address, timeout))
         self._alive = True

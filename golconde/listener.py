@@ -26,7 +26,8 @@ from typing import Any, Callable, Dict, Generic, Iterator, List, Optional, Seque
 import psycopg2
 
 from . import envelope, ledger
-from .apply import APPLIED, DEAD_LETTER, DUPLICATE, Applier, ConnectionLost, Outcome, backoff, members
+from .apply import (APPLIED, DEAD_LETTER, DUPLICATE, Applier, Blocked, ConnectionLost, Outcome, backoff,
+                    members)
 from .broker import (CREATED_HEADER, ID_HEADER, REPLAYED_HEADER, BrokerConnection, BrokerError, Delivery,
                      Outgoing, Receipt)
 from .errors import (RECONNECT, ConfigError, GolcondeError, PacketError, StopListener, classify,
@@ -852,6 +853,16 @@ class QueueConsumer(Listener):
                                                     any(d.redelivered for d in deliveries),
                                                     replayed)
                 break
+            except Blocked as exc:
+                # a lock another session holds (lock_timeout, statement_timeout): the session is
+                # fine; the batch waits, without limit, a standing problem from the third time
+                lost += 1
+                LOGGER.warning("[%s] blocked: %s", self.name, exc)
+                self._failed("blocked: %s" % exc)
+                self._stopping.wait(backoff(lost, self.backoff_base, self.backoff_cap))
+                if self.stopping or deliveries[0].generation != self.inbound.generation:
+                    self._incomplete = True
+                    return                  # not acked: the broker redelivers
             except ConnectionLost as exc:
                 lost += 1
                 LOGGER.warning("[%s] database connection lost or unusable: %s", self.name, exc)

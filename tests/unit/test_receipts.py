@@ -99,6 +99,8 @@ def idle_consumer() -> QueueConsumer:
     consumer._pending = Confirmations()
     consumer._in_flight = False
     consumer._next_prune = float("inf")
+    consumer._next_probe = float("inf")
+    consumer.previous_queues = []
     consumer.inbound = _Inbound()
     consumer.stats = ThreadStats("c", "target", "d")
     consumer._applying = None
