@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -79,6 +80,9 @@ class Blocked(ConnectionLost):
 #: used its retries: 55P03 (lock_not_available: ``lock_timeout``) and 57014 (query_canceled:
 #: ``statement_timeout``, mostly a lock wait too, or an administrator's cancel).
 WAIT_SQLSTATES = frozenset({"55P03", "57014"})
+#: PostgreSQL's "permission denied for table x" (aclchk.c: kind, then the object's name)
+_DENIED = re.compile(r"permission denied for (table|sequence|function|procedure|schema|type|view"
+                     r"|materialized view|foreign table|large object|database|language) (.+)\Z")
 
 
 @dataclass
@@ -375,6 +379,16 @@ class Applier:
         except (Exception, SystemExit):   # a handler bug must not escape: the packet is dead-lettered
             LOGGER.exception("[%s] handler missing_privileges() failed", self.consumer)
             return
+        if not lacking:
+            # refused on another object than the relation (a table its trigger writes, a
+            # sequence, a function, a schema): no packet firing it goes through (review DD: each
+            # was dead-lettered); on the relation itself, the refusal is this packet's
+            diag = getattr(exc, "diag", None)
+            denied = _DENIED.match(getattr(diag, "message_primary", None) or "")
+            table = getattr(self.handler, "table", None)
+            if denied and not (denied.group(1) == "table"
+                               and denied.group(2) in (getattr(table, "name", None), str(table))):
+                lacking = ["a privilege on %s %s" % denied.groups()]
         if lacking:
             raise StopListener("this role lacks %s (%s): every packet would be refused; the packets"
                                " stay queued until it is granted (tried again every %.0f s)"

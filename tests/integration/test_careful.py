@@ -371,6 +371,25 @@ def test_a_role_without_the_privilege_pauses_and_a_refusing_policy_dead_letters(
     assert [o.status for o in outcomes] == ["dead", "applied", "dead", "applied"]
     assert "SQLSTATE 42501: new row violates row-level security policy" in outcomes[0].reason
     assert rows(admin, "SELECT id FROM notes ORDER BY id") == [(2,), (4,)]
+    # refused on another object, a table the target's own trigger writes: every packet would be,
+    # so the listener pauses too (review DD: each was dead-lettered)
+    with admin.cursor() as cur:
+        cur.execute("DROP POLICY even ON notes")
+        cur.execute("CREATE TABLE notes_log (id int)")
+        cur.execute("CREATE FUNCTION notes_log() RETURNS trigger LANGUAGE plpgsql AS"
+                    " $$BEGIN INSERT INTO notes_log VALUES (NEW.id); RETURN NEW; END$$")
+        cur.execute("CREATE TRIGGER notes_log AFTER INSERT ON notes FOR EACH ROW"
+                    " EXECUTE FUNCTION notes_log()")
+        cur.execute(sql.SQL("CREATE POLICY every ON notes FOR ALL TO {} USING (true)").format(
+            sql.Identifier(role)))
+    conn.rollback()
+    more = [("q%d" % n, dumps(packet("add", {"id": n, "n": n})).encode()) for n in range(5, 8)]
+    with pytest.raises(StopListener, match="this role lacks a privilege on table notes_log"):
+        applier.apply_batch(conn, more)
+    with admin.cursor() as cur:
+        cur.execute(sql.SQL("GRANT INSERT ON notes_log TO {}").format(sql.Identifier(role)))
+    conn.rollback()
+    assert [o.status for o in applier.apply_batch(conn, more)] == ["applied"] * 3
 
 
 def test_a_destination_role_that_may_not_read_the_key_back_pauses(restricted):
