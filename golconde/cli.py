@@ -303,15 +303,16 @@ def _admin_main(argv: Optional[List[str]] = None) -> int:
     stat.add_argument("-c", "--config", default=None)
     stat.add_argument("--destination", help="only this destination")
     stat.add_argument("--json", action="store_true", help="print JSON (for scripts)")
-    stat.add_argument("--url", action="append",
+    stat.add_argument("--url", action="append", type=_daemon_url,
                       help="the daemon's HTTP server (default: from HTTPServer); repeat it for a "
                            "configuration spread over several daemons (golconded --only)")
     stat.add_argument("--management-url", type=_http_url, default=None,
                       help="RabbitMQ management API (default http://<broker host>:15672; "
                            "'' = backlog from the daemon only)")
-    stat.add_argument("--interval", type=float, default=1.0,
+    stat.add_argument("--interval", type=_seconds(0, strict=False), default=1.0,
                       help="seconds between the two samples that give rates (0: no rates)")
-    stat.add_argument("--timeout", type=float, default=5.0, help="seconds per HTTP request")
+    stat.add_argument("--timeout", type=_seconds(0, strict=True), default=5.0,
+                      help="seconds per HTTP request")
 
     dlq = sub.add_parser("dlq", help="list, replay or purge a dead-letter queue")
     dlq.add_argument("operation", choices=["list", "replay", "purge"])
@@ -359,7 +360,34 @@ def _http_url(text: str) -> str:
     parts = urllib.parse.urlsplit(text)
     if text and (parts.scheme not in ("http", "https") or not parts.hostname):
         raise argparse.ArgumentTypeError("expected an http:// or https:// URL (or ''), got %r" % text)
+    if parts.username is not None or parts.password is not None:
+        # it would be echoed in messages; the API is read with the broker's login
+        raise argparse.ArgumentTypeError("expected a URL without user:password@ (the broker's"
+                                         " login and passcode of the configuration are used)")
     return text
+
+
+def _daemon_url(text: str) -> str:
+    """argparse type: a daemon's HTTP server, an http(s) URL (not '')."""
+    import urllib.parse
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError("expected an http:// or https:// URL, got %r" % text)
+    return _http_url(text)
+
+
+def _seconds(minimum: float, strict: bool) -> Any:
+    """argparse type: seconds, a number of at least (``strict``: more than) ``minimum``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (value > minimum if strict else value >= minimum) or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError("expected a number of seconds %s %g, got %r"
+                                             % (">" if strict else ">=", minimum, text))
+        return value
+    return parse
 
 
 def _queue_name(text: str) -> str:

@@ -201,8 +201,9 @@ def compare_config(config: Any, destination_name: Optional[str] = None,
                                      target.target, getattr(target, "mapping", None) or None,
                                      rows=rows)
             except (GolcondeError, psycopg2.Error) as exc:
-                LOGGER.error("destination %s, target %s: cannot compare: %s", destination.name,
-                             target.name, describe(exc))
+                # the result carries it (the CLI prints it once, as the pair's line)
+                LOGGER.info("destination %s, target %s: cannot compare: %s", destination.name,
+                            target.name, describe(exc))
                 result = CompareResult(False, None, None, None, None, (), (), describe(exc))
             except Exception as exc:    # a bug: this pair's error, the other pairs compared
                 LOGGER.exception("destination %s, target %s: cannot compare", destination.name,

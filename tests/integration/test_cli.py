@@ -203,6 +203,16 @@ def test_bad_input_to_the_commands_is_a_clear_error_naming_it(make_database, tmp
                                    ("--management-url", "not-a-url", "expected an http:// or https:// URL")]:
         result = run("golconde.cli", "dlq", "purge", "-c", path, "--destination", name, option, value)
         assert result.returncode == 2 and message in result.stderr, (option, result.stderr)
+    # status's options too (review CC: accepted as they were, failing later, or echoing a password)
+    for option, value, message in [("--url", "notaurl", "argument --url: expected an http:// or https://"
+                                                        " URL, got 'notaurl'"),
+                                   ("--interval", "-1", "expected a number of seconds >= 0, got '-1'"),
+                                   ("--timeout", "0", "expected a number of seconds > 0, got '0'"),
+                                   ("--management-url", "http://guest:s3cret@127.0.0.1:15672",
+                                    "expected a URL without user:password@")]:
+        result = run("golconde.cli", "status", "-c", path, option, value)
+        assert result.returncode == 2 and message in result.stderr, (option, result.stderr)
+        assert "s3cret" not in result.stderr
 
 
 def test_send_enqueues_confirmed_packets(broker, tmp_path):
