@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable, Collection, Dict, Iterable, List, Optional, Tuple
 
 from . import config as config_module
+from . import handlers
 from .destination import ClientDestination, TriggerDestination
 from .errors import ConfigError, describe
 from .feeds import FeedGraph
@@ -285,6 +286,10 @@ class Daemon:
             return False
         try:
             new_config = config_module.load(self.config_path)
+            # handler code changed on disk: imported again, and its listeners restarted
+            refreshed = handlers.refresh_modules(
+                [d.function_name for d in new_config.destinations]
+                + [t.function_name for d in new_config.destinations for t in d.targets])
             candidates = build_listeners(new_config, Registry(), self.only)
         except ConfigError as exc:
             LOGGER.error("reload refused, keeping the running configuration: %s", exc)
@@ -300,6 +305,7 @@ class Daemon:
             old = dict(self.listeners)
         stopping = [listener for name, listener in old.items()
                     if name not in candidates or candidates[name].config != listener.config
+                    or handlers.handler_module(getattr(listener.config, "function_name", "")) in refreshed
                     or not listener.is_alive()      # a listener that stopped is restarted
                     or listener.stopping]           # one told to stop (stuck) is not kept
         self._stop_listeners(stopping)

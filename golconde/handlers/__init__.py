@@ -4,14 +4,66 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-from typing import Type
+import os
+import sys
+from typing import Dict, Iterable, Optional, Set, Type
 
 from ..errors import ConfigError
 from .base import Handler
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["Handler", "load_handler"]
+__all__ = ["Handler", "load_handler", "handler_module", "refresh_modules"]
+
+#: module name -> its source file's modification time (ns) when load_handler imported it
+_LOADED: Dict[str, Optional[int]] = {}
+
+
+def handler_module(function_name: str) -> Optional[str]:
+    """The module of a custom handler's dotted path; ``None`` for AutoSQL or a malformed path."""
+    if not isinstance(function_name, str):
+        return None
+    path = function_name.strip()
+    if not path or path.lower() == "autosql":
+        return None
+    module_name = path.partition(":")[0] if ":" in path else path.rpartition(".")[0]
+    return module_name or None
+
+
+def _mtime(module_name: str) -> Optional[int]:
+    source = getattr(sys.modules.get(module_name), "__file__", None)
+    try:
+        return os.stat(source).st_mtime_ns if source else None
+    except OSError:
+        return None
+
+
+def refresh_modules(function_names: Iterable[str]) -> Set[str]:
+    """Import again the custom handlers' modules among ``function_names`` whose source file
+    changed since :func:`load_handler` imported them (``importlib.reload``), so that a reload
+    (SIGHUP) runs the code on disk, and finds a class added there since. Only the handler's own
+    module: modules it imports are not imported again. Listeners built before keep the classes
+    they have.
+
+    :returns: the names of the modules imported again.
+    :raises ConfigError: a module failed to import again (it stays as it was).
+    """
+    refreshed = set()
+    for module_name in dict.fromkeys(filter(None, map(handler_module, function_names))):
+        if module_name not in _LOADED or module_name not in sys.modules:
+            continue
+        now = _mtime(module_name)
+        if now is None or now == _LOADED[module_name]:
+            continue
+        try:
+            importlib.reload(sys.modules[module_name])
+        except (Exception, SystemExit) as exc:     # its code failed: as load_handler says it
+            raise ConfigError("handler module %s changed and failed to import again: %s: %s"
+                              % (module_name, type(exc).__name__, exc)) from exc
+        _LOADED[module_name] = now
+        refreshed.add(module_name)
+        LOGGER.info("handler module %s changed on disk: imported again", module_name)
+    return refreshed
 
 
 def _check_apply(path: str, cls: Type[Handler]) -> None:
@@ -70,6 +122,7 @@ def load_handler(function_name: str) -> Type[Handler]:
         reason = "importing module %s failed: %s: %s" % (module_name, type(exc).__name__, exc)
         LOGGER.error("cannot load handler %s: %s", path, reason, exc_info=True)
         raise ConfigError("function_name %r: %s" % (path, reason)) from exc
+    _LOADED.setdefault(module_name, _mtime(module_name))
     obj = module
     for part in attribute.split("."):
         try:

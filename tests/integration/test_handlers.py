@@ -11,7 +11,9 @@ The test handlers below are loaded by the daemon by their dotted path in this mo
 """
 from __future__ import annotations
 
+import os
 import re
+import time
 import uuid
 from typing import Any, Dict, List
 
@@ -443,3 +445,48 @@ def test_a_setup_that_always_fails_is_retried_and_stops_in_time(make_database):
         assert daemon.stop(), "a listener retrying its set-up must stop in time"
     # the packet was never taken from the broken target's queue
     assert any(b'"id":1' in d.body.replace(b" ", b"") for d in drain_queue(broken.queue, wait=1.0))
+
+
+def test_a_reload_runs_the_handler_code_changed_on_disk(make_database, tmp_path, monkeypatch):
+    """SIGHUP re-imports a custom handler's module whose file changed, and restarts its
+    listeners: the module stayed as first imported, so a class added to it was 'no attribute'
+    at reload while --check found it, and edited code never ran (review CC)."""
+    module = "golconde_reloaded_%s" % uuid.uuid4().hex[:8]
+    source = tmp_path / ("%s.py" % module)
+    version = ("from golconde.handlers.autosql import AutoSQL\n\n\n"
+               "class A(AutoSQL):\n"
+               "    def apply(self, cursor, packet):\n"
+               "        return super().apply(cursor, packet.with_data(dict(packet.data, kind=%r)))\n")
+    source.write_text(version % "v1")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mapping, canonical, targets = events_config(make_database, {"t": "RecordingBatches"})
+    next(iter(mapping["Destinations"].values()))["Targets"]["t"]["function_name"] = module + ".A"
+    path = tmp_path / "golconde.yaml"
+    path.write_text(yaml.safe_dump(mapping))
+    daemon = Daemon(parse_config(mapping), config_path=str(path))
+    daemon.start()
+    client = client_for(daemon.config.destinations[0])
+    try:
+        client.add({"id": 1, "kind": "sent"})
+        wait_for(lambda: query(targets["t"], "SELECT kind FROM events WHERE id = 1") == [("v1",)],
+                 message="applied by the first version")
+        # the code edited, and a class added: both taken up by a reload
+        source.write_text(version % "v2" + "\n\nclass B(A):\n    pass\n")
+        os.utime(source, ns=(time.time_ns(), time.time_ns() + 10 ** 9))   # whatever the clock
+        assert daemon.reload()
+        client.add({"id": 2, "kind": "sent"})
+        wait_for(lambda: query(targets["t"], "SELECT kind FROM events WHERE id = 2") == [("v2",)],
+                 message="applied by the edited code")
+        next(iter(mapping["Destinations"].values()))["Targets"]["t"]["function_name"] = module + ".B"
+        path.write_text(yaml.safe_dump(mapping))
+        assert daemon.reload()
+        # a module that no longer imports: the reload is refused, the running code kept
+        source.write_text("raise RuntimeError('broken on disk')\n")
+        os.utime(source, ns=(time.time_ns(), time.time_ns() + 2 * 10 ** 9))
+        assert daemon.reload() is False
+        client.add({"id": 3, "kind": "sent"})
+        wait_for(lambda: query(targets["t"], "SELECT kind FROM events WHERE id = 3") == [("v2",)],
+                 message="still applied by the running code")
+    finally:
+        client.close()
+        assert daemon.stop()
