@@ -715,31 +715,57 @@ class AutoSQL(Handler):
         LOGGER.debug("%s: %s on %s: %d rows", self.name, action.value, self.table, cursor.rowcount)
         if action in (Action.ADD, Action.SET) and returning:
             row = cursor.fetchone()
-            return self._skipped(cursor, item) if row is None else self._fill(item, row)
+            return self._skipped(cursor, item, returning) if row is None else self._fill(item, row)
+        if action in (Action.ADD, Action.SET) and self.back_fill and cursor.rowcount == 0:
+            return self._skipped(cursor, item, returning)     # no primary key to return
         if action in (Action.UPDATE, Action.DELETE) and self.back_fill and cursor.rowcount == 0:
             # the targets' copies hold no such row either (or a trigger of the canonical
             # relation kept it: a soft delete): nothing to fan out
             return item.packet.unmatched()
         return item.packet
 
-    def _skipped(self, cursor: Any, item: bulk.Prepared) -> Packet:
-        """An add or set whose row the canonical relation did not return: a ``BEFORE`` trigger
-        returned NULL. Fanned out only when the packet holds the whole primary key and a row of
-        that key is there (a routing trigger put it into an inheritance child); otherwise the
-        packet is marked :meth:`~golconde.packet.Packet.unmatched` (the trigger refused the row:
-        the targets must not get it, nor take their own key for it)."""
+    def _skipped(self, cursor: Any, item: bulk.Prepared, returning: Sequence[str]) -> Packet:
+        """An add or set that wrote no row the canonical relation returns. Fanned out when:
+
+        * it is a key-only set (``ON CONFLICT ... DO NOTHING``) and a row of its key is there
+          (the row it ensures exists: nothing to change);
+        * a routing trigger put its row into an inheritance child of the (plain) table: a row of
+          the packet's primary key is in a child.
+
+        Otherwise (a ``BEFORE INSERT`` or ``BEFORE UPDATE`` trigger returned NULL: refused) the
+        packet is marked :meth:`~golconde.packet.Packet.unmatched`, not fanned out: the targets
+        must not get what the canonical relation refused, nor take their own key for it. A packet
+        without the key values to look for is not fanned out either, with a warning (a routed
+        row whose generated key cannot be read back)."""
         table = item.table
         assert table is not None
         given = {column.name: value for column, value in item.data}
-        if table.primary_key and all(given.get(name) is not None for name in table.primary_key):
-            where, params = where_clause(table, [(table.columns[name], given[name])
-                                                 for name in table.primary_key])
-            cursor.execute(sql.SQL("SELECT 1 FROM {} WHERE {} LIMIT 1").format(_relation(table), where),
-                           params)
-            if cursor.fetchone() is not None:
+        key = table.primary_key or item.conflict
+
+        def found(in_child: bool) -> bool:
+            where, params = where_clause(table, [(table.columns[name], given[name]) for name in key])
+            child = sql.SQL("")
+            if in_child:
+                # ON CONFLICT and the statement's RETURNING see the table itself: a row of that key
+                # in a child of a plain table (not a partitioned one) is one its trigger routed there
+                child = sql.SQL(" AND t.tableoid <> (SELECT c.oid FROM pg_catalog.pg_class c"
+                                " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+                                " WHERE n.nspname = %s AND c.relname = %s AND c.relkind = 'r')")
+                params = params + [table.relation.schema, table.relation.name]
+            cursor.execute(sql.SQL("SELECT 1 FROM {} AS t WHERE {}{} LIMIT 1").format(
+                _relation(table), where, child), params)
+            return cursor.fetchone() is not None
+
+        if key and all(given.get(name) is not None for name in key):
+            if found(in_child=not (item.action is Action.SET and bulk.do_nothing(item, returning))):
                 return item.packet
-        LOGGER.info("%s: a trigger of %s skipped the row of a %s packet: not fanned out",
-                    self.name, self.table, item.action.value)
+            LOGGER.info("%s: a trigger of %s refused the row of a %s packet: not fanned out",
+                        self.name, self.table, item.action.value)
+        else:
+            LOGGER.warning("%s: a trigger of %s skipped the row of a %s packet without its key"
+                           " (a row routed elsewhere, or refused): not fanned out, since the"
+                           " targets cannot be given the key it took", self.name, self.table,
+                           item.action.value)
         return item.packet.unmatched()
 
     def _fill(self, item: bulk.Prepared, row: Sequence[Any]) -> Packet:

@@ -241,6 +241,15 @@ def on_conflict(key: Sequence[str], columns: Sequence[Column], returning: Sequen
     return sql.SQL("ON CONFLICT ({}) {}").format(sql.SQL(", ").join(ident(name) for name in key), action)
 
 
+def do_nothing(item: Prepared, returning: Sequence[str]) -> bool:
+    """Whether a set's upsert is ``ON CONFLICT ... DO NOTHING`` (:func:`on_conflict`): its data
+    holds only its conflict key's columns (and identity columns an existing row keeps), and
+    every column to return."""
+    present = {c.name for c, _ in item.data}
+    others = [c for c, _ in item.data if c.name not in item.conflict and not c.identity_always]
+    return not others and all(name in present for name in returning)
+
+
 def _template(casts: Sequence[sql.Composable]) -> sql.Composed:
     return sql.SQL("({})").format(sql.SQL(", ").join(casts))
 
@@ -337,7 +346,8 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
     :param returning: for add/set, the columns to return (a destination's primary key, to
         back-fill generated keys; ``()`` at a target, which fans nothing out).
     :param matches: for update and delete, tell which packets changed a row (at a destination:
-        one that changed none is not fanned out).
+        one that changed none is not fanned out); for add and set without ``returning`` (no
+        primary key), count the rows written: fewer than packets raises :class:`RunNotPaired`.
     :returns: for add/set with columns to return, the returned row of each packet in order, its
         values JSON text (:func:`returning_clause`);
         for update and delete with ``matches``, per packet ``()`` when it changed a row, else
@@ -360,23 +370,30 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
             tail = sql.SQL(" {}").format(on_conflict(first.conflict, columns, returning, ident))
         if returning:
             tail = sql.SQL("{}{}").format(tail, returning_clause(returning, ident))
+        elif matches:       # no key to return (a table without a primary key): count the rows
+            tail = sql.SQL("{} RETURNING 1").format(tail)
+        fetch = bool(returning) or matches
         if _fits_json(columns, values):
             query = sql.SQL("{}SELECT {} FROM {}{}").format(
                 head, sql.SQL(", ").join(_element(i, c, type_of) for i, c in enumerate(columns)),
                 _ELEMENTS, tail)
-            result = _execute_json(cursor, query, values, bool(returning))
+            result = _execute_json(cursor, query, values, fetch)
         else:
             rows = [[bind(table, c, v) for c, v in zip(columns, row)] for row in values]
             template = _template([cast(c) for c in columns])
             result = execute_values(cursor, sql.SQL("{}VALUES %s{}").format(head, tail), rows,
                                     template=template.as_string(cursor), page_size=PAGE_SIZE,
-                                    fetch=bool(returning))
-        if not returning:
+                                    fetch=fetch)
+        if not fetch:
             return []
         if len(result) != len(items):   # rows skipped (by a trigger): cannot pair them by position
+            if action is Action.SET and do_nothing(first, returning):
+                # a key-only set (ON CONFLICT DO NOTHING) returns no existing row: the packets
+                # hold their key, nothing to back-fill, each fanned out as it is
+                return [None] * len(items)
             raise RunNotPaired("%d of %d rows returned by a run of %s packets on %s"
                                % (len(result), len(items), action.value, table.relation))
-        return list(result)
+        return list(result) if returning else [None] * len(items)
     restriction = [c for c, _ in first.restriction]
     data = [c for c, _ in first.data]
     # a run's updates never change a restriction column's value (see Prepared.alone); they still

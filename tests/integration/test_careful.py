@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from decimal import Decimal
 
 import psycopg2
@@ -857,3 +858,43 @@ def test_a_plpgsql_trigger_planned_before_an_alter_column_type_does_not_dead_let
     finally:
         other.close()
         conn.close()
+
+
+def test_a_refused_set_on_an_existing_row_and_a_refused_add_without_a_key_are_not_fanned_out(conn):
+    """The review of a523482 (FF): a set a BEFORE UPDATE trigger refused finds its row there
+    all the same, so "a row of that key exists" fanned it out; only a row in an inheritance child
+    (routed) counts now. A key-only set of an existing row (DO NOTHING) is still fanned out; an
+    add refused on a table without a primary key (nothing returned to miss) is not."""
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE acc (id integer PRIMARY KEY, v integer, locked boolean DEFAULT false);"
+                    "CREATE FUNCTION acc_lock() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                    " IF OLD.locked THEN RETURN NULL; END IF; RETURN NEW; END $$;"
+                    "CREATE TRIGGER acc_lock BEFORE UPDATE ON acc FOR EACH ROW EXECUTE FUNCTION acc_lock();"
+                    "CREATE FUNCTION no_neg() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                    " IF NEW.v < 0 THEN RETURN NULL; END IF; RETURN NEW; END $$;"
+                    "CREATE TRIGGER no_neg BEFORE INSERT ON acc FOR EACH ROW EXECUTE FUNCTION no_neg();"
+                    "INSERT INTO acc VALUES (1, 1, true), (2, 1, false);"
+                    "CREATE TABLE nopk (v integer);"
+                    "CREATE TRIGGER no_neg BEFORE INSERT ON nopk FOR EACH ROW EXECUTE FUNCTION no_neg();"
+                    "CREATE TABLE link (a integer, b integer, PRIMARY KEY (a, b));"
+                    "INSERT INTO link VALUES (1, 1);")
+    conn.commit()
+
+    def fanned(relation, documents):
+        applier = Applier(AutoSQL(relation, role="destination"), relation + "-d", store_fanout=True)
+        items = [("%s-%s" % (relation, uuid.uuid4().hex), dumps(d).encode()) for d in documents]
+        outcomes = applier.apply_batch(conn, items)
+        assert [o.status for o in outcomes] == ["applied"] * len(items), [o.reason for o in outcomes]
+        return [json.loads(o.fanout) if o.fanout else None for o in outcomes]
+
+    sets = [packet("set", {"id": 1, "v": 99}), packet("set", {"id": 2, "v": 99}),
+            packet("add", {"id": 1, "v": -5}), packet("set", {"id": 3, "v": -1})]
+    assert fanned("acc", sets) == [None, sets[1], None, None]
+    assert rows(conn, "SELECT id, v FROM acc ORDER BY id") == [(1, 1), (2, 99)]
+    adds = [packet("add", {"v": 1}), packet("add", {"v": -1}), packet("add", {"v": 2})]
+    assert fanned("nopk", adds) == [adds[0], None, adds[2]]           # a run, replayed one by one
+    assert fanned("nopk", [adds[1]]) == [None]
+    assert fanned("nopk", [adds[0], adds[2]]) == [adds[0], adds[2]]    # a run that wrote every row
+    keyed = [packet("set", {"a": 1, "b": 1}), packet("set", {"a": 2, "b": 2})]
+    assert fanned("link", keyed) == keyed                              # DO NOTHING: the row is there
+    assert rows(conn, "SELECT count(*) FROM nopk") == [(4,)]
