@@ -58,6 +58,9 @@ DB_PROBE_INTERVAL = 10.0
 #: Seconds without a packet after which a queue consumer takes the queue it consumed before a
 #: reload for empty, and goes on to its new one (:attr:`QueueConsumer.previous_queues`).
 PREVIOUS_QUEUE_IDLE = 3.0
+#: Subscriptions in a row to a queue of ``previous_queues`` that the broker ended before any
+#: packet came (an ``/amq/queue/`` deleted since) after which it is given up.
+PREVIOUS_QUEUE_TRIES = 3
 #: Failed attempts in a row (to connect or to get through a cycle) after which a listener reports
 #: the standing problem ``failing`` (/health fails) until a cycle succeeds.
 FAILING_AFTER = 3
@@ -683,7 +686,10 @@ class QueueConsumer(Listener):
         #: before the thread starts)
         self.previous_queues: List[str] = []
         self._subscribed: Optional[str] = None
-        self._last_delivery = 0.0           # monotonic time of the last delivery or subscription
+        #: monotonic time of the last delivery, subscription or ack (the broker sends the next
+        #: window after an ack: a queue is taken for empty only this long after it)
+        self._last_activity = 0.0
+        self._previous_tries = 0            # subscriptions to previous_queues[0] without a delivery
 
     def announce(self) -> None:
         # its live figures from now on: not at construction, as a reload builds listeners it
@@ -704,7 +710,8 @@ class QueueConsumer(Listener):
 
     def _inbox_put(self, delivery: Delivery) -> None:
         # on stomp.py's receiver thread: blocks while the inbox is full, the connection held alive
-        self._last_delivery = time.monotonic()
+        self._last_activity = time.monotonic()
+        self._previous_tries = 0
         self._inbox.put(delivery, while_full=self.inbound.hold, every=self.inbound.hold_interval)
 
     def all_brokers(self) -> List[BrokerConnection]:
@@ -721,9 +728,15 @@ class QueueConsumer(Listener):
             self._in_flight = False         # whatever was in flight is redelivered
             self._inbox.reopen()
             prefetch = self.subscription_prefetch()
+            if self.previous_queues:
+                self._previous_tries += 1
+                if self._previous_tries > PREVIOUS_QUEUE_TRIES:
+                    # the broker ends each subscription there (an /amq/queue/ deleted since): on
+                    self._leave_previous("cannot be consumed (%d subscriptions in a row ended"
+                                         " without a packet: deleted?)" % PREVIOUS_QUEUE_TRIES)
             queue = self.previous_queues[0] if self.previous_queues else self.config.queue
             self.inbound.subscribe(queue, prefetch, ack="client")
-            self._subscribed, self._last_delivery = queue, time.monotonic()
+            self._subscribed, self._last_activity = queue, time.monotonic()
             LOGGER.info("[%s] subscribed to %s (prefetch %d messages)%s", self.name, queue, prefetch,
                         "" if queue == self.config.queue else ": the queue it consumed before the"
                         " reload, until it is empty, then %s" % self.config.queue)
@@ -735,16 +748,20 @@ class QueueConsumer(Listener):
         (the connection is opened again, subscribed there, by the supervising loop)."""
         if (not self.previous_queues or self._subscribed != self.previous_queues[0]
                 or self._pending or self._inbox.packets
-                or time.monotonic() - self._last_delivery < PREVIOUS_QUEUE_IDLE):
+                or time.monotonic() - self._last_activity < PREVIOUS_QUEUE_IDLE):
             return
-        done = self.previous_queues.pop(0)
-        LOGGER.warning("[%s] %s, its queue before the reload, is empty: going on to %s (what is"
-                       " sent to %s from now on is not consumed)", self.name, done,
-                       self.previous_queues[0] if self.previous_queues else self.config.queue, done)
+        self._leave_previous("is empty")
         self._ever_connected.discard("inbound")     # a change of queue, not a reconnect
         self._inbox.close()
         self.inbound.close()
         self._update_state()
+
+    def _leave_previous(self, why: str) -> None:
+        done = self.previous_queues.pop(0)
+        self._previous_tries = 0
+        LOGGER.warning("[%s] %s, its queue before the reload, %s: going on to %s (what is sent"
+                       " to %s from now on is not consumed)", self.name, done, why,
+                       self.previous_queues[0] if self.previous_queues else self.config.queue, done)
 
     def subscription_prefetch(self) -> int:
         """Messages the broker may push ahead of the acks: ``prefetch`` (plain messages, one packet
@@ -899,7 +916,10 @@ class QueueConsumer(Listener):
             the supervising loop closes the connection, so the broker redelivers).
         """
         # 'client' ack mode: acking a batch's last delivery acks the batch
+        before = len(self._pending)
         self._pending.settle(keep, self.inbound.ack)
+        if len(self._pending) < before:
+            self._last_activity = time.monotonic()  # the broker sends its next window now
         self._in_flight = bool(self._pending)
 
 
