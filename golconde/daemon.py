@@ -298,6 +298,7 @@ class Daemon:
             LOGGER.exception("reload failed, keeping the running configuration")
             return False
         discard_listeners(candidates.values())   # built to check and compare the configuration: none starts
+        handlers.commit_refresh(refreshed)       # accepted: those modules are up to date
         with self._lock:
             # replacements still waiting for a stuck listener are this reload's to decide again
             # (their threads, finding them gone, start nothing); a copy, which they no longer touch

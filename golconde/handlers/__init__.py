@@ -6,14 +6,14 @@ import inspect
 import logging
 import os
 import sys
-from typing import Dict, Iterable, Optional, Set, Type
+from typing import Dict, Iterable, Optional, Type
 
 from ..errors import ConfigError
 from .base import Handler
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["Handler", "load_handler", "handler_module", "refresh_modules"]
+__all__ = ["Handler", "commit_refresh", "handler_module", "load_handler", "refresh_modules"]
 
 #: module name -> its source file's modification time (ns) when load_handler imported it
 _LOADED: Dict[str, Optional[int]] = {}
@@ -38,17 +38,19 @@ def _mtime(module_name: str) -> Optional[int]:
         return None
 
 
-def refresh_modules(function_names: Iterable[str]) -> Set[str]:
+def refresh_modules(function_names: Iterable[str]) -> Dict[str, Optional[int]]:
     """Import again the custom handlers' modules among ``function_names`` whose source file
     changed since :func:`load_handler` imported them (``importlib.reload``), so that a reload
     (SIGHUP) runs the code on disk, and finds a class added there since. Only the handler's own
     module: modules it imports are not imported again. Listeners built before keep the classes
     they have.
 
-    :returns: the names of the modules imported again.
+    :returns: the modules imported again, with their files' times, for :func:`commit_refresh`
+        once the reload is accepted: until then they count as changed (a reload refused after
+        this, for another reason, must not leave the running listeners on the old code for good).
     :raises ConfigError: a module failed to import again (it stays as it was).
     """
-    refreshed = set()
+    refreshed: Dict[str, Optional[int]] = {}
     for module_name in dict.fromkeys(filter(None, map(handler_module, function_names))):
         if module_name not in _LOADED or module_name not in sys.modules:
             continue
@@ -60,10 +62,15 @@ def refresh_modules(function_names: Iterable[str]) -> Set[str]:
         except (Exception, SystemExit) as exc:     # its code failed: as load_handler says it
             raise ConfigError("handler module %s changed and failed to import again: %s: %s"
                               % (module_name, type(exc).__name__, exc)) from exc
-        _LOADED[module_name] = now
-        refreshed.add(module_name)
+        refreshed[module_name] = now
         LOGGER.info("handler module %s changed on disk: imported again", module_name)
     return refreshed
+
+
+def commit_refresh(refreshed: Dict[str, Optional[int]]) -> None:
+    """Record the modules :func:`refresh_modules` imported again as up to date (the reload that
+    did it was accepted)."""
+    _LOADED.update(refreshed)
 
 
 def _check_apply(path: str, cls: Type[Handler]) -> None:

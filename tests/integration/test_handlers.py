@@ -480,12 +480,26 @@ def test_a_reload_runs_the_handler_code_changed_on_disk(make_database, tmp_path,
         next(iter(mapping["Destinations"].values()))["Targets"]["t"]["function_name"] = module + ".B"
         path.write_text(yaml.safe_dump(mapping))
         assert daemon.reload()
+        # the code edited again, in a reload refused for another reason: the next accepted
+        # reload still restarts its listeners (review FF: they kept the old code for good)
+        source.write_text(version % "v3" + "\n\nclass B(A):\n    pass\n")
+        os.utime(source, ns=(time.time_ns(), time.time_ns() + 2 * 10 ** 9))
+        target = next(iter(mapping["Destinations"].values()))["Targets"]["t"]
+        target["settings"] = {"unknown_columns": "bogus"}
+        path.write_text(yaml.safe_dump(mapping))
+        assert daemon.reload() is False
+        del target["settings"]
+        path.write_text(yaml.safe_dump(mapping))
+        assert daemon.reload()
+        client.add({"id": 4, "kind": "sent"})
+        wait_for(lambda: query(targets["t"], "SELECT kind FROM events WHERE id = 4") == [("v3",)],
+                 message="applied by the code of the refused reload, once one is accepted")
         # a module that no longer imports: the reload is refused, the running code kept
         source.write_text("raise RuntimeError('broken on disk')\n")
-        os.utime(source, ns=(time.time_ns(), time.time_ns() + 2 * 10 ** 9))
+        os.utime(source, ns=(time.time_ns(), time.time_ns() + 3 * 10 ** 9))
         assert daemon.reload() is False
         client.add({"id": 3, "kind": "sent"})
-        wait_for(lambda: query(targets["t"], "SELECT kind FROM events WHERE id = 3") == [("v2",)],
+        wait_for(lambda: query(targets["t"], "SELECT kind FROM events WHERE id = 3") == [("v3",)],
                  message="still applied by the running code")
     finally:
         client.close()
