@@ -262,7 +262,8 @@ class BrokerConnection:
             conn.connect(self._login, self._passcode, wait=False)
         except (stomp.exception.StompException, OSError) as exc:
             self.close()
-            if isinstance(exc, OSError) and exc.errno in (errno.EBADF, errno.EPIPE, errno.ECONNRESET):
+            if (isinstance(exc, stomp.exception.NotConnectedException)
+                    or isinstance(exc, OSError) and exc.errno in (errno.EBADF, errno.EPIPE, errno.ECONNRESET)):
                 # the peer closed before the CONNECT frame was written (stomp.py closed the socket)
                 raise BrokerError("STOMP broker %s closed the connection without a CONNECTED frame"
                                   " (is it a STOMP port?)" % self.address) from None

@@ -143,12 +143,14 @@ def daemon_main(argv: Optional[List[str]] = None) -> int:
               % (path, len(config.destinations), len(daemon.listeners)))
         return 0
     running = _running_pid(args.pidfile)
-    if running:
-        print("golconded: already running as pid %d (pid file %s)" % (running, args.pidfile),
-              file=sys.stderr)
-        return 1
-    taken = _stats_port_taken(config, args.http_port)
-    if taken:
+    taken = None if running else _stats_port_taken(config, args.http_port)
+    if running or taken:
+        from .daemon import discard_listeners
+        discard_listeners(daemon.listeners.values())    # their handlers' shutdown()
+        if running:
+            print("golconded: already running as pid %d (pid file %s)" % (running, args.pidfile),
+                  file=sys.stderr)
+            return 1
         print("golconded: %s" % taken, file=sys.stderr)
         return 2
     filename = (config.logging or {}).get("filename")

@@ -73,12 +73,12 @@ class CompareResult:
     :ivar canonical_hash: sum of the 60-bit row hashes, canonical side (``None`` after an error).
     :ivar target_hash: the same on the target side.
     :ivar columns: the compared columns, in canonical order.
-    :ivar ignored: columns present in only one of the relations (not compared):
-        :attr:`canonical_only` then :attr:`target_only`.
-    :ivar canonical_only: canonical columns not compared (the target lacks them; with a mapping,
-        also those it excludes).
-    :ivar target_only: target columns not compared (no canonical column is written there; with a
-        mapping, also its constants' and defaults' columns).
+    :ivar ignored: columns present in only one of the relations (not compared), a mapping's
+        excluded, constants' and defaults' columns included.
+    :ivar canonical_only: canonical columns not compared because the target lacks them (not
+        those a mapping excludes).
+    :ivar target_only: target columns no canonical column is written to (not a mapping's
+        constants' and defaults' columns).
     :ivar error: why the comparison could not be made (only from :func:`compare_config`).
     :ivar skipped: why the pair was not compared (only from :func:`compare_config`: a target
         whose custom handler writes it its own way).
@@ -144,9 +144,16 @@ def compare(canonical_dsn: str, canonical_relation: str, target_dsn: str,
         pairs = _pairs(canonical_columns, target_columns, mapping)
         common = tuple(name for name, _ in pairs)
         compared_targets = {name for _, name in pairs}
-        canonical_only = tuple(name for name in canonical_columns if name not in common)
-        target_only = tuple(name for name in target_columns if name not in compared_targets)
-        ignored = canonical_only + target_only
+        # what a mapping leaves out on purpose (excluded, constants, defaults) is not listed
+        excluded = set(getattr(mapping, "exclude", ()) or ())
+        written = ({name for name, _ in getattr(mapping, "constants", ()) or ()}
+                   | set(getattr(mapping, "defaults", ()) or ()))
+        canonical_only = tuple(name for name in canonical_columns
+                               if name not in common and name not in excluded)
+        target_only = tuple(name for name in target_columns
+                            if name not in compared_targets and name not in written)
+        ignored = tuple([name for name in canonical_columns if name not in common]
+                        + [name for name in target_columns if name not in compared_targets])
         if not common:
             raise CompareError("%s and %s have no column in common" % (canonical, target))
         if mapping is not None and mapping.conditions:

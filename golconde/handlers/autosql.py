@@ -489,6 +489,8 @@ class AutoSQL(Handler):
         self._absent: set = set()      # data keys seen not to be columns (target role)
         #: whether the catalog was checked for those keys in the batch being applied
         self._absent_checked = False
+        #: the schema the mapping's target columns were last found in (checked once per read)
+        self._mapping_checked: Optional[TableSchema] = None
         #: True when ADD and SET return the primary key, to back-fill generated keys into the packet
         #: (a destination); a target fans nothing out, so its statements return nothing
         self.back_fill = role == "destination"
@@ -826,12 +828,15 @@ class AutoSQL(Handler):
 
     def _check_mapping(self, table: TableSchema) -> None:
         """:raises StopListener: the mapping names a column ``table`` does not have
-        (:meth:`golconde.mapping.TargetMapping.target_problems`)."""
+        (:meth:`golconde.mapping.TargetMapping.target_problems`); once per schema read."""
+        if table is self._mapping_checked:
+            return
         problems = self.mapping.target_problems(list(table.columns), str(self.table))
         if problems:
             raise StopListener("%s: %s; the target's packets wait until the mapping or the table"
                                " is fixed" % (self.name, "; ".join(problems)),
                                retry_after=RELATION_RETRY)
+        self._mapping_checked = table
 
     def explain_error(self, cursor: Any, packet: Packet, error: BaseException) -> Optional[str]:
         """For a data error (SQLSTATE class 22) or a value of a type the column's cannot be cast

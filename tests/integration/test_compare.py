@@ -148,6 +148,10 @@ def test_a_mapped_target_is_compared_as_the_daemon_filters_and_renames(pair):
     result = compare(canonical, "src", target, "dst", mapping)
     assert result.equal and result.canonical_count == 2, result
     assert result.columns == ("id", "code", "flag") and set(result.ignored) == {"secret", "origin"}
+    # what the mapping leaves out on purpose is not listed as a column only one side has
+    assert (result.canonical_only, result.target_only) == ((), ())
+    run(target, "ALTER TABLE dst ADD COLUMN note text")
+    assert compare(canonical, "src", target, "dst", mapping).target_only == ("note",)
     run(target, "UPDATE dst SET code = '11' WHERE ident = 2")
     assert not compare(canonical, "src", target, "dst", mapping).equal
 
