@@ -144,14 +144,12 @@ def compare(canonical_dsn: str, canonical_relation: str, target_dsn: str,
         pairs = _pairs(canonical_columns, target_columns, mapping)
         common = tuple(name for name, _ in pairs)
         compared_targets = {name for _, name in pairs}
-        # what a mapping leaves out on purpose (excluded, constants, defaults) is not listed
-        excluded = set(getattr(mapping, "exclude", ()) or ())
-        written = ({name for name, _ in getattr(mapping, "constants", ()) or ()}
-                   | set(getattr(mapping, "defaults", ()) or ()))
-        canonical_only = tuple(name for name in canonical_columns
-                               if name not in common and name not in excluded)
-        target_only = tuple(name for name in target_columns
-                            if name not in compared_targets and name not in written)
+        # what a mapping leaves out on purpose (excluded, constants, defaults) is not listed,
+        # its names matched as the daemon matches them
+        canonical_only = tuple(name for name in canonical_columns if name not in common
+                               and not (mapping is not None and mapping.excluded(name)))
+        target_only = tuple(name for name in target_columns if name not in compared_targets
+                            and not (mapping is not None and mapping.written_by_mapping(name)))
         ignored = tuple([name for name in canonical_columns if name not in common]
                         + [name for name in target_columns if name not in compared_targets])
         if not common:

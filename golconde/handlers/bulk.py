@@ -386,11 +386,10 @@ def execute_run(cursor: Any, table: TableSchema, items: Sequence[Prepared], iden
                                     fetch=fetch)
         if not fetch:
             return []
-        if len(result) != len(items):   # rows skipped (by a trigger): cannot pair them by position
-            if action is Action.SET and do_nothing(first, returning):
-                # a key-only set (ON CONFLICT DO NOTHING) returns no existing row: the packets
-                # hold their key, nothing to back-fill, each fanned out as it is
-                return [None] * len(items)
+        if len(result) != len(items):
+            # rows skipped (by a trigger), or existing rows a key-only set's DO NOTHING did not
+            # return: which packets is not known; the caller applies them one by one (each then
+            # looked up: a refused row is not fanned out, an existing one is)
             raise RunNotPaired("%d of %d rows returned by a run of %s packets on %s"
                                % (len(result), len(items), action.value, table.relation))
         return list(result) if returning else [None] * len(items)

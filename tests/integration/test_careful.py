@@ -898,3 +898,39 @@ def test_a_refused_set_on_an_existing_row_and_a_refused_add_without_a_key_are_no
     keyed = [packet("set", {"a": 1, "b": 1}), packet("set", {"a": 2, "b": 2})]
     assert fanned("link", keyed) == keyed                              # DO NOTHING: the row is there
     assert rows(conn, "SELECT count(*) FROM nopk") == [(4,)]
+    # a run of key-only sets with a row a trigger refused (review GG: 3b8bda9 fanned the whole
+    # run out when DO NOTHING returned fewer rows), and the same in a group
+    with conn.cursor() as cur:
+        cur.execute("CREATE FUNCTION no_neg_a() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                    " IF NEW.a < 0 THEN RETURN NULL; END IF; RETURN NEW; END $$;"
+                    "CREATE TRIGGER no_neg_a BEFORE INSERT ON link FOR EACH ROW EXECUTE FUNCTION no_neg_a()")
+    conn.commit()
+    run = [packet("set", {"a": 1, "b": 1}), packet("set", {"a": -2, "b": 2}), packet("set", {"a": 3, "b": 3})]
+    assert fanned("link", run) == [run[0], None, run[2]]
+    group = {"group": [packet("set", {"a": 1, "b": 1}), packet("set", {"a": -1, "b": 1})]}
+    assert fanned("link", [group]) == [{"group": [group["group"][0]]}]
+    assert rows(conn, "SELECT a, b FROM link ORDER BY a, b") == [(1, 1), (2, 2), (3, 3)]
+
+
+def test_adds_a_trigger_routes_into_children_of_a_table_without_a_key_are_fanned_out(conn):
+    """A log table without a key split by a routing trigger (review GG: 3b8bda9 no longer
+    distributed its adds): a row of the same values in a child is a routed one; a refused row
+    is nowhere, and not fanned out."""
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE logs (at date, msg text);"
+                    "CREATE TABLE logs_2024 (CHECK (at < '2025-01-01')) INHERITS (logs);"
+                    "CREATE TABLE logs_2025 (CHECK (at >= '2025-01-01')) INHERITS (logs);"
+                    "CREATE FUNCTION logs_route() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                    " IF NEW.msg = 'refused' THEN RETURN NULL; END IF;"
+                    " IF NEW.at < '2025-01-01' THEN INSERT INTO logs_2024 VALUES (NEW.*);"
+                    " ELSE INSERT INTO logs_2025 VALUES (NEW.*); END IF; RETURN NULL; END $$;"
+                    "CREATE TRIGGER logs_route BEFORE INSERT ON logs FOR EACH ROW EXECUTE FUNCTION logs_route()")
+    conn.commit()
+    applier = Applier(AutoSQL("logs", role="destination"), "logs-d", store_fanout=True)
+    documents = [packet("add", {"at": "2024-05-01", "msg": "a"}), packet("add", {"at": "2025-05-01", "msg": None}),
+                 packet("add", {"at": "2025-06-01", "msg": "refused"})]
+    for batch in ([documents[0]], documents):          # alone, then in a run
+        outcomes = applier.apply_batch(conn, [("l%s" % uuid.uuid4().hex, dumps(d).encode()) for d in batch])
+        assert [json.loads(o.fanout) if o.fanout else None for o in outcomes] == (
+            [documents[0]] if len(batch) == 1 else [documents[0], documents[1], None])
+    assert rows(conn, "SELECT count(*) FROM logs") == [(3,)]

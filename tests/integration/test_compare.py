@@ -140,16 +140,23 @@ def test_a_mapped_target_is_compared_as_the_daemon_filters_and_renames(pair):
         " (4, '12', false, 'd'), (5, '7', NULL, 'e')")
     run(target, "CREATE TABLE dst (ident int PRIMARY KEY, code text, flag boolean, origin text)",
         "INSERT INTO dst VALUES (1, '9', true, 'here'), (2, '10', true, 'here')")
-    mapping, problems = parse_mapping({"columns": {"id": "ident"}, "exclude": ["secret"],
-                                       "constants": {"origin": "here"},
-                                       "filter": {"code": {"gt": 5}, "flag": {"eq": True}}},
-                                      "Destinations.D.Targets.t")
-    assert not problems
+    def mapped(ident, secret, origin):
+        mapping, problems = parse_mapping({"columns": {ident: "ident"}, "exclude": [secret],
+                                           "constants": {origin: "here"},
+                                           "filter": {"code": {"gt": 5}, "flag": {"eq": True}}},
+                                          "Destinations.D.Targets.t")
+        assert not problems
+        return mapping
+
+    mapping = mapped("id", "secret", "origin")
     result = compare(canonical, "src", target, "dst", mapping)
     assert result.equal and result.canonical_count == 2, result
     assert result.columns == ("id", "code", "flag") and set(result.ignored) == {"secret", "origin"}
-    # what the mapping leaves out on purpose is not listed as a column only one side has
+    # what the mapping leaves out on purpose is not listed as a column only one side has, its
+    # names matched as the daemon matches them (review GG: in another case they were listed)
     assert (result.canonical_only, result.target_only) == ((), ())
+    shouted = compare(canonical, "src", target, "dst", mapped("ID", "SECRET", "Origin"))
+    assert shouted.equal and (shouted.canonical_only, shouted.target_only) == ((), ()), shouted
     run(target, "ALTER TABLE dst ADD COLUMN note text")
     assert compare(canonical, "src", target, "dst", mapping).target_only == ("note",)
     run(target, "UPDATE dst SET code = '11' WHERE ident = 2")
