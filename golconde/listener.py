@@ -863,7 +863,7 @@ class QueueConsumer(Listener):
         # when redelivered: it may have been dead-lettered again in the batch that came back)
         replayed = [pid for origin, (pid, _) in zip(batch, items)
                     if REPLAYED_HEADER in origin.headers and not origin.redelivered]
-        lost = 0
+        lost = blocked = 0
         while True:
             try:
                 outcomes = self.applier.apply_batch(self.db, items,
@@ -873,10 +873,10 @@ class QueueConsumer(Listener):
             except Blocked as exc:
                 # a lock another session holds (lock_timeout, statement_timeout): the session is
                 # fine; the batch waits, without limit, a standing problem from the third time
-                lost += 1
+                blocked += 1                # nothing committed: no outcome to correct below
                 LOGGER.warning("[%s] blocked: %s", self.name, exc)
                 self._failed("blocked: %s" % exc)
-                self._stopping.wait(backoff(lost, self.backoff_base, self.backoff_cap))
+                self._stopping.wait(backoff(blocked, self.backoff_base, self.backoff_cap))
                 if self.stopping or deliveries[0].generation != self.inbound.generation:
                     self._incomplete = True
                     return                  # not acked: the broker redelivers
