@@ -6,7 +6,7 @@ import inspect
 import logging
 import os
 import sys
-from typing import Dict, Iterable, Optional, Type
+from typing import Dict, Iterable, Optional, Tuple, Type
 
 from ..errors import ConfigError
 from .base import Handler
@@ -19,6 +19,13 @@ __all__ = ["Handler", "commit_refresh", "handler_module", "load_handler", "refre
 _LOADED: Dict[str, Optional[int]] = {}
 
 
+def _split(path: str) -> Tuple[str, str]:
+    """``(module, attribute)`` of a handler path ``package.module.Class`` or
+    ``package.module:Class`` (either may be empty when the path is malformed)."""
+    module_name, _, attribute = path.partition(":") if ":" in path else path.rpartition(".")
+    return module_name, attribute
+
+
 def handler_module(function_name: str) -> Optional[str]:
     """The module of a custom handler's dotted path; ``None`` for AutoSQL or a malformed path."""
     if not isinstance(function_name, str):
@@ -26,8 +33,7 @@ def handler_module(function_name: str) -> Optional[str]:
     path = function_name.strip()
     if not path or path.lower() == "autosql":
         return None
-    module_name = path.partition(":")[0] if ":" in path else path.rpartition(".")[0]
-    return module_name or None
+    return _split(path)[0] or None
 
 
 def _mtime(module_name: str) -> Optional[int]:
@@ -111,10 +117,7 @@ def load_handler(function_name: str) -> Type[Handler]:
     if path.lower() == "autosql":
         from .autosql import AutoSQL
         return AutoSQL
-    if ":" in path:
-        module_name, _, attribute = path.partition(":")
-    else:
-        module_name, _, attribute = path.rpartition(".")
+    module_name, attribute = _split(path)
     if not module_name or not attribute or any(not part for part in module_name.split(".") + attribute.split(".")):
         raise ConfigError("function_name %r: expected AutoSQL or a dotted path package.module.Class" % path)
     try:
