@@ -458,6 +458,27 @@ def delete_statement(table: TableSchema, restriction: Sequence[Tuple[Column, Any
     return sql.SQL("DELETE FROM {} WHERE {}").format(_relation(table), where), params
 
 
+def _attempt(cursor: Any, query: sql.Composable, params: Any) -> Tuple[Optional[tuple], Optional[psycopg2.Error]]:
+    """Run ``query`` in a savepoint, so that its failure leaves the caller's transaction usable
+    (none on an autocommit connection, which has no transaction to keep).
+
+    :returns: ``(its first row or None, None)``, or ``(None, the error)`` once rolled back to
+        the savepoint."""
+    kept = not getattr(getattr(cursor, "connection", None), "autocommit", False)
+    if kept:
+        cursor.execute(sql.SQL("SAVEPOINT golconde_attempt"))
+    try:
+        cursor.execute(query, params)
+        row = cursor.fetchone()
+    except psycopg2.Error as exc:
+        if kept:
+            cursor.execute(sql.SQL("ROLLBACK TO SAVEPOINT golconde_attempt"))
+        return None, exc
+    if kept:
+        cursor.execute(sql.SQL("RELEASE SAVEPOINT golconde_attempt"))
+    return row, None
+
+
 class AutoSQL(Handler):
     """Applies packets to one relation with SQL built from its catalog entry.
 
@@ -759,23 +780,12 @@ class AutoSQL(Handler):
                                 " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
                                 " WHERE n.nspname = %s AND c.relname = %s AND c.relkind = 'r')")
                 params = params + [table.relation.schema, table.relation.name]
-            # in a savepoint: a value its column type cannot compare with = (point, xml: in a
-            # table without a key) must not fail the packet the trigger skipped
-            # (an autocommit connection has no transaction to keep)
-            kept = not getattr(getattr(cursor, "connection", None), "autocommit", False)
-            if kept:
-                cursor.execute(sql.SQL("SAVEPOINT golconde_skipped"))
-            try:
-                cursor.execute(sql.SQL("SELECT 1 FROM {} AS t WHERE {}{} LIMIT 1").format(
-                    _relation(table), where, child), params)
-                row = cursor.fetchone()
-            except psycopg2.Error as exc:
-                if kept:
-                    cursor.execute(sql.SQL("ROLLBACK TO SAVEPOINT golconde_skipped"))
-                LOGGER.debug("%s: cannot look the skipped row up: %s", self.name, describe(exc))
-                return False
-            if kept:
-                cursor.execute(sql.SQL("RELEASE SAVEPOINT golconde_skipped"))
+            # a value its column type cannot compare with = (point, xml: in a table without a
+            # key) must not fail the packet the trigger skipped
+            row, error = _attempt(cursor, sql.SQL("SELECT 1 FROM {} AS t WHERE {}{} LIMIT 1").format(
+                _relation(table), where, child), params)
+            if error is not None:
+                LOGGER.debug("%s: cannot look the skipped row up: %s", self.name, describe(error))
             return row is not None
 
         if complete:
@@ -914,14 +924,8 @@ class AutoSQL(Handler):
         cast = _cast(column)
         if column.structure != "composite":     # then to the declared type: typmod, domain checks
             cast = sql.SQL("({})::{}").format(cast, sql.SQL(declared.replace("%", "%%")))
-        cursor.execute("SAVEPOINT golconde_explain")
-        try:
-            cursor.execute(sql.SQL("SELECT {}").format(cast), (bind(table, column, value),))
-        except psycopg2.Error as exc:
-            cursor.execute("ROLLBACK TO SAVEPOINT golconde_explain")
-            return exc.pgcode == code
-        cursor.execute("RELEASE SAVEPOINT golconde_explain")
-        return False
+        error = _attempt(cursor, sql.SQL("SELECT {}").format(cast), (bind(table, column, value),))[1]
+        return error is not None and error.pgcode == code
 
     def missing_privileges(self, cursor: Any, packet: Packet) -> List[str]:
         """What the role lacks on the relation for ``packet``'s action, on no column at all

@@ -333,11 +333,11 @@ def test_apply_delete_and_set():
         ('INSERT INTO "public"."t" ("id", "name") VALUES ((%s)::integer, (%s)::text)'
          ' ON CONFLICT ("id") DO UPDATE SET "name" = EXCLUDED."name" RETURNING pg_catalog.to_jsonb("id")::pg_catalog.text', [1, "n"]),
         # this fake returns no row, as when a trigger skips it: did a trigger route it into a child?
-        ('SAVEPOINT golconde_skipped', None),
+        ('SAVEPOINT golconde_attempt', None),
         ('SELECT 1 FROM "public"."t" AS t WHERE "id" = (%s)::integer AND t.tableoid <> (SELECT c.oid'
          ' FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace'
          ' WHERE n.nspname = %s AND c.relname = %s AND c.relkind = \'r\') LIMIT 1', [1, "public", "t"]),
-        ('RELEASE SAVEPOINT golconde_skipped', None)]
+        ('RELEASE SAVEPOINT golconde_attempt', None)]
 
 
 def test_apply_rejects_restriction_on_add_and_unknown_action():
