@@ -265,8 +265,7 @@ class BrokerConnection:
             if (isinstance(exc, stomp.exception.NotConnectedException)
                     or isinstance(exc, OSError) and exc.errno in (errno.EBADF, errno.EPIPE, errno.ECONNRESET)):
                 # the peer closed before the CONNECT frame was written (stomp.py closed the socket)
-                raise BrokerError("STOMP broker %s closed the connection without a CONNECTED frame"
-                                  " (is it a STOMP port?)" % self.address) from None
+                raise self._closed_early() from None
             # stomp.py's ConnectFailedException has no message: it logged the socket's error
             reason = str(exc) or ("no connection accepted (is the broker running there?)"
                                   if isinstance(exc, stomp.exception.ConnectFailedException) else type(exc).__name__)
@@ -279,13 +278,18 @@ class BrokerConnection:
             if refused:
                 raise BrokerError("STOMP broker %s refused the connection: %s" % (self.address, refused))
             if answered:                    # woken by the connection's end, not by CONNECTED
-                raise BrokerError("STOMP broker %s closed the connection without a CONNECTED frame"
-                                  " (is it a STOMP port?)" % self.address)
+                raise self._closed_early()
             raise BrokerError("STOMP broker %s did not answer: no CONNECTED frame within %.0fs"
                               % (self.address, timeout))
         self._alive = True
         self.last_error = None
         LOGGER.info("[%s] connected to STOMP broker %s", self.name, self.address)
+
+    def _closed_early(self) -> BrokerError:
+        """The broker closed the connection before its CONNECTED frame (stomp.py sees it as the
+        CONNECT frame's write failing, or as the connection's end while waiting)."""
+        return BrokerError("STOMP broker %s closed the connection without a CONNECTED frame"
+                           " (is it a STOMP port?)" % self.address)
 
     def close(self) -> None:
         """Disconnect (best effort, never raises). Unacknowledged messages go back to the broker."""
