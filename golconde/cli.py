@@ -356,12 +356,14 @@ def _count(text: str) -> int:
     return value
 
 
-def _http_url(text: str) -> str:
-    """argparse type: an http(s) URL with a host, or '' (none)."""
+def _url(text: str, allow_empty: bool) -> str:
+    """An http(s) URL with a host and no ``user:password@`` (or '' when ``allow_empty``).
+    :raises argparse.ArgumentTypeError: it is not."""
     import urllib.parse
     parts = urllib.parse.urlsplit(text)
-    if text and (parts.scheme not in ("http", "https") or not parts.hostname):
-        raise argparse.ArgumentTypeError("expected an http:// or https:// URL (or ''), got %r" % text)
+    if (text or not allow_empty) and (parts.scheme not in ("http", "https") or not parts.hostname):
+        raise argparse.ArgumentTypeError("expected an http:// or https:// URL%s, got %r"
+                                         % (" (or '')" if allow_empty else "", text))
     if parts.username is not None or parts.password is not None:
         # it would be echoed in messages; the API is read with the broker's login
         raise argparse.ArgumentTypeError("expected a URL without user:password@ (the broker's"
@@ -369,13 +371,14 @@ def _http_url(text: str) -> str:
     return text
 
 
+def _http_url(text: str) -> str:
+    """argparse type: an http(s) URL with a host, or '' (none)."""
+    return _url(text, allow_empty=True)
+
+
 def _daemon_url(text: str) -> str:
     """argparse type: a daemon's HTTP server, an http(s) URL (not '')."""
-    import urllib.parse
-    parts = urllib.parse.urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise argparse.ArgumentTypeError("expected an http:// or https:// URL, got %r" % text)
-    return _http_url(text)
+    return _url(text, allow_empty=False)
 
 
 def _seconds(minimum: float, strict: bool) -> Any:
