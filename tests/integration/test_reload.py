@@ -574,31 +574,56 @@ def test_a_reload_keeping_the_http_address_keeps_its_socket(tmp_path):
     assert refused == []
 
 
+ITEMS = "CREATE TABLE items (id integer PRIMARY KEY, n integer)"
+#: items whose every insert sleeps 0.15 s: a batch of 10 takes 1.5 s, longer than the
+#: PREVIOUS_QUEUE_IDLE the tests below set
+SLOW_ITEMS = (ITEMS + "; CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS"
+              " $$BEGIN PERFORM pg_sleep(0.15); RETURN NEW; END$$;"
+              " CREATE TRIGGER slow BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION slow()")
+
+
+def items_daemon(tmp_path: Any, canonical: str, t1: str, configure: Any = None) -> tuple:
+    """A started in-process daemon of destination ``items`` (canonical -> t1) that reloads from
+    its file, its destination's mapping first given to ``configure``: ``(daemon, mapping,
+    destination's mapping, path)``; change the mapping and ``write_config(path, mapping)``
+    before ``daemon.reload()``."""
+    from golconde.daemon import Daemon
+
+    from .flow_support import parse_config
+
+    mapping = make_config(canonical, {"t1": t1}, "public.items")
+    destination = next(iter(mapping["Destinations"].values()))
+    if configure is not None:
+        configure(destination)
+    path = write_config(str(tmp_path / "golconde.yaml"), mapping)
+    daemon = Daemon(parse_config(mapping), config_path=path)
+    daemon.start()
+    return daemon, mapping, destination, path
+
+
+def quick_queue_changes(monkeypatch: Any) -> None:
+    """A missing table pauses for 0.5 s; a reload's old queue is left after 1 s without packets."""
+    from golconde import listener as listener_module
+    from golconde.handlers import autosql
+
+    monkeypatch.setattr(autosql, "RELATION_RETRY", 0.5)
+    monkeypatch.setattr(listener_module, "PREVIOUS_QUEUE_IDLE", 1.0)
+
+
 def test_a_reload_changing_a_targets_queue_consumes_the_old_queue_first(make_database, tmp_path,
                                                                         monkeypatch, caplog):
     """A reload that changes a target's queue: what waits on the old queue (here while the target
     is paused, its table missing) was left there for ever, /health ok (review CC). Its
     replacement now consumes the old queue until it stays empty, then the new one: the packets
     are applied, and in order (the updates sent after the reload find the rows added before)."""
-    from golconde import listener as listener_module
-    from golconde.daemon import Daemon
-    from golconde.handlers import autosql
-
-    from .flow_support import parse_config
-
-    monkeypatch.setattr(autosql, "RELATION_RETRY", 0.5)
-    monkeypatch.setattr(listener_module, "PREVIOUS_QUEUE_IDLE", 1.0)
+    quick_queue_changes(monkeypatch)
     canonical, t1 = make_database(), make_database()
-    execute(canonical, "CREATE TABLE items (id integer PRIMARY KEY, n integer)")
-    mapping = make_config(canonical, {"t1": t1}, "public.items")
-    destination = next(iter(mapping["Destinations"].values()))
-    # batches of 10 taking 1.5 s each at t1 (a trigger sleeps): longer than PREVIOUS_QUEUE_IDLE,
-    # so the old queue is not taken for empty while the broker waits for an ack (review FF)
-    destination["Targets"]["t1"].update(batch_size=10, prefetch=10)
+    execute(canonical, ITEMS)
+    # batches of 10 taking 1.5 s each at t1 (SLOW_ITEMS): longer than PREVIOUS_QUEUE_IDLE, so
+    # the old queue is not taken for empty while the broker waits for an ack (review FF)
+    daemon, mapping, destination, path = items_daemon(
+        tmp_path, canonical, t1, lambda d: d["Targets"]["t1"].update(batch_size=10, prefetch=10))
     old_queue = destination["Targets"]["t1"]["queue"]
-    path = write_config(str(tmp_path / "golconde.yaml"), mapping)
-    daemon = Daemon(parse_config(mapping), config_path=path)
-    daemon.start()
     host, port = stomp_address()
     client = Client(destination["queue"], host, port, STOMP_LOGIN, STOMP_PASSCODE)
     try:
@@ -610,10 +635,7 @@ def test_a_reload_changing_a_targets_queue_consumes_the_old_queue_first(make_dat
         with caplog.at_level("WARNING"):
             assert daemon.reload()
         assert "its queue changed from %s to %s.v2" % (old_queue, old_queue) in caplog.text
-        execute(t1, "CREATE TABLE items (id integer PRIMARY KEY, n integer);"
-                    " CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS"
-                    " $$BEGIN PERFORM pg_sleep(0.15); RETURN NEW; END$$;"
-                    " CREATE TRIGGER slow BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION slow()")
+        execute(t1, SLOW_ITEMS)
         client.send_many([{"action": "update", "data": {"n": 1}, "restriction": {"id": i}}
                           for i in range(10)])
         client.send_many([{"action": "add", "data": {"id": i, "n": 2}} for i in range(50, 60)])
@@ -634,23 +656,12 @@ def test_a_reload_changing_a_destinations_queue_waits_for_the_old_queue_across_s
     with batches longer than PREVIOUS_QUEUE_IDLE, the time since the last delivery was already
     past it when the batch was acked (before the broker could send the next window), and the old
     queue was left with 30 packets on it, logged 'is empty' (review FF). The ack counts now."""
-    from golconde import listener as listener_module
-    from golconde.daemon import Daemon
-    from golconde.handlers import autosql
-
-    from .flow_support import parse_config
-
-    monkeypatch.setattr(autosql, "RELATION_RETRY", 0.5)
-    monkeypatch.setattr(listener_module, "PREVIOUS_QUEUE_IDLE", 1.0)
+    quick_queue_changes(monkeypatch)
     canonical, t1 = make_database(), make_database()
-    execute(t1, "CREATE TABLE items (id integer PRIMARY KEY, n integer)")
-    mapping = make_config(canonical, {"t1": t1}, "public.items")
-    destination = next(iter(mapping["Destinations"].values()))
-    destination.update(batch_size=10, prefetch=10)
+    execute(t1, ITEMS)
+    daemon, mapping, destination, path = items_daemon(
+        tmp_path, canonical, t1, lambda d: d.update(batch_size=10, prefetch=10))
     old_queue = destination["queue"]
-    path = write_config(str(tmp_path / "golconde.yaml"), mapping)
-    daemon = Daemon(parse_config(mapping), config_path=path)
-    daemon.start()
     host, port = stomp_address()
     old = Client(old_queue, host, port, STOMP_LOGIN, STOMP_PASSCODE, batch_messages=False)
     new = Client(old_queue + ".v2", host, port, STOMP_LOGIN, STOMP_PASSCODE)
@@ -661,10 +672,7 @@ def test_a_reload_changing_a_destinations_queue_waits_for_the_old_queue_across_s
         write_config(path, mapping)
         assert daemon.reload()
         # 10 rows a batch, 1.5 s each at the canonical table (a trigger sleeps)
-        execute(canonical, "CREATE TABLE items (id integer PRIMARY KEY, n integer);"
-                           " CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS"
-                           " $$BEGIN PERFORM pg_sleep(0.15); RETURN NEW; END$$;"
-                           " CREATE TRIGGER slow BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION slow()")
+        execute(canonical, SLOW_ITEMS)
         new.send_many([{"action": "update", "data": {"n": 1}, "restriction": {"id": i}} for i in range(40)])
         wait_for(lambda: query(canonical, "SELECT count(*) FILTER (WHERE n = 1) FROM items") == [(40,)],
                  timeout=60, message="every packet of both queues applied, in order")
@@ -683,20 +691,17 @@ def test_a_reload_away_from_a_queue_that_no_longer_exists_goes_on_to_the_new_one
     replacement resubscribed to it for ever, a few times a second, and never consumed its new
     queue (review FF). It gives the old queue up after PREVIOUS_QUEUE_TRIES subscriptions in a
     row without a packet."""
-    from golconde.daemon import Daemon
-
-    from .flow_support import parse_config
-
     canonical, t1 = make_database(), make_database()
     for dsn in (canonical, t1):
-        execute(dsn, "CREATE TABLE items (id integer PRIMARY KEY, n integer)")
-    mapping = make_config(canonical, {"t1": t1}, "public.items")
-    destination = next(iter(mapping["Destinations"].values()))
-    new_queue = destination["Targets"]["t1"]["queue"]
-    destination["Targets"]["t1"]["queue"] = "/amq/queue/" + new_queue.split("/")[-1] + ".gone"
-    path = write_config(str(tmp_path / "golconde.yaml"), mapping)
-    daemon = Daemon(parse_config(mapping), config_path=path)
-    daemon.start()
+        execute(dsn, ITEMS)
+    queues = []
+
+    def gone(destination):
+        queues.append(destination["Targets"]["t1"]["queue"])
+        destination["Targets"]["t1"]["queue"] = "/amq/queue/" + queues[0].split("/")[-1] + ".gone"
+
+    daemon, mapping, destination, path = items_daemon(tmp_path, canonical, t1, gone)
+    new_queue = queues[0]
     host, port = stomp_address()
     client = Client(destination["queue"], host, port, STOMP_LOGIN, STOMP_PASSCODE)
     try:
