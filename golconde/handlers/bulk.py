@@ -66,6 +66,9 @@ PAGE_SIZE = 1000
 NUMERIC_TYPES = frozenset(("smallint", "integer", "bigint", "numeric", "real", "double precision"))
 #: ... and a decimal number's too (a float type reads "-0.0" as -0, where the literal gives 0).
 _EXACT_NUMBERS = frozenset(("smallint", "integer", "bigint", "numeric"))
+#: Float types: a decimal number is bound as its text (:func:`golconde.handlers.autosql.bind`),
+#: which their input function reads as the JSON element's text is read ("-0.0" as -0).
+FLOAT_TYPES = frozenset(("real", "double precision"))
 #: Integer types: a bound decimal literal is rounded to them.
 _INTEGERS = frozenset(("smallint", "integer", "bigint"))
 #: The integer types (a fraction given for one is refused: :func:`golconde.handlers.autosql.bind`).
@@ -265,9 +268,9 @@ def json_kinds(column: Column) -> FrozenSet[type]:
       stands between (:attr:`~golconde.schema.Column.text_input`: ``regclass`` reads digits as a
       table name there, where its input function reads an OID);
     * ``int`` (not ``bool``): for numeric types, the same number; for string types, its digits;
-    * ``Decimal``: for numeric types the same number; not for integer types (bound, where
-      :func:`golconde.handlers.autosql.bind` refuses a fraction that the cast would round), nor
-      for float types, which read ``-0.0`` as -0 where the literal gives 0;
+    * ``Decimal``: for numeric and float types the same number (for a float type, bound as its
+      text, so ``-0.0`` is -0 either way); not for integer types (bound, where
+      :func:`golconde.handlers.autosql.bind` refuses a fraction that the cast would round);
     * ``bool``: for boolean, the same; for text, varchar and bpchar, ``true`` / ``false``.
     """
     if column.is_array or column.is_json:
@@ -276,7 +279,7 @@ def json_kinds(column: Column) -> FrozenSet[type]:
     kinds = {type(None), str} if column.text_input else {type(None)}
     if base in NUMERIC_TYPES:
         kinds.add(int)
-        if base in _EXACT_NUMBERS and base not in _INTEGERS:
+        if base not in _INTEGERS:
             kinds.add(Decimal)      # for an integer, bound and checked (a fraction is refused)
     elif base in STRING_TYPES:
         kinds.add(int)

@@ -465,6 +465,42 @@ def test_every_value_in_every_column_type_as_one_by_one(typed_databases, column)
     assert typed_rows(batched) == typed_rows(reference)
 
 
+FLOATS = """
+CREATE TABLE floats (id integer PRIMARY KEY, r real, d double precision, ra real[],
+                     da double precision[])
+"""
+
+
+@pytest.mark.parametrize("role", ["destination", "target"])
+def test_float_columns_read_numbers_as_their_text(two_databases, role):
+    """A decimal number for a real or double precision column (or an element of their arrays) is
+    read as its text, one packet alone and in runs alike: -0.0 stays -0 (a numeric literal has no
+    negative zero), an array may mix numbers with "NaN", and an out-of-range number is named as
+    the packet wrote it."""
+    conn = two_databases[0]
+    zero = Decimal("-0.0")
+    with conn.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS floats; " + FLOATS)
+        handler = AutoSQL("floats", role=role)
+        handler.apply_batch(cur, [Packet(Action.SET, {"id": 1, "r": zero, "d": zero, "ra": [zero, 1],
+                                                      "da": [[zero, "NaN"], [2, None]]})])
+        handler.apply_batch(cur, [Packet(Action.ADD, {"id": i, "r": zero, "d": zero, "ra": [zero],
+                                                      "da": [zero, "Infinity", Decimal("1.5")]})
+                                  for i in (2, 3)])
+        handler.apply_batch(cur, [Packet(Action.UPDATE, {"r": zero, "d": Decimal("-1E-3")}, {"id": i})
+                                  for i in (2, 3)])
+        cur.execute("SELECT id, r::text, d::text, ra::text, da::text FROM floats ORDER BY id")
+        assert cur.fetchall() == [(1, "-0", "-0", "{-0,1}", "{{-0,NaN},{2,NULL}}"),
+                                  (2, "-0", "-0.001", "{-0}", "{-0,Infinity,1.5}"),
+                                  (3, "-0", "-0.001", "{-0}", "{-0,Infinity,1.5}")]
+        cur.execute("SAVEPOINT s")
+        with pytest.raises(psycopg2.Error, match=r'"1E\+39" is out of range for type real'):
+            handler.apply_batch(cur, [Packet(Action.SET, {"id": 4, "r": Decimal("1E+39")})])
+        cur.execute("ROLLBACK TO SAVEPOINT s")
+        cur.execute("DROP TABLE floats")
+    conn.commit()
+
+
 class Recording(psycopg2.extensions.cursor):
     """A cursor that keeps the text of every statement it executes."""
 
