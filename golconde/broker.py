@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import socket
 import threading
 import time
@@ -51,6 +52,38 @@ LOGGER = logging.getLogger(__name__)
 ID_HEADER = "golconde-id"
 #: Header carrying when the change was made at the source (seconds since the epoch, float).
 CREATED_HEADER = "golconde-created-at"
+#: Longest header value golconded copies from a message it received into one it sends (a
+#: ``content-type``, a ``golconde-batch`` count); ActiveMQ refuses a frame whose headers pass about
+#: 10 KB (stomp.py's escaping may double a value), on every redelivery of the message.
+MAX_COPIED_HEADER = 200
+
+
+def created_text(value: Any) -> Optional[str]:
+    """A ``golconde-created-at`` value fit to send on, from a received header or a batch entry's
+    ``created``: the text itself when it is a finite number of at most 32 characters, else the
+    number as ``%.3f``; ``None`` when it is no finite number (a sender's header is copied into the
+    fan-out and dead-letter messages, where the broker may refuse an overlong one for ever)."""
+    if value is None or isinstance(value, bool):
+        return None
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except (ValueError, OverflowError):
+        return None
+    if not math.isfinite(number):
+        return None
+    return text if len(text) <= 32 else "%.3f" % number
+
+
+def copied_header(value: Any, default: Optional[str] = None) -> Optional[str]:
+    """A received header value to copy into a message golconded sends: ``value`` when it is at most
+    :data:`MAX_COPIED_HEADER` characters, else ``default``."""
+    if value is None:
+        return default
+    text = str(value)
+    return text if len(text) <= MAX_COPIED_HEADER else default
+
+
 #: Header ``golconde dlq replay`` puts on the packets it sends back (the dead-letter queue they
 #: come from): the consumer applies them even though its ledger records them as dead-lettered.
 REPLAYED_HEADER = "golconde-replayed-from"

@@ -30,7 +30,7 @@ import psycopg2.extensions
 from . import envelope, ledger, trigger
 from . import schema as schema_module
 from .apply import APPLIED, DEAD_LETTER, DUPLICATE, Outcome
-from .broker import (CREATED_HEADER, ID_HEADER, BrokerConnection, BrokerError, Delivery, Outgoing,
+from .broker import (CREATED_HEADER, ID_HEADER, BrokerConnection, BrokerError, Delivery, Outgoing, created_text,
                      Receipt, send_all_async)
 from .config import REPLY_TO_RE, queue_key, reply_allowed
 from .errors import GolcondeError, PacketError, StopListener, describe, printable
@@ -190,7 +190,7 @@ class ClientDestination(QueueConsumer):
         now = time.time()
         # the packet's creation time, or for a plain client's the broker's or our receipt time
         packets = [(item[0], outcome.fanout,
-                    delivery.headers.get(CREATED_HEADER) or "%.3f" % (_created(delivery) or now))
+                    created_text(delivery.headers.get(CREATED_HEADER)) or "%.3f" % (_created(delivery) or now))
                    for delivery, item, outcome in zip(batch, items, outcomes)
                    if outcome.status in (APPLIED, DUPLICATE) and outcome.fanout]
         count, receipts = self.fanout.send_async(packets)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+from .broker import created_text
 from .errors import PacketError
 from .ledger import normal_id
 from .packet import MAX_PACKET_BYTES, dumps, loads
@@ -69,7 +70,8 @@ def with_created(entries: Sequence[Tuple[str, str, str]]) -> List[Tuple[str, int
 
 def decode(body: bytes, count: Optional[str] = None) -> List[Tuple[str, Mapping[str, Any], str]]:
     """Unpack a batch message body into ``[(packet_id, packet_object, created), ...]``; each
-    id as the ledger records it (:func:`golconde.ledger.normal_id`).
+    id as the ledger records it (:func:`golconde.ledger.normal_id`), each ``created`` as
+    :func:`golconde.broker.created_text` gives it (``""`` when it is no number).
 
     :param count: the message's ``golconde-batch`` header, if it must be checked: the number of
         entries (receivers bound what they hold and apply by it, before decoding).
@@ -92,7 +94,7 @@ def decode(body: bytes, count: Optional[str] = None) -> List[Tuple[str, Mapping[
             raise PacketError("batch message entry %d must be {id: string, packet: object}" % index)
         if not entry["id"]:
             raise PacketError("batch message entry %d has an empty id" % index)
-        entries.append((normal_id(entry["id"]), entry["packet"], str(entry.get("created", ""))))
+        entries.append((normal_id(entry["id"]), entry["packet"], created_text(entry.get("created")) or ""))
     return entries
 
 

@@ -92,10 +92,17 @@ def normal_id(value: str) -> str:
 
 def packet_id(headers: Mapping[str, str], body: bytes) -> str:
     """The identity of a received packet: its ``golconde-id`` header (:func:`normal_id`), else the
-    SHA-256 of its body (``"sha256:<hex>"``)."""
+    SHA-256 of its body (``"sha256:<hex>"``). A header holding U+FFFD, the character stomp.py
+    puts for bytes that are no UTF-8 (STOMP headers are UTF-8; brokers pass others on), no
+    longer tells two ids apart: such a packet is ``"id-sha256:"`` and the SHA-256 of the header
+    and the body together (the same message sent again is still recognized)."""
     value = headers.get("golconde-id")
     if value:
-        return normal_id(str(value))
+        value = str(value)
+        if "\ufffd" in value:
+            return "id-sha256:" + hashlib.sha256(
+                value.encode("utf-8", "surrogatepass") + b"\x00" + bytes(body)).hexdigest()
+        return normal_id(value)
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 

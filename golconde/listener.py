@@ -29,7 +29,7 @@ from . import envelope, ledger
 from .apply import (APPLIED, DEAD_LETTER, DUPLICATE, Applier, Blocked, ConnectionLost, Outcome, backoff,
                     members)
 from .broker import (CREATED_HEADER, ID_HEADER, REPLAYED_HEADER, BrokerConnection, BrokerError, Delivery,
-                     Outgoing, Receipt)
+                     Outgoing, Receipt, copied_header, created_text)
 from .errors import (RECONNECT, ConfigError, GolcondeError, PacketError, StopListener, classify,
                      describe, printable)
 from .handlers import load_handler
@@ -377,13 +377,16 @@ class Listener(threading.Thread):
                 "golconde-original-queue": self.config.queue,
                 "golconde-consumer": self.name,
                 "golconde-dead-lettered-at": now,
-                "content-type": delivery.headers.get("content-type", "application/json"),
+                "content-type": copied_header(delivery.headers.get("content-type"), "application/json"),
             }
-            if CREATED_HEADER in delivery.headers:
-                headers[CREATED_HEADER] = delivery.headers[CREATED_HEADER]
+            # what came from the sender is copied only when short (a broker may refuse the send)
+            created = created_text(delivery.headers.get(CREATED_HEADER))
+            if created:
+                headers[CREATED_HEADER] = created
             if envelope.BATCH_HEADER in delivery.headers:
                 # a malformed batch message, dead-lettered whole: a replay must read it as one
-                headers[envelope.BATCH_HEADER] = delivery.headers[envelope.BATCH_HEADER]
+                # (an overlong count stays wrong: the replay dead-letters it again)
+                headers[envelope.BATCH_HEADER] = copied_header(delivery.headers[envelope.BATCH_HEADER], "?")
             out.append((self.config.dead_letter_queue, delivery.body, headers))
         return out
 

@@ -337,3 +337,38 @@ def test_header_values_that_would_break_a_frame_are_cleaned(broker):
     got = {d.headers[ID_HEADER]: d.headers["golconde-reason"] for d in received}
     assert got == {"0": "line one\nline two\nthree", "1": "nul \\x00 inside", "2": reasons[2]}
     assert [header_value(r) for r in reasons] == [got["0"], got["1"], got["2"]]
+
+
+def test_overlong_sender_times_are_not_sent_on(broker, make_database):
+    """A batch message's entries carry their "created" time, which the destination sends on in the
+    ``golconde-created-at`` header of its fan-out and of a dead letter. A sender's 20,000-digit one
+    made ActiveMQ refuse those sends (its header limit is about 10 KB) on every redelivery: the
+    destination stalled, the targets never got the row. It is now dropped (no finite number) or
+    shortened (a number in 32 characters or fewer is kept as written)."""
+    canonical, t1 = make_database(), make_database()
+    for dsn in (canonical, t1):
+        execute(dsn, "CREATE TABLE public.items (id integer PRIMARY KEY, name text)")
+    config = parse_config(make_config(canonical, {"t1": t1}, "public.items", broker=broker))
+    destination = config.destinations[0]
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        long_number = "1" + "0" * 20000      # float(): inf
+        long_decimal = "1700000000." + "5" * 20000
+        entries = [{"id": "long-1", "created": long_number, "packet": {"action": "add", "data": {"id": 1}}},
+                   {"id": "long-2", "created": long_decimal,
+                    "packet": {"action": "add", "data": {"id": 2, "nope": 1}}},   # dead-lettered
+                   {"id": "long-3", "created": long_decimal, "packet": {"action": "add", "data": {"id": 3}}}]
+        send_raw(destination.queue, [json.dumps({"batch": entries}),
+                                     json.dumps({"action": "add", "data": {"id": 4}})],
+                 [{"golconde-batch": "3"}, {}], broker=broker)
+        wait_for(lambda: query(t1, "SELECT array_agg(id ORDER BY id) FROM items")[0][0] == [1, 3, 4],
+                 timeout=30, message="rows 1, 3 and 4 at the target")
+        dead: List[Delivery] = []
+        wait_for(lambda: dead.extend(drain_queue(destination.dead_letter_queue, wait=0.5, broker=broker))
+                 or dead, timeout=30, message="the dead letter")
+        assert [d.headers[ID_HEADER] for d in dead] == ["long-2"]
+        assert dead[0].headers["golconde-created-at"] == "1700000000.556"
+        assert "nope" in dead[0].headers["golconde-reason"]
+    finally:
+        assert daemon.stop(), "daemon did not stop in time"
