@@ -24,6 +24,11 @@ LOGGER = logging.getLogger("golconde")
 DEFAULT_CONFIGS = ("etc/golconde.yaml", "/etc/golconde/golconde.yaml", "/etc/golconde.yaml")
 
 
+#: ``-c``'s help: where the configuration is looked for when it is not given.
+CONFIG_HELP = ("YAML configuration (default: $GOLCONDE_CONFIG, else the first of %s that exists)"
+               % ", ".join(DEFAULT_CONFIGS))
+
+
 def default_config_path() -> str:
     """``$GOLCONDE_CONFIG``, else the first of :data:`DEFAULT_CONFIGS` that exists."""
     env = os.environ.get("GOLCONDE_CONFIG")
@@ -105,8 +110,7 @@ def _indent(text: str) -> str:
 def daemon_main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``golconded``."""
     parser = argparse.ArgumentParser(prog="golconded", description="Golconde data distribution daemon")
-    parser.add_argument("-c", "--config", default=None, help="YAML configuration (default: %s)"
-                        % default_config_path())
+    parser.add_argument("-c", "--config", default=None, help=CONFIG_HELP)
     parser.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     parser.add_argument("--pidfile", help="write the daemon's pid to this file")
@@ -278,9 +282,11 @@ def _admin_main(argv: Optional[List[str]] = None) -> int:
                       help="destination name (as in the configuration)")
     trig.add_argument("--actions", help="comma-separated subset of insert,update,delete (default: all)")
     trig.add_argument("-c", "--config", help="take --dsn/--table from this configuration")
+    trig.add_argument("--force", action="store_true",
+                      help="install even on a destination the configuration has in client mode")
 
     comp = sub.add_parser("compare", help="compare each target with its canonical relation")
-    comp.add_argument("-c", "--config", default=None)
+    comp.add_argument("-c", "--config", default=None, help=CONFIG_HELP)
     comp.add_argument("--destination", help="only this destination")
     comp.add_argument("--rows", type=_count, default=0, metavar="N",
                       help="for a target that differs, list at most N differing rows by the"
@@ -290,7 +296,7 @@ def _admin_main(argv: Optional[List[str]] = None) -> int:
                            " AutoSQL (by default they are not compared: a handler writes its own way)")
 
     send = sub.add_parser("send", help="enqueue packets (JSON arguments, or one per line on stdin)")
-    send.add_argument("-c", "--config", default=None)
+    send.add_argument("-c", "--config", default=None, help=CONFIG_HELP)
     send.add_argument("--destination", required=True)
     send.add_argument("--to-targets", action="store_true",
                       help="send to each target's queue instead (the canonical relation is not"
@@ -298,11 +304,11 @@ def _admin_main(argv: Optional[List[str]] = None) -> int:
     send.add_argument("packets", nargs="*", help="JSON packets; none = read lines from stdin")
 
     check = sub.add_parser("check-config", help="validate a configuration file")
-    check.add_argument("-c", "--config", default=None)
+    check.add_argument("-c", "--config", default=None, help=CONFIG_HELP)
 
     stat = sub.add_parser("status", help="tree of destinations and targets: state, backlog, lag, "
                           "rates, last error (from the daemon and the broker)")
-    stat.add_argument("-c", "--config", default=None)
+    stat.add_argument("-c", "--config", default=None, help=CONFIG_HELP)
     stat.add_argument("--destination", help="only this destination")
     stat.add_argument("--json", action="store_true", help="print JSON (for scripts)")
     stat.add_argument("--url", action="append", type=_daemon_url,
@@ -318,7 +324,7 @@ def _admin_main(argv: Optional[List[str]] = None) -> int:
 
     dlq = sub.add_parser("dlq", help="list, replay or purge a dead-letter queue")
     dlq.add_argument("operation", choices=["list", "replay", "purge"])
-    dlq.add_argument("-c", "--config", default=None)
+    dlq.add_argument("-c", "--config", default=None, help=CONFIG_HELP)
     dlq.add_argument("--destination", help="use this destination's dead-letter queue")
     dlq.add_argument("--target", help="with --destination: that target's dead-letter queue")
     dlq.add_argument("--queue", type=_queue_name,
@@ -429,8 +435,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _warn_trigger_mismatch(destination: Any, tables: Sequence[str]) -> None:
     """Warn (stderr) when the configuration will not drain what is being captured as one might
-    expect: a destination in client mode drains no queue table; a table other than the
-    destination's has its changes sent to that destination's targets all the same."""
+    expect: a destination in client mode (installed with ``--force``) drains no queue table; a
+    table other than the destination's has its changes sent to that destination's targets all
+    the same."""
     from .schema import parse_relation
     if getattr(destination, "mode", "trigger") != "trigger":
         print("golconde: warning: destination %s is in %s mode: no daemon drains the changes the"
@@ -459,6 +466,16 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
         dsn = dsn or matches[0].pgsql
         tables = tables or [matches[0].target]
         if args.operation == "install":
+            if matches[0].mode != "trigger" and not args.force:
+                # golconded applies this destination's packets to the table itself: the trigger
+                # would queue every one of them for no one, and, the mode switched later, send
+                # them to the targets a second time
+                print("golconde: destination %s is in %s mode: golconded writes its packets to %s"
+                      " itself and drains no queue table, so the trigger would capture those"
+                      " writes for no one (and, once the mode is switched to trigger, send them to"
+                      " the targets again); set its mode to trigger first, or pass --force"
+                      % (args.destination, matches[0].mode, tables[0]), file=sys.stderr)
+                return 2
             _warn_trigger_mismatch(matches[0], tables)
     actions = [a.strip().lower() for a in args.actions.split(",")] if args.actions else None
     from .progress import echo, progress

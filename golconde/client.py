@@ -44,7 +44,7 @@ import time
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .broker import CREATED_HEADER, ID_HEADER, BrokerConnection, BrokerError, Delivery, Outgoing
-from .config import QUEUE_RE, QUEUE_TEXT
+from .config import QUEUE_RE, QUEUE_TEXT, consumed_queues, queue_key
 from .errors import ConfigError, GolcondeError, PacketError
 from . import envelope, ledger
 from .packet import MAX_PACKET_BYTES, Action, Group, Packet, loads, parse
@@ -133,8 +133,11 @@ class Client:
     :param host, port, login, passcode, vhost: the STOMP broker.
     :param timeout: seconds to wait for a connection or a confirmation.
     :param reply_to: a queue (``/queue/...``) where the destination sends the outcome of each
-        message (see :meth:`wait_outcome`); ``None``: no outcomes.
-    :raises ConfigError: ``queue`` is not a queue name (``/queue/...`` or ``/amq/queue/...``).
+        message (see :meth:`wait_outcome`); ``None``: no outcomes. A queue of this client's own:
+        a message there that is no outcome is left unacknowledged (it goes back to the queue when
+        the client disconnects).
+    :raises ConfigError: ``queue`` is not a queue name (``/queue/...`` or ``/amq/queue/...``), or
+        ``reply_to`` is ``queue``.
     :param batch_messages: the packets of one :meth:`send_many` call or :meth:`batch` block go to
         the broker as batch messages (:mod:`golconde.envelope`: up to 500 packets or 1 MiB per
         message, each packet keeping its own id, outcome and dead letter), which costs the broker
@@ -149,6 +152,10 @@ class Client:
         if not isinstance(queue, str) or not QUEUE_RE.fullmatch(queue):
             # a topic, or a bare name, would take packets no destination reads
             raise ConfigError("queue: expected %s, got %r" % (QUEUE_TEXT, queue))
+        if reply_to is not None and queue_key(reply_to.strip()) == queue_key(queue):
+            # the client would read (and take) the packets it sends, as outcomes
+            raise ConfigError("reply_to: %s is the queue the packets are sent to; give this client"
+                              " a reply queue of its own" % queue)
         self.queue = queue
         self.batch_messages = batch_messages
         self.timeout = timeout
@@ -167,10 +174,15 @@ class Client:
                         reply_to: Optional[str] = None) -> "Client":
         """A client for destination ``name`` of a :class:`golconde.config.Config`.
 
-        :raises ConfigError: no such destination, or it is in trigger mode: its daemon drains
+        :raises ConfigError: no such destination, ``reply_to`` is a queue or dead-letter queue
+            of the configuration, or the destination is in trigger mode: its daemon drains
             ``golconde.queue`` and consumes no broker queue, so packets sent there would wait
             unread (write the canonical table, or send to its targets: :meth:`for_targets`)."""
         destination = _destination(config, name)
+        if reply_to is not None and queue_key(reply_to.strip()) in consumed_queues(config):
+            raise ConfigError("reply_to: %s is a queue or dead-letter queue of the configuration:"
+                              " the client would take the packets on it; give it a reply queue of"
+                              " its own" % reply_to)
         if destination.mode == "trigger":
             raise ConfigError("Destinations.%s is in trigger mode: golconded reads its changes from"
                               " golconde.queue, not from %s, so packets sent there would wait"
@@ -330,7 +342,10 @@ class Client:
                 self._outcome_cond.wait(min(remaining, 0.5))
 
     def _on_reply(self, delivery: Delivery) -> None:
-        """On stomp.py's receiver thread: keep the outcome, ack it (no receipt is awaited here)."""
+        """On stomp.py's receiver thread: keep the outcome, ack it (no receipt is awaited here).
+        A message that is no outcome is not acknowledged: it goes back to the queue when this
+        client disconnects (the reply queue is read by something else too, or is no reply queue:
+        its messages must not be taken)."""
         try:
             outcome = loads(delivery.body)
             if not isinstance(outcome, dict) or "status" not in outcome:
@@ -348,7 +363,11 @@ class Client:
                 self._forget_outcomes(now)
                 self._outcome_cond.notify_all()
         except PacketError as exc:
-            LOGGER.warning("ignoring a message on reply queue %s: %s", self.reply_to, exc)
+            LOGGER.error("a message on reply queue %s is %s: left unacknowledged, it goes back to"
+                         " the queue when this client disconnects (is something else sending"
+                         " there?)", self.reply_to, "not an outcome" if str(exc) == "not an outcome"
+                         else "no outcome (%s)" % exc)
+            return
         try:
             self.connection.ack(delivery)
         except BrokerError as exc:

@@ -147,7 +147,9 @@ def compare(canonical_dsn: str, canonical_relation: str, target_dsn: str,
         # what a mapping leaves out on purpose (excluded, constants, defaults) is not listed,
         # its names matched as the daemon matches them
         canonical_only = tuple(name for name in canonical_columns if name not in common
-                               and not (mapping is not None and mapping.excluded(name)))
+                               and not (mapping is not None and (
+                                   mapping.excluded(name)
+                                   or mapping.written_by_mapping(mapping.rename(name)))))
         target_only = tuple(name for name in target_columns if name not in compared_targets
                             and not (mapping is not None and mapping.written_by_mapping(name)))
         ignored = tuple([name for name in canonical_columns if name not in common]

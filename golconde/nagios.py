@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     for metric, unit in (("lag", "seconds"), ("backlog", "packets"), ("errors", "new errors")):
         for level, index in (("warning", 0), ("critical", 1)):
             parser.add_argument("--%s-%s" % (metric, level), metavar="RANGE",
-                                help="%s %s range (default %s)" % (metric, unit, DEFAULTS[metric][index]))
+                                help="%s range of the %s, in %s (default %s)"
+                                     % (level, metric, unit, DEFAULTS[metric][index]))
     parser.add_argument("-t", "--timeout", type=_positive, default=10.0,
                         help="seconds before giving up, UNKNOWN (default %(default)s)")
     parser.add_argument("--state-file", help="where error totals are kept between checks "

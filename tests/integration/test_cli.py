@@ -146,10 +146,16 @@ def test_trigger_install_remove_and_compare(make_database, tmp_path):
                               "items", name="Items")
     result = run("golconde.cli", "compare", "-c", write_config(str(tmp_path / "u.yaml"), unreachable))
     assert result.returncode == 1 and result.stdout.splitlines()[-1] == "1 could not be compared", result.stdout
-    # with the configuration: a client-mode destination drains no queue table; another table's
-    # changes go to the destination's targets all the same; both installed, with warnings
+    # with the configuration: a client-mode destination drains no queue table (refused, unless
+    # --force); another table's changes go to the destination's targets all the same; with
+    # --force both installed, with warnings
+    result = run("golconde.cli", "trigger", "install", "-c", path, "--destination", "Items")
+    assert result.returncode == 2 and "destination Items is in client mode" in result.stderr
+    assert "set its mode to trigger first, or pass --force" in result.stderr
+    assert query(canonical, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'items'::regclass"
+                            " AND NOT tgisinternal")[0][0] == 0
     result = run("golconde.cli", "trigger", "install", "-c", path, "--destination", "Items",
-                 "--table", "log")
+                 "--table", "log", "--force")
     assert result.returncode == 0, result.stderr
     assert "destination Items is in client mode" in result.stderr
     assert "log is not destination Items's relation (items)" in result.stderr
@@ -188,7 +194,7 @@ def test_bad_input_to_the_commands_is_a_clear_error_naming_it(make_database, tmp
     result = run("golconde.cli", *send[3:], stdin='{"action": "add", "data": {"a": "x\u2028y"}}\r\n'
                                                   '{"action": "add", "data": {"a": 1}}\n')
     assert result.returncode == 1 and "no connection accepted (is the broker running there?)" in result.stderr
-    result = run("golconde.cli", "trigger", "install", "-c", path, "--destination", name)
+    result = run("golconde.cli", "trigger", "install", "-c", path, "--destination", name, "--force")
     assert result.returncode == 1, result.stderr
     assert 'cannot connect to the canonical database: connection to server' in result.stderr
     assert "Traceback" not in result.stderr

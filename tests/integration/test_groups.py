@@ -16,7 +16,7 @@ import pytest
 
 from golconde.client import Client, OutcomeTimeout
 from golconde.daemon import Daemon
-from golconde.errors import PacketError
+from golconde.errors import ConfigError, PacketError
 from golconde.packet import dumps
 
 from ..conftest import unique_queue
@@ -387,3 +387,31 @@ def test_reply_queues_restricts_where_outcomes_go(make_database, broker, caplog)
                    for record in caplog.records)
     finally:
         assert daemon.stop()
+
+
+def test_a_reply_queue_that_is_no_reply_queue_loses_nothing(broker, tmp_path):
+    """A client whose reply_to named a target's queue (or its own) read the packets there as
+    outcomes, warned "not an outcome" and acknowledged them: gone. Such a reply_to is refused, for
+    the client's own queue and, through the configuration, for any queue or dead-letter queue of
+    it; a message on a reply queue that is no outcome is left there."""
+    queue = unique_queue("noreply.")
+    with pytest.raises(ConfigError, match="reply_to: .* is the queue the packets are sent to"):
+        Client(queue, broker.host, broker.port, broker.login, broker.passcode, reply_to=queue)
+    config = parse_config(make_config("dbname=unused", {"t1": "dbname=unused2"}, "items", name="Items",
+                                      broker=broker))
+    destination = config.destinations[0]
+    for taken in (destination.queue, destination.targets[0].queue, destination.targets[0].dead_letter_queue,
+                  destination.targets[0].queue.replace("/queue/", "/amq/queue/", 1)):
+        with pytest.raises(ConfigError, match="is a queue or dead-letter queue of the configuration"):
+            Client.for_destination(config, "Items", reply_to=taken)
+    # a reply queue some other sender writes to: its message stays there
+    other = unique_queue("shared.")
+    send_one = Client(other, broker.host, broker.port, broker.login, broker.passcode, batch_messages=False)
+    with send_one:
+        sent = send_one.add({"id": 1})
+    client = Client(queue, broker.host, broker.port, broker.login, broker.passcode, reply_to=other)
+    with client:
+        with pytest.raises(OutcomeTimeout):
+            client.wait_outcome("no-such-packet", timeout=2)
+    left = drain_queue(other, wait=1.0, broker=broker)
+    assert [d.headers["golconde-id"] for d in left] == [sent]
