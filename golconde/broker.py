@@ -34,6 +34,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import re
 import socket
 import threading
 import time
@@ -58,21 +59,28 @@ CREATED_HEADER = "golconde-created-at"
 MAX_COPIED_HEADER = 200
 
 
+#: A number as golconded sends it on unchanged in ``golconde-created-at`` (ASCII, JSON's form).
+_PLAIN_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+
+
 def created_text(value: Any) -> Optional[str]:
     """A ``golconde-created-at`` value fit to send on, from a received header or a batch entry's
-    ``created``: the text itself when it is a finite number of at most 32 characters, else the
-    number as ``%.3f``; ``None`` when it is no finite number (a sender's header is copied into the
-    fan-out and dead-letter messages, where the broker may refuse an overlong one for ever)."""
+    ``created``: the text itself when it is a plain ASCII number (JSON's form) of at most 32
+    characters, else the number as Python's shortest ``repr`` (at most 24 characters; Python
+    also reads ``1_700``, ``+5`` and other scripts' digits); ``None`` when it is no finite number
+    (a sender's header is copied into the fan-out and dead-letter messages, where the broker may
+    refuse an overlong one for ever)."""
     if value is None or isinstance(value, bool):
         return None
     text = str(value).strip()
+    if len(text) <= 32 and _PLAIN_NUMBER.fullmatch(text):
+        number = float(text)
+        return text if math.isfinite(number) else None
     try:
         number = float(text)
     except (ValueError, OverflowError):
         return None
-    if not math.isfinite(number):
-        return None
-    return text if len(text) <= 32 else "%.3f" % number
+    return repr(number) if math.isfinite(number) else None
 
 
 def copied_header(value: Any, default: Optional[str] = None) -> Optional[str]:

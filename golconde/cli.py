@@ -454,6 +454,21 @@ def _warn_trigger_mismatch(destination: Any, tables: Sequence[str]) -> None:
               " partition of it)" % (table, destination.name, destination.target), file=sys.stderr)
 
 
+def _refused_install(args: argparse.Namespace, destination: Any, tables: Sequence[str]) -> bool:
+    """Refuse (stderr) a capture trigger for a destination the configuration has in client mode,
+    unless ``--force``: golconded applies its packets to the table itself, so the trigger would
+    queue every one of them for no one and, once the mode is switched, send them to the targets
+    a second time. :returns: whether refused."""
+    if destination.mode == "trigger" or args.force:
+        return False
+    print("golconde: destination %s is in %s mode: golconded writes its packets to %s itself and"
+          " drains no queue table, so the trigger would capture those writes for no one (and, once"
+          " the mode is switched to trigger, send them to the targets again); set its mode to"
+          " trigger first, or pass --force" % (args.destination, destination.mode, tables[0]),
+          file=sys.stderr)
+    return True
+
+
 def _cmd_trigger(args: argparse.Namespace) -> int:
     import psycopg2
     from . import trigger
@@ -466,17 +481,19 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
         dsn = dsn or matches[0].pgsql
         tables = tables or [matches[0].target]
         if args.operation == "install":
-            if matches[0].mode != "trigger" and not args.force:
-                # golconded applies this destination's packets to the table itself: the trigger
-                # would queue every one of them for no one, and, the mode switched later, send
-                # them to the targets a second time
-                print("golconde: destination %s is in %s mode: golconded writes its packets to %s"
-                      " itself and drains no queue table, so the trigger would capture those"
-                      " writes for no one (and, once the mode is switched to trigger, send them to"
-                      " the targets again); set its mode to trigger first, or pass --force"
-                      % (args.destination, matches[0].mode, tables[0]), file=sys.stderr)
+            if _refused_install(args, matches[0], tables):
                 return 2
             _warn_trigger_mismatch(matches[0], tables)
+    elif args.operation == "install" and not args.force:
+        # --dsn and --table given: the configuration found by default, where it names this
+        # destination, still tells a client-mode one (read quietly: it is not needed here)
+        from .config import load
+        try:
+            known = [d for d in load(default_config_path()).destinations if d.name == args.destination]
+        except (ConfigError, OSError):
+            known = []
+        if known and _refused_install(args, known[0], tables):
+            return 2
     actions = [a.strip().lower() for a in args.actions.split(",")] if args.actions else None
     from .progress import echo, progress
     try:

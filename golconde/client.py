@@ -168,6 +168,8 @@ class Client:
             collections.OrderedDict()
         self._outcome_cond = threading.Condition()
         self._reply_generation: Optional[int] = None
+        #: why the reply queue is not read any more: a message there was no outcome
+        self._reply_refused: Optional[str] = None
 
     @classmethod
     def for_destination(cls, config: Any, name: str, timeout: float = 30.0,
@@ -322,6 +324,7 @@ class Client:
             kept until waited for, for :data:`OUTCOME_TTL` seconds and at most
             :data:`MAX_KEPT_OUTCOMES` of them.
         :raises GolcondeError: the client has no ``reply_to``.
+        :raises ConfigError: a message on the reply queue was no outcome (see :meth:`_on_reply`).
         :raises OutcomeTimeout: nothing arrived in time.
         :raises BrokerError: the broker connection failed.
         """
@@ -329,6 +332,7 @@ class Client:
             raise GolcondeError("wait_outcome() needs a client created with reply_to=/queue/...")
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
+            self._leave_reply_queue()
             if not self.connection.connected or self._reply_generation != self.connection.generation:
                 self.connect()
                 self.connection.subscribe(self.reply_to, 100)
@@ -339,13 +343,30 @@ class Client:
                     return self._outcomes.pop(packet_id)[1]
                 if remaining <= 0:
                     raise OutcomeTimeout("no outcome for %s on %s" % (packet_id, self.reply_to))
-                self._outcome_cond.wait(min(remaining, 0.5))
+                if self._reply_refused is None:
+                    self._outcome_cond.wait(min(remaining, 0.5))
+
+    def _leave_reply_queue(self) -> None:
+        """Once a message on the reply queue was no outcome: close the connection (the messages
+        this client holds unacknowledged go back to the queue at once, for whoever reads it) and
+        raise; the reply queue is not read again.
+
+        :raises ConfigError: the reply queue holds messages that are no outcomes."""
+        if self._reply_refused is None:
+            return
+        if self._reply_generation is not None:
+            self._reply_generation = None
+            self.connection.close()
+        raise ConfigError(self._reply_refused)
 
     def _on_reply(self, delivery: Delivery) -> None:
         """On stomp.py's receiver thread: keep the outcome, ack it (no receipt is awaited here).
-        A message that is no outcome is not acknowledged: it goes back to the queue when this
-        client disconnects (the reply queue is read by something else too, or is no reply queue:
-        its messages must not be taken)."""
+        A message that is no outcome is not acknowledged, nor any after it: the reply queue is
+        read by something else too, or is no reply queue (a target's, say), whose messages must not
+        be taken; the next :meth:`wait_outcome` or send closes the connection, which gives them
+        back, and :meth:`wait_outcome` raises from then on."""
+        if self._reply_refused is not None:
+            return
         try:
             outcome = loads(delivery.body)
             if not isinstance(outcome, dict) or "status" not in outcome:
@@ -363,10 +384,14 @@ class Client:
                 self._forget_outcomes(now)
                 self._outcome_cond.notify_all()
         except PacketError as exc:
-            LOGGER.error("a message on reply queue %s is %s: left unacknowledged, it goes back to"
-                         " the queue when this client disconnects (is something else sending"
-                         " there?)", self.reply_to, "not an outcome" if str(exc) == "not an outcome"
-                         else "no outcome (%s)" % exc)
+            what = "not an outcome" if str(exc) == "not an outcome" else "no outcome (%s)" % exc
+            with self._outcome_cond:
+                self._reply_refused = (
+                    "reply_to: a message on %s is %s: it is no reply queue of this client's own"
+                    " (something else sends or reads there); the client stopped reading it and"
+                    " gave its messages back, unacknowledged" % (self.reply_to, what))
+                self._outcome_cond.notify_all()
+            LOGGER.error("%s", self._reply_refused)
             return
         try:
             self.connection.ack(delivery)
@@ -405,6 +430,9 @@ class Client:
         if not entries:
             return
         messages = self.messages(entries)
+        if self._reply_refused is not None and self._reply_generation is not None:
+            self._reply_generation = None
+            self.connection.close()         # gives back what the reply subscription holds
         for attempt in (1, 2):
             try:
                 self.connect()

@@ -371,9 +371,12 @@ class TriggerDestination(Listener):
             self.locked = trigger.acquire_drain_lock(self.db, self.config.name,
                                                      stale_holder=self.application_name)
             if not self.locked:
-                self.stats.set_error("another process drains destination %s" % self.config.name)
+                holder = ledger.lock_holder(self.db, "drain:" + self.config.name)
+                self.stats.set_error("another process drains destination %s%s"
+                                     % (self.config.name, holder))
                 if not self._lock_waiting:      # once per wait, not at every try
-                    LOGGER.warning("[%s] another process holds the drain lock; waiting", self.name)
+                    LOGGER.warning("[%s] another process holds the drain lock%s; waiting",
+                                   self.name, holder)
                 self._lock_waiting = True
                 self._stopping.wait(max(self.config.poll_interval, DRAIN_LOCK_RETRY))
                 return

@@ -149,6 +149,42 @@ def acquire_session_lock(connection: Any, name: str, stale_holder: Optional[str]
     return held
 
 
+def lock_holder(connection: Any, name: str) -> str:
+    """Who holds the session-level advisory lock :func:`advisory_key` ``(name)`` in
+    ``connection``'s database, for a message: ``" (held by session pid 123, application_name
+    'golconde 1a2b Items_t1', active; SELECT pg_terminate_backend(123) ends it if its daemon is
+    gone)"``, or ``""`` when no holder can be read. A daemon killed while its session was busy (a
+    statement waiting for a lock) leaves that session, and its lock, until the statement ends."""
+    key = advisory_key(name)
+    try:
+        with _committed_if_idle(connection), connection.cursor() as cur:
+            cur.execute("SELECT l.pid, a.application_name, a.state FROM pg_catalog.pg_locks l"
+                        " LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid"
+                        " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+                        "   AND l.classid = %s AND l.objid = %s"
+                        "   AND l.database = (SELECT oid FROM pg_catalog.pg_database"
+                        "                      WHERE datname = current_database())"
+                        "   AND l.pid <> pg_backend_pid() LIMIT 1",
+                        ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF))
+            row = cur.fetchone()
+    except psycopg2.Error:
+        try:
+            connection.rollback()
+        except psycopg2.Error:
+            pass
+        return ""
+    if row is None:
+        return ""
+    pid, application, state = row
+    parts = ["session pid %d" % pid]
+    if application is not None:
+        parts.append("application_name %r" % printable(application))
+    if state:
+        parts.append(state)
+    return (" (held by %s; SELECT pg_terminate_backend(%d) ends it if its daemon is gone)"
+            % (", ".join(parts), pid))
+
+
 def _end_stale_holder(cur: Any, key: int, name: str, stale_holder: str, wait: float) -> bool:
     """Terminate the session named ``stale_holder`` that holds advisory lock ``key`` in this
     database, then try the lock again for up to ``wait`` seconds (:func:`acquire_session_lock`).

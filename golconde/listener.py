@@ -89,6 +89,23 @@ def connect(dsn: str, application_name: str) -> Any:
     return psycopg2.connect(dsn, application_name=application_name[:63], **settings)
 
 
+def idle_in_transaction_timeout(db: Any) -> Optional[str]:
+    """The session's ``idle_in_transaction_session_timeout`` as PostgreSQL shows it (``"20ms"``),
+    or ``None`` when it is 0 (off) or cannot be read; the transaction it opens is rolled back."""
+    try:
+        with db.cursor() as cur:
+            cur.execute("SELECT current_setting('idle_in_transaction_session_timeout')")
+            value = cur.fetchone()[0]
+        db.rollback()
+    except psycopg2.Error:
+        try:
+            db.rollback()
+        except psycopg2.Error:
+            pass
+        return None
+    return None if str(value).strip() in ("0", "0ms") else str(value)
+
+
 def session_token() -> str:
     """A random token for a listener's session names (:attr:`Listener.application_name`)."""
     return uuid.uuid4().hex[:8]
@@ -124,6 +141,8 @@ class Listener(threading.Thread):
         #: epoch seconds of the first of the failures in a row (None: the last cycle got through)
         self.failing_since: Optional[float] = None
         self._paused = False      # the last cycle ended in a StopListener (problem "paused")
+        #: the database session's idle_in_transaction_session_timeout when set (named in errors)
+        self._idle_timeout: Optional[str] = None
         #: set by a cycle that returned without getting through (its failures keep counting)
         self._incomplete = False
         self._ever_connected: set = set()    # connections opened at least once (for "reconnects")
@@ -171,6 +190,10 @@ class Listener(threading.Thread):
                         break
                     LOGGER.error("[%s] pausing %.0fs: %s", self.name, exc.retry_after, exc)
                     self.close()            # releases in-flight packets to the broker
+                    # it holds nothing now: its lag is not that of its last batch (a queue
+                    # consumer's backlog is none, a drain's unknown until it reads again)
+                    self.stats.set_lag(0.0)
+                    self.stats.set_backlog(0 if isinstance(self, QueueConsumer) else None)
                     self._stopping.wait(exc.retry_after)
                 except (Exception, SystemExit) as exc:  # supervising loop: log, record, reconnect
                     # (a SystemExit, from a handler's setup say, ended the thread without a word)
@@ -182,6 +205,8 @@ class Listener(threading.Thread):
                         LOGGER.error("[%s] %s", self.name, message)
                     else:
                         LOGGER.exception("[%s] unexpected error: %s", self.name, message)
+                    if classify(exc) == RECONNECT and isinstance(exc, psycopg2.Error):
+                        message = self._session_lost(message)
                     self._failed(message)
                     if classify(exc) == RECONNECT:
                         self._close_db()    # a session that cannot write (25006) stays so: a new one
@@ -273,6 +298,13 @@ class Listener(threading.Thread):
         self.stats.set_state(database="connecting")
         self.db = connect(self.config.pgsql, self.application_name)
         self._note_connected("database")   # even if the set-up below fails: it was a reconnect
+        self._idle_timeout = idle_in_transaction_timeout(self.db)
+        if self._idle_timeout:
+            LOGGER.warning("[%s] the session's idle_in_transaction_session_timeout is %s: golconded"
+                           " waits inside its transaction between the retries of a batch (seconds"
+                           " each; a batch held by a lock waits so without limit), which may end"
+                           " the session; set it to 0 for golconded's role (ALTER ROLE ... SET"
+                           " idle_in_transaction_session_timeout = 0)", self.name, self._idle_timeout)
         try:
             self.on_database_open(self.db)
         except BaseException:
@@ -294,6 +326,15 @@ class Listener(threading.Thread):
 
     def on_database_open(self, db: Any) -> None:
         """Hook: set up a fresh database connection (ledger, handler)."""
+
+    def _session_lost(self, message: str) -> str:
+        """``message`` about a lost database session, naming the session's
+        ``idle_in_transaction_session_timeout`` when one is set: PostgreSQL says it ended the
+        session ("terminating connection due to idle-in-transaction timeout") only in its own log."""
+        if not self._idle_timeout:
+            return message
+        return ("%s (the session's idle_in_transaction_session_timeout, %s, may have ended it)"
+                % (message, self._idle_timeout))
 
     def _note_connected(self, key: Any) -> None:
         """Count each re-established connection (every open after the first) in ``reconnects``."""
@@ -777,9 +818,11 @@ class QueueConsumer(Listener):
         if not ledger.acquire_consumer_lock(db, self.config.queue,
                                             stale_holder=self.application_name):
             raise StopListener("another golconded consumes %s into this database (the same"
-                               " configuration started twice?): this listener waits, since two"
-                               " consumers of one queue would apply its packets out of order"
-                               % self.config.queue, retry_after=CONSUMER_RETRY, problem=False)
+                               " configuration started twice, or the session of a daemon that"
+                               " was killed?)%s: this listener waits, since two consumers of one"
+                               " queue would apply its packets out of order"
+                               % (self.config.queue, ledger.lock_holder(db, "consume:" + self.config.queue)),
+                               retry_after=CONSUMER_RETRY, problem=False)
         ledger.ensure(db)
         self.handler.setup(db)
 
@@ -966,7 +1009,7 @@ class QueueConsumer(Listener):
         self._next_probe = now + DB_PROBE_INTERVAL
         problem = "connection closed" if self.db.closed else self._db_problem()
         if problem:
-            message = "PostgreSQL session lost while idle: %s" % problem
+            message = self._session_lost("PostgreSQL session lost while idle: %s" % problem)
             LOGGER.warning("[%s] %s; reconnecting", self.name, message)
             self.stats.set_error(message)
             self._close_db()

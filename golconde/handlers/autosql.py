@@ -242,16 +242,17 @@ def bind(table: TableSchema, column: Column, value: Any) -> Any:
         raise ValueTypeError("column %s of %s is %s: %s is accepted only for json, jsonb and array columns"
                           % (column.name, table.relation, column.type_name, _json_kind(value)))
     if kind is Decimal and column.base in bulk.FLOAT_TYPES:
-        return str(value)
+        return bulk.float_text(value)
     return value
 
 
 def _float_text(value: List[Any]) -> List[Any]:
-    """A ``real`` or ``double precision`` array's numbers as their text: the type's input function
-    reads ``-0.0`` as -0, where a numeric literal (a bound ``Decimal``) has no negative zero; and
-    an array of text only (``"NaN"`` beside ``1.5``) is one PostgreSQL can type."""
+    """A ``real`` or ``double precision`` array's numbers as their text (:func:`bulk.float_text`):
+    the type's input function reads ``-0.0`` as -0, where a numeric literal (a bound ``Decimal``)
+    has no negative zero; and an array of text only (``"NaN"`` beside ``1.5``) is one PostgreSQL
+    can type."""
     return [_float_text(item) if isinstance(item, list)
-            else str(item) if type(item) in (int, Decimal) else item for item in value]
+            else bulk.float_text(item) if type(item) in (int, Decimal) else item for item in value]
 
 
 def _hstore(table: TableSchema, column: Column, value: Any) -> Any:

@@ -22,7 +22,8 @@ A run's values travel in one of two ways:
 
   when every value is of a kind whose text the column's type reads to the value a bound literal
   would give (:func:`json_kinds`): a string for any column but json and arrays, an integer for
-  numeric and string columns, a decimal number for ``numeric`` ones, a boolean for boolean and
+  numeric and string columns, a decimal number for ``numeric`` and float ones (not a negative
+  zero), a boolean for boolean and
   string ones, NULL for any. Where such a value is still refused, the statement fails and the
   applier replays the batch packet by packet with AutoSQL's single-row statements, so the
   outcome is the same. One parameter instead of one bound
@@ -69,6 +70,14 @@ _EXACT_NUMBERS = frozenset(("smallint", "integer", "bigint", "numeric"))
 #: Float types: a decimal number is bound as its text (:func:`golconde.handlers.autosql.bind`),
 #: which their input function reads as the JSON element's text is read ("-0.0" as -0).
 FLOAT_TYPES = frozenset(("real", "double precision"))
+
+
+def float_text(value: Any) -> str:
+    """A number's text for a float column: ``str(value)``, but ``"0"`` for a negative zero
+    written without a fraction (``-0``, ``-0e0``: ``Decimal("-0")``), which travels on to the
+    targets as the JSON integer ``-0``, read there as 0: the canonical relation holds 0 too."""
+    text = str(value)
+    return "0" if text == "-0" else text
 #: Integer types: a bound decimal literal is rounded to them.
 _INTEGERS = frozenset(("smallint", "integer", "bigint"))
 #: The integer types (a fraction given for one is refused: :func:`golconde.handlers.autosql.bind`).
@@ -296,8 +305,9 @@ def _fits_json(columns: Sequence[Column], values: Sequence[Sequence[Any]]) -> bo
         return False
     for row in values:
         for value, allowed in zip(row, kinds):
-            if type(value) not in allowed:
-                return False
+            kind = type(value)
+            if kind not in allowed or (kind is Decimal and not value and value.is_signed()):
+                return False        # a negative zero: bound (float_text), as packet by packet
     return True
 
 

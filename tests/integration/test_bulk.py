@@ -493,6 +493,13 @@ def test_float_columns_read_numbers_as_their_text(two_databases, role):
         assert cur.fetchall() == [(1, "-0", "-0", "{-0,1}", "{{-0,NaN},{2,NULL}}"),
                                   (2, "-0", "-0.001", "{-0}", "{-0,Infinity,1.5}"),
                                   (3, "-0", "-0.001", "{-0}", "{-0,Infinity,1.5}")]
+        # a zero without a fraction (JSON -0e0: Decimal("-0")) travels on as the JSON integer -0,
+        # read as 0 at the targets: it is 0 here too, alone and in a run
+        for ids in ((5,), (6, 7)):
+            handler.apply_batch(cur, [Packet(Action.SET, {"id": i, "d": Decimal("-0E0"), "da": [Decimal("-0")]})
+                                      for i in ids])
+        cur.execute("SELECT id, d::text, da::text FROM floats WHERE id >= 5 ORDER BY id")
+        assert cur.fetchall() == [(i, "0", "{0}") for i in (5, 6, 7)]
         cur.execute("SAVEPOINT s")
         with pytest.raises(psycopg2.Error, match=r'"1E\+39" is out of range for type real'):
             handler.apply_batch(cur, [Packet(Action.SET, {"id": 4, "r": Decimal("1E+39")})])

@@ -154,6 +154,12 @@ def test_trigger_install_remove_and_compare(make_database, tmp_path):
     assert "set its mode to trigger first, or pass --force" in result.stderr
     assert query(canonical, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'items'::regclass"
                             " AND NOT tgisinternal")[0][0] == 0
+    # the same with --dsn and --table: the configuration found by default ($GOLCONDE_CONFIG)
+    # still tells the destination is in client mode (review LL)
+    result = subprocess.run([sys.executable, "-m", "golconde.cli", "trigger", "install", "--dsn", canonical,
+                             "--table", "items", "--destination", "Items"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=60, env=dict(os.environ, GOLCONDE_CONFIG=path))
+    assert result.returncode == 2 and "destination Items is in client mode" in result.stderr, result.stderr
     result = run("golconde.cli", "trigger", "install", "-c", path, "--destination", "Items",
                  "--table", "log", "--force")
     assert result.returncode == 0, result.stderr

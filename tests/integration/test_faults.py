@@ -888,6 +888,14 @@ def test_the_same_configuration_twice_applies_each_queue_once_in_order(make_data
             message="the second daemon's target waits")
         # a designed wait (a standby), not a standing problem as a pause is
         assert thread_stats(second)[target]["problems"] == []
+        # the holder is named, to be told from a killed daemon's session left behind (review KK)
+        waiting = thread_stats(second)[target]["last_error"]
+        assert re.search(r"\(held by session pid (\d+), application_name 'golconde \S+ %s', \w+;"
+                         r" SELECT pg_terminate_backend\(\1\) ends it if its daemon is gone\)"
+                         % re.escape(target), waiting), waiting
+        drain = thread_stats(second)[flow.name]["last_error"] or ""
+        assert drain.startswith("another process drains destination %s (held by session pid "
+                                % flow.name), drain
         db = psycopg2.connect(flow.canonical)
         db.autocommit = True
         with db.cursor() as cur:
@@ -1042,3 +1050,55 @@ def test_a_drain_ends_its_own_stale_session_that_still_holds_the_drain_lock(make
                 cur.execute("SELECT 1")
     finally:
         stale.close()
+
+
+def test_an_idle_in_transaction_timeout_is_named(make_database, caplog):
+    """A role or database with ``idle_in_transaction_session_timeout`` may end golconded's
+    sessions while a batch waits between retries; PostgreSQL says so only in its own log, so
+    golconded warned of nothing and reported "server closed the connection unexpectedly" (review
+    KK). It now warns at each connection, and names the setting when a session is lost."""
+    import logging
+    from golconde import listener as listener_module
+    canonical, t1 = make_database(), make_database()
+    for dsn in (canonical, t1):
+        execute(dsn, "CREATE TABLE public.items (id integer PRIMARY KEY, name text)")
+    dbname = re.search(r"dbname=(\S+)", t1).group(1)
+    execute(t1, "ALTER DATABASE %s SET idle_in_transaction_session_timeout = '1500ms'" % dbname)
+    config = parse_config(make_config(canonical, {"t1": t1}, "public.items"))
+    destination = config.destinations[0]
+    caplog.set_level(logging.WARNING, logger="golconde.listener")
+    daemon = Daemon(config)
+    daemon.start()
+    host, port = stomp_address()
+    try:
+        target = daemon.registry.get(destination.targets[0].thread_name)
+        wait_for(lambda: target.snapshot()["database"] == "connected", message="t1 connected")
+        warnings = [r.getMessage() for r in caplog.records if "idle_in_transaction_session_timeout" in r.getMessage()]
+        assert any(m.startswith("[%s] the session's idle_in_transaction_session_timeout is 1500ms"
+                                % destination.targets[0].thread_name) for m in warnings), warnings
+        assert not any(m.startswith("[%s] " % destination.name) for m in warnings)
+        # a session the timeout ended is named so: a transaction left open for 3 s
+        listener = daemon.listeners[destination.targets[0].thread_name]
+        with Client(destination.queue, host, port, STOMP_LOGIN, STOMP_PASSCODE) as client:
+            client.add({"id": 1, "name": "a"})
+            wait_for(lambda: query(t1, "SELECT count(*) FROM items") == [(1,)], message="applied")
+            original = listener_module.QueueConsumer.cycle
+
+            def slow_cycle(self):
+                if self is listener and not getattr(self, "_slowed", False):
+                    self._slowed = True
+                    with self.db.cursor() as cur:
+                        cur.execute("SELECT 1")         # opens a transaction, left idle
+                    time.sleep(3)
+                return original(self)
+            listener_module.QueueConsumer.cycle = slow_cycle
+            try:
+                client.add({"id": 2, "name": "b"})
+                wait_for(lambda: "may have ended it" in (target.snapshot()["last_error"] or ""),
+                         timeout=30, message="the lost session named")
+            finally:
+                listener_module.QueueConsumer.cycle = original
+            assert "idle_in_transaction_session_timeout, 1500ms, may have ended it" in target.snapshot()["last_error"]
+            wait_for(lambda: query(t1, "SELECT count(*) FROM items") == [(2,)], message="applied after")
+    finally:
+        assert daemon.stop()

@@ -411,7 +411,11 @@ def test_a_reply_queue_that_is_no_reply_queue_loses_nothing(broker, tmp_path):
         sent = send_one.add({"id": 1})
     client = Client(queue, broker.host, broker.port, broker.login, broker.passcode, reply_to=other)
     with client:
-        with pytest.raises(OutcomeTimeout):
-            client.wait_outcome("no-such-packet", timeout=2)
-    left = drain_queue(other, wait=1.0, broker=broker)
-    assert [d.headers["golconde-id"] for d in left] == [sent]
+        with pytest.raises(ConfigError, match="it is no reply queue of this client's own"):
+            client.wait_outcome("no-such-packet", timeout=10)
+        # given back at once, not when the client disconnects; not read again
+        left = drain_queue(other, wait=1.0, broker=broker)
+        assert [d.headers["golconde-id"] for d in left] == [sent]
+        with pytest.raises(ConfigError, match="it is no reply queue"):
+            client.wait_outcome("no-such-packet", timeout=1)
+        client.add({"id": 2})                   # sending goes on

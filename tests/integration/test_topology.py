@@ -14,7 +14,7 @@ from golconde import trigger
 from golconde.daemon import Daemon
 from golconde.metrics import health
 
-from .flow_support import execute, make_config, parse_config, query, wait_for
+from .flow_support import execute, make_config, parse_config, query, send_raw, wait_for
 
 TABLE = "CREATE TABLE public.u (id integer PRIMARY KEY, v text)"
 
@@ -232,3 +232,34 @@ def test_a_capture_trigger_on_a_partition_of_the_target_table_is_seen(make_datab
             assert trigger.capturing_destinations(cur, "public.missing") == []
     finally:
         conn.close()
+
+
+def test_a_paused_target_shows_no_lag(make_database, monkeypatch):
+    """A target paused (its table dropped) holds nothing: its lag is 0, not that of the last
+    batch it applied, which stayed for the whole pause (review KK: a flat, non-zero lag while
+    the packets waited on the broker); its problem names the pause."""
+    from golconde.handlers import autosql
+    monkeypatch.setattr(autosql, "RELATION_RETRY", 60.0)
+    canonical, t1 = make_database(), make_database()
+    for dsn in (canonical, t1):
+        execute(dsn, TABLE)
+    config = parse_config(make_config(canonical, {"t1": t1}, "public.u"))
+    destination = config.destinations[0]
+    daemon = Daemon(config)
+    daemon.start()
+    target = daemon.registry.get(destination.targets[0].thread_name)
+    try:
+        old = "%.3f" % (time.time() - 100)          # made 100 s ago: a lag of 100 s at the target
+        send_raw(destination.queue, ['{"action": "add", "data": {"id": 1, "v": "a"}}'],
+                 [{"golconde-created-at": old}])
+        wait_for(lambda: query(t1, "SELECT v FROM public.u") == [("a",)], message="applied at t1")
+        assert target.snapshot()["lag"] >= 100
+        execute(t1, "DROP TABLE public.u")
+        send_raw(destination.queue, ['{"action": "add", "data": {"id": 2, "v": "b"}}'],
+                 [{"golconde-created-at": old}])
+        wait_for(lambda: any(p.startswith("paused: ") for p in target.snapshot()["problems"]),
+                 timeout=20, message="the target paused")
+        snapshot = target.snapshot()
+        assert (snapshot["lag"], snapshot["backlog"]) == (0.0, 0), snapshot
+    finally:
+        assert daemon.stop()
