@@ -23,6 +23,7 @@ from .errors import ConfigError, describe
 from .feeds import FeedGraph
 from .listener import Listener, QueueConsumer
 from .stats import Registry
+from .schema import parse_relation
 from .target import TargetListener
 
 LOGGER = logging.getLogger(__name__)
@@ -124,6 +125,37 @@ def _carry_queues(name: str, previous: Optional[Listener], listener: Listener) -
     LOGGER.warning("[%s] its queue changed from %s to %s: it consumes what waits on %s first"
                    " (a restart would not)", name, ", ".join(queues), listener.config.queue,
                    ", ".join(queues))
+
+
+def _renamed_targets(old: Dict[str, Listener], candidates: Dict[str, Any],
+                     fresh: Dict[str, Listener]) -> Dict[str, Listener]:
+    """Targets a reload renamed: ``{new name: old listener}`` for each new target of a destination
+    that lost exactly one target writing the same database (``pgsql``) and relation, where that
+    destination gained exactly one such target. Its replacement consumes the old queue first
+    (:func:`_carry_queues`): renaming a target and its queue together, as the example names
+    them, lost the packets fanned out to the old queue before the reload."""
+    def key(listener: Any) -> Tuple[str, str, Any]:
+        try:
+            relation: Any = parse_relation(listener.config.target)
+        except Exception:      # an unparsable relation is refused at load; compared as written
+            relation = listener.config.target
+        return (listener.config.destination, listener.config.pgsql, relation)
+
+    gone: Dict[Tuple[str, str, Any], List[Listener]] = {}
+    for name, listener in old.items():
+        if name not in candidates and isinstance(listener, TargetListener):
+            gone.setdefault(key(listener), []).append(listener)
+    added: Dict[Tuple[str, str, Any], List[str]] = {}
+    for name, listener in fresh.items():
+        if name not in old and isinstance(listener, TargetListener):
+            added.setdefault(key(listener), []).append(name)
+    renamed = {}
+    for where, names in added.items():
+        if len(names) == 1 and len(gone.get(where, ())) == 1:
+            renamed[names[0]] = gone[where][0]
+            LOGGER.warning("[%s] takes the place of removed target %s (the same database and"
+                           " relation)", names[0], gone[where][0].name)
+    return renamed
 
 
 class Daemon:
@@ -320,8 +352,16 @@ class Daemon:
         # only those to start (a listener built and dropped kept its handler's resources)
         wanted = [name for name in candidates if name not in kept]
         fresh = build_listeners(new_config, self.registry, wanted, self.feeds) if wanted else {}
+        renamed = _renamed_targets(old, candidates, fresh)
         for name, listener in fresh.items():
-            _carry_queues(name, old.get(name), listener)
+            _carry_queues(name, old.get(name, renamed.get(name)), listener)
+        for name, listener in old.items():
+            if (name not in candidates and isinstance(listener, TargetListener)
+                    and listener not in renamed.values()):
+                LOGGER.warning("[%s] target removed: its queue %s is no longer consumed, and may"
+                               " hold packets fanned out before the reload; purge it before the"
+                               " target is added again (they would be applied first)",
+                               name, listener.config.queue)
         started = 0
         with self._lock:
             for name, listener in fresh.items():

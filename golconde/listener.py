@@ -141,6 +141,8 @@ class Listener(threading.Thread):
         #: epoch seconds of the first of the failures in a row (None: the last cycle got through)
         self.failing_since: Optional[float] = None
         self._paused = False      # the last cycle ended in a StopListener (problem "paused")
+        #: the designed wait (StopListener without a problem) last logged, to log it once
+        self._waiting_for: Optional[str] = None
         #: the database session's idle_in_transaction_session_timeout when set (named in errors)
         self._idle_timeout: Optional[str] = None
         #: set by a cycle that returned without getting through (its failures keep counting)
@@ -188,7 +190,15 @@ class Listener(threading.Thread):
                     if exc.retry_after is None:
                         LOGGER.error("[%s] stopping listener: %s", self.name, exc)
                         break
-                    LOGGER.error("[%s] pausing %.0fs: %s", self.name, exc.retry_after, exc)
+                    if exc.problem:
+                        LOGGER.error("[%s] pausing %.0fs: %s", self.name, exc.retry_after, exc)
+                    elif self._waiting_for != str(exc):
+                        # a designed wait (a standby): once, not at every try
+                        LOGGER.warning("[%s] waiting (trying again every %.0fs): %s", self.name,
+                                       exc.retry_after, exc)
+                    else:
+                        LOGGER.debug("[%s] still waiting: %s", self.name, exc)
+                    self._waiting_for = None if exc.problem else str(exc)
                     self.close()            # releases in-flight packets to the broker
                     # it holds nothing now: its lag is not that of its last batch (a queue
                     # consumer's backlog is none, a drain's unknown until it reads again)
@@ -245,6 +255,9 @@ class Listener(threading.Thread):
         if self._paused:
             self._paused = False
             self.stats.set_problem("paused", None)
+        if self._waiting_for is not None:
+            LOGGER.info("[%s] no longer waiting", self.name)
+            self._waiting_for = None
         self.failing_since = None
         if self._failures:
             self._failures = 0
@@ -803,6 +816,11 @@ class QueueConsumer(Listener):
     def _leave_previous(self, why: str) -> None:
         done = self.previous_queues.pop(0)
         self._previous_tries = 0
+        if self.db is not None and not self.db.closed:
+            try:
+                ledger.release_session_lock(self.db, "consume:" + done)
+            except psycopg2.Error as exc:     # freed with the session anyway
+                LOGGER.debug("[%s] could not release the lock of %s: %s", self.name, done, describe(exc))
         LOGGER.warning("[%s] %s, its queue before the reload, %s: going on to %s (what is sent"
                        " to %s from now on is not consumed)", self.name, done, why,
                        self.previous_queues[0] if self.previous_queues else self.config.queue, done)
@@ -823,6 +841,17 @@ class QueueConsumer(Listener):
                                " queue would apply its packets out of order"
                                % (self.config.queue, ledger.lock_holder(db, "consume:" + self.config.queue)),
                                retry_after=CONSUMER_RETRY, problem=False)
+        # the queues it consumes first after a reload are locked too: a standby daemon of the
+        # old configuration, waiting for the lock of its queue, would take the one being emptied
+        # and apply it side by side with this one (review MM); one another session holds is
+        # consumed there, in order, and left to it
+        for previous in list(self.previous_queues):
+            if not ledger.acquire_consumer_lock(db, previous, stale_holder=self.application_name):
+                LOGGER.warning("[%s] %s, its queue before the reload, is consumed by another"
+                               " session into this database%s: left to it", self.name, previous,
+                               ledger.lock_holder(db, "consume:" + previous))
+                self.previous_queues.remove(previous)
+                self._previous_tries = 0
         ledger.ensure(db)
         self.handler.setup(db)
 

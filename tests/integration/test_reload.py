@@ -716,3 +716,82 @@ def test_a_reload_away_from_a_queue_that_no_longer_exists_goes_on_to_the_new_one
     finally:
         client.close()
         assert daemon.stop()
+
+
+def test_a_reload_renaming_a_target_and_its_queue_consumes_the_old_queue_first(
+        make_database, tmp_path, monkeypatch, caplog):
+    """A target renamed with its queue (t1 -> t1b, as the example names queues after targets) is
+    the same target: the packets waiting on the old queue were left there, the renamed target
+    never got them (review MM). Its replacement now consumes the old queue first."""
+    quick_queue_changes(monkeypatch)
+    canonical, t1 = make_database(), make_database()
+    execute(canonical, ITEMS)
+    daemon, mapping, destination, path = items_daemon(tmp_path, canonical, t1)
+    old_queue = destination["Targets"]["t1"]["queue"]
+    host, port = stomp_address()
+    client = Client(destination["queue"], host, port, STOMP_LOGIN, STOMP_PASSCODE)
+    try:
+        # t1's table is missing: its packets wait on its queue
+        client.send_many([{"action": "add", "data": {"id": i, "n": 0}} for i in range(20)])
+        wait_for(lambda: query(canonical, "SELECT count(*) FROM items") == [(20,)],
+                 message="canonical applied")
+        renamed = dict(destination["Targets"].pop("t1"), queue=old_queue + "b")
+        destination["Targets"]["t1b"] = renamed
+        write_config(path, mapping)
+        with caplog.at_level("WARNING"):
+            assert daemon.reload()
+        assert "takes the place of removed target" in caplog.text
+        assert "its queue changed from %s to %sb" % (old_queue, old_queue) in caplog.text
+        execute(t1, ITEMS)
+        client.send_many([{"action": "update", "data": {"n": 1}, "restriction": {"id": i}}
+                          for i in range(20)])
+        wait_for(lambda: compare(canonical, "items", t1, "items").equal, timeout=60,
+                 message="t1 equal to the canonical table")
+        assert query(t1, "SELECT count(*) FILTER (WHERE n = 1) FROM items") == [(20,)]
+        wait_for(lambda: drain_queue(old_queue, wait=0.5) == [], timeout=20, message="old queue empty")
+    finally:
+        client.close()
+        assert daemon.stop()
+
+
+def test_a_consumer_holds_the_lock_of_the_queues_it_empties_after_a_reload(make_database):
+    """A reload that changes a target's queue: its replacement emptied the old queue without
+    holding that queue's consumer lock, so a standby daemon of the old configuration, waiting for
+    it, took it and consumed the old queue side by side, out of order (review MM). A consumer now
+    takes the lock of each queue of ``previous_queues`` with its own; one another session holds
+    is left to that session; the lock of a queue it leaves is freed."""
+    import psycopg2
+
+    from golconde import ledger
+    from golconde.daemon import build_listeners, discard_listeners
+    from golconde.stats import Registry
+
+    from .flow_support import parse_config
+
+    canonical, t1 = make_database(), make_database()
+    for dsn in (canonical, t1):
+        execute(dsn, ITEMS)
+    config = parse_config(make_config(canonical, {"t1": t1}, "public.items"))
+    target = config.destinations[0].targets[0]
+    listeners = build_listeners(config, Registry(), [target.thread_name])
+    listener = listeners[target.thread_name]
+    old, taken = target.queue + ".old", target.queue + ".taken"
+    listener.previous_queues = [old, taken]
+    other = psycopg2.connect(t1)          # a standby's session, holding the second one's lock
+    other.autocommit = True
+    probe = psycopg2.connect(t1)
+    try:
+        assert ledger.acquire_consumer_lock(other, taken)
+        listener.open_database()
+        for queue in (target.queue, old):
+            holder = ledger.lock_holder(probe, "consume:" + queue)
+            assert "application_name %r" % listener.application_name in holder, (queue, holder)
+        assert listener.previous_queues == [old]          # the taken one is left to its holder
+        listener._leave_previous("is empty")
+        assert ledger.lock_holder(probe, "consume:" + old) == ""
+        assert listener.application_name in ledger.lock_holder(probe, "consume:" + target.queue)
+    finally:
+        listener.close()
+        discard_listeners(listeners.values())
+        other.close()
+        probe.close()
