@@ -486,14 +486,24 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
             _warn_trigger_mismatch(matches[0], tables)
     elif args.operation == "install" and not args.force:
         # --dsn and --table given: the configuration found by default, where it names this
-        # destination, still tells a client-mode one (read quietly: it is not needed here)
+        # destination and its relation is among the tables, still tells a client-mode one
         from .config import load
-        try:
-            known = [d for d in load(default_config_path()).destinations if d.name == args.destination]
-        except (ConfigError, OSError):
-            known = []
-        if known and _refused_install(args, known[0], tables):
-            return 2
+        from .schema import parse_relation
+        path = default_config_path()
+        if os.path.exists(path):
+            try:
+                known = [d for d in load(path).destinations if d.name == args.destination]
+            except (ConfigError, OSError) as exc:
+                known = []
+                print("golconde: warning: %s could not be read (%s): whether destination %s is in"
+                      " client mode there is not checked" % (path, str(exc).splitlines()[0],
+                                                             args.destination), file=sys.stderr)
+            try:
+                own = [t for t in tables if known and parse_relation(t) == parse_relation(known[0].target)]
+            except GolcondeError:
+                own = []
+            if own and _refused_install(args, known[0], own):
+                return 2
     actions = [a.strip().lower() for a in args.actions.split(",")] if args.actions else None
     from .progress import echo, progress
     try:

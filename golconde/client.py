@@ -332,6 +332,9 @@ class Client:
             raise GolcondeError("wait_outcome() needs a client created with reply_to=/queue/...")
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
+            with self._outcome_cond:        # one received before a bad message is still there
+                if packet_id in self._outcomes:
+                    return self._outcomes.pop(packet_id)[1]
             self._leave_reply_queue()
             if not self.connection.connected or self._reply_generation != self.connection.generation:
                 self.connect()
@@ -389,7 +392,9 @@ class Client:
                 self._reply_refused = (
                     "reply_to: a message on %s is %s: it is no reply queue of this client's own"
                     " (something else sends or reads there); the client stopped reading it and"
-                    " gave its messages back, unacknowledged" % (self.reply_to, what))
+                    " gave its messages back, unacknowledged (a client reading it next meets that"
+                    " message too: purge the queue, or give each client a queue of its own)"
+                    % (self.reply_to, what))
                 self._outcome_cond.notify_all()
             LOGGER.error("%s", self._reply_refused)
             return

@@ -367,7 +367,9 @@ class Daemon:
             for name, listener in fresh.items():
                 if name in kept:
                     continue
-                previous = old.get(name)
+                # a renamed target's predecessor too: it holds the lock of the queue its
+                # replacement must empty first (started beside it, it left that queue for good)
+                previous = old.get(name) or renamed.get(name)
                 if previous is not None and previous.is_alive():
                     # it did not stop in time (stuck on a lock, say): two consumers of one queue
                     # could apply its packets out of order, and its end would mark the

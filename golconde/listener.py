@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import queue
+import re
 import threading
 import time
 import uuid
@@ -87,6 +88,12 @@ def connect(dsn: str, application_name: str) -> Any:
     if "PGCONNECT_TIMEOUT" in os.environ:
         settings.pop("connect_timeout", None)
     return psycopg2.connect(dsn, application_name=application_name[:63], **settings)
+
+
+def _without_holder(message: str) -> str:
+    """``message`` without the lock holder :func:`golconde.ledger.lock_holder` put in it (its
+    session's state changes from one try to the next): the wait it tells, to log it once."""
+    return re.sub(r" \(held by session pid .*?its daemon is gone\)", "", message)
 
 
 def idle_in_transaction_timeout(db: Any) -> Optional[str]:
@@ -192,13 +199,13 @@ class Listener(threading.Thread):
                         break
                     if exc.problem:
                         LOGGER.error("[%s] pausing %.0fs: %s", self.name, exc.retry_after, exc)
-                    elif self._waiting_for != str(exc):
+                    elif self._waiting_for != _without_holder(str(exc)):
                         # a designed wait (a standby): once, not at every try
                         LOGGER.warning("[%s] waiting (trying again every %.0fs): %s", self.name,
                                        exc.retry_after, exc)
                     else:
                         LOGGER.debug("[%s] still waiting: %s", self.name, exc)
-                    self._waiting_for = None if exc.problem else str(exc)
+                    self._waiting_for = None if exc.problem else _without_holder(str(exc))
                     self.close()            # releases in-flight packets to the broker
                     # it holds nothing now: its lag is not that of its last batch (a queue
                     # consumer's backlog is none, a drain's unknown until it reads again)
@@ -852,6 +859,13 @@ class QueueConsumer(Listener):
                                ledger.lock_holder(db, "consume:" + previous))
                 self.previous_queues.remove(previous)
                 self._previous_tries = 0
+                if self._subscribed == previous:
+                    # subscribed there (a database reconnect in the middle): leave it, as when
+                    # it stays empty; open() subscribes to the next queue
+                    self._subscribed = None
+                    self._ever_connected.discard("inbound")
+                    self._inbox.close()
+                    self.inbound.close()
         ledger.ensure(db)
         self.handler.setup(db)
 

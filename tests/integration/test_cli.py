@@ -160,6 +160,18 @@ def test_trigger_install_remove_and_compare(make_database, tmp_path):
                              "--table", "items", "--destination", "Items"], capture_output=True,
                             text=True, cwd=ROOT, timeout=60, env=dict(os.environ, GOLCONDE_CONFIG=path))
     assert result.returncode == 2 and "destination Items is in client mode" in result.stderr, result.stderr
+    # ... only for the destination's own relation there (review NN): another table is installed
+    result = subprocess.run([sys.executable, "-m", "golconde.cli", "trigger", "install", "--dsn", canonical,
+                             "--table", "log", "--destination", "Items"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=60, env=dict(os.environ, GOLCONDE_CONFIG=path))
+    assert result.returncode == 0, result.stderr
+    # a default configuration that cannot be read is said so, not silently passed over
+    broken = write_config(str(tmp_path / "broken.yaml"), {"Destinations": "nonsense"})
+    result = subprocess.run([sys.executable, "-m", "golconde.cli", "trigger", "install", "--dsn", canonical,
+                             "--table", "log", "--destination", "Items"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=60, env=dict(os.environ, GOLCONDE_CONFIG=broken))
+    assert result.returncode == 0 and "could not be read" in result.stderr, result.stderr
+    assert "whether destination Items is in client mode there is not checked" in result.stderr
     result = run("golconde.cli", "trigger", "install", "-c", path, "--destination", "Items",
                  "--table", "log", "--force")
     assert result.returncode == 0, result.stderr

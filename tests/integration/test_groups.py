@@ -406,6 +406,8 @@ def test_a_reply_queue_that_is_no_reply_queue_loses_nothing(broker, tmp_path):
             Client.for_destination(config, "Items", reply_to=taken)
     # a reply queue some other sender writes to: its message stays there
     other = unique_queue("shared.")
+    send_raw(other, [json.dumps({"id": "p1", "status": "applied", "reason": None})],
+             [{"golconde-id": "p1"}], broker=broker)
     send_one = Client(other, broker.host, broker.port, broker.login, broker.passcode, batch_messages=False)
     with send_one:
         sent = send_one.add({"id": 1})
@@ -413,6 +415,8 @@ def test_a_reply_queue_that_is_no_reply_queue_loses_nothing(broker, tmp_path):
     with client:
         with pytest.raises(ConfigError, match="it is no reply queue of this client's own"):
             client.wait_outcome("no-such-packet", timeout=10)
+        # an outcome received before the bad message is still returned (review NN)
+        assert client.wait_outcome("p1", timeout=10)["status"] == "applied"
         # given back at once, not when the client disconnects; not read again
         left = drain_queue(other, wait=1.0, broker=broker)
         assert [d.headers["golconde-id"] for d in left] == [sent]

@@ -777,6 +777,7 @@ def test_a_consumer_holds_the_lock_of_the_queues_it_empties_after_a_reload(make_
     listener = listeners[target.thread_name]
     old, taken = target.queue + ".old", target.queue + ".taken"
     listener.previous_queues = [old, taken]
+    listener._subscribed = taken            # as if a database reconnect came while on it
     other = psycopg2.connect(t1)          # a standby's session, holding the second one's lock
     other.autocommit = True
     probe = psycopg2.connect(t1)
@@ -787,6 +788,7 @@ def test_a_consumer_holds_the_lock_of_the_queues_it_empties_after_a_reload(make_
             holder = ledger.lock_holder(probe, "consume:" + queue)
             assert "application_name %r" % listener.application_name in holder, (queue, holder)
         assert listener.previous_queues == [old]          # the taken one is left to its holder
+        assert listener._subscribed is None                # and unsubscribed: open() goes on
         listener._leave_previous("is empty")
         assert ledger.lock_holder(probe, "consume:" + old) == ""
         assert listener.application_name in ledger.lock_holder(probe, "consume:" + target.queue)
@@ -795,3 +797,51 @@ def test_a_consumer_holds_the_lock_of_the_queues_it_empties_after_a_reload(make_
         discard_listeners(listeners.values())
         other.close()
         probe.close()
+
+
+def test_a_renamed_target_waits_for_its_stuck_predecessor(make_database, tmp_path, monkeypatch):
+    """A target renamed with its queue while stuck on a lock: its replacement started beside it,
+    found the old queue's lock held (by the stuck one) and left that queue for good: its packets
+    stayed there (review NN). It now starts once its predecessor has stopped, and empties the
+    old queue first."""
+    import psycopg2
+
+    from golconde.config import load
+    from golconde.daemon import Daemon
+
+    quick_queue_changes(monkeypatch)
+    canonical, t1 = make_database(), make_database()
+    for dsn in (canonical, t1):
+        execute(dsn, "CREATE TABLE items (id integer PRIMARY KEY, v text)")
+    mapping = make_config(canonical, {"t1": t1}, "public.items")
+    name = next(iter(mapping["Destinations"]))
+    destination = mapping["Destinations"][name]
+    destination.update(batch_size=1, prefetch=1)      # one fan-out message per packet
+    path = write_config(str(tmp_path / "golconde.yaml"), mapping)
+    daemon = Daemon(load(path), config_path=path, stop_timeout=1.0)
+    daemon.start()
+    locker = psycopg2.connect(t1)
+    host, port = stomp_address()
+    try:
+        wait_for(lambda: all(listener.ready() for listener in daemon.listeners.values()), timeout=30,
+                 message="listeners connected")
+        with locker.cursor() as cur:
+            cur.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        with Client(destination["queue"], host, port, STOMP_LOGIN, STOMP_PASSCODE,
+                    batch_messages=False) as client:
+            client.send_many([{"action": "add", "data": {"id": i, "v": "x"}} for i in range(60)])
+        wait_for(lambda: query(canonical, "SELECT count(*) FROM items")[0][0] == 60,
+                 message="canonical applied")
+        old_queue = destination["Targets"]["t1"]["queue"]
+        destination["Targets"]["t1b"] = dict(destination["Targets"].pop("t1"), queue=old_queue + "b")
+        write_config(path, mapping)
+        assert daemon.reload()
+        time.sleep(2.0)
+        locker.rollback()
+        wait_for(lambda: query(t1, "SELECT count(*) FROM items")[0][0] == 60, timeout=30,
+                 message="every packet applied at t1")
+        assert compare(canonical, "public.items", t1, "public.items").equal
+        wait_for(lambda: drain_queue(old_queue, wait=0.5) == [], timeout=20, message="old queue empty")
+    finally:
+        locker.close()
+        assert daemon.stop()
