@@ -72,7 +72,16 @@ def created_text(value: Any) -> Optional[str]:
     refuse an overlong one for ever)."""
     if value is None or isinstance(value, bool):
         return None
-    text = str(value).strip()
+    text = value if type(value) is str else str(value)
+    # golconde's own ("%.3f"), at a fraction of the cost of the pattern below
+    if len(text) <= 32 and text.isascii() and text[:1].isdigit() and text[-1:].isdigit():
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if math.isfinite(number) and "_" not in text:
+            return text
+    text = text.strip()
     if len(text) <= 32 and _PLAIN_NUMBER.fullmatch(text):
         number = float(text)
         return text if math.isfinite(number) else None

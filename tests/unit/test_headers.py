@@ -46,3 +46,22 @@ def test_ids_read_from_bytes_that_were_no_utf8_stay_apart():
     assert normal_id(first) == first           # as a dead letter's golconde-id, replayed
     assert packet_id({"golconde-id": "café"}, b"{}") == "café"
     assert packet_id({}, b"{}").startswith("sha256:")
+
+
+@pytest.mark.parametrize("value", ["1 ", " 1", "5.", "1e", "1_0", "0x10", "1e5", "12"])
+def test_created_text_fast_path_agrees_with_the_pattern(value):
+    """The fast path for golconde's own stamps gives what the pattern and float() give."""
+    text = value.strip()
+    if broker_pattern().fullmatch(text):
+        assert created_text(value) == text
+    else:
+        try:
+            expected = repr(float(text))
+        except ValueError:
+            expected = None
+        assert created_text(value) == expected
+
+
+def broker_pattern():
+    from golconde import broker
+    return broker._PLAIN_NUMBER
