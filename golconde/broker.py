@@ -74,7 +74,8 @@ def created_text(value: Any) -> Optional[str]:
         return None
     text = value if type(value) is str else str(value)
     # golconde's own ("%.3f"), at a fraction of the cost of the pattern below
-    if len(text) <= 32 and text.isascii() and text[:1].isdigit() and text[-1:].isdigit():
+    if (len(text) <= 32 and text.isascii() and text[:1].isdigit() and text[-1:].isdigit()
+            and "e" not in text and "E" not in text):
         try:
             number = float(text)
         except ValueError:

@@ -454,6 +454,16 @@ def _warn_trigger_mismatch(destination: Any, tables: Sequence[str]) -> None:
               " partition of it)" % (table, destination.name, destination.target), file=sys.stderr)
 
 
+def _same_relation(table: str, relation: str) -> bool:
+    """Whether ``table`` names ``relation`` (``items`` is ``public.items``); one that does not
+    parse is not (``trigger install`` refuses it on its own)."""
+    from .schema import parse_relation
+    try:
+        return parse_relation(table) == parse_relation(relation)
+    except GolcondeError:
+        return False
+
+
 def _refused_install(args: argparse.Namespace, destination: Any, tables: Sequence[str]) -> bool:
     """Refuse (stderr) a capture trigger for a destination the configuration has in client mode,
     unless ``--force``: golconded applies its packets to the table itself, so the trigger would
@@ -488,7 +498,6 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
         # --dsn and --table given: the configuration found by default, where it names this
         # destination and its relation is among the tables, still tells a client-mode one
         from .config import load
-        from .schema import parse_relation
         path = default_config_path()
         if os.path.exists(path):
             try:
@@ -498,10 +507,7 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
                 print("golconde: warning: %s could not be read (%s): whether destination %s is in"
                       " client mode there is not checked" % (path, str(exc).splitlines()[0],
                                                              args.destination), file=sys.stderr)
-            try:
-                own = [t for t in tables if known and parse_relation(t) == parse_relation(known[0].target)]
-            except GolcondeError:
-                own = []
+            own = [table for table in tables if known and _same_relation(table, known[0].target)]
             if own and _refused_install(args, known[0], own):
                 return 2
     actions = [a.strip().lower() for a in args.actions.split(",")] if args.actions else None

@@ -333,8 +333,12 @@ class Client:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             with self._outcome_cond:        # one received before a bad message is still there
-                if packet_id in self._outcomes:
-                    return self._outcomes.pop(packet_id)[1]
+                found = self._outcomes.pop(packet_id)[1] if packet_id in self._outcomes else None
+            if found is not None:
+                if self._reply_refused is not None and self._reply_generation is not None:
+                    self._reply_generation = None
+                    self.connection.close()     # gives back what the reply subscription holds
+                return found
             self._leave_reply_queue()
             if not self.connection.connected or self._reply_generation != self.connection.generation:
                 self.connect()

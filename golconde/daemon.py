@@ -377,7 +377,15 @@ class Daemon:
                     kept[name] = previous
                     self._waiting[name] = (previous, listener)
                     self._start_when_stopped(name, previous, listener)
-                    LOGGER.warning("[%s] its replacement starts once it has stopped", name)
+                    if previous.name != name:
+                        # the predecessor's statistics went with its name: say why this waits
+                        listener.stats.set_problem("replacing", "starts once %s, the target it"
+                                                   " replaces, has stopped (stuck: its packets"
+                                                   " wait)" % previous.name)
+                        LOGGER.warning("[%s] starts once %s, which it replaces, has stopped",
+                                       name, previous.name)
+                    else:
+                        LOGGER.warning("[%s] its replacement starts once it has stopped", name)
                     continue
                 kept[name] = listener
                 listener.start()
@@ -410,6 +418,7 @@ class Daemon:
                     return
                 del self._waiting[name]
                 self.listeners[name] = replacement
+                replacement.stats.set_problem("replacing", None)
                 replacement.start()
             LOGGER.info("[%s] started: the listener it replaces has stopped", name)
 

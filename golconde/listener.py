@@ -861,11 +861,14 @@ class QueueConsumer(Listener):
                 self._previous_tries = 0
                 if self._subscribed == previous:
                     # subscribed there (a database reconnect in the middle): leave it, as when
-                    # it stays empty; open() subscribes to the next queue
+                    # it stays empty, its unacknowledged deliveries given back; open()
+                    # subscribes to the next queue
                     self._subscribed = None
                     self._ever_connected.discard("inbound")
                     self._inbox.close()
                     self.inbound.close()
+                    self._pending.clear()
+                    self._in_flight = False
         ledger.ensure(db)
         self.handler.setup(db)
 
@@ -971,12 +974,15 @@ class QueueConsumer(Listener):
                     return                  # not acked: the broker redelivers
             except ConnectionLost as exc:
                 lost += 1
-                LOGGER.warning("[%s] database connection lost or unusable: %s", self.name, exc)
-                self._failed(str(exc))      # a standing problem if it goes on (a read-only database)
+                message = self._session_lost(str(exc))
+                LOGGER.warning("[%s] database connection lost or unusable: %s", self.name, message)
+                self._failed(message)       # a standing problem if it goes on (a read-only database)
                 if lost > 1:
                     # it failed again on a new session (a read-only database): back off
                     self._stopping.wait(backoff(lost - 1, self.backoff_base, self.backoff_cap))
-                if not self.reconnect_database() or deliveries[0].generation != self.inbound.generation:
+                if (not self.reconnect_database() or not self.inbound.connected
+                        or deliveries[0].generation != self.inbound.generation):
+                    # (the new session may have left the queue of this batch to another one)
                     self._incomplete = True     # not through: its failures still count
                     return                 # not acked: the broker redelivers, the ledger de-duplicates
         if lost:

@@ -160,6 +160,12 @@ def test_trigger_install_remove_and_compare(make_database, tmp_path):
                              "--table", "items", "--destination", "Items"], capture_output=True,
                             text=True, cwd=ROOT, timeout=60, env=dict(os.environ, GOLCONDE_CONFIG=path))
     assert result.returncode == 2 and "destination Items is in client mode" in result.stderr, result.stderr
+    # ... whatever other --table comes with it, one that does not parse too (review OO)
+    result = subprocess.run([sys.executable, "-m", "golconde.cli", "trigger", "install", "--dsn", canonical,
+                             "--table", "public.Items", "--table", "x.y.z", "--destination", "Items"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60,
+                            env=dict(os.environ, GOLCONDE_CONFIG=path))
+    assert result.returncode == 2 and "destination Items is in client mode" in result.stderr, result.stderr
     # ... only for the destination's own relation there (review NN): another table is installed
     result = subprocess.run([sys.executable, "-m", "golconde.cli", "trigger", "install", "--dsn", canonical,
                              "--table", "log", "--destination", "Items"], capture_output=True,

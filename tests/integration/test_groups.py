@@ -423,3 +423,16 @@ def test_a_reply_queue_that_is_no_reply_queue_loses_nothing(broker, tmp_path):
         with pytest.raises(ConfigError, match="it is no reply queue"):
             client.wait_outcome("no-such-packet", timeout=1)
         client.add({"id": 2})                   # sending goes on
+    # an outcome returned after a bad message gives back what the client holds (review OO)
+    third = unique_queue("shared.")
+    client = Client(queue, broker.host, broker.port, broker.login, broker.passcode, reply_to=third)
+    with client:
+        with pytest.raises(OutcomeTimeout):
+            client.wait_outcome("none", timeout=0.5)     # subscribed
+        send_raw(third, [json.dumps({"id": "X", "status": "applied"}), "hello, not an outcome",
+                         json.dumps({"id": "Y", "status": "applied"})],
+                 [{"golconde-id": "X"}, {}, {"golconde-id": "Y"}], broker=broker)
+        time.sleep(1.0)
+        assert client.wait_outcome("X", timeout=5)["status"] == "applied"
+        left = drain_queue(third, wait=1.0, broker=broker)
+        assert [d.body for d in left] == [b"hello, not an outcome", b'{"id": "Y", "status": "applied"}']

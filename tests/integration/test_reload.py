@@ -837,11 +837,16 @@ def test_a_renamed_target_waits_for_its_stuck_predecessor(make_database, tmp_pat
         write_config(path, mapping)
         assert daemon.reload()
         time.sleep(2.0)
+        # the predecessor's statistics went with its name: the replacement says why it waits
+        problems = daemon.registry.get(name + "_t1b").snapshot()["problems"]
+        assert problems == ["starts once %s_t1, the target it replaces, has stopped (stuck: its"
+                            " packets wait)" % name], problems
         locker.rollback()
         wait_for(lambda: query(t1, "SELECT count(*) FROM items")[0][0] == 60, timeout=30,
                  message="every packet applied at t1")
         assert compare(canonical, "public.items", t1, "public.items").equal
         wait_for(lambda: drain_queue(old_queue, wait=0.5) == [], timeout=20, message="old queue empty")
+        assert daemon.registry.get(name + "_t1b").snapshot()["problems"] == []
     finally:
         locker.close()
         assert daemon.stop()

@@ -19,6 +19,7 @@ from golconde.ledger import normal_id, packet_id
     ("1.79769313486231570000000000000000000e308", "1.7976931348623157e+308"),
     ("\u0661\u0667\u0660\u0660", "1700.0"), ("1_700_000_000", "1700000000.0"), ("+5", "5.0"),
     ("1e-400", "1e-400"), ("-1700000000", "-1700000000"),
+    ("1.e5", "100000.0"), ("1700000000.e0", "1700000000.0"),   # float() reads them; JSON does not
     ("1" + "0" * 20000, None),                          # inf
     ("inf", None), ("nan", None), ("-Infinity", None),
     ("yesterday", None), ("", None), (None, None), (True, None),
@@ -48,7 +49,7 @@ def test_ids_read_from_bytes_that_were_no_utf8_stay_apart():
     assert packet_id({}, b"{}").startswith("sha256:")
 
 
-@pytest.mark.parametrize("value", ["1 ", " 1", "5.", "1e", "1_0", "0x10", "1e5", "12"])
+@pytest.mark.parametrize("value", ["1 ", " 1", "5.", "1e", "1_0", "0x10", "1e5", "12", "1.e5", "1.E-3"])
 def test_created_text_fast_path_agrees_with_the_pattern(value):
     """The fast path for golconde's own stamps gives what the pattern and float() give."""
     text = value.strip()
