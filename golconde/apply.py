@@ -85,6 +85,12 @@ _DENIED = re.compile(r"permission denied for (table|sequence|function|procedure|
                      r"|materialized view|foreign table|large object|database|language) (.+)\Z")
 
 
+#: How the reason of a packet dead-lettered because the ledger records it so starts: it was not
+#: tried again (its cause may be gone since), the reason is the first time's.
+DEAD_BEFORE = ("dead-lettered before, as golconde.applied records its id (not tried again:"
+               " 'golconde dlq replay' applies it, a new id sends it anew): ")
+
+
 @dataclass
 class Outcome:
     """What became of one packet.
@@ -503,7 +509,8 @@ class Applier:
             outcome, pid = done[index], items[index][0]
             text = fanouts[pid] if pid in fanouts else stored.get(pid)
             if text is not None and text.startswith(ledger.DEAD_MARK):
-                done[index] = Outcome(DEAD_LETTER, outcome.packet, reason=text[len(ledger.DEAD_MARK):])
+                done[index] = Outcome(DEAD_LETTER, outcome.packet,
+                                      reason=DEAD_BEFORE + text[len(ledger.DEAD_MARK):])
             elif self.store_fanout:
                 # "": applied without changing a row, not fanned out (Packet.matched)
                 outcome.fanout = text if text is not None else _text(items[index][1])

@@ -388,6 +388,8 @@ class Daemon:
                         LOGGER.warning("[%s] its replacement starts once it has stopped", name)
                     continue
                 kept[name] = listener
+                # its statistics may be a waiting replacement's of an earlier reload (by name)
+                listener.stats.set_problem("replacing", None)
                 listener.start()
                 started += 1
             self.listeners = kept
