@@ -335,9 +335,7 @@ class Client:
             with self._outcome_cond:        # one received before a bad message is still there
                 found = self._outcomes.pop(packet_id)[1] if packet_id in self._outcomes else None
             if found is not None:
-                if self._reply_refused is not None and self._reply_generation is not None:
-                    self._reply_generation = None
-                    self.connection.close()     # gives back what the reply subscription holds
+                self._give_back_replies()
                 return found
             self._leave_reply_queue()
             if not self.connection.connected or self._reply_generation != self.connection.generation:
@@ -361,10 +359,15 @@ class Client:
         :raises ConfigError: the reply queue holds messages that are no outcomes."""
         if self._reply_refused is None:
             return
-        if self._reply_generation is not None:
+        self._give_back_replies()
+        raise ConfigError(self._reply_refused)
+
+    def _give_back_replies(self) -> None:
+        """Once the reply queue is refused (:meth:`_on_reply`), close the connection if it still
+        holds the reply subscription: what it holds unacknowledged goes back to the queue."""
+        if self._reply_refused is not None and self._reply_generation is not None:
             self._reply_generation = None
             self.connection.close()
-        raise ConfigError(self._reply_refused)
 
     def _on_reply(self, delivery: Delivery) -> None:
         """On stomp.py's receiver thread: keep the outcome, ack it (no receipt is awaited here).
@@ -439,9 +442,7 @@ class Client:
         if not entries:
             return
         messages = self.messages(entries)
-        if self._reply_refused is not None and self._reply_generation is not None:
-            self._reply_generation = None
-            self.connection.close()         # gives back what the reply subscription holds
+        self._give_back_replies()
         for attempt in (1, 2):
             try:
                 self.connect()

@@ -158,6 +158,13 @@ def _renamed_targets(old: Dict[str, Listener], candidates: Dict[str, Any],
     return renamed
 
 
+def _start(listener: Listener) -> None:
+    """Start a listener a reload built; its statistics (shared by name) may hold the problem
+    ``replacing`` of a replacement an earlier reload left waiting: cleared."""
+    listener.stats.set_problem("replacing", None)
+    listener.start()
+
+
 class Daemon:
     """Runs every listener of a configuration, plus the HTTP stats server.
 
@@ -388,9 +395,7 @@ class Daemon:
                         LOGGER.warning("[%s] its replacement starts once it has stopped", name)
                     continue
                 kept[name] = listener
-                # its statistics may be a waiting replacement's of an earlier reload (by name)
-                listener.stats.set_problem("replacing", None)
-                listener.start()
+                _start(listener)
                 started += 1
             self.listeners = kept
             share_consumed_queues(kept.values(), new_config)
@@ -420,8 +425,7 @@ class Daemon:
                     return
                 del self._waiting[name]
                 self.listeners[name] = replacement
-                replacement.stats.set_problem("replacing", None)
-                replacement.start()
+                _start(replacement)
             LOGGER.info("[%s] started: the listener it replaces has stopped", name)
 
         threading.Thread(target=wait, name="golconde-replace-%s" % name, daemon=True).start()

@@ -197,15 +197,16 @@ class Listener(threading.Thread):
                     if exc.retry_after is None:
                         LOGGER.error("[%s] stopping listener: %s", self.name, exc)
                         break
+                    waiting = None if exc.problem else _without_holder(str(exc))
                     if exc.problem:
                         LOGGER.error("[%s] pausing %.0fs: %s", self.name, exc.retry_after, exc)
-                    elif self._waiting_for != _without_holder(str(exc)):
+                    elif self._waiting_for != waiting:
                         # a designed wait (a standby): once, not at every try
                         LOGGER.warning("[%s] waiting (trying again every %.0fs): %s", self.name,
                                        exc.retry_after, exc)
                     else:
                         LOGGER.debug("[%s] still waiting: %s", self.name, exc)
-                    self._waiting_for = None if exc.problem else _without_holder(str(exc))
+                    self._waiting_for = waiting
                     self.close()            # releases in-flight packets to the broker
                     # it holds nothing now: its lag is not that of its last batch (a queue
                     # consumer's backlog is none, a drain's unknown until it reads again)
@@ -815,10 +816,18 @@ class QueueConsumer(Listener):
                 or time.monotonic() - self._last_activity < PREVIOUS_QUEUE_IDLE):
             return
         self._leave_previous("is empty")
-        self._ever_connected.discard("inbound")     # a change of queue, not a reconnect
-        self._inbox.close()
-        self.inbound.close()
+        self._drop_subscription()
         self._update_state()
+
+    def _drop_subscription(self) -> None:
+        """Leave the queue subscribed to for the next one (a change of queue, not a reconnect):
+        what is unacknowledged goes back to the broker; :meth:`open` subscribes again."""
+        self._subscribed = None
+        self._ever_connected.discard("inbound")
+        self._inbox.close()                 # first: a receiver thread blocked on it must go on
+        self.inbound.close()
+        self._pending.clear()
+        self._in_flight = False
 
     def _leave_previous(self, why: str) -> None:
         done = self.previous_queues.pop(0)
@@ -861,14 +870,8 @@ class QueueConsumer(Listener):
                 self._previous_tries = 0
                 if self._subscribed == previous:
                     # subscribed there (a database reconnect in the middle): leave it, as when
-                    # it stays empty, its unacknowledged deliveries given back; open()
-                    # subscribes to the next queue
-                    self._subscribed = None
-                    self._ever_connected.discard("inbound")
-                    self._inbox.close()
-                    self.inbound.close()
-                    self._pending.clear()
-                    self._in_flight = False
+                    # it stays empty, its unacknowledged deliveries given back
+                    self._drop_subscription()
         ledger.ensure(db)
         self.handler.setup(db)
 
