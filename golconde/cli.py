@@ -301,6 +301,9 @@ def _admin_main(argv: Optional[List[str]] = None) -> int:
     send.add_argument("--to-targets", action="store_true",
                       help="send to each target's queue instead (the canonical relation is not"
                            " written: a repair, or a trigger-mode destination's dead letters)")
+    send.add_argument("--target", action="append", metavar="NAME", dest="targets",
+                      help="with --to-targets: only this target (its name under the destination's"
+                           " Targets); repeat it for several; default: every target")
     send.add_argument("packets", nargs="*", help="JSON packets; none = read lines from stdin")
 
     check = sub.add_parser("check-config", help="validate a configuration file")
@@ -597,6 +600,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_send(args: argparse.Namespace) -> int:
+    if args.targets is not None and not args.to_targets:
+        raise ConfigError("--target needs --to-targets (a packet for the destination reaches"
+                          " every target)")
     from .client import Client, packet_text
     from .packet import parse
     config = _load_config(args.config or default_config_path(), "golconde")
@@ -622,12 +628,12 @@ def _cmd_send(args: argparse.Namespace) -> int:
             raise PacketError("packet of %s: %s" % (where, exc)) from None
         parsed.append(packet)
     if args.to_targets:
-        clients = Client.for_targets(config, args.destination)
+        clients = Client.for_targets(config, args.destination, targets=args.targets)
         for client in clients:
             with client, client.batch():
                 for packet in parsed:
                     client.send(packet)
-        print("sent %d packet(s) to each of the %d targets of %s: %s" % (
+        print("sent %d packet(s) to each of the %d target(s) of %s: %s" % (
             len(parsed), len(clients), args.destination, ", ".join(c.queue for c in clients)))
         return 0
     with Client.for_destination(config, args.destination) as client:

@@ -196,18 +196,34 @@ class Client:
                    broker.vhost, timeout, reply_to=reply_to)
 
     @classmethod
-    def for_targets(cls, config: Any, name: str, timeout: float = 30.0) -> List["Client"]:
+    def for_targets(cls, config: Any, name: str, timeout: float = 30.0,
+                    targets: Optional[Sequence[str]] = None) -> List["Client"]:
         """One client per target of destination ``name``, on the target's queue: packets sent
         with them skip the canonical relation (a repair, or a trigger-mode destination's dead
         letters once fixed), as if the destination had fanned them out.
 
-        :raises ConfigError: no such destination, or it has no target."""
+        :param timeout: seconds to wait for the broker (connect, receipts).
+        :param targets: names of the targets to address (as under the destination's
+            ``Targets``), in the configuration's order whatever their order here; None: every
+            target.
+        :raises ConfigError: no such destination, it has no target, or ``targets`` names one it
+            does not have (or none at all)."""
         destination = _destination(config, name)
         if not destination.targets:
             raise ConfigError("Destinations.%s has no target" % name)
+        chosen = list(destination.targets)
+        if targets is not None:
+            known = [target.name for target in destination.targets]
+            unknown = sorted(set(targets) - set(known))
+            if unknown:
+                raise ConfigError("Destinations.%s has no target %s (its targets: %s)" % (
+                    name, ", ".join(unknown), ", ".join(known)))
+            if not targets:
+                raise ConfigError("Destinations.%s: no target chosen" % name)
+            chosen = [target for target in destination.targets if target.name in set(targets)]
         return [cls(target.queue, target.stomp.host, target.stomp.port, target.stomp.login,
                     target.stomp.passcode, target.stomp.vhost, timeout)
-                for target in destination.targets]
+                for target in chosen]
 
     def __enter__(self) -> "Client":
         self.connect()

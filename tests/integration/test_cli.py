@@ -281,12 +281,28 @@ def test_send_refuses_a_trigger_mode_destination_and_sends_to_targets(broker, tm
     assert drain_queue(destination["queue"], wait=0.5, broker=broker) == []
     result = run("golconde.cli", "send", "-c", path, "--destination", name, "--to-targets",
                  packet, '{"action": "delete", "restriction": {"id": 2}}')
-    assert result.returncode == 0 and "sent 2 packet(s) to each of the 2 targets" in result.stdout, \
+    assert result.returncode == 0 and "sent 2 packet(s) to each of the 2 target(s)" in result.stdout, \
         result.stderr
     for target in destination["Targets"].values():
         received = drain_queue(target["queue"], wait=1.0, broker=broker)
         entries = [entry for d in received for entry in json.loads(d.body)["batch"]]
         assert [entry["packet"]["action"] for entry in entries] == ["set", "delete"]
+    # --target picks targets by name; an unknown one, or --target without --to-targets, is refused
+    # before anything is sent
+    result = run("golconde.cli", "send", "-c", path, "--destination", name, "--to-targets",
+                 "--target", "t2", packet)
+    assert result.returncode == 0 and "to each of the 1 target(s)" in result.stdout, result.stderr
+    queues = {key: target["queue"] for key, target in destination["Targets"].items()}
+    assert drain_queue(queues["t1"], wait=0.5, broker=broker) == []
+    assert len(drain_queue(queues["t2"], wait=1.0, broker=broker)) == 1
+    result = run("golconde.cli", "send", "-c", path, "--destination", name, "--to-targets",
+                 "--target", "t2", "--target", "t9", packet)
+    assert result.returncode == 2 and "has no target t9 (its targets: t1, t2)" in result.stderr, \
+        result.stderr
+    result = run("golconde.cli", "send", "-c", path, "--destination", name, "--target", "t1", packet)
+    assert result.returncode == 2 and "--target needs --to-targets" in result.stderr, result.stderr
+    for queue in queues.values():
+        assert drain_queue(queue, wait=0.5, broker=broker) == []
 
 
 def test_only_names_listeners_of_the_configuration(tmp_path):
