@@ -277,6 +277,7 @@ class BrokerConnection:
         :class:`golconde.config.BrokerConfig`), e.g. ``RabbitMQ/3.12.1`` (one connection, closed
         at once); ``None`` when the broker does not say (STOMP 1.1, "CONNECTED Frame").
 
+        :param timeout: seconds to wait for the connection.
         :raises BrokerError: it cannot connect (the broker is down, refuses the login...)."""
         connection = cls.from_config(broker, name="golconde-probe")
         try:
@@ -580,7 +581,10 @@ def send_all_confirmed(groups: Iterable[Tuple[BrokerConnection, Sequence[Outgoin
     """Send several batches, each on its own connection, and wait for every confirmation.
 
     All frames are written first, then every receipt is awaited, so that N brokers cost one round
-    trip rather than N. :raises BrokerError: as :meth:`BrokerConnection.send_confirmed`.
+    trip rather than N.
+
+    :param timeout: seconds to wait for each receipt.
+    :raises BrokerError: as :meth:`BrokerConnection.send_confirmed`.
     """
     for receipt in send_all_async(groups, timeout):
         receipt.wait()

@@ -280,7 +280,9 @@ def _admin_main(argv: Optional[List[str]] = None) -> int:
     trig.add_argument("--table", action="append", help="[schema.]table (repeatable; default: the destination's target)")
     trig.add_argument("--destination", required=True, type=_destination_name,
                       help="destination name (as in the configuration)")
-    trig.add_argument("--actions", help="comma-separated subset of insert,update,delete (default: all)")
+    trig.add_argument("--events", "--actions", dest="events", metavar="EVENTS",
+                      help="the SQL events to capture, a comma-separated subset of"
+                           " insert,update,delete (default: all; --actions is its older name)")
     trig.add_argument("-c", "--config", help="take --dsn/--table from this configuration")
     trig.add_argument("--force", action="store_true",
                       help="install even on a destination the configuration has in client mode")
@@ -513,7 +515,7 @@ def _cmd_trigger(args: argparse.Namespace) -> int:
             own = [table for table in tables if known and _same_relation(table, known[0].target)]
             if own and _refused_install(args, known[0], own):
                 return 2
-    actions = [a.strip().lower() for a in args.actions.split(",")] if args.actions else None
+    actions = [a.strip().lower() for a in args.events.split(",")] if args.events else None
     from .progress import echo, progress
     try:
         conn = psycopg2.connect(dsn)

@@ -81,15 +81,21 @@ class PacketGroup:
         self.packets.append(packet if isinstance(packet, Packet) else parse(packet))
 
     def add(self, data: Mapping[str, Any]) -> None:
+        """Add an ADD (INSERT) packet of ``data`` (column -> value). :raises PacketError:"""
         self.send({"action": "add", "data": dict(data)})
 
     def set(self, data: Mapping[str, Any]) -> None:
+        """Add a SET (upsert) packet of ``data`` (column -> value). :raises PacketError:"""
         self.send({"action": "set", "data": dict(data)})
 
     def update(self, data: Mapping[str, Any], restriction: Mapping[str, Any]) -> None:
+        """Add an UPDATE packet: ``data`` where ``restriction`` (column -> value each).
+        :raises PacketError:"""
         self.send({"action": "update", "data": dict(data), "restriction": dict(restriction)})
 
     def delete(self, restriction: Mapping[str, Any]) -> None:
+        """Add a DELETE packet of the rows matching ``restriction`` (column -> value).
+        :raises PacketError:"""
         self.send({"action": "delete", "restriction": dict(restriction)})
 
 
@@ -176,6 +182,8 @@ class Client:
                         reply_to: Optional[str] = None) -> "Client":
         """A client for destination ``name`` of a :class:`golconde.config.Config`.
 
+        :param timeout: seconds to wait for a connection or a confirmation.
+        :param reply_to: as for :class:`Client`.
         :raises ConfigError: no such destination, ``reply_to`` is a queue or dead-letter queue
             of the configuration, or the destination is in trigger mode: its daemon drains
             ``golconde.queue`` and consumes no broker queue, so packets sent there would wait
@@ -238,23 +246,32 @@ class Client:
             self.connection.connect(self.timeout)
 
     def close(self) -> None:
+        """Disconnect from the broker (the reply subscription too)."""
         self.connection.close()
 
     # -- packets -----------------------------------------------------------------------------------
     def add(self, data: Mapping[str, Any]) -> str:
-        """Enqueue an ADD (INSERT) packet. Returns its packet id."""
+        """Enqueue an ADD (INSERT) packet of ``data`` (column -> value).
+
+        :returns: its packet id. :raises PacketError, BrokerError: as :meth:`send`."""
         return self.send({"action": "add", "data": dict(data)})
 
     def set(self, data: Mapping[str, Any]) -> str:
-        """Enqueue a SET (upsert on the primary key or a unique key) packet."""
+        """Enqueue a SET (upsert on the primary key or a unique key) packet of ``data``.
+
+        :returns: its packet id. :raises PacketError, BrokerError: as :meth:`send`."""
         return self.send({"action": "set", "data": dict(data)})
 
     def update(self, data: Mapping[str, Any], restriction: Mapping[str, Any]) -> str:
-        """Enqueue an UPDATE packet: ``data`` where ``restriction``."""
+        """Enqueue an UPDATE packet: ``data`` where ``restriction`` (column -> value each).
+
+        :returns: its packet id. :raises PacketError, BrokerError: as :meth:`send`."""
         return self.send({"action": "update", "data": dict(data), "restriction": dict(restriction)})
 
     def delete(self, restriction: Mapping[str, Any]) -> str:
-        """Enqueue a DELETE packet: rows matching ``restriction``."""
+        """Enqueue a DELETE packet: rows matching ``restriction`` (column -> value).
+
+        :returns: its packet id. :raises PacketError, BrokerError: as :meth:`send`."""
         return self.send({"action": "delete", "restriction": dict(restriction)})
 
     def send(self, packet: Union[Packet, Mapping[str, Any], str]) -> str:

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Collection, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import config as config_module
 from . import handlers
@@ -319,7 +319,8 @@ class Daemon:
     def reload(self) -> bool:
         """Re-read ``config_path`` and apply the difference. Returns False (and keeps running the
         old configuration) when the new one is invalid or cannot be read for any other reason
-        (logged)."""
+        (logged); False too when, the configuration accepted, a listener it stopped could not be
+        built again (it stays listed, stopped, the others started: logged)."""
         if not self.config_path:
             LOGGER.warning("reload requested but no configuration file is known")
             return False
@@ -358,7 +359,10 @@ class Daemon:
                 self.registry.remove(name)  # gone, or the name now has another role: new counters
         # only those to start (a listener built and dropped kept its handler's resources)
         wanted = [name for name in candidates if name not in kept]
-        fresh = build_listeners(new_config, self.registry, wanted, self.feeds) if wanted else {}
+        fresh, failed = self._build_again(new_config, wanted)
+        for name in failed:     # listed, stopped (/health fails), until a reload builds it
+            if name in old:
+                kept[name] = old[name]
         renamed = _renamed_targets(old, candidates, fresh)
         for name, listener in fresh.items():
             _carry_queues(name, old.get(name, renamed.get(name)), listener)
@@ -412,7 +416,30 @@ class Daemon:
         self.config = new_config
         self._restart_http()            # its /config page shows the configuration
         LOGGER.info("configuration reloaded: %d listeners stopped, %d started", len(stopping), started)
-        return True
+        return not failed
+
+    def _build_again(self, config: Any, wanted: Sequence[str]) -> Tuple[Dict[str, Listener], List[str]]:
+        """The listeners ``wanted`` of a reload's accepted ``config`` (built once already, for
+        the check), and the names of those that failed this time (a handler whose ``__init__``
+        fails now and then): those are logged, the others built one by one so that they start.
+
+        :returns: ``({name: listener}, [names that could not be built])``."""
+        if not wanted:
+            return {}, []
+        try:
+            return build_listeners(config, self.registry, wanted, self.feeds), []
+        except (Exception, SystemExit):
+            pass
+        fresh: Dict[str, Listener] = {}
+        failed = []
+        for name in wanted:
+            try:
+                fresh.update(build_listeners(config, self.registry, [name], self.feeds))
+            except (Exception, SystemExit):
+                LOGGER.exception("[%s] could not be built again after the reload's check: it stays"
+                                 " stopped until the next reload (SIGHUP)", name)
+                failed.append(name)
+        return fresh, failed
 
     def _start_when_stopped(self, name: str, previous: Listener, replacement: Listener) -> None:
         """Start ``replacement`` once ``previous`` has stopped, unless the daemon stopped or a

@@ -50,7 +50,8 @@ COUNTERS = (
     ("fanned_out", "golconde_fanned_out", "Packets sent to target queues (destinations)."),
     ("retried", "golconde_retries", "Retries of transient database errors."),
     ("dead_lettered", "golconde_dead_letters", "Packets sent to the dead-letter queue."),
-    ("errors", "golconde_errors", "Packets that failed (dead-lettered)."),
+    ("errors", "golconde_errors", "Errors: packets that failed (dead-lettered), and capture"
+                                  " triggers found naming other keys than their tables'."),
     ("reconnects", "golconde_reconnects", "Reconnections after a broker or database failure."),
 )
 

@@ -133,8 +133,10 @@ class Listeners(nagiosplugin.Resource):
     @staticmethod
     def stats_metrics(threads: Sequence[Tuple[str, Dict[str, Any]]],
                       errors: Dict[str, int]) -> Iterator[nagiosplugin.Metric]:
-        """Metrics of ``/stats`` threads: state, standing problems, lag, backlog (when known) and
-        new errors."""
+        """Metrics of ``/stats`` threads: state, standing problems, lag (s), backlog (packets,
+        when known) and new errors (``errors``: thread name -> errors since the last check).
+
+        :raises ValueError: the daemon reports no listener thread."""
         if not threads:
             raise ValueError("the daemon reports no listener thread")
         for name, stats in threads:
@@ -152,7 +154,10 @@ class Listeners(nagiosplugin.Resource):
 
     @staticmethod
     def health_metrics(status: int, document: Any) -> Iterator[nagiosplugin.Metric]:
-        """Metrics of a ``/health`` answer: its verdict, and each listener's state, lag, backlog."""
+        """Metrics of a ``/health`` answer (``status``: its HTTP status, ``document``: its JSON):
+        its verdict, and each listener's state, lag (s), backlog (packets).
+
+        :raises ValueError: the status is neither 200 nor 503, or the document is no object."""
         if status not in (200, 503) or not isinstance(document, dict):
             raise ValueError("unexpected answer from /health (HTTP %d)" % status)
         reasons = document.get("reasons") or []

@@ -184,7 +184,9 @@ class ThreadStats:
             return previous != (None if message is None else str(message))
 
     def set_backlog(self, n: Optional[int]) -> None:
-        """Set the number of packets waiting in the thread's queue (``None``: unknown)."""
+        """Set the number of packets waiting in the thread's queue (``None``: unknown).
+
+        :raises ValueError: ``n`` is negative."""
         if n is not None:
             n = int(n)
             if n < 0:

@@ -75,6 +75,7 @@ def management_serves(base: str, broker: Any, timeout: float = 5.0) -> Optional[
     A broker that does not say is given the benefit of the doubt; one that cannot be reached is
     not (a RabbitMQ beside a stopped ActiveMQ would answer for it: its queues, or "0 packets").
 
+    :param timeout: seconds to wait for the broker's STOMP connection.
     :returns: ``None`` when it may be used, else why not (text).
     """
     from .broker import BrokerConnection, BrokerError
@@ -216,8 +217,9 @@ def collect(config: Any, url: Union[None, str, Sequence[str]] = None,
         naming each that did not); each destination and target has ``name``,
         ``thread``, ``role``, ``queue``, ``relation``, ``state`` (``up``, ``down``, ``connecting``,
         ``unknown``), ``broker``, ``database``, ``backlog``, ``backlog_source`` (``broker``,
-        ``daemon`` or null), ``dead_letters`` (packets in its dead-letter queue, or null), ``lag``
-        (seconds), ``rate`` (packets applied per second), ``received_rate``, ``applied``,
+        ``daemon`` or null), ``dead_letter_backlog`` (packets waiting in its dead-letter queue, from
+        the broker, or null), ``lag`` (seconds), ``applied_rate`` and ``received_rate`` (packets
+        per second over the interval), ``applied``,
         ``errors``, ``dead_lettered``, ``last_error``, ``last_error_at``, ``problems`` (texts of
         its standing problems, :meth:`golconde.stats.ThreadStats.set_problem`).
     """
@@ -254,9 +256,9 @@ def collect(config: Any, url: Union[None, str, Sequence[str]] = None,
             "queue": item.queue, "relation": item.target, "state": _state(current),
             "broker": current.get("broker") if current else None,
             "database": current.get("database") if current else None,
-            "backlog": None, "backlog_source": None, "dead_letters": None,
+            "backlog": None, "backlog_source": None, "dead_letter_backlog": None,
             "lag": current.get("lag") if current else None,
-            "rate": (_rate(current, before.get(thread), "applied", seconds.get(thread, 0.0))
+            "applied_rate": (_rate(current, before.get(thread), "applied", seconds.get(thread, 0.0))
                      if current else None),
             "received_rate": (_rate(current, before.get(thread), "received",
                                     seconds.get(thread, 0.0)) if current else None),
@@ -269,7 +271,7 @@ def collect(config: Any, url: Union[None, str, Sequence[str]] = None,
             depth, why = management.depth(item.stomp, item.queue)
             if depth is not None:
                 entry.update(backlog=depth, backlog_source="broker")
-            entry["dead_letters"] = management.depth(item.stomp, item.dead_letter_queue)[0]
+            entry["dead_letter_backlog"] = management.depth(item.stomp, item.dead_letter_queue)[0]
             if why:
                 entry["backlog_note"] = why
         if entry["backlog"] is None and current and current.get("backlog") is not None:
@@ -311,12 +313,12 @@ def _lines(entry: Dict[str, Any]) -> List[str]:
     backlog = _number(entry["backlog"])
     if entry["backlog_source"]:
         backlog += " (%s)" % entry["backlog_source"]
-    rate = "-" if entry["rate"] is None else "%.1f" % entry["rate"]
+    rate = "-" if entry["applied_rate"] is None else "%.1f" % entry["applied_rate"]
     figures = "backlog %s, lag %s, %s packets/s, applied %s, errors %s, dead-lettered %s" % (
         backlog, _seconds(entry["lag"]), rate, _number(entry["applied"]),
         _number(entry["errors"]), _number(entry["dead_lettered"]))
-    if entry["dead_letters"]:
-        figures += ", %d waiting in the dead-letter queue" % entry["dead_letters"]
+    if entry["dead_letter_backlog"]:
+        figures += ", %d waiting in the dead-letter queue" % entry["dead_letter_backlog"]
     lines = ["broker %s, database %s" % (entry["broker"] or "?", entry["database"] or "?"), figures]
     if entry["last_error"]:
         lines.append("last error (%s): %s" % (entry["last_error_at"], entry["last_error"]))

@@ -168,8 +168,11 @@ def quote_relation(schema: str, table: str) -> str:
 def trigger_name(destination: str) -> str:
     """The capture trigger's name for ``destination``: ``golconde_capture_<destination>``, with
     characters other than ASCII letters, digits and ``_`` replaced by ``_``; when that changed the
-    name or it is longer than 63 bytes, a short hash of the destination is appended so that two
-    destinations never share a trigger name."""
+    name or it is longer than 63 bytes, ``_`` and the first 8 hex digits of the MD5 of the
+    destination's UTF-8 name are appended (the name cut to fit 63 bytes) so that two
+    destinations never share a trigger name.
+
+    :raises TriggerError: ``destination`` is empty."""
     if not destination:
         raise TriggerError("destination name is empty")
     clean = re.sub(r"[^A-Za-z0-9_]", "_", destination)
@@ -605,8 +608,8 @@ def _inheritance_children(cur: Any, ident: sql.Identifier) -> List[str]:
     cur.execute(sql.SQL("SELECT c.oid::pg_catalog.regclass::text FROM pg_catalog.pg_inherits i"
                         " JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid"
                         " JOIN pg_catalog.pg_class p ON p.oid = i.inhparent"
-                        " WHERE i.inhparent = {}::pg_catalog.regclass AND p.relkind = 'r'"
-                        " ORDER BY 1").format(sql.Literal(ident.as_string(cur))))
+                        " WHERE i.inhparent = %s::pg_catalog.regclass AND p.relkind = 'r'"
+                        " ORDER BY 1"), (ident.as_string(cur),))
     return [row[0] for row in cur.fetchall()]
 
 
@@ -767,6 +770,10 @@ class Snapshot:
 
     @classmethod
     def parse(cls, text: str) -> "Snapshot":
+        """A snapshot from its ``pg_snapshot`` text, ``xmin:xmax:xip1,xip2,...`` (PostgreSQL
+        documentation, "Snapshot Components").
+
+        :raises TriggerError: ``text`` is not of that form."""
         match = re.fullmatch(r"(\d+):(\d+):([\d,]*)", text or "")
         if not match:
             raise TriggerError("not a pg_snapshot: %r" % (text,))
@@ -1111,7 +1118,7 @@ def unsent_below(conn: psycopg2.extensions.connection, partition: str, below: in
     with _transaction(conn) as cur:
         cur.execute(_INDEX_ORDER)
         cur.execute(sql.SQL(_UNSENT).format(part=sql.Identifier(schema, name),
-                                            below=sql.SQL("q.id < {}").format(sql.Literal(below))))
+                                            below=sql.SQL("q.id < %(below)s")), {"below": below})
         row = cur.fetchone()
     return None if row is None else row[0]
 

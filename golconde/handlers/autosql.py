@@ -595,7 +595,7 @@ class AutoSQL(Handler):
                 parts.append(sql.SQL("{} IS NULL").format(name))
                 continue
             parts.append(sql.SQL("({})::pg_catalog.text IS NOT DISTINCT FROM (%s::{})::pg_catalog.text")
-                         .format(name, sql.SQL(types[column.name])))
+                         .format(name, sql.SQL(types[column.name].replace("%", "%%"))))
             part_params.append(_literal(value))
         cursor.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {} AND ({}) IS NOT TRUE)").format(
             _relation(table), where, sql.SQL(" AND ").join(parts)), where_params + part_params)

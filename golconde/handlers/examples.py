@@ -85,7 +85,9 @@ class LegacyUsers(Handler):
             raise ConfigError("settings.email_table: expected [schema.]table, not %r" % (email,))
 
     def setup(self, connection: Any) -> None:
-        """Check that both legacy tables exist (else pause the listener, packets kept queued)."""
+        """Check that both legacy tables exist.
+
+        :raises StopListener: one does not: the listener pauses, its packets kept queued."""
         super().setup(connection)
         try:
             with connection.cursor() as cur:

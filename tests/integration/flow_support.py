@@ -104,10 +104,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 60.0, interval: flo
     raise AssertionError("timed out after %.0fs waiting for %s" % (timeout, message))
 
 
-def table_rows(dsn: str, table: str, order: str = "1") -> List[tuple]:
-    return query(dsn, "SELECT * FROM %s ORDER BY %s" % (table, order))  # test-only, fixed names
-
-
 def drain_queue(queue: str, wait: float = 1.0, login: Optional[str] = None,
                 passcode: Optional[str] = None, broker: Optional[Broker] = None) -> List[Delivery]:
     """Consume and ack everything currently in ``queue`` (e.g. a dead-letter queue) on ``broker``

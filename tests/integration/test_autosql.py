@@ -969,6 +969,19 @@ def test_a_scoped_set_with_a_constant_of_a_type_without_equality(db):
     assert rows(db, "SELECT v FROM pt WHERE id = 2") == [("theirs",)]
 
 
+def test_a_scoped_set_on_a_type_whose_name_holds_a_percent_sign(db):
+    """The scope's cast names the column's type in a query with parameters: a '%' in the type's
+    name (a domain "src%tag") failed with IndexError, dead-lettered under that reason."""
+    ddl(db, 'CREATE DOMAIN "src%tag" AS text;'
+            ' CREATE TABLE ptag (id int PRIMARY KEY, v text, src "src%tag");'
+            " INSERT INTO ptag VALUES (2, 'theirs', 'other')")
+    h = _mapped("ptag", constants={"src": "mine"})
+    run(db, h, {"action": "set", "data": {"id": 1, "v": "a"}})
+    with pytest.raises(PacketError, match="another source's row"):
+        run(db, h, {"action": "set", "data": {"id": 2, "v": "b"}})
+    assert rows(db, "SELECT id, v, src FROM ptag ORDER BY id") == [(1, "a", "mine"), (2, "theirs", "other")]
+
+
 def test_a_scoped_set_with_a_constant_the_column_stores_at_its_own_scale(db):
     """numeric(10,2) stores the constant 1.5 as 1.50: the scope compares the row with the row
     proposed (EXCLUDED), as the column stores both; every set after the first was dead-lettered."""

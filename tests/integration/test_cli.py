@@ -100,7 +100,10 @@ def test_trigger_install_remove_and_compare(make_database, tmp_path):
     execute(canonical, "INSERT INTO log VALUES ('x')")
     assert query(canonical, "SELECT count(*) FROM golconde.queue")[0][0] == 2
     result = run("golconde.cli", "trigger", "install", "--dsn", canonical, "--table", "log",
-                 "--destination", "Items", "--actions", "insert,update")
+                 "--destination", "Items", "--events", "insert,update")
+    assert result.returncode == 1 and "no primary key" in result.stderr
+    result = run("golconde.cli", "trigger", "install", "--dsn", canonical, "--table", "log",
+                 "--destination", "Items", "--actions", "update")      # the older name
     assert result.returncode == 1 and "no primary key" in result.stderr
     result = run("golconde.cli", "trigger", "remove", "--dsn", canonical, "--table", "items",
                  "--destination", "Items")

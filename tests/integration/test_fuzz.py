@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional, Tuple
 
 import simplejson
+from psycopg2 import sql
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -532,8 +533,9 @@ def thread_stats(daemon: Daemon) -> Dict[str, Dict[str, Any]]:
 
 
 def rows(dsn: str, where: str) -> List[tuple]:
-    return query(dsn, "SELECT id, code, n, amount, flag, doc, ts, tags, note FROM fuzz WHERE %s"
-                      " ORDER BY id" % where)
+    """The fuzz table's rows where ``where``, a constant SQL condition of the test."""
+    return query(dsn, sql.SQL("SELECT id, code, n, amount, flag, doc, ts, tags, note FROM fuzz"
+                              " WHERE {} ORDER BY id").format(sql.SQL(where)))
 
 
 def test_fuzzed_packets_are_dead_lettered_and_good_ones_applied(make_database):

@@ -6,6 +6,7 @@ import time
 import uuid
 
 import psycopg2
+from psycopg2 import sql
 import pytest
 
 from golconde import destination as destination_module
@@ -288,9 +289,11 @@ def test_filtered_targets_keyed_otherwise_and_updates_that_change_nothing(make_d
                                        " status_id = EXCLUDED.status_id",
                             (data["id"], data.get("name"), data.get("status_id")))
                 elif packet["action"] == "update":
-                    sets = ", ".join("%s = %%s" % column for column in packet["data"])
-                    wheres = " AND ".join("%s = %%s" % column for column in packet["restriction"])
-                    execute(canonical, "UPDATE users SET %s WHERE %s" % (sets, wheres),
+                    sets = sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(column))
+                                              for column in packet["data"])
+                    wheres = sql.SQL(" AND ").join(sql.SQL("{} = %s").format(sql.Identifier(column))
+                                                   for column in packet["restriction"])
+                    execute(canonical, sql.SQL("UPDATE users SET {} WHERE {}").format(sets, wheres),
                             list(packet["data"].values()) + list(packet["restriction"].values()))
                 else:
                     execute(canonical, "DELETE FROM users WHERE id = %s", (packet["restriction"]["id"],))

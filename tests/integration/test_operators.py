@@ -286,7 +286,7 @@ def test_status_tree_and_json_with_broker_backlog(ops, capsys):
     t1, t2 = dest["targets"]
     assert (t1["name"], t1["state"], t1["backlog"], t1["backlog_source"]) == ("t1", "up", 0, "broker")
     assert (t2["name"], t2["state"], t2["backlog"], t2["backlog_source"]) == ("t2", "down", backlog, "broker")
-    assert t2["broker"] == "stopped" and t2["dead_letters"] == 0
+    assert t2["broker"] == "stopped" and t2["dead_letter_backlog"] == 0
     code, out = status(ops, capsys)
     assert code == 1
     assert "+-- t2  DOWN  %s.t2 -> public.items" % destination.queue in out

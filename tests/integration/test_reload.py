@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -29,9 +28,6 @@ from golconde.handlers.autosql import AutoSQL
 from ..conftest import STOMP_LOGIN, STOMP_PASSCODE, stomp_address
 from .flow_support import DaemonProcess, drain_queue, execute, make_config, query, wait_for, write_config
 from .test_faults import amqp_name, delete_queues, queue_depths
-
-pytestmark = pytest.mark.skipif(shutil.which("rabbitmqctl") is None,
-                                reason="needs rabbitmqctl (queue depths and clean-up)")
 
 TABLE = "public.ev"
 EVENTS = "CREATE TABLE public.ev (payload text NOT NULL, n integer NOT NULL)"  # keyless on purpose
@@ -849,4 +845,59 @@ def test_a_renamed_target_waits_for_its_stuck_predecessor(make_database, tmp_pat
         assert daemon.registry.get(name + "_t1b").snapshot()["problems"] == []
     finally:
         locker.close()
+        assert daemon.stop()
+
+
+def test_a_listener_that_cannot_be_built_again_in_a_reload_stays_listed_stopped(make_database, tmp_path,
+                                                                                 monkeypatch, caplog):
+    """A reload builds the new listeners twice: once to check the configuration, then those to
+    start. A handler whose __init__ fails only the second time left the listeners it had stopped
+    out of a half-done reload, the exception escaping reload(); now reload() returns False, names
+    them, and they stay listed, stopped (/health fails), until a reload builds them."""
+    from golconde.config import load
+    from golconde.daemon import Daemon
+    from golconde.metrics import health
+
+    module = "golconde_flaky_%s" % uuid.uuid4().hex[:8]
+    (tmp_path / (module + ".py")).write_text(
+        "from golconde.handlers.autosql import AutoSQL\n"
+        "BUILT = [0]\n"
+        "FAIL_FROM = [None]\n"
+        "class Flaky(AutoSQL):\n"
+        "    def __init__(self, *args, **kwargs):\n"
+        "        BUILT[0] += 1\n"
+        "        if FAIL_FROM[0] is not None and BUILT[0] >= FAIL_FROM[0]:\n"
+        "            raise RuntimeError('flaky handler, built %d times' % BUILT[0])\n"
+        "        super().__init__(*args, **kwargs)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    canonical, t1 = make_database(), make_database()
+    for dsn in (canonical, t1):
+        execute(dsn, "CREATE TABLE items (id integer PRIMARY KEY, v text)")
+    mapping = make_config(canonical, {"t1": t1}, "public.items")
+    name = next(iter(mapping["Destinations"]))
+    thread = name + "_t1"
+    mapping["Destinations"][name]["Targets"]["t1"]["function_name"] = module + ".Flaky"
+    path = write_config(str(tmp_path / "golconde.yaml"), mapping)
+    daemon = Daemon(load(path), config_path=path)
+    daemon.start()
+    try:
+        wait_for(lambda: all(listener.ready() for listener in daemon.listeners.values()), timeout=30,
+                 message="listeners connected")
+        import sys
+        flaky = sys.modules[module]
+        flaky.FAIL_FROM[0] = flaky.BUILT[0] + 2     # the check's build passes, the start's fail
+        mapping["Destinations"][name]["Targets"]["t1"]["batch_size"] = 100
+        write_config(path, mapping)
+        assert daemon.reload() is False
+        assert "[%s] could not be built again" % thread in caplog.text
+        assert thread in daemon.listeners and not daemon.listeners[thread].is_alive()
+        # the destination, restarted by the same change, is built and runs
+        wait_for(lambda: daemon.listeners[name].ready(), timeout=30, message="destination connected")
+        assert daemon.listeners[name].config.targets[0].batch_size == 100
+        assert health(daemon.registry.snapshot(), 10**9, 10**9)[0] is False
+        flaky.FAIL_FROM[0] = None
+        assert daemon.reload()                      # builds fine now: started
+        assert daemon.listeners[thread].is_alive() and daemon.listeners[thread].config.batch_size == 100
+        wait_for(lambda: health(daemon.registry.snapshot(), 10**9, 10**9)[0], timeout=30, message="healthy again")
+    finally:
         assert daemon.stop()

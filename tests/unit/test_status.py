@@ -8,8 +8,8 @@ from golconde import status
 
 def listener(name, **overrides):
     entry = {"name": name, "state": "up", "broker": "connected", "database": "connected",
-             "backlog": 0, "backlog_source": "daemon", "dead_letters": None, "lag": 0.01,
-             "rate": None, "applied": 3, "errors": 0, "dead_lettered": 0, "last_error": None,
+             "backlog": 0, "backlog_source": "daemon", "dead_letter_backlog": None, "lag": 0.01,
+             "applied_rate": None, "applied": 3, "errors": 0, "dead_lettered": 0, "last_error": None,
              "last_error_at": None, "problems": [], "queue": "/queue/q." + name,
              "relation": "public.t"}
     entry.update(overrides)
