@@ -80,14 +80,25 @@ SESSION_DEFAULTS = {"connect_timeout": "10", "keepalives": "1", "keepalives_idle
 
 def connect(dsn: str, application_name: str) -> Any:
     """A psycopg2 connection to ``dsn`` named ``application_name`` (at most 63 characters), with
-    :data:`SESSION_DEFAULTS` for what the DSN leaves unset.
+    :data:`SESSION_DEFAULTS` for what the DSN leaves unset, and ``extra_float_digits`` 1 (floats
+    printed exactly: PostgreSQL's default, which a database or role may have lowered).
 
-    :raises psycopg2.OperationalError: the connection failed."""
+    :raises psycopg2.Error: the connection failed."""
     given = psycopg2.extensions.parse_dsn(dsn)
     settings = {key: value for key, value in SESSION_DEFAULTS.items() if key not in given}
     if "PGCONNECT_TIMEOUT" in os.environ:
         settings.pop("connect_timeout", None)
-    return psycopg2.connect(dsn, application_name=application_name[:63], **settings)
+    conn = psycopg2.connect(dsn, application_name=application_name[:63], **settings)
+    try:
+        with conn.cursor() as cur:
+            # floats printed exactly whatever the database's or role's default: a destination
+            # back-fills keys as the server prints them (to_jsonb), and 0 or less rounds them
+            cur.execute("SET extra_float_digits = 1")
+        conn.commit()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def _without_holder(message: str) -> str:

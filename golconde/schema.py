@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import ConfigError, GolcondeError
 
@@ -196,6 +196,10 @@ class TableSchema:
     kind: str = "r"
     #: the unique keys declared ``NULLS NOT DISTINCT`` (PostgreSQL 15): a NULL in them conflicts
     nulls_not_distinct: Tuple[Tuple[str, ...], ...] = ()
+    #: columns an immediate unique index or exclusion constraint reads (key, expression or
+    #: predicate, the primary key's too): PostgreSQL checks those as each row is written, so
+    #: whether a statement changing several rows passes may depend on the order it visits them
+    checked_columns: FrozenSet[str] = frozenset()
     _folded: Dict[str, Tuple[Column, ...]] = field(default_factory=dict, init=False, repr=False,
                                                     compare=False)
     #: packet key tuple -> AutoSQL's resolution of it (``golconde.handlers.autosql.resolve``)
@@ -302,6 +306,22 @@ SELECT i.indisprimary, i.indimmediate AND i.indisvalid,
 """
 
 
+# The columns of the immediate (not DEFERRABLE) unique indexes and exclusion constraints: their
+# key columns, and those their expressions and predicates read (recorded in pg_depend).
+_CHECKED_SQL = """
+SELECT DISTINCT a.attname
+  FROM pg_catalog.pg_index i
+  JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum > 0 AND NOT a.attisdropped
+ WHERE i.indrelid = %(oid)s AND (i.indisunique OR i.indisexclusion) AND i.indimmediate
+   AND (a.attnum = ANY (i.indkey::int2[])
+        OR EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                    WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                      AND d.objid = i.indexrelid
+                      AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                      AND d.refobjid = i.indrelid AND d.refobjsubid = a.attnum))
+"""
+
+
 #: The privileges a statement of each action needs (on some column, for INSERT, UPDATE and
 #: SELECT: column grants count; DELETE is granted on the table only). ``set`` is INSERT ... ON
 #: CONFLICT DO UPDATE; ``update`` and ``delete`` read their WHERE columns; RETURNING reads too.
@@ -353,6 +373,8 @@ def read_schema(cursor: Any, relation: Relation) -> TableSchema:
                                generated=(generated == "s"), base_type=base_type,
                                text_input=bool(text_input), deterministic=bool(deterministic),
                                structure=structure or "", element_type=element_type or "")
+    cursor.execute(_CHECKED_SQL, {"oid": oid})
+    checked_columns = frozenset(name for name, in cursor.fetchall())
     cursor.execute(_KEYS_SQL, {"oid": oid})
     primary_key: Tuple[str, ...] = ()
     unique_keys: List[Tuple[str, ...]] = []
@@ -370,7 +392,7 @@ def read_schema(cursor: Any, relation: Relation) -> TableSchema:
                  relation, len(columns), primary_key or "none", len(unique_keys))
     return TableSchema(relation=relation, columns=columns, primary_key=primary_key,
                        unique_keys=tuple(unique_keys), kind=kind,
-                       nulls_not_distinct=tuple(nulls_not_distinct))
+                       nulls_not_distinct=tuple(nulls_not_distinct), checked_columns=checked_columns)
 
 
 @dataclass

@@ -66,6 +66,8 @@ class _Plan(NamedTuple):
     #: a SET's packet keys of its conflict key's columns: a packet with NULL in one resolves in
     #: full (:func:`conflict_key` passes over keys holding a NULL); NULL elsewhere changes nothing
     key_values: Tuple[str, ...] = ()
+    #: ``(data or restriction, packet key, column)`` of date/time columns (:func:`check_moving_time`)
+    times: Tuple[Tuple[str, str, Column], ...] = ()
 
 
 class _Identifier(sql.Identifier):
@@ -204,6 +206,48 @@ def _json_kind(value: Any) -> str:
 
 #: JSON numbers as decoded (floats only from Python callers)
 _NUMBERS = (int, Decimal, float)
+
+#: Types whose text input reads the words of :data:`_MOVING_TIME` as the current time, date or
+#: transaction start (PostgreSQL documentation, "Special Date/Time Inputs"); ranges and arrays
+#: of them too (their elements are read so).
+_TIME_TYPES = frozenset(("date", "timestamp without time zone", "timestamp with time zone",
+                         "time without time zone", "time with time zone", "daterange", "tsrange",
+                         "tstzrange", "datemultirange", "tsmultirange", "tstzmultirange"))
+_MOVING_TIME = re.compile(r"\b(now|today|tomorrow|yesterday)\b", re.IGNORECASE)
+
+
+def _time_column(column: Column) -> bool:
+    """Whether ``column`` (or its arrays' element) is of a type of :data:`_TIME_TYPES`."""
+    return (column.element_type or column.base[:-2] if column.is_array else column.base) in _TIME_TYPES
+
+
+def check_moving_time(table: TableSchema, column: Column, value: Any) -> None:
+    """Refuse ``now``, ``today``, ``tomorrow`` or ``yesterday`` in a date/time ``column``'s text
+    (or in an array's element): each database would read it at its own moment, so the canonical
+    relation and each target would store a different value (a key too, where only add and set
+    back-fill it).
+
+    :raises PacketError: such a word."""
+    texts = [value] if isinstance(value, str) else _strings(value) if isinstance(value, list) else ()
+    for text in texts:
+        match = _MOVING_TIME.search(text)
+        if match:
+            raise PacketError("column %s of %s is %s: %r names the current time (%s), which each"
+                              " database reads at its own moment, so the canonical relation and"
+                              " every target would store a different value; send the time itself"
+                              % (column.name, table.relation, column.type_name,
+                                 text if len(text) <= 60 else text[:60] + "...", match.group(1)))
+
+
+def _strings(value: List[Any]) -> List[str]:
+    """The strings of a (nested) JSON array."""
+    found: List[str] = []
+    for item in value:
+        if isinstance(item, str):
+            found.append(item)
+        elif isinstance(item, list):
+            found.extend(_strings(item))
+    return found
 
 
 def bind(table: TableSchema, column: Column, value: Any) -> Any:
@@ -644,7 +688,7 @@ class AutoSQL(Handler):
         prepared = [(index, prepare(cursor, packet)) for index, packet in enumerate(packets)]
         todo = [(index, item) for index, item in prepared if item is not None]
         items = [item for _, item in todo]
-        for run in bulk.runs(items):
+        for run in bulk.runs(items, checked_alone=self.role == "destination"):
             if len(run) == 1:
                 index, item = todo[run[0]]
                 results[index] = self._execute(cursor, item)
@@ -678,6 +722,9 @@ class AutoSQL(Handler):
         if action in (Action.ADD, Action.SET) and packet.restriction:
             raise PacketError("%s packet for %s takes data, not a restriction" % (action.value, self.table))
         table, data, restriction = self._resolve(cursor, packet, action)
+        for _, column, value in data + restriction:
+            if _time_column(column):
+                check_moving_time(table, column, value)
         writable = [(column, value) for _, column, value in data if column.writable]
         skipped = [column.name for _, column, value in data if not column.writable]
         if skipped:
@@ -716,6 +763,8 @@ class AutoSQL(Handler):
         data = packet.data
         if plan is not None and not (plan.key_values and any(data[key] is None for key in plan.key_values)):
             restriction = packet.restriction
+            for part, key, column in plan.times:
+                check_moving_time(table, column, (data if part == "data" else restriction)[key])
             return bulk.Prepared(plan.action, packet, [(column, data[key]) for key, column in plan.data],
                                  [(column, restriction[key]) for key, column in plan.restriction],
                                  plan.keys, plan.conflict, table, known_shape=plan.shape)
@@ -727,10 +776,14 @@ class AutoSQL(Handler):
                 if item.conflict != conflict_key(table, [column.name for column, _ in item.data]):
                     return item     # resolved around a NULL in a key: no plan for the others
                 key_values = tuple(item.keys[name] for name in item.conflict)
+            data_keys = tuple((item.keys[column.name], column) for column, _ in item.data)
+            restriction_keys = tuple(zip(packet.restriction, (c for c, _ in item.restriction)))
+            times = tuple((part, key, column) for part, pairs in (("data", data_keys),
+                                                                  ("restriction", restriction_keys))
+                          for key, column in pairs if _time_column(column))
             _remember(table.plans, shape, _Plan(
-                item.action, tuple((item.keys[column.name], column) for column, _ in item.data),
-                tuple(zip(packet.restriction, (c for c, _ in item.restriction))),
-                item.keys, item.conflict, item.shape, key_values))
+                item.action, data_keys, restriction_keys, item.keys, item.conflict, item.shape,
+                key_values, times))
         return item
 
     def _returning(self, table: TableSchema) -> Tuple[str, ...]:
@@ -819,10 +872,14 @@ class AutoSQL(Handler):
         them (same value, same JSON type)."""
         data = item.packet.data
         changed: Dict[str, Any] = {}
+        columns = item.table.columns
         for name, text in zip(item.table.primary_key, row):
             key, value = item.keys.get(name, name), None if text is None else loads(text)
             old = data.get(key, _MISSING)
             if type(old) is not type(value) or old != value:
+                if (type(old) in _NUMBERS and type(value) in _NUMBERS and old == value
+                        and columns[name].base in bulk.FLOAT_TYPES):
+                    continue    # the same number; to_jsonb has no -0, which the packet keeps
                 changed[key] = value
         if not changed:
             return item.packet

@@ -42,6 +42,10 @@ columns that keeps the result identical to applying the packets one by one:
   own restriction columns, is applied alone (it may affect rows another packet of the run selects);
   an ``update`` whose data repeats a restriction column's value (the capture trigger sends the
   whole new row) does not change it, and joins a run that leaves that column out of its SET list;
+* at a destination, an ``update`` writing a column that an immediate unique index or exclusion
+  constraint checks is applied alone: PostgreSQL checks such a column row by row in the order
+  the statement visits the rows, so a run could pass where the packets in order would not (one
+  packet taking a value that a later one frees);
 * a run of one packet is applied with AutoSQL's single-row statement.
 
 Runs are applied in order, so the net effect per key is that of the packets in order.
@@ -137,6 +141,20 @@ class Prepared:
                        for c, v in self.data)
         return False
 
+    @property
+    def writes_checked_column(self) -> bool:
+        """True for an ``update`` whose SET list holds a column an immediate unique index or
+        exclusion constraint reads (:attr:`golconde.schema.TableSchema.checked_columns`; a value
+        repeating the restriction's is left out of it): PostgreSQL checks it as each row is
+        written, in the order the statement visits the rows, not the packets' order, so a run
+        could pass where the packets one by one would not (one takes a value another frees)."""
+        if self.action is not Action.UPDATE or self.table is None or not self.table.checked_columns:
+            return False
+        checked = self.table.checked_columns
+        restricted = {c.name: v for c, v in self.restriction}
+        return any(c.name in checked and not (c.name in restricted and same_value(v, restricted[c.name]))
+                   for c, v in self.data)
+
     def identity(self) -> Optional[Any]:
         """The row key this packet touches, to close a run when it repeats: one part per key
         column (:func:`identity_part`, so that ``"1"`` repeats ``1`` for an integer key and
@@ -210,15 +228,23 @@ def same_value(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def runs(prepared: Sequence[Prepared]) -> List[List[int]]:
-    """Split ``prepared`` (in order) into runs of indexes, as described in the module docstring."""
+def runs(prepared: Sequence[Prepared], checked_alone: bool = False) -> List[List[int]]:
+    """Split ``prepared`` (in order) into runs of indexes, as described in the module docstring.
+
+    :param checked_alone: an ``update`` that writes a column a unique index or exclusion
+        constraint checks (:attr:`Prepared.writes_checked_column`) is applied alone. A
+        destination sets it: its result must be that of the packets one by one, which the
+        targets then follow. A target need not: its packets passed one by one at the
+        destination, in that order, so a run of them passes with the same result, or fails and
+        is replayed one by one."""
     result: List[List[int]] = []
     current: List[int] = []
     seen: set = set()
     run_shape: Any = None        # the run's shape; None while it cannot take another packet
     for index, item in enumerate(prepared):
         identity = item.identity()
-        shape = None if item.alone or identity is ANY else item.shape
+        alone = item.alone or identity is ANY or (checked_alone and item.writes_checked_column)
+        shape = None if alone else item.shape
         fits = (current and shape is not None and run_shape == shape
                 and (identity is None or identity not in seen))
         if not fits:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import time
 import uuid
 from decimal import Decimal
@@ -1014,3 +1015,49 @@ def test_a_column_the_mapping_writes_dropped_at_the_target_while_running_pauses_
     ddl(db, "ALTER TABLE dc ADD COLUMN vv text")
     run(db, h, {"action": "add", "data": {"id": 3, "v": "d", "n": 3, "extra": 1}})
     assert rows(db, "SELECT id, vv FROM dc WHERE id = 3") == [(3, "d")]
+
+
+def test_float_keys_are_back_filled_exactly_whatever_extra_float_digits(database):
+    """A destination back-fills keys as the server prints them (to_jsonb): a database or role
+    with extra_float_digits 0 or less printed 0.30000000000000004 as 0.3, and the targets stored
+    another key (review SS). golconded's sessions set it to 1. A -0 key, which to_jsonb prints
+    as 0, keeps its sign in the packet."""
+    from golconde.listener import connect
+    conn = connect(database + " options='-c extra_float_digits=-15'", "golconde test")
+    conn.autocommit = True
+    try:
+        ddl(conn, "CREATE TABLE fk (k float8 PRIMARY KEY, v text)")
+        h = AutoSQL("fk", role="destination")
+        for text in ("0.30000000000000004", "3.141592653589793", "-0.0"):
+            packet = run(conn, h, json.loads('{"action": "add", "data": {"k": %s, "v": "x"}}' % text,
+                                             parse_float=Decimal))
+            assert str(packet.data["k"]) == text
+        assert rows(conn, "SELECT k::text FROM fk ORDER BY k, k::text") == [
+            ("-0",), ("0.30000000000000004",), ("3.141592653589793",)]
+    finally:
+        conn.close()
+
+
+def test_the_words_for_the_current_time_are_refused_in_date_and_time_columns(db):
+    """'now', 'today', 'tomorrow', 'yesterday' are read by each database at its own moment: the
+    canonical relation and each target stored another value (a key too). Refused, naming the
+    column, in data and restriction, in arrays, and for packets of a cached plan too."""
+    ddl(db, "CREATE TABLE tm (id int PRIMARY KEY, at timestamptz, d date, ts timestamp[],"
+            " r tstzrange, note text)")
+    h = AutoSQL("tm", role="destination")
+    run(db, h, {"action": "add", "data": {"id": 1, "at": "2026-01-01 10:00+00", "d": "epoch",
+                                          "ts": ["infinity"], "note": "now"}})
+    for data in ({"at": "now"}, {"d": "Today"}, {"ts": ["2026-01-01", "yesterday"]},
+                 {"r": "[now,)"}, {"at": "tomorrow 10:00"}):
+        with pytest.raises(PacketError, match="names the current time"):
+            run(db, h, {"action": "update", "data": data, "restriction": {"id": 1}})
+    with pytest.raises(PacketError, match="column at of public.tm is timestamp with time zone: 'now'"):
+        run(db, h, {"action": "delete", "restriction": {"at": "now"}})
+    with pytest.raises(PacketError, match="names the current time"):
+        run(db, h, {"action": "add", "data": {"id": 2, "at": "NOW"}})
+    # a batch through the plans: the second packet of a shape is checked too
+    with pytest.raises(PacketError, match="names the current time"):
+        with db.cursor() as cur:
+            h.apply_batch(cur, [parse(dumps({"action": "set", "data": {"id": 3, "at": "2026-01-02"}})),
+                                parse(dumps({"action": "set", "data": {"id": 4, "at": "now"}}))])
+    assert rows(db, "SELECT id, note FROM tm") == [(1, "now")]
