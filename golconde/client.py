@@ -220,6 +220,8 @@ class Client:
         if not destination.targets:
             raise ConfigError("Destinations.%s has no target" % name)
         chosen = list(destination.targets)
+        if isinstance(targets, str):
+            targets = [targets]
         if targets is not None:
             known = [target.name for target in destination.targets]
             unknown = sorted(set(targets) - set(known))

@@ -127,10 +127,10 @@ def _carry_queues(name: str, previous: Optional[Listener], listener: Listener) -
                    ", ".join(queues))
 
 
-def _renamed_targets(old: Dict[str, Listener], candidates: Dict[str, Any],
-                     fresh: Dict[str, Listener]) -> Dict[str, Listener]:
+def _renamed_targets(old: Dict[str, Listener], candidates: Dict[str, Any]) -> Dict[str, Listener]:
     """Targets a reload renamed: ``{new name: old listener}`` for each new target of a destination
-    that lost exactly one target writing the same database (``pgsql``) and relation, where that
+    (among ``candidates``, the listeners the reload built to check its configuration) that lost
+    exactly one target writing the same database (``pgsql``) and relation, where that
     destination gained exactly one such target. Its replacement consumes the old queue first
     (:func:`_carry_queues`): renaming a target and its queue together, as the example names
     them, lost the packets fanned out to the old queue before the reload."""
@@ -146,7 +146,7 @@ def _renamed_targets(old: Dict[str, Listener], candidates: Dict[str, Any],
         if name not in candidates and isinstance(listener, TargetListener):
             gone.setdefault(key(listener), []).append(listener)
     added: Dict[Tuple[str, str, Any], List[str]] = {}
-    for name, listener in fresh.items():
+    for name, listener in candidates.items():
         if name not in old and isinstance(listener, TargetListener):
             added.setdefault(key(listener), []).append(name)
     renamed = {}
@@ -160,8 +160,10 @@ def _renamed_targets(old: Dict[str, Listener], candidates: Dict[str, Any],
 
 def _start(listener: Listener) -> None:
     """Start a listener a reload built; its statistics (shared by name) may hold the problem
-    ``replacing`` of a replacement an earlier reload left waiting: cleared."""
+    ``replacing`` of a replacement an earlier reload left waiting, or ``not-built`` of an earlier
+    reload that could not build it: cleared."""
     listener.stats.set_problem("replacing", None)
+    listener.stats.set_problem("not-built", None)
     listener.start()
 
 
@@ -351,7 +353,8 @@ class Daemon:
                     or listener.stopping]           # one told to stop (stuck) is not kept
         self._stop_listeners(stopping)
         kept = {name: listener for name, listener in old.items() if listener not in stopping}
-        for name in old:
+        # those of listeners an earlier reload could not build too (never in self.listeners)
+        for name in dict.fromkeys(list(old) + self.registry.names()):
             current = self.registry.get(name)
             if name not in candidates or (current is not None and (
                     current.role, current.destination) != (candidates[name].stats.role,
@@ -360,10 +363,13 @@ class Daemon:
         # only those to start (a listener built and dropped kept its handler's resources)
         wanted = [name for name in candidates if name not in kept]
         fresh, failed = self._build_again(new_config, wanted)
+        renamed = _renamed_targets(old, candidates)
         for name in failed:     # listed, stopped (/health fails), until a reload builds it
-            if name in old:
-                kept[name] = old[name]
-        renamed = _renamed_targets(old, candidates, fresh)
+            previous = old.get(name) or renamed.get(name)
+            if previous is not None:
+                # a renamed target's predecessor too: the next reload pairs them again, and its
+                # replacement empties the old queue first
+                kept[previous.name] = previous
         for name, listener in fresh.items():
             _carry_queues(name, old.get(name, renamed.get(name)), listener)
         for name, listener in old.items():
@@ -415,8 +421,12 @@ class Daemon:
                                  " goes on as before", exc)
         self.config = new_config
         self._restart_http()            # its /config page shows the configuration
+        if failed:
+            LOGGER.error("configuration reloaded in part: %d listeners stopped, %d started, %s not"
+                         " built", len(stopping), started, ", ".join(failed))
+            return False
         LOGGER.info("configuration reloaded: %d listeners stopped, %d started", len(stopping), started)
-        return not failed
+        return True
 
     def _build_again(self, config: Any, wanted: Sequence[str]) -> Tuple[Dict[str, Listener], List[str]]:
         """The listeners ``wanted`` of a reload's accepted ``config`` (built once already, for
@@ -428,17 +438,22 @@ class Daemon:
             return {}, []
         try:
             return build_listeners(config, self.registry, wanted, self.feeds), []
-        except (Exception, SystemExit):
-            pass
+        except (Exception, SystemExit) as exc:
+            LOGGER.error("reload: the listeners to start could not all be built again after the"
+                         " check (%s): built one by one", describe(exc))
         fresh: Dict[str, Listener] = {}
         failed = []
         for name in wanted:
             try:
                 fresh.update(build_listeners(config, self.registry, [name], self.feeds))
-            except (Exception, SystemExit):
+            except (Exception, SystemExit) as exc:
                 LOGGER.exception("[%s] could not be built again after the reload's check: it stays"
                                  " stopped until the next reload (SIGHUP)", name)
                 failed.append(name)
+                stats = self.registry.get(name)
+                if stats is not None:
+                    stats.set_problem("not-built", "the last reload could not build it (%s): it"
+                                      " runs after a reload (SIGHUP) that can" % describe(exc))
         return fresh, failed
 
     def _start_when_stopped(self, name: str, previous: Listener, replacement: Listener) -> None:

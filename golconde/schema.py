@@ -197,8 +197,9 @@ class TableSchema:
     #: the unique keys declared ``NULLS NOT DISTINCT`` (PostgreSQL 15): a NULL in them conflicts
     nulls_not_distinct: Tuple[Tuple[str, ...], ...] = ()
     #: columns an immediate unique index or exclusion constraint reads (key, expression or
-    #: predicate, the primary key's too): PostgreSQL checks those as each row is written, so
-    #: whether a statement changing several rows passes may depend on the order it visits them
+    #: predicate, the primary key's too), the relation's or a partition's or inheritance child's
+    #: (every column of a view or foreign table): PostgreSQL checks those as each row is written,
+    #: so whether a statement changing several rows passes may depend on the order it visits them
     checked_columns: FrozenSet[str] = frozenset()
     _folded: Dict[str, Tuple[Column, ...]] = field(default_factory=dict, init=False, repr=False,
                                                     compare=False)
@@ -306,19 +307,27 @@ SELECT i.indisprimary, i.indimmediate AND i.indisvalid,
 """
 
 
-# The columns of the immediate (not DEFERRABLE) unique indexes and exclusion constraints: their
-# key columns, and those their expressions and predicates read (recorded in pg_depend).
+# The columns of the immediate (not DEFERRABLE) unique indexes and exclusion constraints of the
+# relation and of its partitions and inheritance children (an UPDATE of the parent writes them),
+# by name: their key columns, and those their expressions and predicates read (pg_depend). An
+# index on a whole-row expression is not seen.
 _CHECKED_SQL = """
+WITH RECURSIVE tree (oid) AS (
+    SELECT %(oid)s::pg_catalog.oid
+    UNION
+    SELECT h.inhrelid FROM pg_catalog.pg_inherits h JOIN tree ON h.inhparent = tree.oid
+)
 SELECT DISTINCT a.attname
-  FROM pg_catalog.pg_index i
-  JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum > 0 AND NOT a.attisdropped
- WHERE i.indrelid = %(oid)s AND (i.indisunique OR i.indisexclusion) AND i.indimmediate
+  FROM tree
+  JOIN pg_catalog.pg_index i ON i.indrelid = tree.oid
+  JOIN pg_catalog.pg_attribute a ON a.attrelid = tree.oid AND a.attnum > 0 AND NOT a.attisdropped
+ WHERE (i.indisunique OR i.indisexclusion) AND i.indimmediate
    AND (a.attnum = ANY (i.indkey::int2[])
         OR EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
                     WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
                       AND d.objid = i.indexrelid
                       AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
-                      AND d.refobjid = i.indrelid AND d.refobjsubid = a.attnum))
+                      AND d.refobjid = tree.oid AND d.refobjsubid = a.attnum))
 """
 
 
@@ -373,8 +382,12 @@ def read_schema(cursor: Any, relation: Relation) -> TableSchema:
                                generated=(generated == "s"), base_type=base_type,
                                text_input=bool(text_input), deterministic=bool(deterministic),
                                structure=structure or "", element_type=element_type or "")
-    cursor.execute(_CHECKED_SQL, {"oid": oid})
-    checked_columns = frozenset(name for name, in cursor.fetchall())
+    if kind in ("v", "f"):
+        # what a view or a foreign table writes checks is not known here: every column
+        checked_columns = frozenset(columns)
+    else:
+        cursor.execute(_CHECKED_SQL, {"oid": oid})
+        checked_columns = frozenset(name for name, in cursor.fetchall())
     cursor.execute(_KEYS_SQL, {"oid": oid})
     primary_key: Tuple[str, ...] = ()
     unique_keys: List[Tuple[str, ...]] = []
@@ -412,9 +425,12 @@ _SIGNATURE_SQL = (
     "  || ' ' || a.attidentity::text || a.attgenerated::text || a.attnotnull::text"
     "  || a.attisdropped::text, ','"
     "  ORDER BY a.attnum) FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0), '')"
-    " || '|' || coalesce((SELECT string_agg(i.indexrelid::text || ' ' || i.indkey::text || ' '"
+    # the indexes of its partitions and inheritance children too (TableSchema.checked_columns)
+    " || '|' || coalesce((WITH RECURSIVE tree (oid) AS (SELECT c.oid UNION SELECT h.inhrelid"
+    "  FROM pg_catalog.pg_inherits h JOIN tree ON h.inhparent = tree.oid)"
+    "  SELECT string_agg(i.indexrelid::text || ' ' || i.indkey::text || ' '"
     "  || i.indisunique::text || i.indisprimary::text || i.indisvalid::text || i.indimmediate::text,"
-    "  ',' ORDER BY i.indexrelid) FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid), '')"
+    "  ',' ORDER BY i.indexrelid) FROM tree JOIN pg_catalog.pg_index i ON i.indrelid = tree.oid), '')"
     " || '|' || c.relkind::text)"
     " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
     " WHERE n.nspname = %s AND c.relname = %s")

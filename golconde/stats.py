@@ -287,6 +287,11 @@ class Registry:
         with self._lock:
             return self._threads.get(name)
 
+    def names(self) -> List[str]:
+        """The names of every thread, in creation order."""
+        with self._lock:
+            return list(self._threads)
+
     def remove(self, name: str) -> None:
         """Forget thread ``name`` (no error if unknown)."""
         with self._lock:

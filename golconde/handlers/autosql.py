@@ -213,7 +213,9 @@ _NUMBERS = (int, Decimal, float)
 _TIME_TYPES = frozenset(("date", "timestamp without time zone", "timestamp with time zone",
                          "time without time zone", "time with time zone", "daterange", "tsrange",
                          "tstzrange", "datemultirange", "tsmultirange", "tstzmultirange"))
-_MOVING_TIME = re.compile(r"\b(now|today|tomorrow|yesterday)\b", re.IGNORECASE)
+#: between non-letters: PostgreSQL splits date/time input at digits and punctuation too
+#: (``today10:00``, ``now_``)
+_MOVING_TIME = re.compile(r"(?<![a-z])(now|today|tomorrow|yesterday)(?![a-z])", re.IGNORECASE)
 
 
 def _time_column(column: Column) -> bool:
@@ -230,6 +232,9 @@ def check_moving_time(table: TableSchema, column: Column, value: Any) -> None:
     :raises PacketError: such a word."""
     texts = [value] if isinstance(value, str) else _strings(value) if isinstance(value, list) else ()
     for text in texts:
+        # each word holds an o or a y, which ISO 8601 times do not: most values stop here
+        if not ("o" in text or "y" in text or "O" in text or "Y" in text):
+            continue
         match = _MOVING_TIME.search(text)
         if match:
             raise PacketError("column %s of %s is %s: %r names the current time (%s), which each"
@@ -237,6 +242,18 @@ def check_moving_time(table: TableSchema, column: Column, value: Any) -> None:
                               " every target would store a different value; send the time itself"
                               % (column.name, table.relation, column.type_name,
                                  text if len(text) <= 60 else text[:60] + "...", match.group(1)))
+
+
+def _same_float(old: Any, value: Any) -> bool:
+    """Whether a float key as the packet wrote it (a number, or text such as ``"-0"``) and as
+    the server printed it (:func:`bulk.returning_clause`) are the same double (``-0`` equals 0:
+    the packet's keeps the sign the server stored)."""
+    if type(old) is bool or type(value) is bool:
+        return False
+    try:
+        return float(old) == float(value)
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def _strings(value: List[Any]) -> List[str]:
@@ -778,9 +795,11 @@ class AutoSQL(Handler):
                 key_values = tuple(item.keys[name] for name in item.conflict)
             data_keys = tuple((item.keys[column.name], column) for column, _ in item.data)
             restriction_keys = tuple(zip(packet.restriction, (c for c, _ in item.restriction)))
-            times = tuple((part, key, column) for part, pairs in (("data", data_keys),
-                                                                  ("restriction", restriction_keys))
-                          for key, column in pairs if _time_column(column))
+            # every data key, generated columns' too (prepare() checks them all)
+            times = tuple([("data", key, table.columns[name]) for name, key in item.keys.items()
+                           if _time_column(table.columns[name])]
+                          + [("restriction", key, column) for key, column in restriction_keys
+                             if _time_column(column)])
             _remember(table.plans, shape, _Plan(
                 item.action, data_keys, restriction_keys, item.keys, item.conflict, item.shape,
                 key_values, times))
@@ -877,8 +896,7 @@ class AutoSQL(Handler):
             key, value = item.keys.get(name, name), None if text is None else loads(text)
             old = data.get(key, _MISSING)
             if type(old) is not type(value) or old != value:
-                if (type(old) in _NUMBERS and type(value) in _NUMBERS and old == value
-                        and columns[name].base in bulk.FLOAT_TYPES):
+                if columns[name].base in bulk.FLOAT_TYPES and _same_float(old, value):
                     continue    # the same number; to_jsonb has no -0, which the packet keeps
                 changed[key] = value
         if not changed:

@@ -1034,6 +1034,11 @@ def test_float_keys_are_back_filled_exactly_whatever_extra_float_digits(database
             assert str(packet.data["k"]) == text
         assert rows(conn, "SELECT k::text FROM fk ORDER BY k, k::text") == [
             ("-0",), ("0.30000000000000004",), ("3.141592653589793",)]
+        ddl(conn, "DELETE FROM fk")
+        packet = run(conn, h, {"action": "add", "data": {"k": "-0", "v": "x"}})      # as text
+        assert packet.data["k"] == "-0"
+        packet = run(conn, h, {"action": "add", "data": {"k": "1e-1", "v": "x"}})
+        assert packet.data["k"] == "1e-1"   # the same double as the server's 0.1
     finally:
         conn.close()
 
@@ -1043,12 +1048,13 @@ def test_the_words_for_the_current_time_are_refused_in_date_and_time_columns(db)
     canonical relation and each target stored another value (a key too). Refused, naming the
     column, in data and restriction, in arrays, and for packets of a cached plan too."""
     ddl(db, "CREATE TABLE tm (id int PRIMARY KEY, at timestamptz, d date, ts timestamp[],"
-            " r tstzrange, note text)")
+            " r tstzrange, note text, g date GENERATED ALWAYS AS (d) STORED)")
     h = AutoSQL("tm", role="destination")
     run(db, h, {"action": "add", "data": {"id": 1, "at": "2026-01-01 10:00+00", "d": "epoch",
                                           "ts": ["infinity"], "note": "now"}})
     for data in ({"at": "now"}, {"d": "Today"}, {"ts": ["2026-01-01", "yesterday"]},
-                 {"r": "[now,)"}, {"at": "tomorrow 10:00"}):
+                 {"r": "[now,)"}, {"at": "tomorrow 10:00"}, {"at": "today10:00"}, {"at": "now_"},
+                 {"d": "_today"}):
         with pytest.raises(PacketError, match="names the current time"):
             run(db, h, {"action": "update", "data": data, "restriction": {"id": 1}})
     with pytest.raises(PacketError, match="column at of public.tm is timestamp with time zone: 'now'"):
@@ -1060,4 +1066,44 @@ def test_the_words_for_the_current_time_are_refused_in_date_and_time_columns(db)
         with db.cursor() as cur:
             h.apply_batch(cur, [parse(dumps({"action": "set", "data": {"id": 3, "at": "2026-01-02"}})),
                                 parse(dumps({"action": "set", "data": {"id": 4, "at": "now"}}))])
+    # a generated column's value is left out, but checked as a lone packet is (a target whose
+    # column is a plain one would store it)
+    with pytest.raises(PacketError, match="names the current time"):
+        with db.cursor() as cur:
+            h.apply_batch(cur, [parse(dumps({"action": "set", "data": {"id": 5, "g": "2026-01-02"}})),
+                                parse(dumps({"action": "set", "data": {"id": 6, "g": "now"}}))])
     assert rows(db, "SELECT id, note FROM tm") == [(1, "now")]
+
+
+def test_checked_columns_span_partitions_children_and_views(db):
+    """A destination applies alone an update writing a column a unique index checks, also one a
+    partition or an inheritance child holds (an UPDATE of the parent writes them); a view's
+    every column counts. Such an index added later changes the schema's signature."""
+    from golconde.schema import Relation, _signature, read_schema
+
+    ddl(db, "CREATE TABLE pt (id int PRIMARY KEY, code text, n int) PARTITION BY RANGE (id);"
+            " CREATE TABLE pt1 PARTITION OF pt FOR VALUES FROM (0) TO (100);"
+            " CREATE UNIQUE INDEX ON pt1 (code);"
+            " CREATE TABLE ih (id int PRIMARY KEY, code text, n int, m int);"
+            " CREATE TABLE ih1 (PRIMARY KEY (id), UNIQUE (code)) INHERITS (ih);"
+            " CREATE UNIQUE INDEX ON ih1 (lower(m::text)) WHERE n > 0;"
+            " CREATE TABLE vb (id int PRIMARY KEY, code text UNIQUE, n int);"
+            " CREATE VIEW vv AS SELECT * FROM vb;"
+            " CREATE TABLE plain (id int PRIMARY KEY, code text, n int, d int,"
+            "  UNIQUE (code) DEFERRABLE, EXCLUDE (n WITH =));"
+            " ALTER TABLE plain DROP COLUMN d")
+    with db.cursor() as cur:
+        assert read_schema(cur, Relation("public", "pt")).checked_columns == {"id", "code"}
+        assert read_schema(cur, Relation("public", "ih")).checked_columns == {"id", "code", "m", "n"}
+        assert read_schema(cur, Relation("public", "vv")).checked_columns == {"id", "code", "n"}
+        assert read_schema(cur, Relation("public", "plain")).checked_columns == {"id", "n"}
+        before = _signature(cur, Relation("public", "pt"))
+        cur.execute("CREATE UNIQUE INDEX ON pt1 (n)")
+        assert _signature(cur, Relation("public", "pt")) != before
+    ddl(db, "INSERT INTO pt VALUES (31, 'e'), (32, 'f')")
+    sequence = [parse(dumps({"action": "update", "data": {"code": "e"}, "restriction": {"id": 32}})),
+                parse(dumps({"action": "update", "data": {"code": "w"}, "restriction": {"id": 31}}))]
+    with pytest.raises(psycopg2.IntegrityError):
+        with db.cursor() as cur:
+            AutoSQL("pt", role="destination").apply_batch(cur, sequence)
+    assert rows(db, "SELECT id, code FROM pt ORDER BY id") == [(31, "e"), (32, "f")]

@@ -58,7 +58,12 @@ def rabbitmqctl_command() -> List[str]:
         [os.environ.get("PATH", os.defpath), "/usr/local/sbin", "/usr/sbin", "/sbin"]))
     if found is None:
         raise AssertionError("rabbitmqctl not found (RabbitMQ's CLI, installed by scripts/setup.sh)")
-    return [found] if os.geteuid() == 0 else ["sudo", "-n", found]
+    if os.geteuid() == 0:
+        return [found]
+    sudo = shutil.which("sudo")
+    if sudo is None:
+        raise AssertionError("rabbitmqctl needs root, and sudo is not installed")
+    return [sudo, "-n", found]
 
 
 def rabbitmqctl(*args: str, check: bool = True) -> str:

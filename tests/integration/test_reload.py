@@ -848,16 +848,9 @@ def test_a_renamed_target_waits_for_its_stuck_predecessor(make_database, tmp_pat
         assert daemon.stop()
 
 
-def test_a_listener_that_cannot_be_built_again_in_a_reload_stays_listed_stopped(make_database, tmp_path,
-                                                                                 monkeypatch, caplog):
-    """A reload builds the new listeners twice: once to check the configuration, then those to
-    start. A handler whose __init__ fails only the second time left the listeners it had stopped
-    out of a half-done reload, the exception escaping reload(); now reload() returns False, names
-    them, and they stay listed, stopped (/health fails), until a reload builds them."""
-    from golconde.config import load
-    from golconde.daemon import Daemon
-    from golconde.metrics import health
-
+def _flaky_handler(tmp_path: Any, monkeypatch: Any) -> str:
+    """The name of a new module (on sys.path) whose handler ``Flaky``, an AutoSQL, fails to
+    initialize from its ``FAIL_FROM[0]``-th build on (``BUILT[0]`` counts them)."""
     module = "golconde_flaky_%s" % uuid.uuid4().hex[:8]
     (tmp_path / (module + ".py")).write_text(
         "from golconde.handlers.autosql import AutoSQL\n"
@@ -870,6 +863,20 @@ def test_a_listener_that_cannot_be_built_again_in_a_reload_stays_listed_stopped(
         "            raise RuntimeError('flaky handler, built %d times' % BUILT[0])\n"
         "        super().__init__(*args, **kwargs)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    return module
+
+
+def test_a_listener_that_cannot_be_built_again_in_a_reload_stays_listed_stopped(make_database, tmp_path,
+                                                                                 monkeypatch, caplog):
+    """A reload builds the new listeners twice: once to check the configuration, then those to
+    start. A handler whose __init__ fails only the second time left the listeners it had stopped
+    out of a half-done reload, the exception escaping reload(); now reload() returns False, names
+    them, and they stay listed, stopped (/health fails), until a reload builds them."""
+    from golconde.config import load
+    from golconde.daemon import Daemon
+    from golconde.metrics import health
+
+    module = _flaky_handler(tmp_path, monkeypatch)
     canonical, t1 = make_database(), make_database()
     for dsn in (canonical, t1):
         execute(dsn, "CREATE TABLE items (id integer PRIMARY KEY, v text)")
@@ -901,3 +908,54 @@ def test_a_listener_that_cannot_be_built_again_in_a_reload_stays_listed_stopped(
         wait_for(lambda: health(daemon.registry.snapshot(), 10**9, 10**9)[0], timeout=30, message="healthy again")
     finally:
         assert daemon.stop()
+
+
+def test_a_renamed_target_that_cannot_be_built_keeps_its_predecessor_for_the_next_reload(
+        make_database, tmp_path, monkeypatch):
+    """A reload renames target t1 (and its queue) to t2, whose handler fails when built to start:
+    t1's queue may still hold packets. t1 stays listed (stopped, /health failing, not warned as
+    removed), so the next reload that builds t2 pairs them again and t2 applies t1's queue first;
+    it was dropped, and its packets waited on that queue for good."""
+    import sys
+
+    from golconde.config import load
+    from golconde.daemon import Daemon
+    from golconde.metrics import health
+
+    module = _flaky_handler(tmp_path, monkeypatch)
+    canonical, target = make_database(), make_database()
+    for dsn in (canonical, target):
+        execute(dsn, "CREATE TABLE items (id integer PRIMARY KEY, v text)")
+    mapping = make_config(canonical, {"t1": target}, "public.items")
+    name = next(iter(mapping["Destinations"]))
+    old_queue = mapping["Destinations"][name]["Targets"]["t1"]["queue"]
+    path = write_config(str(tmp_path / "golconde.yaml"), mapping)
+    daemon = Daemon(load(path), config_path=path)
+    daemon.start()
+    try:
+        wait_for(lambda: all(listener.ready() for listener in daemon.listeners.values()), timeout=30,
+                 message="listeners connected")
+        renamed = dict(mapping["Destinations"][name]["Targets"].pop("t1"))
+        renamed.update(queue=old_queue + "_renamed", function_name=module + ".Flaky")
+        mapping["Destinations"][name]["Targets"]["t2"] = renamed
+        write_config(path, mapping)
+        __import__(module)
+        flaky = sys.modules[module]
+        flaky.FAIL_FROM[0] = flaky.BUILT[0] + 2     # the check's build passes, the start's fails
+        assert daemon.reload() is False
+        assert not daemon.listeners[name + "_t1"].is_alive()
+        assert name + "_t2" not in daemon.listeners
+        assert health(daemon.registry.snapshot(), 10**9, 10**9)[0] is False
+        host, port = stomp_address()
+        with Client(old_queue, host, port, STOMP_LOGIN, STOMP_PASSCODE) as client:
+            client.send({"action": "add", "data": {"id": 1, "v": "left on the old queue"}})
+        flaky.FAIL_FROM[0] = None
+        assert daemon.reload()
+        assert name + "_t1" not in daemon.listeners and daemon.listeners[name + "_t2"].is_alive()
+        wait_for(lambda: query(target, "SELECT v FROM items") == [("left on the old queue",)],
+                 timeout=30, message="t2 applied what waited on t1's queue")
+        wait_for(lambda: health(daemon.registry.snapshot(), 10**9, 10**9)[0], timeout=30,
+                 message="healthy again")
+    finally:
+        assert daemon.stop()
+        drain_queue(old_queue, wait=0.2)
