@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import yaml
@@ -848,6 +848,16 @@ def test_a_renamed_target_waits_for_its_stuck_predecessor(make_database, tmp_pat
         assert daemon.stop()
 
 
+def _one_target(make_database: Any) -> Tuple[Dict[str, Any], str, str]:
+    """A configuration mapping of one destination on table items with one target t1, both
+    databases new with the table: ``(mapping, destination name, target DSN)``."""
+    canonical, target = make_database(), make_database()
+    for dsn in (canonical, target):
+        execute(dsn, "CREATE TABLE items (id integer PRIMARY KEY, v text)")
+    mapping = make_config(canonical, {"t1": target}, "public.items")
+    return mapping, next(iter(mapping["Destinations"])), target
+
+
 def _flaky_handler(tmp_path: Any, monkeypatch: Any) -> str:
     """The name of a new module (on sys.path) whose handler ``Flaky``, an AutoSQL, fails to
     initialize from its ``FAIL_FROM[0]``-th build on (``BUILT[0]`` counts them)."""
@@ -877,11 +887,7 @@ def test_a_listener_that_cannot_be_built_again_in_a_reload_stays_listed_stopped(
     from golconde.metrics import health
 
     module = _flaky_handler(tmp_path, monkeypatch)
-    canonical, t1 = make_database(), make_database()
-    for dsn in (canonical, t1):
-        execute(dsn, "CREATE TABLE items (id integer PRIMARY KEY, v text)")
-    mapping = make_config(canonical, {"t1": t1}, "public.items")
-    name = next(iter(mapping["Destinations"]))
+    mapping, name, _ = _one_target(make_database)
     thread = name + "_t1"
     mapping["Destinations"][name]["Targets"]["t1"]["function_name"] = module + ".Flaky"
     path = write_config(str(tmp_path / "golconde.yaml"), mapping)
@@ -923,11 +929,7 @@ def test_a_renamed_target_that_cannot_be_built_keeps_its_predecessor_for_the_nex
     from golconde.metrics import health
 
     module = _flaky_handler(tmp_path, monkeypatch)
-    canonical, target = make_database(), make_database()
-    for dsn in (canonical, target):
-        execute(dsn, "CREATE TABLE items (id integer PRIMARY KEY, v text)")
-    mapping = make_config(canonical, {"t1": target}, "public.items")
-    name = next(iter(mapping["Destinations"]))
+    mapping, name, target = _one_target(make_database)
     old_queue = mapping["Destinations"][name]["Targets"]["t1"]["queue"]
     path = write_config(str(tmp_path / "golconde.yaml"), mapping)
     daemon = Daemon(load(path), config_path=path)
