@@ -100,10 +100,44 @@ def check_mappings(listener: Listener, db: Any) -> None:
         LOGGER.error("[%s] %s", listener.name, text)
 
 
+def check_capture(listener: Listener, db: Any) -> None:
+    """A capture trigger of this client-mode destination left on its canonical relation (the
+    destination was in trigger mode, and ``golconde trigger remove`` was not run): what golconded
+    applies there is captured into ``golconde.queue`` for no one (the queue grows, and its
+    partitions are truncated no more), and back in trigger mode those changes would be sent to
+    the targets a second time, over newer rows. Reported as the standing problem
+    ``capture-trigger`` (logged as an error when it appears; /health fails) until a check finds
+    the trigger gone (at each connect, and every :data:`MAPPING_CHECK_INTERVAL` seconds); the
+    flow goes on."""
+    config = listener.config
+    if config.mode != "client":
+        return
+    relation = str(schema_module.parse_relation(config.target))
+    try:
+        with db.cursor() as cur:
+            capturing = trigger.capturing_destinations(cur, relation)
+    except psycopg2.Error as exc:
+        LOGGER.warning("[%s] could not read the capture triggers of %s: %s", listener.name, relation,
+                       trigger.first_line(exc))
+        return
+    finally:
+        if not db.closed and not db.autocommit:
+            db.rollback()
+    text = None
+    if config.name in capturing:
+        text = ("%s has the capture trigger of this destination, which is in client mode: what it"
+                " applies there is captured into golconde.queue for no one, and would be sent to"
+                " the targets again in trigger mode; run golconde trigger remove -c <this"
+                " configuration> --destination %s, then DELETE FROM golconde.queue WHERE"
+                " destination = '%s'" % (relation, config.name, config.name.replace("'", "''")))
+    if listener.stats.set_problem("capture-trigger", text) and text is not None:
+        LOGGER.error("[%s] %s", listener.name, text)
+
+
 class MappingCheck:
-    """:func:`check_mappings` at each connect (:meth:`now`) and again every
-    :data:`MAPPING_CHECK_INTERVAL` seconds (:meth:`when_due`: a column added to the canonical
-    table clears the problem without a reconnect)."""
+    """:func:`check_mappings` and :func:`check_capture` at each connect (:meth:`now`) and again
+    every :data:`MAPPING_CHECK_INTERVAL` seconds (:meth:`when_due`: a column added to the
+    canonical table, or the trigger removed, clears the problem without a reconnect)."""
 
     def __init__(self) -> None:
         self.next = 0.0
@@ -111,6 +145,7 @@ class MappingCheck:
     def now(self, listener: Listener, db: Any) -> None:
         self.next = time.monotonic() + MAPPING_CHECK_INTERVAL
         check_mappings(listener, db)
+        check_capture(listener, db)
 
     def when_due(self, listener: Listener, db: Any) -> None:
         if time.monotonic() >= self.next and db is not None and not db.closed:

@@ -591,3 +591,47 @@ def test_a_drain_role_that_may_not_truncate_deletes_the_rows_it_sent(make_databa
             cur.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
             cur.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
         conn.close()
+
+
+def test_a_client_mode_destination_lists_its_own_capture_trigger_left_installed(make_database, broker,
+                                                                               monkeypatch):
+    """A destination switched from trigger to client mode without ``golconde trigger remove``:
+    golconded's own writes were captured into golconde.queue for no one, and back in trigger
+    mode sent to the targets again (review RR). It is a standing problem (health fails), the
+    flow going on, until the trigger is removed. Another destination's capture trigger on the
+    same table (a chain) is no problem of this one."""
+    from golconde.client import Client
+    from golconde.metrics import health
+
+    monkeypatch.setattr(destination_module, "MAPPING_CHECK_INTERVAL", 0.5)
+    canonical, t1 = make_database(), make_database()
+    for dsn in (canonical, t1):
+        execute(dsn, ACCOUNTS)
+    config = parse_config(make_config(canonical, {"t1": t1}, "public.accounts", broker=broker))
+    destination = config.destinations[0]
+    conn = psycopg2.connect(canonical)
+    trigger.install(conn, "public.accounts", "SomeoneElse")
+    conn.commit()
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        stats = daemon.registry.get(destination.name)
+        wait_for(lambda: stats.snapshot()["database"] == "connected", message="destination connected")
+        time.sleep(1.0)
+        assert stats.snapshot()["problems"] == []
+        trigger.install(conn, "public.accounts", destination.name)
+        conn.commit()
+        wait_for(lambda: any("has the capture trigger of this destination, which is in client mode"
+                             in problem for problem in stats.snapshot()["problems"]),
+                 timeout=20, message="the problem listed")
+        assert not health(daemon.registry.snapshot(), max_backlog=10000, max_lag=300.0)[0]
+        with Client.for_destination(config, destination.name) as client:
+            client.add({"aid": 1, "owner": "applied all the same"})
+        wait_for(lambda: query(t1, "SELECT owner FROM accounts") == [("applied all the same",)],
+                 message="the flow goes on")
+        trigger.remove(conn, "public.accounts", destination.name)
+        conn.commit()
+        wait_for(lambda: stats.snapshot()["problems"] == [], timeout=20, message="the problem cleared")
+    finally:
+        conn.close()
+        assert daemon.stop()
