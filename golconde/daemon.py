@@ -102,11 +102,12 @@ def share_consumed_queues(listeners: Iterable[Listener], config: Any) -> None:
             listener.consumed_queues = queues
 
 
-def _carry_queues(name: str, previous: Optional[Listener], listener: Listener) -> None:
+def _carry_queues(name: str, previous: Optional[Listener], listener: Listener, log: bool = True) -> None:
     """A reload that changed the ``queue`` of a queue consumer: its replacement consumes what
     waits on the old queue first (:attr:`QueueConsumer.previous_queues`; those its predecessor
     had not emptied yet too), when it is on the same broker. On another broker, the old queue's
-    packets are not consumed: logged as an error."""
+    packets are not consumed: logged as an error. ``log=False``: for a stand-in that does not
+    start (:meth:`Daemon.reload`), nothing logged."""
     if not (isinstance(previous, QueueConsumer) and isinstance(listener, QueueConsumer)):
         return
     queues = list(previous.previous_queues) + [previous.config.queue]
@@ -115,6 +116,8 @@ def _carry_queues(name: str, previous: Optional[Listener], listener: Listener) -
         return
     where = [(b.host, b.port, b.vhost) for b in (previous.config.stomp, listener.config.stomp)]
     if where[0] != where[1]:
+        if not log:
+            return
         LOGGER.error("[%s] its queue moved from %s on %s:%d to %s on %s:%d: packets still waiting"
                      " on %s there are not consumed (drain it first, or move them)", name,
                      ", ".join(queues), previous.config.stomp.host, previous.config.stomp.port,
@@ -122,6 +125,8 @@ def _carry_queues(name: str, previous: Optional[Listener], listener: Listener) -
                      ", ".join(queues))
         return
     listener.previous_queues = queues
+    if not log:
+        return
     LOGGER.warning("[%s] its queue changed from %s to %s: it consumes what waits on %s first"
                    " (a restart would not)", name, ", ".join(queues), listener.config.queue,
                    ", ".join(queues))
@@ -365,20 +370,27 @@ class Daemon:
         fresh, failed = self._build_again(new_config, wanted)
         renamed = _renamed_targets(old, candidates)
         for name in failed:     # listed, stopped (/health fails), until a reload builds it
-            previous = old.get(name) or renamed.get(name)
-            if previous is not None:
-                # a renamed target's predecessor too: the next reload pairs them again, and its
-                # replacement empties the old queue first
-                kept[previous.name] = previous
+            if name in old:
+                kept[name] = old[name]
+                continue
+            # new, or renamed: the listener built for the check stands in, never started, so
+            # that the next reload finds its queue and those it was to empty first (its renamed
+            # predecessor's), to consume them or to warn of them
+            stand_in = candidates[name]
+            _carry_queues(name, renamed.get(name), stand_in, log=False)
+            kept[name] = stand_in
         for name, listener in fresh.items():
             _carry_queues(name, old.get(name, renamed.get(name)), listener)
         for name, listener in old.items():
             if (name not in candidates and isinstance(listener, TargetListener)
                     and listener not in renamed.values()):
-                LOGGER.warning("[%s] target removed: its queue %s is no longer consumed, and may"
-                               " hold packets fanned out before the reload; purge it before the"
-                               " target is added again (they would be applied first)",
-                               name, listener.config.queue)
+                queues = list(dict.fromkeys(list(getattr(listener, "previous_queues", ()))
+                                            + [listener.config.queue]))
+                LOGGER.warning("[%s] target removed: %s %s no longer consumed, and may hold"
+                               " packets fanned out before the reload; purge %s before the"
+                               " target is added again (they would be applied first)", name,
+                               ("its queue " if len(queues) == 1 else "its queues ") + ", ".join(queues),
+                               "is" if len(queues) == 1 else "are", "it" if len(queues) == 1 else "them")
         started = 0
         with self._lock:
             for name, listener in fresh.items():
@@ -439,8 +451,8 @@ class Daemon:
         try:
             return build_listeners(config, self.registry, wanted, self.feeds), []
         except (Exception, SystemExit) as exc:
-            LOGGER.error("reload: the listeners to start could not all be built again after the"
-                         " check (%s): built one by one", describe(exc))
+            LOGGER.warning("reload: the listeners to start could not all be built again after the"
+                           " check (%s): built one by one", describe(exc))
         fresh: Dict[str, Listener] = {}
         failed = []
         for name in wanted:

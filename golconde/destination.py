@@ -105,7 +105,9 @@ def check_capture(listener: Listener, db: Any) -> None:
     destination was in trigger mode, and ``golconde trigger remove`` was not run): what golconded
     applies there is captured into ``golconde.queue`` for no one (the queue grows, and its
     partitions are truncated no more), and back in trigger mode those changes would be sent to
-    the targets a second time, over newer rows. Reported as the standing problem
+    the targets a second time, over newer rows. Not when a drain of that name holds its lock in
+    that database: a trigger-mode destination of the same name in another configuration (a
+    second tier) captures those writes on purpose. Reported as the standing problem
     ``capture-trigger`` (logged as an error when it appears; /health fails) until a check finds
     the trigger gone (at each connect, and every :data:`MAPPING_CHECK_INTERVAL` seconds); the
     flow goes on."""
@@ -124,12 +126,17 @@ def check_capture(listener: Listener, db: Any) -> None:
         if not db.closed and not db.autocommit:
             db.rollback()
     text = None
-    if config.name in capturing:
-        text = ("%s has the capture trigger of this destination, which is in client mode: what it"
-                " applies there is captured into golconde.queue for no one, and would be sent to"
-                " the targets again in trigger mode; run golconde trigger remove -c <this"
-                " configuration> --destination %s, then DELETE FROM golconde.queue WHERE"
-                " destination = '%s'" % (relation, config.name, config.name.replace("'", "''")))
+    if config.name in capturing and not ledger.lock_holder(db, "drain:" + config.name):
+        # (a drain of that name connected here is a trigger-mode destination of the same name in
+        # another configuration, a second tier: a chain, no leftover)
+        text = ("%s has the capture trigger of this destination, which is in client mode, and no"
+                " drain of that name is connected: what it applies there is captured into"
+                " golconde.queue for no one, and would be sent to the targets again in trigger"
+                " mode; unless a trigger-mode destination of the same name in another"
+                " configuration drains it (a second tier whose daemon is down), run golconde"
+                " trigger remove -c <this configuration> --destination %s, then DELETE FROM"
+                " golconde.queue WHERE destination = '%s'"
+                % (relation, config.name, config.name.replace("'", "''")))
     if listener.stats.set_problem("capture-trigger", text) and text is not None:
         LOGGER.error("[%s] %s", listener.name, text)
 

@@ -315,11 +315,13 @@ _CHECKED_SQL = """
 WITH RECURSIVE tree (oid) AS (
     SELECT %(oid)s::pg_catalog.oid
     UNION
-    SELECT h.inhrelid FROM pg_catalog.pg_inherits h JOIN tree ON h.inhparent = tree.oid
+    SELECT h.inhrelid
+      FROM tree CROSS JOIN LATERAL (SELECT h.inhrelid FROM pg_catalog.pg_inherits h
+                                     WHERE h.inhparent = tree.oid OFFSET 0) h
 )
-SELECT DISTINCT a.attname
+SELECT a.attname
   FROM tree
-  JOIN pg_catalog.pg_index i ON i.indrelid = tree.oid
+ CROSS JOIN LATERAL (SELECT i.* FROM pg_catalog.pg_index i WHERE i.indrelid = tree.oid OFFSET 0) i
   JOIN pg_catalog.pg_attribute a ON a.attrelid = tree.oid AND a.attnum > 0 AND NOT a.attisdropped
  WHERE (i.indisunique OR i.indisexclusion) AND i.indimmediate
    AND (a.attnum = ANY (i.indkey::int2[])
@@ -328,6 +330,9 @@ SELECT DISTINCT a.attname
                       AND d.objid = i.indexrelid
                       AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
                       AND d.refobjid = tree.oid AND d.refobjsubid = a.attnum))
+UNION
+-- a foreign partition: what its server checks is not known (NULL: every column)
+SELECT NULL FROM tree JOIN pg_catalog.pg_class r ON r.oid = tree.oid WHERE r.relkind = 'f'
 """
 
 
@@ -387,7 +392,8 @@ def read_schema(cursor: Any, relation: Relation) -> TableSchema:
         checked_columns = frozenset(columns)
     else:
         cursor.execute(_CHECKED_SQL, {"oid": oid})
-        checked_columns = frozenset(name for name, in cursor.fetchall())
+        names = [name for name, in cursor.fetchall()]
+        checked_columns = frozenset(columns) if None in names else frozenset(names)
     cursor.execute(_KEYS_SQL, {"oid": oid})
     primary_key: Tuple[str, ...] = ()
     unique_keys: List[Tuple[str, ...]] = []
@@ -426,11 +432,14 @@ _SIGNATURE_SQL = (
     "  || a.attisdropped::text, ','"
     "  ORDER BY a.attnum) FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0), '')"
     # the indexes of its partitions and inheritance children too (TableSchema.checked_columns)
+    # (each step by its index, OFFSET 0 keeping the planner from scanning the catalogs whole)
     " || '|' || coalesce((WITH RECURSIVE tree (oid) AS (SELECT c.oid UNION SELECT h.inhrelid"
-    "  FROM pg_catalog.pg_inherits h JOIN tree ON h.inhparent = tree.oid)"
+    "  FROM tree CROSS JOIN LATERAL (SELECT h.inhrelid FROM pg_catalog.pg_inherits h"
+    "   WHERE h.inhparent = tree.oid OFFSET 0) h)"
     "  SELECT string_agg(i.indexrelid::text || ' ' || i.indkey::text || ' '"
     "  || i.indisunique::text || i.indisprimary::text || i.indisvalid::text || i.indimmediate::text,"
-    "  ',' ORDER BY i.indexrelid) FROM tree JOIN pg_catalog.pg_index i ON i.indrelid = tree.oid), '')"
+    "  ',' ORDER BY i.indexrelid) FROM tree CROSS JOIN LATERAL (SELECT i.* FROM pg_catalog.pg_index i"
+    "   WHERE i.indrelid = tree.oid OFFSET 0) i), '')"
     " || '|' || c.relkind::text)"
     " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
     " WHERE n.nspname = %s AND c.relname = %s")

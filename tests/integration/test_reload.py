@@ -916,12 +916,12 @@ def test_a_listener_that_cannot_be_built_again_in_a_reload_stays_listed_stopped(
         assert daemon.stop()
 
 
-def test_a_renamed_target_that_cannot_be_built_keeps_its_predecessor_for_the_next_reload(
+def test_a_renamed_target_that_cannot_be_built_keeps_its_queues_for_the_next_reload(
         make_database, tmp_path, monkeypatch):
     """A reload renames target t1 (and its queue) to t2, whose handler fails when built to start:
-    t1's queue may still hold packets. t1 stays listed (stopped, /health failing, not warned as
-    removed), so the next reload that builds t2 pairs them again and t2 applies t1's queue first;
-    it was dropped, and its packets waited on that queue for good."""
+    t1's queue may still hold packets, and the destination now fans out to t2's queue. Both are
+    kept in mind (t2's check build stands in, never started, /health failing), so the next reload,
+    which renames it to t3, consumes both first; they were dropped, their packets left there."""
     import sys
 
     from golconde.config import load
@@ -930,34 +930,46 @@ def test_a_renamed_target_that_cannot_be_built_keeps_its_predecessor_for_the_nex
 
     module = _flaky_handler(tmp_path, monkeypatch)
     mapping, name, target = _one_target(make_database)
-    old_queue = mapping["Destinations"][name]["Targets"]["t1"]["queue"]
+    destination = mapping["Destinations"][name]
+    old_queue = destination["Targets"]["t1"]["queue"]
     path = write_config(str(tmp_path / "golconde.yaml"), mapping)
     daemon = Daemon(load(path), config_path=path)
     daemon.start()
+    host, port = stomp_address()
     try:
         wait_for(lambda: all(listener.ready() for listener in daemon.listeners.values()), timeout=30,
                  message="listeners connected")
-        renamed = dict(mapping["Destinations"][name]["Targets"].pop("t1"))
-        renamed.update(queue=old_queue + "_renamed", function_name=module + ".Flaky")
-        mapping["Destinations"][name]["Targets"]["t2"] = renamed
+        renamed = dict(destination["Targets"].pop("t1"))
+        renamed.update(queue=old_queue + "_2", function_name=module + ".Flaky")
+        destination["Targets"]["t2"] = renamed
         write_config(path, mapping)
         __import__(module)
         flaky = sys.modules[module]
-        flaky.FAIL_FROM[0] = flaky.BUILT[0] + 2     # the check's build passes, the start's fails
+        flaky.FAIL_FROM[0] = flaky.BUILT[0] + 2     # the check's build passes, the start's fail
         assert daemon.reload() is False
-        assert not daemon.listeners[name + "_t1"].is_alive()
-        assert name + "_t2" not in daemon.listeners
+        assert name + "_t1" not in daemon.listeners
+        assert not daemon.listeners[name + "_t2"].is_alive()
+        assert any("the last reload could not build it" in problem for problem in
+                   daemon.registry.get(name + "_t2").snapshot()["problems"])
         assert health(daemon.registry.snapshot(), 10**9, 10**9)[0] is False
-        host, port = stomp_address()
         with Client(old_queue, host, port, STOMP_LOGIN, STOMP_PASSCODE) as client:
-            client.send({"action": "add", "data": {"id": 1, "v": "left on the old queue"}})
+            client.send({"action": "add", "data": {"id": 1, "v": "left on t1's queue"}})
+        wait_for(lambda: daemon.listeners[name].ready(), timeout=30, message="destination connected")
+        with Client(destination["queue"], host, port, STOMP_LOGIN, STOMP_PASSCODE) as client:
+            client.send({"action": "add", "data": {"id": 2, "v": "fanned out to t2's queue"}})
         flaky.FAIL_FROM[0] = None
+        third = dict(destination["Targets"].pop("t2"))
+        third.update(queue=old_queue + "_3")
+        destination["Targets"]["t3"] = third
+        write_config(path, mapping)
         assert daemon.reload()
-        assert name + "_t1" not in daemon.listeners and daemon.listeners[name + "_t2"].is_alive()
-        wait_for(lambda: query(target, "SELECT v FROM items") == [("left on the old queue",)],
-                 timeout=30, message="t2 applied what waited on t1's queue")
+        assert sorted(daemon.listeners) == sorted([name, name + "_t3"])
+        wait_for(lambda: query(target, "SELECT id, v FROM items ORDER BY id") == [
+            (1, "left on t1's queue"), (2, "fanned out to t2's queue")],
+            timeout=30, message="t3 applied what waited on t1's and t2's queues")
         wait_for(lambda: health(daemon.registry.snapshot(), 10**9, 10**9)[0], timeout=30,
                  message="healthy again")
     finally:
         assert daemon.stop()
-        drain_queue(old_queue, wait=0.2)
+        for queue in (old_queue, old_queue + "_2", old_queue + "_3"):
+            drain_queue(queue, wait=0.2)

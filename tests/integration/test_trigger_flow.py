@@ -629,6 +629,16 @@ def test_a_client_mode_destination_lists_its_own_capture_trigger_left_installed(
             client.add({"aid": 1, "owner": "applied all the same"})
         wait_for(lambda: query(t1, "SELECT owner FROM accounts") == [("applied all the same",)],
                  message="the flow goes on")
+        # a drain of that name connected there: a trigger-mode destination of the same name in
+        # another configuration (a second tier), which captures these writes on purpose
+        drain = psycopg2.connect(canonical)
+        try:
+            assert trigger.acquire_drain_lock(drain, destination.name)
+            wait_for(lambda: stats.snapshot()["problems"] == [], timeout=20,
+                     message="no problem while a drain of the name is connected")
+        finally:
+            drain.close()
+        wait_for(lambda: stats.snapshot()["problems"] != [], timeout=20, message="listed again")
         trigger.remove(conn, "public.accounts", destination.name)
         conn.commit()
         wait_for(lambda: stats.snapshot()["problems"] == [], timeout=20, message="the problem cleared")
