@@ -148,9 +148,11 @@ class Prepared:
         repeating the restriction's is left out of it): PostgreSQL checks it as each row is
         written, in the order the statement visits the rows, not the packets' order, so a run
         could pass where the packets one by one would not (one takes a value another frees)."""
-        if self.action is not Action.UPDATE or self.table is None or not self.table.checked_columns:
+        if self.action is not Action.UPDATE or self.table is None:
             return False
         checked = self.table.checked_columns
+        if checked.isdisjoint(self.shape[1]):       # the data's column names (cached per plan)
+            return False
         restricted = {c.name: v for c, v in self.restriction}
         return any(c.name in checked and not (c.name in restricted and same_value(v, restricted[c.name]))
                    for c, v in self.data)
