@@ -107,7 +107,7 @@ def _carry_queues(name: str, previous: Optional[Listener], listener: Listener, l
     waits on the old queue first (:attr:`QueueConsumer.previous_queues`; those its predecessor
     had not emptied yet too), when it is on the same broker. On another broker, the old queue's
     packets are not consumed: logged as an error. ``log=False``: for a stand-in that does not
-    start (:meth:`Daemon.reload`), nothing logged."""
+    start (:meth:`Daemon.reload`), only that error is logged."""
     if not (isinstance(previous, QueueConsumer) and isinstance(listener, QueueConsumer)):
         return
     queues = list(previous.previous_queues) + [previous.config.queue]
@@ -116,8 +116,6 @@ def _carry_queues(name: str, previous: Optional[Listener], listener: Listener, l
         return
     where = [(b.host, b.port, b.vhost) for b in (previous.config.stomp, listener.config.stomp)]
     if where[0] != where[1]:
-        if not log:
-            return
         LOGGER.error("[%s] its queue moved from %s on %s:%d to %s on %s:%d: packets still waiting"
                      " on %s there are not consumed (drain it first, or move them)", name,
                      ", ".join(queues), previous.config.stomp.host, previous.config.stomp.port,
@@ -358,7 +356,8 @@ class Daemon:
                     or listener.stopping]           # one told to stop (stuck) is not kept
         self._stop_listeners(stopping)
         kept = {name: listener for name, listener in old.items() if listener not in stopping}
-        # those of listeners an earlier reload could not build too (never in self.listeners)
+        # those of listeners an earlier reload could not build too (whose stand-in, if any, is
+        # in self.listeners under that name, with a throwaway registry's statistics)
         for name in dict.fromkeys(list(old) + self.registry.names()):
             current = self.registry.get(name)
             if name not in candidates or (current is not None and (
@@ -370,14 +369,17 @@ class Daemon:
         fresh, failed = self._build_again(new_config, wanted)
         renamed = _renamed_targets(old, candidates)
         for name in failed:     # listed, stopped (/health fails), until a reload builds it
-            if name in old:
-                kept[name] = old[name]
+            previous = old.get(name) or renamed.get(name)
+            if previous is not None and previous.is_alive():
+                # stuck (it did not stop in time): listed under its own name until it stops;
+                # the next reload waits for it, as for a listener it replaces
+                kept[previous.name] = previous
                 continue
-            # new, or renamed: the listener built for the check stands in, never started, so
-            # that the next reload finds its queue and those it was to empty first (its renamed
-            # predecessor's), to consume them or to warn of them
+            # the listener built for the check stands in, never started, so that the next
+            # reload finds its queue (the one its destination fans out to now) and those it was
+            # to empty first (its predecessor's), to consume them or to warn of them
             stand_in = candidates[name]
-            _carry_queues(name, renamed.get(name), stand_in, log=False)
+            _carry_queues(name, previous, stand_in, log=False)
             kept[name] = stand_in
         for name, listener in fresh.items():
             _carry_queues(name, old.get(name, renamed.get(name)), listener)

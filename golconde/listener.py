@@ -80,8 +80,9 @@ SESSION_DEFAULTS = {"connect_timeout": "10", "keepalives": "1", "keepalives_idle
 
 def connect(dsn: str, application_name: str) -> Any:
     """A psycopg2 connection to ``dsn`` named ``application_name`` (at most 63 characters), with
-    :data:`SESSION_DEFAULTS` for what the DSN leaves unset, and ``extra_float_digits`` 1 (floats
-    printed exactly: PostgreSQL's default, which a database or role may have lowered).
+    :data:`SESSION_DEFAULTS` for what the DSN leaves unset, ``extra_float_digits`` 1 (floats
+    printed exactly: PostgreSQL's default, which a database or role may have lowered) and
+    ``jit`` off.
 
     :raises psycopg2.Error: the connection failed."""
     given = psycopg2.extensions.parse_dsn(dsn)
@@ -92,8 +93,10 @@ def connect(dsn: str, application_name: str) -> Any:
     try:
         with conn.cursor() as cur:
             # floats printed exactly whatever the database's or role's default: a destination
-            # back-fills keys as the server prints them (to_jsonb), and 0 or less rounds them
-            cur.execute("SET extra_float_digits = 1")
+            # back-fills keys as the server prints them (to_jsonb), and 0 or less rounds them.
+            # No JIT: the catalog queries' estimates (recursive CTEs) set it off for hundreds
+            # of ms where they run in about one, and no statement here is long enough to gain
+            cur.execute("SET extra_float_digits = 1; SET jit = off")
         conn.commit()
     except BaseException:
         conn.close()

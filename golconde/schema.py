@@ -432,14 +432,17 @@ _SIGNATURE_SQL = (
     "  || a.attisdropped::text, ','"
     "  ORDER BY a.attnum) FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0), '')"
     # the indexes of its partitions and inheritance children too (TableSchema.checked_columns)
-    # (each step by its index, OFFSET 0 keeping the planner from scanning the catalogs whole)
+    # (each step by its index, OFFSET 0 keeping the planner from scanning the catalogs whole),
+    # and their kinds (a foreign partition attached: every column checked)
     " || '|' || coalesce((WITH RECURSIVE tree (oid) AS (SELECT c.oid UNION SELECT h.inhrelid"
     "  FROM tree CROSS JOIN LATERAL (SELECT h.inhrelid FROM pg_catalog.pg_inherits h"
     "   WHERE h.inhparent = tree.oid OFFSET 0) h)"
-    "  SELECT string_agg(i.indexrelid::text || ' ' || i.indkey::text || ' '"
-    "  || i.indisunique::text || i.indisprimary::text || i.indisvalid::text || i.indimmediate::text,"
-    "  ',' ORDER BY i.indexrelid) FROM tree CROSS JOIN LATERAL (SELECT i.* FROM pg_catalog.pg_index i"
-    "   WHERE i.indrelid = tree.oid OFFSET 0) i), '')"
+    "  SELECT string_agg(p.x, ',' ORDER BY p.x) FROM ("
+    "   SELECT r.oid::text || r.relkind::text FROM tree JOIN pg_catalog.pg_class r ON r.oid = tree.oid"
+    "   UNION ALL SELECT i.indexrelid::text || ' ' || i.indkey::text || ' '"
+    "  || i.indisunique::text || i.indisprimary::text || i.indisvalid::text || i.indimmediate::text"
+    "   FROM tree CROSS JOIN LATERAL (SELECT i.* FROM pg_catalog.pg_index i"
+    "   WHERE i.indrelid = tree.oid OFFSET 0) i) AS p (x)), '')"
     " || '|' || c.relkind::text)"
     " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
     " WHERE n.nspname = %s AND c.relname = %s")

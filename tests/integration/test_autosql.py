@@ -1100,6 +1100,19 @@ def test_checked_columns_span_partitions_children_and_views(db):
         before = _signature(cur, Relation("public", "pt"))
         cur.execute("CREATE UNIQUE INDEX ON pt1 (n)")
         assert _signature(cur, Relation("public", "pt")) != before
+        # a foreign partition: what its server checks is not known (every column); attaching
+        # one changes the signature
+        cur.execute("CREATE EXTENSION IF NOT EXISTS postgres_fdw;"
+                    " CREATE SERVER elsewhere FOREIGN DATA WRAPPER postgres_fdw;"
+                    " CREATE TABLE fp (id int, code text, n int) PARTITION BY RANGE (id);"
+                    " CREATE TABLE fp1 PARTITION OF fp FOR VALUES FROM (0) TO (100);"
+                    " CREATE UNIQUE INDEX ON fp1 (code)")
+        assert read_schema(cur, Relation("public", "fp")).checked_columns == {"code"}
+        before = _signature(cur, Relation("public", "fp"))
+        cur.execute("CREATE FOREIGN TABLE fp2 PARTITION OF fp FOR VALUES FROM (100) TO (200)"
+                    " SERVER elsewhere")
+        assert _signature(cur, Relation("public", "fp")) != before
+        assert read_schema(cur, Relation("public", "fp")).checked_columns == {"id", "code", "n"}
     ddl(db, "INSERT INTO pt VALUES (31, 'e'), (32, 'f')")
     sequence = [parse(dumps({"action": "update", "data": {"code": "e"}, "restriction": {"id": 32}})),
                 parse(dumps({"action": "update", "data": {"code": "w"}, "restriction": {"id": 31}}))]

@@ -881,14 +881,17 @@ def test_a_listener_that_cannot_be_built_again_in_a_reload_stays_listed_stopped(
     """A reload builds the new listeners twice: once to check the configuration, then those to
     start. A handler whose __init__ fails only the second time left the listeners it had stopped
     out of a half-done reload, the exception escaping reload(); now reload() returns False, names
-    them, and they stay listed, stopped (/health fails), until a reload builds them."""
+    them, and they stay listed, stopped (/health fails), until a reload builds them. The change
+    moved its queue too: what the destination fans out meanwhile goes to the new queue, which
+    the next reload, moving it again, consumes first."""
     from golconde.config import load
     from golconde.daemon import Daemon
     from golconde.metrics import health
 
     module = _flaky_handler(tmp_path, monkeypatch)
-    mapping, name, _ = _one_target(make_database)
+    mapping, name, target = _one_target(make_database)
     thread = name + "_t1"
+    first_queue = mapping["Destinations"][name]["Targets"]["t1"]["queue"]
     mapping["Destinations"][name]["Targets"]["t1"]["function_name"] = module + ".Flaky"
     path = write_config(str(tmp_path / "golconde.yaml"), mapping)
     daemon = Daemon(load(path), config_path=path)
@@ -899,7 +902,7 @@ def test_a_listener_that_cannot_be_built_again_in_a_reload_stays_listed_stopped(
         import sys
         flaky = sys.modules[module]
         flaky.FAIL_FROM[0] = flaky.BUILT[0] + 2     # the check's build passes, the start's fail
-        mapping["Destinations"][name]["Targets"]["t1"]["batch_size"] = 100
+        mapping["Destinations"][name]["Targets"]["t1"].update(batch_size=100, queue=first_queue + "_b")
         write_config(path, mapping)
         assert daemon.reload() is False
         assert "[%s] could not be built again" % thread in caplog.text
@@ -908,12 +911,23 @@ def test_a_listener_that_cannot_be_built_again_in_a_reload_stays_listed_stopped(
         wait_for(lambda: daemon.listeners[name].ready(), timeout=30, message="destination connected")
         assert daemon.listeners[name].config.targets[0].batch_size == 100
         assert health(daemon.registry.snapshot(), 10**9, 10**9)[0] is False
+        host, port = stomp_address()
+        with Client(mapping["Destinations"][name]["queue"], host, port, STOMP_LOGIN, STOMP_PASSCODE) as client:
+            client.send({"action": "add", "data": {"id": 1, "v": "fanned out to the new queue"}})
+        wait_for(lambda: daemon.registry.get(name).snapshot()["fanned_out"] == 1, timeout=30,
+                 message="fanned out")
         flaky.FAIL_FROM[0] = None
+        mapping["Destinations"][name]["Targets"]["t1"]["queue"] = first_queue + "_c"
+        write_config(path, mapping)
         assert daemon.reload()                      # builds fine now: started
         assert daemon.listeners[thread].is_alive() and daemon.listeners[thread].config.batch_size == 100
+        wait_for(lambda: query(target, "SELECT v FROM items") == [("fanned out to the new queue",)],
+                 timeout=30, message="the queue it was moved to first consumed")
         wait_for(lambda: health(daemon.registry.snapshot(), 10**9, 10**9)[0], timeout=30, message="healthy again")
     finally:
         assert daemon.stop()
+        for queue in (first_queue, first_queue + "_b", first_queue + "_c"):
+            drain_queue(queue, wait=0.2)
 
 
 def test_a_renamed_target_that_cannot_be_built_keeps_its_queues_for_the_next_reload(
