@@ -102,6 +102,12 @@ def share_consumed_queues(listeners: Iterable[Listener], config: Any) -> None:
             listener.consumed_queues = queues
 
 
+def _queues_of(listener: QueueConsumer) -> List[str]:
+    """The queues a queue consumer was to consume: those it was still to empty first
+    (:attr:`QueueConsumer.previous_queues`), then its own; each once."""
+    return list(dict.fromkeys(list(listener.previous_queues) + [listener.config.queue]))
+
+
 def _carry_queues(name: str, previous: Optional[Listener], listener: Listener, log: bool = True) -> None:
     """A reload that changed the ``queue`` of a queue consumer: its replacement consumes what
     waits on the old queue first (:attr:`QueueConsumer.previous_queues`; those its predecessor
@@ -110,8 +116,7 @@ def _carry_queues(name: str, previous: Optional[Listener], listener: Listener, l
     start (:meth:`Daemon.reload`), only that error is logged."""
     if not (isinstance(previous, QueueConsumer) and isinstance(listener, QueueConsumer)):
         return
-    queues = list(previous.previous_queues) + [previous.config.queue]
-    queues = [queue for queue in dict.fromkeys(queues) if queue != listener.config.queue]
+    queues = [queue for queue in _queues_of(previous) if queue != listener.config.queue]
     if not queues:
         return
     where = [(b.host, b.port, b.vhost) for b in (previous.config.stomp, listener.config.stomp)]
@@ -386,13 +391,13 @@ class Daemon:
         for name, listener in old.items():
             if (name not in candidates and isinstance(listener, TargetListener)
                     and listener not in renamed.values()):
-                queues = list(dict.fromkeys(list(getattr(listener, "previous_queues", ()))
-                                            + [listener.config.queue]))
-                LOGGER.warning("[%s] target removed: %s %s no longer consumed, and may hold"
-                               " packets fanned out before the reload; purge %s before the"
+                queues = _queues_of(listener)
+                one = len(queues) == 1
+                LOGGER.warning("[%s] target removed: its queue%s %s %s no longer consumed, and may"
+                               " hold packets fanned out before the reload; purge %s before the"
                                " target is added again (they would be applied first)", name,
-                               ("its queue " if len(queues) == 1 else "its queues ") + ", ".join(queues),
-                               "is" if len(queues) == 1 else "are", "it" if len(queues) == 1 else "them")
+                               "" if one else "s", ", ".join(queues), "is" if one else "are",
+                               "it" if one else "them")
         started = 0
         with self._lock:
             for name, listener in fresh.items():

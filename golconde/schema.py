@@ -166,6 +166,12 @@ class Column:
         return self.base_type or self.type_name
 
     @property
+    def element(self) -> str:
+        """An array column's element type: :attr:`element_type`, else :attr:`base` without the
+        ``[]`` that ``format_type`` writes after it."""
+        return self.element_type or self.base[:-2]
+
+    @property
     def identity_always(self) -> bool:
         """GENERATED ALWAYS AS IDENTITY: writing it needs ``OVERRIDING SYSTEM VALUE``."""
         return self.identity == "a"
@@ -311,14 +317,13 @@ SELECT i.indisprimary, i.indimmediate AND i.indisvalid,
 # relation and of its partitions and inheritance children (an UPDATE of the parent writes them),
 # by name: their key columns, and those their expressions and predicates read (pg_depend). An
 # index on a whole-row expression is not seen.
-_CHECKED_SQL = """
-WITH RECURSIVE tree (oid) AS (
-    SELECT %(oid)s::pg_catalog.oid
-    UNION
-    SELECT h.inhrelid
-      FROM tree CROSS JOIN LATERAL (SELECT h.inhrelid FROM pg_catalog.pg_inherits h
-                                     WHERE h.inhparent = tree.oid OFFSET 0) h
-)
+#: ``tree (oid)``: the relation ``{root}`` and its partitions and inheritance children, at any
+#: depth, each step by its index (OFFSET 0 keeps the planner from scanning the catalogs whole).
+_TREE_SQL = ("WITH RECURSIVE tree (oid) AS (SELECT {root} UNION SELECT h.inhrelid"
+             " FROM tree CROSS JOIN LATERAL (SELECT h.inhrelid FROM pg_catalog.pg_inherits h"
+             " WHERE h.inhparent = tree.oid OFFSET 0) h)")
+
+_CHECKED_SQL = _TREE_SQL.format(root="%(oid)s::pg_catalog.oid") + """
 SELECT a.attname
   FROM tree
  CROSS JOIN LATERAL (SELECT i.* FROM pg_catalog.pg_index i WHERE i.indrelid = tree.oid OFFSET 0) i
@@ -431,12 +436,9 @@ _SIGNATURE_SQL = (
     "  || ' ' || a.attidentity::text || a.attgenerated::text || a.attnotnull::text"
     "  || a.attisdropped::text, ','"
     "  ORDER BY a.attnum) FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0), '')"
-    # the indexes of its partitions and inheritance children too (TableSchema.checked_columns)
-    # (each step by its index, OFFSET 0 keeping the planner from scanning the catalogs whole),
+    # the indexes of its partitions and inheritance children too (TableSchema.checked_columns),
     # and their kinds (a foreign partition attached: every column checked)
-    " || '|' || coalesce((WITH RECURSIVE tree (oid) AS (SELECT c.oid UNION SELECT h.inhrelid"
-    "  FROM tree CROSS JOIN LATERAL (SELECT h.inhrelid FROM pg_catalog.pg_inherits h"
-    "   WHERE h.inhparent = tree.oid OFFSET 0) h)"
+    " || '|' || coalesce((" + _TREE_SQL.format(root="c.oid") +
     "  SELECT string_agg(p.x, ',' ORDER BY p.x) FROM ("
     "   SELECT r.oid::text || r.relkind::text FROM tree JOIN pg_catalog.pg_class r ON r.oid = tree.oid"
     "   UNION ALL SELECT i.indexrelid::text || ' ' || i.indkey::text || ' '"

@@ -220,7 +220,7 @@ _MOVING_TIME = re.compile(r"(?<![a-z])(now|today|tomorrow|yesterday)(?![a-z])", 
 
 def _time_column(column: Column) -> bool:
     """Whether ``column`` (or its arrays' element) is of a type of :data:`_TIME_TYPES`."""
-    return (column.element_type or column.base[:-2] if column.is_array else column.base) in _TIME_TYPES
+    return (column.element if column.is_array else column.base) in _TIME_TYPES
 
 
 def check_moving_time(table: TableSchema, column: Column, value: Any) -> None:
@@ -296,7 +296,7 @@ def bind(table: TableSchema, column: Column, value: Any) -> Any:
         if column.is_json:
             return [None if item is None else Json(item, dumps=dumps) for item in value]
         _check_elements(table, column, value)
-        if (column.element_type or column.base[:-2]) in bulk.FLOAT_TYPES:
+        if column.element in bulk.FLOAT_TYPES:
             return _float_text(value)
         return value
     if isinstance(value, (dict, list)):
@@ -378,7 +378,7 @@ def _fraction(value: Any) -> bool:
 
 
 def _check_elements(table: TableSchema, column: Column, value: List[Any]) -> None:
-    element = column.element_type or column.base[:-2]   # format_type writes <element>[]
+    element = column.element
     kinds = ((bool, Decimal, float) if element in bulk.INTEGER_TYPES else bool
              if element in bulk.NUMERIC_TYPES else _NUMBERS if element == "boolean" else None)
     _check_items(table, column, value, element, kinds)
