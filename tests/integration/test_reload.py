@@ -741,6 +741,10 @@ def test_a_reload_renaming_a_target_and_its_queue_consumes_the_old_queue_first(
         execute(t1, ITEMS)
         client.send_many([{"action": "update", "data": {"n": 1}, "restriction": {"id": i}}
                           for i in range(20)])
+        # the updates applied to the canonical table first: before that, t1 holding the adds
+        # alone is equal to it too
+        wait_for(lambda: query(canonical, "SELECT count(*) FROM items WHERE n = 1") == [(20,)],
+                 message="canonical updated")
         wait_for(lambda: compare(canonical, "items", t1, "items").equal, timeout=60,
                  message="t1 equal to the canonical table")
         assert query(t1, "SELECT count(*) FILTER (WHERE n = 1) FROM items") == [(20,)]
