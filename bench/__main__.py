@@ -53,6 +53,10 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                         help="client flow: the producers send one broker message per packet"
                              " (Client(batch_messages=False)) instead of packing each send_many"
                              " into batch messages")
+    parser.add_argument("--client-per-producer", action="store_true",
+                        help="client flow: each producer thread its own Client (connection)"
+                             " instead of one Client shared by all of them (whose sends from"
+                             " several threads at once go out in one write: group commit)")
     parser.add_argument("--split", action="store_true",
                         help="run golconded as two processes (golconded --only): the destination"
                              " in one, both targets in the other")
@@ -124,9 +128,11 @@ def main(argv: List[str] = None) -> int:
     print("golconded: %s" % ("two processes (--split): the destination in one, both targets in the"
                              " other" if args.split else "one process"), flush=True)
     if "golconde-client" in args.modes:
-        print("client flow: %s" % ("one broker message per packet (--plain-messages)" if args.plain_messages
-                                   else "each send_many packed into batch messages (the client's default)"),
-              flush=True)
+        print("client flow: %s; %s" % (
+            "one broker message per packet (--plain-messages)" if args.plain_messages
+            else "each send_many packed into batch messages (the client's default)",
+            "one Client per producer thread (--client-per-producer)" if args.client_per_producer
+            else "%d producer threads sharing one Client" % args.producers), flush=True)
     londiste = None
     if "londiste" in args.modes:
         from .londiste import prepare

@@ -274,8 +274,11 @@ class GolcondeClient(_Golconde):
         rows = keys.keys(phase)
         shares = [rows[i::producers] for i in range(producers)]
         plain = bool(getattr(env.args, "plain_messages", False))
+        # one Client shared by the producer threads (what sends from several threads at once
+        # coalesce in), or, with --client-per-producer, one each
+        own = bool(getattr(env.args, "client_per_producer", False))
         clients = [Client(self.queue, env.stomp_host, env.stomp_port, env.stomp_login,
-                          env.stomp_passcode, batch_messages=not plain) for _ in range(producers)]
+                          env.stomp_passcode, batch_messages=not plain) for _ in range(producers if own else 1)]
         errors: List[BaseException] = []
         for client in clients:
             client.connect()
@@ -302,8 +305,8 @@ class GolcondeClient(_Golconde):
             except BaseException as exc:  # reported after join
                 errors.append(exc)
 
-        threads = [threading.Thread(target=produce, args=(client, share), name="producer-%d" % i)
-                   for i, (client, share) in enumerate(zip(clients, shares))]
+        threads = [threading.Thread(target=produce, args=(clients[i % len(clients)], share),
+                                    name="producer-%d" % i) for i, share in enumerate(shares)]
         start = time.monotonic()
         for thread in threads:
             thread.start()

@@ -16,6 +16,14 @@ unique ``golconde-id`` (so a packet re-sent after a connection loss is applied o
 persistent message; a call returns only once the broker confirmed it (a receipt), or raises
 :class:`~golconde.broker.BrokerError`.
 
+One client can be shared by threads (a web application's request threads, say): while one
+thread's write waits for its receipt, what the others send queues up, and the next write carries
+it all, packed into batch messages under one receipt (group commit). Each call still returns only
+once its own packets are confirmed; a thread's packets stay in the order it sent them. Many
+threads sending a packet or two each then make a few large messages instead of many small ones,
+which is what the broker and the destination spend on (``broker-facts.md``); a thread waits at
+most for the write in progress and then its own. :meth:`Client.batch` is per thread.
+
 Atomic groups and outcomes::
 
     with Client(queue, ..., reply_to="/queue/golconde.replies.app1") as client:
@@ -59,6 +67,17 @@ MAX_KEPT_OUTCOMES = 1000000
 PacketLike = Union[Packet, Mapping[str, Any], str]
 #: One packet to send: ``(packet_id, packet_json_text, created)`` (epoch seconds, as text).
 Entry = Tuple[str, str, str]
+
+
+class _Send:
+    """One thread's entries waiting to be written (:meth:`Client._flush`)."""
+
+    __slots__ = ("entries", "done", "error")
+
+    def __init__(self, entries: List[Entry]) -> None:
+        self.entries = entries
+        self.done = False
+        self.error: Optional[BaseException] = None
 
 
 class OutcomeTimeout(GolcondeError, TimeoutError):
@@ -168,7 +187,10 @@ class Client:
         self.reply_to = reply_to
         self.connection = BrokerConnection(host, port, login, passcode, vhost, heartbeat_ms=0,
                                            name="golconde-client", on_message=self._on_reply)
-        self._pending: Optional[List[Entry]] = None
+        self._local = threading.local()     # per thread: the packets of an open batch()
+        self._send_cond = threading.Condition()
+        self._queued: List[_Send] = []      # sends waiting for the write in progress to end
+        self._sending = False
         #: packet id -> (monotonic time received, outcome), oldest first
         self._outcomes: "collections.OrderedDict[str, Tuple[float, Dict[str, Any]]]" = \
             collections.OrderedDict()
@@ -459,6 +481,14 @@ class Client:
             LOGGER.warning("%d outcome(s) on %s dropped: not waited for within %.0f s, or over %d"
                            " kept", dropped, self.reply_to, OUTCOME_TTL, MAX_KEPT_OUTCOMES)
 
+    @property
+    def _pending(self) -> Optional[List[Entry]]:
+        return getattr(self._local, "pending", None)
+
+    @_pending.setter
+    def _pending(self, value: Optional[List[Entry]]) -> None:
+        self._local.pending = value
+
     @contextlib.contextmanager
     def batch(self) -> Iterator["Client"]:
         """Collect the packets sent inside the block and confirm them together at its end."""
@@ -474,8 +504,49 @@ class Client:
                 self._pending = None
 
     def _flush(self, entries: List[Entry]) -> None:
+        """Send ``entries`` and wait for the broker's confirmation. Threads sharing the client
+        send together: while one thread's write waits for its receipt, the entries of the others
+        queue up, and the first of them to find no write in progress sends them all in one write
+        with one receipt (group commit, as PostgreSQL's ``commit_delay`` groups WAL flushes), so
+        that many threads sending a few packets each make few broker messages.
+
+        :raises BrokerError: as :meth:`send` (every thread whose entries were in the failed write).
+        """
         if not entries:
             return
+        mine = _Send(entries)
+        with self._send_cond:
+            self._queued.append(mine)
+            try:
+                while self._sending and not mine.done:
+                    self._send_cond.wait()
+            except BaseException:       # interrupted: not sent, unless a write took it already
+                if mine in self._queued:
+                    self._queued.remove(mine)
+                raise
+            if mine.done:               # sent by another thread's write
+                if isinstance(mine.error, BrokerError):
+                    raise BrokerError(str(mine.error)) from mine.error
+                if mine.error is not None:
+                    raise BrokerError("the write carrying these packets failed in another thread:"
+                                      " %r" % (mine.error,)) from mine.error
+                return
+            self._sending = True
+            taken, self._queued = self._queued, []
+        error: Optional[BaseException] = None
+        try:
+            self._write([entry for send in taken for entry in send.entries])
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            with self._send_cond:
+                for send in taken:
+                    send.done, send.error = True, error
+                self._sending = False
+                self._send_cond.notify_all()
+
+    def _write(self, entries: List[Entry]) -> None:
         messages = self.messages(entries)
         self._give_back_replies()
         for attempt in (1, 2):
