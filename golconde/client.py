@@ -21,8 +21,10 @@ thread's write waits for its receipt, what the others send queues up, and the ne
 it all, packed into batch messages under one receipt (group commit). Each call still returns only
 once its own packets are confirmed; a thread's packets stay in the order it sent them. Many
 threads sending a packet or two each then make a few large messages instead of many small ones,
-which is what the broker and the destination spend on (``broker-facts.md``); a thread waits at
-most for the write in progress and then its own. :meth:`Client.batch` is per thread.
+which is what the broker and the destination spend on (``broker-facts.md``); a call may wait
+for the write in progress, then for the one that carries its packets. Connecting and the reply
+queue's subscription (:meth:`Client.wait_outcome`) are shared too. :meth:`Client.batch` is per
+thread.
 
 Atomic groups and outcomes::
 
@@ -166,8 +168,9 @@ class Client:
     :param batch_messages: the packets of one :meth:`send_many` call or :meth:`batch` block go to
         the broker as batch messages (:mod:`golconde.envelope`: up to 500 packets or 1 MiB per
         message, each packet keeping its own id, outcome and dead letter), which costs the broker
-        and the destination one message instead of one per packet. ``False``: one message per
-        packet, for a queue read by something other than golconded.
+        and the destination one message instead of one per packet; so do the packets of several
+        threads sharing the client that go out in one write, a single :meth:`send` among them.
+        ``False``: one message per packet, for a queue read by something other than golconded.
     """
 
     def __init__(self, queue: str, host: str = "127.0.0.1", port: int = 61613,
@@ -189,6 +192,7 @@ class Client:
                                            name="golconde-client", on_message=self._on_reply)
         self._local = threading.local()     # per thread: the packets of an open batch()
         self._send_cond = threading.Condition()
+        self._connect_lock = threading.RLock()   # connecting, and the reply queue's subscription
         self._queued: List[_Send] = []      # sends waiting for the write in progress to end
         self._sending = False
         #: packet id -> (monotonic time received, outcome), oldest first
@@ -266,12 +270,14 @@ class Client:
 
     def connect(self) -> None:
         """Connect now (otherwise the first send connects). :raises BrokerError:"""
-        if not self.connection.connected:
-            self.connection.connect(self.timeout)
+        with self._connect_lock:    # threads sharing the client: one connects, the others use it
+            if not self.connection.connected:
+                self.connection.connect(self.timeout)
 
     def close(self) -> None:
         """Disconnect from the broker (the reply subscription too)."""
-        self.connection.close()
+        with self._connect_lock:
+            self.connection.close()
 
     # -- packets -----------------------------------------------------------------------------------
     def add(self, data: Mapping[str, Any]) -> str:
@@ -395,10 +401,11 @@ class Client:
                 self._give_back_replies()
                 return found
             self._leave_reply_queue()
-            if not self.connection.connected or self._reply_generation != self.connection.generation:
-                self.connect()
-                self.connection.subscribe(self.reply_to, 100)
-                self._reply_generation = self.connection.generation
+            with self._connect_lock:    # one subscription per connection, whatever the threads
+                if not self.connection.connected or self._reply_generation != self.connection.generation:
+                    self.connect()
+                    self.connection.subscribe(self.reply_to, 100)
+                    self._reply_generation = self.connection.generation
             with self._outcome_cond:
                 remaining = deadline - time.monotonic()
                 if packet_id in self._outcomes:
@@ -422,9 +429,10 @@ class Client:
     def _give_back_replies(self) -> None:
         """Once the reply queue is refused (:meth:`_on_reply`), close the connection if it still
         holds the reply subscription: what it holds unacknowledged goes back to the queue."""
-        if self._reply_refused is not None and self._reply_generation is not None:
-            self._reply_generation = None
-            self.connection.close()
+        with self._connect_lock:
+            if self._reply_refused is not None and self._reply_generation is not None:
+                self._reply_generation = None
+                self.connection.close()
 
     def _on_reply(self, delivery: Delivery) -> None:
         """On stomp.py's receiver thread: keep the outcome, ack it (no receipt is awaited here).
@@ -507,44 +515,51 @@ class Client:
         """Send ``entries`` and wait for the broker's confirmation. Threads sharing the client
         send together: while one thread's write waits for its receipt, the entries of the others
         queue up, and the first of them to find no write in progress sends them all in one write
-        with one receipt (group commit, as PostgreSQL's ``commit_delay`` groups WAL flushes), so
-        that many threads sending a few packets each make few broker messages.
+        with one receipt (as PostgreSQL flushes the WAL of the commits that queued behind a flush
+        in one go), so that many threads sending a few packets each make few broker messages. A
+        call may wait for the write in progress (its two attempts of up to ``timeout`` each) and
+        then for the write that carries its entries.
 
-        :raises BrokerError: as :meth:`send` (every thread whose entries were in the failed write).
+        :raises BrokerError: as :meth:`send`: in the thread that wrote, and in every thread whose
+            entries the failed write carried (a failure other than the broker's, in the thread
+            that wrote, is raised there as itself and as BrokerError in the others).
         """
         if not entries:
             return
         mine = _Send(entries)
-        with self._send_cond:
-            self._queued.append(mine)
-            try:
+        taken: Optional[List[_Send]] = None
+        error: Optional[BaseException] = None
+        try:
+            with self._send_cond:
+                self._queued.append(mine)
                 while self._sending and not mine.done:
                     self._send_cond.wait()
-            except BaseException:       # interrupted: not sent, unless a write took it already
-                if mine in self._queued:
-                    self._queued.remove(mine)
-                raise
-            if mine.done:               # sent by another thread's write
+                if not mine.done:
+                    taken, self._queued = self._queued, []
+                    self._sending = True
+            if taken is None:               # carried by another thread's write
                 if isinstance(mine.error, BrokerError):
                     raise BrokerError(str(mine.error)) from mine.error
                 if mine.error is not None:
                     raise BrokerError("the write carrying these packets failed in another thread:"
                                       " %r" % (mine.error,)) from mine.error
                 return
-            self._sending = True
-            taken, self._queued = self._queued, []
-        error: Optional[BaseException] = None
-        try:
             self._write([entry for send in taken for entry in send.entries])
         except BaseException as exc:
             error = exc
             raise
         finally:
+            # also when interrupted (KeyboardInterrupt) anywhere above: a write taken is ended,
+            # an entry still queued is withdrawn (not sent), so that no thread waits for ever
             with self._send_cond:
-                for send in taken:
-                    send.done, send.error = True, error
-                self._sending = False
-                self._send_cond.notify_all()
+                if taken is None:
+                    if mine in self._queued:
+                        self._queued.remove(mine)
+                else:
+                    for send in taken:
+                        send.done, send.error = True, error
+                    self._sending = False
+                    self._send_cond.notify_all()
 
     def _write(self, entries: List[Entry]) -> None:
         messages = self.messages(entries)

@@ -1,6 +1,7 @@
 """One golconde.client.Client shared by threads, against each broker of GOLCONDE_TEST_BROKERS:
 sends from several threads at once go out together in one confirmed write (group commit), every
-packet once, each thread's in its order; Client.batch() is per thread."""
+packet once, each thread's in its order; Client.batch() is per thread; threads waiting for
+outcomes while others send share one connection and one reply subscription."""
 from __future__ import annotations
 
 import json
@@ -8,10 +9,22 @@ import threading
 import time
 from typing import Dict, List
 
-from golconde.client import Client
+from golconde.client import Client, OutcomeTimeout
 
 from ..conftest import unique_queue
 from .flow_support import drain_queue, wait_for
+
+
+def _run(threads: List[threading.Thread], timeout: float = 60) -> None:
+    """Start ``threads`` (daemon threads: one stuck does not keep the test run alive), join them,
+    and fail if one has not ended within ``timeout`` seconds."""
+    for thread in threads:
+        thread.daemon = True
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not [t.name for t in threads if t.is_alive()], "threads still waiting"
 
 
 def _entries(messages) -> List[Dict]:
@@ -52,10 +65,10 @@ def test_sends_queued_behind_a_write_go_out_together_in_the_next(broker):
         def send(n: int) -> None:
             ids[n] = client.add({"id": n})
 
-        first = threading.Thread(target=send, args=(0,))
+        first = threading.Thread(target=send, args=(0,), daemon=True)
         first.start()
         wait_for(lambda: client._sending, timeout=10, interval=0.01, message="the first write")
-        others = [threading.Thread(target=send, args=(n,)) for n in range(1, 8)]
+        others = [threading.Thread(target=send, args=(n,), daemon=True) for n in range(1, 8)]
         for thread in others:
             thread.start()
         wait_for(lambda: len(client._queued) == 7, timeout=10, interval=0.01,
@@ -64,6 +77,7 @@ def test_sends_queued_behind_a_write_go_out_together_in_the_next(broker):
         release.set()
         for thread in [first] + others:
             thread.join(30)
+        assert not [t for t in [first] + others if t.is_alive()]
     assert sorted(ids) == list(range(8))
     messages = drain_queue(queue, wait=0.5, broker=broker)
     # the first write alone (a plain message), then the seven others in one batch message
@@ -89,11 +103,7 @@ def test_many_threads_sharing_a_client_send_every_packet_once_each_in_order(brok
             except BaseException as exc:
                 errors.append(exc)
 
-        workers = [threading.Thread(target=produce, args=(t,)) for t in range(threads)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join(120)
+        _run([threading.Thread(target=produce, args=(t,)) for t in range(threads)], 120)
     assert not errors
     messages = drain_queue(queue, wait=1.0, broker=broker)
     entries = _entries(messages)
@@ -119,7 +129,7 @@ def test_a_batch_block_is_per_thread(broker):
                 in_block.set()
                 other_sent.wait(30)
 
-        holder = threading.Thread(target=batch)
+        holder = threading.Thread(target=batch, daemon=True)
         holder.start()
         assert in_block.wait(30)
         started = time.monotonic()
@@ -127,6 +137,43 @@ def test_a_batch_block_is_per_thread(broker):
         assert time.monotonic() - started < 10
         other_sent.set()
         holder.join(30)
+        assert not holder.is_alive()
     messages = drain_queue(queue, wait=0.5, broker=broker)
     assert [m.headers.get("golconde-batch") for m in messages] == [None, "3"]
     assert [e["id"] for e in _entries(messages)] == [single] + batched
+
+
+def test_threads_waiting_for_outcomes_and_sending_share_one_connection(broker):
+    """A fresh client with reply_to: half the threads start with wait_outcome (which connects and
+    subscribes to the reply queue), half with a send (which connects), all at once. One
+    connection, one subscription: the waits time out (no daemon answers), the sends are
+    confirmed, nothing fails on a connection another thread replaced."""
+    queue, replies = unique_queue("threads."), unique_queue("threads.replies.")
+    count = 16
+    outcomes: Dict[int, object] = {}
+    start = threading.Barrier(count)
+    client = Client(queue, broker.host, broker.port, broker.login, broker.passcode, timeout=10,
+                    reply_to=replies)
+
+    def work(n: int) -> None:
+        start.wait()
+        try:
+            if n % 2:
+                client.wait_outcome("none-%d" % n, timeout=1.0)
+            else:
+                outcomes[n] = client.add({"id": n})
+                return
+        except OutcomeTimeout:
+            outcomes[n] = "timed out"
+        except Exception as exc:
+            outcomes[n] = exc
+
+    try:
+        _run([threading.Thread(target=work, args=(n,)) for n in range(count)], 60)
+        assert client.connection.generation == 1     # connected once
+    finally:
+        client.close()
+    assert {n: o for n, o in outcomes.items() if n % 2} == {n: "timed out" for n in range(1, count, 2)}
+    sent = {outcomes[n] for n in range(0, count, 2)}
+    assert all(isinstance(pid, str) for pid in sent)
+    assert {e["id"] for e in _entries(drain_queue(queue, wait=0.5, broker=broker))} == sent

@@ -33,6 +33,10 @@ class SilentBroker:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            self._frames(conn)
+
+    def _frames(self, conn: socket.socket) -> None:
         data = b""
         while True:
             try:
@@ -54,10 +58,13 @@ class SilentBroker:
                     for line in frame.split(b"\n\n", 1)[0].split(b"\n"):
                         if line.startswith(b"receipt:"):
                             conn.sendall(b"RECEIPT\nreceipt-id:" + line[8:] + b"\n\n\x00")
-                    conn.close()
                     return
 
     def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)    # wakes the thread blocked in accept()
+        except OSError:
+            pass
         self.listener.close()
 
 
@@ -74,13 +81,13 @@ def test_every_thread_a_failed_write_carried_raises():
             outcomes[n] = exc
 
     try:
-        first = threading.Thread(target=send, args=(0,))
+        first = threading.Thread(target=send, args=(0,), daemon=True)
         first.start()
         deadline = time.monotonic() + 10
         while not broker.sends and time.monotonic() < deadline:
             time.sleep(0.01)
         assert broker.sends, "the first write never reached the peer"
-        others = [threading.Thread(target=send, args=(n,)) for n in (1, 2, 3)]
+        others = [threading.Thread(target=send, args=(n,), daemon=True) for n in (1, 2, 3)]
         for thread in others:
             thread.start()
         while len(client._queued) < 3 and time.monotonic() < deadline:
@@ -88,6 +95,7 @@ def test_every_thread_a_failed_write_carried_raises():
         assert len(client._queued) == 3
         for thread in [first] + others:
             thread.join(30)
+        assert not [t for t in [first] + others if t.is_alive()]
     finally:
         client.close()
         broker.close()
