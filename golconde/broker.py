@@ -193,6 +193,9 @@ class _Listener(stomp.ConnectionListener):
 #: How long stomp.py waits for a frame from the broker, as a multiple of the negotiated
 #: heart-beat interval, before it drops the connection (stomp.py's own default: 1.5).
 HEARTBEAT_RECEIVE_SCALE = 2.5
+#: Seconds :meth:`BrokerConnection.close` waits for the broker's receipt of DISCONNECT before it
+#: closes the socket itself.
+CLOSE_TIMEOUT = 5.0
 #: Our heart-beats go out at this fraction of the interval we promised the broker.
 HEARTBEAT_SEND_SCALE = 0.5
 
@@ -354,7 +357,17 @@ class BrokerConnection:
                 conn.disconnect()
         except Exception as exc:  # closing a broken connection: nothing more to do
             LOGGER.debug("[%s] error while disconnecting: %s", self.name, exc)
+        # The broker answers DISCONNECT with a receipt, on which stomp.py closes the socket and its
+        # receiver thread ends; transport.stop() waits for that without limit, so a broker that no
+        # longer answers (hung, or a network that drops packets) would hold this call for ever.
+        deadline = time.monotonic() + CLOSE_TIMEOUT
         try:
+            while conn.is_connected() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if conn.is_connected():
+                LOGGER.warning("[%s] %s did not confirm the disconnect within %gs; closing the"
+                               " socket", self.name, self.address, CLOSE_TIMEOUT)
+                conn.transport.disconnect_socket()
             conn.transport.stop()
         except Exception:
             pass

@@ -193,6 +193,8 @@ class Client:
         self._local = threading.local()     # per thread: the packets of an open batch()
         self._send_cond = threading.Condition()
         self._connect_lock = threading.RLock()   # connecting, and the reply queue's subscription
+        self._connects = 0                       # connection attempts made
+        self._connect_error: Optional[BrokerError] = None   # how the last attempt failed
         self._queued: List[_Send] = []      # sends waiting for the write in progress to end
         self._sending = False
         #: packet id -> (monotonic time received, outcome), oldest first
@@ -270,14 +272,31 @@ class Client:
 
     def connect(self) -> None:
         """Connect now (otherwise the first send connects). :raises BrokerError:"""
-        with self._connect_lock:    # threads sharing the client: one connects, the others use it
-            if not self.connection.connected:
+        self._connect(self._connects)
+
+    def _connect(self, seen: int) -> None:
+        """Connect unless connected. Threads sharing the client connect one at a time; one that
+        waited while another's attempt failed (an attempt made after ``seen``, the count of
+        attempts when it decided to connect) takes that failure instead of making its own
+        attempt, so that N threads facing a broker that does not answer wait one ``timeout``,
+        not N. :raises BrokerError:"""
+        with self._connect_lock:
+            if self.connection.connected:
+                return
+            if self._connects != seen and self._connect_error is not None:
+                raise BrokerError(str(self._connect_error))
+            self._connects += 1
+            try:
                 self.connection.connect(self.timeout)
+                self._connect_error = None
+            except BrokerError as exc:
+                self._connect_error = exc
+                raise
 
     def close(self) -> None:
-        """Disconnect from the broker (the reply subscription too)."""
-        with self._connect_lock:
-            self.connection.close()
+        """Disconnect from the broker (the reply subscription too). A thread sending or waiting
+        for an outcome meanwhile connects again."""
+        self.connection.close()
 
     # -- packets -----------------------------------------------------------------------------------
     def add(self, data: Mapping[str, Any]) -> str:
@@ -401,9 +420,10 @@ class Client:
                 self._give_back_replies()
                 return found
             self._leave_reply_queue()
+            seen = self._connects
             with self._connect_lock:    # one subscription per connection, whatever the threads
                 if not self.connection.connected or self._reply_generation != self.connection.generation:
-                    self.connect()
+                    self._connect(seen)
                     self.connection.subscribe(self.reply_to, 100)
                     self._reply_generation = self.connection.generation
             with self._outcome_cond:
@@ -430,9 +450,11 @@ class Client:
         """Once the reply queue is refused (:meth:`_on_reply`), close the connection if it still
         holds the reply subscription: what it holds unacknowledged goes back to the queue."""
         with self._connect_lock:
-            if self._reply_refused is not None and self._reply_generation is not None:
+            close = self._reply_refused is not None and self._reply_generation is not None
+            if close:
                 self._reply_generation = None
-                self.connection.close()
+        if close:                   # not under the lock: a close can wait for a silent broker
+            self.connection.close()
 
     def _on_reply(self, delivery: Delivery) -> None:
         """On stomp.py's receiver thread: keep the outcome, ack it (no receipt is awaited here).

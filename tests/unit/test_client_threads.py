@@ -1,6 +1,8 @@
 """A failed write of a Client shared by threads, against a real socket: a peer that answers
 CONNECTED and then never confirms a send. Every thread whose packets the write carried raises
-BrokerError; none returns as if its packets were confirmed."""
+BrokerError; none returns as if its packets were confirmed. Threads facing a peer that does not
+answer CONNECT wait for one attempt, not one each; a peer that does not confirm DISCONNECT does
+not hold close() for ever."""
 from __future__ import annotations
 
 import socket
@@ -8,15 +10,20 @@ import threading
 import time
 from typing import List
 
+import pytest
+
+from golconde import broker as broker_module
 from golconde.broker import BrokerError
 from golconde.client import Client
 
 
 class SilentBroker:
     """Accepts STOMP connections, answers CONNECTED, records the SEND frames' headers and never
-    confirms one (it confirms a DISCONNECT only)."""
+    confirms one (it confirms a DISCONNECT only). ``connected=False``: never answers CONNECT
+    either; ``disconnect=False``: nor DISCONNECT (a hung broker)."""
 
-    def __init__(self) -> None:
+    def __init__(self, connected: bool = True, disconnect: bool = True) -> None:
+        self.connected, self.disconnect = connected, disconnect
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(8)
@@ -50,11 +57,11 @@ class SilentBroker:
                 frame, data = data.split(b"\x00", 1)
                 frame = frame.lstrip(b"\r\n")
                 command = frame.split(b"\n", 1)[0]
-                if command in (b"CONNECT", b"STOMP"):
+                if command in (b"CONNECT", b"STOMP") and self.connected:
                     conn.sendall(b"CONNECTED\nversion:1.1\nheart-beat:0,0\n\n\x00")
                 elif command == b"SEND":
                     self.sends.append(frame.split(b"\n\n", 1)[0].decode())
-                elif command == b"DISCONNECT":     # confirmed, as a broker does
+                elif command == b"DISCONNECT" and self.disconnect:     # confirmed, as a broker does
                     for line in frame.split(b"\n\n", 1)[0].split(b"\n"):
                         if line.startswith(b"receipt:"):
                             conn.sendall(b"RECEIPT\nreceipt-id:" + line[8:] + b"\n\n\x00")
@@ -108,3 +115,57 @@ def test_every_thread_a_failed_write_carried_raises():
     batches = [[line for line in headers.splitlines() if line.startswith("golconde-batch:")]
                for headers in broker.sends]
     assert batches == [[], [], ["golconde-batch:3"], ["golconde-batch:3"]]
+
+
+def test_threads_that_waited_for_a_failed_connect_share_its_failure():
+    broker = SilentBroker(connected=False)
+    client = Client("/queue/golconde.test.silent", "127.0.0.1", broker.port, "guest", "guest",
+                    timeout=1.0)
+    outcomes: dict = {}
+    start = threading.Barrier(6)
+
+    def connect(n: int) -> None:
+        start.wait()
+        try:
+            client.connect()
+            outcomes[n] = "connected"
+        except BrokerError as exc:
+            outcomes[n] = exc
+
+    threads = [threading.Thread(target=connect, args=(n,), daemon=True) for n in range(6)]
+    started = time.monotonic()
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        took = time.monotonic() - started
+        assert not [t for t in threads if t.is_alive()]
+    finally:
+        client.close()
+        broker.close()
+    assert all(isinstance(outcomes[n], BrokerError) for n in range(6)), outcomes
+    assert all("no CONNECTED frame within 1s" in str(outcomes[n]) for n in range(6))
+    assert took < 4.0                # one attempt of 1 s for all, not 6 one after another
+
+
+def test_close_does_not_wait_for_ever_for_a_broker_that_does_not_confirm_it(monkeypatch):
+    monkeypatch.setattr(broker_module, "CLOSE_TIMEOUT", 0.5)
+    broker = SilentBroker(disconnect=False)
+    client = Client("/queue/golconde.test.silent", "127.0.0.1", broker.port, "guest", "guest",
+                    timeout=1.0)
+    try:
+        client.connect()
+        closing = threading.Thread(target=client.close, daemon=True)
+        closing.start()
+        closing.join(10)
+        assert not closing.is_alive()
+        started = time.monotonic()
+        sender = threading.Thread(target=lambda: pytest.raises(BrokerError, client.add, {"id": 1}),
+                                  daemon=True)
+        sender.start()        # no receipt twice (1 s each), each followed by a close
+        sender.join(20)
+        assert not sender.is_alive()
+        assert time.monotonic() - started < 10
+    finally:
+        broker.close()
