@@ -158,6 +158,8 @@ class _Listener(stomp.ConnectionListener):
         self.generation = generation
 
     def on_connected(self, frame: Any) -> None:
+        if self.generation != self.owner.generation:
+            return          # a late answer to an attempt given up: not the connection waited for
         server = (getattr(frame, "headers", None) or {}).get("server")
         self.owner.server = server.decode("utf-8", "replace") if isinstance(server, bytes) else server
         self.owner._connected_event.set()
@@ -259,6 +261,8 @@ class BrokerConnection:
         self._conn: Optional[stomp.Connection11] = None
         self._connected_event = threading.Event()
         self._alive = False
+        #: held while the connection object is swapped (connect, close), never while waiting
+        self._swap_lock = threading.Lock()
         self._lock = threading.Lock()
         self._receipts: Dict[str, Optional[str]] = {}
         self._receipt_cond = threading.Condition(self._lock)
@@ -312,7 +316,8 @@ class BrokerConnection:
                                   timeout=timeout, try_loopback_connect=False)
         self._connected_event = threading.Event()
         conn.set_listener("golconde", _Listener(self, self.generation))
-        self._conn = conn
+        with self._swap_lock:
+            self._conn = conn
         try:
             conn.connect(self._login, self._passcode, wait=False)
         except (stomp.exception.StompException, OSError) as exc:
@@ -328,6 +333,11 @@ class BrokerConnection:
         _no_delay(conn)
         answered = self._connected_event.wait(timeout)
         if not answered or not conn.is_connected():
+            with self._swap_lock:
+                replaced = self._conn is not conn
+            if replaced:                    # close() from another thread meanwhile
+                self._close_connection(conn, answering=False)
+                raise BrokerError("connection to STOMP broker %s closed while connecting" % self.address)
             refused = self.last_error       # an ERROR frame: the broker said no
             self.close()
             if refused:
@@ -336,7 +346,13 @@ class BrokerConnection:
                 raise self._closed_early()
             raise BrokerError("STOMP broker %s did not answer: no CONNECTED frame within %.0fs"
                               % (self.address, timeout))
-        self._alive = True
+        with self._swap_lock:
+            current = self._conn is conn
+            if current:
+                self._alive = True
+        if not current:                     # close() from another thread meanwhile
+            self._close_connection(conn, answering=False)
+            raise BrokerError("connection to STOMP broker %s closed while connecting" % self.address)
         self.last_error = None
         LOGGER.info("[%s] connected to STOMP broker %s", self.name, self.address)
 
@@ -347,11 +363,20 @@ class BrokerConnection:
                            " (is it a STOMP port?)" % self.address)
 
     def close(self) -> None:
-        """Disconnect (best effort, never raises). Unacknowledged messages go back to the broker."""
-        conn, self._conn = self._conn, None
-        self._alive = False
-        if conn is None:
-            return
+        """Disconnect (best effort, never raises). Unacknowledged messages go back to the broker.
+        Waits up to :data:`CLOSE_TIMEOUT` seconds for the broker to confirm, when it was
+        answering; a connection whose broker stopped answering (a receipt overdue, heart-beats
+        lost) or that never got its CONNECTED frame has its socket closed at once."""
+        with self._swap_lock:
+            conn, self._conn = self._conn, None
+            answering = self._alive
+            self._alive = False
+        if conn is not None:
+            self._close_connection(conn, answering)
+        with self._receipt_cond:
+            self._receipt_cond.notify_all()
+
+    def _close_connection(self, conn: Any, answering: bool) -> None:
         try:
             if conn.is_connected():
                 conn.disconnect()
@@ -359,20 +384,21 @@ class BrokerConnection:
             LOGGER.debug("[%s] error while disconnecting: %s", self.name, exc)
         # The broker answers DISCONNECT with a receipt, on which stomp.py closes the socket and its
         # receiver thread ends; transport.stop() waits for that without limit, so a broker that no
-        # longer answers (hung, or a network that drops packets) would hold this call for ever.
-        deadline = time.monotonic() + CLOSE_TIMEOUT
+        # longer answers (hung, or a network that drops packets) would hold this call for ever;
+        # and a connection that never got CONNECTED is not "connected" to stomp.py, whose
+        # disconnect() then leaves its socket open (a late CONNECTED made it a live session).
+        deadline = time.monotonic() + (CLOSE_TIMEOUT if answering else 0.0)
         try:
             while conn.is_connected() and time.monotonic() < deadline:
                 time.sleep(0.005)
-            if conn.is_connected():
-                LOGGER.warning("[%s] %s did not confirm the disconnect within %gs; closing the"
-                               " socket", self.name, self.address, CLOSE_TIMEOUT)
+            if conn.is_connected() or not answering:
+                if answering:
+                    LOGGER.warning("[%s] %s did not confirm the disconnect within %gs; closing"
+                                   " the socket", self.name, self.address, CLOSE_TIMEOUT)
                 conn.transport.disconnect_socket()
             conn.transport.stop()
         except Exception:
             pass
-        with self._receipt_cond:
-            self._receipt_cond.notify_all()
 
     @property
     def hold_interval(self) -> float:

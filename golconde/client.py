@@ -194,7 +194,7 @@ class Client:
         self._send_cond = threading.Condition()
         self._connect_lock = threading.RLock()   # connecting, and the reply queue's subscription
         self._connects = 0                       # connection attempts made
-        self._connect_error: Optional[BrokerError] = None   # how the last attempt failed
+        self._connect_error: Optional[BaseException] = None  # how the last attempt failed
         self._queued: List[_Send] = []      # sends waiting for the write in progress to end
         self._sending = False
         #: packet id -> (monotonic time received, outcome), oldest first
@@ -284,14 +284,19 @@ class Client:
             if self.connection.connected:
                 return
             if self._connects != seen and self._connect_error is not None:
-                raise BrokerError(str(self._connect_error))
-            self._connects += 1
+                if isinstance(self._connect_error, BrokerError):
+                    raise BrokerError(str(self._connect_error))
+                raise BrokerError("connecting failed in another thread: %r" % (self._connect_error,))
+            error: Optional[BaseException] = None
             try:
                 self.connection.connect(self.timeout)
-                self._connect_error = None
-            except BrokerError as exc:
-                self._connect_error = exc
+            except BaseException as exc:
+                error = exc
                 raise
+            finally:
+                # counted once it ended: a thread that came during this attempt takes its outcome
+                self._connects += 1
+                self._connect_error = error
 
     def close(self) -> None:
         """Disconnect from the broker (the reply subscription too). A thread sending or waiting
@@ -539,8 +544,8 @@ class Client:
         queue up, and the first of them to find no write in progress sends them all in one write
         with one receipt (as PostgreSQL flushes the WAL of the commits that queued behind a flush
         in one go), so that many threads sending a few packets each make few broker messages. A
-        call may wait for the write in progress (its two attempts of up to ``timeout`` each) and
-        then for the write that carries its entries.
+        call may wait for the write in progress (two attempts, each a connect and a receipt of up to
+        ``timeout`` each) and then for the write that carries its entries.
 
         :raises BrokerError: as :meth:`send`: in the thread that wrote, and in every thread whose
             entries the failed write carried (a failure other than the broker's, in the thread

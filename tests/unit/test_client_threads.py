@@ -22,8 +22,10 @@ class SilentBroker:
     confirms one (it confirms a DISCONNECT only). ``connected=False``: never answers CONNECT
     either; ``disconnect=False``: nor DISCONNECT (a hung broker)."""
 
-    def __init__(self, connected: bool = True, disconnect: bool = True) -> None:
-        self.connected, self.disconnect = connected, disconnect
+    def __init__(self, connected: bool = True, disconnect: bool = True,
+                 connect_delay: float = 0.0) -> None:
+        self.connected, self.disconnect, self.connect_delay = connected, disconnect, connect_delay
+        self.open = 0                   # connections the client has not closed
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(8)
@@ -40,8 +42,12 @@ class SilentBroker:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            self._frames(conn)
+        self.open += 1
+        try:
+            with conn:
+                self._frames(conn)
+        finally:
+            self.open -= 1
 
     def _frames(self, conn: socket.socket) -> None:
         data = b""
@@ -58,6 +64,7 @@ class SilentBroker:
                 frame = frame.lstrip(b"\r\n")
                 command = frame.split(b"\n", 1)[0]
                 if command in (b"CONNECT", b"STOMP") and self.connected:
+                    time.sleep(self.connect_delay)
                     conn.sendall(b"CONNECTED\nversion:1.1\nheart-beat:0,0\n\n\x00")
                 elif command == b"SEND":
                     self.sends.append(frame.split(b"\n\n", 1)[0].decode())
@@ -147,6 +154,82 @@ def test_threads_that_waited_for_a_failed_connect_share_its_failure():
     assert all(isinstance(outcomes[n], BrokerError) for n in range(6)), outcomes
     assert all("no CONNECTED frame within 1s" in str(outcomes[n]) for n in range(6))
     assert took < 4.0                # one attempt of 1 s for all, not 6 one after another
+
+
+def test_threads_that_came_during_a_connect_that_fails_take_its_failure():
+    broker = SilentBroker(connected=False)
+    client = Client("/queue/golconde.test.silent", "127.0.0.1", broker.port, "guest", "guest",
+                    timeout=2.0)
+    took: dict = {}
+
+    def connect(n: int) -> None:
+        started = time.monotonic()
+        with pytest.raises(BrokerError, match="no CONNECTED frame within 2s"):
+            client.connect()
+        took[n] = time.monotonic() - started
+
+    first = threading.Thread(target=connect, args=(0,), daemon=True)
+    try:
+        first.start()
+        time.sleep(0.5)                 # the others come while the first attempt runs
+        others = [threading.Thread(target=connect, args=(n,), daemon=True) for n in range(1, 5)]
+        for thread in others:
+            thread.start()
+        for thread in [first] + others:
+            thread.join(30)
+        assert not [t for t in [first] + others if t.is_alive()]
+    finally:
+        client.close()
+        broker.close()
+    assert sorted(took) == [0, 1, 2, 3, 4]
+    assert all(took[n] < 3.0 for n in range(1, 5)), took    # the first attempt's 1.5 s left, not 2 s more
+
+
+def test_a_close_while_another_thread_connects_leaves_no_connection_open():
+    broker = SilentBroker(connect_delay=1.0)
+    client = Client("/queue/golconde.test.silent", "127.0.0.1", broker.port, "guest", "guest",
+                    timeout=5.0)
+    outcome: list = []
+
+    def connect() -> None:
+        try:
+            client.connect()
+            outcome.append("connected")
+        except BrokerError as exc:
+            outcome.append(exc)
+
+    connecting = threading.Thread(target=connect, daemon=True)
+    try:
+        connecting.start()
+        deadline = time.monotonic() + 10
+        while broker.open < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)                 # CONNECT sent, CONNECTED not yet
+        client.close()
+        connecting.join(10)
+        assert not connecting.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], BrokerError), outcome
+        assert "closed while connecting" in str(outcome[0])
+        assert not client.connection.connected
+        while broker.open and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert broker.open == 0         # the attempt's socket closed, no live session left behind
+    finally:
+        broker.close()
+
+
+def test_a_send_whose_receipt_is_overdue_does_not_wait_for_the_disconnect():
+    broker = SilentBroker(disconnect=False)
+    client = Client("/queue/golconde.test.silent", "127.0.0.1", broker.port, "guest", "guest",
+                    timeout=1.0)
+    started = time.monotonic()
+    try:
+        with pytest.raises(BrokerError, match="no receipt"):
+            client.add({"id": 1})       # no receipt twice (1 s each); the broker is not waited for
+        assert time.monotonic() - started < broker_module.CLOSE_TIMEOUT
+    finally:
+        client.close()
+        broker.close()
 
 
 def test_close_does_not_wait_for_ever_for_a_broker_that_does_not_confirm_it(monkeypatch):
