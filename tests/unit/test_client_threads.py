@@ -17,6 +17,22 @@ from golconde.broker import BrokerError
 from golconde.client import Client
 
 
+def _start(target, args_list) -> List[threading.Thread]:
+    """Daemon threads running ``target(*args)`` for each of ``args_list``, started."""
+    threads = [threading.Thread(target=target, args=args, daemon=True) for args in args_list]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def _join(threads: List[threading.Thread], timeout: float = 30) -> None:
+    """Join ``threads``; fail if one is still running after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not [t.name for t in threads if t.is_alive()], "threads still running"
+
+
 class SilentBroker:
     """Accepts STOMP connections, answers CONNECTED, records the SEND frames' headers and never
     confirms one (it confirms a DISCONNECT only). ``connected=False``: never answers CONNECT
@@ -101,15 +117,11 @@ def test_every_thread_a_failed_write_carried_raises():
         while not broker.sends and time.monotonic() < deadline:
             time.sleep(0.01)
         assert broker.sends, "the first write never reached the peer"
-        others = [threading.Thread(target=send, args=(n,), daemon=True) for n in (1, 2, 3)]
-        for thread in others:
-            thread.start()
+        others = _start(send, [(n,) for n in (1, 2, 3)])
         while len(client._queued) < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert len(client._queued) == 3
-        for thread in [first] + others:
-            thread.join(30)
-        assert not [t for t in [first] + others if t.is_alive()]
+        _join([first] + others)
     finally:
         client.close()
         broker.close()
@@ -172,12 +184,8 @@ def test_threads_that_came_during_a_connect_that_fails_take_its_failure():
     try:
         first.start()
         time.sleep(0.5)                 # the others come while the first attempt runs
-        others = [threading.Thread(target=connect, args=(n,), daemon=True) for n in range(1, 5)]
-        for thread in others:
-            thread.start()
-        for thread in [first] + others:
-            thread.join(30)
-        assert not [t for t in [first] + others if t.is_alive()]
+        others = _start(connect, [(n,) for n in range(1, 5)])
+        _join([first] + others)
     finally:
         client.close()
         broker.close()
