@@ -332,12 +332,15 @@ class BrokerConnection:
             raise BrokerError("cannot connect to STOMP broker %s: %s" % (self.address, reason)) from None
         _no_delay(conn)
         answered = self._connected_event.wait(timeout)
-        if not answered or not conn.is_connected():
-            with self._swap_lock:
-                replaced = self._conn is not conn
-            if replaced:                    # close() from another thread meanwhile
-                self._close_connection(conn, answering=False)
-                raise BrokerError("connection to STOMP broker %s closed while connecting" % self.address)
+        with self._swap_lock:
+            replaced = self._conn is not conn
+            connected = not replaced and answered and conn.is_connected()
+            if connected:
+                self._alive = True
+        if replaced:                        # close() from another thread meanwhile
+            self._close_connection(conn, answering=False)
+            raise BrokerError("connection to STOMP broker %s closed while connecting" % self.address)
+        if not connected:
             refused = self.last_error       # an ERROR frame: the broker said no
             self.close()
             if refused:
@@ -346,13 +349,6 @@ class BrokerConnection:
                 raise self._closed_early()
             raise BrokerError("STOMP broker %s did not answer: no CONNECTED frame within %.0fs"
                               % (self.address, timeout))
-        with self._swap_lock:
-            current = self._conn is conn
-            if current:
-                self._alive = True
-        if not current:                     # close() from another thread meanwhile
-            self._close_connection(conn, answering=False)
-            raise BrokerError("connection to STOMP broker %s closed while connecting" % self.address)
         self.last_error = None
         LOGGER.info("[%s] connected to STOMP broker %s", self.name, self.address)
 

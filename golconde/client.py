@@ -82,6 +82,15 @@ class _Send:
         self.error: Optional[BaseException] = None
 
 
+def _failed_elsewhere(error: BaseException, what: str) -> BrokerError:
+    """The error for a thread whose work another thread did and failed at: ``error`` itself (a
+    new BrokerError of its message) when the broker's, else a BrokerError saying that ``what``
+    failed in another thread and how."""
+    if isinstance(error, BrokerError):
+        return BrokerError(str(error))
+    return BrokerError("%s failed in another thread: %r" % (what, error))
+
+
 class OutcomeTimeout(GolcondeError, TimeoutError):
     """No outcome arrived on the reply queue in time (the destination may be down or behind)."""
 
@@ -284,9 +293,7 @@ class Client:
             if self.connection.connected:
                 return
             if self._connects != seen and self._connect_error is not None:
-                if isinstance(self._connect_error, BrokerError):
-                    raise BrokerError(str(self._connect_error))
-                raise BrokerError("connecting failed in another thread: %r" % (self._connect_error,))
+                raise _failed_elsewhere(self._connect_error, "connecting") from self._connect_error
             error: Optional[BaseException] = None
             try:
                 self.connection.connect(self.timeout)
@@ -565,11 +572,8 @@ class Client:
                     taken, self._queued = self._queued, []
                     self._sending = True
             if taken is None:               # carried by another thread's write
-                if isinstance(mine.error, BrokerError):
-                    raise BrokerError(str(mine.error)) from mine.error
                 if mine.error is not None:
-                    raise BrokerError("the write carrying these packets failed in another thread:"
-                                      " %r" % (mine.error,)) from mine.error
+                    raise _failed_elsewhere(mine.error, "the write carrying these packets") from mine.error
                 return
             self._write([entry for send in taken for entry in send.entries])
         except BaseException as exc:
