@@ -100,12 +100,21 @@ class Outcome:
     :ivar fanout: for destinations, the JSON text to send to the targets (with generated keys;
         a group's members each with theirs).
     :ivar reason: why a dead packet could not be applied.
+    :ivar unmatched: of an applied packet or group, how many packets changed no row (the
+        handler returned them marked :meth:`~golconde.packet.Packet.unmatched`: an ``update`` or
+        ``delete`` whose restriction matched no row, an ``add`` or ``set`` a trigger refused).
     """
 
     status: str
     packet: Optional[Union[Packet, Group]] = None
     fanout: Optional[str] = None
     reason: Optional[str] = None
+    unmatched: int = 0
+
+
+def _unmatched(results: Sequence[Any]) -> int:
+    """How many of a handler's ``results`` are packets marked as having changed no row."""
+    return sum(1 for result in results if isinstance(result, Packet) and not result.matched)
 
 
 def members(item: Union[Packet, Group]) -> Tuple[Packet, ...]:
@@ -341,16 +350,20 @@ class Applier:
         except psycopg2.Error as exc:   # a lost session: the retry fails, and is judged, as before
             LOGGER.debug("[%s] DISCARD PLANS failed: %s", self.consumer, describe(exc))
 
-    def _apply_item(self, cur: Any, item: Union[Packet, Group]) -> Union[Packet, Group]:
-        """Apply one packet, or a group member by member (recording which one is being applied)."""
+    def _apply_item(self, cur: Any, item: Union[Packet, Group]) -> Tuple[Union[Packet, Group], int]:
+        """Apply one packet, or a group member by member (recording which one is being applied).
+
+        :returns: what to fan out (:meth:`_result`), and how many packets changed no row."""
         if not isinstance(item, Group):
-            return self._result(item, self.handler.apply(cur, item))
-        results = []
+            result = self.handler.apply(cur, item)
+            return self._result(item, result), _unmatched([result])
+        results, raw = [], []
         for index, member in enumerate(item.packets):
             self._member = index
-            results.append(self._result(member, self.handler.apply(cur, member)))
+            raw.append(self.handler.apply(cur, member))
+            results.append(self._result(member, raw[-1]))
         self._member = None
-        return Group(tuple(results))
+        return Group(tuple(results)), _unmatched(raw)
 
     def _result(self, given: Packet, result: Any) -> Packet:
         """What a handler's ``apply`` returned for ``given``, to fan out: ``None`` means the
@@ -478,7 +491,7 @@ class Applier:
             packet = packets[index]
             assert packet is not None
             count = len(members(packet))
-            outcome = Outcome(APPLIED, packet)
+            outcome = Outcome(APPLIED, packet, unmatched=_unmatched(results[position:position + count]))
             if self.store_fanout:
                 part = [self._result(given, result) for given, result in
                         zip(flat[position:position + count], results[position:position + count])]
@@ -628,8 +641,8 @@ class Applier:
                     return Outcome(DUPLICATE, packet)
                 self._member = None
                 with self._transaction_kept(cur):
-                    result = self._apply_item(cur, packet)
-                outcome = Outcome(APPLIED, packet)
+                    result, unmatched = self._apply_item(cur, packet)
+                outcome = Outcome(APPLIED, packet, unmatched=unmatched)
                 if self.store_fanout:
                     outcome.fanout = _fanout(result)
                     ledger.store_packets(cur, self.consumer, {pid: outcome.fanout})

@@ -1055,6 +1055,7 @@ class QueueConsumer(Listener):
             for packet in (members(outcome.packet) if outcome.packet else ()):
                 self.stats.count(packet.action.value)
         self.stats.count("applied", len(applied))
+        self.stats.count("unmatched", sum(o.unmatched for o in applied))
         self.stats.count("duplicates", sum(1 for o in outcomes if o.status == DUPLICATE))
         dead = sum(1 for o in outcomes if o.status == DEAD_LETTER)
         self.stats.count("dead_lettered", dead)

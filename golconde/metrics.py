@@ -53,6 +53,9 @@ COUNTERS = (
     ("errors", "golconde_errors", "Errors: packets that failed (dead-lettered), and capture"
                                   " triggers found naming other keys than their tables'."),
     ("reconnects", "golconde_reconnects", "Reconnections after a broker or database failure."),
+    ("unmatched", "golconde_unmatched", "Packets applied without changing a row (an update or delete"
+                                        " whose restriction matched none; at a target, a sign that it"
+                                        " lacks rows the canonical relation holds)."),
 )
 
 

@@ -17,6 +17,7 @@ Shape of :meth:`Registry.snapshot` (a superset of Golconde 0.6's ``/stats``)::
                                                 "sum": 0.0084, "count": 7},  # seconds, packets
                              "errors": 0, "received": 0, "applied": 0, "duplicates": 0,
                              "dead_lettered": 0, "retried": 0, "fanned_out": 0, "reconnects": 0,
+                             "unmatched": 0,   # update/delete packets that changed no row
                              "role": "destination" | "target", "destination": "<destination name>",
                              "broker": "<state>", "database": "<state>",
                              "backlog": 12 | null, "lag": 0.5 | null,
@@ -54,7 +55,7 @@ STATES = ("connected", "connecting", "disconnected", "stopped")
 ACTION_KEYS = ("add", "set", "update", "delete")
 #: Every counter accepted by :meth:`ThreadStats.count`, in display order.
 COUNTER_KEYS = ("received", "applied") + ACTION_KEYS + (
-    "duplicates", "fanned_out", "retried", "dead_lettered", "errors", "reconnects")
+    "duplicates", "fanned_out", "retried", "dead_lettered", "errors", "reconnects", "unmatched")
 
 _COUNTER_SET = frozenset(COUNTER_KEYS)
 

@@ -670,9 +670,10 @@ class AutoSQL(Handler):
 
         :returns: ``packet``; at a destination, for ``add`` and ``set`` on a relation with a primary
             key, a copy whose data holds the key values the database stored (generated
-            serial/identity values included), so that targets get the canonical keys, and for an
-            ``update`` that changed no row, a copy marked so (:meth:`Packet.unmatched`), which
-            is not fanned out.
+            serial/identity values included), so that targets get the canonical keys; for an
+            ``update`` or ``delete`` that changed no row, a copy marked so
+            (:meth:`Packet.unmatched`): at a destination it is not fanned out, at a target it is
+            counted (``unmatched`` in ``/stats``).
         :raises PacketError: unknown action; empty data or restriction; a restriction key that is not
             a column; a data key that is not a column when ``unknown_columns`` is ``"error"``; an
             ambiguous key; a value of the wrong JSON kind; ``set`` without a usable key.
@@ -712,8 +713,11 @@ class AutoSQL(Handler):
                 continue
             members = [items[j] for j in run]
             table = members[0].table
+            # which updates and deletes changed no row: at a destination, not fanned out; at a
+            # target, counted (``unmatched``: it lacks a row the canonical relation holds)
             rows = bulk.execute_run(cursor, table, members, ident, _cast, bind, _relation(table),
-                                    self._returning(table), _type, matches=self.back_fill)
+                                    self._returning(table), _type,
+                                    matches=self.back_fill or members[0].action in (Action.UPDATE, Action.DELETE))
             for j, row in zip(run, rows):
                 index, item = todo[j]
                 if item.action in (Action.UPDATE, Action.DELETE):
@@ -826,9 +830,9 @@ class AutoSQL(Handler):
             return self._skipped(cursor, item, returning) if row is None else self._fill(item, row)
         if action in (Action.ADD, Action.SET) and self.back_fill and cursor.rowcount == 0:
             return self._skipped(cursor, item, returning)     # no primary key to return
-        if action in (Action.UPDATE, Action.DELETE) and self.back_fill and cursor.rowcount == 0:
-            # the targets' copies hold no such row either (or a trigger of the canonical
-            # relation kept it: a soft delete): nothing to fan out
+        if action in (Action.UPDATE, Action.DELETE) and cursor.rowcount == 0:
+            # at a destination, the targets' copies hold no such row either (or a trigger of the
+            # canonical relation kept it: a soft delete): nothing to fan out; at a target, counted
             return item.packet.unmatched()
         return item.packet
 

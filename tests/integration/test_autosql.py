@@ -897,8 +897,8 @@ def test_shared_cache_serves_two_handlers(db):
 
 @pytest.mark.parametrize("note", ["text", {"a": 1}])    # a run's values as JSON, or bound (jsonb)
 def test_a_destination_marks_the_updates_that_changed_no_row(db, note):
-    """At a destination an update that changed no row is marked (not fanned out), one at a time
-    and inside a run of updates; a target marks nothing."""
+    """An update that changed no row is marked, one at a time and inside a run of updates: at a
+    destination (not fanned out) and at a target (counted ``unmatched``)."""
     from golconde.packet import fanout_text
 
     ddl(db, "CREATE TABLE tu (id int PRIMARY KEY, note jsonb, n int)")
@@ -913,7 +913,9 @@ def test_a_destination_marks_the_updates_that_changed_no_row(db, note):
     assert [bool(fanout_text(p)) for p in results] == [True, False, True, False]
     assert rows(db, "SELECT id, n FROM tu ORDER BY id") == [(1, 1), (3, 3)]
     with db.cursor() as cur:
-        assert all(p.matched for p in AutoSQL("tu", role="target").apply_batch(cur, packets))
+        target = AutoSQL("tu", role="target")
+        assert [p.matched for p in target.apply_batch(cur, packets)] == [True, False, True, False]
+        assert not target.apply(cur, packets[3]).matched
 
 
 # --- a mapped target's constants scope its sets ------------------------------------------------------

@@ -1,0 +1,99 @@
+"""The ``unmatched`` counter: packets applied without changing a row, per listener, in ``/stats``
+and ``/metrics`` (``golconde_unmatched_total``), through a real daemon, real PostgreSQL databases
+and a real broker (each of ``GOLCONDE_TEST_BROKERS``).
+
+At a target, an update or delete that matches no row means the target lacks a row the canonical
+relation holds: it diverged (a row deleted by hand, a dead-lettered add). Before the counter, such
+packets were counted ``applied`` like any other, and the later changes of that key vanished without
+a trace.
+"""
+from __future__ import annotations
+
+import pytest
+
+from golconde.client import Client
+from golconde.daemon import Daemon
+from golconde.metrics import prometheus_registry, render
+
+from .flow_support import execute, make_config, parse_config, query, wait_for
+
+TABLE = "CREATE TABLE public.items (id int PRIMARY KEY, v text)"
+#: t1 refuses one value, so that a batch holding it is applied there packet by packet
+T1_CHECK = "ALTER TABLE items ADD CONSTRAINT t1_v CHECK (v IS DISTINCT FROM 'refused at t1')"
+ROWS = "SELECT id, v FROM items ORDER BY id"
+
+
+@pytest.fixture
+def flow(make_database, broker):
+    canonical, t1, t2 = make_database(), make_database(), make_database()
+    for dsn in (canonical, t1, t2):
+        execute(dsn, TABLE)
+    execute(t1, T1_CHECK)
+    config = parse_config(make_config(canonical, {"t1": t1, "t2": t2}, "public.items", broker=broker))
+    daemon = Daemon(config)
+    daemon.start()
+    dest = config.destinations[0]
+    client = Client(dest.queue, broker.host, broker.port, broker.login, broker.passcode)
+    state = {"canonical": canonical, "t1": t1, "t2": t2, "daemon": daemon, "client": client,
+             "names": {"destination": dest.name, "t1": dest.targets[0].name, "t2": dest.targets[1].name}}
+    assert [t.name for t in dest.targets] == ["t1", "t2"]
+    yield state
+    client.close()
+    assert daemon.stop(), "daemon did not stop in time"
+
+
+def counters(state):
+    """{role: (applied, unmatched)} of the destination and both targets."""
+    threads = {}
+    for entry in state["daemon"].registry.snapshot()["threads"]:
+        threads.update(entry)
+    out = {}
+    for role, suffix in (("destination", ""), ("t1", "_t1"), ("t2", "_t2")):
+        stats = threads[state["names"]["destination"] + suffix]
+        out[role] = (stats["applied"], stats["unmatched"])
+    return out
+
+
+def test_changes_of_a_row_a_target_lacks_are_counted_unmatched_there(flow):
+    client = flow["client"]
+    client.send_many([{"action": "add", "data": {"id": i, "v": "a"}} for i in (1, 2, 3)])
+    wait_for(lambda: all(query(flow[db], ROWS) == [(1, "a"), (2, "a"), (3, "a")] for db in ("t1", "t2")),
+             message="rows distributed")
+    assert counters(flow) == {"destination": (3, 0), "t1": (3, 0), "t2": (3, 0)}
+
+    execute(flow["t1"], "DELETE FROM items WHERE id = 2")     # t1 diverges
+    client.send_many([{"action": "update", "data": {"v": "b"}, "restriction": {"id": 2}},
+                      {"action": "update", "data": {"v": "b"}, "restriction": {"id": 3}},
+                      {"action": "delete", "restriction": {"id": 2}}])
+    wait_for(lambda: query(flow["t2"], ROWS) == [(1, "a"), (3, "b")] and query(flow["t1"], ROWS) == [(1, "a"), (3, "b")]
+             and counters(flow)["t1"][0] == 6, message="changes distributed")
+    # the canonical relation and t2 had the row: matched; t1 lacked it: 2 packets unmatched
+    assert counters(flow) == {"destination": (6, 0), "t1": (6, 2), "t2": (6, 0)}
+
+    # a batch t1 applies packet by packet (one of its packets fails there): still counted
+    execute(flow["t1"], "DELETE FROM items WHERE id = 3")
+    client.send_many([{"action": "update", "data": {"v": "c"}, "restriction": {"id": 3}},
+                      {"action": "set", "data": {"id": 1, "v": "refused at t1"}}])
+    wait_for(lambda: query(flow["t2"], ROWS) == [(1, "refused at t1"), (3, "c")]
+             and counters(flow)["t1"][0] == 7, message="mixed batch distributed")
+    assert counters(flow) == {"destination": (8, 0), "t1": (7, 3), "t2": (8, 0)}
+    assert query(flow["t1"], ROWS) == [(1, "a")]     # the refused set was dead-lettered at t1
+
+
+def test_a_change_the_canonical_relation_does_not_match_is_counted_at_the_destination(flow):
+    client = flow["client"]
+    client.send_many([{"action": "add", "data": {"id": 1, "v": "a"}}])
+    wait_for(lambda: counters(flow)["t2"][0] == 1, message="add distributed")
+    with client.group() as group:         # one member matches, the other does not
+        group.update({"v": "g"}, restriction={"id": 1})
+        group.delete({"id": 99})
+    client.send({"action": "delete", "restriction": {"id": 98}})
+    client.send({"action": "update", "data": {"v": "x"}, "restriction": {"id": 1}})
+    wait_for(lambda: query(flow["t1"], ROWS) == [(1, "x")] and query(flow["t2"], ROWS) == [(1, "x")]
+             and counters(flow)["t2"][0] == 3, message="changes distributed")
+    # the destination fans out only what changed a row: the targets match everything they get
+    assert counters(flow) == {"destination": (4, 2), "t1": (3, 0), "t2": (3, 0)}
+    text = render(prometheus_registry(flow["daemon"].registry))[0].decode()
+    line = [row for row in text.splitlines()
+            if row.startswith("golconde_unmatched_total{") and 'role="destination"' in row]
+    assert len(line) == 1 and line[0].endswith(" 2.0"), line
