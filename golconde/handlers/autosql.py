@@ -122,6 +122,9 @@ def _cast(column: Column) -> sql.Composed:
 
 #: ``character varying(n)`` and ``character(n)`` as ``format_type`` writes them (n in group 1).
 _LENGTH = re.compile(r"(?:character varying|character)\((\d+)\)")
+#: A bit string type with its length, as ``format_type`` writes it: an explicit cast pads or cuts
+#: a bit string to ``bit(n)`` and cuts it to ``bit varying(n)``, where storing it refuses it.
+_BITS = re.compile(r"bit( varying)?\((\d+)\)")
 
 #: Most packet key tuples whose resolution :func:`resolve` remembers per table schema.
 RESOLVE_MEMO = 256
@@ -967,7 +970,8 @@ class AutoSQL(Handler):
         refuses alone, as ``"data.<key>"`` or ``"restriction.<key>"``: each value is cast to its
         column's type in a savepoint (``SELECT ((%s)::base)::type``, as bound, then to the
         declared type with its modifier and domain checks); a string too long for a
-        ``varchar(n)`` or ``char(n)``, which an explicit cast would cut, by its length. ``None``
+        ``varchar(n)`` or ``char(n)``, or a bit string of the wrong length for a ``bit(n)`` or
+        ``bit varying(n)``, which an explicit cast would cut or pad, by its length. ``None``
         when no single value is refused so."""
         code = getattr(error, "pgcode", None) or ""
         # 23514 too: a domain's CHECK (a table's CHECK refuses no single value: None)
@@ -1013,6 +1017,15 @@ class AutoSQL(Handler):
         limit = _LENGTH.fullmatch(base)
         if code == "22001" and limit and isinstance(value, str):
             return len(value.rstrip(" ") if base.startswith("character(") else value) > int(limit.group(1))
+        bits = _BITS.fullmatch(base)
+        if bits and code in ("22001", "22026") and isinstance(value, str):
+            # the length PostgreSQL reads (a hex digit is 4 bits); bit(n) takes exactly n,
+            # bit varying(n) at most n
+            row, error = _attempt(cursor, sql.SQL("SELECT pg_catalog.length(%s::pg_catalog.varbit)"), (value,))
+            if error is not None or row is None:
+                return False
+            size, wanted = row[0], int(bits.group(2))
+            return size > wanted if bits.group(1) else (size != wanted and code == "22026")
         cast = _cast(column)
         if column.structure != "composite":     # then to the declared type: typmod, domain checks
             cast = sql.SQL("({})::{}").format(cast, sql.SQL(declared.replace("%", "%%")))

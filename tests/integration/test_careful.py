@@ -496,11 +496,13 @@ def test_a_dead_letter_names_the_value_the_database_refused(database, role, name
     packet dead-lettered for one starts with the value at fault, data.<key> or
     restriction.<key>, found by casting each value alone to its column's type. A table named with
     a % is explained too (its name was bound with the % doubled: the explanation failed and
-    aborted the batch's transaction, which then came back for ever)."""
+    aborted the batch's transaction, which then came back for ever). A bit string of the wrong
+    length is named by its length (an explicit cast pads or cuts it)."""
     conn = _ledgered(database, "CREATE DOMAIN short4 AS varchar(4); CREATE DOMAIN shorter AS short4;"
-                        " CREATE DOMAIN posint AS integer CHECK (VALUE > 0);"
+                        " CREATE DOMAIN posint AS integer CHECK (VALUE > 0); CREATE DOMAIN bits3 AS bit(3);"
                         " CREATE TABLE %s (id integer PRIMARY KEY, a smallint, b smallint,"
                         " n numeric(5, 2), code varchar(3), at timestamptz, d shorter, p posint,"
+                        " b3 bit(3), vb varbit(4), db bits3,"
                         " CHECK (a IS NULL OR b IS NULL OR a < b))" % name)
     try:
         applier = Applier(AutoSQL(name, role=role), "explain-" + role, store_fanout=role == "destination")
@@ -516,6 +518,10 @@ def test_a_dead_letter_names_the_value_the_database_refused(database, role, name
                  # a domain's type modifier and CHECK (review BB: the column was not named)
                  ({"action": "add", "data": {"id": 7, "d": "abcde"}}, "data.d: SQLSTATE 22001"),
                  ({"action": "add", "data": {"id": 8, "p": 0}}, "data.p: SQLSTATE 23514"),
+                 # bit strings of the wrong length, which an explicit cast pads or cuts
+                 ({"action": "add", "data": {"id": 11, "b3": "1", "vb": "1"}}, "data.b3: SQLSTATE 22026"),
+                 ({"action": "add", "data": {"id": 12, "b3": "101", "vb": "x1F"}}, "data.vb: SQLSTATE 22001"),
+                 ({"action": "add", "data": {"id": 13, "db": "1010"}}, "data.db: SQLSTATE 22026"),
                  # a table's CHECK: no single value at fault, no name
                  ({"action": "add", "data": {"id": 10, "a": 5, "b": 1}}, "SQLSTATE 23514")]
         items = [("x%d" % n, dumps(body).encode()) for n, (body, _) in enumerate(cases)]
