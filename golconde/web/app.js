@@ -110,7 +110,8 @@
     card.database = states.appendChild(el("span", "badge"));
     var figures = card.root.appendChild(el("div", "figures"));
     [["received", "received/s"], ["applied", "applied/s"], ["backlog", "backlog"], ["lag", "lag"],
-     ["total", "applied"], ["errors", "errors"], ["dead", "dead letters"], ["retried", "retries"]
+     ["total", "applied"], ["errors", "errors"], ["dead", "dead letters"], ["retried", "retries"],
+     ["unmatched", "unmatched"]
     ].forEach(function (pair) {
       var cell = figures.appendChild(el("div", null, pair[1]));
       card.figures[pair[0]] = cell.appendChild(el("b", null, "-"));
@@ -180,6 +181,8 @@
     card.figures.errors.textContent = String(stats.errors);
     card.figures.dead.textContent = String(stats.dead_lettered);
     card.figures.retried.textContent = String(stats.retried);
+    // applied without changing a row: at a target, rows it lacks (absent from an older daemon)
+    card.figures.unmatched.textContent = stats.unmatched === undefined ? "-" : String(stats.unmatched);
     card.error.textContent = (stats.problems || []).map(function (problem) {
       return "problem: " + problem + "\n";
     }).join("") + (stats.last_error ?

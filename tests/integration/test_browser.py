@@ -125,6 +125,12 @@ def test_live_page_charts_move_and_a_stopped_target_shows_down(browser, live, tm
     assert destination.queue in text and "public.items" in text
     assert SECRET not in text and SECRET not in browser.page_source
     assert browser.find_element("id", "health").text == "healthy"
+    # each card's figures, the unmatched count among them (what /stats says)
+    figures = browser.execute_script(
+        "return Array.from(document.querySelectorAll('article.listener[data-thread=\"%s\"] .figures div'))"
+        ".map(function (d) { return d.textContent; })" % threads[1])
+    unmatched = [f for f in figures if f.startswith("unmatched")]
+    assert unmatched == ["unmatched%d" % daemon.registry.get(threads[1]).snapshot()["unmatched"]], figures
 
     # screenshot while packets flow (after some history), of the whole page
     wait_for(lambda: browser.execute_script("return window.golconde.polls") >= polls + 15,
