@@ -12,7 +12,8 @@ a broker).
       golconde_packets_total{action="add|set|update|delete"}  counter: packets applied, by action
       golconde_received_total, golconde_applied_total, golconde_duplicates_total,
       golconde_fanned_out_total, golconde_retries_total, golconde_dead_letters_total,
-      golconde_errors_total, golconde_reconnects_total             counters
+      golconde_errors_total, golconde_reconnects_total,
+      golconde_unmatched_total                                 counters
       golconde_apply_duration_seconds                          histogram, per packet
       golconde_backlog_packets                                 gauge (absent when unknown)
       golconde_lag_seconds                                     gauge (absent when unknown)

@@ -207,6 +207,11 @@ class TableSchema:
     #: (every column of a view or foreign table): PostgreSQL checks those as each row is written,
     #: so whether a statement changing several rows passes may depend on the order it visits them
     checked_columns: FrozenSet[str] = frozenset()
+    #: the events (``"update"``, ``"delete"``) the relation has a ``DO INSTEAD`` rule for: its
+    #: statements' row counts do not say which rows matched, and PostgreSQL refuses ``RETURNING``
+    #: on them unless an unconditional such rule returns rows (a rule-based view, a ``DO INSTEAD
+    #: NOTHING`` archive table)
+    instead_rules: FrozenSet[str] = frozenset()
     _folded: Dict[str, Tuple[Column, ...]] = field(default_factory=dict, init=False, repr=False,
                                                     compare=False)
     #: packet key tuple -> AutoSQL's resolution of it (``golconde.handlers.autosql.resolve``)
@@ -230,6 +235,14 @@ class TableSchema:
             return (column,)
         return self._folded.get(key.lower(), ())
 
+
+#: The events of a relation's ``DO INSTEAD`` rules that AutoSQL writes through (pg_rewrite's
+#: ev_type: 2 update, 4 delete; a view's own 1, its SELECT, aside).
+_INSTEAD_SQL = """
+SELECT CASE r.ev_type WHEN '2' THEN 'update' ELSE 'delete' END
+  FROM pg_catalog.pg_rewrite r
+ WHERE r.ev_class = %(oid)s AND r.is_instead AND r.ev_type IN ('2', '4')
+"""
 
 _RELATION_SQL = """
 SELECT c.oid, c.relkind
@@ -412,11 +425,14 @@ def read_schema(cursor: Any, relation: Relation) -> TableSchema:
         unique_keys.append(key)
         if not_distinct:
             nulls_not_distinct.append(key)
+    cursor.execute(_INSTEAD_SQL, {"oid": oid})
+    instead_rules = frozenset(event for event, in cursor.fetchall())
     LOGGER.debug("read schema of %s: %d columns, primary key %s, %d unique keys",
                  relation, len(columns), primary_key or "none", len(unique_keys))
     return TableSchema(relation=relation, columns=columns, primary_key=primary_key,
                        unique_keys=tuple(unique_keys), kind=kind,
-                       nulls_not_distinct=tuple(nulls_not_distinct), checked_columns=checked_columns)
+                       nulls_not_distinct=tuple(nulls_not_distinct), checked_columns=checked_columns,
+                       instead_rules=instead_rules)
 
 
 @dataclass

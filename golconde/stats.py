@@ -17,7 +17,7 @@ Shape of :meth:`Registry.snapshot` (a superset of Golconde 0.6's ``/stats``)::
                                                 "sum": 0.0084, "count": 7},  # seconds, packets
                              "errors": 0, "received": 0, "applied": 0, "duplicates": 0,
                              "dead_lettered": 0, "retried": 0, "fanned_out": 0, "reconnects": 0,
-                             "unmatched": 0,   # update/delete packets that changed no row
+                             "unmatched": 0,   # packets applied without changing a row
                              "role": "destination" | "target", "destination": "<destination name>",
                              "broker": "<state>", "database": "<state>",
                              "backlog": 12 | null, "lag": 0.5 | null,

@@ -597,7 +597,9 @@ class AutoSQL(Handler):
         """Apply ``packet``: through the target's mapping when one is configured (each packet
         :meth:`golconde.mapping.TargetMapping.transform` gives, in order), else directly.
 
-        :returns: ``packet`` when mapped (targets fan nothing out), else as :meth:`apply_one`.
+        :returns: ``packet`` when mapped (targets fan nothing out), marked
+            :meth:`~golconde.packet.Packet.unmatched` when the mapping has no ``filter`` and the
+            update or delete it made matched no row; else as :meth:`apply_one`.
         :raises: as :meth:`apply_one` and :meth:`~golconde.mapping.TargetMapping.transform`.
         """
         self.cache.revalidate(cursor, self.table)
@@ -606,12 +608,17 @@ class AutoSQL(Handler):
         table = self._schema(cursor)
         keys = ((table.primary_key,) if table.primary_key else ()) + tuple(
             key for key in table.unique_keys if key != table.primary_key)
+        unmatched = False
         for mapped in self.mapping.transform(packet, key=keys):
             if mapped.action is Action.SET and self.mapping.constants:
                 self._scoped_set(cursor, mapped, self.mapping.constant_values)
-            else:
-                self.apply_one(cursor, mapped)
-        return packet
+                continue
+            result = self.apply_one(cursor, mapped)
+            # without a filter the target holds every row: an update or delete matching none
+            # tells it lacks one (with a filter, the rows it leaves out match nothing)
+            unmatched = unmatched or (not self.mapping.conditions and mapped.action is packet.action
+                                      and isinstance(result, Packet) and not result.matched)
+        return packet.unmatched() if unmatched else packet
 
     def _scoped_set(self, cursor: Any, packet: Packet, scope: Mapping[str, Any]) -> None:
         """A mapped target's ``set`` whose update touches only a row holding the mapping's
@@ -716,11 +723,8 @@ class AutoSQL(Handler):
                 continue
             members = [items[j] for j in run]
             table = members[0].table
-            # which updates and deletes changed no row: at a destination, not fanned out; at a
-            # target, counted (``unmatched``: it lacks a row the canonical relation holds)
             rows = bulk.execute_run(cursor, table, members, ident, _cast, bind, _relation(table),
-                                    self._returning(table), _type,
-                                    matches=self.back_fill or members[0].action in (Action.UPDATE, Action.DELETE))
+                                    self._returning(table), _type, matches=self._matches(members[0]))
             for j, row in zip(run, rows):
                 index, item = todo[j]
                 if item.action in (Action.UPDATE, Action.DELETE):
@@ -833,11 +837,22 @@ class AutoSQL(Handler):
             return self._skipped(cursor, item, returning) if row is None else self._fill(item, row)
         if action in (Action.ADD, Action.SET) and self.back_fill and cursor.rowcount == 0:
             return self._skipped(cursor, item, returning)     # no primary key to return
-        if action in (Action.UPDATE, Action.DELETE) and cursor.rowcount == 0:
+        if action in (Action.UPDATE, Action.DELETE) and cursor.rowcount == 0 and self._matches(item):
             # at a destination, the targets' copies hold no such row either (or a trigger of the
             # canonical relation kept it: a soft delete): nothing to fan out; at a target, counted
             return item.packet.unmatched()
         return item.packet
+
+    def _matches(self, item: bulk.Prepared) -> bool:
+        """Whether to tell if ``item`` (and the run it heads) changed a row: at a destination
+        always (a packet that changed none is not fanned out); at a target for an update or
+        delete (counted ``unmatched``: the target lacks a row the canonical relation holds),
+        unless its relation has a ``DO INSTEAD`` rule for it (:attr:`TableSchema.instead_rules`:
+        no ``RETURNING`` there, and its row count does not tell)."""
+        if self.back_fill:
+            return True
+        return (item.action in (Action.UPDATE, Action.DELETE)
+                and (item.table is None or item.action.value not in item.table.instead_rules))
 
     def _skipped(self, cursor: Any, item: bulk.Prepared, returning: Sequence[str]) -> Packet:
         """An add or set that wrote no row the canonical relation returns. Fanned out when:

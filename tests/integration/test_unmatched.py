@@ -23,32 +23,40 @@ T1_CHECK = "ALTER TABLE items ADD CONSTRAINT t1_v CHECK (v IS DISTINCT FROM 'ref
 ROWS = "SELECT id, v FROM items ORDER BY id"
 
 
+#: t3, a mapped target (another column name), counts as an unmapped one
+T3_TABLE = "CREATE TABLE public.items (id int PRIMARY KEY, val text)"
+T3_ROWS = "SELECT id, val FROM items ORDER BY id"
+
+
 @pytest.fixture
 def flow(make_database, broker):
-    canonical, t1, t2 = make_database(), make_database(), make_database()
+    canonical, t1, t2, t3 = make_database(), make_database(), make_database(), make_database()
     for dsn in (canonical, t1, t2):
         execute(dsn, TABLE)
     execute(t1, T1_CHECK)
-    config = parse_config(make_config(canonical, {"t1": t1, "t2": t2}, "public.items", broker=broker))
+    execute(t3, T3_TABLE)
+    mapping = make_config(canonical, {"t1": t1, "t2": t2, "t3": t3}, "public.items", broker=broker)
+    next(iter(mapping["Destinations"].values()))["Targets"]["t3"]["columns"] = {"v": "val"}
+    config = parse_config(mapping)
     daemon = Daemon(config)
     daemon.start()
     dest = config.destinations[0]
     client = Client(dest.queue, broker.host, broker.port, broker.login, broker.passcode)
-    state = {"canonical": canonical, "t1": t1, "t2": t2, "daemon": daemon, "client": client,
-             "names": {"destination": dest.name, "t1": dest.targets[0].name, "t2": dest.targets[1].name}}
-    assert [t.name for t in dest.targets] == ["t1", "t2"]
+    state = {"canonical": canonical, "t1": t1, "t2": t2, "t3": t3, "daemon": daemon, "client": client,
+             "names": {"destination": dest.name}}
+    assert [t.name for t in dest.targets] == ["t1", "t2", "t3"]
     yield state
     client.close()
     assert daemon.stop(), "daemon did not stop in time"
 
 
 def counters(state):
-    """{role: (applied, unmatched)} of the destination and both targets."""
+    """{role: (applied, unmatched)} of the destination and the targets."""
     threads = {}
     for entry in state["daemon"].registry.snapshot()["threads"]:
         threads.update(entry)
     out = {}
-    for role, suffix in (("destination", ""), ("t1", "_t1"), ("t2", "_t2")):
+    for role, suffix in (("destination", ""), ("t1", "_t1"), ("t2", "_t2"), ("t3", "_t3")):
         stats = threads[state["names"]["destination"] + suffix]
         out[role] = (stats["applied"], stats["unmatched"])
     return out
@@ -57,26 +65,29 @@ def counters(state):
 def test_changes_of_a_row_a_target_lacks_are_counted_unmatched_there(flow):
     client = flow["client"]
     client.send_many([{"action": "add", "data": {"id": i, "v": "a"}} for i in (1, 2, 3)])
-    wait_for(lambda: all(query(flow[db], ROWS) == [(1, "a"), (2, "a"), (3, "a")] for db in ("t1", "t2")),
-             message="rows distributed")
-    assert counters(flow) == {"destination": (3, 0), "t1": (3, 0), "t2": (3, 0)}
+    wait_for(lambda: all(query(flow[db], ROWS) == [(1, "a"), (2, "a"), (3, "a")] for db in ("t1", "t2"))
+             and query(flow["t3"], T3_ROWS) == [(1, "a"), (2, "a"), (3, "a")], message="rows distributed")
+    assert counters(flow) == {"destination": (3, 0), "t1": (3, 0), "t2": (3, 0), "t3": (3, 0)}
 
-    execute(flow["t1"], "DELETE FROM items WHERE id = 2")     # t1 diverges
+    for target in ("t1", "t3"):      # t1 and t3 diverge
+        execute(flow[target], "DELETE FROM items WHERE id = 2")
     client.send_many([{"action": "update", "data": {"v": "b"}, "restriction": {"id": 2}},
                       {"action": "update", "data": {"v": "b"}, "restriction": {"id": 3}},
                       {"action": "delete", "restriction": {"id": 2}}])
-    wait_for(lambda: query(flow["t2"], ROWS) == [(1, "a"), (3, "b")] and query(flow["t1"], ROWS) == [(1, "a"), (3, "b")]
-             and counters(flow)["t1"][0] == 6, message="changes distributed")
-    # the canonical relation and t2 had the row: matched; t1 lacked it: 2 packets unmatched
-    assert counters(flow) == {"destination": (6, 0), "t1": (6, 2), "t2": (6, 0)}
+    wait_for(lambda: all(query(flow[db], ROWS) == [(1, "a"), (3, "b")] for db in ("t1", "t2"))
+             and query(flow["t3"], T3_ROWS) == [(1, "a"), (3, "b")]
+             and counters(flow)["t1"][0] == 6 and counters(flow)["t3"][0] == 6, message="changes distributed")
+    # the canonical relation and t2 had the row: matched; t1 and t3 lacked it: 2 packets unmatched
+    assert counters(flow) == {"destination": (6, 0), "t1": (6, 2), "t2": (6, 0), "t3": (6, 2)}
 
     # a batch t1 applies packet by packet (one of its packets fails there): still counted
     execute(flow["t1"], "DELETE FROM items WHERE id = 3")
     client.send_many([{"action": "update", "data": {"v": "c"}, "restriction": {"id": 3}},
                       {"action": "set", "data": {"id": 1, "v": "refused at t1"}}])
     wait_for(lambda: query(flow["t2"], ROWS) == [(1, "refused at t1"), (3, "c")]
+             and query(flow["t3"], T3_ROWS) == [(1, "refused at t1"), (3, "c")]
              and counters(flow)["t1"][0] == 7, message="mixed batch distributed")
-    assert counters(flow) == {"destination": (8, 0), "t1": (7, 3), "t2": (8, 0)}
+    assert counters(flow) == {"destination": (8, 0), "t1": (7, 3), "t2": (8, 0), "t3": (8, 2)}
     assert query(flow["t1"], ROWS) == [(1, "a")]     # the refused set was dead-lettered at t1
 
 
@@ -90,9 +101,9 @@ def test_a_change_the_canonical_relation_does_not_match_is_counted_at_the_destin
     client.send({"action": "delete", "restriction": {"id": 98}})
     client.send({"action": "update", "data": {"v": "x"}, "restriction": {"id": 1}})
     wait_for(lambda: query(flow["t1"], ROWS) == [(1, "x")] and query(flow["t2"], ROWS) == [(1, "x")]
-             and counters(flow)["t2"][0] == 3, message="changes distributed")
+             and counters(flow)["t2"][0] == 3 and counters(flow)["t3"][0] == 3, message="changes distributed")
     # the destination fans out only what changed a row: the targets match everything they get
-    assert counters(flow) == {"destination": (4, 2), "t1": (3, 0), "t2": (3, 0)}
+    assert counters(flow) == {"destination": (4, 2), "t1": (3, 0), "t2": (3, 0), "t3": (3, 0)}
     text = render(prometheus_registry(flow["daemon"].registry))[0].decode()
     line = [row for row in text.splitlines()
             if row.startswith("golconde_unmatched_total{") and 'role="destination"' in row]
