@@ -236,16 +236,13 @@ class TableSchema:
         return self._folded.get(key.lower(), ())
 
 
-#: The events of a relation's ``DO INSTEAD`` rules that AutoSQL writes through (pg_rewrite's
-#: ev_type: 2 update, 4 delete; a view's own 1, its SELECT, aside).
-_INSTEAD_SQL = """
-SELECT CASE r.ev_type WHEN '2' THEN 'update' ELSE 'delete' END
-  FROM pg_catalog.pg_rewrite r
- WHERE r.ev_class = %(oid)s AND r.is_instead AND r.ev_type IN ('2', '4')
-"""
-
+#: The relation, and the events of its ``DO INSTEAD`` rules that AutoSQL writes through
+#: (pg_rewrite's ev_type: 2 update, 4 delete; a view's own 1, its SELECT, aside).
 _RELATION_SQL = """
-SELECT c.oid, c.relkind
+SELECT c.oid, c.relkind,
+       ARRAY(SELECT CASE r.ev_type WHEN '2' THEN 'update' ELSE 'delete' END
+               FROM pg_catalog.pg_rewrite r
+              WHERE r.ev_class = c.oid AND r.is_instead AND r.ev_type IN ('2', '4'))
   FROM pg_catalog.pg_class c
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
  WHERE n.nspname = %s AND c.relname = %s
@@ -392,7 +389,7 @@ def read_schema(cursor: Any, relation: Relation) -> TableSchema:
     row = cursor.fetchone()
     if row is None:
         raise SchemaError("relation %s does not exist" % relation)
-    oid, kind = row
+    oid, kind, instead = row
     if kind not in WRITABLE_RELKINDS:
         raise SchemaError("relation %s is not a table, view or foreign table (relkind %s)" % (relation, kind))
     cursor.execute(_COLUMNS_SQL, {"oid": oid})
@@ -425,14 +422,12 @@ def read_schema(cursor: Any, relation: Relation) -> TableSchema:
         unique_keys.append(key)
         if not_distinct:
             nulls_not_distinct.append(key)
-    cursor.execute(_INSTEAD_SQL, {"oid": oid})
-    instead_rules = frozenset(event for event, in cursor.fetchall())
     LOGGER.debug("read schema of %s: %d columns, primary key %s, %d unique keys",
                  relation, len(columns), primary_key or "none", len(unique_keys))
     return TableSchema(relation=relation, columns=columns, primary_key=primary_key,
                        unique_keys=tuple(unique_keys), kind=kind,
                        nulls_not_distinct=tuple(nulls_not_distinct), checked_columns=checked_columns,
-                       instead_rules=instead_rules)
+                       instead_rules=frozenset(instead))
 
 
 @dataclass
