@@ -486,12 +486,16 @@ class Applier:
         if len(results) != len(flat):
             raise GolcondeError("handler apply_batch() returned %d packets for %d"
                                 % (len(results), len(flat)))
+        # positions of the results that changed no row (one pass: most batches have none)
+        unmatched = {i for i, result in enumerate(results) if isinstance(result, Packet) and not result.matched}
         position = 0
         for index in fresh:
             packet = packets[index]
             assert packet is not None
             count = len(members(packet))
-            outcome = Outcome(APPLIED, packet, unmatched=_unmatched(results[position:position + count]))
+            outcome = Outcome(APPLIED, packet)
+            if unmatched:
+                outcome.unmatched = sum(1 for i in range(position, position + count) if i in unmatched)
             if self.store_fanout:
                 part = [self._result(given, result) for given, result in
                         zip(flat[position:position + count], results[position:position + count])]

@@ -915,8 +915,16 @@ class AutoSQL(Handler):
         changed: Dict[str, Any] = {}
         columns = item.table.columns
         for name, text in zip(item.table.primary_key, row):
-            key, value = item.keys.get(name, name), None if text is None else loads(text)
+            key = item.keys.get(name, name)
             old = data.get(key, _MISSING)
+            # the integer or the string the packet holds (most keys: an int, a uuid as text):
+            # nothing to decode (a string's JSON text without an escape is the string quoted)
+            if type(old) is int and text == str(old):
+                continue
+            if (type(old) is str and text is not None and text[:1] == '"' and "\\" not in text
+                    and text[1:-1] == old):
+                continue
+            value = None if text is None else loads(text)
             if type(old) is not type(value) or old != value:
                 if columns[name].base in bulk.FLOAT_TYPES and _same_float(old, value):
                     continue    # the same number; to_jsonb has no -0, which the packet keeps
