@@ -439,7 +439,8 @@ class _Entry:
 
 
 #: What a cached schema depends on, as one md5: each column's name, type, typmod, identity,
-#: generation, NOT NULL and dropped flag, and each index's columns and kind. Any ALTER TABLE that
+#: generation, NOT NULL and dropped flag, each index's columns and kind, and its update and
+#: delete rules. Any ALTER TABLE that
 #: changes what AutoSQL builds changes it (a type changed without an error, as integer to numeric,
 #: would otherwise have its values cast to the old type: 1.5 stored as 2).
 _SIGNATURE_SQL = (
@@ -456,7 +457,10 @@ _SIGNATURE_SQL = (
     "  || i.indisunique::text || i.indisprimary::text || i.indisvalid::text || i.indimmediate::text"
     "   FROM tree CROSS JOIN LATERAL (SELECT i.* FROM pg_catalog.pg_index i"
     "   WHERE i.indrelid = tree.oid OFFSET 0) i) AS p (x)), '')"
-    " || '|' || c.relkind::text)"
+    " || '|' || c.relkind::text"
+    # its update and delete rules (TableSchema.instead_rules: a rule made or dropped since)
+    " || '|' || coalesce((SELECT string_agg(r.oid::text || r.ev_type::text || r.is_instead::text, ','"
+    "  ORDER BY r.oid) FROM pg_catalog.pg_rewrite r WHERE r.ev_class = c.oid AND r.ev_type IN ('2', '4')), ''))"
     " FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
     " WHERE n.nspname = %s AND c.relname = %s")
 

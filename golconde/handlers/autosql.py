@@ -717,9 +717,10 @@ class AutoSQL(Handler):
         todo = [(index, item) for index, item in prepared if item is not None]
         items = [item for _, item in todo]
         for run in bulk.runs(items, checked_alone=self.role == "destination"):
-            if len(run) == 1:
-                index, item = todo[run[0]]
-                results[index] = self._execute(cursor, item)
+            if len(run) == 1 or self._one_by_one(items[run[0]]):
+                for j in run:
+                    index, item = todo[j]
+                    results[index] = self._execute(cursor, item)
                 continue
             members = [items[j] for j in run]
             table = members[0].table
@@ -842,6 +843,14 @@ class AutoSQL(Handler):
             # canonical relation kept it: a soft delete): nothing to fan out; at a target, counted
             return item.packet.unmatched()
         return item.packet
+
+    def _one_by_one(self, item: bulk.Prepared) -> bool:
+        """Whether the run ``item`` heads is applied packet by packet: at a destination, updates
+        and deletes on a relation with a ``DO INSTEAD`` rule for them, which must tell which
+        packets changed a row (not fanned out otherwise) but where PostgreSQL refuses
+        ``RETURNING`` (each statement's row count tells instead)."""
+        return (self.back_fill and item.action in (Action.UPDATE, Action.DELETE)
+                and item.table is not None and item.action.value in item.table.instead_rules)
 
     def _matches(self, item: bulk.Prepared) -> bool:
         """Whether to tell if ``item`` (and the run it heads) changed a row: at a destination

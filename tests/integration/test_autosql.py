@@ -941,6 +941,44 @@ def test_a_target_with_instead_rules_applies_runs_without_asking_which_matched(d
                                                              else [(1, 0), (2, 0), (3, 0)])
 
 
+def test_a_destination_with_instead_rules_applies_their_runs_one_by_one(db):
+    """At a destination, which must know which updates and deletes changed a row (the others are
+    not fanned out), a relation with a DO INSTEAD rule for them (a soft delete) has them applied
+    one by one, each telling by its row count, instead of a run asking RETURNING, which
+    PostgreSQL refuses there (every such batch failed into packet by packet)."""
+    ddl(db, "CREATE TABLE rd (id int PRIMARY KEY, n int, gone boolean NOT NULL DEFAULT false)")
+    ddl(db, "INSERT INTO rd (id, n) VALUES (1, 0), (2, 0), (3, 0)")
+    ddl(db, "CREATE RULE soft AS ON DELETE TO rd DO INSTEAD UPDATE rd SET gone = true WHERE id = old.id")
+    packets = [parse(dumps({"action": action, "restriction": {"id": i}, **extra}))
+               for action, extra in (("update", {"data": {"n": 5}}), ("delete", {}))
+               for i in (1, 2, 7)]
+    with db.cursor() as cur:
+        cur.execute("BEGIN")
+        results = AutoSQL("rd", role="destination").apply_batch(cur, packets)    # raised 0A000
+        cur.execute("ROLLBACK")
+        alone = [AutoSQL("rd", role="destination").apply(cur, packet) for packet in packets]
+    assert [p.matched for p in results] == [p.matched for p in alone]
+    assert [p.matched for p in results][:3] == [True, True, False]
+    assert rows(db, "SELECT id, n, gone FROM rd ORDER BY id") == [(1, 5, True), (2, 5, True), (3, 0, False)]
+
+
+def test_a_rule_made_or_dropped_changes_the_schema_signature(db):
+    """TableSchema.instead_rules is read again when a rule is made or dropped (the schema's
+    signature covers a relation's update and delete rules)."""
+    from golconde.schema import Relation, _signature, read_schema
+    ddl(db, "CREATE TABLE rs (id int PRIMARY KEY, n int)")
+    relation = Relation("public", "rs")
+    with db.cursor() as cur:
+        before = _signature(cur, relation)
+        assert read_schema(cur, relation).instead_rules == frozenset()
+        cur.execute("CREATE RULE keep AS ON UPDATE TO rs DO INSTEAD NOTHING")
+        made = _signature(cur, relation)
+        assert made != before and read_schema(cur, relation).instead_rules == {"update"}
+        cur.execute("DROP RULE keep ON rs; CREATE RULE also AS ON UPDATE TO rs DO ALSO NOTHING")
+        assert _signature(cur, relation) not in (before, made)
+        assert read_schema(cur, relation).instead_rules == frozenset()
+
+
 # --- a mapped target's constants scope its sets ------------------------------------------------------
 
 def _mapped(relation, **raw):
