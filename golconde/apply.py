@@ -114,7 +114,7 @@ class Outcome:
 
 def _unmatched(results: Sequence[Any]) -> int:
     """How many of a handler's ``results`` are packets marked as having changed no row."""
-    return sum(1 for result in results if isinstance(result, Packet) and not result.matched)
+    return sum(1 for result in results if Packet.changed_no_row(result))
 
 
 def members(item: Union[Packet, Group]) -> Tuple[Packet, ...]:
@@ -487,7 +487,7 @@ class Applier:
             raise GolcondeError("handler apply_batch() returned %d packets for %d"
                                 % (len(results), len(flat)))
         # positions of the results that changed no row (one pass: most batches have none)
-        unmatched = {i for i, result in enumerate(results) if isinstance(result, Packet) and not result.matched}
+        unmatched = {i for i, result in enumerate(results) if Packet.changed_no_row(result)}
         position = 0
         for index in fresh:
             packet = packets[index]

@@ -55,8 +55,9 @@ COUNTERS = (
                                   " triggers found naming other keys than their tables'."),
     ("reconnects", "golconde_reconnects", "Reconnections after a broker or database failure."),
     ("unmatched", "golconde_unmatched", "Packets applied without changing a row (an update or delete"
-                                        " whose restriction matched none; at a target, a sign that it"
-                                        " lacks rows the canonical relation holds)."),
+                                        " whose restriction matched none, an add or set a trigger"
+                                        " refused; at a target, a sign that it lacks rows the"
+                                        " canonical relation holds)."),
 )
 
 

@@ -82,6 +82,12 @@ class Packet:
         """A copy marked as having changed no row (:attr:`matched` False)."""
         return replace(self, matched=False)
 
+    @staticmethod
+    def changed_no_row(result: Any) -> bool:
+        """Whether ``result``, what a handler returned for a packet (a :class:`Packet`, ``None``
+        or anything else), is a packet marked :meth:`unmatched`."""
+        return isinstance(result, Packet) and not result.matched
+
     def as_dict(self) -> Dict[str, Any]:
         """The packet as a plain dict in the canonical lower-case form."""
         return self._as_dict(copy=True)

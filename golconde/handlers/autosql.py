@@ -126,6 +126,13 @@ _LENGTH = re.compile(r"(?:character varying|character)\((\d+)\)")
 #: a bit string to ``bit(n)`` and cuts it to ``bit varying(n)``, where storing it refuses it.
 _BITS = re.compile(r"bit( varying)?\((\d+)\)")
 
+def _under_instead_rule(item: bulk.Prepared) -> bool:
+    """Whether ``item`` is an update or delete on a relation with a ``DO INSTEAD`` rule for it
+    (:attr:`~golconde.schema.TableSchema.instead_rules`)."""
+    return (item.action in (Action.UPDATE, Action.DELETE) and item.table is not None
+            and item.action.value in item.table.instead_rules)
+
+
 #: Most packet key tuples whose resolution :func:`resolve` remembers per table schema.
 RESOLVE_MEMO = 256
 
@@ -617,7 +624,7 @@ class AutoSQL(Handler):
             # without a filter the target holds every row: an update or delete matching none
             # tells it lacks one (with a filter, the rows it leaves out match nothing)
             unmatched = unmatched or (not self.mapping.conditions and mapped.action is packet.action
-                                      and isinstance(result, Packet) and not result.matched)
+                                      and Packet.changed_no_row(result))
         return packet.unmatched() if unmatched else packet
 
     def _scoped_set(self, cursor: Any, packet: Packet, scope: Mapping[str, Any]) -> None:
@@ -849,8 +856,7 @@ class AutoSQL(Handler):
         and deletes on a relation with a ``DO INSTEAD`` rule for them, which must tell which
         packets changed a row (not fanned out otherwise) but where PostgreSQL refuses
         ``RETURNING`` (each statement's row count tells instead)."""
-        return (self.back_fill and item.action in (Action.UPDATE, Action.DELETE)
-                and item.table is not None and item.action.value in item.table.instead_rules)
+        return self.back_fill and _under_instead_rule(item)
 
     def _matches(self, item: bulk.Prepared) -> bool:
         """Whether to tell if ``item`` (and the run it heads) changed a row: at a destination
@@ -860,8 +866,7 @@ class AutoSQL(Handler):
         no ``RETURNING`` there, and its row count does not tell)."""
         if self.back_fill:
             return True
-        return (item.action in (Action.UPDATE, Action.DELETE)
-                and (item.table is None or item.action.value not in item.table.instead_rules))
+        return item.action in (Action.UPDATE, Action.DELETE) and not _under_instead_rule(item)
 
     def _skipped(self, cursor: Any, item: bulk.Prepared, returning: Sequence[str]) -> Packet:
         """An add or set that wrote no row the canonical relation returns. Fanned out when:
