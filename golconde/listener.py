@@ -202,8 +202,26 @@ class Listener(threading.Thread):
                         self._got_through()
                 except StopListener as exc:
                     self.stats.set_error(str(exc))
+                    if exc.retry_after is not None:
+                        waiting = None if exc.problem else _without_holder(str(exc))
+                        if exc.problem:
+                            LOGGER.error("[%s] pausing %.0fs: %s", self.name, exc.retry_after,
+                                         exc)
+                        elif self._waiting_for != waiting:
+                            # a designed wait (a standby): once, not at every try
+                            LOGGER.warning("[%s] waiting (trying again every %.0fs): %s",
+                                           self.name, exc.retry_after, exc)
+                        else:
+                            LOGGER.debug("[%s] still waiting: %s", self.name, exc)
+                        self._waiting_for = waiting
+                        self.close()            # releases in-flight packets to the broker
+                        # it holds nothing now: its lag is not that of its last batch (a queue
+                        # consumer's backlog is none, a drain's unknown until it reads again)
+                        self.stats.set_lag(0.0)
+                        self.stats.set_backlog(0 if isinstance(self, QueueConsumer) else None)
                     # a standing problem until a cycle gets through: /health names the cause,
-                    # beside the connections the pause closed
+                    # beside the connections the pause closed; set once the pause holds nothing,
+                    # so that whoever reads it reads the lag and backlog of the pause too
                     if exc.problem:
                         self._paused = True
                         self.stats.set_problem("paused", "%s: %s" % (
@@ -211,21 +229,6 @@ class Listener(threading.Thread):
                     if exc.retry_after is None:
                         LOGGER.error("[%s] stopping listener: %s", self.name, exc)
                         break
-                    waiting = None if exc.problem else _without_holder(str(exc))
-                    if exc.problem:
-                        LOGGER.error("[%s] pausing %.0fs: %s", self.name, exc.retry_after, exc)
-                    elif self._waiting_for != waiting:
-                        # a designed wait (a standby): once, not at every try
-                        LOGGER.warning("[%s] waiting (trying again every %.0fs): %s", self.name,
-                                       exc.retry_after, exc)
-                    else:
-                        LOGGER.debug("[%s] still waiting: %s", self.name, exc)
-                    self._waiting_for = waiting
-                    self.close()            # releases in-flight packets to the broker
-                    # it holds nothing now: its lag is not that of its last batch (a queue
-                    # consumer's backlog is none, a drain's unknown until it reads again)
-                    self.stats.set_lag(0.0)
-                    self.stats.set_backlog(0 if isinstance(self, QueueConsumer) else None)
                     self._stopping.wait(exc.retry_after)
                 except (Exception, SystemExit) as exc:  # supervising loop: log, record, reconnect
                     # (a SystemExit, from a handler's setup say, ended the thread without a word)

@@ -254,6 +254,16 @@ def test_a_paused_target_shows_no_lag(make_database, monkeypatch):
                  [{"golconde-created-at": old}])
         wait_for(lambda: query(t1, "SELECT v FROM public.u") == [("a",)], message="applied at t1")
         assert target.snapshot()["lag"] >= 100
+        # what a reader of /stats sees the moment the problem appears (CI once read the lag of
+        # the last batch there: the problem was set before the pause's lag)
+        at_problem = []
+        set_problem = target.set_problem
+
+        def watched(kind, text):
+            if kind == "paused" and text:
+                at_problem.append((target.snapshot()["lag"], target.snapshot()["backlog"]))
+            set_problem(kind, text)
+        monkeypatch.setattr(target, "set_problem", watched)
         execute(t1, "DROP TABLE public.u")
         send_raw(destination.queue, ['{"action": "add", "data": {"id": 2, "v": "b"}}'],
                  [{"golconde-created-at": old}])
@@ -261,5 +271,6 @@ def test_a_paused_target_shows_no_lag(make_database, monkeypatch):
                  timeout=20, message="the target paused")
         snapshot = target.snapshot()
         assert (snapshot["lag"], snapshot["backlog"]) == (0.0, 0), snapshot
+        assert at_problem == [(0.0, 0)]
     finally:
         assert daemon.stop()
