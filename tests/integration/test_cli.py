@@ -8,8 +8,6 @@ import subprocess
 import sys
 import urllib.request
 
-import psycopg2
-import yaml
 
 from .flow_support import drain_queue, execute, make_config, query, wait_for, write_config
 

@@ -2,8 +2,6 @@
 SQL text produced (rendered from the psycopg2.sql tree with a stand-in for identifier quoting)."""
 from __future__ import annotations
 
-import datetime
-import uuid
 from decimal import Decimal
 
 import pytest
