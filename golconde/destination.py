@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import select
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
@@ -602,12 +603,10 @@ class TriggerDestination(Listener):
         self._confirmed, self._saved = batch.after, False
         if time.monotonic() - self._last_save >= SAVE_INTERVAL:
             self._save()
-        self.stats.count("fanned_out", batch.fanned_out)
-        for packet in batch.packets:
-            self.stats.count(packet.action.value)
-        self.stats.count("applied", len(batch.packets))
-        self.stats.count("dead_lettered", batch.dead)
-        self.stats.count("errors", batch.dead)
+        counts = Counter(packet.action.value for packet in batch.packets)
+        counts.update({"fanned_out": batch.fanned_out, "applied": len(batch.packets),
+                       "dead_lettered": batch.dead, "errors": batch.dead})
+        self.stats.count_many(counts)
         self.stats.observe_duration(time.monotonic() - batch.started, packets=batch.rows)
         self.stats.set_lag(max(0.0, time.time() - batch.created))
 

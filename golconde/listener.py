@@ -1011,8 +1011,9 @@ class QueueConsumer(Listener):
             for origin, outcome in zip(batch, outcomes):
                 if outcome.status == DUPLICATE and not origin.redelivered:
                     outcome.status = APPLIED
-        self._applying = None
         self._account(batch, outcomes, time.monotonic() - started)   # counts follow the commit
+        # held until counted: the live lag covers the batch until its own lag is set
+        self._applying = None
         self.pending_receipts = []
         self.after_commit(batch, items, outcomes)
         # Pipelined: the ack waits for the broker's receipts of this batch's sends, but the next
@@ -1050,19 +1051,20 @@ class QueueConsumer(Listener):
         if dead:
             reasons = [o.reason or "unknown" for o in outcomes if o.status == DEAD_LETTER]
             self.dead_letter_broker.send_confirmed(self.dead_letter_messages(dead, reasons))
+            # counted once in the dead-letter queue (a send that failed comes back with its
+            # batch, and is counted then): the counter is what the queue received
+            self.stats.count_many({"dead_lettered": len(dead), "errors": len(dead)})
             self.stats.set_error("dead-lettered: %s" % reasons[-1])
 
     def _account(self, batch: Sequence[Delivery], outcomes: Sequence[Outcome], seconds: float) -> None:
         applied = [o for o in outcomes if o.status == APPLIED]
-        for outcome in applied:
-            for packet in (members(outcome.packet) if outcome.packet else ()):
-                self.stats.count(packet.action.value)
-        self.stats.count("applied", len(applied))
-        self.stats.count("unmatched", sum(o.unmatched for o in applied))
-        self.stats.count("duplicates", sum(1 for o in outcomes if o.status == DUPLICATE))
-        dead = sum(1 for o in outcomes if o.status == DEAD_LETTER)
-        self.stats.count("dead_lettered", dead)
-        self.stats.count("errors", dead)
+        counts = collections.Counter(packet.action.value for outcome in applied
+                                     for packet in (members(outcome.packet) if outcome.packet else ()))
+        # one update: a reader never sees the batch's applied without its unmatched (dead
+        # letters are counted once the broker has them: send_dead_letters)
+        counts.update({"applied": len(applied), "unmatched": sum(o.unmatched for o in applied),
+                       "duplicates": sum(1 for o in outcomes if o.status == DUPLICATE)})
+        self.stats.count_many(counts)
         if applied:
             self.stats.observe_duration(seconds, packets=len(batch))
         created = _created(batch[-1]) if batch else None

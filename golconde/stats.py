@@ -111,18 +111,31 @@ class ThreadStats:
 
         :raises ValueError: if ``n`` is not an integer >= 0 (counters only grow).
         """
-        if key not in _COUNTER_SET:
-            with self._lock:
-                first = key not in self._unknown
-                self._unknown.add(key)
-            if first:
-                LOGGER.warning("[%s] unknown statistics counter %r ignored (expected one of %s)",
-                               self.name, key, ", ".join(COUNTER_KEYS))
-            return
-        if not isinstance(n, int) or n < 0:
-            raise ValueError("counter %r takes an integer n >= 0, not %r" % (key, n))
+        self.count_many({key: n})
+
+    def count_many(self, counts: Dict[str, int]) -> None:
+        """Add each ``counts[key]`` (>= 0) to the counter ``key`` at once: a snapshot sees all of
+        them added or none (a batch's ``applied`` with its ``unmatched``, say). Unknown keys as in
+        :meth:`count`.
+
+        :raises ValueError: if a value is not an integer >= 0 (nothing is added then).
+        """
+        known = {}
+        for key, n in counts.items():
+            if key not in _COUNTER_SET:
+                with self._lock:
+                    first = key not in self._unknown
+                    self._unknown.add(key)
+                if first:
+                    LOGGER.warning("[%s] unknown statistics counter %r ignored (expected one of"
+                                   " %s)", self.name, key, ", ".join(COUNTER_KEYS))
+                continue
+            if not isinstance(n, int) or n < 0:
+                raise ValueError("counter %r takes an integer n >= 0, not %r" % (key, n))
+            known[key] = n
         with self._lock:
-            self._counts[key] += n
+            for key, n in known.items():
+                self._counts[key] += n
 
     def observe_duration(self, seconds: float, packets: int = 1) -> None:
         """Record the time taken to apply one packet, or a batch of ``packets`` packets.

@@ -52,6 +52,37 @@ def test_unknown_counter_is_ignored_with_one_warning(caplog):
     assert "unknown" not in stats.snapshot()
 
 
+def test_count_many_adds_together_or_not_at_all(caplog):
+    """A batch's counters are added under one lock: a reader sees the batch's applied with its
+    unmatched, never one without the other; a bad amount adds nothing."""
+    stats = ThreadStats("Test1_t1", "target", "Test1")
+    seen = []
+    done = threading.Event()
+
+    def read():
+        while not done.is_set():
+            snap = stats.snapshot()
+            seen.append((snap["applied"], snap["unmatched"]))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for _ in range(3000):
+            stats.count_many({"applied": 2, "unmatched": 1, "update": 2})
+    finally:
+        done.set()
+        reader.join()
+    assert seen and all(applied == 2 * unmatched for applied, unmatched in seen)
+    snap = stats.snapshot()
+    assert (snap["applied"], snap["unmatched"], snap["update"]) == (6000, 3000, 6000)
+    with pytest.raises(ValueError, match="'unmatched'"):
+        stats.count_many({"applied": 1, "unmatched": -1})
+    with caplog.at_level(logging.WARNING, logger="golconde.stats"):
+        stats.count_many({"applied": 1, "nope": 1})
+    assert "'nope'" in caplog.text
+    assert stats.snapshot()["applied"] == 6001 and "nope" not in stats.snapshot()
+
+
 def test_role_is_checked():
     with pytest.raises(ValueError):
         ThreadStats("Test1", "consumer", "Test1")
