@@ -343,8 +343,11 @@ def test_mapping_names_are_checked_against_both_tables(databases, monkeypatch):
     client = Client(config.destinations[0].queue, host, port, STOMP_LOGIN, STOMP_PASSCODE)
     try:
         crm_stats = daemon.registry.get(name + "_crm")
+        # the target's check and the destination's are two threads
         wait_for(lambda: "columns.name: 'fullname' is no column of crm.customer" in (
-            crm_stats.snapshot()["last_error"] or ""), timeout=20, message="crm paused")
+            crm_stats.snapshot()["last_error"] or "")
+            and daemon.registry.get(name).snapshot()["problems"], timeout=20,
+            message="crm paused, the destination's problem named")
         problems = daemon.registry.get(name).snapshot()["problems"]
         assert problems == ["Destinations.%s.Targets.crm.exclude: 'pasword' is no column of the"
                             " canonical public.users" % name]

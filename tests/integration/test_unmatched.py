@@ -62,32 +62,40 @@ def counters(state):
     return out
 
 
+def settled(state, expected, rows, message):
+    """Wait until ``rows()`` holds and the counters are ``expected`` (a listener counts just after
+    its commit: rows may be seen first); on a timeout, the counters' difference."""
+    try:
+        wait_for(lambda: rows() and counters(state) == expected, timeout=30, message=message)
+    except AssertionError:
+        assert counters(state) == expected, message
+        raise
+
+
 def test_changes_of_a_row_a_target_lacks_are_counted_unmatched_there(flow):
     client = flow["client"]
     client.send_many([{"action": "add", "data": {"id": i, "v": "a"}} for i in (1, 2, 3)])
-    wait_for(lambda: all(query(flow[db], ROWS) == [(1, "a"), (2, "a"), (3, "a")] for db in ("t1", "t2"))
-             and query(flow["t3"], T3_ROWS) == [(1, "a"), (2, "a"), (3, "a")], message="rows distributed")
-    assert counters(flow) == {"destination": (3, 0), "t1": (3, 0), "t2": (3, 0), "t3": (3, 0)}
+    settled(flow, {"destination": (3, 0), "t1": (3, 0), "t2": (3, 0), "t3": (3, 0)},
+            lambda: all(query(flow[db], ROWS) == [(1, "a"), (2, "a"), (3, "a")] for db in ("t1", "t2"))
+            and query(flow["t3"], T3_ROWS) == [(1, "a"), (2, "a"), (3, "a")], "rows distributed")
 
     for target in ("t1", "t3"):      # t1 and t3 diverge
         execute(flow[target], "DELETE FROM items WHERE id = 2")
     client.send_many([{"action": "update", "data": {"v": "b"}, "restriction": {"id": 2}},
                       {"action": "update", "data": {"v": "b"}, "restriction": {"id": 3}},
                       {"action": "delete", "restriction": {"id": 2}}])
-    wait_for(lambda: all(query(flow[db], ROWS) == [(1, "a"), (3, "b")] for db in ("t1", "t2"))
-             and query(flow["t3"], T3_ROWS) == [(1, "a"), (3, "b")]
-             and counters(flow)["t1"][0] == 6 and counters(flow)["t3"][0] == 6, message="changes distributed")
     # the canonical relation and t2 had the row: matched; t1 and t3 lacked it: 2 packets unmatched
-    assert counters(flow) == {"destination": (6, 0), "t1": (6, 2), "t2": (6, 0), "t3": (6, 2)}
+    settled(flow, {"destination": (6, 0), "t1": (6, 2), "t2": (6, 0), "t3": (6, 2)},
+            lambda: all(query(flow[db], ROWS) == [(1, "a"), (3, "b")] for db in ("t1", "t2"))
+            and query(flow["t3"], T3_ROWS) == [(1, "a"), (3, "b")], "changes distributed")
 
     # a batch t1 applies packet by packet (one of its packets fails there): still counted
     execute(flow["t1"], "DELETE FROM items WHERE id = 3")
     client.send_many([{"action": "update", "data": {"v": "c"}, "restriction": {"id": 3}},
                       {"action": "set", "data": {"id": 1, "v": "refused at t1"}}])
-    wait_for(lambda: query(flow["t2"], ROWS) == [(1, "refused at t1"), (3, "c")]
-             and query(flow["t3"], T3_ROWS) == [(1, "refused at t1"), (3, "c")]
-             and counters(flow)["t1"][0] == 7, message="mixed batch distributed")
-    assert counters(flow) == {"destination": (8, 0), "t1": (7, 3), "t2": (8, 0), "t3": (8, 2)}
+    settled(flow, {"destination": (8, 0), "t1": (7, 3), "t2": (8, 0), "t3": (8, 2)},
+            lambda: query(flow["t2"], ROWS) == [(1, "refused at t1"), (3, "c")]
+            and query(flow["t3"], T3_ROWS) == [(1, "refused at t1"), (3, "c")], "mixed batch distributed")
     assert query(flow["t1"], ROWS) == [(1, "a")]     # the refused set was dead-lettered at t1
 
 
@@ -100,10 +108,10 @@ def test_a_change_the_canonical_relation_does_not_match_is_counted_at_the_destin
         group.delete({"id": 99})
     client.send({"action": "delete", "restriction": {"id": 98}})
     client.send({"action": "update", "data": {"v": "x"}, "restriction": {"id": 1}})
-    wait_for(lambda: query(flow["t1"], ROWS) == [(1, "x")] and query(flow["t2"], ROWS) == [(1, "x")]
-             and counters(flow)["t2"][0] == 3 and counters(flow)["t3"][0] == 3, message="changes distributed")
     # the destination fans out only what changed a row: the targets match everything they get
-    assert counters(flow) == {"destination": (4, 2), "t1": (3, 0), "t2": (3, 0), "t3": (3, 0)}
+    settled(flow, {"destination": (4, 2), "t1": (3, 0), "t2": (3, 0), "t3": (3, 0)},
+            lambda: query(flow["t1"], ROWS) == [(1, "x")] and query(flow["t2"], ROWS) == [(1, "x")],
+            "changes distributed")
     text = render(prometheus_registry(flow["daemon"].registry))[0].decode()
     line = [row for row in text.splitlines()
             if row.startswith("golconde_unmatched_total{") and 'role="destination"' in row]
