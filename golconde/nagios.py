@@ -8,16 +8,22 @@ thread (``<destination>`` and ``<destination>_<target>``):
 * ``lag`` (seconds) against ``--lag-warning`` / ``--lag-critical``;
 * ``backlog`` (packets) against ``--backlog-warning`` / ``--backlog-critical``;
 * ``errors``: errors counted since the previous check (``/stats`` only; the totals are kept in a
-  state file, ``--state-file``), against ``--errors-warning`` / ``--errors-critical``.
+  state file, ``--state-file``), against ``--errors-warning`` / ``--errors-critical``;
+* ``unmatched``, of targets only: the updates and deletes a target applied without finding their
+  row since the previous check (``/stats`` only; kept in the state file too), against
+  ``--unmatched-warning`` / ``--unmatched-critical``. The canonical relation had that row: the
+  target has diverged (a row deleted there by hand, an add dead-lettered). A destination's
+  unmatched packets are a client's updates of absent rows, not a divergence: not judged.
 
-Thresholds are Nagios ranges (``10`` alerts above 10, ``5:20`` outside 5..20, ``@5:20`` inside);
-``-w LAG,BACKLOG,ERRORS`` and ``-c LAG,BACKLOG,ERRORS`` set all three at once (an empty part keeps
-the default). Plugin conventions: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN; one status line
-with performance data ``'label'=value[UOM];warn;crit;min;max``; the daemon not answering is
+Thresholds are Nagios ranges (``10`` alerts above 10, ``5:20`` outside 5..20, ``@5:20`` inside,
+``~:`` never; empty: no threshold); ``-w LAG,BACKLOG,ERRORS,UNMATCHED`` and
+``-c LAG,BACKLOG,ERRORS,UNMATCHED`` set them at once (an empty or missing part keeps the default).
+Plugin conventions: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN; one status line with performance
+data ``'label'=value[UOM];warn;crit;min;max``; the daemon not answering is
 CRITICAL, a timeout (``-t``) or an unreadable answer UNKNOWN. Example::
 
     $ check_golconde -H 127.0.0.1 -p 8080 --lag-warning 30 --lag-critical 300
-    GOLCONDE OK - 3 listeners connected, max lag 0.1s, max backlog 0, 0 new errors | ...
+    GOLCONDE OK - 3 listeners connected, max lag 0.1s, max backlog 0, 0 new errors, 0 new unmatched | ...
 """
 from __future__ import annotations
 
@@ -36,9 +42,11 @@ import nagiosplugin
 
 from . import __version__
 
-#: Defaults of the thresholds (Nagios ranges): lag in seconds, backlog in packets, new errors.
-DEFAULTS = {"lag": ("30", "300"), "backlog": ("1000", "10000"), "errors": ("0", "10")}
-METRICS = ("lag", "backlog", "errors")
+#: Defaults of the thresholds (Nagios ranges; "": none): lag in seconds, backlog in packets, new
+#: errors, new unmatched packets at a target (any warns: the target has diverged).
+DEFAULTS = {"lag": ("30", "300"), "backlog": ("1000", "10000"), "errors": ("0", "10"),
+            "unmatched": ("0", "")}
+METRICS = ("lag", "backlog", "errors", "unmatched")
 
 
 class DaemonUnreachable(Exception):
@@ -72,9 +80,10 @@ def fetch(url: str, timeout: float) -> Tuple[int, Any]:
         raise ValueError("%s did not answer JSON (HTTP %d)" % (url, status)) from None
 
 
-def new_errors(threads: Dict[str, int], previous: Optional[Dict[str, int]]) -> Dict[str, int]:
-    """Errors of each thread since the previous check: ``current - previous``; the current total
-    when the counter went down (the daemon restarted); 0 without a previous value."""
+def new_counts(threads: Dict[str, int], previous: Optional[Dict[str, int]]) -> Dict[str, int]:
+    """A counter (errors, unmatched) of each thread since the previous check: ``current -
+    previous``; the current total when the counter went down (the daemon restarted); 0 without a
+    previous value."""
     previous = previous or {}
     result = {}
     for name, total in threads.items():
@@ -91,7 +100,8 @@ class Listeners(nagiosplugin.Resource):
 
     :param base_url: ``http://host:port`` of the daemon's HTTP server.
     :param timeout: seconds for the HTTP request.
-    :param state_file: where error totals are kept between checks (``None``: not kept).
+    :param state_file: where the totals of errors and of unmatched packets are kept between
+        checks (``None``: not kept).
     :param health: poll ``/health`` instead of ``/stats``.
     """
 
@@ -120,21 +130,26 @@ class Listeners(nagiosplugin.Resource):
             if status != 200 or not isinstance(document, dict) or "threads" not in document:
                 raise ValueError("unexpected answer from %s/stats (HTTP %d)" % (self.base_url, status))
             threads = [(name, stats) for entry in document["threads"] for name, stats in entry.items()]
-            totals = {name: int(stats.get("errors", 0)) for name, stats in threads}
+            new = {}
             with nagiosplugin.Cookie(self.state_file) as cookie:
-                errors = new_errors(totals, cookie.get(self.base_url))
-                cookie[self.base_url] = totals
-            return list(self.stats_metrics(threads, errors))
+                # the errors' totals under the URL, as kept before unmatched was
+                for counter, key in (("errors", self.base_url),
+                                     ("unmatched", self.base_url + " unmatched")):
+                    totals = {name: int(stats.get(counter) or 0) for name, stats in threads}
+                    new[counter] = new_counts(totals, cookie.get(key))
+                    cookie[key] = totals
+            return list(self.stats_metrics(threads, new["errors"], new["unmatched"]))
         except DaemonUnreachable as exc:
             return [nagiosplugin.Metric("daemon", str(exc), context="daemon")]
         except (ValueError, TypeError, AttributeError, KeyError) as exc:
             raise nagiosplugin.CheckError(str(exc)) from None
 
     @staticmethod
-    def stats_metrics(threads: Sequence[Tuple[str, Dict[str, Any]]],
-                      errors: Dict[str, int]) -> Iterator[nagiosplugin.Metric]:
+    def stats_metrics(threads: Sequence[Tuple[str, Dict[str, Any]]], errors: Dict[str, int],
+                      unmatched: Optional[Dict[str, int]] = None) -> Iterator[nagiosplugin.Metric]:
         """Metrics of ``/stats`` threads: state, standing problems, lag (s), backlog (packets,
-        when known) and new errors (``errors``: thread name -> errors since the last check).
+        when known), new errors (``errors``: thread name -> errors since the last check) and, for
+        targets, new unmatched packets (``unmatched``: thread name -> the same).
 
         :raises ValueError: the daemon reports no listener thread."""
         if not threads:
@@ -151,6 +166,9 @@ class Listeners(nagiosplugin.Resource):
                                           context="backlog")
             yield nagiosplugin.Metric("%s errors" % name, errors.get(name, 0), min=0,
                                       context="errors")
+            if stats.get("role") == "target":
+                yield nagiosplugin.Metric("%s unmatched" % name, (unmatched or {}).get(name, 0),
+                                          min=0, context="unmatched")
 
     @staticmethod
     def health_metrics(status: int, document: Any) -> Iterator[nagiosplugin.Metric]:
@@ -237,6 +255,7 @@ class Summary(nagiosplugin.Summary):
         def values(context: str) -> List[Any]:
             return [r.metric.value for r in results if r.metric and r.metric.context == context]
         lags, backlogs, errors = values("lag"), values("backlog"), values("errors")
+        unmatched = values("unmatched")
         if values("health"):
             parts = ["healthy, %d listeners" % sum(values("null"))]
         else:
@@ -247,6 +266,8 @@ class Summary(nagiosplugin.Summary):
             parts.append("max backlog %d" % max(backlogs))
         if not values("health"):
             parts.append("%d new errors" % sum(errors))
+        if unmatched:
+            parts.append("%d new unmatched" % sum(unmatched))
         return ", ".join(parts)
 
     def problem(self, results: nagiosplugin.Results) -> str:
@@ -344,8 +365,8 @@ def _positive(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="check_golconde", description="Nagios plugin: lag, backlog, errors and connection "
-        "state of a golconded, from its HTTP server.",
+        prog="check_golconde", description="Nagios plugin: lag, backlog, errors, targets' unmatched "
+        "packets and connection state of a golconded, from its HTTP server.",
         epilog="Thresholds are Nagios ranges. Exit status: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.")
     parser.add_argument("-H", "--host", default="127.0.0.1",
                         help="daemon's HTTP address (default %(default)s)")
@@ -354,16 +375,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-u", "--url", type=_url,
                         help="base URL instead of -H/-p, e.g. http://db1:8080")
     parser.add_argument("--health", action="store_true", help="poll /health instead of /stats")
-    parser.add_argument("-w", "--warning", help="warning ranges LAG,BACKLOG,ERRORS (e.g. 30,1000,0)")
-    parser.add_argument("-c", "--critical", help="critical ranges LAG,BACKLOG,ERRORS (e.g. 300,10000,10)")
-    for metric, unit in (("lag", "seconds"), ("backlog", "packets"), ("errors", "new errors")):
+    parser.add_argument("-w", "--warning",
+                        help="warning ranges LAG,BACKLOG,ERRORS,UNMATCHED (e.g. 30,1000,0,0)")
+    parser.add_argument("-c", "--critical",
+                        help="critical ranges LAG,BACKLOG,ERRORS,UNMATCHED (e.g. 300,10000,10,100)")
+    for metric, unit in (("lag", "seconds"), ("backlog", "packets"), ("errors", "new errors"),
+                         ("unmatched", "a target's new updates and deletes that found no row")):
         for level, index in (("warning", 0), ("critical", 1)):
             parser.add_argument("--%s-%s" % (metric, level), metavar="RANGE",
                                 help="%s range of the %s, in %s (default %s)"
-                                     % (level, metric, unit, DEFAULTS[metric][index]))
+                                     % (level, metric, unit, DEFAULTS[metric][index] or "none"))
     parser.add_argument("-t", "--timeout", type=_positive, default=10.0,
                         help="seconds before giving up, UNKNOWN (default %(default)s)")
-    parser.add_argument("--state-file", help="where error totals are kept between checks "
+    parser.add_argument("--state-file", help="where the totals of errors and unmatched packets are"
+                        " kept between checks "
                         "(default: under ~/.cache/check_golconde/)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more output")
     parser.add_argument("-V", "--version", action="version", version="check_golconde " + __version__)
@@ -380,6 +405,8 @@ def make_check(args: argparse.Namespace) -> nagiosplugin.Check:
         nagiosplugin.ScalarContext("lag", *thresholds["lag"], fmt_metric="{name} {valueunit}"),
         nagiosplugin.ScalarContext("backlog", *thresholds["backlog"], fmt_metric="{name} {value}"),
         nagiosplugin.ScalarContext("errors", *thresholds["errors"], fmt_metric="{name} {value} new"),
+        nagiosplugin.ScalarContext("unmatched", *thresholds["unmatched"],
+                                   fmt_metric="{name} {value} new"),
         ConnectionContext(), ProblemContext(), HealthContext(), DaemonContext(), Summary())
 
 

@@ -220,7 +220,9 @@ def collect(config: Any, url: Union[None, str, Sequence[str]] = None,
         ``daemon`` or null), ``dead_letter_backlog`` (packets waiting in its dead-letter queue, from
         the broker, or null), ``lag`` (seconds), ``applied_rate`` and ``received_rate`` (packets
         per second over the interval), ``applied``,
-        ``errors``, ``dead_lettered``, ``last_error``, ``last_error_at``, ``problems`` (texts of
+        ``errors``, ``dead_lettered``, ``unmatched`` (updates and deletes applied without
+        finding their row, and a destination's adds and sets its triggers refused), ``last_error``,
+        ``last_error_at``, ``problems`` (texts of
         its standing problems, :meth:`golconde.stats.ThreadStats.set_problem`).
     """
     urls = [url] if isinstance(url, str) else list(url or [])
@@ -263,7 +265,8 @@ def collect(config: Any, url: Union[None, str, Sequence[str]] = None,
             "received_rate": (_rate(current, before.get(thread), "received",
                                     seconds.get(thread, 0.0)) if current else None),
         }
-        for key in ("applied", "errors", "dead_lettered", "last_error", "last_error_at"):
+        for key in ("applied", "errors", "dead_lettered", "unmatched", "last_error",
+                    "last_error_at"):
             entry[key] = current.get(key) if current else None
         entry["problems"] = list(current.get("problems") or ()) if current else []
         consumes_queue = target is not None or dest.mode == "client"
@@ -317,6 +320,8 @@ def _lines(entry: Dict[str, Any]) -> List[str]:
     figures = "backlog %s, lag %s, %s packets/s, applied %s, errors %s, dead-lettered %s" % (
         backlog, _seconds(entry["lag"]), rate, _number(entry["applied"]),
         _number(entry["errors"]), _number(entry["dead_lettered"]))
+    if entry.get("unmatched"):          # when any (a target's: rows it lacks, which it should hold)
+        figures += ", unmatched %d" % entry["unmatched"]
     if entry["dead_letter_backlog"]:
         figures += ", %d waiting in the dead-letter queue" % entry["dead_letter_backlog"]
     lines = ["broker %s, database %s" % (entry["broker"] or "?", entry["database"] or "?"), figures]

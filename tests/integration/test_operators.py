@@ -184,8 +184,11 @@ def test_nagios_plugin_against_the_daemon(ops):
     line, _, perfdata = result.stdout.strip().partition(" | ")
     assert result.stdout.count("\n") == 1
     # idle listeners: nothing held, so nothing late (lag 0) and nothing waiting (backlog 0)
-    assert line == "GOLCONDE OK - 3 listeners connected, max lag 0s, max backlog 0, 0 new errors"
+    assert line == ("GOLCONDE OK - 3 listeners connected, max lag 0s, max backlog 0, 0 new errors,"
+                    " 0 new unmatched")
     assert "'%s_t1 errors'=0;0;10;0" % destination.name in perfdata
+    assert "'%s_t1 unmatched'=0;0;;0" % destination.name in perfdata
+    assert "'%s unmatched'" % destination.name not in perfdata     # a destination's: not judged
 
     pump_some(ops, seconds=1.0)
     wait_for(lambda: thread_stats(port, destination.name + "_t2")["lag"] is not None, timeout=30,
@@ -203,6 +206,35 @@ def test_nagios_plugin_against_the_daemon(ops):
     assert result.stdout.startswith("GOLCONDE WARNING - %s errors 1 new" % destination.name)
     assert check(*base).returncode == 0
     assert check(*base, "--errors-warning", "@0:0").returncode == 1   # inside 0:0 alerts
+
+    # a row gone at t1 only (deleted there by hand): the update of that row finds nothing there,
+    # one new unmatched packet at t1 -> WARNING; the destination's update of an absent row is not
+    send_raw(destination.queue, ['{"action": "add", "data": {"id": 9001, "value": "x"}}'])
+    t1_dsn = ops["targets"][0]
+    wait_for(lambda: query(t1_dsn, "SELECT value FROM public.items WHERE id = 9001") == [("x",)],
+             timeout=30, message="the add applied at t1")
+    execute(t1_dsn, "DELETE FROM public.items WHERE id = 9001")
+    # (the pump's updates of keys it never added were the destination's unmatched packets)
+    before = thread_stats(port, destination.name)["unmatched"]
+    assert thread_stats(port, destination.name + "_t1")["unmatched"] == 0
+    send_raw(destination.queue, ['{"action": "update", "data": {"value": "y"},'
+                                 ' "restriction": {"id": 9001}}',
+                                 '{"action": "delete", "restriction": {"id": 9002}}'])
+    wait_for(lambda: thread_stats(port, destination.name + "_t1")["unmatched"] == 1
+             and thread_stats(port, destination.name)["unmatched"] == before + 1, timeout=30,
+             message="one unmatched packet at t1 and one more at the destination")
+    result = check(*base)
+    assert result.returncode == 1, result.stdout
+    assert result.stdout.startswith("GOLCONDE WARNING - %s_t1 unmatched 1 new (outside range 0:0)"
+                                    % destination.name), result.stdout
+    assert check(*base).returncode == 0                               # none new since
+    send_raw(destination.queue, ['{"action": "update", "data": {"value": "z"},'
+                                 ' "restriction": {"id": 9001}}'])
+    wait_for(lambda: thread_stats(port, destination.name + "_t1")["unmatched"] == 2, timeout=30,
+             message="a second unmatched packet at t1")
+    result = check(*base, "-w", ",,,~:")                             # never judged
+    assert result.returncode == 0, result.stdout
+    assert ", 0 new errors, 1 new unmatched |" in result.stdout
 
     # thresholds -> CRITICAL; a stopped target -> CRITICAL naming it; /health mode
     assert check(*base, "--lag-warning", "@0:1000", "--lag-critical", "@0:1000").returncode == 2
@@ -287,6 +319,9 @@ def test_status_tree_and_json_with_broker_backlog(ops, capsys):
     assert dest["applied"] == sent and dest["errors"] == 0
     t1, t2 = dest["targets"]
     assert (t1["name"], t1["state"], t1["backlog"], t1["backlog_source"]) == ("t1", "up", 0, "broker")
+    # what the destination matched, t1 matched too (a client's update of an absent row is the
+    # destination's unmatched alone: it is not fanned out)
+    assert t1["unmatched"] == 0 and isinstance(dest["unmatched"], int)
     assert (t2["name"], t2["state"], t2["backlog"], t2["backlog_source"]) == ("t2", "down", backlog, "broker")
     assert t2["broker"] == "stopped" and t2["dead_letter_backlog"] == 0
     code, out = status(ops, capsys)

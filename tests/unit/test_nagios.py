@@ -9,21 +9,23 @@ import pytest
 from golconde import nagios
 
 
-def stats(broker="connected", database="connected", lag=0.2, backlog=3, errors=0):
-    return {"broker": broker, "database": database, "lag": lag, "backlog": backlog, "errors": errors}
+def stats(broker="connected", database="connected", lag=0.2, backlog=3, errors=0, role=None):
+    return {"broker": broker, "database": database, "lag": lag, "backlog": backlog, "errors": errors,
+            "role": role}
 
 
 class Fixed(nagios.Listeners):
     """Listeners whose probe reads given documents instead of HTTP."""
 
-    def __init__(self, threads=None, errors=None, health=None):
+    def __init__(self, threads=None, errors=None, health=None, unmatched=None):
         super().__init__("http://127.0.0.1:1", 1.0, None, health=health is not None)
         self.threads, self.errors, self.health_answer = threads, errors or {}, health
+        self.unmatched = unmatched or {}
 
     def probe(self):
         if self.health_answer is not None:
             return list(self.health_metrics(*self.health_answer))
-        return list(self.stats_metrics(self.threads, self.errors))
+        return list(self.stats_metrics(self.threads, self.errors, self.unmatched))
 
 
 def run(resource, argv=()):
@@ -97,10 +99,48 @@ def test_no_listener_is_an_error():
         list(nagios.Listeners.stats_metrics([], {}))
 
 
-def test_new_errors():
-    assert nagios.new_errors({"D": 5, "E": 2}, None) == {"D": 0, "E": 0}
-    assert nagios.new_errors({"D": 5, "E": 2}, {"D": 3}) == {"D": 2, "E": 0}
-    assert nagios.new_errors({"D": 1}, {"D": 9}) == {"D": 1}          # the daemon restarted
+def test_new_counts():
+    assert nagios.new_counts({"D": 5, "E": 2}, None) == {"D": 0, "E": 0}
+    assert nagios.new_counts({"D": 5, "E": 2}, {"D": 3}) == {"D": 2, "E": 0}
+    assert nagios.new_counts({"D": 1}, {"D": 9}) == {"D": 1}          # the daemon restarted
+
+
+def test_unmatched_is_judged_at_targets_only():
+    threads = [("D", stats(role="destination")), ("D_t1", stats(role="target")),
+               ("D_t2", stats(role="target"))]
+    check = run(Fixed(threads, unmatched={"D": 50}))
+    assert check.exitcode == 0
+    assert check.summary_str.endswith(", 0 new errors, 0 new unmatched")
+    assert "'D_t1 unmatched'=0;0;;0" in check.perfdata
+    assert not any(p.startswith("'D unmatched'") for p in check.perfdata)
+    check = run(Fixed(threads, unmatched={"D_t2": 2}))
+    assert check.exitcode == 1
+    assert check.summary_str == "D_t2 unmatched 2 new (outside range 0:0)"
+    assert run(Fixed(threads, unmatched={"D_t2": 2}), ["-w", ",,,~:"]).exitcode == 0
+    assert run(Fixed(threads, unmatched={"D_t2": 2}), ["-w", ",,,5"]).exitcode == 0
+    assert run(Fixed(threads, unmatched={"D_t2": 20}), ["-c", ",,,10"]).exitcode == 2
+    assert run(Fixed(threads, unmatched={"D_t2": 20}),
+               ["--unmatched-critical", "10"]).exitcode == 2
+
+
+def test_counters_since_the_previous_check_are_kept_in_the_state_file(tmp_path, monkeypatch):
+    """probe() reads /stats, keeps the errors' and unmatched totals per URL, and judges what is
+    new; the errors' totals stay where they were before unmatched was (the URL's key)."""
+    document = {"threads": [{"D": dict(stats(role="destination"), unmatched=7)},
+                            {"D_t1": dict(stats(role="target", errors=1), unmatched=3)}]}
+
+    answers = [document]
+    state = str(tmp_path / "state")
+    monkeypatch.setattr(nagios, "fetch", lambda url, timeout: (200, answers.pop(0)))
+    first = {m.name: m.value for m in nagios.Listeners("http://127.0.0.1:1", 1.0, state).probe()}
+    assert (first["D_t1 errors"], first["D_t1 unmatched"]) == (0, 0)
+    answers.append({"threads": [{"D": dict(stats(role="destination"), unmatched=9)},
+                                {"D_t1": dict(stats(role="target", errors=4), unmatched=5)}]})
+    second = {m.name: m.value for m in nagios.Listeners("http://127.0.0.1:1", 1.0, state).probe()}
+    assert (second["D_t1 errors"], second["D_t1 unmatched"]) == (3, 2)
+    assert "D unmatched" not in second
+    with nagiosplugin.Cookie(state) as cookie:
+        assert cookie["http://127.0.0.1:1"] == {"D": 0, "D_t1": 4}
 
 
 def test_invalid_range_is_reported():
@@ -149,11 +189,11 @@ def test_a_port_outside_1_to_65535_is_a_usage_error(value, capsys):
 
 
 def test_more_ranges_than_metrics_are_refused():
-    """-w 1,2,3,4 (or ,,,,) was accepted, its extra parts ignored."""
-    for combined in ("1,2,3,4", ",,,,"):
+    """-w 1,2,3,4,5 (or ,,,,,) was accepted, its extra parts ignored."""
+    for combined in ("1,2,3,4,5", ",,,,,"):
         args = nagios.build_parser().parse_args(["-w", combined])
-        with pytest.raises(ValueError, match="invalid warning ranges %r: at most 3, comma-separated"
-                                             r" \(LAG,BACKLOG,ERRORS\)" % combined):
+        with pytest.raises(ValueError, match="invalid warning ranges %r: at most 4, comma-separated"
+                                             r" \(LAG,BACKLOG,ERRORS,UNMATCHED\)" % combined):
             nagios.make_check(args)
     assert nagios.make_check(nagios.build_parser().parse_args(["-c", "300,10000,10"]))
 

@@ -34,6 +34,17 @@ def test_a_standing_problem_is_shown_and_makes_the_status_unhealthy():
     assert not status.healthy(document)
 
 
+def test_unmatched_packets_are_shown_when_there_are_some():
+    """A target's unmatched packets (updates and deletes that found no row: it lacks rows it should
+    hold) are on its figures' line; none, nothing is added to the line."""
+    assert "unmatched" not in status.render(DOCUMENT)
+    document = copy.deepcopy(DOCUMENT)
+    document["destinations"][0]["targets"][0]["unmatched"] = 2
+    lines = status.render(document).splitlines()
+    assert any(line.endswith("errors 0, dead-lettered 0, unmatched 2") for line in lines), lines
+    assert status.healthy(document)         # a count, not a standing problem
+
+
 def test_a_404_that_is_not_rabbitmq_s_answer_is_no_backlog_of_0():
     """A --management-url that is not RabbitMQ's API (here a server answering 404 to all) gives no
     depth and says why, instead of "0 (broker)"; RabbitMQ's own 404 ("Object Not Found") is a
