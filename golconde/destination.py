@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import select
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
@@ -37,7 +36,7 @@ from .config import REPLY_TO_RE, queue_key, reply_allowed
 from .errors import GolcondeError, PacketError, StopListener, describe, printable
 from .listener import Confirmations, Listener, QueueConsumer, _created, connect
 from .packet import dumps, parse
-from .stats import ThreadStats
+from .stats import ThreadStats, action_counts
 
 LOGGER = logging.getLogger(__name__)
 
@@ -237,8 +236,8 @@ class ClientDestination(QueueConsumer):
                    for delivery, item, outcome in zip(batch, items, outcomes)
                    if outcome.status in (APPLIED, DUPLICATE) and outcome.fanout]
         count, receipts = self.fanout.send_async(packets)
-        self.stats.count("fanned_out", count)
         self.pending_receipts.extend(receipts)   # awaited before the ack (pipelined, see cycle())
+        self.pending_fanned_out += count         # counted once acked
         self.send_dead_letters(batch, items, outcomes)
         self.send_replies(batch, items, outcomes)
 
@@ -311,7 +310,6 @@ class _InFlight:
     after: trigger.DrainPosition   # the drain's position once it is confirmed
     fanned_out: int                # packets sent, counting each target
     packets: List[Any]             # the parsed packets sent (for the per-action counts)
-    dead: int                      # rows dead-lettered (already confirmed)
     started: float                 # time.monotonic() when the batch was fetched
     created: float                 # capture time of its last row (epoch seconds), for the lag
     first_created: float           # capture time of its first row, for the live lag
@@ -564,9 +562,10 @@ class TriggerDestination(Listener):
                   "golconde-dead-lettered-at": now,
                   CREATED_HEADER: "%.3f" % row.created_at.timestamp(),
                   "content-type": "application/json"}) for row, reason in dead])
+            self.dead_lettered(len(dead), printable(dead[-1][1])[:1000])
         count, receipts = self.fanout.send_async(packets)
         self._in_flight.add(receipts, _InFlight(len(rows), after, count,
-                                                [packet for _, packet in good], len(dead), started,
+                                                [packet for _, packet in good], started,
                                                 rows[-1].created_at.timestamp(),
                                                 rows[0].created_at.timestamp()))
         if not full:
@@ -603,9 +602,8 @@ class TriggerDestination(Listener):
         self._confirmed, self._saved = batch.after, False
         if time.monotonic() - self._last_save >= SAVE_INTERVAL:
             self._save()
-        counts = Counter(packet.action.value for packet in batch.packets)
-        counts.update({"fanned_out": batch.fanned_out, "applied": len(batch.packets),
-                       "dead_lettered": batch.dead, "errors": batch.dead})
+        counts = action_counts(batch.packets)
+        counts.update({"fanned_out": batch.fanned_out, "applied": len(batch.packets)})
         self.stats.count_many(counts)
         self.stats.observe_duration(time.monotonic() - batch.started, packets=batch.rows)
         self.stats.set_lag(max(0.0, time.time() - batch.created))

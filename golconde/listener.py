@@ -36,7 +36,7 @@ from .errors import (RECONNECT, ConfigError, GolcondeError, PacketError, StopLis
 from .handlers import load_handler
 from .packet import dumps_bytes
 from .feeds import FeedGraph
-from .stats import ThreadStats
+from .stats import ThreadStats, action_counts
 
 T = TypeVar("T")
 
@@ -202,23 +202,19 @@ class Listener(threading.Thread):
                         self._got_through()
                 except StopListener as exc:
                     self.stats.set_error(str(exc))
-                    if exc.retry_after is not None:
-                        waiting = None if exc.problem else _without_holder(str(exc))
-                        if exc.problem:
-                            LOGGER.error("[%s] pausing %.0fs: %s", self.name, exc.retry_after,
-                                         exc)
-                        elif self._waiting_for != waiting:
-                            # a designed wait (a standby): once, not at every try
-                            LOGGER.warning("[%s] waiting (trying again every %.0fs): %s",
-                                           self.name, exc.retry_after, exc)
-                        else:
-                            LOGGER.debug("[%s] still waiting: %s", self.name, exc)
-                        self._waiting_for = waiting
-                        self.close()            # releases in-flight packets to the broker
-                        # it holds nothing now: its lag is not that of its last batch (a queue
-                        # consumer's backlog is none, a drain's unknown until it reads again)
-                        self.stats.set_lag(0.0)
-                        self.stats.set_backlog(0 if isinstance(self, QueueConsumer) else None)
+                    waiting = None if exc.problem else _without_holder(str(exc))
+                    if exc.retry_after is None:
+                        LOGGER.error("[%s] stopping listener: %s", self.name, exc)
+                    elif exc.problem:
+                        LOGGER.error("[%s] pausing %.0fs: %s", self.name, exc.retry_after, exc)
+                    elif self._waiting_for != waiting:
+                        # a designed wait (a standby): once, not at every try
+                        LOGGER.warning("[%s] waiting (trying again every %.0fs): %s", self.name,
+                                       exc.retry_after, exc)
+                    else:
+                        LOGGER.debug("[%s] still waiting: %s", self.name, exc)
+                    self._waiting_for = waiting
+                    self._release()
                     # a standing problem until a cycle gets through: /health names the cause,
                     # beside the connections the pause closed; set once the pause holds nothing,
                     # so that whoever reads it reads the lag and backlog of the pause too
@@ -227,7 +223,6 @@ class Listener(threading.Thread):
                         self.stats.set_problem("paused", "%s: %s" % (
                             "stopped" if exc.retry_after is None else "paused", exc))
                     if exc.retry_after is None:
-                        LOGGER.error("[%s] stopping listener: %s", self.name, exc)
                         break
                     self._stopping.wait(exc.retry_after)
                 except (Exception, SystemExit) as exc:  # supervising loop: log, record, reconnect
@@ -253,6 +248,18 @@ class Listener(threading.Thread):
             self.finish()
             self.stats.set_state(broker="stopped", database="stopped")
             LOGGER.info("[%s] %s listener stopped", self.name, self.role)
+
+    def _release(self) -> None:
+        """Pausing or stopping: close every connection, which gives in-flight packets back to the
+        broker; it holds nothing then, so its lag is 0, not that of its last batch (a queue
+        consumer's backlog is none, a drain's unknown until it reads again). A close that fails
+        is logged: the pause or stop goes on."""
+        try:
+            self.close()
+        except Exception as exc:  # the connections are dropped all the same
+            LOGGER.exception("[%s] closing its connections: %s", self.name, describe(exc))
+        self.stats.set_lag(0.0)
+        self.stats.set_backlog(0 if isinstance(self, QueueConsumer) else None)
 
     def _failed(self, message: str) -> None:
         """Count one failed attempt (to connect, or to get a batch through) and record its
@@ -442,6 +449,14 @@ class Listener(threading.Thread):
 
     def all_brokers(self) -> List[BrokerConnection]:
         return list(self.outbound.values())
+
+    def dead_lettered(self, count: int, reason: str) -> None:
+        """Count ``count`` packets the dead-letter queue confirmed (``dead_lettered`` and
+        ``errors``), the last one's ``reason`` the last error. Counted once the broker has them:
+        the counters are what the queue received (a send that failed comes back with its batch,
+        and is counted then)."""
+        self.stats.count_many({"dead_lettered": count, "errors": count})
+        self.stats.set_error("dead-lettered: %s" % reason)
 
     def dead_letter_messages(self, items: Sequence[Tuple[Delivery, str]], reasons: Sequence[str],
                              ) -> List[Outgoing]:
@@ -753,10 +768,13 @@ class QueueConsumer(Listener):
         #: (two batches' worth: one taken while the next gathers; see Inbox)
         self._inbox = Inbox(max(config.prefetch, config.batch_size), 2 * config.batch_bytes)
         self._in_flight = False
-        #: receipts that after_commit() asks the ack of the current batch to wait for
+        #: receipts that after_commit() asks the ack of the current batch to wait for, and the
+        #: packets it fanned out (counted in ``fanned_out`` once confirmed and acked)
         self.pending_receipts: List[Receipt] = []
-        #: committed batches waiting for their receipts before their ack (its last delivery)
-        self._pending: Confirmations[Delivery] = Confirmations()
+        self.pending_fanned_out = 0
+        #: committed batches waiting for their receipts before their ack: (its last delivery,
+        #: the packets it fanned out)
+        self._pending: Confirmations[Tuple[Delivery, int]] = Confirmations()
         self._next_prune = 0.0      # monotonic time of the next ledger prune (the first: at once)
         self._next_probe = time.monotonic() + DB_PROBE_INTERVAL   # of the idle database check
         #: ``(packets, created of the oldest)`` of the batch being applied, for the live stats
@@ -1014,12 +1032,12 @@ class QueueConsumer(Listener):
         self._account(batch, outcomes, time.monotonic() - started)   # counts follow the commit
         # held until counted: the live lag covers the batch until its own lag is set
         self._applying = None
-        self.pending_receipts = []
+        self.pending_receipts, self.pending_fanned_out = [], 0
         self.after_commit(batch, items, outcomes)
         # Pipelined: the ack waits for the broker's receipts of this batch's sends, but the next
         # batch is applied meanwhile; acks are cumulative, so batches are acked in order.
-        self._pending.add(self.pending_receipts, deliveries[-1].ack_only())
-        self.pending_receipts = []
+        self._pending.add(self.pending_receipts, (deliveries[-1].ack_only(), self.pending_fanned_out))
+        self.pending_receipts, self.pending_fanned_out = [], 0
         self.settle(keep=self.max_pipeline)
         self._maybe_prune()                    # under steady load too, not only when idle
 
@@ -1033,11 +1051,18 @@ class QueueConsumer(Listener):
         """
         # 'client' ack mode: acking a batch's last delivery acks the batch
         before = len(self._pending)
-        self._pending.settle(keep, self.inbound.ack)
+        self._pending.settle(keep, self._acked)
         if len(self._pending) < before:
             self._last_activity = time.monotonic()  # the broker sends its next window now
         self._in_flight = bool(self._pending)
 
+    def _acked(self, pending: Tuple[Delivery, int]) -> None:
+        """Ack a confirmed batch (its last delivery), then count what it fanned out: once, the
+        sends of a batch that comes back (not acked) being counted when it is acked."""
+        delivery, fanned_out = pending
+        self.inbound.ack(delivery)
+        if fanned_out:
+            self.stats.count("fanned_out", fanned_out)
 
     def after_commit(self, batch: Sequence[Delivery], items: Sequence[Tuple[str, bytes]],
                      outcomes: Sequence[Outcome]) -> None:
@@ -1051,15 +1076,12 @@ class QueueConsumer(Listener):
         if dead:
             reasons = [o.reason or "unknown" for o in outcomes if o.status == DEAD_LETTER]
             self.dead_letter_broker.send_confirmed(self.dead_letter_messages(dead, reasons))
-            # counted once in the dead-letter queue (a send that failed comes back with its
-            # batch, and is counted then): the counter is what the queue received
-            self.stats.count_many({"dead_lettered": len(dead), "errors": len(dead)})
-            self.stats.set_error("dead-lettered: %s" % reasons[-1])
+            self.dead_lettered(len(dead), reasons[-1])
 
     def _account(self, batch: Sequence[Delivery], outcomes: Sequence[Outcome], seconds: float) -> None:
         applied = [o for o in outcomes if o.status == APPLIED]
-        counts = collections.Counter(packet.action.value for outcome in applied
-                                     for packet in (members(outcome.packet) if outcome.packet else ()))
+        counts = action_counts(packet for outcome in applied
+                               for packet in (members(outcome.packet) if outcome.packet else ()))
         # one update: a reader never sees the batch's applied without its unmatched (dead
         # letters are counted once the broker has them: send_dead_letters)
         counts.update({"applied": len(applied), "unmatched": sum(o.unmatched for o in applied),

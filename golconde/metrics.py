@@ -48,11 +48,14 @@ COUNTERS = (
     ("received", "golconde_received", "Packets taken from the listener's queue (or queue table)."),
     ("applied", "golconde_applied", "Packets applied and committed."),
     ("duplicates", "golconde_duplicates", "Redelivered packets skipped (already applied)."),
-    ("fanned_out", "golconde_fanned_out", "Packets sent to target queues (destinations)."),
+    ("fanned_out", "golconde_fanned_out", "Packets sent to target queues (destinations), counted"
+                                          " once the broker confirmed them."),
     ("retried", "golconde_retries", "Retries of transient database errors."),
-    ("dead_lettered", "golconde_dead_letters", "Packets sent to the dead-letter queue."),
-    ("errors", "golconde_errors", "Errors: packets that failed (dead-lettered), and capture"
-                                  " triggers found naming other keys than their tables'."),
+    ("dead_lettered", "golconde_dead_letters", "Packets sent to the dead-letter queue, counted once"
+                                               " the broker confirmed them."),
+    ("errors", "golconde_errors", "Errors: packets that failed (dead-lettered, once the broker"
+                                  " confirmed the letter), and capture triggers found naming"
+                                  " other keys than their tables'."),
     ("reconnects", "golconde_reconnects", "Reconnections after a broker or database failure."),
     ("unmatched", "golconde_unmatched", "Packets applied without changing a row (an update or delete"
                                         " whose restriction matched none, an add or set a trigger"

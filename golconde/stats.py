@@ -41,7 +41,7 @@ import threading
 import time
 from collections import Counter
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import __version__
 
@@ -69,6 +69,12 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 def _now_iso() -> str:
     """The current UTC time as ISO 8601 with milliseconds, e.g. ``2024-01-01T00:00:00.000+00:00``."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def action_counts(packets: Iterable[Any]) -> "Counter[str]":
+    """How many of ``packets`` (:class:`~golconde.packet.Packet`) each action counts
+    (``{"add": n, "update": m, ...}``), for :meth:`ThreadStats.count_many`."""
+    return Counter(packet.action.value for packet in packets)
 
 
 class ThreadStats:

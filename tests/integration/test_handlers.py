@@ -371,7 +371,11 @@ def test_stop_listener_stops_only_that_listener_and_keeps_the_packet(make_databa
                  message="the other target goes on")
         assert all(listener.is_alive() for name, listener in daemon.listeners.items()
                    if name != stopper.thread_name)
-        assert "asked to stop" in thread_stats(daemon, stopper.thread_name)["last_error"]
+        stats = thread_stats(daemon, stopper.thread_name)
+        assert "asked to stop" in stats["last_error"]
+        # it holds nothing: no lag or backlog of the batch it applied before (review rv23)
+        assert (stats["lag"], stats["backlog"]) == (0.0, 0), stats
+        assert [p for p in stats["problems"] if p.startswith("stopped: ")], stats
         assert drain_queue(stopper.dead_letter_queue, wait=0.5) == []
         # the packet that stopped it (and the ones after) wait in the queue, not lost
         waiting = drain_queue(stopper.queue, wait=1.0)

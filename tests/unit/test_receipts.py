@@ -110,8 +110,9 @@ def idle_consumer() -> QueueConsumer:
 def test_idle_cycle_acks_what_is_confirmed_without_waiting_for_a_late_receipt():
     broker = live_connection()
     consumer = idle_consumer()
-    consumer._pending.add([Receipt(broker, "r1")], Delivery(b"", {"message-id": "m1"}, 1))
-    consumer._pending.add([Receipt(broker, "late")], Delivery(b"", {"message-id": "m2"}, 1))
+    # each batch with the packets it fanned out, counted once it is acked
+    consumer._pending.add([Receipt(broker, "r1")], (Delivery(b"", {"message-id": "m1"}, 1), 4))
+    consumer._pending.add([Receipt(broker, "late")], (Delivery(b"", {"message-id": "m2"}, 1), 6))
     broker._receipt("r1", None)
     started = time.monotonic()
     consumer.cycle()
@@ -119,11 +120,13 @@ def test_idle_cycle_acks_what_is_confirmed_without_waiting_for_a_late_receipt():
     # arriving meanwhile were taken)
     assert time.monotonic() - started < 1.0
     assert consumer.inbound.acked == ["m1"] and len(consumer._pending) == 1
+    assert consumer.stats.snapshot()["fanned_out"] == 4
     assert consumer._in_flight                              # m2 still awaits its ack
     consumer.stats.set_lag(7.5)                             # the last batch's
     broker._receipt("late", None)
     consumer.cycle()
     assert consumer.inbound.acked == ["m1", "m2"] and not consumer._in_flight
+    assert consumer.stats.snapshot()["fanned_out"] == 10
     assert consumer.stats.snapshot()["lag"] == 0.0          # nothing held any more: not late
 
 
