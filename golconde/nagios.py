@@ -13,11 +13,14 @@ thread (``<destination>`` and ``<destination>_<target>``):
   row since the previous check (``/stats`` only; kept in the state file too), against
   ``--unmatched-warning`` / ``--unmatched-critical``. The canonical relation had that row: the
   target has diverged (a row deleted there by hand, an add dead-lettered). A destination's
-  unmatched packets are a client's updates of absent rows, not a divergence: not judged.
+  unmatched packets are a client's changes the canonical relation did not match, not a
+  divergence: not judged.
 
 Thresholds are Nagios ranges (``10`` alerts above 10, ``5:20`` outside 5..20, ``@5:20`` inside,
-``~:`` never; empty: no threshold); ``-w LAG,BACKLOG,ERRORS,UNMATCHED`` and
+``~:`` never; ``--X-warning ''``: no threshold); ``-w LAG,BACKLOG,ERRORS,UNMATCHED`` and
 ``-c LAG,BACKLOG,ERRORS,UNMATCHED`` set them at once (an empty or missing part keeps the default).
+``errors`` and ``unmatched`` are events, OK again at the next check: the service wants
+``max_check_attempts 1`` and ``is_volatile 1`` (docs/operations.md).
 Plugin conventions: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN; one status line with performance
 data ``'label'=value[UOM];warn;crit;min;max``; the daemon not answering is
 CRITICAL, a timeout (``-t``) or an unreadable answer UNKNOWN. Example::
@@ -135,7 +138,8 @@ class Listeners(nagiosplugin.Resource):
                 # the errors' totals under the URL, as kept before unmatched was
                 for counter, key in (("errors", self.base_url),
                                      ("unmatched", self.base_url + " unmatched")):
-                    totals = {name: int(stats.get(counter) or 0) for name, stats in threads}
+                    totals = {name: int(stats.get(counter) or 0) for name, stats in threads
+                              if counter != "unmatched" or _judges_unmatched(stats)}
                     new[counter] = new_counts(totals, cookie.get(key))
                     cookie[key] = totals
             return list(self.stats_metrics(threads, new["errors"], new["unmatched"]))
@@ -166,7 +170,7 @@ class Listeners(nagiosplugin.Resource):
                                           context="backlog")
             yield nagiosplugin.Metric("%s errors" % name, errors.get(name, 0), min=0,
                                       context="errors")
-            if stats.get("role") == "target":
+            if _judges_unmatched(stats):
                 yield nagiosplugin.Metric("%s unmatched" % name, (unmatched or {}).get(name, 0),
                                           min=0, context="unmatched")
 
@@ -192,6 +196,12 @@ class Listeners(nagiosplugin.Resource):
             if listener.get("backlog") is not None:
                 yield nagiosplugin.Metric("%s backlog" % name, int(listener["backlog"]), min=0,
                                           context="backlog")
+
+
+def _judges_unmatched(stats: Dict[str, Any]) -> bool:
+    """Whether a thread's unmatched packets are judged: a target's, from a daemon that counts
+    them (an older one has no ``unmatched``: no figure rather than a false 0)."""
+    return stats.get("role") == "target" and "unmatched" in stats
 
 
 def _state_metric(name: str, broker: Any, database: Any) -> nagiosplugin.Metric:
@@ -380,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--critical",
                         help="critical ranges LAG,BACKLOG,ERRORS,UNMATCHED (e.g. 300,10000,10,100)")
     for metric, unit in (("lag", "seconds"), ("backlog", "packets"), ("errors", "new errors"),
-                         ("unmatched", "a target's new updates and deletes that found no row")):
+                         ("unmatched", "new unmatched packets (targets only)")):
         for level, index in (("warning", 0), ("critical", 1)):
             parser.add_argument("--%s-%s" % (metric, level), metavar="RANGE",
                                 help="%s range of the %s, in %s (default %s)"

@@ -320,7 +320,7 @@ def _lines(entry: Dict[str, Any]) -> List[str]:
     figures = "backlog %s, lag %s, %s packets/s, applied %s, errors %s, dead-lettered %s" % (
         backlog, _seconds(entry["lag"]), rate, _number(entry["applied"]),
         _number(entry["errors"]), _number(entry["dead_lettered"]))
-    if entry.get("unmatched"):          # when any (a target's: rows it lacks, which it should hold)
+    if entry.get("unmatched"):          # when any (README "Packets": what each role counts)
         figures += ", unmatched %d" % entry["unmatched"]
     if entry["dead_letter_backlog"]:
         figures += ", %d waiting in the dead-letter queue" % entry["dead_letter_backlog"]

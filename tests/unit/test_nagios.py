@@ -11,7 +11,7 @@ from golconde import nagios
 
 def stats(broker="connected", database="connected", lag=0.2, backlog=3, errors=0, role=None):
     return {"broker": broker, "database": database, "lag": lag, "backlog": backlog, "errors": errors,
-            "role": role}
+            "role": role, "unmatched": 0}
 
 
 class Fixed(nagios.Listeners):
@@ -121,6 +121,13 @@ def test_unmatched_is_judged_at_targets_only():
     assert run(Fixed(threads, unmatched={"D_t2": 20}), ["-c", ",,,10"]).exitcode == 2
     assert run(Fixed(threads, unmatched={"D_t2": 20}),
                ["--unmatched-critical", "10"]).exitcode == 2
+    assert run(Fixed(threads, unmatched={"D_t2": 2}), ["-w", ",,,"]).exitcode == 1   # defaults
+    assert run(Fixed(threads, unmatched={"D_t2": 2}), ["--unmatched-warning", ""]).exitcode == 0
+    # a daemon that does not count them (older): no figure, rather than a false 0
+    older = [(name, {k: v for k, v in figures.items() if k != "unmatched"}) for name, figures in threads]
+    check = run(Fixed(older))
+    assert "unmatched" not in check.summary_str
+    assert not any("unmatched" in p for p in check.perfdata)
 
 
 def test_counters_since_the_previous_check_are_kept_in_the_state_file(tmp_path, monkeypatch):
@@ -141,6 +148,7 @@ def test_counters_since_the_previous_check_are_kept_in_the_state_file(tmp_path, 
     assert "D unmatched" not in second
     with nagiosplugin.Cookie(state) as cookie:
         assert cookie["http://127.0.0.1:1"] == {"D": 0, "D_t1": 4}
+        assert cookie["http://127.0.0.1:1 unmatched"] == {"D_t1": 5}      # the judged ones
 
 
 def test_invalid_range_is_reported():
