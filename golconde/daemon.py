@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Collection, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from . import config as config_module
 from . import handlers
@@ -206,6 +206,8 @@ class Daemon:
         self._lock = threading.RLock()
         #: thread name -> (listener still stopping, its replacement not started yet)
         self._waiting: Dict[str, Tuple[Listener, Listener]] = {}
+        #: the stopping listeners a thread waits for (one thread each, whatever the reloads)
+        self._watched: Set[Listener] = set()
         self._stopped = False
         self.http: Any = None
         #: called with the new ``Logging`` section when a reload changes it (set by golconded's
@@ -303,8 +305,9 @@ class Daemon:
         stopped in time."""
         with self._lock:
             self._stopped = True
-            self._waiting.clear()
+            waiting, self._waiting = self._waiting, {}
             listeners = list(self.listeners.values())
+        discard_listeners([replacement for _, replacement in waiting.values()])  # never started
         return self._stop_listeners(listeners) and self._stop_http()
 
     def _stop_http(self) -> bool:
@@ -350,16 +353,21 @@ class Daemon:
         discard_listeners(candidates.values())   # built to check and compare the configuration: none starts
         handlers.commit_refresh(refreshed)       # accepted: those modules are up to date
         with self._lock:
-            # replacements still waiting for a stuck listener are this reload's to decide again
-            # (their threads, finding them gone, start nothing); a copy, which they no longer touch
-            self._waiting = {}
+            # replacements still waiting for a stuck listener are this reload's to decide again:
+            # those it does not choose again are discarded at its end
+            superseded, self._waiting = self._waiting, {}
             old = dict(self.listeners)
         stopping = [listener for name, listener in old.items()
                     if name not in candidates or candidates[name].config != listener.config
                     or handlers.handler_module(getattr(listener.config, "function_name", "")) in refreshed
                     or not listener.is_alive()      # a listener that stopped is restarted
                     or listener.stopping]           # one told to stop (stuck) is not kept
-        self._stop_listeners(stopping)
+        # one told to stop by an earlier reload and still stuck is not waited for again (every
+        # SIGHUP, logrotate's say, would hold the main loop stop_timeout seconds)
+        still = [listener for listener in stopping if listener.stopping and listener.is_alive()]
+        for listener in still:
+            LOGGER.warning("[%s] still stopping (stuck since an earlier reload)", listener.name)
+        self._stop_listeners([listener for listener in stopping if listener not in still])
         kept = {name: listener for name, listener in old.items() if listener not in stopping}
         # those of listeners an earlier reload could not build too (whose stand-in, if any, is
         # in self.listeners under that name, with a throwaway registry's statistics)
@@ -411,7 +419,6 @@ class Daemon:
                     # could apply its packets out of order, and its end would mark the
                     # replacement's statistics stopped; it stays listed until it has stopped
                     kept[name] = previous
-                    self._waiting[name] = (previous, listener)
                     self._start_when_stopped(name, previous, listener)
                     if previous.name != name:
                         # the predecessor's statistics went with its name: say why this waits
@@ -428,6 +435,9 @@ class Daemon:
                 started += 1
             self.listeners = kept
             share_consumed_queues(kept.values(), new_config)
+            chosen = {id(replacement) for _, replacement in self._waiting.values()}
+        discard_listeners([replacement for _, replacement in superseded.values()
+                           if id(replacement) not in chosen])    # never started
         if new_config.logging != self.config.logging:
             if self.on_logging_change is None:
                 LOGGER.warning("the Logging section changed: it applies at the next start")
@@ -442,9 +452,10 @@ class Daemon:
         self._restart_http()            # its /config page shows the configuration
         if failed:
             LOGGER.error("configuration reloaded in part: %d listeners stopped, %d started, %s not"
-                         " built", len(stopping), started, ", ".join(failed))
+                         " built", len(stopping) - len(still), started, ", ".join(failed))
             return False
-        LOGGER.info("configuration reloaded: %d listeners stopped, %d started", len(stopping), started)
+        LOGGER.info("configuration reloaded: %d listeners stopped, %d started",
+                    len(stopping) - len(still), started)
         return True
 
     def _build_again(self, config: Any, wanted: Sequence[str]) -> Tuple[Dict[str, Listener], List[str]]:
@@ -477,19 +488,28 @@ class Daemon:
 
     def _start_when_stopped(self, name: str, previous: Listener, replacement: Listener) -> None:
         """Start ``replacement`` once ``previous`` has stopped, unless the daemon stopped or a
-        later reload decided otherwise meanwhile (a thread of its own that waits)."""
+        later reload decided otherwise meanwhile; called with :attr:`_lock` held. One thread
+        waits for each stopping listener, whatever the reloads meanwhile: when it has stopped,
+        the thread starts the replacements :attr:`_waiting` then names for it (a reload's
+        superseded ones were discarded by that reload)."""
+        self._waiting[name] = (previous, replacement)
+        if previous in self._watched:
+            return
+        self._watched.add(previous)
+
         def wait() -> None:
             previous.join()
             with self._lock:
-                if self._stopped or self._waiting.get(name) != (previous, replacement):
-                    discard_listeners([replacement])    # superseded: it never starts
-                    return
-                del self._waiting[name]
-                self.listeners[name] = replacement
-                _start(replacement)
-            LOGGER.info("[%s] started: the listener it replaces has stopped", name)
+                self._watched.discard(previous)
+                for key, (stopped, waiting) in list(self._waiting.items()):
+                    if stopped is not previous:
+                        continue
+                    del self._waiting[key]
+                    self.listeners[key] = waiting
+                    _start(waiting)
+                    LOGGER.info("[%s] started: the listener it replaces has stopped", key)
 
-        threading.Thread(target=wait, name="golconde-replace-%s" % name, daemon=True).start()
+        threading.Thread(target=wait, name="golconde-replace-%s" % previous.name, daemon=True).start()
 
     # -- main loop -----------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:

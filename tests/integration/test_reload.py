@@ -9,6 +9,7 @@ the packets its destination processes from then on, and nothing from before.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -348,7 +349,8 @@ def _stick(daemon: Any, locker: Any, queue: str, thread: str, count: int) -> Non
              message="%s stuck on the lock" % thread)
 
 
-def test_a_reload_waits_for_a_stuck_listener_before_starting_its_replacement(make_database, tmp_path):
+def test_a_reload_waits_for_a_stuck_listener_before_starting_its_replacement(make_database, tmp_path,
+                                                                          caplog):
     """Target t1 is stuck on a locked table when a reload changes it: the reload does not start a
     second consumer of t1's queue beside it; once the lock goes and the old listener has stopped,
     its replacement starts, and the statistics show it connected (the old one's end no longer
@@ -388,6 +390,17 @@ def test_a_reload_waits_for_a_stuck_listener_before_starting_its_replacement(mak
         mapping["Destinations"][name]["Targets"]["t1"]["batch_size"] = 100
         write_config(path, mapping)
         assert daemon.reload()
+        # more reloads while it is stuck (logrotate's SIGHUPs): one thread waits for it, and a
+        # reload does not wait stop_timeout for it again (review soak: a thread, a built listener
+        # and a 5 s wait more each time)
+        for _ in range(3):
+            with caplog.at_level(logging.WARNING, logger="golconde.daemon"):
+                caplog.clear()
+                assert daemon.reload()
+            assert "%s] still stopping" % thread in caplog.text, caplog.text
+            assert "did not stop within" not in caplog.text, caplog.text
+        assert [t.name for t in threading.enumerate() if t.name.startswith("golconde-replace-")] == [
+            "golconde-replace-%s" % thread]
         locker.rollback()
         wait_for(lambda: daemon.listeners[thread] is not stuck, timeout=30,
                  message="the replacement started")
