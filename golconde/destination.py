@@ -551,18 +551,19 @@ class TriggerDestination(Listener):
                    for row, _ in good]
         self.stats.count("received", len(rows))
         if dead:
+            dead = [(row, printable(reason)[:1000]) for row, reason in dead]
             for row, reason in dead:
                 LOGGER.warning("[%s] queued change %s dead-lettered: %s", self.name, _queued_id(row),
-                               printable(reason)[:1000])
+                               reason)
             now = "%.3f" % time.time()
             self.dead_letter_broker.send_confirmed([
                 (self.config.dead_letter_queue, _dead_body(row),
-                 {ID_HEADER: _queued_id(row), "golconde-reason": printable(reason)[:1000],
+                 {ID_HEADER: _queued_id(row), "golconde-reason": reason,
                   "golconde-original-queue": "golconde.queue", "golconde-consumer": self.name,
                   "golconde-dead-lettered-at": now,
                   CREATED_HEADER: "%.3f" % row.created_at.timestamp(),
                   "content-type": "application/json"}) for row, reason in dead])
-            self.dead_lettered(len(dead), printable(dead[-1][1])[:1000])
+            self.dead_lettered(len(dead), dead[-1][1])
         count, receipts = self.fanout.send_async(packets)
         self._in_flight.add(receipts, _InFlight(len(rows), after, count,
                                                 [packet for _, packet in good], started,
@@ -597,16 +598,17 @@ class TriggerDestination(Listener):
         self._in_flight.settle(keep, self._finish)
 
     def _finish(self, batch: _InFlight) -> None:
-        """A confirmed batch: its position is the confirmed one, saved (one statement, its own
-        transaction) at most every SAVE_INTERVAL s; count it."""
+        """A confirmed batch: count it, and its position is the confirmed one, saved (one
+        statement, its own transaction) at most every SAVE_INTERVAL s (counted first: a save
+        that fails does not send the batch again, its position being the confirmed one)."""
         self._confirmed, self._saved = batch.after, False
-        if time.monotonic() - self._last_save >= SAVE_INTERVAL:
-            self._save()
         counts = action_counts(batch.packets)
         counts.update({"fanned_out": batch.fanned_out, "applied": len(batch.packets)})
         self.stats.count_many(counts)
         self.stats.observe_duration(time.monotonic() - batch.started, packets=batch.rows)
         self.stats.set_lag(max(0.0, time.time() - batch.created))
+        if time.monotonic() - self._last_save >= SAVE_INTERVAL:
+            self._save()
 
     def _update_backlog(self) -> None:
         """Count the waiting packets, at most once per BACKLOG_INTERVAL (count(*) reads them all)."""

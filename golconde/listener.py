@@ -244,7 +244,7 @@ class Listener(threading.Thread):
                     self._stopping.wait(backoff(self._failures, self.backoff_base, self.backoff_cap)
                                         + (self.backoff_base if self._failures == 1 else 0))
         finally:
-            self.close()
+            self._close_logged()
             self.finish()
             self.stats.set_state(broker="stopped", database="stopped")
             LOGGER.info("[%s] %s listener stopped", self.name, self.role)
@@ -254,12 +254,16 @@ class Listener(threading.Thread):
         broker; it holds nothing then, so its lag is 0, not that of its last batch (a queue
         consumer's backlog is none, a drain's unknown until it reads again). A close that fails
         is logged: the pause or stop goes on."""
+        self._close_logged()
+        self.stats.set_lag(0.0)
+        self.stats.set_backlog(0 if isinstance(self, QueueConsumer) else None)
+
+    def _close_logged(self) -> None:
+        """:meth:`close`, a failure logged: the pause or the stop goes on."""
         try:
             self.close()
         except Exception as exc:  # the connections are dropped all the same
             LOGGER.exception("[%s] closing its connections: %s", self.name, describe(exc))
-        self.stats.set_lag(0.0)
-        self.stats.set_backlog(0 if isinstance(self, QueueConsumer) else None)
 
     def _failed(self, message: str) -> None:
         """Count one failed attempt (to connect, or to get a batch through) and record its
@@ -456,7 +460,7 @@ class Listener(threading.Thread):
         the counters are what the queue received (a send that failed comes back with its batch,
         and is counted then)."""
         self.stats.count_many({"dead_lettered": count, "errors": count})
-        self.stats.set_error("dead-lettered: %s" % reason)
+        self.stats.set_error("dead-lettered: %s" % printable(reason)[:1000])
 
     def dead_letter_messages(self, items: Sequence[Tuple[Delivery, str]], reasons: Sequence[str],
                              ) -> List[Outgoing]:
@@ -826,6 +830,7 @@ class QueueConsumer(Listener):
             self.inbound.connect()
             self._note_connected("inbound")
             self._in_flight = False         # whatever was in flight is redelivered
+            self._pending.clear()           # their acks cannot work on this connection
             self._inbox.reopen()
             prefetch = self.subscription_prefetch()
             if self.previous_queues:
@@ -1060,8 +1065,7 @@ class QueueConsumer(Listener):
         """Ack a confirmed batch (its last delivery), then count what it fanned out: once, the
         sends of a batch that comes back (not acked) being counted when it is acked."""
         delivery, fanned_out = pending
-        self.inbound.ack(delivery)
-        if fanned_out:
+        if self.inbound.ack(delivery) and fanned_out:   # not acked: it comes back, counted then
             self.stats.count("fanned_out", fanned_out)
 
     def after_commit(self, batch: Sequence[Delivery], items: Sequence[Tuple[str, bytes]],

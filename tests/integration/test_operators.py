@@ -137,7 +137,7 @@ def test_metrics_while_packets_flow(ops):
     assert sample(before, "golconde_packets_total", action="add", **t1) == 0
     sent = pump_some(ops)
     # what the destination fanned out, to each of the two targets: all it applied but what changed
-    # no canonical row (unmatched); counted once sent, after the applied count
+    # no canonical row (unmatched); counted once confirmed and acked, after the applied count
     def done(stats):
         return stats["applied"] == sent and stats["fanned_out"] == 2 * (sent - stats["unmatched"])
     wait_for(lambda: done(thread_stats(port, name)), timeout=60,

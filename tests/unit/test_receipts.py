@@ -89,6 +89,8 @@ class _Inbound:
         self.acked = []
 
     def ack(self, delivery: Delivery) -> bool:
+        if delivery.generation != self.generation:      # as BrokerConnection.ack: not acked
+            return False
         self.acked.append(delivery.headers["message-id"])
         return True
 
@@ -128,6 +130,19 @@ def test_idle_cycle_acks_what_is_confirmed_without_waiting_for_a_late_receipt():
     assert consumer.inbound.acked == ["m1", "m2"] and not consumer._in_flight
     assert consumer.stats.snapshot()["fanned_out"] == 10
     assert consumer.stats.snapshot()["lag"] == 0.0          # nothing held any more: not late
+
+
+def test_a_batch_whose_ack_came_on_an_earlier_connection_is_not_counted_fanned_out():
+    """Its ack does nothing: the broker redelivers it, and its sends, made again from the ledger,
+    are counted when that delivery is acked (review rv24: counted twice)."""
+    broker = live_connection()
+    consumer = idle_consumer()
+    consumer._pending.add([Receipt(broker, "r1")], (Delivery(b"", {"message-id": "m1"}, 1), 8))
+    consumer.inbound.generation = 2                          # the inbound reconnected
+    broker._receipt("r1", None)
+    consumer.cycle()
+    assert consumer.inbound.acked == [] and not consumer._pending
+    assert consumer.stats.snapshot()["fanned_out"] == 0
 
 
 def test_pending_acks_keep_no_message_body():
