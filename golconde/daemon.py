@@ -162,7 +162,9 @@ def _renamed_targets(old: Dict[str, Listener], candidates: Dict[str, Any]) -> Di
         if len(names) == 1 and len(gone.get(where, ())) == 1:
             renamed[names[0]] = gone[where][0]
             LOGGER.warning("[%s] takes the place of removed target %s (the same database and"
-                           " relation)", names[0], gone[where][0].name)
+                           " relation); the ledger rows of %s (golconde.applied) are no longer"
+                           " pruned: delete them once its queue is empty", names[0],
+                           gone[where][0].name, gone[where][0].name)
     return renamed
 
 
@@ -403,9 +405,10 @@ class Daemon:
                 one = len(queues) == 1
                 LOGGER.warning("[%s] target removed: its queue%s %s %s no longer consumed, and may"
                                " hold packets fanned out before the reload; purge %s before the"
-                               " target is added again (they would be applied first)", name,
-                               "" if one else "s", ", ".join(queues), "is" if one else "are",
-                               "it" if one else "them")
+                               " target is added again (they would be applied first); its ledger"
+                               " rows (golconde.applied, consumer %s) are no longer pruned",
+                               name, "" if one else "s", ", ".join(queues),
+                               "is" if one else "are", "it" if one else "them", name)
         started = 0
         with self._lock:
             for name, listener in fresh.items():

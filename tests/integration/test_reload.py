@@ -750,6 +750,9 @@ def test_a_reload_renaming_a_target_and_its_queue_consumes_the_old_queue_first(
         with caplog.at_level("WARNING"):
             assert daemon.reload()
         assert "takes the place of removed target" in caplog.text
+        # its ledger rows stay under the old name, which no listener prunes any more: said
+        assert ("the ledger rows of %s_t1 (golconde.applied) are no longer pruned"
+                % next(iter(mapping["Destinations"]))) in caplog.text
         assert "its queue changed from %s to %sb" % (old_queue, old_queue) in caplog.text
         execute(t1, ITEMS)
         client.send_many([{"action": "update", "data": {"n": 1}, "restriction": {"id": i}}
