@@ -14,7 +14,7 @@ import logging
 import logging.handlers
 import os
 import sys
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import __version__
 from .errors import ConfigError, GolcondeError, PacketError
@@ -344,12 +344,24 @@ def _admin_main(argv: Optional[List[str]] = None) -> int:
                      help="RabbitMQ management API (default http://<broker host>:15672; "
                           "'' = STOMP only)")
 
+    led = sub.add_parser("ledger", help="list the consumers of the ledger (golconde.applied) in each"
+                         " database of the configuration, or delete a removed one's rows")
+    led.add_argument("operation", choices=["list", "prune"])
+    led.add_argument("-c", "--config", default=None, help=CONFIG_HELP)
+    led.add_argument("--consumer", metavar="NAME",
+                     help="prune: the consumer whose rows go (a removed or renamed destination's or"
+                          " target's thread name, e.g. Items_t1; not one of the configuration's)")
+    led.add_argument("--older-than", type=_seconds(0, strict=False), default=0.0, metavar="SECONDS",
+                     help="prune: only its rows applied more than SECONDS ago (default 0: all)")
+    led.add_argument("--yes", action="store_true", help="prune: confirm the deletion")
+    led.add_argument("--json", action="store_true", help="list: print JSON")
+
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:      # called in-process (tests, scripts): keep their logging
         setup_logging({"level": "warning"}, args.verbose)
     try:
         return {"trigger": _cmd_trigger, "compare": _cmd_compare, "send": _cmd_send,
-                "check-config": _cmd_check, "dlq": _cmd_dlq,
+                "check-config": _cmd_check, "dlq": _cmd_dlq, "ledger": _cmd_ledger,
                 "status": _cmd_status}[args.command](args)
     except GolcondeError as exc:
         print("golconde: %s" % exc, file=sys.stderr)
@@ -649,6 +661,102 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     from . import dlq
     config = _load_config(args.config or default_config_path(), "golconde")
     return dlq.run(args, config, sys.stdout)
+
+
+def _ledger_databases(config: Any) -> List[Tuple[str, List[str]]]:
+    """The databases of ``config``'s listeners, each once (libpq parameters compared), with the
+    thread names that write a ledger there: ``[(dsn, [names])]`` in configuration order."""
+    import psycopg2.extensions
+    found: Dict[Any, Tuple[str, List[str]]] = {}
+    for destination in config.destinations:
+        for item in [destination] + list(destination.targets):
+            key = frozenset(psycopg2.extensions.parse_dsn(item.pgsql).items())
+            found.setdefault(key, (item.pgsql, []))[1].append(item.thread_name)
+    return list(found.values())
+
+
+def _cmd_ledger(args: argparse.Namespace) -> int:
+    """``golconde ledger list|prune``: each listener prunes its own ledger rows only, so those of
+    a destination or target removed or renamed stay; this lists every consumer with rows in each
+    database and deletes a named one's (in transactions of ledger.PRUNE_CHUNK rows)."""
+    import json
+
+    import psycopg2
+
+    from . import ledger
+    from .config import redact_dsn
+    from .listener import connect
+    config = _load_config(args.config or default_config_path(), "golconde")
+    databases = _ledger_databases(config)
+    if args.operation == "prune":
+        if not args.consumer:
+            raise ConfigError("ledger prune: give --consumer NAME (golconde ledger list names them)")
+        configured = [dsn for dsn, names in databases if args.consumer in names]
+        if configured:
+            raise ConfigError("ledger prune: %s is a listener of the configuration, which prunes its"
+                              " own rows (ledger_retention)" % args.consumer)
+    elif args.consumer or args.yes or args.older_than:
+        raise ConfigError("ledger list: --consumer, --older-than and --yes are prune's")
+    report, failed, found = [], 0, 0
+    for dsn, names in databases:
+        entry: Dict[str, Any] = {"database": redact_dsn(dsn), "error": None}
+        try:
+            conn = connect(dsn, "golconde ledger")
+        except psycopg2.Error as exc:
+            entry["error"] = str(exc).strip()
+            failed += 1
+            report.append(entry)
+            continue
+        try:
+            rows = ledger.consumers(conn)
+            conn.rollback()
+            if args.operation == "list":
+                entry["consumers"] = [
+                    {"consumer": name, "rows": count, "oldest": oldest.isoformat(),
+                     "newest": newest.isoformat(), "configured": name in names}
+                    for name, count, oldest, newest in rows]
+            elif any(name == args.consumer for name, _, _, _ in rows):
+                with conn.cursor() as cur:
+                    cur.execute("SELECT count(*) FROM golconde.applied WHERE consumer = %s AND"
+                                " applied_at < now() - make_interval(secs => %s)",
+                                (args.consumer, float(args.older_than)))
+                    entry["rows"] = cur.fetchone()[0]
+                conn.rollback()
+                found += entry["rows"]
+                if args.yes:
+                    entry["deleted"] = ledger.prune(conn, args.consumer, args.older_than)[0]
+        except psycopg2.Error as exc:
+            entry["error"] = str(exc).strip()
+            failed += 1
+        finally:
+            conn.close()
+        report.append(entry)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for entry in report:
+            if entry["error"]:
+                print("%s: error: %s" % (entry["database"], entry["error"]))
+            elif args.operation == "list":
+                print(entry["database"] + (":" if entry["consumers"] else ": no ledger rows"))
+                for row in entry["consumers"]:
+                    print("  %s  %d rows, %s .. %s%s" % (
+                        row["consumer"], row["rows"], row["oldest"], row["newest"],
+                        "" if row["configured"] else "  (not in this configuration)"))
+            elif "rows" in entry:
+                print("%s: %s %d rows of %s" % (entry["database"],
+                                                "deleted" if args.yes else "would delete",
+                                                entry.get("deleted", entry["rows"]), args.consumer))
+    if args.operation == "prune" and not found and not failed:
+        if not args.json:
+            print("no ledger rows of %s%s in the configuration's databases" % (
+                args.consumer, " older than %gs" % args.older_than if args.older_than else ""))
+        return 1
+    if args.operation == "prune" and not args.yes:
+        if not args.json:
+            print("%d rows of %s in all; give --yes to delete them" % (found, args.consumer))
+        return 2 if not failed else 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

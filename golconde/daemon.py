@@ -163,8 +163,9 @@ def _renamed_targets(old: Dict[str, Listener], candidates: Dict[str, Any]) -> Di
             renamed[names[0]] = gone[where][0]
             LOGGER.warning("[%s] takes the place of removed target %s (the same database and"
                            " relation); the ledger rows of %s (golconde.applied) are no longer"
-                           " pruned: delete them once its queue is empty", names[0],
-                           gone[where][0].name, gone[where][0].name)
+                           " pruned: once its queue is empty, golconde ledger prune --consumer %s",
+                           names[0], gone[where][0].name, gone[where][0].name,
+                           gone[where][0].name)
     return renamed
 
 
@@ -406,7 +407,7 @@ class Daemon:
                 LOGGER.warning("[%s] target removed: its queue%s %s %s no longer consumed, and may"
                                " hold packets fanned out before the reload; purge %s before the"
                                " target is added again (they would be applied first); its ledger"
-                               " rows (golconde.applied, consumer %s) are no longer pruned",
+                               " rows are no longer pruned: golconde ledger prune --consumer %s",
                                name, "" if one else "s", ", ".join(queues),
                                "is" if one else "are", "it" if one else "them", name)
         started = 0

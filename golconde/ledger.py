@@ -27,7 +27,7 @@ import hashlib
 import logging
 import time
 import uuid
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import psycopg2
 import psycopg2.errors
@@ -409,6 +409,21 @@ def stored_packets(cursor: Any, consumer: str, ids: Sequence[str]) -> Dict[str, 
         return {}
     cursor.execute(_LOOKUP.format(found="ARRAY[a.packet]"), (consumer, list(ids)))
     return {row[0]: row[1][0] for row in cursor.fetchall()}
+
+
+def consumers(connection: Any) -> List[Tuple[str, int, Any, Any]]:
+    """The consumers the ledger of ``connection``'s database holds rows of: ``(consumer, rows,
+    oldest applied_at, newest applied_at)`` (timestamps with time zone), by name; ``[]`` when
+    the database has no ledger. Reads the whole table (an administration command's query).
+
+    :raises psycopg2.Error: the read failed (the caller rolls back)."""
+    with connection.cursor() as cur:
+        cur.execute("SELECT to_regclass('golconde.applied') IS NOT NULL")
+        if not cur.fetchone()[0]:
+            return []
+        cur.execute("SELECT consumer, count(*), min(applied_at), max(applied_at)"
+                    " FROM golconde.applied GROUP BY consumer ORDER BY consumer")
+        return [(row[0], int(row[1]), row[2], row[3]) for row in cur.fetchall()]
 
 
 def prune(connection: Any, consumer: str, retention_seconds: float = DEFAULT_RETENTION,
