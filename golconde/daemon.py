@@ -160,12 +160,14 @@ def _renamed_targets(old: Dict[str, Listener], candidates: Dict[str, Any]) -> Di
     renamed = {}
     for where, names in added.items():
         if len(names) == 1 and len(gone.get(where, ())) == 1:
-            renamed[names[0]] = gone[where][0]
+            previous = gone[where][0]
+            renamed[names[0]] = previous
+            # (a stuck listener renamed back to its own name is that consumer again)
+            ledger_note = "" if previous.name == names[0] else (
+                "; the ledger rows of %s (golconde.applied) are no longer pruned: once its queue"
+                " is empty, golconde ledger prune --consumer %s" % (previous.name, previous.name))
             LOGGER.warning("[%s] takes the place of removed target %s (the same database and"
-                           " relation); the ledger rows of %s (golconde.applied) are no longer"
-                           " pruned: once its queue is empty, golconde ledger prune --consumer %s",
-                           names[0], gone[where][0].name, gone[where][0].name,
-                           gone[where][0].name)
+                           " relation)%s", names[0], previous.name, ledger_note)
     return renamed
 
 
@@ -356,10 +358,11 @@ class Daemon:
         discard_listeners(candidates.values())   # built to check and compare the configuration: none starts
         handlers.commit_refresh(refreshed)       # accepted: those modules are up to date
         with self._lock:
-            # replacements still waiting for a stuck listener are this reload's to decide again:
-            # those it does not choose again are discarded at its end
+            # replacements still waiting for a stuck listener are this reload's to decide again,
+            # with listeners it builds: they never start (their waiter reads _waiting)
             superseded, self._waiting = self._waiting, {}
             old = dict(self.listeners)
+        discard_listeners([replacement for _, replacement in superseded.values()])
         stopping = [listener for name, listener in old.items()
                     if name not in candidates or candidates[name].config != listener.config
                     or handlers.handler_module(getattr(listener.config, "function_name", "")) in refreshed
@@ -409,9 +412,12 @@ class Daemon:
                                " target is added again (they would be applied first); its ledger"
                                " rows are no longer pruned: golconde ledger prune --consumer %s",
                                name, "" if one else "s", ", ".join(queues),
-                               "is" if one else "are", "it" if one else "them", name)
+                               "is" if one else "are", "it" if one else "them", listener.name)
         started = 0
         with self._lock:
+            if self._stopped:       # stop() from another thread meanwhile: nothing more starts
+                discard_listeners(fresh.values())
+                return False
             for name, listener in fresh.items():
                 if name in kept:
                     continue
@@ -439,9 +445,6 @@ class Daemon:
                 started += 1
             self.listeners = kept
             share_consumed_queues(kept.values(), new_config)
-            chosen = {id(replacement) for _, replacement in self._waiting.values()}
-        discard_listeners([replacement for _, replacement in superseded.values()
-                           if id(replacement) not in chosen])    # never started
         if new_config.logging != self.config.logging:
             if self.on_logging_change is None:
                 LOGGER.warning("the Logging section changed: it applies at the next start")
@@ -505,6 +508,8 @@ class Daemon:
             previous.join()
             with self._lock:
                 self._watched.discard(previous)
+                if self._stopped:
+                    return
                 for key, (stopped, waiting) in list(self._waiting.items()):
                     if stopped is not previous:
                         continue
