@@ -3,9 +3,10 @@
 * ``golconded`` - the daemon: ``-c/--config``, ``-f/--foreground``, ``-v/--verbose``, ``--pidfile``,
   ``--check`` (validate the configuration and exit).
 * ``golconde`` - the admin tool: ``trigger install|remove``, ``compare``, ``send``, ``check-config``,
-  ``dlq list|replay|purge``, ``status``.
+  ``dlq list|replay|purge``, ``ledger list|prune``, ``status``.
 
-Exit statuses: 0 success, 1 failure or difference found, 2 usage or configuration error.
+Exit statuses: 0 success, 1 failure or difference found, 2 usage or configuration error (and
+``dlq purge`` or ``ledger prune`` without ``--yes``: nothing was deleted).
 """
 from __future__ import annotations
 
@@ -351,10 +352,10 @@ def _admin_main(argv: Optional[List[str]] = None) -> int:
     led.add_argument("--consumer", metavar="NAME",
                      help="prune: the consumer whose rows go (a removed or renamed destination's or"
                           " target's thread name, e.g. Items_t1; not one of the configuration's)")
-    led.add_argument("--older-than", type=_seconds(0, strict=False), default=0.0, metavar="SECONDS",
+    led.add_argument("--older-than", type=_seconds(0, strict=False), default=None, metavar="SECONDS",
                      help="prune: only its rows applied more than SECONDS ago (default 0: all)")
     led.add_argument("--yes", action="store_true", help="prune: confirm the deletion")
-    led.add_argument("--json", action="store_true", help="list: print JSON")
+    led.add_argument("--json", action="store_true", help="print JSON")
 
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:      # called in-process (tests, scripts): keep their logging
@@ -664,97 +665,133 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def _ledger_databases(config: Any) -> List[Tuple[str, List[str]]]:
-    """The databases of ``config``'s listeners, each once (libpq parameters compared), with the
-    thread names that write a ledger there: ``[(dsn, [names])]`` in configuration order."""
+    """The databases of ``config``'s listeners, each DSN once (libpq parameters compared), with
+    the thread names that keep a ledger there (targets and client-mode destinations: a
+    trigger-mode destination's drain keeps none): ``[(dsn, [names])]`` in configuration order."""
     import psycopg2.extensions
     found: Dict[Any, Tuple[str, List[str]]] = {}
     for destination in config.destinations:
         for item in [destination] + list(destination.targets):
             key = frozenset(psycopg2.extensions.parse_dsn(item.pgsql).items())
-            found.setdefault(key, (item.pgsql, []))[1].append(item.thread_name)
+            names = found.setdefault(key, (item.pgsql, []))[1]
+            if item is not destination or destination.mode != "trigger":
+                names.append(item.thread_name)
     return list(found.values())
+
+
+def _server_database(connection: Any) -> Tuple[str, str]:
+    """Which database ``connection`` reached, whatever the DSN's spelling: the cluster's system
+    identifier (the server's address where pg_control_system() is not granted) and the
+    database's name."""
+    import psycopg2
+    with connection.cursor() as cur:
+        try:
+            cur.execute("SELECT system_identifier::text FROM pg_control_system()")
+            server = cur.fetchone()[0]
+        except psycopg2.Error:
+            connection.rollback()
+            server = "%s:%s" % (connection.info.host, connection.info.port)
+        cur.execute("SELECT current_database()")
+        database = cur.fetchone()[0]
+    connection.rollback()
+    return server, database
 
 
 def _cmd_ledger(args: argparse.Namespace) -> int:
     """``golconde ledger list|prune``: each listener prunes its own ledger rows only, so those of
     a destination or target removed or renamed stay; this lists every consumer with rows in each
-    database and deletes a named one's (in transactions of ledger.PRUNE_CHUNK rows)."""
+    database and deletes a named one's (in transactions of ledger.PRUNE_CHUNK rows) where no
+    listener of the configuration keeps a ledger under that name."""
     import json
 
     import psycopg2
 
     from . import ledger
     from .config import redact_dsn
+    from .errors import printable
     from .listener import connect
     config = _load_config(args.config or default_config_path(), "golconde")
-    databases = _ledger_databases(config)
-    if args.operation == "prune":
-        if not args.consumer:
-            raise ConfigError("ledger prune: give --consumer NAME (golconde ledger list names them)")
-        configured = [dsn for dsn, names in databases if args.consumer in names]
-        if configured:
-            raise ConfigError("ledger prune: %s is a listener of the configuration, which prunes its"
-                              " own rows (ledger_retention)" % args.consumer)
-    elif args.consumer or args.yes or args.older_than:
+    prune = args.operation == "prune"
+    if prune and not args.consumer:
+        raise ConfigError("ledger prune: give --consumer NAME (golconde ledger list names them)")
+    if not prune and (args.consumer or args.yes or args.older_than is not None):
         raise ConfigError("ledger list: --consumer, --older-than and --yes are prune's")
-    report, failed, found = [], 0, 0
-    for dsn, names in databases:
+    older_than = args.older_than or 0.0
+    report: List[Dict[str, Any]] = []
+    reached: Dict[Tuple[str, str], Tuple[Dict[str, Any], Any, List[str]]] = {}
+    for dsn, names in _ledger_databases(config):
         entry: Dict[str, Any] = {"database": redact_dsn(dsn), "error": None}
+        conn = None
         try:
             conn = connect(dsn, "golconde ledger")
+            key = _server_database(conn)
         except psycopg2.Error as exc:
+            if conn is not None:
+                conn.close()
             entry["error"] = str(exc).strip()
-            failed += 1
             report.append(entry)
             continue
+        if key in reached:          # the same database under another spelling
+            reached[key][2].extend(names)
+            conn.close()
+            continue
+        reached[key] = (entry, conn, list(names))
+        report.append(entry)
+    found = 0
+    skipped = []
+    for entry, conn, names in reached.values():
         try:
-            rows = ledger.consumers(conn)
-            conn.rollback()
-            if args.operation == "list":
+            if not prune:
                 entry["consumers"] = [
                     {"consumer": name, "rows": count, "oldest": oldest.isoformat(),
                      "newest": newest.isoformat(), "configured": name in names}
-                    for name, count, oldest, newest in rows]
-            elif any(name == args.consumer for name, _, _, _ in rows):
-                with conn.cursor() as cur:
-                    cur.execute("SELECT count(*) FROM golconde.applied WHERE consumer = %s AND"
-                                " applied_at < now() - make_interval(secs => %s)",
-                                (args.consumer, float(args.older_than)))
-                    entry["rows"] = cur.fetchone()[0]
-                conn.rollback()
+                    for name, count, oldest, newest in ledger.consumers(conn)]
+            elif args.consumer in names:
+                # its listener keeps its rows here, pruned after ledger_retention
+                entry["skipped"] = "a listener of the configuration keeps its ledger here"
+                skipped.append(entry["database"])
+            else:
+                entry["rows"] = ledger.prunable(conn, args.consumer, older_than)
                 found += entry["rows"]
-                if args.yes:
-                    entry["deleted"] = ledger.prune(conn, args.consumer, args.older_than)[0]
+                if args.yes and entry["rows"]:
+                    entry["deleted"] = ledger.prune(conn, args.consumer, older_than)[0]
+            conn.rollback()
         except psycopg2.Error as exc:
             entry["error"] = str(exc).strip()
-            failed += 1
         finally:
             conn.close()
-        report.append(entry)
+    failed = sum(1 for entry in report if entry["error"])
+    if prune and not found and not failed and skipped:
+        raise ConfigError("ledger prune: %s is a listener of the configuration, which prunes its own"
+                          " rows (ledger_retention), in %s; no other database holds rows of it"
+                          % (printable(args.consumer), ", ".join(skipped)))
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         for entry in report:
             if entry["error"]:
                 print("%s: error: %s" % (entry["database"], entry["error"]))
-            elif args.operation == "list":
+            elif not prune:
                 print(entry["database"] + (":" if entry["consumers"] else ": no ledger rows"))
                 for row in entry["consumers"]:
                     print("  %s  %d rows, %s .. %s%s" % (
-                        row["consumer"], row["rows"], row["oldest"], row["newest"],
+                        printable(row["consumer"]), row["rows"], row["oldest"], row["newest"],
                         "" if row["configured"] else "  (not in this configuration)"))
-            elif "rows" in entry:
+            elif entry.get("skipped"):
+                print("%s: skipped: %s" % (entry["database"], entry["skipped"]))
+            elif entry.get("rows"):
                 print("%s: %s %d rows of %s" % (entry["database"],
                                                 "deleted" if args.yes else "would delete",
-                                                entry.get("deleted", entry["rows"]), args.consumer))
-    if args.operation == "prune" and not found and not failed:
+                                                entry.get("deleted", entry["rows"]),
+                                                printable(args.consumer)))
+    if prune and not found and not failed:
         if not args.json:
-            print("no ledger rows of %s%s in the configuration's databases" % (
-                args.consumer, " older than %gs" % args.older_than if args.older_than else ""))
-        return 1
-    if args.operation == "prune" and not args.yes:
+            print("no ledger rows of %s%s to delete in the configuration's databases" % (
+                printable(args.consumer), " older than %gs" % older_than if older_than else ""))
+        return 0
+    if prune and not args.yes:
         if not args.json:
-            print("%d rows of %s in all; give --yes to delete them" % (found, args.consumer))
+            print("%d rows of %s in all; give --yes to delete them" % (found, printable(args.consumer)))
         return 2 if not failed else 1
     return 1 if failed else 0
 

@@ -426,6 +426,24 @@ def consumers(connection: Any) -> List[Tuple[str, int, Any, Any]]:
         return [(row[0], int(row[1]), row[2], row[3]) for row in cur.fetchall()]
 
 
+#: The ledger rows of consumer %(consumer)s older than %(retention)s seconds, which prune deletes.
+_PRUNABLE = "consumer = %(consumer)s AND applied_at < now() - make_interval(secs => %(retention)s)"
+
+
+def prunable(connection: Any, consumer: str, retention_seconds: float) -> int:
+    """How many rows :func:`prune` would delete (0 when the database has no ledger); a read
+    over ``consumer``'s rows (the primary key's first column).
+
+    :raises psycopg2.Error: the read failed (the caller rolls back)."""
+    with connection.cursor() as cur:
+        cur.execute("SELECT to_regclass('golconde.applied') IS NOT NULL")
+        if not cur.fetchone()[0]:
+            return 0
+        cur.execute("SELECT count(*) FROM golconde.applied WHERE " + _PRUNABLE,
+                    {"consumer": consumer, "retention": float(retention_seconds)})
+        return int(cur.fetchone()[0])
+
+
 def prune(connection: Any, consumer: str, retention_seconds: float = DEFAULT_RETENTION,
           time_budget: Optional[float] = None) -> Tuple[int, bool]:
     """Delete ledger rows of ``consumer`` applied more than ``retention_seconds`` ago, at most
@@ -441,8 +459,7 @@ def prune(connection: Any, consumer: str, retention_seconds: float = DEFAULT_RET
         with connection.cursor() as cur:
             cur.execute(
                 "DELETE FROM golconde.applied WHERE consumer = %(consumer)s AND packet_id IN ("
-                " SELECT packet_id FROM golconde.applied WHERE consumer = %(consumer)s"
-                " AND applied_at < now() - make_interval(secs => %(retention)s) LIMIT %(chunk)s)",
+                " SELECT packet_id FROM golconde.applied WHERE " + _PRUNABLE + " LIMIT %(chunk)s)",
                 {"consumer": consumer, "retention": float(retention_seconds), "chunk": PRUNE_CHUNK})
             deleted = cur.rowcount
         connection.commit()

@@ -49,8 +49,8 @@ COUNTERS = (
     ("applied", "golconde_applied", "Packets applied and committed."),
     ("duplicates", "golconde_duplicates", "Redelivered packets skipped (already applied)."),
     ("fanned_out", "golconde_fanned_out", "Packets sent to target queues (destinations), one per"
-                                          " target, counted once the broker confirmed them (and"
-                                          " the batch was acked)."),
+                                          " target, counted once the broker confirmed them (client"
+                                          " flow: and the batch was acked)."),
     ("retried", "golconde_retries", "Retries of transient database errors."),
     ("dead_lettered", "golconde_dead_letters", "Packets sent to the dead-letter queue, counted once"
                                                " the broker confirmed them."),

@@ -371,34 +371,41 @@ def test_output_to_a_reader_that_stops_early_ends_quietly():
 
 def test_ledger_lists_consumers_and_prunes_a_removed_ones_rows(make_database, tmp_path):
     """Each listener prunes its own ledger rows only: a removed or renamed target's stay (review
-    soak). `golconde ledger list` names every consumer with rows in each database, those the
-    configuration does not have marked; `prune --consumer` deletes one's rows (older than
-    --older-than), with --yes, and refuses a consumer of the configuration."""
+    soak). `golconde ledger list` names every consumer with rows in each database (one database
+    under two DSN spellings is listed once), those no listener keeps a ledger under there
+    marked; `prune --consumer` deletes one's rows (older than --older-than) with --yes, skips a
+    database where the configuration keeps a ledger under that name (review rv25: it refused
+    outright, though a target moved to another database left its rows behind), and refuses a
+    consumer that is nowhere else."""
     import psycopg2
 
     from golconde import ledger
     canonical, t1 = make_database(), make_database()
-    mapping = make_config(canonical, {"t1": t1}, "items", name="Led")
+    mapping = make_config(canonical, {"t1": t1, "t2": t1 + " connect_timeout=7"}, "items", name="Led")
+    mapping["Destinations"]["Led"]["Targets"]["t2"]["target"] = "items2"
     path = write_config(str(tmp_path / "ledger.yaml"), mapping)
-    conn = psycopg2.connect(t1)
-    ledger.ensure(conn)
-    with conn.cursor() as cur:
-        cur.execute("INSERT INTO golconde.applied (consumer, packet_id, applied_at)"
-                    " SELECT c, 'p' || g, now() - g * interval '1 day'"
-                    " FROM unnest(ARRAY['Led_t1', 'Led_t9']) c, generate_series(0, 2) g")
-    conn.commit()
-    conn.close()
+    for dsn, consumers in ((t1, ["Led_t1", "Led_t2", "Led_t9"]), (canonical, ["Led_t1"])):
+        conn = psycopg2.connect(dsn)
+        ledger.ensure(conn)
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO golconde.applied (consumer, packet_id, applied_at)"
+                        " SELECT c, 'p' || g, now() - g * interval '1 day'"
+                        " FROM unnest(%s::text[]) c, generate_series(0, 2) g", (consumers,))
+        conn.commit()
+        conn.close()
 
     result = run("golconde.cli", "ledger", "list", "-c", path, "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert [entry.get("consumers") for entry in report][0] == []     # the canonical: no ledger
-    listed = {row["consumer"]: (row["rows"], row["configured"]) for row in report[1]["consumers"]}
-    assert listed == {"Led_t1": (3, True), "Led_t9": (3, False)}
+    assert len(report) == 2, report                 # t1's database once, under both spellings
+    listed = [{row["consumer"]: (row["rows"], row["configured"]) for row in entry["consumers"]}
+              for entry in report]
+    assert listed == [{"Led_t1": (3, False)},      # the canonical: Led_t1 keeps no ledger there
+                      {"Led_t1": (3, True), "Led_t2": (3, True), "Led_t9": (3, False)}]
     text = run("golconde.cli", "ledger", "list", "-c", path).stdout
     assert "Led_t9  3 rows" in text and "(not in this configuration)" in text
 
-    result = run("golconde.cli", "ledger", "prune", "-c", path, "--consumer", "Led_t1", "--yes")
+    result = run("golconde.cli", "ledger", "prune", "-c", path, "--consumer", "Led_t2", "--yes")
     assert result.returncode == 2 and "is a listener of the configuration" in result.stderr
     result = run("golconde.cli", "ledger", "prune", "-c", path, "--consumer", "Led_t9")
     assert result.returncode == 2 and "would delete 3 rows of Led_t9" in result.stdout, result.stdout
@@ -406,7 +413,14 @@ def test_ledger_lists_consumers_and_prunes_a_removed_ones_rows(make_database, tm
     result = run("golconde.cli", "ledger", "prune", "-c", path, "--consumer", "Led_t9",
                  "--older-than", "43200", "--yes")
     assert result.returncode == 0 and "deleted 2 rows of Led_t9" in result.stdout, result.stdout
+    # Led_t1's rows in the canonical database go; where t1 keeps its ledger, they stay
+    result = run("golconde.cli", "ledger", "prune", "-c", path, "--consumer", "Led_t1", "--yes")
+    assert result.returncode == 0 and "deleted 3 rows of Led_t1" in result.stdout, result.stdout
+    assert "skipped: a listener of the configuration keeps its ledger here" in result.stdout
+    assert query(canonical, "SELECT count(*) FROM golconde.applied") == [(0,)]
     assert query(t1, "SELECT consumer, count(*) FROM golconde.applied GROUP BY 1 ORDER BY 1") == [
-        ("Led_t1", 3), ("Led_t9", 1)]
+        ("Led_t1", 3), ("Led_t2", 3), ("Led_t9", 1)]
     result = run("golconde.cli", "ledger", "prune", "-c", path, "--consumer", "Led_nope", "--yes")
-    assert result.returncode == 1 and "no ledger rows of Led_nope" in result.stdout
+    assert result.returncode == 0 and "no ledger rows of Led_nope" in result.stdout
+    result = run("golconde.cli", "ledger", "list", "-c", path, "--older-than", "5")
+    assert result.returncode == 2 and "are prune's" in result.stderr
