@@ -413,6 +413,10 @@ class Daemon:
                                " rows are no longer pruned: golconde ledger prune --consumer %s",
                                name, "" if one else "s", ", ".join(queues),
                                "is" if one else "are", "it" if one else "them", listener.name)
+            elif name not in candidates and isinstance(listener, ClientDestination):
+                LOGGER.warning("[%s] destination removed: its ledger rows in its canonical"
+                               " database are no longer pruned: golconde ledger prune --consumer"
+                               " %s", name, listener.name)
         started = 0
         with self._lock:
             if self._stopped:       # stop() from another thread meanwhile: nothing more starts

@@ -1007,3 +1007,24 @@ def test_a_renamed_target_that_cannot_be_built_keeps_its_queues_for_the_next_rel
         assert daemon.stop()
         for queue in (old_queue, old_queue + "_2", old_queue + "_3"):
             drain_queue(queue, wait=0.2)
+
+
+def test_a_reload_removing_a_destination_names_its_ledger_rows(make_database, tmp_path, caplog):
+    """A client-mode destination renamed (removed, another added) leaves its ledger rows in the
+    canonical database under the old name, which no listener prunes any more: the reload names
+    them and the command that deletes them, as for a removed target (review soak)."""
+    canonical, t1 = make_database(), make_database()
+    for dsn in (canonical, t1):
+        execute(dsn, ITEMS)
+    daemon, mapping, destination, path = items_daemon(tmp_path, canonical, t1)
+    old = next(iter(mapping["Destinations"]))
+    try:
+        mapping["Destinations"] = {old + "b": destination}
+        write_config(path, mapping)
+        with caplog.at_level("WARNING", logger="golconde.daemon"):
+            assert daemon.reload()
+        assert ("[%s] destination removed: its ledger rows in its canonical database are no longer"
+                " pruned: golconde ledger prune --consumer %s" % (old, old)) in caplog.text
+        assert sorted(daemon.listeners) == [old + "b", old + "b_t1"]
+    finally:
+        assert daemon.stop()
