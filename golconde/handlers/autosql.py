@@ -126,6 +126,7 @@ _LENGTH = re.compile(r"(?:character varying|character)\((\d+)\)")
 #: a bit string to ``bit(n)`` and cuts it to ``bit varying(n)``, where storing it refuses it.
 _BITS = re.compile(r"bit( varying)?\((\d+)\)")
 
+
 def _under_instead_rule(item: bulk.Prepared) -> bool:
     """Whether ``item`` is an update or delete on a relation with a ``DO INSTEAD`` rule for it
     (:attr:`~golconde.schema.TableSchema.instead_rules`)."""

@@ -104,6 +104,17 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 60.0, interval: flo
     raise AssertionError("timed out after %.0fs waiting for %s" % (timeout, message))
 
 
+def wait_for_value(read: Callable[[], Any], expected: Any, timeout: float = 30.0,
+                   message: str = "value", also: Callable[[], bool] = lambda: True) -> None:
+    """Wait until ``also()`` holds and ``read()`` equals ``expected`` (a counter bumped just after
+    the state the test can see); on a timeout, the equality asserted, for pytest's difference."""
+    try:
+        wait_for(lambda: also() and read() == expected, timeout=timeout, message=message)
+    except AssertionError:
+        assert read() == expected, message
+        raise
+
+
 def drain_queue(queue: str, wait: float = 1.0, login: Optional[str] = None,
                 passcode: Optional[str] = None, broker: Optional[Broker] = None) -> List[Delivery]:
     """Consume and ack everything currently in ``queue`` (e.g. a dead-letter queue) on ``broker``

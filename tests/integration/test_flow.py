@@ -14,7 +14,7 @@ from golconde.compare import compare
 from golconde.daemon import Daemon
 
 from .flow_support import (drain_queue, execute, make_config, parse_config, query, send_raw,
-                           wait_for)
+                           wait_for, wait_for_value)
 
 FRIENDSHIPS = """
 CREATE TABLE public.friendships (
@@ -65,12 +65,8 @@ def counted(state, thread, keys, expected) -> None:
     once the broker confirmed them: the test's reader of the dead-letter queue may see them
     first), then compare them, for the difference."""
     stats = state["daemon"].registry.get(thread)
-    figures = lambda: tuple(stats.snapshot()[key] for key in keys)   # noqa: E731
-    try:
-        wait_for(lambda: figures() == expected, timeout=10, message="%s counted" % thread)
-    except AssertionError:
-        assert figures() == expected, stats.snapshot()
-        raise
+    wait_for_value(lambda: tuple(stats.snapshot()[key] for key in keys), expected, timeout=10,
+                   message="%s counted" % thread)
 
 
 def test_slides_packets_all_four_actions(flow):

@@ -15,7 +15,7 @@ from golconde.client import Client
 from golconde.daemon import Daemon
 from golconde.metrics import prometheus_registry, render
 
-from .flow_support import execute, make_config, parse_config, query, wait_for
+from .flow_support import execute, make_config, parse_config, query, wait_for, wait_for_value
 
 TABLE = "CREATE TABLE public.items (id int PRIMARY KEY, v text)"
 #: t1 refuses one value, so that a batch holding it is applied there packet by packet
@@ -65,11 +65,7 @@ def counters(state):
 def settled(state, expected, rows, message):
     """Wait until ``rows()`` holds and the counters are ``expected`` (a listener counts just after
     its commit: rows may be seen first); on a timeout, the counters' difference."""
-    try:
-        wait_for(lambda: rows() and counters(state) == expected, timeout=30, message=message)
-    except AssertionError:
-        assert counters(state) == expected, message
-        raise
+    wait_for_value(lambda: counters(state), expected, message=message, also=rows)
 
 
 def test_changes_of_a_row_a_target_lacks_are_counted_unmatched_there(flow):
